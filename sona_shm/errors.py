@@ -1,0 +1,40 @@
+"""Every error sona_shm raises on purpose is a subclass of :class:`SonaShmError`.
+
+Bad input also subclasses :class:`ValueError`, so code that already catches
+``ValueError`` around a model call keeps working. Messages name the argument, what
+was expected and what was got.
+"""
+
+from __future__ import annotations
+
+
+class SonaShmError(Exception):
+    """Base class of every error sona_shm raises on purpose."""
+
+
+class InvalidInputError(SonaShmError, ValueError):
+    """A trajectory, vector, name or option is malformed; nothing was written."""
+
+
+class SegmentNotFoundError(SonaShmError, FileNotFoundError):
+    """No segment of that name exists (or it was never fully created)."""
+
+
+class LayoutMismatchError(SonaShmError):
+    """A segment exists but its header disagrees with what the caller expects."""
+
+
+class FlusherRunningError(SonaShmError):
+    """A second flusher tried to start on a segment that already has a live one."""
+
+
+class NoFreeLaneError(SonaShmError):
+    """Every producer lane is held by a live process."""
+
+
+class FlusherTimeoutError(SonaShmError, TimeoutError):
+    """The flusher did not answer a ``flush()``/``sync()`` within its timeout."""
+
+
+class ClosedError(SonaShmError):
+    """The client was closed; attach again to keep recording."""
