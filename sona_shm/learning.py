@@ -113,17 +113,31 @@ class Learner:
 
     ``down``, ``up``: ``float32[rank, hidden_dim]``; ``grad_up``:
     ``float64[rank, hidden_dim]`` (every rank row receives the same signal, as in the
-    reference). Not thread-safe; the owner serialises calls.
+    reference). The arrays are updated in place, so they may be views into a record
+    the owner publishes (the flusher does). Not thread-safe; the owner serialises calls.
     """
 
-    def __init__(self, hidden_dim: int, rank: int, lr: float, flush_threshold: int) -> None:
+    def __init__(
+        self,
+        hidden_dim: int,
+        rank: int,
+        lr: float,
+        flush_threshold: int,
+        *,
+        down: np.ndarray | None = None,
+        up: np.ndarray | None = None,
+        grad_up: np.ndarray | None = None,
+    ) -> None:
         self.hidden_dim = hidden_dim
         self.rank = rank
         self.lr = lr
         self.flush_threshold = flush_threshold
-        self.down = initial_down(hidden_dim, rank)
-        self.up = np.zeros((rank, hidden_dim), dtype=F32)
-        self.grad_up = np.zeros((rank, hidden_dim), dtype=F64)
+        shape = (rank, hidden_dim)
+        self.down = np.empty(shape, dtype=F32) if down is None else down
+        self.up = np.zeros(shape, dtype=F32) if up is None else up
+        self.grad_up = np.zeros(shape, dtype=F64) if grad_up is None else grad_up
+        if down is None:
+            self.down[...] = initial_down(hidden_dim, rank)
         self.pending = 0  # signals accumulated since the last flush (the reference's update_count)
         self.generation = 0  # bumped whenever ``up`` changes
         self.trajectories_processed = 0
@@ -170,7 +184,7 @@ class Learner:
         if self.pending == 0:
             return False
         step = self.grad_up * (self.lr / self.pending)
-        self.up = (self.up.astype(F64) + step).astype(F32)
+        self.up[...] = self.up.astype(F64) + step
         self.grad_up[...] = 0.0
         self.updates_applied += self.pending
         self.flushes_performed += 1

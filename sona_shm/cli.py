@@ -1,0 +1,187 @@
+"""``sona-shm``: run the flusher, inspect, create and remove engines, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+from .errors import FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
+from .layout import EngineConfig
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected failure; the message says what
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_NOT_FOUND = 3  # no such segment
+EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment
+EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
+EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
+
+_CONFIG_OPTIONS = (
+    ("--hidden-dim", "hidden_dim", int, "embedding width h (default 256)"),
+    ("--rank", "rank", int, "micro-LoRA rank, 1 or 2 (default 2)"),
+    ("--lr", "lr", float, "learning rate (default 0.002)"),
+    ("--flush-threshold", "flush_threshold", int, "apply gradients every N signals (default 100)"),
+    ("--capacity", "capacity", int, "learned trajectories kept for drain (default 10000)"),
+    ("--max-steps", "max_steps", int, "steps one trajectory may hold (default 8)"),
+    ("--attention-dim", "attention_dim", int, "attention weights one step may hold (default 64)"),
+    ("--lanes", "lanes", int, "producer processes that can be attached at once (default 32)"),
+    ("--lane-slots", "lane_slots", int, "trajectories a producer may have in flight (default 512)"),
+)
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    for flag, dest, kind, text in _CONFIG_OPTIONS:
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    p.add_argument("--group", action="store_true", help="mode 0660 instead of 0600 (share with the group)")
+
+
+def _given_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {dest: getattr(args, dest) for _, dest, _, _ in _CONFIG_OPTIONS if getattr(args, dest) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sona-shm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flusher", help="run the flusher of an engine in the foreground (creates or adopts it)")
+    p.add_argument("--name", required=True)
+    _add_config_options(p)
+    p.add_argument("--flush-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="also apply pending gradients this often (0: only by threshold; default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--json", action="store_true", help="print the stats dict as JSON")
+
+    p = sub.add_parser("create", help="create an engine's segment without running its flusher")
+    p.add_argument("--name", required=True)
+    _add_config_options(p)
+
+    p = sub.add_parser("destroy", help="remove an engine's segment and doorbell")
+    p.add_argument("--name", required=True)
+    p.add_argument("--force", action="store_true", help="even while its flusher runs")
+
+    p = sub.add_parser("demo", help="flusher + producer processes on a scratch engine, then the stats")
+    p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--trajectories", type=int, default=20_000, help="per producer")
+    p.add_argument("--name", default=None, help="engine name (default: a fresh scratch name)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except SegmentNotFoundError as exc:
+        print(f"sona-shm: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except FlusherRunningError as exc:
+        print(f"sona-shm: {exc}", file=sys.stderr)
+        return EXIT_FLUSHER_RUNNING
+    except LayoutMismatchError as exc:
+        print(f"sona-shm: {exc}", file=sys.stderr)
+        return EXIT_LAYOUT_MISMATCH
+    except InvalidInputError as exc:
+        print(f"sona-shm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SonaShmError as exc:
+        print(f"sona-shm: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _flusher(args: argparse.Namespace) -> int:
+    from .flusher import Flusher
+    from .segment import DEFAULT_MODE, GROUP_MODE
+
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s sona-shm flusher[%(process)d] %(levelname)s %(message)s",
+    )
+    if args.flush_interval < 0:
+        raise InvalidInputError(f"--flush-interval: expected seconds >= 0, got {args.flush_interval}")
+    given = _given_config(args)
+    flusher = Flusher(
+        args.name,
+        config=EngineConfig(**given),
+        config_overrides=given,
+        flush_interval=args.flush_interval,
+        mode=GROUP_MODE if args.group else DEFAULT_MODE,
+    )
+
+    def request_stop(signum: int, frame: Any) -> None:
+        flusher.stop_requested = True  # only a flag: the loop drains, flushes and exits
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        flusher.run()
+    finally:
+        flusher.close()
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .monitor import format_table, read_stats
+
+    stats = read_stats(args.name)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_table(stats))
+    return EXIT_OK if stats["flusher"]["alive"] else EXIT_NOT_RUNNING
+
+
+def _create(args: argparse.Namespace) -> int:
+    from .flusher import Flusher
+    from .segment import DEFAULT_MODE, GROUP_MODE
+
+    given = _given_config(args)
+    flusher = Flusher(args.name, config=EngineConfig(**given), config_overrides=given,
+                      mode=GROUP_MODE if args.group else DEFAULT_MODE)
+    created = flusher.created
+    flusher.close()
+    print(f"sona-shm: segment {args.name!r} {'created' if created else 'already exists; left as it is'}")
+    return EXIT_OK
+
+
+def _destroy(args: argparse.Namespace) -> int:
+    from . import segment
+    from .layout import LOCK_FLUSHER
+
+    try:
+        seg = segment.Segment.open(args.name, writable=False)
+    except SegmentNotFoundError:
+        seg = None
+    except LayoutMismatchError:
+        seg = None  # not ours to read, still ours to remove
+    if seg is not None:
+        try:
+            running = seg.is_locked(LOCK_FLUSHER)
+        finally:
+            seg.close()
+        if running and not args.force:
+            raise FlusherRunningError(
+                f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force"
+            )
+    removed = segment.unlink(args.name)
+    if not removed:
+        raise SegmentNotFoundError(f"segment {args.name!r} does not exist")
+    print(f"sona-shm: removed {', '.join(removed)}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(producers=args.producers, trajectories=args.trajectories, name=args.name)
+
+
+_COMMANDS = {"flusher": _flusher, "stats": _stats, "create": _create, "destroy": _destroy, "demo": _demo}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

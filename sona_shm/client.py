@@ -1,0 +1,342 @@
+"""The producer: what a web worker holds to record trajectories and apply the adapter.
+
+``attach(name)`` maps the segment and claims a lane — a single-producer ring of slots
+that only this process writes. ``record()`` validates the trajectory, writes it into the
+next free slot and publishes it by storing the lane head; it never waits for another
+process (a full ring drops the trajectory and counts it). ``forward()`` applies the
+newest adapter the flusher published, re-reading the weights only when their
+generation changed.
+
+Threads of one process share the client (a lock serialises the few microseconds of a
+record). After ``fork()`` the child drops the parent's lane and claims its own on first
+use; see :func:`_after_fork_in_child`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+import time
+import weakref
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
+from .layout import (
+    FL_IDLE,
+    FLUSHER_LINE,
+    LANE_CLAIMS,
+    LANE_DROPS,
+    LANE_FLUSH_ACK,
+    LANE_FLUSH_REQ,
+    LANE_HEAD,
+    LANE_LAST_AT,
+    LANE_NEXT_ID,
+    LANE_OWNER_PID,
+    LANE_OWNER_START,
+    LOCK_FLUSHER,
+    LOCK_LANE_BASE,
+)
+from .learning import F32
+from .ledger import Ledger
+from .loop import check_vectors
+from .segment import Segment, start_ticks, wait_until
+from .trajectory import Trajectory, check_trajectory
+
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+class _Weights(NamedTuple):
+    generation: int
+    down_t: np.ndarray  # float32[h, R], down transposed for x @ down_t
+    up_scaled: np.ndarray  # float32[R, h], up * scale
+
+
+def attach(name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> "Client":
+    """Attach to engine ``name`` as a producer.
+
+    ``timeout``: seconds to wait for the flusher to create the segment (0: don't wait).
+    ``hidden_dim``/``rank``: if given, refuse a segment with other dimensions.
+    Raises :class:`SegmentNotFoundError`, :class:`LayoutMismatchError`,
+    :class:`NoFreeLaneError`.
+    """
+    return Client(name, timeout=timeout, hidden_dim=hidden_dim, rank=rank)
+
+
+class Client:
+    """A producer attached to one engine; see the module docstring."""
+
+    def __init__(self, name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> None:
+        self._segment: Segment | None = None
+        self._lane = -1
+        self._segment = seg = Segment.open(name, writable=True, timeout=timeout)
+        try:
+            layout = seg.layout
+            for arg, expected in (("hidden_dim", hidden_dim), ("rank", rank)):
+                actual = getattr(layout, arg)
+                if expected is not None and expected != actual:
+                    raise LayoutMismatchError(f"{arg}: expected {expected}, segment {name!r} has {actual}")
+            self.name = name
+            self.layout = layout
+            self.hidden_dim = layout.hidden_dim
+            self._where = f" of segment {name!r}"
+            self._ledger = Ledger(seg)
+            self._u64 = seg.u64
+            self._f64 = seg.f64
+            self._f32 = seg.buf.cast("f")
+            self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
+            self._idle_word = (FLUSHER_LINE + FL_IDLE) // 8
+            self._lock = threading.Lock()
+            self._weights = _Weights(-1, np.zeros((layout.hidden_dim, layout.rank), F32), np.zeros((layout.rank, layout.hidden_dim), F32))
+            self._head = 0
+            self._tail = 0
+            self._claim()
+        except BaseException:
+            self.close()
+            raise
+        _clients.add(self)
+
+    # ----------------------------------------------------------------- lanes
+
+    def _claim(self) -> None:
+        """Take the lock of a free lane and become its producer-line writer."""
+        seg, layout = self._segment, self.layout
+        seg.reopen_fd()
+        pid = os.getpid()
+        for k in range(layout.lanes):
+            lane = (pid + k) % layout.lanes
+            if seg.try_lock(LOCK_LANE_BASE + lane):
+                break
+        else:
+            raise NoFreeLaneError(
+                f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; "
+                f"recreate it with a larger --lanes"
+            )
+        ctl = layout.lane_control(lane) // 8
+        u64 = self._u64
+        u64[ctl + LANE_OWNER_PID // 8] = pid
+        u64[ctl + LANE_OWNER_START // 8] = start_ticks(pid)
+        u64[ctl + LANE_CLAIMS // 8] += 1
+        self._ctl = ctl
+        self._head = u64[ctl + LANE_HEAD // 8]  # a previous owner's last publish; stable, it is dead
+        self._tail = self._ledger.lane_tail(lane)
+        self._slot0 = layout.lane_slot(lane, 0)
+        self._lane = lane
+
+    def _ensure_lane(self) -> None:
+        if self._lane < 0:
+            if self._segment is None or self._segment.closed:
+                raise ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")
+            self._claim()
+
+    @property
+    def lane(self) -> int:
+        """The lane this process writes (claimed on first use after a fork)."""
+        with self._lock:
+            self._ensure_lane()
+            return self._lane
+
+    def _forked(self) -> None:
+        """In a fork child: forget the parent's lane and lock; claim anew on first use."""
+        self._lock = threading.Lock()  # the parent's may have been held by another thread
+        if self._segment is not None and not self._segment.closed:
+            self._segment.forget_inherited_fd()
+        self._lane = -1
+
+    # ----------------------------------------------------------------- recording
+
+    def next_id(self) -> int:
+        """A trajectory id unique across every process of this engine, ever."""
+        with self._lock:
+            self._ensure_lane()
+            return self._take_id()
+
+    def _take_id(self) -> int:
+        word = self._ctl + LANE_NEXT_ID // 8
+        k = self._u64[word]
+        self._u64[word] = k + 1
+        return k * self.layout.lanes + self._lane
+
+    def record(self, traj: Trajectory, *, timeout: float = 0.0) -> bool:
+        """Commit one finished trajectory for learning; False if the lane is full.
+
+        A full lane means the flusher is behind: the trajectory is not learned and is
+        counted in this lane's ``drops``. With ``timeout > 0`` the call waits up to that
+        long for room instead. Bad input raises :class:`InvalidInputError` and
+        changes nothing.
+        """
+        layout = self.layout
+        checked = check_trajectory(
+            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where
+        )
+        with self._lock:
+            self._ensure_lane()
+            head = self._head
+            if head - self._tail >= layout.lane_slots:
+                self._tail = self._ledger.lane_tail(self._lane)
+                if head - self._tail >= layout.lane_slots and not self._wait_for_room(head, timeout):
+                    self._u64[self._ctl + LANE_DROPS // 8] += 1
+                    return False
+            tid = checked.id if checked.id is not None else self._take_id()
+            base = self._slot0 + (head % layout.lane_slots) * layout.slot_bytes
+            f32 = self._f32
+            h = layout.hidden_dim
+            at = (base + layout.payload_offset) >> 2
+            f32[at : at + h] = checked.query
+            at += h
+            step_words = layout.step_bytes >> 2
+            meta = []
+            for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
+                n_act, n_att = act.shape[0], att.shape[0]
+                f32[at : at + n_act] = act
+                if n_act < h:
+                    f32[at + n_act : at + h] = self._zeros[: h - n_act]
+                if n_att:
+                    f32[at + h : at + h + n_att] = att
+                meta += (reward, n_act, n_att)
+                at += step_words
+            n = len(checked.rewards)
+            route = checked.route
+            if route:
+                self._segment.buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
+            struct.pack_into(
+                _head_format(n), self._segment.buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta
+            )
+            u64 = self._u64
+            u64[base >> 3] = head + 1  # stamps the slot: its payload is complete
+            self._head = head = head + 1
+            u64[self._ctl + LANE_HEAD // 8] = head  # publishes the slot to the flusher
+            self._f64[self._ctl + LANE_LAST_AT // 8] = time.time()
+            if u64[self._idle_word]:
+                self._segment.ring()  # the flusher sleeps: wake it (rare under load)
+        return True
+
+    def _wait_for_room(self, head: int, timeout: float) -> bool:
+        if timeout <= 0:
+            return False
+        self._segment.ring()
+        lane, slots = self._lane, self.layout.lane_slots
+
+        def room() -> bool:
+            self._tail = self._ledger.lane_tail(lane)
+            return head - self._tail < slots
+
+        return wait_until(room, timeout)
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, x: Any) -> np.ndarray:
+        """``x + delta`` with the newest published adapter; ``x`` is ``[h]`` or ``[n, h]``.
+
+        Lock-free: the weights are re-read (consistently) only when their generation
+        changed, so an unchanged adapter costs no copy.
+        """
+        w = self._weights
+        generation, _ = self._ledger.generation()
+        if generation != w.generation:
+            w = self._load_weights()
+        if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1 and x.shape[0] == self.hidden_dim:
+            coeff = x @ w.down_t
+            # A NaN/Inf anywhere in x makes the projection non-finite (inf*0 is NaN);
+            # only then pay for the exact check, which also catches mere overflow.
+            if not math.isfinite(sum(coeff.tolist())):
+                x = check_vectors(x, self.hidden_dim)
+            return x + coeff @ w.up_scaled
+        arr = check_vectors(x, self.hidden_dim)
+        return arr + (arr @ w.down_t) @ w.up_scaled
+
+    def _load_weights(self) -> _Weights:
+        generation, down, up = self._ledger.read("generation", "down", "up")
+        scale = np.float32(1.0 / math.sqrt(self.layout.rank))
+        w = _Weights(generation, np.ascontiguousarray(down.T), up * scale)
+        self._weights = w  # one reference store: other threads see the old or the new tuple
+        return w
+
+    # ----------------------------------------------------------------- waiting for the flusher
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Wait until every trajectory this process committed has been learned."""
+        with self._lock:
+            if self._lane < 0:
+                return
+            lane, target = self._lane, self._head
+        self._segment.ring()
+        if not wait_until(lambda: self._ledger.lane_tail(lane) >= target, timeout):
+            raise FlusherTimeoutError(self._timeout_message("sync", timeout))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Ask the flusher to learn what is committed and apply pending gradients; wait for it."""
+        with self._lock:
+            self._ensure_lane()
+            word = self._ctl + LANE_FLUSH_REQ // 8
+            request = self._u64[word] + 1
+            self._u64[word] = request  # after our records' heads, so the flusher sees them first
+            ack = self._ctl + LANE_FLUSH_ACK // 8
+        self._segment.ring()
+        if not wait_until(lambda: self._u64[ack] >= request, timeout):
+            raise FlusherTimeoutError(self._timeout_message("flush", timeout))
+
+    def _timeout_message(self, what: str, timeout: float) -> str:
+        alive = self._segment.is_locked(LOCK_FLUSHER)
+        pid = self._u64[FLUSHER_LINE // 8]
+        state = f"its flusher (pid {pid}) is alive but busy" if alive else "no flusher is running"
+        return f"{what}() on segment {self.name!r} timed out after {timeout} s: {state}; start `sona-shm flusher --name {self.name}`"
+
+    # ----------------------------------------------------------------- stats and lifecycle
+
+    def stats(self) -> dict:
+        """Counters of the whole engine, read without locks (see ``sona-shm stats --json``)."""
+        from .monitor import collect_stats
+
+        return collect_stats(self._segment, self._ledger)
+
+    def close(self) -> None:
+        """Release the lane and unmap. Safe to call twice. Committed trajectories stay."""
+        seg = self._segment
+        if seg is None:
+            return
+        self._lane = -1
+        for attr in ("_f32", "_zeros"):
+            view = self.__dict__.pop(attr, None)
+            if view is not None:
+                view.release()
+        self.__dict__.pop("_u64", None)
+        self.__dict__.pop("_f64", None)
+        ledger = self.__dict__.pop("_ledger", None)
+        if ledger is not None:
+            ledger.close()
+        seg.close()  # closing our descriptor drops the lane lock
+        self._segment = None
+        _clients.discard(self)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<sona_shm.Client {getattr(self, 'name', '?')!r} lane={self._lane}>"
+
+
+_head_formats: dict[int, str] = {}
+
+
+def _head_format(n_steps: int) -> str:
+    fmt = _head_formats.get(n_steps)
+    if fmt is None:
+        fmt = _head_formats[n_steps] = "<QQfHH" + "fHH" * n_steps
+    return fmt
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["Client", "attach", "InvalidInputError"]

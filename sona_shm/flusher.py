@@ -1,0 +1,370 @@
+"""The flusher: the one process per engine that learns from every committed trajectory.
+
+It creates the segment (or adopts one left by an earlier flusher), then loops: read
+the lanes' flush requests, learn every slot between each lane's tail and head in
+vectorised batches, flush at every ``flush_threshold`` signals (and on the interval
+timer and on request), copy learned trajectories into the buffer for consumers, and
+publish everything — weights, gradients, counters and lane tails — in one ledger
+commit. Because the tails are committed together with the gradients they produced, a
+flusher killed at any instant leaves a state where each trajectory is either fully
+learned or not at all; the next flusher picks up from there.
+
+With nothing to do it announces that it is idle, looks once more, and sleeps on the
+doorbell with a timeout (``WAKE_TIMEOUT``): a producer that publishes into an idle
+engine rings the bell, and a ring lost to a race costs at most that timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import posix_ipc
+
+from .errors import FlusherRunningError, LayoutMismatchError
+from .layout import (
+    CONS_TAIL,
+    CONSUMER_LINE,
+    FL_HEARTBEAT,
+    FL_IDLE,
+    FL_PID,
+    FL_SCANS,
+    FL_START,
+    FL_STARTED_AT,
+    FLUSHER_LINE,
+    HEADER_BYTES,
+    LANE_FLUSH_ACK,
+    LANE_FLUSH_REQ,
+    LANE_HEAD,
+    LOCK_FLUSHER,
+    MAGIC,
+    EngineConfig,
+    Layout,
+)
+from .learning import Learner, initial_down, learning_signals
+from .ledger import Ledger
+from .segment import DEFAULT_MODE, Segment, check_name, create_bell, create_fd, open_fd, start_ticks, try_lock_fd
+
+log = logging.getLogger("sona_shm.flusher")
+
+#: Longest sleep on the doorbell: bounds the cost of a lost ring and the heartbeat age.
+WAKE_TIMEOUT = 0.05
+#: Passes over the lanes when draining at shutdown (live producers may keep writing).
+DRAIN_PASSES = 64
+
+
+class Flusher:
+    """Owns one segment's learning; see the module docstring.
+
+    ``config``: the :class:`EngineConfig` fields to create the segment with. When the
+    segment already exists, only the fields in ``config_overrides`` are compared with
+    it (a mismatch is refused), so a restarted flusher adopts whatever it finds.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        config: EngineConfig | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        flush_interval: float = 0.0,
+        mode: int = DEFAULT_MODE,
+    ) -> None:
+        check_name(name)
+        self.name = name
+        self.flush_interval = float(flush_interval)
+        self.stop_requested = False
+        self.created = False
+        self.segment: Segment | None = None
+        requested = config or EngineConfig()
+        overrides = dict(config_overrides) if config_overrides is not None else {
+            f: getattr(requested, f) for f in requested.__dataclass_fields__
+        }
+        self.segment, self.created = _create_or_adopt(name, requested, overrides, mode)
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        seg = self.segment
+        layout = self.layout = seg.layout
+        self.ledger = Ledger(seg)
+        self._u64, self._f64 = seg.u64, seg.f64
+        buf = seg.numpy_buffer()
+        L, N, C = layout.lanes, layout.lane_slots, layout.capacity
+        self._slots = np.ndarray((L, N), dtype=layout.slot_dtype, buffer=buf, offset=layout.slots_offset)
+        self._slot_bytes = np.ndarray((L * N, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.slots_offset)
+        self._buffer_bytes = np.ndarray((C, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.buffer_offset)
+        self._buffer_seq = np.ndarray(
+            (C,), dtype=np.uint64, buffer=buf, offset=layout.buffer_offset, strides=(layout.slot_bytes,)
+        )
+        self._head_words = [layout.lane_control(i) // 8 + LANE_HEAD // 8 for i in range(L)]
+        self._req_words = [layout.lane_control(i) // 8 + LANE_FLUSH_REQ // 8 for i in range(L)]
+        self._ack_words = [layout.lane_control(i) // 8 + LANE_FLUSH_ACK // 8 for i in range(L)]
+        self._consumer_tail = (CONSUMER_LINE + CONS_TAIL) // 8
+        fl = FLUSHER_LINE // 8
+        self._w_heartbeat, self._w_idle, self._w_scans = fl + FL_HEARTBEAT // 8, fl + FL_IDLE // 8, fl + FL_SCANS // 8
+
+        # The private state: one ledger record, with the learner's arrays as views into it.
+        self._state = self.ledger.snapshot()
+        st = self._state[0]
+        cfg = layout.config
+        self.learner = Learner(cfg.hidden_dim, cfg.rank, cfg.lr, cfg.flush_threshold, down=st["down"], up=st["up"], grad_up=st["grad_up"])
+        for field in ("generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
+            setattr(self.learner, field, int(st[field]))
+        self._tails = st["lane_tail"]
+        self.buffer_head = int(st["buffer_head"])
+        self.buffer_dropped = int(st["buffer_dropped"])
+        self.last_flush_at = float(st["last_flush_at"])
+        self._last_flush_mono = time.monotonic()
+
+        pid = os.getpid()
+        u64, f64 = self._u64, self._f64
+        u64[fl + FL_PID // 8] = pid
+        u64[fl + FL_START // 8] = start_ticks(pid)
+        f64[fl + FL_STARTED_AT // 8] = time.time()
+        u64[self._w_idle] = 0
+        f64[self._w_heartbeat] = time.time()
+        log.info(
+            "%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size()
+        )
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        """Loop until :attr:`stop_requested`; then drain, flush and release the segment."""
+        while not self.stop_requested:
+            if self.scan() == 0:
+                self._sleep()
+        self.shutdown()
+
+    def scan(self) -> int:
+        """One pass: learn what every lane committed, flush if due, commit. Returns #learned."""
+        u64 = self._u64
+        # Requests are read before heads: a producer stores its heads before its request,
+        # so every record it made before asking is learned in this same pass.
+        requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]
+        learned = 0
+        tails = self._tails
+        for lane, word in enumerate(self._head_words):
+            head = u64[word]
+            tail = int(tails[lane])
+            if head > tail:
+                learned += self._learn_lane(lane, tail, head)
+        flushed = False
+        if requests or (
+            self.flush_interval > 0
+            and self.learner.pending
+            and time.monotonic() - self._last_flush_mono >= self.flush_interval
+        ):
+            flushed = self._flush()
+        if learned or flushed:
+            self._commit()
+        for lane, request in requests:
+            u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights
+        u64[self._w_scans] += 1
+        self._f64[self._w_heartbeat] = time.time()
+        return learned
+
+    def _learn_lane(self, lane: int, tail: int, head: int) -> int:
+        slots = self.layout.lane_slots
+        if head - tail > slots:
+            # Impossible unless a producer ignored the tail; what it overwrote is gone.
+            log.error("lane %d: head %d is more than %d slots past tail %d; skipping the overwritten slots", lane, head, slots, tail)
+            tail = head - slots
+        learned = 0
+        start = tail
+        while start < head:
+            first = start % slots
+            count = min(head - start, slots - first)
+            learned += self._learn_slots(lane, first, count, start)
+            start += count
+        self._tails[lane] = head
+        return learned
+
+    def _learn_slots(self, lane: int, first: int, count: int, index: int) -> int:
+        """Learn ``count`` contiguous slots of ``lane`` starting at ring slot ``first``."""
+        layout = self.layout
+        rec = self._slots[lane, first : first + count]
+        n_steps = rec["n_steps"].astype(np.int64)
+        valid = (rec["seq"] == np.arange(index + 1, index + count + 1, dtype=np.uint64)) & (n_steps <= layout.max_steps)
+        if not valid.all():
+            # A slot inside [tail, head) always carries its stamp; this is memory corruption.
+            log.error("lane %d: %d slots in [%d, %d) fail their stamp; not learned", lane, count - int(valid.sum()), index, index + count)
+            rec, n_steps = rec[valid], n_steps[valid]
+            if not len(rec):
+                return 0
+        width = max(1, int(n_steps.max()))
+        signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
+        self.learner.learn(signals, rec["quality"])
+        if valid.all():
+            self._keep_in_buffer(lane * layout.lane_slots + first, len(rec), width)
+        else:
+            for i in np.flatnonzero(valid):
+                self._keep_in_buffer(lane * layout.lane_slots + first + int(i), 1, width)
+        return len(rec)
+
+    def _keep_in_buffer(self, flat_slot: int, count: int, width: int) -> None:
+        """Copy learned slots into the buffer while it has room; count the rest as dropped."""
+        capacity = self.layout.capacity
+        room = capacity - (self.buffer_head - self._u64[self._consumer_tail])
+        take = max(0, min(count, room))
+        prefix = self.layout.prefix_bytes(width)
+        done = 0
+        while done < take:
+            at = (self.buffer_head + done) % capacity
+            n = min(take - done, capacity - at)
+            self._buffer_bytes[at : at + n, :prefix] = self._slot_bytes[flat_slot + done : flat_slot + done + n, :prefix]
+            self._buffer_seq[at : at + n] = np.arange(self.buffer_head + done + 1, self.buffer_head + done + n + 1, dtype=np.uint64)
+            done += n
+        self.buffer_head += take
+        self.buffer_dropped += count - take
+
+    def _flush(self) -> bool:
+        self._last_flush_mono = time.monotonic()
+        generation = self.learner.generation
+        self.learner.flush()
+        if self.learner.generation != generation:
+            self.last_flush_at = time.time()
+            return True
+        return False
+
+    def _commit(self) -> None:
+        st = self._state[0]
+        learner = self.learner
+        st["generation"] = learner.generation
+        st["pending"] = learner.pending
+        st["trajectories_processed"] = learner.trajectories_processed
+        st["signals_accumulated"] = learner.signals_accumulated
+        st["flushes_performed"] = learner.flushes_performed
+        st["updates_applied"] = learner.updates_applied
+        st["buffer_head"] = self.buffer_head
+        st["buffer_dropped"] = self.buffer_dropped
+        st["last_flush_at"] = self.last_flush_at
+        self.ledger.publish(self._state)
+
+    def _has_work(self) -> bool:
+        u64, tails = self._u64, self._tails
+        for lane, word in enumerate(self._head_words):
+            if u64[word] > tails[lane] or u64[self._req_words[lane]] > u64[self._ack_words[lane]]:
+                return True
+        return False
+
+    def _sleep(self) -> None:
+        u64 = self._u64
+        u64[self._w_idle] = 1  # from here on producers ring the bell
+        try:
+            if self._has_work():  # published before they could see idle = 1
+                return
+            timeout = WAKE_TIMEOUT
+            if self.flush_interval > 0 and self.learner.pending:
+                due = self._last_flush_mono + self.flush_interval - time.monotonic()
+                timeout = max(0.0, min(timeout, due))
+            bell = self.segment.bell
+            try:
+                bell.acquire(timeout)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass
+        finally:
+            u64[self._w_idle] = 0
+        # Several producers may have rung for the same wake-up; swallow the extra rings.
+        while True:
+            try:
+                self.segment.bell.acquire(0)
+            except posix_ipc.BusyError:
+                break
+
+    def flush_now(self) -> None:
+        """Learn everything committed, apply pending gradients and publish (used at shutdown)."""
+        self.scan()
+        if self._flush():
+            self._commit()
+
+    def shutdown(self) -> None:
+        """Drain what producers committed, flush, publish, answer requests, release."""
+        if self.segment is None:
+            return
+        for _ in range(DRAIN_PASSES):
+            if self.scan() == 0:
+                break
+        self.flush_now()
+        log.info(
+            "stopped segment %r: %d trajectories processed, %d flushes",
+            self.name, self.learner.trajectories_processed, self.learner.flushes_performed,
+        )
+        self.close()
+
+    def close(self) -> None:
+        """Release the segment and the flusher lock without draining. Safe to call twice."""
+        for attr in ("_slots", "_slot_bytes", "_buffer_bytes", "_buffer_seq", "_state", "_tails", "learner"):
+            self.__dict__.pop(attr, None)
+        ledger = self.__dict__.pop("ledger", None)
+        if ledger is not None:
+            ledger.close()
+        self.__dict__.pop("_u64", None)
+        self.__dict__.pop("_f64", None)
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+def _create_or_adopt(name: str, requested: EngineConfig, overrides: dict[str, Any], mode: int) -> tuple[Segment, bool]:
+    """Create segment ``name`` or adopt the existing one; hold the flusher lock on return."""
+    layout = Layout(requested)
+    try:
+        fd = create_fd(name, layout.total_bytes, mode)
+        created = True
+    except FileExistsError:
+        fd = open_fd(name, writable=True)
+        created = False
+    try:
+        if not try_lock_fd(fd, LOCK_FLUSHER):
+            pid = int.from_bytes(os.pread(fd, 8, FLUSHER_LINE + FL_PID), "little") if os.fstat(fd).st_size > FLUSHER_LINE else 0
+            raise FlusherRunningError(
+                f"segment {name!r} already has a live flusher (pid {pid}); stop it first (SIGTERM) or use another --name"
+            )
+        raw = os.pread(fd, HEADER_BYTES, 0)
+        fresh = created or len(raw) < HEADER_BYTES or raw[:8] != MAGIC
+        if fresh:
+            if not created:
+                log.warning("segment %r was never completed (its creator died); initialising it again", name)
+                os.ftruncate(fd, 0)  # back to all zeros
+                os.ftruncate(fd, layout.total_bytes)
+        else:
+            existing = Layout.from_header(raw, name, os.fstat(fd).st_size)
+            wanted = {k: v for k, v in overrides.items() if getattr(existing.config, k) != v}
+            if wanted:
+                diffs = "; ".join(f"{k}: segment has {getattr(existing.config, k)!r}, requested {v!r}" for k, v in wanted.items())
+                raise LayoutMismatchError(
+                    f"segment {name!r} exists with another configuration ({diffs}); start the flusher without "
+                    f"those options to adopt it, or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
+                )
+            layout = existing
+        segment = Segment(name, fd, layout, writable=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if fresh:
+        _initialise(segment, mode)
+    else:
+        create_bell(name, mode)  # kept if it exists; recreated if someone removed it
+    return segment, fresh
+
+
+def _initialise(segment: Segment, mode: int) -> None:
+    """Write header, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
+    layout = segment.layout
+    segment.buf[: len(layout.pack_header())] = layout.pack_header()
+    record = np.zeros(1, dtype=layout.ledger_dtype)
+    record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
+    ledger = Ledger(segment)
+    ledger.copies[0] = record[0]
+    ledger.close()
+    create_bell(segment.name, mode)
+    segment.buf[:8] = MAGIC  # publishes the header: attach() accepts the segment from now on
+

@@ -1,0 +1,298 @@
+"""The binary layout of one sona_shm segment — the only place it is written down.
+
+A segment is one POSIX shared-memory object ``/sona_shm.<name>`` (``/dev/shm/sona_shm.<name>``)
+plus one POSIX semaphore ``/sona_shm.<name>.bell`` (the flusher's doorbell). All integers
+are little-endian and naturally aligned; the code assumes x86-64 (total store order: a
+reader that sees a store also sees every store the writer made before it — the
+publication rules below rely on that, with the compiler barrier a C call implies).
+
+Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
+
+    offset          size                          region
+    0               PAGE                          header + control lines
+    ledger_offset   2 * ledger_bytes              the flusher's state, double-buffered
+    lanes_offset    lanes * 128                   lane control (one per producer lane)
+    slots_offset    lanes * lane_slots * slot_bytes   lane rings of trajectory slots
+    buffer_offset   capacity * slot_bytes         buffer of learned trajectories (for drain)
+
+Header (offset 0, written once by the creator; ``magic`` last, so a reader that sees
+the magic sees a complete header)::
+
+    0   8s  magic            b"SONA-SHM"; zero while the segment is being created
+    8   u32 layout_version   LAYOUT_VERSION
+    12  u32 header_bytes     size of this struct
+    16  u64 total_bytes      size of the whole segment
+    24  u32 hidden_dim       h
+    28  u32 rank             R (1 or 2)
+    32  u32 max_steps        S, steps a slot can hold
+    36  u32 attention_dim    A, attention weights a step can hold
+    40  u32 lanes            L, producer lanes
+    44  u32 lane_slots       N, slots per lane ring
+    48  u32 capacity         C, slots in the learned-trajectory buffer
+    52  u32 slot_bytes       stride of one slot
+    56  f64 lr
+    64  u64 flush_threshold
+    72  u64 ledger_offset    (ledger_bytes = (lanes_offset - ledger_offset) / 2)
+    80  u64 lanes_offset
+    88  u64 slots_offset
+    96  u64 buffer_offset
+    104 f64 created_at       unix time
+
+Control lines (64 bytes each, inside the header page; one writer per line)::
+
+    FLUSHER_LINE = 1024   written by the flusher holding the flusher lock
+        +0  i64 pid           +8  u64 start_ticks (/proc/PID/stat field 22)
+        +16 f64 heartbeat     unix time of the flusher's last loop
+        +24 u64 idle          1 while the flusher waits on the doorbell: producers ring it
+        +32 f64 started_at    +40 u64 scans (loop iterations)
+    COMMIT_LINE = 1088    written by the flusher
+        +0  u64 commit        ledger copy ``commit & 1`` is current (a seqcount latch)
+    CONSUMER_LINE = 1152  written by a buffer consumer holding the drain lock
+        +0  u64 buffer_tail   buffer slots ``[buffer_tail, buffer_head)`` hold undrained
+                              trajectories (buffer_head is in the ledger)
+        +8  u64 drained       trajectories handed to consumers, ever
+
+Ledger copy (``LEDGER_DTYPE``; copy ``i`` at ``ledger_offset + i * ledger_bytes``). The
+flusher keeps its state privately, writes it whole into copy ``(commit + 1) & 1`` and
+then stores ``commit + 1`` — the store that publishes it. A reader reads ``commit``,
+then copy ``commit & 1``, then ``commit`` again, and retries if it moved. A flusher
+killed mid-write leaves the current copy untouched, so there is nothing to repair;
+because the lane tails live in the same copy as the gradients, a trajectory is learned
+exactly once across any crash::
+
+    generation u64   bumped whenever ``up`` changes (forward() caches by it)
+    pending u64      signals accumulated since the last flush (reference: update_count)
+    trajectories_processed, signals_accumulated, flushes_performed, updates_applied u64
+    buffer_head u64     learned trajectories ever stored in the buffer
+    buffer_dropped u64  learned trajectories not stored because the buffer was full
+    last_flush_at f64   unix time of the last flush that changed ``up`` (0: never)
+    down f32[R, h], up f32[R, h], grad_up f64[R, h]
+    lane_tail u64[L]    slots of each lane learned, ever
+
+Lane control (128 bytes per lane at ``lanes_offset + lane * 128``)::
+
+    +0   producer line, written only by the lane's owner (holder of the lane lock)
+         +0  u64 head          slots committed, ever: publishes slots [.., head)
+         +8  u64 drops         trajectories refused because the ring was full
+         +16 u64 next_id       trajectory-id counter of this lane
+         +24 u64 flush_request bumped by flush(); the flusher answers in flush_ack
+         +32 f64 last_record_at unix time of the last committed record
+         +40 i64 owner_pid     +48 u64 owner_start_ticks  +56 u64 claims
+    +64  flusher line, written only by the flusher
+         +0  u64 flush_ack     the last flush_request answered
+
+Slot (``slot_bytes`` each; lane ``l`` slot ``i`` at ``slots_offset + (l * N + i %
+N) * slot_bytes``, buffer slot ``j`` at ``buffer_offset + (j % C) * slot_bytes``)::
+
+    0   u64 seq         lane slots: lane index + 1 of the record, written after the rest
+    8   u64 traj_id     16 u64 latency_us     24 f32 quality
+    28  u16 n_steps     30 u16 route_len
+    32  S * (f32 reward, u16 act_len, u16 att_len)
+    32 + 8S             route bytes[64] (UTF-8)
+    payload_offset = round_up(96 + 8S, 64):
+        query f32[h], then S * (activations f32[h] (zero-padded past act_len),
+                                attention f32[A] (valid up to att_len))
+
+Only the prefix a trajectory uses is ever written (``prefix_bytes(n_steps)``), and slots
+of a page or more are page-aligned, so a tmpfs segment costs the pages trajectories
+actually touch: at h=256 a one-step trajectory touches one 4 KiB page of its 12 KiB slot.
+
+Advisory locks (Linux open-file-description locks on one byte of the segment file;
+the kernel drops them when the holder dies, so a SIGKILLed holder never wedges anyone
+and a recycled pid never inherits a lane)::
+
+    byte 0            the flusher lock (exactly one flusher per segment)
+    byte 1            the drain lock (buffer consumers)
+    byte 64 + lane    the lane lock (its holder owns the lane's producer line)
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, fields
+import numpy as np
+
+from .errors import InvalidInputError, LayoutMismatchError
+from .loop import check_config
+from .trajectory import ROUTE_MAX_BYTES
+
+MAGIC = b"SONA-SHM"
+LAYOUT_VERSION = 1
+PAGE = 4096
+LINE = 64
+LANE_CONTROL_BYTES = 128
+
+HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQd"
+HEADER_BYTES = struct.calcsize(HEADER_FORMAT)
+
+FLUSHER_LINE = 1024
+COMMIT_LINE = 1088
+CONSUMER_LINE = 1152
+
+# Field offsets inside the lines above, in bytes.
+FL_PID, FL_START, FL_HEARTBEAT, FL_IDLE, FL_STARTED_AT, FL_SCANS = 0, 8, 16, 24, 32, 40
+CONS_TAIL, CONS_DRAINED = 0, 8
+LANE_HEAD, LANE_DROPS, LANE_NEXT_ID, LANE_FLUSH_REQ, LANE_LAST_AT = 0, 8, 16, 24, 32
+LANE_OWNER_PID, LANE_OWNER_START, LANE_CLAIMS = 40, 48, 56
+LANE_FLUSH_ACK = 64
+
+LOCK_FLUSHER = 0
+LOCK_DRAIN = 1
+LOCK_LANE_BASE = 64
+
+SLOT_HEAD_BYTES = 32
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a segment is created with; all of it is stored in the header."""
+
+    hidden_dim: int = 256
+    rank: int = 2
+    lr: float = 0.002
+    flush_threshold: int = 100
+    capacity: int = 10_000
+    max_steps: int = 8
+    attention_dim: int = 64
+    lanes: int = 32
+    lane_slots: int = 512
+
+    def __post_init__(self) -> None:
+        check_config(self.hidden_dim, self.rank, self.lr, self.flush_threshold, self.capacity)
+        for name, low, high in (
+            ("max_steps", 0, 1024),
+            ("attention_dim", 0, 65_535),
+            ("lanes", 1, 4096),
+            ("lane_slots", 1, 1 << 20),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidInputError(f"{name}: expected an integer in [{low}, {high}], got {value!r}")
+
+
+class Layout:
+    """Offsets and numpy dtypes of a segment with a given :class:`EngineConfig`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        h, r, s, a = config.hidden_dim, config.rank, config.max_steps, config.attention_dim
+        self.hidden_dim, self.rank, self.max_steps, self.attention_dim = h, r, s, a
+        self.lanes, self.lane_slots, self.capacity = config.lanes, config.lane_slots, config.capacity
+
+        self.route_offset = SLOT_HEAD_BYTES + 8 * s
+        self.payload_offset = _round_up(self.route_offset + ROUTE_MAX_BYTES, LINE)
+        self.step_bytes = 4 * (h + a)
+        used = self.payload_offset + 4 * h + s * self.step_bytes
+        self.slot_bytes = _round_up(used, PAGE) if used > PAGE else _round_up(used, LINE)
+        self.slot_dtype = np.dtype(
+            {
+                "names": ["seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta", "route", "query", "steps"],
+                "formats": [
+                    "<u8", "<u8", "<u8", "<f4", "<u2", "<u2",
+                    (np.dtype([("reward", "<f4"), ("act_len", "<u2"), ("att_len", "<u2")]), (s,)),
+                    (np.dtype("S1"), (ROUTE_MAX_BYTES,)),
+                    ("<f4", (h,)),
+                    (np.dtype([("act", "<f4", (h,)), ("att", "<f4", (a,))]), (s,)),
+                ],
+                "offsets": [0, 8, 16, 24, 28, 30, SLOT_HEAD_BYTES, self.route_offset, self.payload_offset, self.payload_offset + 4 * h],
+                "itemsize": self.slot_bytes,
+            }
+        )
+
+        self.ledger_dtype = np.dtype(
+            {
+                "names": [
+                    "generation", "pending", "trajectories_processed", "signals_accumulated",
+                    "flushes_performed", "updates_applied", "buffer_head", "buffer_dropped",
+                    "last_flush_at", "down", "up", "grad_up", "lane_tail",
+                ],
+                "formats": ["<u8"] * 8 + ["<f8", ("<f4", (r, h)), ("<f4", (r, h)), ("<f8", (r, h)), ("<u8", (config.lanes,))],
+                "offsets": [
+                    0, 8, 16, 24, 32, 40, 48, 56, 64, 128, 128 + 4 * r * h, 128 + 8 * r * h, 128 + 16 * r * h,
+                ],
+                "itemsize": _round_up(128 + 16 * r * h + 8 * config.lanes, LINE),
+            }
+        )
+        self.ledger_bytes = self.ledger_dtype.itemsize
+        self.ledger_offset = PAGE
+        self.lanes_offset = self.ledger_offset + 2 * self.ledger_bytes
+        self.slots_offset = _round_up(self.lanes_offset + config.lanes * LANE_CONTROL_BYTES, PAGE)
+        self.buffer_offset = _round_up(self.slots_offset + config.lanes * config.lane_slots * self.slot_bytes, PAGE)
+        self.total_bytes = _round_up(self.buffer_offset + config.capacity * self.slot_bytes, PAGE)
+
+    def prefix_bytes(self, n_steps: int) -> int:
+        """Bytes at the start of a slot that a trajectory with ``n_steps`` steps uses."""
+        return self.payload_offset + 4 * self.hidden_dim + n_steps * self.step_bytes
+
+    def lane_control(self, lane: int) -> int:
+        return self.lanes_offset + lane * LANE_CONTROL_BYTES
+
+    def lane_slot(self, lane: int, index: int) -> int:
+        return self.slots_offset + (lane * self.lane_slots + index % self.lane_slots) * self.slot_bytes
+
+    def ledger_copy(self, which: int) -> int:
+        return self.ledger_offset + which * self.ledger_bytes
+
+    def pack_header(self) -> bytes:
+        """The header with ``magic`` zeroed; the creator stores the magic last."""
+        c = self.config
+        return struct.pack(
+            HEADER_FORMAT, b"\0" * 8, LAYOUT_VERSION, HEADER_BYTES, self.total_bytes,
+            c.hidden_dim, c.rank, c.max_steps, c.attention_dim, c.lanes, c.lane_slots, c.capacity,
+            self.slot_bytes, c.lr, c.flush_threshold,
+            self.ledger_offset, self.lanes_offset, self.slots_offset, self.buffer_offset, time.time(),
+        )
+
+    @classmethod
+    def from_header(cls, raw: bytes, name: str, size: int) -> "Layout":
+        """Parse and validate a header read from segment ``name`` of ``size`` bytes."""
+        if len(raw) < HEADER_BYTES:
+            raise LayoutMismatchError(f"segment {name!r}: {len(raw)} bytes is too small for a sona_shm header")
+        (magic, version, header_bytes, total, h, r, s, a, lanes, lane_slots, cap, slot_bytes, lr, thr,
+         ledger_off, lanes_off, slots_off, buffer_off, _created) = struct.unpack_from(HEADER_FORMAT, raw)
+        if magic != MAGIC:
+            raise LayoutMismatchError(
+                f"segment {name!r}: not a sona_shm segment (magic {magic!r}, expected {MAGIC!r}); "
+                f"remove it with `sona-shm destroy --name {name}`"
+            )
+        if version != LAYOUT_VERSION:
+            raise LayoutMismatchError(
+                f"segment {name!r}: layout version {version}, this sona_shm reads version {LAYOUT_VERSION}; "
+                f"stop its processes and remove it with `sona-shm destroy --name {name}`"
+            )
+        try:
+            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots))
+        except InvalidInputError as exc:
+            raise LayoutMismatchError(f"segment {name!r}: corrupt header ({exc})") from None
+        derived = (HEADER_BYTES, layout.total_bytes, layout.slot_bytes, layout.ledger_offset,
+                   layout.lanes_offset, layout.slots_offset, layout.buffer_offset)
+        stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off)
+        if derived != stored:
+            raise LayoutMismatchError(f"segment {name!r}: header offsets {stored} disagree with its dimensions {derived}")
+        if size < total:
+            raise LayoutMismatchError(f"segment {name!r}: {size} bytes, its header says {total}; it was truncated")
+        return layout
+
+    def differences(self, other: EngineConfig) -> list[str]:
+        """``field: segment X, requested Y`` for every field where ``other`` differs."""
+        return [
+            f"{f.name}: segment has {getattr(self.config, f.name)!r}, requested {getattr(other, f.name)!r}"
+            for f in fields(EngineConfig)
+            if getattr(self.config, f.name) != getattr(other, f.name)
+        ]
+
+    def describe_size(self) -> str:
+        """One line for humans: reserved size and what a trajectory actually touches."""
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.1f} MiB"
+        one = _round_up(self.prefix_bytes(1), PAGE) if self.slot_bytes >= PAGE else self.slot_bytes
+        return (
+            f"{mib(self.total_bytes)} reserved ({self.lanes} lanes x {self.lane_slots} slots + "
+            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot); tmpfs allocates pages on first "
+            f"touch, so a 1-step trajectory costs {one} B per slot it passes through"
+        )

@@ -1,0 +1,92 @@
+"""The flusher's state in shared memory, published whole by one word (a seqcount latch).
+
+Layout and protocol are in :mod:`sona_shm.layout` ("Ledger copy"). In short: two copies,
+the flusher writes the one not current and then stores ``commit + 1``; readers read
+``commit``, the copy ``commit & 1``, then ``commit`` again. No reader ever waits for the
+writer and a writer killed at any instant leaves the current copy intact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import COMMIT_LINE
+from .segment import Segment
+
+#: Reader retries before giving up on a consistent read (each retry means the flusher
+#: committed twice while we copied a few KiB — practically never more than once).
+READ_RETRIES = 1000
+
+
+class TornRead(Exception):
+    """The flusher kept committing faster than a reader could copy (never seen in practice)."""
+
+
+class Ledger:
+    """Views over the two ledger copies of ``segment`` and the latch protocol."""
+
+    def __init__(self, segment: Segment) -> None:
+        layout = segment.layout
+        self._u64 = segment.u64
+        self._commit = COMMIT_LINE // 8
+        self.copies = np.ndarray((2,), dtype=layout.ledger_dtype, buffer=segment.numpy_buffer(), offset=layout.ledger_offset)
+        # Word indexes of fields the hot paths read one at a time.
+        base = [layout.ledger_copy(i) // 8 for i in (0, 1)]
+        self._generation = base  # ``generation`` is the first field
+        tail_off = layout.ledger_dtype.fields["lane_tail"][1] // 8
+        self._tail = [b + tail_off for b in base]
+
+    @property
+    def commit(self) -> int:
+        return self._u64[self._commit]
+
+    def generation(self) -> tuple[int, int]:
+        """``(generation, commit)`` of the current copy, read consistently."""
+        u64, c_idx, gen = self._u64, self._commit, self._generation
+        for _ in range(READ_RETRIES):
+            c = u64[c_idx]
+            g = u64[gen[c & 1]]
+            if u64[c_idx] == c:
+                return g, c
+        raise TornRead("ledger generation")
+
+    def lane_tail(self, lane: int) -> int:
+        """Slots of ``lane`` learned and committed: the producer may reuse slots below it."""
+        u64, c_idx, tail = self._u64, self._commit, self._tail
+        for _ in range(READ_RETRIES):
+            c = u64[c_idx]
+            t = u64[tail[c & 1] + lane]
+            if u64[c_idx] == c:
+                return t
+        raise TornRead("lane tail")
+
+    def read(self, *names: str) -> tuple:
+        """Consistent copies of the named fields of the current copy (arrays copied)."""
+        u64, c_idx, copies = self._u64, self._commit, self.copies
+        for _ in range(READ_RETRIES):
+            c = u64[c_idx]
+            current = copies[c & 1]
+            values = tuple(np.copy(current[n]) if current[n].ndim else current[n].item() for n in names)
+            if u64[c_idx] == c:
+                return values
+        raise TornRead(", ".join(names))
+
+    def snapshot(self) -> np.ndarray:
+        """A consistent private copy of the whole current record (shape ``(1,)``)."""
+        u64, c_idx, copies = self._u64, self._commit, self.copies
+        for _ in range(READ_RETRIES):
+            c = u64[c_idx]
+            record = copies[c & 1 : (c & 1) + 1].copy()
+            if u64[c_idx] == c:
+                return record
+        raise TornRead("ledger snapshot")
+
+    def publish(self, record: np.ndarray) -> int:
+        """Make ``record`` (shape ``(1,)``) current. Only the flusher calls this."""
+        c = self._u64[self._commit]
+        self.copies[(c + 1) & 1] = record[0]
+        self._u64[self._commit] = c + 1  # publishes the copy written above
+        return c + 1
+
+    def close(self) -> None:
+        del self.copies
