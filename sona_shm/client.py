@@ -41,7 +41,7 @@ from .layout import (
     LOCK_LANE_BASE,
 )
 from .learning import F32
-from .ledger import Ledger
+from .ledger import Ledger, TornRead
 from .loop import check_vectors
 from .segment import Segment, start_ticks, wait_until
 from .trajectory import Trajectory, check_trajectory
@@ -176,7 +176,7 @@ class Client:
             self._ensure_lane()
             head = self._head
             if head - self._tail >= layout.lane_slots:
-                self._tail = self._ledger.lane_tail(self._lane)
+                self._refresh_tail()
                 if head - self._tail >= layout.lane_slots and not self._wait_for_room(head, timeout):
                     self._u64[self._ctl + LANE_DROPS // 8] += 1
                     return False
@@ -218,13 +218,19 @@ class Client:
         if timeout <= 0:
             return False
         self._segment.ring()
-        lane, slots = self._lane, self.layout.lane_slots
+        slots = self.layout.lane_slots
 
         def room() -> bool:
-            self._tail = self._ledger.lane_tail(lane)
+            self._refresh_tail()
             return head - self._tail < slots
 
         return wait_until(room, timeout)
+
+    def _refresh_tail(self) -> None:
+        try:
+            self._tail = self._ledger.lane_tail(self._lane)
+        except TornRead:
+            pass  # keep the older, smaller tail: it only makes the ring look fuller
 
     # ----------------------------------------------------------------- forward
 
@@ -249,7 +255,10 @@ class Client:
         return arr + (arr @ w.down_t) @ w.up_scaled
 
     def _load_weights(self) -> _Weights:
-        generation, down, up = self._ledger.read("generation", "down", "up")
+        try:
+            generation, down, up = self._ledger.read("generation", "down", "up")
+        except TornRead:
+            return self._weights  # the flusher outran us; the last good copy is still consistent
         scale = np.float32(1.0 / math.sqrt(self.layout.rank))
         w = _Weights(generation, np.ascontiguousarray(down.T), up * scale)
         self._weights = w  # one reference store: other threads see the old or the new tuple

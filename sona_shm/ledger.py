@@ -13,13 +13,13 @@ import numpy as np
 from .layout import COMMIT_LINE
 from .segment import Segment
 
-#: Reader retries before giving up on a consistent read (each retry means the flusher
-#: committed twice while we copied a few KiB — practically never more than once).
+#: Reader retries before giving up on a consistent read. A retry means the flusher
+#: committed while we copied a few KiB; it commits at most once per scan of the lanes.
 READ_RETRIES = 1000
 
 
 class TornRead(Exception):
-    """The flusher kept committing faster than a reader could copy (never seen in practice)."""
+    """The flusher kept committing faster than a reader could copy; keep the last good copy."""
 
 
 class Ledger:
@@ -35,6 +35,14 @@ class Ledger:
         self._generation = base  # ``generation`` is the first field
         tail_off = layout.ledger_dtype.fields["lane_tail"][1] // 8
         self._tail = [b + tail_off for b in base]
+        # Field views of each copy, made once: a read must be short to fit between commits.
+        # Scalars stay shape-(1,) views (indexing one would copy it); arrays drop that axis.
+        dtype = layout.ledger_dtype
+        self._scalars = frozenset(n for n in dtype.names if dtype[n].shape == ())
+        self._fields = [
+            {n: (v if n in self._scalars else v[0]) for n in dtype.names for v in [self.copies[i : i + 1][n]]}
+            for i in (0, 1)
+        ]
 
     @property
     def commit(self) -> int:
@@ -62,11 +70,11 @@ class Ledger:
 
     def read(self, *names: str) -> tuple:
         """Consistent copies of the named fields of the current copy (arrays copied)."""
-        u64, c_idx, copies = self._u64, self._commit, self.copies
+        u64, c_idx, fields, scalars = self._u64, self._commit, self._fields, self._scalars
         for _ in range(READ_RETRIES):
             c = u64[c_idx]
-            current = copies[c & 1]
-            values = tuple(np.copy(current[n]) if current[n].ndim else current[n].item() for n in names)
+            current = fields[c & 1]
+            values = tuple(current[n].item() if n in scalars else current[n].copy() for n in names)
             if u64[c_idx] == c:
                 return values
         raise TornRead(", ".join(names))
@@ -89,4 +97,5 @@ class Ledger:
         return c + 1
 
     def close(self) -> None:
-        del self.copies
+        self.__dict__.pop("_fields", None)
+        self.__dict__.pop("copies", None)

@@ -1,0 +1,122 @@
+"""Fixtures: scratch engine names that are always unlinked, and processes always killed."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+
+import pytest
+
+from sona_shm import segment
+from sona_shm.client import attach
+from sona_shm.errors import SegmentNotFoundError
+from sona_shm.flusher import Flusher
+from sona_shm.layout import EngineConfig
+from sona_shm.monitor import read_stats
+from support import env, python_cmd, wait_for
+
+_PREFIX = f"t{os.getpid()}-"
+_counter = itertools.count()
+
+
+def _leftovers() -> list[str]:
+    return sorted(p for p in os.listdir("/dev/shm") if _PREFIX in p)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_segments():
+    """Fail the run if any test left a segment or semaphore of ours in /dev/shm."""
+    yield
+    left = _leftovers()
+    for entry in left:
+        name = entry.split("sona_shm.", 1)[-1].removesuffix(".bell")
+        segment.unlink(name)
+    assert not left, f"tests leaked shared-memory objects: {left}"
+
+
+@pytest.fixture
+def name():
+    """A fresh engine name; its segment and doorbell are removed after the test."""
+    engine = f"{_PREFIX}{next(_counter)}"
+    yield engine
+    segment.unlink(engine)
+
+
+class Processes:
+    """Subprocesses of one test; every one is killed by pid at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("text", True)
+        proc = subprocess.Popen(python_cmd(*args), env=env(), **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def flusher(self, engine: str, *options: str) -> subprocess.Popen:
+        """Start ``sona-shm flusher`` and wait until it owns the segment."""
+        proc = self.start("-m", "sona_shm", "flusher", "--name", engine, "--quiet", *options)
+
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"flusher exited with {proc.returncode}: {proc.stderr.read()}")
+            try:
+                return read_stats(engine)["flusher"]["alive"]
+            except SegmentNotFoundError:
+                return False
+
+        wait_for(ready, what=f"flusher of {engine}")
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+
+@pytest.fixture
+def procs():
+    p = Processes()
+    yield p
+    p.kill_all()
+
+
+
+#: A small engine: fast to create, easy to fill.
+SMALL = dict(hidden_dim=16, rank=2, lr=0.01, flush_threshold=10, capacity=64, max_steps=4, attention_dim=8, lanes=4, lane_slots=32)
+
+
+@pytest.fixture
+def engine(name):
+    """``engine(**config)``: an in-process Flusher on ``name`` that the test drives with ``scan()``.
+
+    Also returns clients through ``engine.attach()``; everything is closed at teardown.
+    """
+    flushers: list[Flusher] = []
+    clients = []
+
+    def make(**config) -> Flusher:
+        flusher = Flusher(name, config=EngineConfig(**{**SMALL, **config}))
+        flushers.append(flusher)
+        return flusher
+
+    def attach_client(**kwargs):
+        client = attach(name, **kwargs)
+        clients.append(client)
+        return client
+
+    make.attach = attach_client
+    yield make
+    for client in clients:
+        client.close()
+    for flusher in flushers:
+        flusher.close()

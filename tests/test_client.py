@@ -1,0 +1,245 @@
+"""The producer client against an in-process flusher driven by ``scan()``."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from sona_shm import (
+    FlusherTimeoutError,
+    InstantLoop,
+    InvalidInputError,
+    LayoutMismatchError,
+    NoFreeLaneError,
+    Step,
+    Trajectory,
+)
+from sona_shm.client import attach
+from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
+from conftest import SMALL
+from support import make_trajectories, wait_for
+
+H = SMALL["hidden_dim"]
+
+
+def one_step(value: float = 1.0, quality: float = 1.0) -> Trajectory:
+    return Trajectory(np.full(H, value, np.float32), [Step(np.arange(H, dtype=np.float32), None, value)], quality)
+
+
+def test_record_then_scan_learns_each_trajectory_once(engine):
+    flusher = engine()
+    client = engine.attach()
+    for t in make_trajectories(1, 25, H):
+        assert client.record(t)
+    assert flusher.scan() == 25
+    assert flusher.scan() == 0
+    stats = client.stats()
+    assert stats["trajectories_processed"] == stats["signals_accumulated"] == stats["recorded"] == 25
+    assert stats["flushes_performed"] == 2 and stats["pending_signals"] == 5
+    assert stats["lanes"][0]["learned"] == 25 and stats["lanes"][0]["alive"] is True
+
+
+def test_same_weights_as_instant_loop(engine):
+    flusher = engine()
+    client = engine.attach()
+    reference = InstantLoop(H, SMALL["rank"], SMALL["lr"], SMALL["flush_threshold"])
+    for i, t in enumerate(make_trajectories(2, 57, H)):
+        client.record(t)
+        reference.on_trajectory(t)
+        if i % 13 == 0:
+            flusher.scan()  # batches of varying size, cut at the threshold
+    flusher.scan()
+    probes = np.random.default_rng(0).standard_normal((5, H)).astype(np.float32)
+    np.testing.assert_allclose(client.forward(probes), reference.forward(probes), atol=1e-6)
+
+
+def test_full_lane_drops_and_counts_exactly(engine):
+    flusher = engine(lane_slots=8)
+    client = engine.attach()
+    results = [client.record(one_step()) for _ in range(11)]
+    assert results == [True] * 8 + [False] * 3
+    stats = client.stats()
+    assert stats["lane_dropped"] == 3 and stats["lanes"][0]["drops"] == 3
+    assert flusher.scan() == 8
+    assert client.record(one_step())  # room again once the tail is committed
+    assert flusher.scan() == 1 and client.stats()["trajectories_processed"] == 9
+
+
+def test_blocking_record_waits_for_room(engine):
+    flusher = engine(lane_slots=2)
+    client = engine.attach()
+    assert client.record(one_step()) and client.record(one_step())
+    thread = threading.Thread(target=lambda: wait_for(lambda: flusher.scan(), what="a scan that learns"))
+    thread.start()
+    assert client.record(one_step(), timeout=30)
+    thread.join(30)
+    assert client.stats()["lane_dropped"] == 0
+
+
+def test_bad_input_writes_nothing(engine, name):
+    flusher = engine()
+    client = engine.attach()
+    head_word = (client.layout.lane_control(client.lane) + LANE_HEAD) // 8
+    with pytest.raises(InvalidInputError, match=r"steps: expected at most 4 steps \(max_steps of segment"):
+        client.record(Trajectory(np.ones(H), [Step([1.0], None, 1.0)] * 5, 1.0))
+    with pytest.raises(InvalidInputError, match="query: expected 16 values"):
+        client.record(Trajectory(np.ones(H + 1), [], 1.0))
+    with pytest.raises(InvalidInputError, match=r"steps\[0\].attention: expected at most 8 values"):
+        client.record(Trajectory(np.ones(H), [Step([1.0], np.ones(9), 1.0)], 1.0))
+    assert client._u64[head_word] == 0 and flusher.scan() == 0
+    assert client.stats()["recorded"] == 0
+
+
+def test_ids_are_unique_across_clients_and_kept_when_given(engine):
+    flusher = engine(capacity=64)
+    a = engine.attach()
+    b = engine.attach()
+    assert a.lane != b.lane
+    ids = [a.next_id() for _ in range(5)] + [b.next_id() for _ in range(5)]
+    assert len(set(ids)) == 10
+    a.record(Trajectory(np.ones(H), [], 1.0, id=123456))
+    a.record(Trajectory(np.ones(H), [], 1.0))
+    flusher.scan()
+    buffered = flusher._buffer_bytes  # the buffer keeps the ids for consumers
+    stored = [int.from_bytes(bytes(buffered[i, 8:16]), "little") for i in range(2)]
+    assert stored[0] == 123456 and stored[1] not in ids and stored[1] % SMALL["lanes"] == a.lane
+
+
+def test_forward_uses_newest_weights_and_caches_by_generation(engine):
+    flusher = engine(flush_threshold=1000)
+    client = engine.attach()
+    x = np.linspace(-1, 1, H, dtype=np.float32)
+    assert client.forward(x).tolist() == x.tolist()
+    cached = client._weights
+    client.forward(x)
+    assert client._weights is cached  # unchanged generation: no copy
+    for t in make_trajectories(3, 20, H):
+        client.record(t)
+    flusher.scan()
+    assert client.forward(x).tolist() == x.tolist()  # learned, not yet flushed
+    flusher.flush_now()
+    moved = client.forward(x)
+    assert not np.array_equal(moved, x) and client._weights is not cached
+    batch = client.forward(np.stack([x, x, x]))
+    np.testing.assert_allclose(batch, [moved] * 3, atol=1e-7)
+
+
+@pytest.mark.parametrize("x", [np.ones(H + 1, np.float32), np.full(H, np.nan, np.float32), [[np.inf] * H], "x"])
+def test_forward_refuses_bad_vectors(engine, x):
+    engine()
+    with pytest.raises(InvalidInputError, match="^x: expected"):
+        engine.attach().forward(x)
+
+
+def test_attach_checks_expected_dimensions(engine, name):
+    engine()
+    with pytest.raises(LayoutMismatchError, match="hidden_dim: expected 32, segment .* has 16"):
+        attach(name, hidden_dim=32)
+
+
+def test_lanes_run_out_and_come_back(engine, name):
+    engine(lanes=2)
+    first = engine.attach()
+    engine.attach()
+    with pytest.raises(NoFreeLaneError, match="all 2 lanes are held by live processes"):
+        attach(name)
+    first.record(one_step())
+    lane = first.lane
+    first.close()
+    again = engine.attach()
+    assert again.lane == lane
+    again.record(one_step())
+    assert again.stats()["lanes"][lane]["records"] == 2  # the lane's head continues
+
+
+def test_threads_share_one_lane_and_lose_nothing(engine):
+    flusher = engine(lane_slots=4096, flush_threshold=100)
+    client = engine.attach()
+    trajectories = make_trajectories(4, 200, H)
+    errors = []
+
+    def work():
+        try:
+            for t in trajectories:
+                assert client.record(t)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    ids = [client.next_id() for _ in range(100)]
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert flusher.scan() == 800
+    assert client.stats()["trajectories_processed"] == 800 and len(set(ids)) == 100
+
+
+def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
+    flusher = engine()
+    client = engine.attach()
+    client.record(one_step())
+    parent_lane = client.lane
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: record through the inherited client
+        code = 1
+        try:
+            os.close(read)
+            for _ in range(3):
+                client.record(one_step())
+            os.write(write, str(client.lane).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child_lane = int(os.read(read, 16))
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_lane != parent_lane
+    client.record(one_step())
+    assert client.lane == parent_lane
+    assert client._segment.held_locks([LOCK_LANE_BASE + parent_lane, LOCK_LANE_BASE + child_lane]) == [True, False]
+    assert flusher.scan() == 5
+    lanes = {lane["lane"]: lane["records"] for lane in client.stats()["lanes"]}
+    assert lanes == {parent_lane: 2, child_lane: 3}
+
+
+def test_flush_and_sync_time_out_clearly_without_a_flusher(engine):
+    engine().close()  # created, then its flusher goes away
+    client = engine.attach()
+    client.record(one_step())
+    with pytest.raises(FlusherTimeoutError, match="sync\\(\\) on segment .* timed out after 0.05 s: no flusher is running"):
+        client.sync(timeout=0.05)
+    with pytest.raises(FlusherTimeoutError, match="flush\\(\\)"):
+        client.flush(timeout=0.05)
+
+
+def test_flush_request_is_answered_after_learning(engine):
+    flusher = engine(flush_threshold=1000)
+    client = engine.attach()
+    for t in make_trajectories(5, 7, H):
+        client.record(t)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (client.flush(timeout=30), done.set()))
+    thread.start()
+    wait_for(lambda: (flusher.scan(), done.is_set())[1], what="the flush request to be answered")
+    thread.join(30)
+    stats = client.stats()
+    assert stats["flushes_performed"] == 1 and stats["updates_applied"] == 7 and stats["pending_signals"] == 0
+
+
+def test_closed_client_refuses_politely(engine):
+    engine()
+    client = engine.attach()
+    client.close()
+    client.close()
+    from sona_shm import ClosedError
+
+    with pytest.raises(ClosedError, match="attach again"):
+        client.record(one_step())
