@@ -7,7 +7,8 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
 from .layout import EngineConfig
@@ -50,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flusher", help="run the flusher of an engine in the foreground (creates or adopts it)")
     p.add_argument("--name", required=True)
     _add_config_options(p)
-    p.add_argument("--flush-interval", type=float, default=0.0, metavar="SECONDS",
-                   help="also apply pending gradients this often (0: only by threshold; default 0)")
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also apply pending gradients this often (0: only by threshold; default 0)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
     p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
@@ -141,8 +147,7 @@ def _create(args: argparse.Namespace) -> int:
     from .segment import DEFAULT_MODE, GROUP_MODE
 
     given = _given_config(args)
-    flusher = Flusher(args.name, config=EngineConfig(**given), config_overrides=given,
-                      mode=GROUP_MODE if args.group else DEFAULT_MODE)
+    flusher = Flusher(args.name, config=EngineConfig(**given), config_overrides=given, mode=GROUP_MODE if args.group else DEFAULT_MODE)
     created = flusher.created
     flusher.close()
     print(f"sona-shm: segment {args.name!r} {'created' if created else 'already exists; left as it is'}")
@@ -165,9 +170,7 @@ def _destroy(args: argparse.Namespace) -> int:
         finally:
             seg.close()
         if running and not args.force:
-            raise FlusherRunningError(
-                f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force"
-            )
+            raise FlusherRunningError(f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force")
     removed = segment.unlink(args.name)
     if not removed:
         raise SegmentNotFoundError(f"segment {args.name!r} does not exist")

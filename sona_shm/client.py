@@ -44,9 +44,9 @@ from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
 from .segment import Segment, start_ticks, wait_until
-from .trajectory import Trajectory, check_trajectory
+from .trajectory import Trajectory, _all_finite, check_trajectory
 
-_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class _Weights(NamedTuple):
@@ -55,7 +55,7 @@ class _Weights(NamedTuple):
     up_scaled: np.ndarray  # float32[R, h], up * scale
 
 
-def attach(name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> "Client":
+def attach(name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> Client:
     """Attach to engine ``name`` as a producer.
 
     ``timeout``: seconds to wait for the flusher to create the segment (0: don't wait).
@@ -86,9 +86,8 @@ class Client:
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
             self._f64 = seg.f64
-            self._f32 = seg.buf.cast("f")
-            self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
             self._idle_word = (FLUSHER_LINE + FL_IDLE) // 8
+            self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
             self._lock = threading.Lock()
             self._weights = _Weights(-1, np.zeros((layout.hidden_dim, layout.rank), F32), np.zeros((layout.rank, layout.hidden_dim), F32))
             self._head = 0
@@ -112,8 +111,7 @@ class Client:
                 break
         else:
             raise NoFreeLaneError(
-                f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; "
-                f"recreate it with a larger --lanes"
+                f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; recreate it with a larger --lanes"
             )
         ctl = layout.lane_control(lane) // 8
         u64 = self._u64
@@ -124,6 +122,10 @@ class Client:
         self._head = u64[ctl + LANE_HEAD // 8]  # a previous owner's last publish; stable, it is dead
         self._tail = self._ledger.lane_tail(lane)
         self._slot0 = layout.lane_slot(lane, 0)
+        self._lane_f32 = np.ndarray(
+            (layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=seg.numpy_buffer(), offset=self._slot0
+        )
+        self._lane_words = memoryview(self._lane_f32)
         self._lane = lane
 
     def _ensure_lane(self) -> None:
@@ -169,8 +171,9 @@ class Client:
         changes nothing.
         """
         layout = self.layout
+        # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
         checked = check_trajectory(
-            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where
+            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=False
         )
         with self._lock:
             self._ensure_lane()
@@ -180,11 +183,12 @@ class Client:
                 if head - self._tail >= layout.lane_slots and not self._wait_for_room(head, timeout):
                     self._u64[self._ctl + LANE_DROPS // 8] += 1
                     return False
-            tid = checked.id if checked.id is not None else self._take_id()
-            base = self._slot0 + (head % layout.lane_slots) * layout.slot_bytes
-            f32 = self._f32
+            # The slot at ``head`` is private until the head moves past it: fill it, scan
+            # it, and only then publish. A refused trajectory leaves it zeroed.
+            slot = (head % layout.lane_slots) * layout.slot_bytes
+            f32 = self._lane_words  # memoryview slice stores cost half of numpy's
             h = layout.hidden_dim
-            at = (base + layout.payload_offset) >> 2
+            first = at = (slot + layout.payload_offset) >> 2
             f32[at : at + h] = checked.query
             at += h
             step_words = layout.step_bytes >> 2
@@ -198,13 +202,19 @@ class Client:
                     f32[at + h : at + h + n_att] = att
                 meta += (reward, n_act, n_att)
                 at += step_words
+            payload = self._lane_f32[first:at]
+            if not _all_finite(payload):
+                payload[...] = 0.0
+                check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim)
+                raise AssertionError("unreachable: the full check names the non-finite field")  # pragma: no cover
+            tid = checked.id if checked.id is not None else self._take_id()
             n = len(checked.rewards)
             route = checked.route
+            base = self._slot0 + slot
+            buf = self._segment.buf
             if route:
-                self._segment.buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
-            struct.pack_into(
-                _head_format(n), self._segment.buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta
-            )
+                buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
+            struct.pack_into(_head_format(n), buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
             u64 = self._u64
             u64[base >> 3] = head + 1  # stamps the slot: its payload is complete
             self._head = head = head + 1
@@ -308,10 +318,11 @@ class Client:
         if seg is None:
             return
         self._lane = -1
-        for attr in ("_f32", "_zeros"):
+        for attr in ("_lane_words", "_zeros"):
             view = self.__dict__.pop(attr, None)
             if view is not None:
                 view.release()
+        self.__dict__.pop("_lane_f32", None)
         self.__dict__.pop("_u64", None)
         self.__dict__.pop("_f64", None)
         ledger = self.__dict__.pop("_ledger", None)
@@ -321,7 +332,7 @@ class Client:
         self._segment = None
         _clients.discard(self)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

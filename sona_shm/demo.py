@@ -44,8 +44,19 @@ def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = 
     name = name or f"demo-{os.getpid()}"
     print(f"sona-shm demo: engine {name!r}, {producers} producers x {trajectories} trajectories")
     flusher = subprocess.Popen(
-        [sys.executable, "-m", "sona_shm", "flusher", "--name", name, "--hidden-dim", str(HIDDEN_DIM),
-         "--flush-interval", "0.5", "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "sona_shm",
+            "flusher",
+            "--name",
+            name,
+            "--hidden-dim",
+            str(HIDDEN_DIM),
+            "--flush-interval",
+            "0.5",
+            "--quiet",
+        ],
     )
     try:
         with attach(name, timeout=30) as client:
@@ -66,10 +77,11 @@ def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = 
         print(format_table(stats))
         print()
         total = producers * trajectories
-        print(f"{total} trajectories recorded and learned in {elapsed:.2f} s "
-              f"({total / elapsed:,.0f}/s including process start-up)")
-        print(f"adapter delta on a probe vector: {float(np.linalg.norm(after - before)):.6f} "
-              f"(it was {float(np.linalg.norm(before - probe)):.6f} before learning)")
+        print(f"{total} trajectories recorded and learned in {elapsed:.2f} s ({total / elapsed:,.0f}/s including process start-up)")
+        print(
+            f"adapter delta on a probe vector: {float(np.linalg.norm(after - before)):.6f} "
+            f"(it was {float(np.linalg.norm(before - probe)):.6f} before learning)"
+        )
         if failed:
             print(f"sona-shm demo: {len(failed)} producer(s) failed: exit codes {failed}", file=sys.stderr)
             return 1

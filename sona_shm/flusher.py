@@ -80,9 +80,9 @@ class Flusher:
         self.created = False
         self.segment: Segment | None = None
         requested = config or EngineConfig()
-        overrides = dict(config_overrides) if config_overrides is not None else {
-            f: getattr(requested, f) for f in requested.__dataclass_fields__
-        }
+        overrides = (
+            dict(config_overrides) if config_overrides is not None else {f: getattr(requested, f) for f in requested.__dataclass_fields__}
+        )
         self.segment, self.created = _create_or_adopt(name, requested, overrides, mode)
         try:
             self._setup()
@@ -100,9 +100,7 @@ class Flusher:
         self._slots = np.ndarray((L, N), dtype=layout.slot_dtype, buffer=buf, offset=layout.slots_offset)
         self._slot_bytes = np.ndarray((L * N, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.slots_offset)
         self._buffer_bytes = np.ndarray((C, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.buffer_offset)
-        self._buffer_seq = np.ndarray(
-            (C,), dtype=np.uint64, buffer=buf, offset=layout.buffer_offset, strides=(layout.slot_bytes,)
-        )
+        self._buffer_seq = np.ndarray((C,), dtype=np.uint64, buffer=buf, offset=layout.buffer_offset, strides=(layout.slot_bytes,))
         self._head_words = [layout.lane_control(i) // 8 + LANE_HEAD // 8 for i in range(L)]
         self._req_words = [layout.lane_control(i) // 8 + LANE_FLUSH_REQ // 8 for i in range(L)]
         self._ack_words = [layout.lane_control(i) // 8 + LANE_FLUSH_ACK // 8 for i in range(L)]
@@ -130,9 +128,7 @@ class Flusher:
         f64[fl + FL_STARTED_AT // 8] = time.time()
         u64[self._w_idle] = 0
         f64[self._w_heartbeat] = time.time()
-        log.info(
-            "%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size()
-        )
+        log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())
 
     # ----------------------------------------------------------------- the loop
 
@@ -158,9 +154,7 @@ class Flusher:
                 learned += self._learn_lane(lane, tail, head)
         flushed = False
         if requests or (
-            self.flush_interval > 0
-            and self.learner.pending
-            and time.monotonic() - self._last_flush_mono >= self.flush_interval
+            self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
         ):
             flushed = self._flush()
         if learned or flushed:
@@ -295,7 +289,9 @@ class Flusher:
         self.flush_now()
         log.info(
             "stopped segment %r: %d trajectories processed, %d flushes",
-            self.name, self.learner.trajectories_processed, self.learner.flushes_performed,
+            self.name,
+            self.learner.trajectories_processed,
+            self.learner.flushes_performed,
         )
         self.close()
 
@@ -367,4 +363,3 @@ def _initialise(segment: Segment, mode: int) -> None:
     ledger.close()
     create_bell(segment.name, mode)
     segment.buf[:8] = MAGIC  # publishes the header: attach() accepts the segment from now on
-

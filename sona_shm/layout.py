@@ -111,6 +111,7 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass, fields
+
 import numpy as np
 
 from .errors import InvalidInputError, LayoutMismatchError
@@ -193,7 +194,12 @@ class Layout:
             {
                 "names": ["seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta", "route", "query", "steps"],
                 "formats": [
-                    "<u8", "<u8", "<u8", "<f4", "<u2", "<u2",
+                    "<u8",
+                    "<u8",
+                    "<u8",
+                    "<f4",
+                    "<u2",
+                    "<u2",
                     (np.dtype([("reward", "<f4"), ("act_len", "<u2"), ("att_len", "<u2")]), (s,)),
                     (np.dtype("S1"), (ROUTE_MAX_BYTES,)),
                     ("<f4", (h,)),
@@ -207,13 +213,35 @@ class Layout:
         self.ledger_dtype = np.dtype(
             {
                 "names": [
-                    "generation", "pending", "trajectories_processed", "signals_accumulated",
-                    "flushes_performed", "updates_applied", "buffer_head", "buffer_dropped",
-                    "last_flush_at", "down", "up", "grad_up", "lane_tail",
+                    "generation",
+                    "pending",
+                    "trajectories_processed",
+                    "signals_accumulated",
+                    "flushes_performed",
+                    "updates_applied",
+                    "buffer_head",
+                    "buffer_dropped",
+                    "last_flush_at",
+                    "down",
+                    "up",
+                    "grad_up",
+                    "lane_tail",
                 ],
                 "formats": ["<u8"] * 8 + ["<f8", ("<f4", (r, h)), ("<f4", (r, h)), ("<f8", (r, h)), ("<u8", (config.lanes,))],
                 "offsets": [
-                    0, 8, 16, 24, 32, 40, 48, 56, 64, 128, 128 + 4 * r * h, 128 + 8 * r * h, 128 + 16 * r * h,
+                    0,
+                    8,
+                    16,
+                    24,
+                    32,
+                    40,
+                    48,
+                    56,
+                    64,
+                    128,
+                    128 + 4 * r * h,
+                    128 + 8 * r * h,
+                    128 + 16 * r * h,
                 ],
                 "itemsize": _round_up(128 + 16 * r * h + 8 * config.lanes, LINE),
             }
@@ -242,19 +270,54 @@ class Layout:
         """The header with ``magic`` zeroed; the creator stores the magic last."""
         c = self.config
         return struct.pack(
-            HEADER_FORMAT, b"\0" * 8, LAYOUT_VERSION, HEADER_BYTES, self.total_bytes,
-            c.hidden_dim, c.rank, c.max_steps, c.attention_dim, c.lanes, c.lane_slots, c.capacity,
-            self.slot_bytes, c.lr, c.flush_threshold,
-            self.ledger_offset, self.lanes_offset, self.slots_offset, self.buffer_offset, time.time(),
+            HEADER_FORMAT,
+            b"\0" * 8,
+            LAYOUT_VERSION,
+            HEADER_BYTES,
+            self.total_bytes,
+            c.hidden_dim,
+            c.rank,
+            c.max_steps,
+            c.attention_dim,
+            c.lanes,
+            c.lane_slots,
+            c.capacity,
+            self.slot_bytes,
+            c.lr,
+            c.flush_threshold,
+            self.ledger_offset,
+            self.lanes_offset,
+            self.slots_offset,
+            self.buffer_offset,
+            time.time(),
         )
 
     @classmethod
-    def from_header(cls, raw: bytes, name: str, size: int) -> "Layout":
+    def from_header(cls, raw: bytes, name: str, size: int) -> Layout:
         """Parse and validate a header read from segment ``name`` of ``size`` bytes."""
         if len(raw) < HEADER_BYTES:
             raise LayoutMismatchError(f"segment {name!r}: {len(raw)} bytes is too small for a sona_shm header")
-        (magic, version, header_bytes, total, h, r, s, a, lanes, lane_slots, cap, slot_bytes, lr, thr,
-         ledger_off, lanes_off, slots_off, buffer_off, _created) = struct.unpack_from(HEADER_FORMAT, raw)
+        (
+            magic,
+            version,
+            header_bytes,
+            total,
+            h,
+            r,
+            s,
+            a,
+            lanes,
+            lane_slots,
+            cap,
+            slot_bytes,
+            lr,
+            thr,
+            ledger_off,
+            lanes_off,
+            slots_off,
+            buffer_off,
+            _created,
+        ) = struct.unpack_from(HEADER_FORMAT, raw)
         if magic != MAGIC:
             raise LayoutMismatchError(
                 f"segment {name!r}: not a sona_shm segment (magic {magic!r}, expected {MAGIC!r}); "
@@ -269,8 +332,15 @@ class Layout:
             layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots))
         except InvalidInputError as exc:
             raise LayoutMismatchError(f"segment {name!r}: corrupt header ({exc})") from None
-        derived = (HEADER_BYTES, layout.total_bytes, layout.slot_bytes, layout.ledger_offset,
-                   layout.lanes_offset, layout.slots_offset, layout.buffer_offset)
+        derived = (
+            HEADER_BYTES,
+            layout.total_bytes,
+            layout.slot_bytes,
+            layout.ledger_offset,
+            layout.lanes_offset,
+            layout.slots_offset,
+            layout.buffer_offset,
+        )
         stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off)
         if derived != stored:
             raise LayoutMismatchError(f"segment {name!r}: header offsets {stored} disagree with its dimensions {derived}")
@@ -288,8 +358,10 @@ class Layout:
 
     def describe_size(self) -> str:
         """One line for humans: reserved size and what a trajectory actually touches."""
+
         def mib(n: int) -> str:
             return f"{n / 2**20:.1f} MiB"
+
         one = _round_up(self.prefix_bytes(1), PAGE) if self.slot_bytes >= PAGE else self.slot_bytes
         return (
             f"{mib(self.total_bytes)} reserved ({self.lanes} lanes x {self.lane_slots} slots + "

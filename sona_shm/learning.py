@@ -32,9 +32,7 @@ def initial_down(hidden_dim: int, rank: int) -> np.ndarray:
     return v.astype(F32).reshape(rank, hidden_dim)
 
 
-def learning_signals(
-    query: np.ndarray, rewards: np.ndarray, activations: np.ndarray, n_steps: np.ndarray
-) -> np.ndarray:
+def learning_signals(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray, n_steps: np.ndarray) -> np.ndarray:
     """REINFORCE-with-mean-baseline signals of a batch: ``float32[N, hidden_dim]``.
 
     ``query``: ``float32[N, h]``; ``rewards``: ``float32[N, S]``; ``activations``:
@@ -151,9 +149,7 @@ class Learner:
 
     @property
     def metrics(self) -> LoopMetrics:
-        return LoopMetrics(
-            self.trajectories_processed, self.signals_accumulated, self.flushes_performed, self.updates_applied
-        )
+        return LoopMetrics(self.trajectories_processed, self.signals_accumulated, self.flushes_performed, self.updates_applied)
 
     def learn(self, signals: np.ndarray, quality: np.ndarray) -> int:
         """Accumulate ``signals[i] * quality[i]`` in order, flushing at every threshold.

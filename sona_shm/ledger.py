@@ -39,10 +39,7 @@ class Ledger:
         # Scalars stay shape-(1,) views (indexing one would copy it); arrays drop that axis.
         dtype = layout.ledger_dtype
         self._scalars = frozenset(n for n in dtype.names if dtype[n].shape == ())
-        self._fields = [
-            {n: (v if n in self._scalars else v[0]) for n in dtype.names for v in [self.copies[i : i + 1][n]]}
-            for i in (0, 1)
-        ]
+        self._fields = [{n: (v if n in self._scalars else v[0]) for n in dtype.names for v in [self.copies[i : i + 1][n]]} for i in (0, 1)]
 
     @property
     def commit(self) -> int:

@@ -25,7 +25,7 @@ import os
 import re
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import posix_ipc
 
@@ -43,9 +43,7 @@ _FLOCK = "hhqqi4x"  # struct flock on Linux x86-64: type, whence, start, len, pi
 def check_name(name: object) -> str:
     """Return ``name`` if it is a valid engine name, else raise naming the rule."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidInputError(
-            f"name: expected 1-64 characters from [A-Za-z0-9_.-] starting with a letter or digit, got {name!r}"
-        )
+        raise InvalidInputError(f"name: expected 1-64 characters from [A-Za-z0-9_.-] starting with a letter or digit, got {name!r}")
     return name
 
 
@@ -104,7 +102,7 @@ class Segment:
     # ----------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, name: str, *, writable: bool = True, timeout: float = 0.0) -> "Segment":
+    def open(cls, name: str, *, writable: bool = True, timeout: float = 0.0) -> Segment:
         """Map an existing, fully created segment.
 
         Waits up to ``timeout`` seconds for it to appear and for its creator to finish
@@ -128,7 +126,7 @@ class Segment:
             delay = min(delay * 2, 0.05)
 
     @classmethod
-    def _open_once(cls, name: str, writable: bool) -> "Segment":
+    def _open_once(cls, name: str, writable: bool) -> Segment:
         fd = open_fd(name, writable=writable)
         try:
             size = os.fstat(fd).st_size
@@ -317,4 +315,3 @@ def wait_until(predicate: Callable[[], bool], timeout: float, *, first_delay: fl
             return False
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, max_delay)
-

@@ -11,8 +11,9 @@ the argument, the expectation and what was got.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -93,34 +94,48 @@ def _all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
+Name = str | tuple[int, str]  # "query", or (step index, field) formatted only for errors
+
+
+def _label(name: Name) -> str:
+    return name if isinstance(name, str) else f"steps[{name[0]}].{name[1]}"
+
+
 def as_vector(
     value: Any,
-    name: str,
+    name: Name,
     *,
     length: int | None = None,
     max_length: int | None = None,
     what: str = "",
+    where: str = "",
+    finite: bool = True,
 ) -> np.ndarray:
-    """Return ``value`` as a finite, contiguous ``float32[n]`` (no copy when it is one).
+    """Return ``value`` as a contiguous ``float32[n]`` (no copy when it is one).
 
-    ``length`` demands an exact length, ``max_length`` an upper bound; ``what`` says
-    where the bound comes from (``"hidden_dim"``) for the error message.
+    ``length`` demands an exact length, ``max_length`` an upper bound; ``what`` and
+    ``where`` say where the bound comes from (``"hidden_dim"``, ``" of segment 'x'"``).
+    With ``finite=False`` the caller promises to check finiteness itself.
     """
-    if type(value) is np.ndarray and value.dtype == F32 and value.ndim == 1 and value.flags.c_contiguous:
+    if type(value) is np.ndarray and value.dtype is F32 and value.ndim == 1 and value.flags.c_contiguous:
+        n = value.shape[0]
+        # The common case in one test; anything off goes down the path that names it.
+        if (length is None or n == length) and (max_length is None or n <= max_length) and (not finite or _all_finite(value)):
+            return value
         arr = value
     else:
         arr = _convert(value, name)
         if arr.ndim != 1:
-            raise InvalidInputError(f"{name}: expected a 1-D sequence of numbers, got {_describe(value)}")
+            raise InvalidInputError(f"{_label(name)}: expected a 1-D sequence of numbers, got {_describe(value)}")
     n = arr.shape[0]
     if length is not None and n != length:
-        raise InvalidInputError(f"{name}: expected {length} values ({what}), got {n}")
+        raise InvalidInputError(f"{_label(name)}: expected {length} values ({what}{where}), got {n}")
     if max_length is not None and n > max_length:
-        raise InvalidInputError(f"{name}: expected at most {max_length} values ({what}), got {n}")
-    if not _all_finite(arr):
+        raise InvalidInputError(f"{_label(name)}: expected at most {max_length} values ({what}{where}), got {n}")
+    if finite and not _all_finite(arr):
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise InvalidInputError(
-            f"{name}: expected finite values within float32 range, got {_original(value, bad)} at index {bad}"
+            f"{_label(name)}: expected finite values within float32 range, got {_original(value, bad)} at index {bad}"
         )
     return arr
 
@@ -132,29 +147,29 @@ def _original(value: Any, index: int) -> str:
         return "a non-finite value"
 
 
-def _convert(value: Any, name: str) -> np.ndarray:
+def _convert(value: Any, name: Name) -> np.ndarray:
     """Any real numeric array-like to contiguous float32; refuse strings, objects, complex."""
     if isinstance(value, (str, bytes)) or value is None:
-        raise InvalidInputError(f"{name}: expected a sequence of numbers, got {_describe(value)}")
+        raise InvalidInputError(f"{_label(name)}: expected a sequence of numbers, got {_describe(value)}")
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nesting and the like
-        raise InvalidInputError(f"{name}: expected a sequence of numbers, got {_describe(value)} ({exc})") from None
+        raise InvalidInputError(f"{_label(name)}: expected a sequence of numbers, got {_describe(value)} ({exc})") from None
     if arr.dtype.kind not in "biuf":
-        raise InvalidInputError(
-            f"{name}: expected real numbers castable to float32, got {_describe(value)}"
-        )
+        raise InvalidInputError(f"{_label(name)}: expected real numbers castable to float32, got {_describe(value)}")
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(arr, dtype=F32)
 
 
-def as_finite_float(value: Any, name: str) -> float:
-    """Return ``value`` as a finite Python float, or raise naming ``name``."""
+def as_finite_float(value: Any, name: Name) -> float:
+    """Return ``value`` as a finite Python float within float32 range, or raise naming ``name``."""
+    if type(value) is float and -_F32_MAX <= value <= _F32_MAX:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{name}: expected a finite number, got {_describe(value)}")
+        raise InvalidInputError(f"{_label(name)}: expected a finite number, got {_describe(value)}")
     result = float(value)
     if not abs(result) <= _F32_MAX:  # also refuses NaN
-        raise InvalidInputError(f"{name}: expected a finite number (within float32 range), got {value!r}")
+        raise InvalidInputError(f"{_label(name)}: expected a finite number (within float32 range), got {value!r}")
     return result
 
 
@@ -165,18 +180,21 @@ def check_trajectory(
     max_steps: int | None = None,
     attention_dim: int | None = None,
     where: str = "",
+    finite: bool = True,
 ) -> CheckedTrajectory:
     """Validate ``traj`` completely and return its checked form, or raise.
 
     Nothing is written anywhere before this returns, so a refused trajectory leaves
     every counter, buffer and weight as it was. ``where`` names the bound's source
-    in messages (``"of segment 'x'"``).
+    in messages (``" of segment 'x'"``). ``finite=False`` skips only the scan of the
+    arrays for NaN/Inf, for a caller that scans them more cheaply after copying them
+    somewhere private (the producer client); numbers are always checked.
     """
-    if not isinstance(traj, Trajectory):
+    if type(traj) is not Trajectory and not isinstance(traj, Trajectory):
         raise InvalidInputError(f"trajectory: expected a sona_shm.Trajectory, got {_describe(traj)}")
-    query = as_vector(traj.query, "query", length=hidden_dim, what=f"hidden_dim{where}")
+    query = as_vector(traj.query, "query", length=hidden_dim, what="hidden_dim", where=where, finite=finite)
     steps = traj.steps
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+    if type(steps) is not list and (isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence)):
         raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
     n = len(steps)
     if max_steps is not None and n > max_steps:
@@ -185,18 +203,22 @@ def check_trajectory(
     atts = []
     rewards = []
     for i, step in enumerate(steps):
-        if not isinstance(step, Step):
+        if type(step) is not Step and not isinstance(step, Step):
             raise InvalidInputError(f"steps[{i}]: expected a sona_shm.Step, got {_describe(step)}")
-        acts.append(as_vector(step.activations, f"steps[{i}].activations", max_length=hidden_dim, what=f"hidden_dim{where}"))
+        acts.append(
+            as_vector(step.activations, (i, "activations"), max_length=hidden_dim, what="hidden_dim", where=where, finite=finite)
+        )
         att = step.attention
         if att is None or (type(att) is tuple and not att):
             atts.append(_EMPTY)
         else:
-            atts.append(as_vector(att, f"steps[{i}].attention", max_length=attention_dim, what=f"attention_dim{where}"))
-        rewards.append(as_finite_float(step.reward, f"steps[{i}].reward"))
+            atts.append(
+                as_vector(att, (i, "attention"), max_length=attention_dim, what="attention_dim", where=where, finite=finite)
+            )
+        rewards.append(as_finite_float(step.reward, (i, "reward")))
     quality = as_finite_float(traj.quality, "quality")
     latency = traj.latency_us
-    if isinstance(latency, bool) or not isinstance(latency, (int, np.integer)) or not 0 <= latency <= _U64_MAX:
+    if type(latency) is not int and (isinstance(latency, bool) or not isinstance(latency, np.integer)) or not 0 <= latency <= _U64_MAX:
         raise InvalidInputError(f"latency_us: expected an integer in [0, 2**64), got {_describe(latency)}")
     route = traj.route
     if route is None:
@@ -211,7 +233,13 @@ def check_trajectory(
     if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or not 0 <= tid <= _U64_MAX):
         raise InvalidInputError(f"id: expected None or an integer in [0, 2**64), got {_describe(tid)}")
     return CheckedTrajectory(
-        query, tuple(acts), tuple(atts), tuple(rewards), quality, int(latency), route_bytes,
+        query,
+        tuple(acts),
+        tuple(atts),
+        tuple(rewards),
+        quality,
+        int(latency),
+        route_bytes,
         None if tid is None else int(tid),
     )
 

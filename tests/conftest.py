@@ -15,6 +15,7 @@ from sona_shm.errors import SegmentNotFoundError
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
 from sona_shm.monitor import read_stats
+
 from support import env, python_cmd, wait_for
 
 _PREFIX = f"t{os.getpid()}-"
@@ -88,7 +89,6 @@ def procs():
     p = Processes()
     yield p
     p.kill_all()
-
 
 
 #: A small engine: fast to create, easy to fill.

@@ -16,6 +16,7 @@ import sys
 import threading
 
 from sona_shm.client import attach
+
 from support import make_trajectories
 
 

@@ -19,6 +19,7 @@ from sona_shm import (
 )
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
+
 from conftest import SMALL
 from support import make_trajectories, wait_for
 

@@ -8,6 +8,7 @@ import pytest
 from sona_shm import FlusherRunningError, LayoutMismatchError, Step, Trajectory, segment
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig, Layout
+
 from conftest import SMALL
 from support import make_trajectories
 

@@ -13,7 +13,15 @@ from sona_shm.layout import HEADER_FORMAT, LAYOUT_VERSION, MAGIC, PAGE, EngineCo
 def test_documented_slot_offsets():
     layout = Layout(EngineConfig(hidden_dim=256, max_steps=8, attention_dim=64))
     d = layout.slot_dtype
-    assert [d.fields[f][1] for f in ("seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta")] == [0, 8, 16, 24, 28, 30, 32]
+    assert [d.fields[f][1] for f in ("seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta")] == [
+        0,
+        8,
+        16,
+        24,
+        28,
+        30,
+        32,
+    ]
     assert d.fields["route"][1] == 32 + 8 * 8
     assert d.fields["query"][1] == layout.payload_offset == 192
     assert d.fields["steps"][1] == 192 + 4 * 256

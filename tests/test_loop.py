@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
+
 from support import load_vectors, scenario_config, scenario_trajectory
 
 SCENARIOS = load_vectors()["scenarios"]
@@ -26,7 +27,9 @@ def test_parity_with_reference_vectors(scenario):
             np.testing.assert_allclose(loop.forward(probes), np.array(op["outputs"]), atol=2e-6, rtol=0, err_msg=op.get("label"))
             length, dropped, rate = loop.buffer_stats()
             assert (length, dropped, rate) == (
-                op["stats"]["trajectories_buffered"], op["stats"]["trajectories_dropped"], op["stats"]["buffer_success_rate"]
+                op["stats"]["trajectories_buffered"],
+                op["stats"]["trajectories_dropped"],
+                op["stats"]["buffer_success_rate"],
             )
             checked += 1
     assert checked >= 5
@@ -42,7 +45,7 @@ def test_untrained_adapter_returns_its_input():
 
 def test_metrics_and_flush_threshold():
     loop = InstantLoop(4, 1, lr=0.1, flush_threshold=3)
-    for i in range(7):
+    for _ in range(7):
         loop.on_trajectory(Trajectory(np.ones(4), [Step([1, 0, 0, 0], None, 1.0)], 1.0))
     m = loop.metrics
     assert (m.trajectories_processed, m.signals_accumulated, m.flushes_performed, m.updates_applied) == (7, 7, 2, 6)

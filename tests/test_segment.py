@@ -12,6 +12,7 @@ from sona_shm import InvalidInputError, SegmentNotFoundError, segment
 from sona_shm.client import attach
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
+
 from conftest import SMALL
 
 

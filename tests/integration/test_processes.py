@@ -13,6 +13,7 @@ import pytest
 from sona_shm import InstantLoop, Step, Trajectory
 from sona_shm.client import attach
 from sona_shm.monitor import read_stats
+
 from support import ROOT, load_vectors, make_trajectories, scenario_config, scenario_trajectory, stop
 
 SCENARIOS = load_vectors()["scenarios"]
@@ -34,8 +35,23 @@ def test_parity_through_the_flusher_process(procs, name, scenario):
     h, rank, lr = scenario_config(scenario)
     attention = max([len(s["att"]) for op in scenario["ops"] if op["op"] == "traj" for s in op["steps"]] + [1])
     procs.flusher(
-        name, "--hidden-dim", str(h), "--rank", str(rank), "--lr", str(lr), "--flush-threshold", "100",
-        "--flush-interval", "0", "--max-steps", "8", "--attention-dim", str(attention), "--lanes", "2",
+        name,
+        "--hidden-dim",
+        str(h),
+        "--rank",
+        str(rank),
+        "--lr",
+        str(lr),
+        "--flush-threshold",
+        "100",
+        "--flush-interval",
+        "0",
+        "--max-steps",
+        "8",
+        "--attention-dim",
+        str(attention),
+        "--lanes",
+        "2",
     )
     probes = np.array(scenario["probes"], np.float32)
     with attach(name) as client:
@@ -55,8 +71,21 @@ def test_parity_through_the_flusher_process(procs, name, scenario):
 @pytest.mark.parametrize("threshold", [100, 10**9], ids=["flush-every-100", "one-flush-at-the-end"])
 def test_four_producers_learn_everything_exactly_once(procs, name, threshold):
     h = 64
-    procs.flusher(name, "--hidden-dim", str(h), "--flush-threshold", str(threshold), "--max-steps", "4",
-                  "--attention-dim", "8", "--lanes", "8", "--lane-slots", "256")
+    procs.flusher(
+        name,
+        "--hidden-dim",
+        str(h),
+        "--flush-threshold",
+        str(threshold),
+        "--max-steps",
+        "4",
+        "--attention-dim",
+        "8",
+        "--lanes",
+        "8",
+        "--lane-slots",
+        "256",
+    )
     results = run_producers(procs, name, *[["--seed", str(s), "--count", "2000"] for s in range(4)])
     assert sorted(r["recorded"] for r in results) == [2000] * 4
     assert len({r["lane"] for r in results}) == 4
@@ -101,7 +130,9 @@ def test_sigterm_drains_flushes_and_exits_zero(procs, name):
 def test_overfilled_lane_counts_drops_exactly_and_learns_the_rest(procs, name):
     created = subprocess.run(
         [sys.executable, "-m", "sona_shm", "create", "--name", name, "--hidden-dim", "8", "--lane-slots", "16", "--lanes", "2"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert created.returncode == 0, created.stderr
     with attach(name) as client:

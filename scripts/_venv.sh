@@ -1,0 +1,20 @@
+# Sourced by scripts/test and scripts/demo: make sure .venv exists and holds this
+# project (editable) with the extras named in $1. Needs only python3 with venv and pip.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SONA_SHM_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+ensure_venv() {  # $1: extras, comma-separated, or "" for none
+  local extras="$1"
+  local stamp="$VENV/.installed-${extras//,/-}"
+  local spec="$ROOT"
+  [ -n "$extras" ] && spec="$ROOT[$extras]"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+    touch "$stamp"
+  fi
+}
