@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
+from sona_shm.supervise import start_flusher, stop_process
 
 HIDDEN_DIM = 256
 RANK = 2
@@ -129,34 +129,13 @@ def main() -> int:
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     calls = 2_000 if args.quick else 100_000
     name = f"bench-{os.getpid()}"
-    flusher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sona_shm",
-            "flusher",
-            "--name",
-            name,
-            "--quiet",
-            "--hidden-dim",
-            str(HIDDEN_DIM),
-            "--rank",
-            str(RANK),
-            "--attention-dim",
-            str(ATTENTION_DIM),
-            "--lanes",
-            str(max(8, args.producers + 2)),
-        ],
-    )
+    lanes = str(max(8, args.producers + 2))
+    options = ("--quiet", "--hidden-dim", str(HIDDEN_DIM), "--rank", str(RANK), "--attention-dim", str(ATTENTION_DIM), "--lanes", lanes)
+    flusher = start_flusher(name, *options)
     try:
         results = measure(name, calls, args.producers, seconds)
     finally:
-        flusher.send_signal(signal.SIGTERM)
-        try:
-            flusher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            flusher.kill()
-            flusher.wait()
+        stop_process(flusher)
         segment.unlink(name)
     results["_machine"] = {
         "python": platform.python_version(),

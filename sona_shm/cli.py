@@ -21,6 +21,15 @@ EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment
 EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
 EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
 
+# The first matching class decides; SonaShmError catches the rest.
+_EXIT_CODES = (
+    (SegmentNotFoundError, EXIT_NOT_FOUND),
+    (FlusherRunningError, EXIT_FLUSHER_RUNNING),
+    (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
+    (InvalidInputError, EXIT_USAGE),
+    (SonaShmError, EXIT_ERROR),
+)
+
 _CONFIG_OPTIONS = (
     ("--hidden-dim", "hidden_dim", int, "embedding width h (default 256)"),
     ("--rank", "rank", int, "micro-LoRA rank, 1 or 2 (default 2)"),
@@ -83,21 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except SegmentNotFoundError as exc:
-        print(f"sona-shm: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except FlusherRunningError as exc:
-        print(f"sona-shm: {exc}", file=sys.stderr)
-        return EXIT_FLUSHER_RUNNING
-    except LayoutMismatchError as exc:
-        print(f"sona-shm: {exc}", file=sys.stderr)
-        return EXIT_LAYOUT_MISMATCH
-    except InvalidInputError as exc:
-        print(f"sona-shm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except SonaShmError as exc:
         print(f"sona-shm: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
 
 
 def _flusher(args: argparse.Namespace) -> int:

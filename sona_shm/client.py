@@ -122,9 +122,7 @@ class Client:
         self._head = u64[ctl + LANE_HEAD // 8]  # a previous owner's last publish; stable, it is dead
         self._tail = self._ledger.lane_tail(lane)
         self._slot0 = layout.lane_slot(lane, 0)
-        self._lane_f32 = np.ndarray(
-            (layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=seg.numpy_buffer(), offset=self._slot0
-        )
+        self._lane_f32 = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=seg.numpy_buffer(), offset=self._slot0)
         self._lane_words = memoryview(self._lane_f32)
         self._lane = lane
 

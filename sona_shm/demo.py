@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -20,6 +18,7 @@ import numpy as np
 from . import segment
 from .client import attach
 from .monitor import format_table
+from .supervise import start_flusher, stop_process
 from .trajectory import Step, Trajectory
 
 HIDDEN_DIM = 256
@@ -43,21 +42,7 @@ def _produce(name: str, count: int, seed: int) -> None:
 def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = None) -> int:
     name = name or f"demo-{os.getpid()}"
     print(f"sona-shm demo: engine {name!r}, {producers} producers x {trajectories} trajectories")
-    flusher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sona_shm",
-            "flusher",
-            "--name",
-            name,
-            "--hidden-dim",
-            str(HIDDEN_DIM),
-            "--flush-interval",
-            "0.5",
-            "--quiet",
-        ],
-    )
+    flusher = start_flusher(name, "--hidden-dim", str(HIDDEN_DIM), "--flush-interval", "0.5", "--quiet")
     try:
         with attach(name, timeout=30) as client:
             probe = np.random.default_rng(1).standard_normal(HIDDEN_DIM).astype(np.float32)
@@ -87,10 +72,5 @@ def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = 
             return 1
         return 0 if stats["trajectories_processed"] == total else 1
     finally:
-        flusher.send_signal(signal.SIGTERM)
-        try:
-            flusher.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            flusher.kill()
-            flusher.wait()
+        stop_process(flusher)
         segment.unlink(name)

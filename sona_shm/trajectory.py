@@ -134,9 +134,7 @@ def as_vector(
         raise InvalidInputError(f"{_label(name)}: expected at most {max_length} values ({what}{where}), got {n}")
     if finite and not _all_finite(arr):
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise InvalidInputError(
-            f"{_label(name)}: expected finite values within float32 range, got {_original(value, bad)} at index {bad}"
-        )
+        raise InvalidInputError(f"{_label(name)}: expected finite values within float32 range, got {_original(value, bad)} at index {bad}")
     return arr
 
 
@@ -205,16 +203,12 @@ def check_trajectory(
     for i, step in enumerate(steps):
         if type(step) is not Step and not isinstance(step, Step):
             raise InvalidInputError(f"steps[{i}]: expected a sona_shm.Step, got {_describe(step)}")
-        acts.append(
-            as_vector(step.activations, (i, "activations"), max_length=hidden_dim, what="hidden_dim", where=where, finite=finite)
-        )
+        acts.append(as_vector(step.activations, (i, "activations"), max_length=hidden_dim, what="hidden_dim", where=where, finite=finite))
         att = step.attention
         if att is None or (type(att) is tuple and not att):
             atts.append(_EMPTY)
         else:
-            atts.append(
-                as_vector(att, (i, "attention"), max_length=attention_dim, what="attention_dim", where=where, finite=finite)
-            )
+            atts.append(as_vector(att, (i, "attention"), max_length=attention_dim, what="attention_dim", where=where, finite=finite))
         rewards.append(as_finite_float(step.reward, (i, "reward")))
     quality = as_finite_float(traj.quality, "quality")
     latency = traj.latency_us
