@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import pytest
 from sona_shm import InstantLoop, Step, Trajectory
 from sona_shm.client import attach
 from sona_shm.monitor import read_stats
+from sona_shm.supervise import stop_process
 
-from support import ROOT, load_vectors, make_trajectories, scenario_config, scenario_trajectory, stop
+from support import ROOT, load_vectors, make_trajectories, scenario_config, scenario_trajectory
 
 SCENARIOS = load_vectors()["scenarios"]
 PRODUCER = str(ROOT / "tests" / "producer.py")
@@ -121,7 +121,7 @@ def test_sigterm_drains_flushes_and_exits_zero(procs, name):
     with attach(name) as client:
         for t in make_trajectories(7, 300, 32):
             assert client.record(t)
-    assert stop(flusher, signal.SIGTERM) == 0
+    assert stop_process(flusher) == 0
     stats = read_stats(name)
     assert stats["trajectories_processed"] == 300 and stats["pending_signals"] == 0
     assert stats["flushes_performed"] == 1 and stats["flusher"]["alive"] is False
