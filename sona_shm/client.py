@@ -86,6 +86,7 @@ class Client:
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
             self._f64 = seg.f64
+            self._buf = seg.buf
             self._idle_word = (FLUSHER_LINE + FL_IDLE) // 8
             self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
             self._lock = threading.Lock()
@@ -119,6 +120,10 @@ class Client:
         u64[ctl + LANE_OWNER_START // 8] = start_ticks(pid)
         u64[ctl + LANE_CLAIMS // 8] += 1
         self._ctl = ctl
+        self._w_head = ctl + LANE_HEAD // 8
+        self._w_drops = ctl + LANE_DROPS // 8
+        self._w_next_id = ctl + LANE_NEXT_ID // 8
+        self._w_last_at = ctl + LANE_LAST_AT // 8
         self._head = u64[ctl + LANE_HEAD // 8]  # a previous owner's last publish; stable, it is dead
         self._tail = self._ledger.lane_tail(lane)
         self._slot0 = layout.lane_slot(lane, 0)
@@ -155,9 +160,8 @@ class Client:
             return self._take_id()
 
     def _take_id(self) -> int:
-        word = self._ctl + LANE_NEXT_ID // 8
-        k = self._u64[word]
-        self._u64[word] = k + 1
+        k = self._u64[self._w_next_id]
+        self._u64[self._w_next_id] = k + 1
         return k * self.layout.lanes + self._lane
 
     def record(self, traj: Trajectory, *, timeout: float = 0.0) -> bool:
@@ -174,30 +178,33 @@ class Client:
             traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=False
         )
         with self._lock:
-            self._ensure_lane()
+            if self._lane < 0:
+                self._ensure_lane()
             head = self._head
-            if head - self._tail >= layout.lane_slots:
+            slots = layout.lane_slots
+            if head - self._tail >= slots:
                 self._refresh_tail()
-                if head - self._tail >= layout.lane_slots and not self._wait_for_room(head, timeout):
-                    self._u64[self._ctl + LANE_DROPS // 8] += 1
+                if head - self._tail >= slots and not self._wait_for_room(head, timeout):
+                    self._u64[self._w_drops] += 1
                     return False
             # The slot at ``head`` is private until the head moves past it: fill it, scan
             # it, and only then publish. A refused trajectory leaves it zeroed.
-            slot = (head % layout.lane_slots) * layout.slot_bytes
-            f32 = self._lane_words  # memoryview slice stores cost half of numpy's
+            slot = (head % slots) * layout.slot_bytes
+            words = self._lane_words  # memoryview slice stores cost half of numpy's
             h = layout.hidden_dim
             first = at = (slot + layout.payload_offset) >> 2
-            f32[at : at + h] = checked.query
+            words[at : at + h] = checked.query
             at += h
             step_words = layout.step_bytes >> 2
             meta = []
             for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
-                n_act, n_att = act.shape[0], att.shape[0]
-                f32[at : at + n_act] = act
+                n_act = act.shape[0]
+                n_att = att.shape[0]
+                words[at : at + n_act] = act
                 if n_act < h:
-                    f32[at + n_act : at + h] = self._zeros[: h - n_act]
+                    words[at + n_act : at + h] = self._zeros[: h - n_act]
                 if n_att:
-                    f32[at + h : at + h + n_att] = att
+                    words[at + h : at + h + n_att] = att
                 meta += (reward, n_act, n_att)
                 at += step_words
             payload = self._lane_f32[first:at]
@@ -205,19 +212,23 @@ class Client:
                 payload[...] = 0.0
                 check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim)
                 raise AssertionError("unreachable: the full check names the non-finite field")  # pragma: no cover
-            tid = checked.id if checked.id is not None else self._take_id()
-            n = len(checked.rewards)
+            u64 = self._u64
+            tid = checked.id
+            if tid is None:
+                k = u64[self._w_next_id]
+                u64[self._w_next_id] = k + 1
+                tid = k * layout.lanes + self._lane
             route = checked.route
             base = self._slot0 + slot
-            buf = self._segment.buf
+            buf = self._buf
             if route:
                 buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
-            struct.pack_into(_head_format(n), buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
-            u64 = self._u64
+            n = len(meta) // 3
+            struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
             u64[base >> 3] = head + 1  # stamps the slot: its payload is complete
             self._head = head = head + 1
-            u64[self._ctl + LANE_HEAD // 8] = head  # publishes the slot to the flusher
-            self._f64[self._ctl + LANE_LAST_AT // 8] = time.time()
+            u64[self._w_head] = head  # publishes the slot to the flusher
+            self._f64[self._w_last_at] = time.time()
             if u64[self._idle_word]:
                 self._segment.ring()  # the flusher sleeps: wake it (rare under load)
         return True
@@ -321,8 +332,8 @@ class Client:
             if view is not None:
                 view.release()
         self.__dict__.pop("_lane_f32", None)
-        self.__dict__.pop("_u64", None)
-        self.__dict__.pop("_f64", None)
+        for attr in ("_u64", "_f64", "_buf"):
+            self.__dict__.pop(attr, None)
         ledger = self.__dict__.pop("_ledger", None)
         if ledger is not None:
             ledger.close()
@@ -340,14 +351,8 @@ class Client:
         return f"<sona_shm.Client {getattr(self, 'name', '?')!r} lane={self._lane}>"
 
 
-_head_formats: dict[int, str] = {}
-
-
-def _head_format(n_steps: int) -> str:
-    fmt = _head_formats.get(n_steps)
-    if fmt is None:
-        fmt = _head_formats[n_steps] = "<QQfHH" + "fHH" * n_steps
-    return fmt
+#: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
+_HEAD_FORMATS = ["<QQfHH" + "fHH" * n for n in range(1025)]
 
 
 def _after_fork_in_child() -> None:
