@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .client import Client, attach
 from .errors import (
     ClosedError,
     FlusherRunningError,
@@ -19,6 +20,7 @@ from .trajectory import Step, Trajectory
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "ClosedError",
     "FlusherRunningError",
     "FlusherTimeoutError",
@@ -31,4 +33,5 @@ __all__ = [
     "SonaShmError",
     "Step",
     "Trajectory",
+    "attach",
 ]
