@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .client import Client, attach
+from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (
     ClosedError,
+    DrainTimeoutError,
     FlusherRunningError,
     FlusherTimeoutError,
     InvalidInputError,
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "ClosedError",
+    "Consumer",
+    "DrainTimeoutError",
     "FlusherRunningError",
     "FlusherTimeoutError",
     "InstantLoop",
@@ -33,5 +37,8 @@ __all__ = [
     "SonaShmError",
     "Step",
     "Trajectory",
+    "TrajectoryBatch",
     "attach",
+    "drain_to_file",
+    "open_consumer",
 ]
