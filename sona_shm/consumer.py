@@ -15,8 +15,10 @@ The protocol (layout in :mod:`sona_shm.layout`, "CONSUMER_LINE"):
    the consumer line (only the lock holder writes it). The flusher never writes the
    slots in ``[tail, head)``, so they can be copied out at leisure.
 3. Copy slots ``[tail, min(head, tail + n))`` out of the ring, then store the new tail —
-   the one store that hands them over (and frees them for the flusher). A consumer
-   killed before that store consumed nothing: the next one gets the same trajectories.
+   the one store that hands them over (and frees them for the flusher; x86-64 never
+   makes a store visible before the loads that precede it, so the flusher cannot reuse
+   a slot we are still reading). A consumer killed before that store consumed nothing:
+   the next one gets the same trajectories.
 4. Release the lock.
 
 :meth:`Consumer.draining` exposes the gap between 3's copy and 3's store, so a durable
