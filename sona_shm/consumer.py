@@ -176,8 +176,8 @@ class Consumer:
         ``timeout``: seconds to wait for another consumer's lock
         (:class:`DrainTimeoutError` after that).
         """
-        limit = MAX_N if n is None else n
-        _check_int("n", limit, 0, MAX_N)
+        _check_int("n", MAX_N if n is None else n, 0, MAX_N)
+        limit = MAX_N if n is None else int(n)  # a numpy integer must not leak into the tail word
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
             raise InvalidInputError(f"timeout: expected seconds >= 0, got {timeout!r}")
         with self._drain_lock(float(timeout)):

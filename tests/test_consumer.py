@@ -131,7 +131,7 @@ def test_without_a_consumer_the_buffer_keeps_the_oldest_and_counts_the_rest(engi
     flusher.scan()
     assert client.buffer_stats() == (8, 4, pytest.approx(8 / 12))
     assert client.stats()["trajectories_processed"] == 12  # the dropped ones were learned all the same
-    got = client.drain_n(5)
+    got = client.drain_n(np.int64(5))
     assert [t.id for t in got] == [0, 1, 2, 3, 4]
     for t in rich_trajectories(2, 3, first_id=100):
         client.record(t)
