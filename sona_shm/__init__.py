@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from .client import Client, attach
+from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (
     ClosedError,
+    DrainTimeoutError,
     FlusherRunningError,
     FlusherTimeoutError,
     InvalidInputError,
@@ -19,7 +22,10 @@ from .trajectory import Step, Trajectory
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
     "ClosedError",
+    "Consumer",
+    "DrainTimeoutError",
     "FlusherRunningError",
     "FlusherTimeoutError",
     "InstantLoop",
@@ -31,4 +37,8 @@ __all__ = [
     "SonaShmError",
     "Step",
     "Trajectory",
+    "TrajectoryBatch",
+    "attach",
+    "drain_to_file",
+    "open_consumer",
 ]

@@ -1,4 +1,4 @@
-"""``sona-shm``: run the flusher, inspect, create and remove engines, run the demo."""
+"""``sona-shm``: run the flusher, inspect, create and remove engines, drain their buffers, run the demo."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("destroy", help="remove an engine's segment and doorbell")
     p.add_argument("--name", required=True)
     p.add_argument("--force", action="store_true", help="even while its flusher runs")
+
+    p = sub.add_parser("drain", help="move learned trajectories out of an engine's buffer into an .npz file")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="a new file (never overwritten); load it with numpy.load")
+    p.add_argument("--max", type=int, default=None, metavar="N", help="at most N trajectories (default: all buffered)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait this long for another consumer (default 10)")
 
     p = sub.add_parser("demo", help="flusher + producer processes on a scratch engine, then the stats")
     p.add_argument("--producers", type=int, default=4)
@@ -175,13 +181,25 @@ def _destroy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _drain(args: argparse.Namespace) -> int:
+    from .consumer import drain_to_file
+
+    if args.max is not None and args.max < 0:
+        raise InvalidInputError(f"--max: expected N >= 0, got {args.max}")
+    if not args.timeout >= 0:
+        raise InvalidInputError(f"--timeout: expected seconds >= 0, got {args.timeout}")
+    drained = drain_to_file(args.name, args.out, n=args.max, timeout=args.timeout)
+    print(f"sona-shm: drained {drained} trajectories from {args.name!r} into {args.out}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(producers=args.producers, trajectories=args.trajectories, name=args.name)
 
 
-_COMMANDS = {"flusher": _flusher, "stats": _stats, "create": _create, "destroy": _destroy, "demo": _demo}
+_COMMANDS = {"flusher": _flusher, "stats": _stats, "create": _create, "destroy": _destroy, "drain": _drain, "demo": _demo}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

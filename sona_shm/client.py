@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
 from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from .layout import (
     FL_IDLE,
@@ -313,6 +314,41 @@ class Client:
         state = f"its flusher (pid {pid}) is alive but busy" if alive else "no flusher is running"
         return f"{what}() on segment {self.name!r} timed out after {timeout} s: {state}; start `sona-shm flusher --name {self.name}`"
 
+    # ----------------------------------------------------------------- the buffer, as a consumer
+
+    def drain(self, *, timeout: float = DRAIN_TIMEOUT) -> list[Trajectory]:
+        """Remove and return every learned trajectory in the engine's buffer, oldest first.
+
+        Any process may drain (see :class:`sona_shm.Consumer`); none receives a
+        trajectory another one got. ``timeout``: seconds to wait for another consumer.
+        """
+        return self._consumer().drain(timeout=timeout)
+
+    def drain_n(self, n: int, *, timeout: float = DRAIN_TIMEOUT) -> list[Trajectory]:
+        """Remove and return up to ``n`` learned trajectories, oldest first."""
+        return self._consumer().drain_n(n, timeout=timeout)
+
+    def drain_arrays(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> TrajectoryBatch:
+        """Remove up to ``n`` learned trajectories (all when ``None``) as one :class:`TrajectoryBatch`."""
+        return self._consumer().drain_arrays(n, timeout=timeout)
+
+    def buffer_stats(self) -> tuple[int, int, float]:
+        """``(len, dropped, success_rate)`` of the engine's buffer, as ``InstantLoop.buffer_stats``."""
+        if self._segment is None:
+            raise ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")
+        return buffer_stats(self._segment, self._ledger)
+
+    def _consumer(self) -> Consumer:
+        # A consumer of its own (own mapping and descriptor): the drain lock and the lane
+        # lock then never share a descriptor, and fork handling stays each one's own.
+        with self._lock:
+            consumer = self.__dict__.get("_drainer")
+            if consumer is None:
+                if self._segment is None:
+                    raise ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")
+                consumer = self._drainer = Consumer(self.name)
+            return consumer
+
     # ----------------------------------------------------------------- stats and lifecycle
 
     def stats(self) -> dict:
@@ -327,6 +363,9 @@ class Client:
         if seg is None:
             return
         self._lane = -1
+        drainer = self.__dict__.pop("_drainer", None)
+        if drainer is not None:
+            drainer.close()
         for attr in ("_lane_words", "_zeros"):
             view = self.__dict__.pop(attr, None)
             if view is not None:

@@ -38,3 +38,7 @@ class FlusherTimeoutError(SonaShmError, TimeoutError):
 
 class ClosedError(SonaShmError):
     """The client was closed; attach again to keep recording."""
+
+
+class DrainTimeoutError(SonaShmError, TimeoutError):
+    """Another consumer held the drain lock for longer than the drain's timeout."""

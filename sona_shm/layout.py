@@ -47,10 +47,16 @@ Control lines (64 bytes each, inside the header page; one writer per line)::
         +32 f64 started_at    +40 u64 scans (loop iterations)
     COMMIT_LINE = 1088    written by the flusher
         +0  u64 commit        ledger copy ``commit & 1`` is current (a seqcount latch)
-    CONSUMER_LINE = 1152  written by a buffer consumer holding the drain lock
+    CONSUMER_LINE = 1152  written only by a buffer consumer holding the drain lock
         +0  u64 buffer_tail   buffer slots ``[buffer_tail, buffer_head)`` hold undrained
-                              trajectories (buffer_head is in the ledger)
-        +8  u64 drained       trajectories handed to consumers, ever
+                              trajectories (buffer_head is in the ledger); it is also the
+                              number drained, ever. A consumer copies its slots out, then
+                              stores the new tail: the store that hands them over and
+                              frees them for the flusher, which writes buffer index j
+                              only while j < buffer_tail + capacity (a stale tail it
+                              reads only makes the buffer look fuller)
+        +8  i64 pid           the consumer that last took the drain lock (for people)
+        +16 f64 drained_at    unix time of the last drain that moved the tail
 
 Ledger copy (``LEDGER_DTYPE``; copy ``i`` at ``ledger_offset + i * ledger_bytes``). The
 flusher keeps its state privately, writes it whole into copy ``(commit + 1) & 1`` and
@@ -84,7 +90,8 @@ Lane control (128 bytes per lane at ``lanes_offset + lane * 128``)::
 Slot (``slot_bytes`` each; lane ``l`` slot ``i`` at ``slots_offset + (l * N + i %
 N) * slot_bytes``, buffer slot ``j`` at ``buffer_offset + (j % C) * slot_bytes``)::
 
-    0   u64 seq         lane slots: lane index + 1 of the record, written after the rest
+    0   u64 seq         lane slots: lane index + 1 of the record, written after the rest;
+                        buffer slots: buffer index + 1
     8   u64 traj_id     16 u64 latency_us     24 f32 quality
     28  u16 n_steps     30 u16 route_len
     32  S * (f32 reward, u16 act_len, u16 att_len)
@@ -102,7 +109,7 @@ the kernel drops them when the holder dies, so a SIGKILLed holder never wedges a
 and a recycled pid never inherits a lane)::
 
     byte 0            the flusher lock (exactly one flusher per segment)
-    byte 1            the drain lock (buffer consumers)
+    byte 1            the drain lock (its holder owns the consumer line)
     byte 64 + lane    the lane lock (its holder owns the lane's producer line)
 """
 
@@ -133,7 +140,7 @@ CONSUMER_LINE = 1152
 
 # Field offsets inside the lines above, in bytes.
 FL_PID, FL_START, FL_HEARTBEAT, FL_IDLE, FL_STARTED_AT, FL_SCANS = 0, 8, 16, 24, 32, 40
-CONS_TAIL, CONS_DRAINED = 0, 8
+CONS_TAIL, CONS_PID, CONS_DRAINED_AT = 0, 8, 16
 LANE_HEAD, LANE_DROPS, LANE_NEXT_ID, LANE_FLUSH_REQ, LANE_LAST_AT = 0, 8, 16, 24, 32
 LANE_OWNER_PID, LANE_OWNER_START, LANE_CLAIMS = 40, 48, 56
 LANE_FLUSH_ACK = 64

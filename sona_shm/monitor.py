@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from .layout import (
-    CONS_DRAINED,
+    CONS_DRAINED_AT,
+    CONS_PID,
     CONS_TAIL,
     CONSUMER_LINE,
     FL_HEARTBEAT,
@@ -40,6 +41,8 @@ def collect_stats(segment: Segment, ledger: Ledger) -> dict[str, Any]:
     layout = segment.layout
     u64, f64 = segment.u64, segment.f64
     fields = METRICS + ("pending", "generation", "buffer_head", "buffer_dropped", "last_flush_at", "lane_tail")
+    # The tail before the head: the tail never passes the head, so len is never negative.
+    buffer_tail = u64[(CONSUMER_LINE + CONS_TAIL) // 8]
     values = dict(zip(fields, ledger.read(*fields)))
     tails = values.pop("lane_tail")
     held = segment.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + i for i in range(layout.lanes)])
@@ -73,7 +76,7 @@ def collect_stats(segment: Segment, ledger: Ledger) -> dict[str, Any]:
     fl = FLUSHER_LINE // 8
     heartbeat = f64[fl + FL_HEARTBEAT // 8]
     seen = values["trajectories_processed"]
-    buffer_len = values["buffer_head"] - u64[(CONSUMER_LINE + CONS_TAIL) // 8]
+    buffer_len = values["buffer_head"] - buffer_tail
     cfg = layout.config
     return {
         "name": segment.name,
@@ -100,7 +103,9 @@ def collect_stats(segment: Segment, ledger: Ledger) -> dict[str, Any]:
             "dropped": values["buffer_dropped"],
             "success_rate": 1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
             "capacity": cfg.capacity,
-            "drained": u64[(CONSUMER_LINE + CONS_DRAINED) // 8],
+            "drained": buffer_tail,
+            "drained_at": f64[(CONSUMER_LINE + CONS_DRAINED_AT) // 8] or None,
+            "consumer_pid": u64[(CONSUMER_LINE + CONS_PID) // 8] or None,
         },
         "flusher": {
             "pid": u64[fl + FL_PID // 8],
@@ -145,7 +150,8 @@ def format_table(stats: dict[str, Any]) -> str:
         f"  signals_accumulated    {stats['signals_accumulated']:>12}   lane drops     {stats['lane_dropped']:>12}",
         f"  flushes_performed      {stats['flushes_performed']:>12}   pending        {stats['pending_signals']:>12}",
         f"  updates_applied        {stats['updates_applied']:>12}   weights gen    {stats['weights_generation']:>12}",
-        f"  buffer len {buf['len']} / {buf['capacity']}, dropped {buf['dropped']}, success rate {buf['success_rate']:.4f}",
+        f"  buffer len {buf['len']} / {buf['capacity']}, dropped {buf['dropped']}, success rate {buf['success_rate']:.4f}, "
+        f"drained {buf['drained']} (last {age(buf['drained_at'])})",
         "",
         f"  flusher pid {fl['pid']}  {'alive' if fl['alive'] else 'NOT RUNNING'}  heartbeat {age(fl['heartbeat_at'])}"
         f"  last flush {age(stats['last_flush_at'])}",

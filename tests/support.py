@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sona_shm import Step, Trajectory
+from sona_shm import Step, Trajectory, TrajectoryBatch
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "data" / "vectors-public.json.gz"
@@ -78,3 +78,51 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")])
     return e
+
+
+def batch_from_trajectories(trajs: list[Trajectory], layout: Any) -> TrajectoryBatch:
+    """Trajectory objects (as ``drain_n`` returns them) in the array form of ``drain_arrays``."""
+    k, S, h, A = len(trajs), layout.max_steps, layout.hidden_dim, layout.attention_dim
+    batch = TrajectoryBatch(
+        traj_id=np.array([t.id for t in trajs], np.uint64),
+        query=np.zeros((k, h), np.float32),
+        quality=np.array([t.quality for t in trajs], np.float32),
+        latency_us=np.array([t.latency_us for t in trajs], np.uint64),
+        route=np.array([t.route or "" for t in trajs], "<U64"),
+        n_steps=np.array([len(t.steps) for t in trajs], np.int32),
+        rewards=np.zeros((k, S), np.float32),
+        act_len=np.zeros((k, S), np.int32),
+        activations=np.zeros((k, S, h), np.float32),
+        att_len=np.zeros((k, S), np.int32),
+        attention=np.zeros((k, S, A), np.float32),
+    )
+    for i, t in enumerate(trajs):
+        batch.query[i] = t.query
+        for s, step in enumerate(t.steps):
+            act = np.asarray(step.activations, np.float32)
+            att = np.asarray(() if step.attention is None else step.attention, np.float32)
+            batch.rewards[i, s] = step.reward
+            batch.act_len[i, s], batch.att_len[i, s] = len(act), len(att)
+            batch.activations[i, s, : len(act)] = act
+            batch.attention[i, s, : len(att)] = att
+    return batch
+
+
+def concatenate(batches: list[TrajectoryBatch], layout: Any) -> TrajectoryBatch:
+    """One batch holding all of ``batches`` in order (an empty one if there are none)."""
+    parts = [batch_from_trajectories([], layout), *batches]
+    return TrajectoryBatch(**{key: np.concatenate([b.arrays()[key] for b in parts]) for key in parts[0].arrays()})
+
+
+def assert_same_trajectory(got: Trajectory, expected: Trajectory) -> None:
+    """``got`` (drained) equals ``expected`` (recorded) exactly, numbers as float32."""
+    f32 = np.float32
+    assert np.array_equal(got.query, np.asarray(expected.query, f32))
+    assert got.quality == f32(expected.quality) and got.latency_us == expected.latency_us and got.route == (expected.route or None)
+    if expected.id is not None:
+        assert got.id == expected.id
+    assert len(got.steps) == len(expected.steps)
+    for g, e in zip(got.steps, expected.steps):
+        assert g.reward == f32(e.reward)
+        assert np.array_equal(g.activations, np.asarray(e.activations, f32))
+        assert np.array_equal(g.attention, np.asarray(() if e.attention is None else e.attention, f32))

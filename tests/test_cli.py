@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from sona_shm import Trajectory
-from sona_shm.cli import EXIT_FLUSHER_RUNNING, EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
+from sona_shm import Trajectory, open_consumer
+from sona_shm.cli import EXIT_ERROR, EXIT_FLUSHER_RUNNING, EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -72,3 +72,38 @@ def test_create_then_create_again(capsys, name):
 def test_bad_arguments_exit_2_with_the_reason(capsys, argv, fragment):
     code, _, err = run(capsys, *argv)
     assert code == EXIT_USAGE and fragment in err
+
+
+def test_drain_writes_an_npz_and_says_how_many(capsys, engine, name, tmp_path):
+    flusher = engine()
+    client = engine.attach()
+    for i in range(5):
+        client.record(Trajectory(np.full(16, i, np.float32), [], 1.0, route=f"r{i}"))
+    flusher.scan()
+    out = tmp_path / "batch.npz"
+    code, printed, _ = run(capsys, "drain", "--name", name, "--out", str(out), "--max", "3")
+    assert code == EXIT_OK and f"drained 3 trajectories from {name!r} into {out}" in printed
+    with np.load(out) as data:
+        assert data["route"].tolist() == ["r0", "r1", "r2"] and data["query"][:, 0].tolist() == [0, 1, 2]
+    code, printed, _ = run(capsys, "drain", "--name", name, "--out", str(tmp_path / "rest.npz"))
+    assert code == EXIT_OK and "drained 2 trajectories" in printed
+    assert client.stats()["buffer"]["drained"] == 5
+
+
+def test_drain_refusals_and_their_exit_codes(capsys, engine, name, tmp_path):
+    out = str(tmp_path / "x.npz")
+    code, _, err = run(capsys, "drain", "--name", name, "--out", out)
+    assert code == EXIT_NOT_FOUND and "does not exist" in err
+    engine()
+    code, _, err = run(capsys, "drain", "--name", name, "--out", out, "--max", "-1")
+    assert code == EXIT_USAGE and "--max: expected N >= 0, got -1" in err
+    code, _, err = run(capsys, "drain", "--name", name, "--out", str(tmp_path))
+    assert code == EXIT_USAGE and "exists" in err
+    consumer = open_consumer(name)
+    try:
+        with consumer.draining():
+            code, _, err = run(capsys, "drain", "--name", name, "--out", out, "--timeout", "0")
+    finally:
+        consumer.close()
+    assert code == EXIT_ERROR and "drain lock stayed held" in err
+    assert not os.path.exists(out)

@@ -132,7 +132,9 @@ def test_zero_capacity_keeps_nothing(engine):
     client = engine.attach()
     client.record(Trajectory(np.ones(H), [], 1.0))
     flusher.scan()
-    assert client.stats()["buffer"] == {"len": 0, "dropped": 1, "success_rate": 0.0, "capacity": 0, "drained": 0}
+    buffer = client.stats()["buffer"]
+    assert buffer == {"len": 0, "dropped": 1, "success_rate": 0.0, "capacity": 0, "drained": 0, "drained_at": None, "consumer_pid": None}
+    assert client.drain() == [] and client.buffer_stats() == (0, 1, 0.0)
 
 
 def test_incomplete_segment_is_initialised_again(name):

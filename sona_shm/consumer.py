@@ -1,0 +1,378 @@
+"""Drain learned trajectories out of an engine's buffer, from any process.
+
+The flusher copies every trajectory it learns into the buffer ring (``capacity``
+slots) while there is room, and counts the rest as dropped — learning never waits for
+a consumer. A consumer (Loop B: pattern extraction, base-LoRA training, an export job)
+takes them out, oldest first, either as :class:`~sona_shm.Trajectory` objects or as one
+:class:`TrajectoryBatch` of numpy arrays.
+
+The protocol (layout in :mod:`sona_shm.layout`, "CONSUMER_LINE"):
+
+1. Take the drain lock, an OFD lock on byte ``LOCK_DRAIN`` of the segment file. It
+   makes consumers take turns, so no trajectory is handed out twice; the kernel drops
+   it when its holder dies, so a SIGKILLed consumer never wedges the others.
+2. Read ``buffer_head`` from the ledger (one consistent read) and ``buffer_tail`` from
+   the consumer line (only the lock holder writes it). The flusher never writes the
+   slots in ``[tail, head)``, so they can be copied out at leisure.
+3. Copy slots ``[tail, min(head, tail + n))`` out of the ring, then store the new tail —
+   the one store that hands them over (and frees them for the flusher; x86-64 never
+   makes a store visible before the loads that precede it, so the flusher cannot reuse
+   a slot we are still reading). A consumer killed before that store consumed nothing:
+   the next one gets the same trajectories.
+4. Release the lock.
+
+:meth:`Consumer.draining` exposes the gap between 3's copy and 3's store, so a durable
+sink (``sona-shm drain --out FILE``) writes its file first and only then lets the
+trajectories go: at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
+from .layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
+from .ledger import Ledger, TornRead
+from .loop import _check_int
+from .segment import Segment, wait_until
+from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
+
+log = logging.getLogger("sona_shm.consumer")
+
+#: Default seconds a drain waits for another consumer to release the drain lock.
+DRAIN_TIMEOUT = 5.0
+#: The largest ``n`` a drain accepts (the buffer never holds more than ``capacity``).
+MAX_N = 2**62
+
+_consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class TrajectoryBatch:
+    """``k`` drained trajectories as arrays, oldest first; padding is zero.
+
+    ``S`` is the engine's ``max_steps``, ``h`` its ``hidden_dim``, ``A`` its
+    ``attention_dim``, so batches of one engine stack with ``np.concatenate``.
+    :meth:`save` writes an ``.npz`` that ``np.load`` reads without pickle.
+    """
+
+    traj_id: np.ndarray  # uint64[k]
+    query: np.ndarray  # float32[k, h]
+    quality: np.ndarray  # float32[k]
+    latency_us: np.ndarray  # uint64[k]
+    route: np.ndarray  # str[k] ('' when the trajectory had none)
+    n_steps: np.ndarray  # int32[k]
+    rewards: np.ndarray  # float32[k, S], zero past n_steps
+    act_len: np.ndarray  # int32[k, S], zero past n_steps
+    activations: np.ndarray  # float32[k, S, h], zero past act_len and n_steps
+    att_len: np.ndarray  # int32[k, S], zero past n_steps
+    attention: np.ndarray  # float32[k, S, A], zero past att_len and n_steps
+
+    def __len__(self) -> int:
+        return int(self.traj_id.shape[0])
+
+    def trajectories(self) -> list[Trajectory]:
+        """The batch as :class:`Trajectory` objects (arrays are views into the batch)."""
+        n_steps, act_len, att_len = self.n_steps.tolist(), self.act_len.tolist(), self.att_len.tolist()
+        rewards, quality = self.rewards.tolist(), self.quality.tolist()
+        ids, latency, route = self.traj_id.tolist(), self.latency_us.tolist(), self.route.tolist()
+        act, att, query = self.activations, self.attention, self.query
+        return [
+            Trajectory(
+                query[i],
+                [Step(act[i, s, : act_len[i][s]], att[i, s, : att_len[i][s]], rewards[i][s]) for s in range(n_steps[i])],
+                quality[i],
+                latency[i],
+                route[i] or None,
+                ids[i],
+            )
+            for i in range(len(ids))
+        ]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Field name to array, in declaration order (what :meth:`save` writes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, file: Any) -> None:
+        """Write the arrays as an uncompressed ``.npz`` to a path or binary file object."""
+        np.savez(file, **self.arrays())
+
+    @classmethod
+    def load(cls, file: Any) -> TrajectoryBatch:
+        """Read what :meth:`save` (or ``sona-shm drain``) wrote."""
+        with np.load(file, allow_pickle=False) as data:
+            names = [f.name for f in fields(cls)]
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise InvalidInputError(f"file: expected a sona_shm trajectory batch with arrays {names}, missing {missing}")
+            return cls(**{n: data[n] for n in names})
+
+
+def open_consumer(name: str, *, timeout: float = 0.0) -> Consumer:
+    """Map engine ``name`` to drain its buffer (``timeout``: seconds to wait for it to appear)."""
+    return Consumer(name, timeout=timeout)
+
+
+class Consumer:
+    """Takes learned trajectories out of one engine's buffer; see the module docstring.
+
+    Any number of processes (and threads) may hold one; they take turns on the drain
+    lock. A consumer attached before ``fork()`` works in the child, which uses its own
+    descriptor (an inherited one would share the parent's lock).
+    """
+
+    def __init__(self, name: str, *, timeout: float = 0.0) -> None:
+        self._segment: Segment | None = None
+        self._segment = seg = Segment.open(name, writable=True, timeout=timeout)
+        try:
+            layout = self.layout = seg.layout
+            self.name = name
+            self._ledger = Ledger(seg)
+            self._slots = np.ndarray((layout.capacity,), dtype=layout.slot_dtype, buffer=seg.numpy_buffer(), offset=layout.buffer_offset)
+            self._u64, self._f64 = seg.u64, seg.f64
+            line = CONSUMER_LINE // 8
+            self._w_tail, self._w_pid, self._w_at = line + CONS_TAIL // 8, line + CONS_PID // 8, line + CONS_DRAINED_AT // 8
+            self._lock = threading.Lock()  # an OFD lock does not exclude threads sharing its descriptor
+            self._holder: int | None = None
+        except BaseException:
+            self.close()
+            raise
+        _consumers.add(self)
+
+    # ----------------------------------------------------------------- draining
+
+    def drain(self, *, timeout: float = DRAIN_TIMEOUT) -> list[Trajectory]:
+        """Remove and return every buffered trajectory, oldest first."""
+        return self.drain_arrays(timeout=timeout).trajectories()
+
+    def drain_n(self, n: int, *, timeout: float = DRAIN_TIMEOUT) -> list[Trajectory]:
+        """Remove and return up to ``n`` buffered trajectories, oldest first."""
+        _check_int("n", n, 0, MAX_N)
+        return self.drain_arrays(n, timeout=timeout).trajectories()
+
+    def drain_arrays(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> TrajectoryBatch:
+        """Remove up to ``n`` buffered trajectories (all when ``None``) and return them as arrays."""
+        with self.draining(n, timeout=timeout) as batch:
+            return batch
+
+    @contextmanager
+    def draining(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> Iterator[TrajectoryBatch]:
+        """Hold the drain lock and yield up to ``n`` buffered trajectories (all when ``None``).
+
+        They leave the buffer only when the ``with`` block ends without an exception;
+        if it raises, or the process dies inside it, they stay for the next drain.
+        Other consumers wait for the lock meanwhile, so keep the block short.
+        ``timeout``: seconds to wait for another consumer's lock
+        (:class:`DrainTimeoutError` after that).
+        """
+        _check_int("n", MAX_N if n is None else n, 0, MAX_N)
+        limit = MAX_N if n is None else int(n)  # a numpy integer must not leak into the tail word
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
+            raise InvalidInputError(f"timeout: expected seconds >= 0, got {timeout!r}")
+        with self._drain_lock(float(timeout)):
+            u64 = self._u64
+            tail = u64[self._w_tail]  # only the lock holder writes it: stable while we hold it
+            end = min(self._committed_head(tail), tail + limit)
+            batch = self._copy(tail, end)
+            yield batch
+            u64[self._w_tail] = end  # hands [tail, end) over: the flusher may now reuse those slots
+            if end > tail:
+                self._f64[self._w_at] = time.time()
+
+    def buffer_stats(self) -> tuple[int, int, float]:
+        """``(len, dropped, success_rate)`` of the buffer, as ``InstantLoop.buffer_stats``."""
+        seg = self._open_segment()
+        return buffer_stats(seg, self._ledger)
+
+    # ----------------------------------------------------------------- internals
+
+    def _open_segment(self) -> Segment:
+        seg = self._segment
+        if seg is None or seg.closed:
+            raise ClosedError(f"consumer of segment {getattr(self, 'name', '?')!r} is closed; open it again")
+        return seg
+
+    @contextmanager
+    def _drain_lock(self, timeout: float) -> Iterator[None]:
+        seg = self._open_segment()
+        if self._holder == threading.get_ident():
+            raise SonaShmError(f"segment {self.name!r}: this thread is already draining (inside draining()); finish that block first")
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=min(timeout, threading.TIMEOUT_MAX)):
+            raise DrainTimeoutError(self._busy_message(timeout, "another thread of this process"))
+        try:
+            seg.reopen_fd()  # a fork child's own descriptor, opened after _forked()
+            if not wait_until(lambda: seg.try_lock(LOCK_DRAIN), max(0.0, deadline - time.monotonic()), max_delay=0.01):
+                raise DrainTimeoutError(self._busy_message(timeout, f"pid {self._u64[self._w_pid]}, the last consumer to take it"))
+            self._holder = threading.get_ident()
+            try:
+                self._u64[self._w_pid] = os.getpid()
+                yield
+            finally:
+                self._holder = None
+                seg.unlock(LOCK_DRAIN)
+        finally:
+            self._lock.release()
+
+    def _busy_message(self, timeout: float, holder: str) -> str:
+        return f"segment {self.name!r}: the drain lock stayed held ({holder}) for {timeout} s; another consumer is draining, retry later"
+
+    def _committed_head(self, tail: int) -> int:
+        """``buffer_head`` of the current ledger copy, or ``tail`` (drain nothing) if unreadable."""
+        try:
+            (head,) = self._ledger.read("buffer_head")
+        except TornRead:
+            return tail  # the flusher committed faster than we read; an empty drain is always safe
+        if head < tail:
+            log.error("segment %r: buffer_head %d is behind buffer_tail %d; draining nothing", self.name, head, tail)
+            return tail
+        return head
+
+    def _copy(self, start: int, end: int) -> TrajectoryBatch:
+        """Private copies of buffer slots ``[start, end)``, padding zeroed.
+
+        Only the steps each trajectory has are read (a slot's unused tail may never have
+        been written). A slot that fails its checks is logged and skipped rather than
+        raised: it would otherwise sit at the tail and fail every drain after this one.
+        """
+        layout = self.layout
+        S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
+        index = np.arange(start, end, dtype=np.uint64)
+        pos = (index % np.uint64(max(layout.capacity, 1))).astype(np.intp)
+        slots = self._slots
+        n_steps = slots["n_steps"][pos].astype(np.int32)
+        route_len = slots["route_len"][pos].astype(np.int32)
+        ok = (slots["seq"][pos] == index + np.uint64(1)) & (n_steps <= S) & (route_len <= ROUTE_MAX_BYTES)
+        n_steps[~ok] = 0
+        k = len(pos)
+        rows, steps = np.nonzero(np.arange(S) < n_steps[:, None])  # every (trajectory, step) it has
+        src = pos[rows]
+        meta = slots["meta"]
+        rewards = np.zeros((k, S), F32)
+        act_len = np.zeros((k, S), np.int32)
+        att_len = np.zeros((k, S), np.int32)
+        rewards[rows, steps] = meta["reward"][src, steps]
+        act_len[rows, steps] = meta["act_len"][src, steps]
+        att_len[rows, steps] = meta["att_len"][src, steps]
+        ok &= ((act_len <= h) & (att_len <= A)).all(axis=1)
+        activations = np.zeros((k, S, h), F32)
+        attention = np.zeros((k, S, A), F32)
+        activations[rows, steps] = slots["steps"]["act"][src, steps]  # zero-padded past act_len by the producer
+        attention[rows, steps] = slots["steps"]["att"][src, steps]
+        attention[np.arange(A) >= att_len[:, :, None]] = 0.0  # past att_len a slot holds stale values
+        raw_route = slots["route"][pos].view(np.uint8)
+        routes = [raw_route[i, :n].tobytes().decode("utf-8", "replace") for i, n in enumerate(route_len.tolist()) if ok[i]]
+        if not ok.all():
+            bad = index[~ok]
+            log.error("segment %r: %d buffer slots fail their checks (first index %d); skipped", self.name, len(bad), int(bad[0]))
+        return TrajectoryBatch(
+            traj_id=slots["traj_id"][pos][ok],
+            query=slots["query"][pos][ok],
+            quality=slots["quality"][pos][ok],
+            latency_us=slots["latency_us"][pos][ok],
+            route=np.array(routes, dtype=f"<U{ROUTE_MAX_BYTES}"),
+            n_steps=n_steps[ok],
+            rewards=rewards[ok],
+            act_len=act_len[ok],
+            activations=activations[ok],
+            att_len=att_len[ok],
+            attention=attention[ok],
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _forked(self) -> None:
+        """In a fork child: drop the inherited descriptor (it shares the parent's drain lock)."""
+        self._lock = threading.Lock()  # the parent's may have been held by another thread
+        self._holder = None
+        if self._segment is not None and not self._segment.closed:
+            self._segment.forget_inherited_fd()
+
+    def close(self) -> None:
+        """Unmap and close. Safe to call twice. Undrained trajectories stay in the buffer."""
+        seg = self._segment
+        if seg is None:
+            return
+        self.__dict__.pop("_slots", None)
+        self.__dict__.pop("_u64", None)
+        self.__dict__.pop("_f64", None)
+        ledger = self.__dict__.pop("_ledger", None)
+        if ledger is not None:
+            ledger.close()
+        seg.close()
+        self._segment = None
+        _consumers.discard(self)
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<sona_shm.Consumer {getattr(self, 'name', '?')!r}>"
+
+
+def buffer_stats(segment: Segment, ledger: Ledger) -> tuple[int, int, float]:
+    """``(len, dropped, success_rate)`` of a segment's buffer, read without a lock."""
+    tail = segment.u64[(CONSUMER_LINE + CONS_TAIL) // 8]  # before the head: len is never negative
+    head, dropped, seen = ledger.read("buffer_head", "buffer_dropped", "trajectories_processed")
+    return head - tail, dropped, 1.0 if seen == 0 else (seen - dropped) / seen
+
+
+def drain_to_file(name: str, path: str | os.PathLike[str], *, n: int | None = None, timeout: float = DRAIN_TIMEOUT) -> int:
+    """Move up to ``n`` buffered trajectories (all when ``None``) of engine ``name`` into an ``.npz`` at ``path``.
+
+    The file is written under a hidden temporary name next to ``path``, synced, and
+    linked to ``path`` (never replacing an existing file); only then do the trajectories
+    leave the buffer. Killed at any point, nothing is lost; killed between the link and
+    that last store, the next drain hands the same trajectories out again (their
+    ``traj_id`` tells). Returns how many were written.
+    """
+    out = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(out)
+    if os.path.lexists(out):
+        raise InvalidInputError(f"out: expected a new file, {out!r} exists (drained trajectories leave the buffer; pick another name)")
+    if not os.path.isdir(directory):
+        raise InvalidInputError(f"out: expected a file in an existing directory, {directory!r} is not a directory")
+    if n is not None:
+        _check_int("n", n, 0, MAX_N)
+    with open_consumer(name) as consumer, consumer.draining(n, timeout=timeout) as batch:
+        # Hidden, so a job that globs *.npz never picks up a half-written file.
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                batch.save(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(temp, out)  # atomic, and unlike rename it refuses to replace a file
+        except FileExistsError:
+            raise InvalidInputError(f"out: expected a new file, {out!r} appeared while draining; nothing was drained") from None
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(temp)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name is durable before the trajectories leave the buffer
+        finally:
+            os.close(dir_fd)
+        return len(batch)
+
+
+def _after_fork_in_child() -> None:
+    for consumer in list(_consumers):
+        consumer._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
