@@ -45,15 +45,28 @@ from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
 from .segment import Segment, start_ticks, wait_until
-from .trajectory import Trajectory, _all_finite, check_trajectory
+from .trajectory import CheckedTrajectory, Step, Trajectory, _all_finite, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+# The C fast paths (record and one-vector forward), unless absent (no compiler at
+# install time) or disabled with SONA_SHM_PURE_PYTHON=1. They accept a subset of what
+# the Python paths accept, with identical results, and hand everything else back.
+_speedups: Any = None
+if not os.environ.get("SONA_SHM_PURE_PYTHON"):
+    try:
+        from . import _speedups
+
+        _speedups.set_types(Trajectory, Step)
+    except ImportError:  # pragma: no cover - depends on the build
+        _speedups = None
 
 
 class _Weights(NamedTuple):
     generation: int
+    down: np.ndarray  # float32[R, h], C-contiguous
     down_t: np.ndarray  # float32[h, R], down transposed for x @ down_t
-    up_scaled: np.ndarray  # float32[R, h], up * scale
+    up_scaled: np.ndarray  # float32[R, h], up * scale, C-contiguous
 
 
 def attach(name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> Client:
@@ -84,6 +97,8 @@ class Client:
             self.layout = layout
             self.hidden_dim = layout.hidden_dim
             self._where = f" of segment {name!r}"
+            # Geometry the record path reads on every call, as plain attributes.
+            self._ring_slots, self._slot_stride, self._lanes = layout.lane_slots, layout.slot_bytes, layout.lanes
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
             self._f64 = seg.f64
@@ -91,7 +106,8 @@ class Client:
             self._idle_word = (FLUSHER_LINE + FL_IDLE) // 8
             self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
             self._lock = threading.Lock()
-            self._weights = _Weights(-1, np.zeros((layout.hidden_dim, layout.rank), F32), np.zeros((layout.rank, layout.hidden_dim), F32))
+            rows = np.zeros((layout.rank, layout.hidden_dim), F32)
+            self._weights = _Weights(-1, rows, rows.T, rows)  # generation -1: loaded on first use
             self._head = 0
             self._tail = 0
             self._claim()
@@ -130,6 +146,12 @@ class Client:
         self._slot0 = layout.lane_slot(lane, 0)
         self._lane_f32 = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=seg.numpy_buffer(), offset=self._slot0)
         self._lane_words = memoryview(self._lane_f32)
+        self._writer = None
+        if _speedups is not None:
+            self._writer = _speedups.SlotWriter(
+                self._lane_words, layout.hidden_dim, layout.max_steps, layout.attention_dim,
+                layout.payload_offset, layout.route_offset, layout.step_bytes,
+            )  # fmt: skip
         self._lane = lane
 
     def _ensure_lane(self) -> None:
@@ -148,6 +170,9 @@ class Client:
     def _forked(self) -> None:
         """In a fork child: forget the parent's lane and lock; claim anew on first use."""
         self._lock = threading.Lock()  # the parent's may have been held by another thread
+        writer = self.__dict__.pop("_writer", None)
+        if writer is not None:
+            writer.close()
         if self._segment is not None and not self._segment.closed:
             self._segment.forget_inherited_fd()
         self._lane = -1
@@ -173,66 +198,89 @@ class Client:
         long for room instead. Bad input raises :class:`InvalidInputError` and
         changes nothing.
         """
-        layout = self.layout
-        # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
-        checked = check_trajectory(
-            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=False
-        )
         with self._lock:
             if self._lane < 0:
                 self._ensure_lane()
             head = self._head
-            slots = layout.lane_slots
-            if head - self._tail >= slots:
+            ring_slots = self._ring_slots
+            if head - self._tail >= ring_slots:
+                self._check(traj)  # bad input is refused, not counted as a drop
                 self._refresh_tail()
-                if head - self._tail >= slots and not self._wait_for_room(head, timeout):
+                if head - self._tail >= ring_slots and not self._wait_for_room(head, timeout):
                     self._u64[self._w_drops] += 1
                     return False
-            # The slot at ``head`` is private until the head moves past it: fill it, scan
-            # it, and only then publish. A refused trajectory leaves it zeroed.
-            slot = (head % slots) * layout.slot_bytes
-            words = self._lane_words  # memoryview slice stores cost half of numpy's
-            h = layout.hidden_dim
-            first = at = (slot + layout.payload_offset) >> 2
-            words[at : at + h] = checked.query
-            at += h
-            step_words = layout.step_bytes >> 2
-            meta = []
-            for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
-                n_act = act.shape[0]
-                n_att = att.shape[0]
-                words[at : at + n_act] = act
-                if n_act < h:
-                    words[at + n_act : at + h] = self._zeros[: h - n_act]
-                if n_att:
-                    words[at + h : at + h + n_att] = att
-                meta += (reward, n_act, n_att)
-                at += step_words
-            payload = self._lane_f32[first:at]
-            if not _all_finite(payload):
-                payload[...] = 0.0
-                check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim)
-                raise AssertionError("unreachable: the full check names the non-finite field")  # pragma: no cover
+            # The slot at ``head`` is private until the head moves past it: fill it
+            # (payload, then its head fields), stamp it, and only then publish it.
+            slot = (head % ring_slots) * self._slot_stride
             u64 = self._u64
-            tid = checked.id
-            if tid is None:
-                k = u64[self._w_next_id]
-                u64[self._w_next_id] = k + 1
-                tid = k * layout.lanes + self._lane
-            route = checked.route
-            base = self._slot0 + slot
-            buf = self._buf
-            if route:
-                buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
-            n = len(meta) // 3
-            struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
-            u64[base >> 3] = head + 1  # stamps the slot: its payload is complete
+            writer = self._writer
+            if writer is None:
+                self._fill_slot(traj, slot, scrub=False)
+            else:
+                next_id = u64[self._w_next_id]
+                filled = writer.fill(slot, traj, next_id * self._lanes + self._lane)
+                if filled < 0:
+                    self._fill_slot(traj, slot, scrub=True)  # converts, or raises naming what is wrong
+                elif filled & 1:
+                    u64[self._w_next_id] = next_id + 1  # its default id was used
+            u64[(self._slot0 + slot) >> 3] = head + 1  # stamps the slot: its payload is complete
             self._head = head = head + 1
             u64[self._w_head] = head  # publishes the slot to the flusher
             self._f64[self._w_last_at] = time.time()
             if u64[self._idle_word]:
                 self._segment.ring()  # the flusher sleeps: wake it (rare under load)
         return True
+
+    def _check(self, traj: Trajectory, finite: bool = True) -> CheckedTrajectory:
+        layout = self.layout
+        return check_trajectory(
+            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=finite
+        )
+
+    def _fill_slot(self, traj: Trajectory, slot: int, *, scrub: bool) -> None:
+        """The pure-Python fill of the private slot at lane offset ``slot`` (all but ``seq``).
+
+        ``scrub``: zero the payload first, because the C path gave up on this
+        trajectory after copying some of it (maybe a NaN): this path's one-pass scan
+        covers whole steps, attention past ``att_len`` included.
+        """
+        layout = self.layout
+        h = layout.hidden_dim
+        step_words = layout.step_bytes >> 2
+        first = at = (slot + layout.payload_offset) >> 2
+        payload = self._lane_f32[first : first + h + layout.max_steps * step_words]
+        if scrub:
+            payload[...] = 0.0
+        # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
+        checked = self._check(traj, finite=False)
+        words = self._lane_words  # memoryview slice stores cost half of numpy's
+        words[at : at + h] = checked.query
+        at += h
+        meta = []
+        for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
+            n_act = act.shape[0]
+            n_att = att.shape[0]
+            words[at : at + n_act] = act
+            if n_act < h:
+                words[at + n_act : at + h] = self._zeros[: h - n_act]  # short activations add to the first entries only
+            if n_att:
+                words[at + h : at + h + n_att] = att
+            meta += (reward, n_act, n_att)
+            at += step_words
+        if not _all_finite(payload[: at - first]):
+            payload[...] = 0.0
+            self._check(traj)  # names the non-finite field
+            raise AssertionError("unreachable: the full check refuses what the scan refused")  # pragma: no cover
+        tid = checked.id
+        if tid is None:
+            tid = self._take_id()
+        route = checked.route
+        base = self._slot0 + slot
+        buf = self._buf
+        if route:
+            buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
+        n = len(checked.rewards)
+        struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
 
     def _wait_for_room(self, head: int, timeout: float) -> bool:
         if timeout <= 0:
@@ -264,6 +312,10 @@ class Client:
         generation, _ = self._ledger.generation()
         if generation != w.generation:
             w = self._load_weights()
+        if _speedups is not None:
+            out = _speedups.adapt(x, w.down, w.up_scaled)
+            if out is not None:  # x was a finite float32[h]; anything else is handled below
+                return out
         if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1 and x.shape[0] == self.hidden_dim:
             coeff = x @ w.down_t
             # A NaN/Inf anywhere in x makes the projection non-finite (inf*0 is NaN);
@@ -280,7 +332,7 @@ class Client:
         except TornRead:
             return self._weights  # the flusher outran us; the last good copy is still consistent
         scale = np.float32(1.0 / math.sqrt(self.layout.rank))
-        w = _Weights(generation, np.ascontiguousarray(down.T), up * scale)
+        w = _Weights(generation, down, np.ascontiguousarray(down.T), up * scale)
         self._weights = w  # one reference store: other threads see the old or the new tuple
         return w
 
@@ -366,6 +418,9 @@ class Client:
         drainer = self.__dict__.pop("_drainer", None)
         if drainer is not None:
             drainer.close()
+        writer = self.__dict__.pop("_writer", None)
+        if writer is not None:
+            writer.close()  # releases its hold on the lane memory
         for attr in ("_lane_words", "_zeros"):
             view = self.__dict__.pop(attr, None)
             if view is not None:

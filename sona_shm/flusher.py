@@ -44,7 +44,7 @@ from .layout import (
     EngineConfig,
     Layout,
 )
-from .learning import Learner, initial_down, learning_signals
+from .learning import Learner, initial_down, signal_parts
 from .ledger import Ledger
 from .segment import DEFAULT_MODE, Segment, check_name, create_bell, create_fd, open_fd, start_ticks, try_lock_fd
 
@@ -194,8 +194,8 @@ class Flusher:
             if not len(rec):
                 return 0
         width = max(1, int(n_steps.max()))
-        signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
-        self.learner.learn(signals, rec["quality"])
+        g, scale = signal_parts(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
+        self.learner.learn(g, rec["quality"] * scale)  # signal_i * quality_i == g_i * (quality_i * scale_i)
         if valid.all():
             self._keep_in_buffer(lane * layout.lane_slots + first, len(rec), width)
         else:

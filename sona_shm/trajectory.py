@@ -237,7 +237,10 @@ def check_trajectory(
     if route is None:
         route_bytes = b""
     elif isinstance(route, str):
-        route_bytes = route.encode("utf-8")
+        try:
+            route_bytes = route.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"route: expected text encodable as UTF-8, got {route!r} ({exc.reason})") from None
         if len(route_bytes) > ROUTE_MAX_BYTES:
             raise InvalidInputError(f"route: expected at most {ROUTE_MAX_BYTES} UTF-8 bytes, got {len(route_bytes)}")
     else:

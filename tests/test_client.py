@@ -17,6 +17,7 @@ from sona_shm import (
     Step,
     Trajectory,
 )
+from sona_shm import client as client_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
 
@@ -24,6 +25,16 @@ from conftest import SMALL
 from support import make_trajectories, wait_for
 
 H = SMALL["hidden_dim"]
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def record_path(request, monkeypatch):
+    """Every test here runs through the C fast paths and through the pure-Python ones."""
+    if request.param == "python":
+        monkeypatch.setattr(client_module, "_speedups", None)
+    elif client_module._speedups is None:
+        pytest.skip("C fast paths not built or disabled")
+    return request.param
 
 
 def one_step(value: float = 1.0, quality: float = 1.0) -> Trajectory:

@@ -56,6 +56,7 @@ def test_float32_input_is_not_copied():
         (dict(latency_us=1.5), "latency_us: expected an integer"),
         (dict(route=b"x"), "route: expected a str"),
         (dict(route="x" * 65), "route: expected at most 64"),
+        (dict(route="\ud800"), "route: expected text encodable as UTF-8"),
         (dict(id=-3), "id: expected None or an integer"),
     ],
 )

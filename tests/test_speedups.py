@@ -1,0 +1,125 @@
+"""The optional C fast paths: built, and indistinguishable from the Python paths."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sona_shm import Step, Trajectory
+from sona_shm import client as client_module
+
+from conftest import SMALL
+
+H, A = SMALL["hidden_dim"], SMALL["attention_dim"]
+F32 = np.float32
+
+pytestmark = pytest.mark.skipif(bool(os.environ.get("SONA_SHM_PURE_PYTHON")), reason="C fast paths disabled on purpose")
+
+
+def test_the_extension_is_built_and_in_use():
+    # optional=True in setup.py lets an install without a compiler succeed; here, where
+    # there is one, a silent build failure would quietly cost the speed.
+    assert client_module._speedups is not None
+
+
+def trajectories() -> list[Trajectory]:
+    rng = np.random.default_rng(5)
+    vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
+    return [
+        Trajectory(vec(H), [], 0.25, id=1),
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5)], -1.5, latency_us=123, route="r-1", id=2),
+        Trajectory(vec(H), [Step(vec(3), None, 2.0), Step(vec(H), (), -0.0), Step(vec(1), vec(2), 1e-30)], 3.0, id=3),
+        Trajectory(vec(H), tuple(Step(vec(H), vec(A), float(k)) for k in range(4)), 1e38, route="ü" * 32, id=2**64 - 1),
+        Trajectory(vec(2 * H)[::2], [Step(vec(2 * H)[::2], vec(2 * A)[::2], 0.1)], 0.0, id=5),  # strided views
+    ]
+
+
+def fields(client, traj: Trajectory) -> dict:
+    """What record() wrote for ``traj``: every field a reader may use."""
+    assert client.record(traj)
+    layout = client.layout
+    index = (client._head - 1) % layout.lane_slots
+    slots = np.ndarray((layout.lane_slots,), dtype=layout.slot_dtype, buffer=client._segment.numpy_buffer(), offset=client._slot0)
+    rec = slots[index]
+    n = int(rec["n_steps"])
+    meta = rec["meta"][:n]
+    out = {
+        "head": [rec[f].item() for f in ("traj_id", "latency_us", "quality", "n_steps", "route_len")],
+        "route": bytes(rec["route"][: rec["route_len"]]),
+        "query": rec["query"].tobytes(),
+        "meta": meta.tobytes(),
+        "act": [rec["steps"]["act"][s].tobytes() for s in range(n)],
+        "att": [rec["steps"]["att"][s][: meta["att_len"][s]].tobytes() for s in range(n)],
+    }
+    del rec, slots
+    return out
+
+
+def test_c_and_python_fill_identical_slots(engine, monkeypatch):
+    flusher = engine(lane_slots=64)
+    client = engine.attach()
+    written_by_c = [fields(client, t) for t in trajectories()]
+    monkeypatch.setattr(client_module, "_speedups", None)
+    client._writer = None  # this client's C writer, made when it claimed its lane
+    written_by_python = [fields(client, t) for t in trajectories()]
+    assert written_by_c == written_by_python
+    assert flusher.scan() == 2 * len(trajectories())
+
+
+def test_ids_taken_from_the_lane_agree(engine, monkeypatch):
+    engine()
+    client = engine.attach()
+    no_id = Trajectory(np.ones(H, F32), [], 1.0)
+    first = fields(client, no_id)["head"][0]
+    client._writer = None
+    second = fields(client, no_id)["head"][0]
+    assert (first, second) == (client.lane, client.lane + SMALL["lanes"])  # k * lanes + lane, k = 0, 1
+
+
+def test_the_c_path_declines_what_it_does_not_handle(engine):
+    engine()
+    client = engine.attach()
+    writer = client._writer
+
+    class MyTrajectory(Trajectory):
+        pass
+
+    ok = Trajectory(np.ones(H, F32), [Step(np.ones(H, F32), None, 1.0)], 1.0)
+    assert writer.fill(0, ok, 0) == 2 * 1 + 1
+    for traj in [
+        MyTrajectory(np.ones(H, F32), [], 1.0),  # subclass: the Python path decides
+        Trajectory(np.ones(H), [], 1.0),  # float64
+        Trajectory(list(np.ones(H)), [], 1.0),
+        Trajectory(np.ones(H, ">f4"), [], 1.0),  # byte-swapped
+        Trajectory(np.ones(H + 1, F32), [], 1.0),
+        Trajectory(np.full(H, np.nan, F32), [], 1.0),
+        Trajectory(np.ones(H, F32), [Step(np.ones(H, F32), None, 1)], 1.0),  # int reward
+        Trajectory(np.ones(H, F32), [Step(np.ones(H, F32), np.ones(A + 1, F32), 1.0)], 1.0),
+        Trajectory(np.ones(H, F32), [Step(np.full(H, np.inf, F32), None, 1.0)], 1.0),
+        Trajectory(np.ones(H, F32), [Step(np.ones(H, F32), None, 1.0)] * 5, 1.0),  # > max_steps
+        Trajectory(np.ones(H, F32), [], float("nan")),
+        Trajectory(np.ones(H, F32), [], 1.0, latency_us=-1),
+        Trajectory(np.ones(H, F32), [], 1.0, route="x" * 65),
+        Trajectory(np.ones(H, F32), [], 1.0, route="\ud800"),  # not encodable
+        Trajectory(np.ones(H, F32), [], 1.0, id=True),
+    ]:
+        assert writer.fill(0, traj, 0) == -1, traj
+
+
+def test_adapt_matches_numpy(engine):
+    flusher = engine(flush_threshold=5)
+    client = engine.attach()
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        client.record(Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, 1.0)], 1.0))
+    flusher.scan()
+    x = rng.standard_normal(H).astype(F32)
+    w = client._load_weights()
+    out = client_module._speedups.adapt(x, w.down, w.up_scaled)
+    assert out.dtype == F32 and out.shape == (H,)
+    np.testing.assert_allclose(out, x + (x @ w.down_t) @ w.up_scaled, atol=1e-6)
+    assert client_module._speedups.adapt(np.full(H, np.nan, F32), w.down, w.up_scaled) is None
+    assert client_module._speedups.adapt(x.astype(np.float64), w.down, w.up_scaled) is None
+    assert client_module._speedups.adapt(np.ones(H + 1, F32), w.down, w.up_scaled) is None
