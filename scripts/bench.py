@@ -1,161 +1,428 @@
 #!/usr/bin/env python3
-"""Benchmark sona_shm's producer paths while a real flusher runs.
+"""sona_shm side by side with what a Python user would glue together instead.
 
-    python scripts/bench.py [--quick] [--json] [--producers N] [--seconds S]
+    python scripts/bench.py [--quick] [--json] [--producers N] [--seconds S] [--repeat R]
 
-For hidden_dim 256, rank 2: the median and p99 of ``record()`` (one-step and four-step
-trajectories) and of ``forward()`` (one vector, a batch of 32), measured call by call
-in a producer process while ``producers - 1`` other producer processes record flat out
-and the flusher (started with the CLI) learns everything. Timings include the
-~60 ns of ``perf_counter_ns`` itself. Prints a table, or JSON with ``--json``.
+Everything at hidden_dim 256, rank 2. Trajectories: T1 = query + 1 step (activations
+float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
+
+1. throughput: N producer processes record flat out for S seconds into one consumer.
+   sona_shm: ``record()`` into lanes, the flusher (started with the CLI) learns them.
+   Peers: ``multiprocessing.Queue`` and ``faster_fifo.Queue`` (bounded, put blocks when
+   full) carry the same Trajectory objects to one consumer process that only receives
+   them (it learns nothing, so the comparison flatters the peers). Delivered = what the
+   consumer got (sona_shm: learned) per second until the last one arrived. The systems
+   run interleaved, R rounds; medians are reported, and ratios against sona_shm.
+2. producer latency: ``record()`` and ``forward()`` timed call by call in a producer
+   while N-1 others record flat out and the flusher learns (median, p99).
+3. learning rate: the flusher's vectorised learning (signals + accumulate + flushes),
+   in-process on batches of 32, 256, 1024 (trajectories per second).
+4. freshness: flush_threshold 1; a producer records, another process polls forward()
+   until the adapter changes: record() returning -> change visible (median, p99); and
+   the idle flusher's CPU use.
+
+Timings include ~60 ns of ``perf_counter_ns`` itself. ``--quick`` is a smoke run (the
+test suite runs it to check the script works, never to judge a number).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import time
+from typing import Any, Callable
 
 import numpy as np
 
 from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
+from sona_shm.flusher import WAKE_TIMEOUT
+from sona_shm.layout import EngineConfig
+from sona_shm.learning import Learner, signal_parts
+from sona_shm.monitor import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
 HIDDEN_DIM = 256
 RANK = 2
 ATTENTION_DIM = 64
+POOL = 256  # distinct trajectories each producer cycles through
+QUEUE_SIZE = 10_000
+CTX = mp.get_context("fork")
 
 
-def trajectory(rng: np.random.Generator, steps: int) -> Trajectory:
-    return Trajectory(
-        rng.standard_normal(HIDDEN_DIM).astype(np.float32),
-        [
-            Step(
-                rng.standard_normal(HIDDEN_DIM).astype(np.float32),
-                rng.random(ATTENTION_DIM).astype(np.float32),
-                float(rng.standard_normal()),
-            )
-            for _ in range(steps)
-        ],
-        float(rng.random()),
-    )
+def make_pool(seed: int, steps: int, size: int = POOL) -> list[Trajectory]:
+    rng = np.random.default_rng(seed)
+    vec = lambda n: rng.standard_normal(n).astype(np.float32)  # noqa: E731
+    return [
+        Trajectory(vec(HIDDEN_DIM), [Step(vec(HIDDEN_DIM), rng.random(ATTENTION_DIM).astype(np.float32), float(rng.standard_normal())) for _ in range(steps)], float(rng.random()))
+        for _ in range(size)
+    ]  # fmt: skip
 
 
-def percentiles(samples_ns: list[int]) -> dict[str, float]:
-    arr = np.array(samples_ns, dtype=np.float64) / 1000.0
-    return {"median_us": float(np.median(arr)), "p99_us": float(np.percentile(arr, 99)), "calls": len(arr)}
+def pct(samples_ns: list[int] | np.ndarray) -> dict[str, float]:
+    arr = np.asarray(samples_ns, dtype=np.float64) / 1000.0
+    return {"median_us": float(np.median(arr)), "p99_us": float(np.percentile(arr, 99)), "n": int(arr.size)}
 
 
-def time_calls(fn, args_list) -> list[int]:
-    clock = time.perf_counter_ns
-    out = []
-    for args in args_list:
-        t0 = clock()
-        fn(*args)
-        out.append(clock() - t0)
-    return out
+def flusher_options(**config: Any) -> list[str]:
+    opts = ["--quiet", "--hidden-dim", str(HIDDEN_DIM), "--rank", str(RANK), "--attention-dim", str(ATTENTION_DIM)]
+    for key, value in config.items():
+        opts += ["--" + key.replace("_", "-"), str(value)]
+    return opts
 
 
-def background_producer(name: str, seconds: float, steps: int) -> None:
-    """Record flat out for ``seconds``; print how many were accepted and dropped."""
-    rng = np.random.default_rng(os.getpid())
-    pool = [trajectory(rng, steps) for _ in range(256)]
-    accepted = dropped = 0
+class Engine:
+    """A scratch engine with its flusher child; removed on exit."""
+
+    def __init__(self, tag: str, **config: Any) -> None:
+        self.name = f"bench-{os.getpid()}-{tag}"
+        segment.unlink(self.name)
+        self.proc = start_flusher(self.name, *flusher_options(**config))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if read_stats(self.name)["flusher"]["alive"]:
+                    break
+            except segment.SegmentNotFoundError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the flusher did not start")
+            time.sleep(0.01)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc)
+        segment.unlink(self.name)
+
+
+# ----------------------------------------------------------------- 1. throughput
+
+
+def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out) -> None:
+    pool = make_pool(seed, steps)
+    with attach(name, timeout=30) as client:
+        go.wait()
+        cpu0, accepted, attempted = time.process_time(), 0, 0
+        deadline = time.monotonic() + seconds
+        record = client.record
+        while time.monotonic() < deadline:
+            for t in pool:
+                accepted += record(t)
+            attempted += len(pool)
+        out.put((accepted, attempted, time.process_time() - cpu0))
+
+
+def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> None:
+    pool = make_pool(seed, steps)
+    go.wait()
+    cpu0, sent = time.process_time(), 0
+    deadline = time.monotonic() + seconds
+    put = queue.put
+    while time.monotonic() < deadline:
+        for t in pool:
+            put(t)
+        sent += len(pool)
+    put(None)
+    out.put((sent, sent, time.process_time() - cpu0))
+
+
+def _queue_consumer(queue, producers: int, many: bool, out) -> None:
+    received, done = 0, 0
+    while done < producers:
+        items = queue.get_many(max_messages_to_get=1024, timeout=60) if many else [queue.get(timeout=60)]
+        for item in items:
+            if item is None:
+                done += 1
+            else:
+                received += 1
+    out.put((received, time.perf_counter()))
+
+
+def run_throughput(system: str, producers: int, steps: int, seconds: float) -> dict[str, float]:
+    go, out = CTX.Event(), CTX.Queue()
+    if system == "sona_shm":
+        with Engine(f"tp{steps}", lanes=max(8, producers + 2), flush_threshold=100) as engine:
+            before = read_stats(engine.name)["trajectories_processed"]
+            procs = [CTX.Process(target=_sona_producer, args=(engine.name, p, steps, go, seconds, out)) for p in range(producers)]
+            for p in procs:
+                p.start()
+            with attach(engine.name) as client:  # to ask when everything is learned
+                time.sleep(0.2)  # let the producers attach (excluded from the measured window)
+                start = time.perf_counter()
+                go.set()
+                results = [out.get(timeout=seconds + 120) for _ in procs]
+                for p in procs:
+                    p.join(60)
+                recorded = sum(r[0] for r in results)
+                while read_stats(engine.name)["trajectories_processed"] - before < recorded:
+                    client.flush(timeout=60)
+                end = time.perf_counter()
+        delivered = recorded
+    else:
+        if system == "faster_fifo":
+            import faster_fifo
+
+            queue = faster_fifo.Queue(max_size_bytes=64 * 2**20)
+        else:
+            queue = CTX.Queue(maxsize=QUEUE_SIZE)
+        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, system == "faster_fifo", out))
+        procs = [CTX.Process(target=_queue_producer, args=(queue, p, steps, go, seconds, out)) for p in range(producers)]
+        consumer.start()
+        for p in procs:
+            p.start()
+        time.sleep(0.2)
+        start = time.perf_counter()
+        go.set()
+        results, got = [], None
+        for _ in range(producers + 1):
+            item = out.get(timeout=seconds + 300)
+            if len(item) == 2:
+                got = item
+            else:
+                results.append(item)
+        for p in [*procs, consumer]:
+            p.join(60)
+        delivered, end = got
+        attempted = sum(r[1] for r in results)
+        assert delivered == attempted, (system, delivered, attempted)
+    cpu = sum(r[2] for r in results)
+    attempted = sum(r[1] for r in results)
+    return {
+        "delivered_per_s": delivered / (end - start),
+        "producer_cpu_us_per_traj": cpu / attempted * 1e6,
+        "dropped": attempted - delivered,
+    }
+
+
+# ----------------------------------------------------------------- 2. latency
+
+
+def _background(name: str, seed: int, steps: int, seconds: float) -> None:
+    pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for t in pool:
-                if client.record(t):
-                    accepted += 1
-                else:
-                    dropped += 1
-    print(json.dumps({"accepted": accepted, "dropped": dropped}))
+                client.record(t)
 
 
-def measure(name: str, calls: int, producers: int, seconds: float) -> dict:
-    rng = np.random.default_rng(1)
-    results: dict[str, dict] = {}
-    with attach(name, timeout=30) as client:
+def time_calls(fn: Callable, args: list[tuple], repeat: int) -> list[int]:
+    clock, samples = time.perf_counter_ns, []
+    for _ in range(repeat):
+        for a in args:
+            t0 = clock()
+            fn(*a)
+            samples.append(clock() - t0)
+    return samples
+
+
+def run_latency(producers: int, seconds: float) -> dict[str, dict]:
+    results = {}
+    with Engine("lat", lanes=max(8, producers + 2)) as engine, attach(engine.name) as client:
         for steps in (1, 4):
-            others = [
-                subprocess.Popen(
-                    [sys.executable, __file__, "--_producer", name, str(seconds), str(steps)], stdout=subprocess.PIPE, text=True
-                )
-                for _ in range(producers - 1)
-            ]
-            try:
-                pool = [trajectory(rng, steps) for _ in range(512)]
-                samples: list[int] = []
-                deadline = time.monotonic() + seconds * 0.8
-                while len(samples) < calls and time.monotonic() < deadline:
-                    samples += time_calls(client.record, [(t,) for t in pool])
-                results[f"record T{steps}"] = percentiles(samples)
-            finally:
-                for p in others:
-                    out, _ = p.communicate(timeout=seconds + 60)
-            client.sync(timeout=60)
+            others = [CTX.Process(target=_background, args=(engine.name, 100 + p, steps, seconds)) for p in range(producers - 1)]
+            for p in others:
+                p.start()
+            pool = make_pool(7, steps, 512)
+            samples: list[int] = []
+            deadline = time.monotonic() + seconds * 0.8
+            while time.monotonic() < deadline:
+                samples += time_calls(client.record, [(t,) for t in pool], 1)
+            for p in others:
+                p.join(seconds + 60)
+            results[f"record T{steps}"] = pct(samples)
+        client.flush(timeout=60)  # a non-zero adapter from here on
+        rng = np.random.default_rng(3)
         x = rng.standard_normal(HIDDEN_DIM).astype(np.float32)
         batch = rng.standard_normal((32, HIDDEN_DIM)).astype(np.float32)
-        client.flush(timeout=30)  # the adapter is non-zero from here on
-        results["forward 1"] = percentiles(time_calls(client.forward, [(x,)] * calls))
-        results["forward 32"] = percentiles(time_calls(client.forward, [(batch,)] * calls))
-        stats = client.stats()
-    results["_engine"] = {
-        "trajectories_processed": stats["trajectories_processed"],
-        "lane_dropped": stats["lane_dropped"],
-        "flushes_performed": stats["flushes_performed"],
-    }
+        calls = max(2000, int(20000 * seconds))
+        results["forward 1"] = pct(time_calls(client.forward, [(x,)], calls))
+        results["forward 32"] = pct(time_calls(client.forward, [(batch,)], calls))
     return results
+
+
+# ----------------------------------------------------------------- 3. learning rate
+
+
+def run_learning(seconds: float) -> dict[str, float]:
+    """The flusher's per-batch work on slot-shaped data (strided like a lane ring)."""
+    results = {}
+    layout_config = EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, attention_dim=ATTENTION_DIM)
+    from sona_shm.layout import Layout
+
+    layout = Layout(layout_config)
+    for steps in (1, 4):
+        for batch in (32, 256, 1024):
+            slots = np.zeros(batch, dtype=layout.slot_dtype)
+            rng = np.random.default_rng(batch)
+            slots["query"] = rng.standard_normal((batch, HIDDEN_DIM))
+            slots["steps"]["act"][:, :steps] = rng.standard_normal((batch, steps, HIDDEN_DIM))
+            slots["meta"]["reward"][:, :steps] = rng.standard_normal((batch, steps))
+            slots["n_steps"] = steps
+            slots["quality"] = rng.random(batch)
+            learner = Learner(HIDDEN_DIM, RANK, 0.002, 100)
+            n_steps = slots["n_steps"].astype(np.int64)
+            done, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                g, scale = signal_parts(slots["query"], slots["meta"]["reward"][:, :steps], slots["steps"]["act"][:, :steps], n_steps)
+                learner.learn(g, slots["quality"] * scale)
+                done += batch
+            results[f"T{steps} batch {batch}"] = done / (time.perf_counter() - t0)
+    return results
+
+
+# ----------------------------------------------------------------- 4. freshness
+
+
+def _watcher(name: str, ready, samples: int, out) -> None:
+    with attach(name, timeout=30) as client:
+        x = np.ones(HIDDEN_DIM, np.float32)
+        seen = client.forward(x)
+        ready.set()
+        stamps = []
+        while len(stamps) < samples:
+            now = client.forward(x)
+            if not np.array_equal(now, seen):
+                stamps.append(time.perf_counter_ns())
+                seen = now
+        out.put(stamps)
+
+
+def run_freshness(samples: int) -> dict[str, Any]:
+    with Engine("fresh", flush_threshold=1, lanes=4) as engine:
+        ready, out = CTX.Event(), CTX.Queue()
+        watcher = CTX.Process(target=_watcher, args=(engine.name, ready, samples, out))
+        watcher.start()
+        ready.wait(60)
+        pool = make_pool(11, 1, samples)
+        sent = []
+        with attach(engine.name) as client:
+            for t in pool:
+                client.sync(timeout=10)  # the previous one is learned: each record is its own change
+                time.sleep(0.002)  # let the flusher fall idle, as between real requests
+                client.record(t)
+                sent.append(time.perf_counter_ns())
+        seen = out.get(timeout=120)
+        watcher.join(60)
+        lag = np.array(seen) - np.array(sent)
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu_s() -> float:
+            with open(f"/proc/{engine.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        c0, t0 = cpu_s(), time.monotonic()
+        time.sleep(2.0)
+        idle = (cpu_s() - c0) / (time.monotonic() - t0)
+    return {**pct(lag), "idle_flusher_cpu_percent": idle * 100, "wake_timeout_s": WAKE_TIMEOUT}
+
+
+# ----------------------------------------------------------------- main
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a short smoke run (seconds, not minutes)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--producers", type=int, default=4, help="producer processes recording at once, this one included")
-    p.add_argument("--seconds", type=float, default=None, help="length of each recording phase")
-    p.add_argument("--_producer", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="a short smoke run")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=None, help="length of each measured phase")
+    p.add_argument("--repeat", type=int, default=None, help="rounds of the interleaved throughput runs")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,latency,learning,freshness")
     args = p.parse_args()
-    if args._producer:
-        name, seconds, steps = args._producer
-        background_producer(name, float(seconds), int(steps))
-        return 0
-
-    seconds = args.seconds or (1.0 if args.quick else 5.0)
-    calls = 2_000 if args.quick else 100_000
-    name = f"bench-{os.getpid()}"
-    lanes = str(max(8, args.producers + 2))
-    options = ("--quiet", "--hidden-dim", str(HIDDEN_DIM), "--rank", str(RANK), "--attention-dim", str(ATTENTION_DIM), "--lanes", lanes)
-    flusher = start_flusher(name, *options)
+    seconds = args.seconds or (0.5 if args.quick else 3.0)
+    repeat = args.repeat or (1 if args.quick else 5)
+    skip = set(filter(None, args.skip.split(",")))
+    systems = ["sona_shm", "multiprocessing.Queue"]
     try:
-        results = measure(name, calls, args.producers, seconds)
-    finally:
-        stop_process(flusher)
-        segment.unlink(name)
-    results["_machine"] = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "producers": args.producers,
-        "quick": args.quick,
-    }
+        import faster_fifo  # noqa: F401
+
+        systems.append("faster_fifo")
+    except ImportError:
+        print("faster-fifo is not installed (pip install .[bench]); comparing with multiprocessing.Queue only", file=sys.stderr)
+
+    report: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
+            "cpu": _cpu_name(), "producers": args.producers, "seconds": seconds, "repeat": repeat,
+            "c_fast_paths": _c_paths(),
+        },
+    }  # fmt: skip
+    if "throughput" not in skip:
+        runs: dict[str, dict[str, list]] = {}
+        for steps in (1, 4):
+            for r in range(repeat):
+                order = systems[r % len(systems) :] + systems[: r % len(systems)]  # rotate who goes first
+                for system in order:
+                    res = run_throughput(system, args.producers, steps, seconds)
+                    for k, v in res.items():
+                        runs.setdefault(f"T{steps} {system}", {}).setdefault(k, []).append(v)
+        report["throughput"] = {key: {k: statistics.median(v) for k, v in vals.items()} for key, vals in runs.items()}
+        report["throughput_runs"] = runs
+    if "latency" not in skip:
+        report["latency"] = run_latency(args.producers, seconds)
+    if "learning" not in skip:
+        report["learning_per_s"] = run_learning(seconds / 2)
+    if "freshness" not in skip:
+        report["freshness"] = run_freshness(50 if args.quick else 500)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(report, indent=2))
     else:
-        print(f"sona_shm, hidden_dim {HIDDEN_DIM}, rank {RANK}, {args.producers} producers recording, flusher running")
-        print(f"{'operation':<14} {'median µs':>10} {'p99 µs':>10} {'calls':>9}")
-        for op, r in results.items():
-            if not op.startswith("_"):
-                print(f"{op:<14} {r['median_us']:>10.2f} {r['p99_us']:>10.2f} {r['calls']:>9}")
-        e = results["_engine"]
-        print(f"engine: {e['trajectories_processed']} learned, {e['lane_dropped']} dropped at full lanes, {e['flushes_performed']} flushes")
+        print_report(report, systems)
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _c_paths() -> bool:
+    from sona_shm import client
+
+    return client._speedups is not None
+
+
+def print_report(report: dict[str, Any], systems: list[str]) -> None:
+    m = report["machine"]
+    print(f"sona_shm bench: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, numpy {m['numpy']}, "
+          f"C fast paths {'on' if m['c_fast_paths'] else 'OFF'}; hidden 256, rank 2, {m['producers']} producers")  # fmt: skip
+    if "throughput" in report:
+        print(f"\n1. delivered throughput, {m['producers']} producers -> 1 consumer, median of {m['repeat']} interleaved rounds")
+        print(f"   {'workload':<28} {'traj/s':>12} {'vs sona_shm':>12} {'producer CPU µs/traj':>22}")
+        for steps in (1, 4):
+            ours = report["throughput"][f"T{steps} sona_shm"]["delivered_per_s"]
+            for system in systems:
+                r = report["throughput"][f"T{steps} {system}"]
+                ratio = "" if system == "sona_shm" else f"{ours / r['delivered_per_s']:.1f}x slower"
+                print(f"   T{steps} {system:<25} {r['delivered_per_s']:>12,.0f} {ratio:>12} {r['producer_cpu_us_per_traj']:>22.2f}")
+    if "latency" in report:
+        print("\n2. producer calls while the others record and the flusher learns (µs)")
+        print(f"   {'operation':<14} {'median':>8} {'p99':>8} {'calls':>9}")
+        for op, r in report["latency"].items():
+            print(f"   {op:<14} {r['median_us']:>8.2f} {r['p99_us']:>8.2f} {r['n']:>9}")
+    if "learning_per_s" in report:
+        print("\n3. flusher learning rate (signals + accumulate + flushes), trajectories/s")
+        for k, v in report["learning_per_s"].items():
+            print(f"   {k:<18} {v:>14,.0f}")
+    if "freshness" in report:
+        f = report["freshness"]
+        print(f"\n4. freshness, flush_threshold 1: record() -> change visible in another process: "
+              f"median {f['median_us']:.0f} µs, p99 {f['p99_us']:.0f} µs ({f['n']} samples); "
+              f"idle flusher {f['idle_flusher_cpu_percent']:.2f}% of a core")  # fmt: skip
 
 
 if __name__ == "__main__":
