@@ -153,7 +153,7 @@ def _convert(value: Any, name: Name) -> np.ndarray:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nesting and the like
         raise InvalidInputError(f"{_label(name)}: expected a sequence of numbers, got {_describe(value)} ({exc})") from None
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "iuf":  # booleans are refused too: a mask passed by mistake, not numbers
         raise InvalidInputError(f"{_label(name)}: expected real numbers castable to float32, got {_describe(value)}")
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(arr, dtype=F32)
@@ -194,7 +194,13 @@ def check_trajectory(
     steps = traj.steps
     if type(steps) is not list and (isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence)):
         raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
-    n = len(steps)
+    if type(steps) is list:
+        n = len(steps)
+    else:
+        try:
+            n = len(steps)  # a custom Sequence may raise here, or claim a negative length
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
     if max_steps is not None and n > max_steps:
         raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
     acts = []
