@@ -43,7 +43,7 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .segment import Segment, start_ticks, wait_until
+from .segment import Segment, check_timeout, start_ticks, wait_until
 from .trajectory import Trajectory, _all_finite, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -169,6 +169,8 @@ class Client:
         changes nothing.
         """
         layout = self.layout
+        if timeout:  # 0.0, the default, needs no check; NaN would make the wait endless
+            check_timeout(timeout)
         # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
         checked = check_trajectory(
             traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=False
@@ -179,6 +181,8 @@ class Client:
             if head - self._tail >= layout.lane_slots:
                 self._refresh_tail()
                 if head - self._tail >= layout.lane_slots and not self._wait_for_room(head, timeout):
+                    # Bad input raises rather than being counted as a drop: scan it now.
+                    check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim)
                     self._u64[self._ctl + LANE_DROPS // 8] += 1
                     return False
             # The slot at ``head`` is private until the head moves past it: fill it, scan
@@ -276,6 +280,7 @@ class Client:
 
     def sync(self, timeout: float = 5.0) -> None:
         """Wait until every trajectory this process committed has been learned."""
+        check_timeout(timeout)
         with self._lock:
             if self._lane < 0:
                 return
@@ -286,6 +291,7 @@ class Client:
 
     def flush(self, timeout: float = 5.0) -> None:
         """Ask the flusher to learn what is committed and apply pending gradients; wait for it."""
+        check_timeout(timeout)
         with self._lock:
             self._ensure_lane()
             word = self._ctl + LANE_FLUSH_REQ // 8
