@@ -15,6 +15,7 @@ import numpy as np
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 #: A REINFORCE gradient at or below this L2 norm is degenerate (SEMANTICS.md §3).
 DEGENERATE_NORM = 1e-8
@@ -63,24 +64,48 @@ def learning_signals(query: np.ndarray, rewards: np.ndarray, activations: np.nda
         r = np.where(mask, r, np.float32(0))
         act = np.where(mask[:, :, None], act, np.float32(0))
 
-    # The reference sums rewards left to right in float32; a float64 mean would hide
-    # residuals like 0.2f + 0.9f that decide which branch below is taken.
-    total = r[:, 0].copy()
-    for s in range(1, width):
-        total += r[:, s]
-    baseline = total / n.astype(F32)
-    adv = np.where(mask, r - baseline[:, None], np.float32(0))
-    g = _weighted_step_sum(adv, act)
-    norm = _row_norms(g)
-    degenerate = norm <= DEGENERATE_NORM
-    if degenerate.any():
-        fallback = _weighted_step_sum(r[degenerate], act[degenerate])
-        g[degenerate] = fallback
-        norm[degenerate] = _row_norms(fallback)
-    big = norm > DEGENERATE_NORM
-    g[big] /= norm[big, None].astype(F32)
+    # Overflow is dealt with below (rows redone in float64), so numpy need not warn of it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        # The reference sums rewards left to right in float32; a float64 mean would hide
+        # residuals like 0.2f + 0.9f that decide which branch below is taken.
+        total = r[:, 0].copy()
+        for s in range(1, width):
+            total += r[:, s]
+        baseline = total / n.astype(F32)
+        adv = np.where(mask, r - baseline[:, None], np.float32(0))
+        g = _weighted_step_sum(adv, act)
+        norm = _row_norms(g)
+        degenerate = norm <= DEGENERATE_NORM
+        if degenerate.any():
+            fallback = _weighted_step_sum(r[degenerate], act[degenerate])
+            g[degenerate] = fallback
+            norm[degenerate] = _row_norms(fallback)
+        big = norm > DEGENERATE_NORM
+        g[big] /= norm[big, None].astype(F32)
+        overflowed = ~np.isfinite(norm)
+        if overflowed.any():
+            # Finite inputs near the float32 limit overflow the float32 sums (the reference's
+            # arithmetic then yields NaN). Only those rows are redone in float64, which cannot
+            # overflow, so no finite trajectory puts NaN/Inf into the gradient.
+            g[overflowed] = _signals_f64(r[overflowed], act[overflowed], mask[overflowed], n[overflowed])
     out[rows] = g
     return out
+
+
+def _signals_f64(r: np.ndarray, act: np.ndarray, mask: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """:func:`learning_signals` of stepped rows in float64 (for rows whose float32 sums overflow)."""
+    r64 = np.where(mask, r.astype(F64), 0.0)
+    act64 = act.astype(F64)
+    adv = np.where(mask, r64 - (r64.sum(axis=1) / n)[:, None], 0.0)
+    g = np.einsum("ks,ksh->kh", adv, act64)
+    norm = np.sqrt(np.einsum("kh,kh->k", g, g))
+    degenerate = norm <= DEGENERATE_NORM
+    if degenerate.any():
+        g[degenerate] = np.einsum("ks,ksh->kh", r64[degenerate], act64[degenerate])
+        norm[degenerate] = np.sqrt(np.einsum("kh,kh->k", g[degenerate], g[degenerate]))
+    big = norm > DEGENERATE_NORM
+    g[big] /= norm[big, None]
+    return g.astype(F32)
 
 
 def _weighted_step_sum(weights: np.ndarray, act: np.ndarray) -> np.ndarray:
@@ -179,8 +204,11 @@ class Learner:
         """Apply pending gradients: ``up += grad_up * lr / pending``. False if none."""
         if self.pending == 0:
             return False
-        step = self.grad_up * (self.lr / self.pending)
-        self.up[...] = self.up.astype(F64) + step
+        up = self.up.astype(F64) + self.grad_up * (self.lr / self.pending)
+        # Saturate rather than overflow: ``up`` stays finite whatever finite input was learned
+        # (the reference would store ±inf; values inside float32 range are untouched).
+        np.clip(up, -_F32_MAX, _F32_MAX, out=up)
+        self.up[...] = up
         self.grad_up[...] = 0.0
         self.updates_applied += self.pending
         self.flushes_performed += 1
