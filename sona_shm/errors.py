@@ -38,3 +38,7 @@ class FlusherTimeoutError(SonaShmError, TimeoutError):
 
 class ClosedError(SonaShmError):
     """The client was closed; attach again to keep recording."""
+
+
+class CheckpointError(SonaShmError):
+    """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""

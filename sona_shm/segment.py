@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -149,6 +150,11 @@ class Segment:
         except BaseException:
             os.close(fd)
             raise
+
+    @property
+    def mode(self) -> int:
+        """The segment's permission bits (0600, or 0660 for a group engine)."""
+        return stat.S_IMODE(os.fstat(self._fd).st_mode)
 
     def header_magic_ok(self) -> bool:
         return bytes(self.buf[:8]) == MAGIC
