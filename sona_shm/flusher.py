@@ -430,7 +430,9 @@ def _create_or_adopt(
                 f"segment {name!r} already has a live flusher (pid {pid}); stop it first (SIGTERM) or use another --name"
             )
         raw = os.pread(fd, HEADER_BYTES, 0)
-        fresh = created or len(raw) < HEADER_BYTES or raw[:8] != MAGIC
+        # Zero magic: a creator died before finishing. Any other magic that is not ours is
+        # another program's (or another version's) object: refused below, never overwritten.
+        fresh = created or len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8
         if fresh:
             if not created:
                 log.warning("segment %r was never completed (its creator died); initialising it again", name)
