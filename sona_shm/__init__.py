@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import (
+    CheckpointError,
     ClosedError,
     FlusherRunningError,
     FlusherTimeoutError,
@@ -19,6 +20,7 @@ from .trajectory import Step, Trajectory
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ClosedError",
     "FlusherRunningError",
     "FlusherTimeoutError",
