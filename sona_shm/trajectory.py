@@ -156,7 +156,9 @@ def _convert(value: Any, name: Name) -> np.ndarray:
     if arr.dtype.kind not in "iuf":  # booleans are refused too: a mask passed by mistake, not numbers
         raise InvalidInputError(f"{_label(name)}: expected real numbers castable to float32, got {_describe(value)}")
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.ascontiguousarray(arr, dtype=F32)
+        # Not np.ascontiguousarray: it turns a scalar into a 1-element vector, which the
+        # caller's 1-D check must see and refuse.
+        return np.asarray(arr, dtype=F32, order="C")
 
 
 def as_finite_float(value: Any, name: Name) -> float:
