@@ -106,8 +106,11 @@ def fork_worker(name: str, seed: int, count: int, pace: float, progress: str) ->
 
 def read_progress(path: str) -> tuple[int | None, str, bool]:
     """``(lane or None if killed before attaching, one 1/0 per returned record, finished)``."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:  # killed before it opened the file
+        data = b""
     if b"\n" not in data:
         return None, "", False
     lane, rest = data.split(b"\n", 1)
