@@ -323,6 +323,8 @@ class Flusher:
 
     def write_checkpoint(self) -> bool:
         """Write the committed state to :attr:`checkpoint_path`; False if unchanged since the last write."""
+        if not self.checkpoint_path:
+            raise InvalidInputError("checkpoint: this flusher was started without a checkpoint path")
         record = self.ledger.snapshot()
         commit = self.ledger.commit  # we are the only writer, so this is the commit of the snapshot
         if commit == self._checkpointed_commit:

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import math
 import mmap
+import numbers
 import os
 import re
 import stat
@@ -54,7 +55,7 @@ def check_timeout(timeout: object, name: str = "timeout") -> float:
 
     Every wait in sona_shm is bounded by one of these; NaN or infinity would unbound it.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 <= timeout < math.inf:
         raise InvalidInputError(f"{name}: expected a finite number of seconds >= 0, got {timeout!r}")
     return float(timeout)
 
