@@ -35,7 +35,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -58,10 +59,10 @@ CTX = mp.get_context("fork")
 def make_pool(seed: int, steps: int, size: int = POOL) -> list[Trajectory]:
     rng = np.random.default_rng(seed)
     vec = lambda n: rng.standard_normal(n).astype(np.float32)  # noqa: E731
-    return [
-        Trajectory(vec(HIDDEN_DIM), [Step(vec(HIDDEN_DIM), rng.random(ATTENTION_DIM).astype(np.float32), float(rng.standard_normal())) for _ in range(steps)], float(rng.random()))
-        for _ in range(size)
-    ]  # fmt: skip
+    def step() -> Step:
+        return Step(vec(HIDDEN_DIM), rng.random(ATTENTION_DIM).astype(np.float32), float(rng.standard_normal()))
+
+    return [Trajectory(vec(HIDDEN_DIM), [step() for _ in range(steps)], float(rng.random())) for _ in range(size)]
 
 
 def pct(samples_ns: list[int] | np.ndarray) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .client import Client, attach
 from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (
+    CheckpointError,
     ClosedError,
     DrainTimeoutError,
     FlusherRunningError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "CheckpointError",
     "ClosedError",
     "Consumer",
     "DrainTimeoutError",

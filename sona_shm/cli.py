@@ -1,4 +1,4 @@
-"""``sona-shm``: run the flusher, inspect, create and remove engines, drain their buffers, run the demo."""
+"""``sona-shm``: run the flusher, inspect, create and remove engines, drain their buffers, checkpoint and restore, run the demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
+from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
 from .layout import EngineConfig
 
 EXIT_OK = 0
@@ -20,12 +20,14 @@ EXIT_NOT_FOUND = 3  # no such segment
 EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment
 EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
 EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
+EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
 
 # The first matching class decides; SonaShmError catches the rest.
 _EXIT_CODES = (
     (SegmentNotFoundError, EXIT_NOT_FOUND),
     (FlusherRunningError, EXIT_FLUSHER_RUNNING),
     (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
+    (CheckpointError, EXIT_CHECKPOINT),
     (InvalidInputError, EXIT_USAGE),
     (SonaShmError, EXIT_ERROR),
 )
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="also apply pending gradients this often (0: only by threshold; default 0)",
     )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        default=None,
+        help="save the adapter here (safetensors) periodically and at shutdown; restore from it when the segment is new",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between checkpoints (0: only at shutdown; default 60)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
     p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
@@ -86,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="a new file (never overwritten); load it with numpy.load")
     p.add_argument("--max", type=int, default=None, metavar="N", help="at most N trajectories (default: all buffered)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait this long for another consumer (default 10)")
+
+    p = sub.add_parser("checkpoint", help="write an engine's adapter to a safetensors file (no lock, nothing written to it)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True, metavar="PATH")
+
+    p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--from", dest="source", required=True, metavar="PATH")
 
     p = sub.add_parser("demo", help="flusher + producer processes on a scratch engine, then the stats")
     p.add_argument("--producers", type=int, default=4)
@@ -113,6 +136,11 @@ def _flusher(args: argparse.Namespace) -> int:
     )
     if args.flush_interval < 0:
         raise InvalidInputError(f"--flush-interval: expected seconds >= 0, got {args.flush_interval}")
+    if args.checkpoint_interval is not None and not args.checkpoint:
+        raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
+    interval = 60.0 if args.checkpoint_interval is None else args.checkpoint_interval
+    if not 0 <= interval < float("inf"):
+        raise InvalidInputError(f"--checkpoint-interval: expected seconds >= 0, got {args.checkpoint_interval}")
     given = _given_config(args)
     flusher = Flusher(
         args.name,
@@ -120,6 +148,8 @@ def _flusher(args: argparse.Namespace) -> int:
         config_overrides=given,
         flush_interval=args.flush_interval,
         mode=GROUP_MODE if args.group else DEFAULT_MODE,
+        checkpoint=args.checkpoint,
+        checkpoint_interval=interval,
     )
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -193,13 +223,41 @@ def _drain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_segment
+
+    saved = checkpoint_segment(args.name, args.out)
+    print(
+        f"sona-shm: wrote {args.out}: generation {saved.generation}, "
+        f"{saved.counters['trajectories_processed']} trajectories processed, {saved.counters['pending']} pending"
+    )
+    return EXIT_OK
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from .checkpoint import restore
+
+    generation = restore(args.name, args.source)
+    print(f"sona-shm: restored segment {args.name!r} from {args.source}; weights generation is now {generation}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(producers=args.producers, trajectories=args.trajectories, name=args.name)
 
 
-_COMMANDS = {"flusher": _flusher, "stats": _stats, "create": _create, "destroy": _destroy, "drain": _drain, "demo": _demo}
+_COMMANDS = {
+    "flusher": _flusher,
+    "stats": _stats,
+    "create": _create,
+    "destroy": _destroy,
+    "drain": _drain,
+    "checkpoint": _checkpoint,
+    "restore": _restore,
+    "demo": _demo,
+}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -44,7 +44,7 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .segment import Segment, start_ticks, wait_until
+from .segment import Segment, check_timeout, start_ticks, wait_until
 from .trajectory import CheckedTrajectory, Step, Trajectory, _all_finite, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -198,6 +198,8 @@ class Client:
         long for room instead. Bad input raises :class:`InvalidInputError` and
         changes nothing.
         """
+        if timeout:  # 0.0, the default, needs no check; NaN would make the wait endless
+            check_timeout(timeout)
         with self._lock:
             if self._lane < 0:
                 self._ensure_lane()
@@ -340,6 +342,7 @@ class Client:
 
     def sync(self, timeout: float = 5.0) -> None:
         """Wait until every trajectory this process committed has been learned."""
+        check_timeout(timeout)
         with self._lock:
             if self._lane < 0:
                 return
@@ -350,6 +353,7 @@ class Client:
 
     def flush(self, timeout: float = 5.0) -> None:
         """Ask the flusher to learn what is committed and apply pending gradients; wait for it."""
+        check_timeout(timeout)
         with self._lock:
             self._ensure_lane()
             word = self._ctl + LANE_FLUSH_REQ // 8

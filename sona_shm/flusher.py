@@ -16,15 +16,19 @@ engine rings the bell, and a ring lost to a race costs at most that timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import posix_ipc
 
-from .errors import FlusherRunningError, LayoutMismatchError
+from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError
 from .layout import (
     CONS_TAIL,
     CONSUMER_LINE,
@@ -46,7 +50,7 @@ from .layout import (
 )
 from .learning import Learner, initial_down, signal_parts
 from .ledger import Ledger
-from .segment import DEFAULT_MODE, Segment, check_name, create_bell, create_fd, open_fd, start_ticks, try_lock_fd
+from .segment import DEFAULT_MODE, Segment, check_name, check_timeout, create_bell, create_fd, open_fd, start_ticks, try_lock_fd, unlink
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -62,6 +66,13 @@ class Flusher:
     ``config``: the :class:`EngineConfig` fields to create the segment with. When the
     segment already exists, only the fields in ``config_overrides`` are compared with
     it (a mismatch is refused), so a restarted flusher adopts whatever it finds.
+
+    ``checkpoint``: a file path. If the segment is new and the file exists, the engine
+    is created with the file's configuration (``config_overrides`` win) and its learned
+    state, before any worker can attach; a file that cannot be restored is refused with
+    :class:`CheckpointError` and the new segment is removed again. An adopted segment is
+    newer than any checkpoint, so the file is then not read. The state is written there
+    every ``checkpoint_interval`` seconds (0: only at shutdown) and at shutdown.
     """
 
     def __init__(
@@ -72,18 +83,36 @@ class Flusher:
         config_overrides: dict[str, Any] | None = None,
         flush_interval: float = 0.0,
         mode: int = DEFAULT_MODE,
+        checkpoint: str | None = None,
+        checkpoint_interval: float = 0.0,
     ) -> None:
         check_name(name)
         self.name = name
         self.flush_interval = float(flush_interval)
         self.stop_requested = False
         self.created = False
+        self.restored = False
         self.segment: Segment | None = None
+        self.checkpoint_path = _check_checkpoint_path(checkpoint)
+        self.checkpoint_interval = check_timeout(checkpoint_interval, "checkpoint_interval")
         requested = config or EngineConfig()
         overrides = (
             dict(config_overrides) if config_overrides is not None else {f: getattr(requested, f) for f in requested.__dataclass_fields__}
         )
-        self.segment, self.created = _create_or_adopt(name, requested, overrides, mode)
+        saved, problem = _load_checkpoint(self.checkpoint_path)
+        if saved is not None:
+            requested = dataclasses.replace(saved.config, **overrides)  # a new segment is the checkpoint's engine
+
+        def restore_into(layout: Layout) -> Checkpoint | None:
+            """Only for a new segment, before its header is published."""
+            if problem is not None:
+                raise problem
+            if saved is not None:
+                saved.check_fits(layout, f"checkpoint {self.checkpoint_path}")
+            return saved
+
+        self.segment, self.created = _create_or_adopt(name, requested, overrides, mode, restore_into)
+        self.restored = self.created and saved is not None
         try:
             self._setup()
         except BaseException:
@@ -129,6 +158,21 @@ class Flusher:
         u64[self._w_idle] = 0
         f64[self._w_heartbeat] = time.time()
         log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())
+        self._checkpointed_commit: int | None = None
+        self._next_checkpoint = math.inf
+        if self.checkpoint_path:
+            if self.restored:
+                log.info(
+                    "restored %r from %s: generation %d, %d trajectories processed",
+                    self.name,
+                    self.checkpoint_path,
+                    self.learner.generation,
+                    self.learner.trajectories_processed,
+                )
+            elif not self.created:
+                log.info("adopted %r keeps its own state (newer than any checkpoint); %s is not read", self.name, self.checkpoint_path)
+            if self.checkpoint_interval > 0:
+                self._next_checkpoint = time.monotonic() + self.checkpoint_interval
 
     # ----------------------------------------------------------------- the loop
 
@@ -137,6 +181,8 @@ class Flusher:
         while not self.stop_requested:
             if self.scan() == 0:
                 self._sleep()
+            if time.monotonic() >= self._next_checkpoint:
+                self._periodic_checkpoint()
         self.shutdown()
 
     def scan(self) -> int:
@@ -273,6 +319,29 @@ class Flusher:
             except posix_ipc.BusyError:
                 break
 
+    # ----------------------------------------------------------------- checkpoints
+
+    def write_checkpoint(self) -> bool:
+        """Write the committed state to :attr:`checkpoint_path`; False if unchanged since the last write."""
+        if not self.checkpoint_path:
+            raise InvalidInputError("checkpoint: this flusher was started without a checkpoint path")
+        record = self.ledger.snapshot()
+        commit = self.ledger.commit  # we are the only writer, so this is the commit of the snapshot
+        if commit == self._checkpointed_commit:
+            return False
+        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config), self.segment.mode)
+        self._checkpointed_commit = commit
+        return True
+
+    def _periodic_checkpoint(self) -> None:
+        self._next_checkpoint = time.monotonic() + self.checkpoint_interval
+        try:
+            if self.write_checkpoint():
+                log.info("checkpoint written to %s", self.checkpoint_path)
+        except CheckpointError as exc:
+            # A full disk must not stop the learning: say so and try again next interval.
+            log.error("%s; learning goes on, next attempt in %g s", exc, self.checkpoint_interval)
+
     def flush_now(self) -> None:
         """Learn everything committed, apply pending gradients and publish (used at shutdown)."""
         self.scan()
@@ -287,13 +356,17 @@ class Flusher:
             if self.scan() == 0:
                 break
         self.flush_now()
-        log.info(
-            "stopped segment %r: %d trajectories processed, %d flushes",
-            self.name,
-            self.learner.trajectories_processed,
-            self.learner.flushes_performed,
-        )
-        self.close()
+        try:
+            if self.checkpoint_path and self.write_checkpoint():
+                log.info("checkpoint written to %s", self.checkpoint_path)
+        finally:
+            log.info(
+                "stopped segment %r: %d trajectories processed, %d flushes",
+                self.name,
+                self.learner.trajectories_processed,
+                self.learner.flushes_performed,
+            )
+            self.close()
 
     def close(self) -> None:
         """Release the segment and the flusher lock without draining. Safe to call twice."""
@@ -309,8 +382,42 @@ class Flusher:
             self.segment = None
 
 
-def _create_or_adopt(name: str, requested: EngineConfig, overrides: dict[str, Any], mode: int) -> tuple[Segment, bool]:
-    """Create segment ``name`` or adopt the existing one; hold the flusher lock on return."""
+def _check_checkpoint_path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise InvalidInputError(f"checkpoint: expected a file path, got {path!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InvalidInputError(f"checkpoint: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise InvalidInputError(f"checkpoint: {path} is a directory; give a file path")
+    return path
+
+
+def _load_checkpoint(path: str | None) -> tuple[Checkpoint | None, CheckpointError | None]:
+    """The checkpoint at ``path`` or why it cannot be restored (raised only if a new segment needs it)."""
+    if path is None or not os.path.exists(path):
+        return None, None
+    try:
+        return read_checkpoint(path), None
+    except CheckpointError as exc:
+        return None, exc
+
+
+def _create_or_adopt(
+    name: str,
+    requested: EngineConfig,
+    overrides: dict[str, Any],
+    mode: int,
+    restore_into: Callable[[Layout], Checkpoint | None] | None = None,
+) -> tuple[Segment, bool]:
+    """Create segment ``name`` or adopt the existing one; hold the flusher lock on return.
+
+    A new segment gets the state ``restore_into(layout)`` returns (if any) before its
+    header is published; if that raises, the segment is removed again — no worker can
+    have attached to it — and the error propagates.
+    """
     layout = Layout(requested)
     try:
         fd = create_fd(name, layout.total_bytes, mode)
@@ -325,7 +432,9 @@ def _create_or_adopt(name: str, requested: EngineConfig, overrides: dict[str, An
                 f"segment {name!r} already has a live flusher (pid {pid}); stop it first (SIGTERM) or use another --name"
             )
         raw = os.pread(fd, HEADER_BYTES, 0)
-        fresh = created or len(raw) < HEADER_BYTES or raw[:8] != MAGIC
+        # Zero magic: a creator died before finishing. Any other magic that is not ours is
+        # another program's (or another version's) object: refused below, never overwritten.
+        fresh = created or len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8
         if fresh:
             if not created:
                 log.warning("segment %r was never completed (its creator died); initialising it again", name)
@@ -346,18 +455,25 @@ def _create_or_adopt(name: str, requested: EngineConfig, overrides: dict[str, An
         os.close(fd)
         raise
     if fresh:
-        _initialise(segment, mode)
+        try:
+            _initialise(segment, mode, restore_into(segment.layout) if restore_into else None)
+        except BaseException:
+            segment.close()
+            unlink(name)
+            raise
     else:
         create_bell(name, mode)  # kept if it exists; recreated if someone removed it
     return segment, fresh
 
 
-def _initialise(segment: Segment, mode: int) -> None:
+def _initialise(segment: Segment, mode: int, checkpoint: Checkpoint | None = None) -> None:
     """Write header, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
     layout = segment.layout
     segment.buf[: len(layout.pack_header())] = layout.pack_header()
     record = np.zeros(1, dtype=layout.ledger_dtype)
     record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
+    if checkpoint is not None:
+        checkpoint.apply(record[0], checkpoint.generation)  # no worker has seen this segment: keep its generation
     ledger = Ledger(segment)
     ledger.copies[0] = record[0]
     ledger.close()

@@ -15,6 +15,7 @@ import numpy as np
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 #: A REINFORCE gradient at or below this L2 norm is degenerate (SEMANTICS.md §3).
 DEGENERATE_NORM = 1e-8
@@ -62,8 +63,12 @@ def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray
         # One step: baseline = reward, so every advantage is exactly 0 and the
         # reference always takes the fallback, reward * activations. Computed directly:
         # it is the common case (one model call per request), in one pass.
-        g = np.multiply(np.asarray(rewards[:, 0], dtype=F32)[:, None], activations[:, 0], dtype=F32)
-        return g, _inverse_norms(_row_norms(g))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is repaired below
+            g = np.multiply(np.asarray(rewards[:, 0], dtype=F32)[:, None], activations[:, 0], dtype=F32)
+            norm = _row_norms(g)
+        scale = _inverse_norms(norm)
+        _repair_overflow(g, scale, norm, rewards[:, :1], activations[:, :1], n_steps)
+        return g, scale
     g = np.empty((n_rows, hidden), dtype=F32)
     scale = np.ones(n_rows, dtype=F32)
     if n_rows == 0:
@@ -73,9 +78,13 @@ def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray
         g[zero] = query[zero]
     if single.any():
         rows = np.flatnonzero(single)
-        g1 = np.multiply(np.asarray(rewards[rows, 0], dtype=F32)[:, None], activations[rows, 0], dtype=F32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            g1 = np.multiply(np.asarray(rewards[rows, 0], dtype=F32)[:, None], activations[rows, 0], dtype=F32)
+            norm1 = _row_norms(g1)
+        scale1 = _inverse_norms(norm1)
+        _repair_overflow(g1, scale1, norm1, rewards[rows, :1], activations[rows, :1], n_steps[rows])
         g[rows] = g1
-        scale[rows] = _inverse_norms(_row_norms(g1))
+        scale[rows] = scale1
     multi = n_steps > 1
     if not multi.any():
         return g, scale
@@ -91,28 +100,62 @@ def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray
         r = np.where(mask, r, np.float32(0))
         act = np.where(mask[:, :, None], act, np.float32(0))
 
-    # The reference sums rewards left to right in float32; a float64 mean would hide
-    # residuals like 0.2f + 0.9f that decide which branch below is taken.
-    total = r[:, 0].copy()
-    for s in range(1, width):
-        total += r[:, s]
-    baseline = total / n.astype(F32)
-    adv = np.where(mask, r - baseline[:, None], np.float32(0))
-    gm = _weighted_step_sum(adv, act)
-    norm = _row_norms(gm)
-    degenerate = norm <= DEGENERATE_NORM
-    if degenerate.any():
-        fallback = _weighted_step_sum(r[degenerate], act[degenerate])
-        gm[degenerate] = fallback
-        norm[degenerate] = _row_norms(fallback)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is repaired below
+        # The reference sums rewards left to right in float32; a float64 mean would hide
+        # residuals like 0.2f + 0.9f that decide which branch below is taken.
+        total = r[:, 0].copy()
+        for s in range(1, width):
+            total += r[:, s]
+        baseline = total / n.astype(F32)
+        adv = np.where(mask, r - baseline[:, None], np.float32(0))
+        gm = _weighted_step_sum(adv, act)
+        norm = _row_norms(gm)
+        degenerate = norm <= DEGENERATE_NORM
+        if degenerate.any():
+            fallback = _weighted_step_sum(r[degenerate], act[degenerate])
+            gm[degenerate] = fallback
+            norm[degenerate] = _row_norms(fallback)
+    scale_m = _inverse_norms(norm)
+    _repair_overflow(gm, scale_m, norm, r, act, n)
     g[rows] = gm
-    scale[rows] = _inverse_norms(norm)
+    scale[rows] = scale_m
     return g, scale
+
+
+def _repair_overflow(g: np.ndarray, scale: np.ndarray, norm: np.ndarray, r: np.ndarray, act: np.ndarray, n: np.ndarray) -> None:
+    """Redo in float64, in place, the rows whose float32 sums overflowed (``norm`` not finite).
+
+    Finite inputs near the float32 limit overflow the reference's float32 arithmetic,
+    which then yields NaN; float64 cannot overflow here, so no finite trajectory puts
+    NaN/Inf into the gradient. The redone rows come back normalised (``scale`` 1).
+    """
+    overflowed = ~np.isfinite(norm)
+    if overflowed.any():
+        width = r.shape[1]
+        mask = np.arange(width) < n[overflowed, None]
+        g[overflowed] = _signals_f64(np.asarray(r[overflowed], dtype=F32), np.asarray(act[overflowed], dtype=F32), mask, n[overflowed])
+        scale[overflowed] = 1.0
 
 
 def _inverse_norms(norm: np.ndarray) -> np.ndarray:
     """``1/norm`` where the norm exceeds ``DEGENERATE_NORM``, else 1 (left as it is)."""
     return np.where(norm > DEGENERATE_NORM, np.float32(1) / np.maximum(norm, np.float32(DEGENERATE_NORM)), np.float32(1))
+
+
+def _signals_f64(r: np.ndarray, act: np.ndarray, mask: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """:func:`learning_signals` of stepped rows in float64 (for rows whose float32 sums overflow)."""
+    r64 = np.where(mask, r.astype(F64), 0.0)
+    act64 = act.astype(F64)
+    adv = np.where(mask, r64 - (r64.sum(axis=1) / n)[:, None], 0.0)
+    g = np.einsum("ks,ksh->kh", adv, act64)
+    norm = np.sqrt(np.einsum("kh,kh->k", g, g))
+    degenerate = norm <= DEGENERATE_NORM
+    if degenerate.any():
+        g[degenerate] = np.einsum("ks,ksh->kh", r64[degenerate], act64[degenerate])
+        norm[degenerate] = np.sqrt(np.einsum("kh,kh->k", g[degenerate], g[degenerate]))
+    big = norm > DEGENERATE_NORM
+    g[big] /= norm[big, None]
+    return g.astype(F32)
 
 
 def _weighted_step_sum(weights: np.ndarray, act: np.ndarray) -> np.ndarray:
@@ -202,7 +245,11 @@ class Learner:
             take = min(self.flush_threshold - self.pending, n - start)
             # Σ quality_i * signal_i over the chunk as one float32 BLAS product; the
             # running accumulator is float64 so long runs between flushes stay exact.
-            self.grad_up += quality[start : start + take] @ signals[start : start + take]
+            with np.errstate(over="ignore", invalid="ignore"):
+                chunk = quality[start : start + take] @ signals[start : start + take]
+            if not np.isfinite(chunk).all():  # float32 overflow of huge finite inputs: redo exactly
+                chunk = quality[start : start + take].astype(F64) @ signals[start : start + take].astype(F64)
+            self.grad_up += chunk
             self.pending += take
             start += take
             if self.pending >= self.flush_threshold:
@@ -216,8 +263,11 @@ class Learner:
         """Apply pending gradients: ``up += grad_up * lr / pending``. False if none."""
         if self.pending == 0:
             return False
-        step = self.grad_up * (self.lr / self.pending)
-        self.up[...] = self.up.astype(F64) + step
+        up = self.up.astype(F64) + self.grad_up * (self.lr / self.pending)
+        # Saturate rather than overflow: ``up`` stays finite whatever finite input was learned
+        # (the reference would store ±inf; values inside float32 range are untouched).
+        np.clip(up, -_F32_MAX, _F32_MAX, out=up)
+        self.up[...] = up
         self.grad_up[...] = 0.0
         self.updates_applied += self.pending
         self.flushes_performed += 1

@@ -8,6 +8,9 @@ writer and a writer killed at any instant leaves the current copy intact.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 
 from .layout import COMMIT_LINE
@@ -16,6 +19,12 @@ from .segment import Segment
 #: Reader retries before giving up on a consistent read. A retry means the flusher
 #: committed while we copied a few KiB; it commits at most once per scan of the lanes.
 READ_RETRIES = 1000
+
+
+#: Test-only fault hook: with ``SONA_SHM_TEST_PAUSE=publish`` in its environment a process
+#: stops itself (SIGSTOP) in its first :meth:`Ledger.publish`, after writing the inactive
+#: copy and before the commit store, so a test can SIGKILL it exactly mid-publish.
+_PAUSE_BEFORE_COMMIT = os.environ.get("SONA_SHM_TEST_PAUSE") == "publish"
 
 
 class TornRead(Exception):
@@ -88,8 +97,12 @@ class Ledger:
 
     def publish(self, record: np.ndarray) -> int:
         """Make ``record`` (shape ``(1,)``) current. Only the flusher calls this."""
+        global _PAUSE_BEFORE_COMMIT
         c = self._u64[self._commit]
         self.copies[(c + 1) & 1] = record[0]
+        if _PAUSE_BEFORE_COMMIT:
+            _PAUSE_BEFORE_COMMIT = False
+            os.kill(os.getpid(), signal.SIGSTOP)
         self._u64[self._commit] = c + 1  # publishes the copy written above
         return c + 1
 

@@ -44,8 +44,11 @@ def check_vectors(x: Any, hidden_dim: int) -> np.ndarray:
     """``x`` as finite ``float32[hidden_dim]`` or ``float32[n, hidden_dim]``, or raise."""
     if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1:
         return as_vector(x, "x", length=hidden_dim, what="hidden_dim")
-    arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
-    if arr is None or arr.dtype.kind not in "biuf" or arr.ndim not in (1, 2):
+    try:
+        arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
+    except (ValueError, TypeError, OverflowError):  # ragged nesting and the like
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf" or arr.ndim not in (1, 2):
         got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if arr is not None else repr(x)
         raise InvalidInputError(f"x: expected float32[{hidden_dim}] or float32[n, {hidden_dim}], got {got}")
     if arr.ndim == 1:

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import mmap
+import numbers
 import os
 import re
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -45,6 +48,16 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInputError(f"name: expected 1-64 characters from [A-Za-z0-9_.-] starting with a letter or digit, got {name!r}")
     return name
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float:
+    """Return ``timeout`` as seconds if it is a finite number >= 0, else raise naming it.
+
+    Every wait in sona_shm is bounded by one of these; NaN or infinity would unbound it.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 <= timeout < math.inf:
+        raise InvalidInputError(f"{name}: expected a finite number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
 
 
 def segment_path(name: str) -> str:
@@ -109,7 +122,7 @@ class Segment:
         the header; raises :class:`SegmentNotFoundError` or :class:`LayoutMismatchError`.
         """
         check_name(name)
-        deadline = time.monotonic() + max(0.0, timeout)
+        deadline = time.monotonic() + check_timeout(timeout)
         delay = 0.001
         while True:
             try:
@@ -138,6 +151,11 @@ class Segment:
         except BaseException:
             os.close(fd)
             raise
+
+    @property
+    def mode(self) -> int:
+        """The segment's permission bits (0600, or 0660 for a group engine)."""
+        return stat.S_IMODE(os.fstat(self._fd).st_mode)
 
     def header_magic_ok(self) -> bool:
         return bytes(self.buf[:8]) == MAGIC

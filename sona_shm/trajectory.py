@@ -154,10 +154,12 @@ def _convert(value: Any, name: Name) -> np.ndarray:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged nesting and the like
         raise InvalidInputError(f"{_label(name)}: expected a sequence of numbers, got {_describe(value)} ({exc})") from None
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "iuf":  # booleans are refused too: a mask passed by mistake, not numbers
         raise InvalidInputError(f"{_label(name)}: expected real numbers castable to float32, got {_describe(value)}")
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.ascontiguousarray(arr, dtype=F32)
+        # Not np.ascontiguousarray: it turns a scalar into a 1-element vector, which the
+        # caller's 1-D check must see and refuse.
+        return np.asarray(arr, dtype=F32, order="C")
 
 
 def as_finite_float(value: Any, name: Name) -> float:
@@ -200,7 +202,13 @@ def check_trajectory(
     steps = traj.steps
     if type(steps) is not list and type(steps) is not tuple and (isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence)):
         raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
-    n = len(steps)
+    if type(steps) is list:
+        n = len(steps)
+    else:
+        try:
+            n = len(steps)  # a custom Sequence may raise here, or claim a negative length
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
     if max_steps is not None and n > max_steps:
         raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
     acts = []

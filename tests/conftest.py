@@ -51,17 +51,17 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args: str, **kwargs) -> subprocess.Popen:
+    def start(self, *args: str, extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         kwargs.setdefault("text", True)
-        proc = subprocess.Popen(python_cmd(*args), env=env(), **kwargs)
+        proc = subprocess.Popen(python_cmd(*args), env={**env(), **(extra_env or {})}, **kwargs)
         self.procs.append(proc)
         return proc
 
-    def flusher(self, engine: str, *options: str) -> subprocess.Popen:
+    def flusher(self, engine: str, *options: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``sona-shm flusher`` and wait until it owns the segment."""
-        proc = self.start("-m", "sona_shm", "flusher", "--name", engine, "--quiet", *options)
+        proc = self.start("-m", "sona_shm", "flusher", "--name", engine, "--quiet", *options, extra_env=extra_env)
 
         def ready():
             if proc.poll() is not None:
@@ -89,6 +89,48 @@ def procs():
     p = Processes()
     yield p
     p.kill_all()
+
+
+class Children:
+    """Processes this test forked (``tests/faults.py``); the ones not yet reaped are killed at teardown.
+
+    Only unreaped children are signalled: an unreaped pid cannot have been reused.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+
+    def add(self, pid: int) -> int:
+        self.live.add(pid)
+        return pid
+
+    def wait(self, pid: int) -> int:
+        """Reap ``pid``; its exit code (negative: killed by that signal)."""
+        _, status = os.waitpid(pid, 0)
+        self.live.discard(pid)
+        return os.waitstatus_to_exitcode(status)
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        self.wait(pid)
+
+    def wait_stopped(self, pid: int) -> None:
+        """Wait until ``pid`` stopped itself (SIGSTOP); fail if it exited instead."""
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            self.live.discard(pid)
+            raise AssertionError(f"child {pid} exited ({os.waitstatus_to_exitcode(status)}) instead of stopping")
+
+    def kill_all(self) -> None:
+        for pid in list(self.live):
+            self.kill(pid)
+
+
+@pytest.fixture
+def children():
+    c = Children()
+    yield c
+    c.kill_all()
 
 
 #: A small engine: fast to create, easy to fill.
