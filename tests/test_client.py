@@ -211,6 +211,40 @@ def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
     assert lanes == {parent_lane: 2, child_lane: 3}
 
 
+def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, name):
+    engine()
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: attach, record, fork a grandchild that keeps everything mapped, exit
+        code = 1
+        try:
+            client = attach(name)
+            client.record(one_step())
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.close(hold_w)
+                os.read(hold_r, 1)  # until the test closes its end
+                os._exit(0)
+            os.write(report_w, f"{client.lane} {grandchild}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(hold_r)
+    try:
+        _, status = os.waitpid(pid, 0)
+        lane, grandchild = map(int, os.read(report_r, 64).split())
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.kill(grandchild, 0)  # still alive, still holding the inherited client and mapping
+        checker = attach(name)
+        assert checker._segment.held_locks([LOCK_LANE_BASE + lane]) == [False]
+        checker.close()
+    finally:
+        os.close(hold_w)  # lets the grandchild exit
+        os.close(report_r)
+
+
 def test_flush_and_sync_time_out_clearly_without_a_flusher(engine):
     engine().close()  # created, then its flusher goes away
     client = engine.attach()
