@@ -156,6 +156,19 @@ def test_lanes_run_out_and_come_back(engine, name):
     assert again.stats()["lanes"][lane]["records"] == 2  # the lane's head continues
 
 
+def test_release_lane_frees_it_and_the_next_record_claims_again(engine, name):
+    flusher = engine(lanes=1)
+    client = engine.attach()
+    client.record(one_step())
+    client.release_lane()
+    other = attach(name)  # the only lane is free again
+    other.record(one_step())
+    other.close()
+    client.record(one_step())  # claims the lane anew and continues at its head
+    assert flusher.scan() == 3
+    assert client.stats()["lanes"][0]["records"] == 3 and client.stats()["lanes"][0]["claims"] == 3
+
+
 def test_threads_share_one_lane_and_lose_nothing(engine):
     flusher = engine(lane_slots=4096, flush_threshold=100)
     client = engine.attach()
