@@ -152,6 +152,12 @@ def child_exit(server: Any, worker: Any) -> None:
     except SonaShmError as exc:
         server.log.warning("sona_shm: cannot inspect engine %r after worker %s exited: %s", name, worker.pid, exc)
         return
+    if not lanes:
+        # The master may reap a worker only after spawning its replacement, which can
+        # already have claimed the same (free) lane; or the worker never attached.
+        server.log.info(
+            "sona_shm: worker %s exited; no lane of engine %r is registered to it any more (reused, or never claimed)", worker.pid, name
+        )
     for lane in lanes:
         unlearned = lane["records"] - lane["learned"]
         backlog = f"the flusher has {unlearned} trajectories it committed still to learn" if unlearned else "all it committed is learned"

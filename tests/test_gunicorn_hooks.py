@@ -137,6 +137,14 @@ def test_child_exit_confirms_a_dead_workers_lane_is_free(engine, server, name):
     ]
 
 
+def test_child_exit_of_a_worker_whose_lane_was_already_reused(engine, server, name):
+    engine(hidden_dim=H)
+    hooks.child_exit(server, SimpleNamespace(pid=2**22 + 1))  # above pid_max: owns no lane
+    assert server.log.lines == [
+        ("info", f"sona_shm: worker {2**22 + 1} exited; no lane of engine {name!r} is registered to it any more (reused, or never claimed)")
+    ]
+
+
 def test_child_exit_without_an_engine_warns_and_carries_on(server, name):
     hooks.child_exit(server, SimpleNamespace(pid=12345))
     [(level, line)] = server.log.lines
