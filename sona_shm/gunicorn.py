@@ -38,7 +38,8 @@ What each hook does and why:
   owned through an open-file-description lock that the kernel released when the worker
   died, and what the worker committed stays in its lane and is learned by the flusher.
   The hook checks that the lane is indeed free and logs it with how many committed
-  trajectories are still to be learned. Lanes are therefore bounded and reused:
+  trajectories are still to be learned (or that a replacement worker, spawned before the
+  master reaped this one, already reuses it). Lanes are therefore bounded and reused:
   recycling workers with ``max_requests`` never exhausts them.
 """
 
