@@ -78,14 +78,14 @@ def stop_gunicorn(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     code = stop_process(proc, timeout)
     deadline = time.monotonic() + timeout
     for pid, ticks in workers:
-        while _running(pid, ticks) and time.monotonic() < deadline:
+        while process_running(pid, ticks) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _running(pid, ticks):
+        if process_running(pid, ticks):
             os.kill(pid, signal.SIGKILL)
     return code
 
 
-def _running(pid: int, ticks: int) -> bool:
+def process_running(pid: int, ticks: int) -> bool:
     """True while process ``pid`` started at ``ticks`` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

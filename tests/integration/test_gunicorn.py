@@ -23,8 +23,8 @@ import pytest
 
 from sona_shm.ledger import Ledger
 from sona_shm.monitor import read_stats
-from sona_shm.segment import Segment
-from sona_shm.supervise import child_pids, listening_socket, start_gunicorn, stop_gunicorn, wait_until_serving
+from sona_shm.segment import Segment, start_ticks
+from sona_shm.supervise import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 
 from support import ROOT, env, wait_for
 
@@ -96,8 +96,10 @@ def serve(name, tmp_path):
 
     yield start
     for server in servers:
-        stop_gunicorn(server.proc)
-        assert not [pid for pid in child_pids(server.proc.pid)], "gunicorn workers outlived their master"
+        workers = [(pid, start_ticks(pid)) for pid in child_pids(server.proc.pid)]
+        stop_gunicorn(server.proc)  # SIGTERM, SIGKILL after 30 s; workers still there then are SIGKILLed by pid
+        left = [pid for pid, ticks in workers if process_running(pid, ticks)]
+        assert not left, f"gunicorn workers outlived their master: {left}"
 
 
 #: The direction good steps point along: consistent feedback moves the adapter measurably.
