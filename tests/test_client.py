@@ -234,11 +234,15 @@ def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, name):
         try:
             client = attach(name)
             client.record(one_step())
+            forked_r, forked_w = os.pipe()
             grandchild = os.fork()
-            if grandchild == 0:
+            if grandchild == 0:  # the at-fork hooks have run once fork() returns here
                 os.close(hold_w)
+                os.close(forked_w)  # tells the child we are past them
                 os.read(hold_r, 1)  # until the test closes its end
                 os._exit(0)
+            os.close(forked_w)
+            os.read(forked_r, 1)  # EOF once the grandchild closed its copy
             os.write(report_w, f"{client.lane} {grandchild}".encode())
             code = 0
         finally:
