@@ -85,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
     p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
-    p.add_argument("--name", required=True)
-    p.add_argument("--json", action="store_true", help="print the stats dict as JSON")
+    add_stats_options(p)
 
     p = sub.add_parser("create", help="create an engine's segment without running its flusher")
     p.add_argument("--name", required=True)
@@ -115,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=int, default=20_000, help="per producer")
     p.add_argument("--name", default=None, help="engine name (default: a fresh scratch name)")
     return parser
+
+
+def add_stats_options(p: argparse.ArgumentParser) -> None:
+    """The monitor's options (shared by ``sona-shm stats`` and ``scripts/monitor.py``)."""
+    p.add_argument("--name", required=True)
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print the stats dict as JSON")
+    form.add_argument("--prometheus", action="store_true", help="print the Prometheus text exposition format")
+    form.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw the table every SECONDS (default 2) until Ctrl-C; uses rich if installed",
+    )
+    p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N tables")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,14 +182,26 @@ def _flusher(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .monitor import format_table, read_stats
+    from .monitor import format_prometheus, format_table, read_stats, watch
 
+    if args.watch is not None and not (args.watch > 0 and args.watch < float("inf")):
+        raise InvalidInputError(f"--watch: expected seconds > 0, got {args.watch}")
+    if args.count is not None and (args.watch is None or args.count < 1):
+        raise InvalidInputError(f"--count: expected an integer >= 1 together with --watch, got {args.count}")
+    if args.watch is not None:
+        return watch(args.name, args.watch, count=args.count)
     stats = read_stats(args.name)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
+    elif args.prometheus:
+        sys.stdout.write(format_prometheus(stats))
     else:
         print(format_table(stats))
-    return EXIT_OK if stats["flusher"]["alive"] else EXIT_NOT_RUNNING
+    if not stats["flusher"]["alive"]:
+        # Said on stderr too, so --json and --prometheus output stays machine-readable.
+        print(f"sona-shm: no flusher is running on segment {args.name!r}; start `sona-shm flusher --name {args.name}`", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    return EXIT_OK
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -167,6 +167,18 @@ class Client:
             self._ensure_lane()
             return self._lane
 
+    def release_lane(self) -> None:
+        """Give this process's lane back but stay attached; the next record claims one again.
+
+        For a process that attached but will not record itself, such as a gunicorn
+        master that imported the app (``preload_app``) before forking its workers.
+        What the lane committed is still learned.
+        """
+        with self._lock:
+            if self._lane >= 0 and self._segment is not None:
+                self._lane = -1
+                self._segment.forget_inherited_fd()  # our descriptor's close drops the lane lock
+
     def _forked(self) -> None:
         """In a fork child: forget the parent's lane and lock; claim anew on first use."""
         self._lock = threading.Lock()  # the parent's may have been held by another thread

@@ -277,6 +277,8 @@ class Flusher:
     def _commit(self) -> None:
         st = self._state[0]
         learner = self.learner
+        if learner.generation != st["generation"]:
+            self.last_flush_at = time.time()  # threshold flushes inside learn() change the weights too
         st["generation"] = learner.generation
         st["pending"] = learner.pending
         st["trajectories_processed"] = learner.trajectories_processed

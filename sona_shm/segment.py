@@ -104,7 +104,17 @@ class Segment:
         self._bell: posix_ipc.Semaphore | None = None
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmap = mmap.mmap(fd, layout.total_bytes, mmap.MAP_SHARED, prot)
+            # mmap.mmap keeps a dup() of the descriptor it maps, and a dup shares the open
+            # file description and so its locks: mapping ``fd`` itself would keep a lane
+            # locked after close_fd()/forget_inherited_fd() and in every fork child for as
+            # long as the mapping lives. Map through a second description of the same
+            # file (reopened via /proc, so an unlinked-and-recreated name cannot swap
+            # it) that never holds a lock. (Python 3.13's trackfd=False would do too.)
+            map_fd = os.open(f"/proc/self/fd/{fd}", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            try:
+                self._mmap = mmap.mmap(map_fd, layout.total_bytes, mmap.MAP_SHARED, prot)
+            finally:
+                os.close(map_fd)
             self.buf = memoryview(self._mmap)
             self.u64 = self.buf.cast("Q")
             self.f64 = self.buf.cast("d")

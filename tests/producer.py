@@ -29,6 +29,12 @@ def record_all(client, seed: int, count: int, hidden_dim: int, max_steps: int, a
     return recorded
 
 
+def report(client, recorded: int) -> None:
+    """One JSON line in one write(): forked siblings share the pipe, and print() under
+    PYTHONUNBUFFERED=1 writes the text and its newline separately, so lines could interleave."""
+    os.write(1, (json.dumps({"pid": os.getpid(), "lane": client.lane, "recorded": recorded}) + "\n").encode())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("name")
@@ -52,7 +58,7 @@ def main() -> None:
                 try:
                     n = record_all(client, seeds[k], args.count, *dims)
                     client.sync(timeout=60)
-                    print(json.dumps({"pid": os.getpid(), "lane": client.lane, "recorded": n}), flush=True)
+                    report(client, n)
                     code = 0
                 finally:
                     os._exit(code)
@@ -77,7 +83,7 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
         failed += os.waitstatus_to_exitcode(status) != 0
     client.sync(timeout=60)
-    print(json.dumps({"pid": os.getpid(), "lane": client.lane, "recorded": recorded}), flush=True)
+    report(client, recorded)
     client.close()
     sys.exit(1 if failed else 0)
 

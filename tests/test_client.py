@@ -20,6 +20,7 @@ from sona_shm import (
 from sona_shm import client as client_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
+from sona_shm.segment import Segment
 
 from conftest import SMALL
 from support import make_trajectories, wait_for
@@ -167,6 +168,19 @@ def test_lanes_run_out_and_come_back(engine, name):
     assert again.stats()["lanes"][lane]["records"] == 2  # the lane's head continues
 
 
+def test_release_lane_frees_it_and_the_next_record_claims_again(engine, name):
+    flusher = engine(lanes=1)
+    client = engine.attach()
+    client.record(one_step())
+    client.release_lane()
+    other = attach(name)  # the only lane is free again
+    other.record(one_step())
+    other.close()
+    client.record(one_step())  # claims the lane anew and continues at its head
+    assert flusher.scan() == 3
+    assert client.stats()["lanes"][0]["records"] == 3 and client.stats()["lanes"][0]["claims"] == 3
+
+
 def test_threads_share_one_lane_and_lose_nothing(engine):
     flusher = engine(lane_slots=4096, flush_threshold=100)
     client = engine.attach()
@@ -220,6 +234,47 @@ def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
     assert flusher.scan() == 5
     lanes = {lane["lane"]: lane["records"] for lane in client.stats()["lanes"]}
     assert lanes == {parent_lane: 2, child_lane: 3}
+
+
+def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, name):
+    engine()
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: attach, record, fork a grandchild that keeps everything mapped, exit
+        code = 1
+        try:
+            client = attach(name)
+            client.record(one_step())
+            forked_r, forked_w = os.pipe()
+            grandchild = os.fork()
+            if grandchild == 0:  # the at-fork hooks have run once fork() returns here
+                os.close(hold_w)
+                os.close(forked_w)  # tells the child we are past them
+                os.read(hold_r, 1)  # until the test closes its end
+                os._exit(0)
+            os.close(forked_w)
+            os.read(forked_r, 1)  # EOF once the grandchild closed its copy
+            os.write(report_w, f"{client.lane} {grandchild}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(hold_r)
+    try:
+        _, status = os.waitpid(pid, 0)
+        lane, grandchild = map(int, os.read(report_r, 64).split())
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.kill(grandchild, 0)  # still alive, still holding the inherited client and mapping
+        # Probe without attaching: an attach would claim a lane, maybe this very one.
+        probe = Segment.open(name, writable=False)
+        try:
+            assert probe.held_locks([LOCK_LANE_BASE + lane]) == [False]
+        finally:
+            probe.close()
+    finally:
+        os.close(hold_w)  # lets the grandchild exit
+        os.close(report_r)
 
 
 def test_flush_and_sync_time_out_clearly_without_a_flusher(engine):

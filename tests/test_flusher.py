@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,20 @@ def test_interval_flush_applies_pending_gradients(engine):
     flusher.scan()
     stats = client.stats()
     assert stats["flushes_performed"] == 1 and stats["pending_signals"] == 0 and stats["last_flush_at"]
+
+
+def test_a_threshold_flush_sets_last_flush_at(engine):
+    flusher = engine(flush_threshold=2)
+    client = engine.attach()
+    client.record(Trajectory(np.ones(H), [Step(np.ones(H), None, 1.0)], 1.0))
+    flusher.scan()
+    assert client.stats()["last_flush_at"] is None  # one signal pending, nothing applied yet
+    before = time.time()
+    client.record(Trajectory(np.ones(H), [Step(np.ones(H), None, 1.0)], 1.0))
+    flusher.scan()
+    stats = client.stats()
+    assert stats["flushes_performed"] == 1 and stats["weights_generation"] == 1
+    assert stats["last_flush_at"] >= before
 
 
 def test_buffer_keeps_what_fits_and_counts_the_rest(engine):

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""The main job: a flusher, a real gunicorn serving examples/router_app.py, feedback traffic, the monitor.
+
+    ./scripts/demo [--workers 4] [--threads 4] [--seconds 8] [--clients 4] [--name NAME]
+
+1. starts ``sona-shm flusher`` on a scratch engine;
+2. starts gunicorn with ``examples/gunicorn.conf.py`` (the sona_shm hooks) and the
+   example router on a free loopback port;
+3. for ``--seconds``, client threads send ``POST /route`` and ``POST /feedback`` (synthetic
+   feedback that rewards steps along one direction) while the monitor redraws live;
+4. waits until everything accepted is learned, prints the monitor's table and checks that
+   the flusher learned exactly the feedback the server accepted;
+5. stops gunicorn, then the flusher (SIGTERM: drain, flush, exit 0), and removes the segment.
+
+Ctrl-C (or SIGTERM) at any point stops everything the same way: no segment and no
+process is left behind. Exit status 0 when every count matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import http.client
+import itertools
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # runs from a checkout too
+
+from sona_shm import segment  # noqa: E402 - after the path is set
+from sona_shm.monitor import format_table, read_stats, watch  # noqa: E402
+from sona_shm.supervise import (  # noqa: E402
+    child_pids,
+    listening_socket,
+    start_flusher,
+    start_gunicorn,
+    stop_gunicorn,
+    stop_process,
+    wait_until_serving,
+)
+
+HIDDEN_DIM = 64
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM if the demo itself is killed (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Traffic:
+    """Client threads that route queries and send feedback until stopped; they count every answer."""
+
+    def __init__(self, port: int, clients: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.counts: Counter = Counter()
+        self.errors: list[str] = []
+        self._guard = threading.Lock()
+        rng = np.random.default_rng(0)
+        self.good = rng.standard_normal(HIDDEN_DIM)  # rewarded steps point this way
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, k: int) -> None:
+        rng = np.random.default_rng(1000 + k)
+        counts: Counter = Counter()
+        conn = None
+        try:
+            for i in itertools.count():
+                if self.stop.is_set():
+                    break
+                if i % 10 == 0:  # a new connection now and then, as users come and go: workers share the load
+                    if conn is not None:
+                        conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                query = rng.standard_normal(HIDDEN_DIM)
+                status, answer = _post(conn, "/route", {"embedding": query.tolist()})
+                counts["routed"] += status == 200
+                good = {"activations": (self.good + 0.3 * rng.standard_normal(HIDDEN_DIM)).tolist(), "reward": 1.0 + rng.random()}
+                bad = {"activations": (-self.good + 0.3 * rng.standard_normal(HIDDEN_DIM)).tolist(), "reward": rng.random() - 1.0}
+                body = {"embedding": query.tolist(), "steps": [good, bad], "quality": 0.5 + rng.random() / 2, "route": answer.get("route")}
+                status, answer = _post(conn, "/feedback", body)
+                if status != 200:
+                    raise RuntimeError(f"POST /feedback answered {status}: {answer}")
+                counts["accepted" if answer["accepted"] else "refused"] += 1
+        except (OSError, http.client.HTTPException, RuntimeError) as exc:
+            if not self.stop.is_set():
+                self.errors.append(f"client {k}: {exc!r}")
+        finally:
+            if conn is not None:
+                conn.close()
+            with self._guard:
+                self.counts.update(counts)
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _route(port: int, probe: np.ndarray) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        return _post(conn, "/route", {"embedding": probe.tolist()})[1]
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
+    p.add_argument("--threads", type=int, default=4, help="threads per gthread worker (default 4)")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long to send traffic (default 8)")
+    p.add_argument("--clients", type=int, default=4, help="client threads sending traffic (default 4)")
+    p.add_argument("--name", default=None, help="engine name (default: demo-PID)")
+    args = p.parse_args(argv)
+    for option in ("workers", "threads", "clients"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option}: expected an integer >= 1, got {getattr(args, option)}")
+    if not args.seconds > 0:
+        p.error(f"--seconds: expected a number > 0, got {args.seconds}")
+    name = args.name or f"demo-{os.getpid()}"
+    segment.check_name(name)
+    interrupt = _InterruptOnce()
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM cleans up like Ctrl-C
+
+    flusher = server = traffic = None
+    with tempfile.TemporaryDirectory(prefix="sona-shm-demo-") as scratch:
+        logs = Path(scratch)
+        try:
+            # Own sessions: Ctrl-C reaches only this script, which stops the children in order.
+            children = dict(start_new_session=True, preexec_fn=_die_with_parent)
+            with open(logs / "flusher.log", "w") as log:
+                flusher = start_flusher(
+                    name, "--hidden-dim", str(HIDDEN_DIM), "--lr", "0.05", "--flush-interval", "0.5", stderr=log, **children
+                )
+            deadline = time.monotonic() + 30
+            while not _flusher_ready(name):
+                if flusher.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the flusher did not start:\n{(logs / 'flusher.log').read_text()}")
+                time.sleep(0.02)
+
+            sock = listening_socket()
+            port = sock.getsockname()[1]
+            environment = {**os.environ, "SONA_SHM_NAME": name, "XDG_RUNTIME_DIR": scratch, "PYTHONPATH": str(ROOT)}
+            with open(logs / "gunicorn.log", "w") as log:
+                try:
+                    server = start_gunicorn(
+                        "router_app:app",
+                        sock,
+                        *("-c", str(ROOT / "examples" / "gunicorn.conf.py")),
+                        *("--workers", str(args.workers), "--threads", str(args.threads)),
+                        stdout=log,
+                        stderr=log,
+                        env=environment,
+                        **children,
+                    )
+                finally:
+                    sock.close()
+            try:
+                wait_until_serving(port, server, timeout=60)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n{(logs / 'gunicorn.log').read_text()}") from None
+            deadline = time.monotonic() + 60
+            while read_stats(name)["lanes_live"] < args.workers and time.monotonic() < deadline:
+                time.sleep(0.05)  # every worker attaches in post_fork; wait for the last to boot
+            print(
+                f"sona-shm demo: engine {name!r}: flusher pid {flusher.pid}; gunicorn pid {server.pid} with {args.workers} gthread "
+                f"workers x {args.threads} threads (pids {', '.join(map(str, sorted(child_pids(server.pid))))}) on http://127.0.0.1:{port}"
+            )
+            probe = np.random.default_rng(42).standard_normal(HIDDEN_DIM).astype(np.float32)
+            before = _route(port, probe)
+
+            traffic = Traffic(port, args.clients)
+            started = time.monotonic()
+            traffic.start()
+            interval = 0.5
+            if sys.stdout.isatty():
+                watch(name, interval, count=round(args.seconds / interval) + 1)  # frames at 0, interval, ..., seconds
+            else:
+                time.sleep(args.seconds)  # how long the traffic runs: the demo's length, not a synchronisation
+            if interrupt.raised:
+                raise KeyboardInterrupt  # the live monitor ended on Ctrl-C: so does the demo
+            traffic.join()
+            elapsed = time.monotonic() - started
+            if traffic.errors:
+                raise RuntimeError("traffic failed: " + "; ".join(traffic.errors[:3]))
+
+            counts = traffic.counts
+            deadline = time.monotonic() + 60
+            while (stats := read_stats(name))["trajectories_processed"] < counts["accepted"] or stats["pending_signals"]:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            after = _route(port, probe)
+            print()
+            print(format_table(stats))
+            print()
+            requests = counts["routed"] + counts["accepted"] + counts["refused"]
+            print(
+                f"traffic: {requests:,} requests in {elapsed:.1f} s ({requests / elapsed:,.0f}/s): {counts['routed']:,} routed, "
+                f"{counts['accepted']:,} feedback accepted, {counts['refused']:,} refused (lane full)"
+            )
+            learned = stats["trajectories_processed"] == stats["recorded"] == counts["accepted"]
+            exact = learned and stats["lane_dropped"] == counts["refused"]
+            print(
+                f"learned: {stats['trajectories_processed']:,} trajectories "
+                + ("= exactly the feedback the server accepted" if exact else f"but the server accepted {counts['accepted']:,}: MISMATCH")
+                + f"; {stats['flushes_performed']:,} flushes, weights generation {stats['weights_generation']:,}"
+            )
+            moved = float(np.linalg.norm(np.array(after["embedding"]) - probe))
+            print(
+                f"a probe query: routed to {before['route']!r} (cosine {before['score']:.3f}) before learning, "
+                f"to {after['route']!r} (cosine {after['score']:.3f}) after; the adapter moved it by {moved:.4f}"
+            )
+            return 0 if exact and moved > 0 else 1
+        except KeyboardInterrupt:
+            print("\nsona-shm demo: interrupted; stopping everything", file=sys.stderr)
+            return 130
+        finally:
+            if traffic is not None:
+                traffic.join()  # idempotent: the clients stop before the server does
+            codes = []
+            if server is not None:
+                codes.append(f"gunicorn exit {stop_gunicorn(server)}")
+            if flusher is not None:
+                codes.append(f"flusher exit {stop_process(flusher)} (SIGTERM: drained and flushed)")
+            removed = segment.unlink(name)
+            print(f"sona-shm demo: stopped ({', '.join(codes) or 'nothing started'}); removed {', '.join(removed) or 'nothing'}")
+
+
+class _InterruptOnce:
+    """SIGINT/SIGTERM handler: raise KeyboardInterrupt the first time, ignore repeats.
+
+    A second Ctrl-C (or ``timeout``, which signals the process and its group) must not
+    abandon the clean-up that the first one started.
+    """
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt
+
+
+def _flusher_ready(name: str) -> bool:
+    try:
+        return read_stats(name)["flusher"]["alive"]
+    except FileNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

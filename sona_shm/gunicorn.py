@@ -1,0 +1,195 @@
+"""gunicorn server hooks that give every worker its own sona_shm client, and the accessor apps use.
+
+Use it as the whole configuration::
+
+    SONA_SHM_NAME=router gunicorn -c python:sona_shm.gunicorn --workers 4 app:app
+
+or import the hooks into your own ``gunicorn.conf.py`` (every hook you define yourself
+must call ours; see ``examples/gunicorn.conf.py``)::
+
+    from sona_shm.gunicorn import child_exit, post_fork, when_ready, worker_exit
+    raw_env = ["SONA_SHM_NAME=router"]
+
+In the app, call :func:`client` where you need the client (it is cheap: after the first
+call it returns the same object)::
+
+    import sona_shm.gunicorn
+    adapted = sona_shm.gunicorn.client().forward(embedding)
+
+The engine is named by the environment variable ``SONA_SHM_NAME`` (gunicorn's
+``raw_env``/``-e`` sets it in the master before any worker forks);
+``SONA_SHM_ATTACH_TIMEOUT`` (seconds, default 10) bounds the wait for the flusher to
+create the segment.
+
+What each hook does and why:
+
+- ``post_fork`` (worker): attach and claim a lane, so a misconfigured engine fails the
+  worker's boot loudly (gunicorn then stops with "Worker failed to boot") instead of
+  failing requests one by one.
+- :func:`client` also attaches lazily on first use, so the app works under any server,
+  and with ``preload_app = True``: a client attached in the master while importing the
+  app is inherited by every worker, and each worker claims its own lane on first use.
+- ``when_ready`` (master, after a preloaded app was imported): a client the import
+  attached in the master gives its lane back, so the master holds none.
+- ``worker_exit`` (worker, on a normal exit, including ``max_requests`` recycling):
+  close the client, releasing its lane at once.
+- ``child_exit`` (master, after *any* worker death, also after the master SIGKILLed a
+  timed-out worker, when ``worker_exit`` never ran): nothing needs repairing. A lane is
+  owned through an open-file-description lock that the kernel released when the worker
+  died, and what the worker committed stays in its lane and is learned by the flusher.
+  The hook checks that the lane is indeed free and logs it with how many committed
+  trajectories are still to be learned (or that a replacement worker, spawned before the
+  master reaped this one, already reuses it). Lanes are therefore bounded and reused:
+  recycling workers with ``max_requests`` never exhausts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from typing import Any
+
+from .client import Client, attach
+from .errors import InvalidInputError, SonaShmError
+from .segment import check_name
+
+ENV_NAME = "SONA_SHM_NAME"
+ENV_ATTACH_TIMEOUT = "SONA_SHM_ATTACH_TIMEOUT"
+DEFAULT_ATTACH_TIMEOUT = 10.0
+
+_log = logging.getLogger("sona_shm.gunicorn")
+_guard = threading.Lock()
+_client: Client | None = None
+
+
+def engine_name() -> str:
+    """The engine named by ``SONA_SHM_NAME``; raises naming the variable if it is unset or invalid."""
+    value = os.environ.get(ENV_NAME)
+    if not value:
+        raise InvalidInputError(f"{ENV_NAME}: expected the engine's name in the environment (gunicorn -e {ENV_NAME}=NAME), got nothing")
+    try:
+        return check_name(value)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{ENV_NAME}: {exc}") from None
+
+
+def attach_timeout() -> float:
+    """Seconds :func:`client` waits for the segment, from ``SONA_SHM_ATTACH_TIMEOUT`` (default 10)."""
+    raw = os.environ.get(ENV_ATTACH_TIMEOUT)
+    if raw is None or raw == "":
+        return DEFAULT_ATTACH_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInputError(f"{ENV_ATTACH_TIMEOUT}: expected seconds >= 0, got {raw!r}")
+    return value
+
+
+def client() -> Client:
+    """This process's client of the engine named by ``SONA_SHM_NAME``, attached on first use.
+
+    Safe to call from every thread of a worker; raises :class:`SegmentNotFoundError`
+    if no flusher created the engine within ``SONA_SHM_ATTACH_TIMEOUT``,
+    :class:`NoFreeLaneError` if every lane is held by a live process.
+    """
+    global _client
+    current = _client
+    if current is not None:
+        return current
+    with _guard:
+        if _client is None:
+            _client = attach(engine_name(), timeout=attach_timeout())
+        return _client
+
+
+def close() -> None:
+    """Close this process's client, if any (its lane is free at once); :func:`client` attaches again."""
+    global _client
+    with _guard:
+        current, _client = _client, None
+    if current is not None:
+        current.close()
+
+
+# ----------------------------------------------------------------- the hooks
+
+
+def when_ready(server: Any) -> None:
+    """Master, once listening: a client the (preloaded) app attached here gives its lane back."""
+    current = _client
+    if current is not None:
+        current.release_lane()
+        server.log.info("sona_shm: the master attached while loading the app; it holds no lane, workers claim their own")
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, right after the fork: attach and claim a lane, or fail the boot with the reason."""
+    try:
+        lane = client().lane  # claims the lane now (an inherited client would claim it on first use)
+    except SonaShmError as exc:
+        server.log.error("sona_shm: worker %s cannot attach: %s", os.getpid(), exc)
+        raise
+    server.log.info("sona_shm: worker %s attached to engine %r, lane %d", os.getpid(), engine_name(), lane)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker, on a normal exit (``max_requests``, SIGTERM, SIGHUP reload): close, freeing the lane."""
+    if worker.pid != os.getpid():
+        return  # gunicorn also calls this in the master for a worker that had already vanished
+    close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, after any worker died (also SIGKILLed on timeout): confirm its lane is free, log it."""
+    name = os.environ.get(ENV_NAME)
+    if not name:
+        return
+    try:
+        lanes = dead_worker_lanes(name, worker.pid)
+    except SonaShmError as exc:
+        server.log.warning("sona_shm: cannot inspect engine %r after worker %s exited: %s", name, worker.pid, exc)
+        return
+    if not lanes:
+        # The master may reap a worker only after spawning its replacement, which can
+        # already have claimed the same (free) lane; or the worker never attached.
+        server.log.info(
+            "sona_shm: worker %s exited; no lane of engine %r is registered to it any more (reused, or never claimed)", worker.pid, name
+        )
+    for lane in lanes:
+        unlearned = lane["records"] - lane["learned"]
+        backlog = f"the flusher has {unlearned} trajectories it committed still to learn" if unlearned else "all it committed is learned"
+        if lane["alive"]:
+            server.log.warning(
+                "sona_shm: lane %d of engine %r is still locked although worker %s exited: a process it forked still has the engine "
+                "open; the lane frees when that process exits (%s)",
+                lane["lane"],
+                name,
+                worker.pid,
+                backlog,
+            )
+        else:
+            server.log.info(
+                "sona_shm: worker %s exited; lane %d of engine %r is free for the next worker (%s)", worker.pid, lane["lane"], name, backlog
+            )
+
+
+def dead_worker_lanes(name: str, pid: int) -> list[dict[str, Any]]:
+    """The lanes of engine ``name`` last claimed by process ``pid`` (the monitor's lane rows).
+
+    Read-only: a lock query says whether each is still held (``alive``).
+    """
+    from .monitor import read_stats
+
+    return [lane for lane in read_stats(name)["lanes"] if lane["pid"] == pid]
+
+
+def _after_fork_in_child() -> None:
+    global _guard
+    _guard = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
