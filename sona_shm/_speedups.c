@@ -1,13 +1,14 @@
 /* Optional C fast paths for the two per-request calls of a producer.
  *
- * fill_slot() writes a trajectory that is already in the common form (float32 numpy
- * arrays, Python floats and ints) into a lane slot, checking everything
- * check_trajectory() checks; adapt() applies the adapter to one float32 vector. Both
- * return -1 / None -- never raise -- for anything else, and the caller then takes the
- * pure-Python path, which converts what it can and raises the precise error
- * otherwise. So this file never decides on its own what is valid: it accepts a subset
- * of what the Python path accepts, with byte-identical results (tests/test_speedups.py
- * checks both). The slot layout is documented in layout.py.
+ * LaneWriter.record() writes a trajectory that is already in the common form (float32
+ * numpy arrays, Python floats and ints) into a lane slot, checking everything
+ * check_trajectory() checks, and publishes it in the order lane.PyLaneWriter does;
+ * adapt() applies the adapter to one float32 vector. Both hand back -1 / None -- never
+ * raise -- for anything else, and the caller then takes the pure-Python path, which
+ * converts what it can and raises the precise error otherwise. So this file never
+ * decides on its own what is valid: it accepts a subset of what the Python path
+ * accepts, with byte-identical results (tests/test_speedups.py checks both). The
+ * layout is documented in layout.py.
  *
  * Why C at all: a record() in Python pays ~16k instructions of interpreter and ~5k per
  * numpy call for ~2 KB of copying; here the whole call is a few hundred instructions.
@@ -19,6 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define FLT_MAX_D 3.4028234663852886e38
 #define ROUTE_MAX_BYTES 64
@@ -119,73 +121,96 @@ static Py_ssize_t fill_steps(char *slot, PyObject *steps, Py_ssize_t hidden, Py_
     return n;
 }
 
-/* SlotWriter(lane, hidden_dim, max_steps, attention_dim, payload_offset, route_offset,
- *            step_bytes): fills slots of one lane ring (a writable buffer, held until
- * close()). Geometry is checked once here, so fill() only checks the trajectory. */
+/* LaneWriter(segment, slot0, ring_slots, slot_bytes, hidden_dim, max_steps, attention_dim,
+ *            payload_offset, route_offset, step_bytes, head_offset, next_id_offset,
+ *            last_at_offset, idle_offset, lanes, lane)
+ * The producer's side of one lane (layout.py, "Lane control" and "Slot"): the C twin of
+ * lane.PyLaneWriter, with the same methods and the same publication order. Offsets are
+ * bytes into ``segment`` (a writable buffer over the whole mapping, held until
+ * close()); they are checked once here. ``head`` starts at the lane's published head,
+ * ``tail`` at 0 (the owner sets the committed tail). */
 typedef struct {
     PyObject_HEAD
-    Py_buffer lane;
-    int has_lane;
-    Py_ssize_t hidden, max_steps, att_dim, payload_off, route_off, step_bytes, slot_span;
-} SlotWriter;
+    Py_buffer seg;
+    int has_seg;
+    Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
+    uint64_t *head_word, *next_id_word, *idle_word;
+    double *last_at_word;
+    uint64_t lanes, lane, head, tail;
+} LaneWriter;
 
-static int SlotWriter_init(SlotWriter *self, PyObject *args, PyObject *kwds) {
-    PyObject *lane;
-    if (!PyArg_ParseTuple(args, "Onnnnnn", &lane, &self->hidden, &self->max_steps, &self->att_dim, &self->payload_off,
-                          &self->route_off, &self->step_bytes))
+static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
+    PyObject *seg;
+    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane;
+    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnn", &seg, &self->slot0, &self->ring_slots, &self->slot_bytes, &self->hidden,
+                          &self->max_steps, &self->att_dim, &self->payload_off, &self->route_off, &self->step_bytes, &head_off,
+                          &next_id_off, &last_at_off, &idle_off, &lanes, &lane))
         return -1;
-    if (self->hidden < 1 || self->max_steps < 0 || self->max_steps > 0xFFFF || self->att_dim < 0 ||
-        self->step_bytes < 4 * (self->hidden + self->att_dim) || self->route_off < SLOT_HEAD_BYTES + 8 * self->max_steps ||
-        self->route_off + ROUTE_MAX_BYTES > self->payload_off) {
-        PyErr_SetString(PyExc_ValueError, "SlotWriter: inconsistent slot geometry");
+    if (self->has_seg) {
+        PyBuffer_Release(&self->seg);
+        self->has_seg = 0;
+    }
+    if (PyObject_GetBuffer(seg, &self->seg, PyBUF_WRITABLE) < 0) return -1;
+    self->has_seg = 1;
+    Py_ssize_t len = self->seg.len;
+    Py_ssize_t span = self->payload_off + 4 * self->hidden + self->max_steps * self->step_bytes;
+    int ok = self->hidden >= 1 && self->max_steps >= 0 && self->max_steps <= 0xFFFF && self->att_dim >= 0 &&
+             self->step_bytes >= 4 * (self->hidden + self->att_dim) && self->route_off >= SLOT_HEAD_BYTES + 8 * self->max_steps &&
+             self->route_off + ROUTE_MAX_BYTES <= self->payload_off && span <= self->slot_bytes && self->slot_bytes % 8 == 0 &&
+             self->ring_slots >= 1 && self->slot0 >= 0 && self->slot0 % 8 == 0 &&
+             self->ring_slots <= len / self->slot_bytes && self->slot0 <= len - self->ring_slots * self->slot_bytes && lanes >= 1 && lane >= 0 && lane < lanes;
+    Py_ssize_t words[4] = {head_off, next_id_off, last_at_off, idle_off};
+    for (int i = 0; i < 4; i++) ok = ok && words[i] >= 0 && words[i] % 8 == 0 && words[i] <= len - 8;
+    if (!ok) {
+        PyBuffer_Release(&self->seg);
+        self->has_seg = 0;
+        PyErr_SetString(PyExc_ValueError, "LaneWriter: inconsistent lane geometry");
         return -1;
     }
-    if (self->has_lane) {
-        PyBuffer_Release(&self->lane);
-        self->has_lane = 0;
-    }
-    if (PyObject_GetBuffer(lane, &self->lane, PyBUF_WRITABLE) < 0) return -1;
-    self->has_lane = 1;
-    self->slot_span = self->payload_off + 4 * self->hidden + self->max_steps * self->step_bytes;
+    char *base = (char *)self->seg.buf;
+    self->head_word = (uint64_t *)(base + head_off);
+    self->next_id_word = (uint64_t *)(base + next_id_off);
+    self->last_at_word = (double *)(base + last_at_off);
+    self->idle_word = (uint64_t *)(base + idle_off);
+    self->lanes = (uint64_t)lanes;
+    self->lane = (uint64_t)lane;
+    self->head = __atomic_load_n(self->head_word, __ATOMIC_ACQUIRE); /* a previous owner's last publish */
+    self->tail = 0;
     return 0;
 }
 
-static void SlotWriter_dealloc(SlotWriter *self) {
-    if (self->has_lane) PyBuffer_Release(&self->lane);
+static void LaneWriter_dealloc(LaneWriter *self) {
+    if (self->has_seg) PyBuffer_Release(&self->seg);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *SlotWriter_close(SlotWriter *self, PyObject *unused) {
-    if (self->has_lane) {
-        PyBuffer_Release(&self->lane);
-        self->has_lane = 0;
+static PyObject *LaneWriter_close(LaneWriter *self, PyObject *unused) {
+    if (self->has_seg) {
+        PyBuffer_Release(&self->seg);
+        self->has_seg = 0;
     }
     Py_RETURN_NONE;
 }
 
-/* fill(offset, traj, default_id) -> int
- * Fills the slot at byte ``offset`` of the lane -- payload and head, all but ``seq``.
- * Returns 2 * n_steps + (1 if ``default_id`` was used), or -1: take the Python path
- * (whatever was written is private to the unpublished slot). */
-static PyObject *SlotWriter_fill(SlotWriter *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "fill() takes 3 arguments");
-        return NULL;
-    }
-    if (!self->has_lane) {
-        PyErr_SetString(PyExc_ValueError, "SlotWriter is closed");
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[0]);
-    if (offset == -1 && PyErr_Occurred()) return NULL;
-    PyObject *traj = args[1], *default_id = args[2];
-    long result = -1;
+static int closed(LaneWriter *self) {
+    if (!self->has_seg) PyErr_SetString(PyExc_ValueError, "LaneWriter is closed");
+    return !self->has_seg;
+}
+
+static char *head_slot(LaneWriter *self) {
+    return (char *)self->seg.buf + self->slot0 + (Py_ssize_t)(self->head % (uint64_t)self->ring_slots) * self->slot_bytes;
+}
+
+/* Fill the head slot -- payload and head fields, all but ``seq`` -- taking the lane's
+ * next id if the trajectory has none. 0 if filled; -1 if ``traj`` is not in the common
+ * form (whatever was written is private to the unpublished slot). */
+static int fill(LaneWriter *self, PyObject *traj) {
+    int result = -1;
     PyObject *query = NULL, *steps = NULL, *quality = NULL, *latency = NULL, *route = NULL, *tid_obj = NULL;
     Py_ssize_t hidden = self->hidden, payload_off = self->payload_off, route_off = self->route_off;
+    char *slot = head_slot(self);
 
-    if (offset < 0 || offset % 8 || offset > self->lane.len - self->slot_span) goto done;
     if (trajectory_type == NULL || Py_TYPE(traj) != trajectory_type) goto done;
-    char *slot = (char *)self->lane.buf + offset;
     if (!(query = PyObject_GetAttr(traj, s_query)) || !(steps = PyObject_GetAttr(traj, s_steps)) ||
         !(quality = PyObject_GetAttr(traj, s_quality)) || !(latency = PyObject_GetAttr(traj, s_latency_us)) ||
         !(route = PyObject_GetAttr(traj, s_route)) || !(tid_obj = PyObject_GetAttr(traj, s_id))) {
@@ -198,12 +223,13 @@ static PyObject *SlotWriter_fill(SlotWriter *self, PyObject *const *args, Py_ssi
     if (n < 0) goto done;
 
     double qual;
-    uint64_t lat, tid;
-    int used_default = 0;
+    uint64_t lat, tid, next_id = 0;
+    int use_next_id = 0;
     if (get_float(quality, &qual) < 0 || get_u64(latency, &lat) < 0) goto done;
     if (tid_obj == Py_None) {
-        if (get_u64(default_id, &tid) < 0) goto done;
-        used_default = 1;
+        next_id = __atomic_load_n(self->next_id_word, __ATOMIC_RELAXED); /* only this lane's owner writes it */
+        tid = next_id * self->lanes + self->lane;
+        use_next_id = 1;
     } else if (get_u64(tid_obj, &tid) < 0) {
         goto done;
     }
@@ -225,7 +251,8 @@ static PyObject *SlotWriter_fill(SlotWriter *self, PyObject *const *args, Py_ssi
     memcpy(slot + 24, &q32, 4);
     memcpy(slot + 28, &ns, 2);
     memcpy(slot + 30, &rl, 2);
-    result = 2 * (long)n + used_default;
+    if (use_next_id) __atomic_store_n(self->next_id_word, next_id + 1, __ATOMIC_RELAXED);
+    result = 0;
 
 done:
     Py_XDECREF(query);
@@ -234,25 +261,87 @@ done:
     Py_XDECREF(latency);
     Py_XDECREF(route);
     Py_XDECREF(tid_obj);
-    return PyLong_FromLong(result);
+    return result;
 }
 
-static PyMethodDef SlotWriter_methods[] = {
-    {"fill", (PyCFunction)(void (*)(void))SlotWriter_fill, METH_FASTCALL,
-     "fill(offset, traj, default_id) -> 2*n_steps + used_default, or -1: take the Python path."},
-    {"close", (PyCFunction)SlotWriter_close, METH_NOARGS, "Release the lane buffer."},
+/* Stamp the filled head slot, publish it, note the time: 2 if the flusher sleeps (the
+ * caller rings its doorbell), else 1. */
+static long publish(LaneWriter *self) {
+    uint64_t next = self->head + 1;
+    __atomic_store_n((uint64_t *)head_slot(self), next, __ATOMIC_RELEASE); /* stamps the slot: its payload is complete */
+    self->head = next;
+    __atomic_store_n(self->head_word, next, __ATOMIC_RELEASE); /* publishes the slot to the flusher */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    double at = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    memcpy(self->last_at_word, &at, 8);
+    return __atomic_load_n(self->idle_word, __ATOMIC_RELAXED) ? 2 : 1;
+}
+
+/* record(traj) -> 1 published, 2 published and the flusher sleeps, 0 the ring is full
+ * (nothing written), -1 not the common form (take the Python path). */
+static PyObject *LaneWriter_record(LaneWriter *self, PyObject *traj) {
+    if (closed(self)) return NULL;
+    if (self->head - self->tail >= (uint64_t)self->ring_slots) return PyLong_FromLong(0);
+    if (fill(self, traj) < 0) return PyLong_FromLong(-1);
+    return PyLong_FromLong(publish(self));
+}
+
+/* fill(traj) -> 0 filled, -1 not the common form. Fills the head slot without publishing. */
+static PyObject *LaneWriter_fill(LaneWriter *self, PyObject *traj) {
+    if (closed(self)) return NULL;
+    return PyLong_FromLong(fill(self, traj));
+}
+
+/* publish() -> 1 or 2: publish a head slot filled by someone else (the Python path). */
+static PyObject *LaneWriter_publish(LaneWriter *self, PyObject *unused) {
+    if (closed(self)) return NULL;
+    return PyLong_FromLong(publish(self));
+}
+
+static PyObject *LaneWriter_get_head(LaneWriter *self, void *closure) { return PyLong_FromUnsignedLongLong(self->head); }
+
+static PyObject *LaneWriter_get_tail(LaneWriter *self, void *closure) { return PyLong_FromUnsignedLongLong(self->tail); }
+
+static int LaneWriter_set_tail(LaneWriter *self, PyObject *value, void *closure) {
+    uint64_t tail;
+    if (value == NULL || get_u64(value, &tail) < 0) {
+        PyErr_SetString(PyExc_ValueError, "tail: expected an int in [0, 2**64)");
+        return -1;
+    }
+    self->tail = tail;
+    return 0;
+}
+
+static PyObject *LaneWriter_get_slot_offset(LaneWriter *self, void *closure) {
+    return PyLong_FromSsize_t(self->slot0 + (Py_ssize_t)(self->head % (uint64_t)self->ring_slots) * self->slot_bytes);
+}
+
+static PyGetSetDef LaneWriter_getset[] = {
+    {"head", (getter)LaneWriter_get_head, NULL, "Slots published by this lane, ever.", NULL},
+    {"tail", (getter)LaneWriter_get_tail, (setter)LaneWriter_set_tail, "The committed tail last read by the owner.", NULL},
+    {"slot_offset", (getter)LaneWriter_get_slot_offset, NULL, "Byte offset in the segment of the head slot.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef LaneWriter_methods[] = {
+    {"record", (PyCFunction)LaneWriter_record, METH_O, "record(traj) -> 1, 2 (ring), 0 (full) or -1 (Python path)."},
+    {"fill", (PyCFunction)LaneWriter_fill, METH_O, "fill(traj) -> 0, or -1 (Python path); does not publish."},
+    {"publish", (PyCFunction)LaneWriter_publish, METH_NOARGS, "Publish the filled head slot -> 1, or 2 (ring)."},
+    {"close", (PyCFunction)LaneWriter_close, METH_NOARGS, "Release the segment buffer."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject SlotWriterType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sona_shm._speedups.SlotWriter",
-    .tp_basicsize = sizeof(SlotWriter),
+static PyTypeObject LaneWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sona_shm._speedups.LaneWriter",
+    .tp_basicsize = sizeof(LaneWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Fills the slots of one lane ring with common-form trajectories.",
+    .tp_doc = "The producer's side of one lane: fills, stamps and publishes its slots.",
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)SlotWriter_init,
-    .tp_dealloc = (destructor)SlotWriter_dealloc,
-    .tp_methods = SlotWriter_methods,
+    .tp_init = (initproc)LaneWriter_init,
+    .tp_dealloc = (destructor)LaneWriter_dealloc,
+    .tp_methods = LaneWriter_methods,
+    .tp_getset = LaneWriter_getset,
 };
 
 /* Four interleaved partial sums: no loop-carried dependency on one register, as BLAS. */
@@ -337,10 +426,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_activations, "activations");
     INTERN(s_attention, "attention");
     INTERN(s_reward, "reward");
-    if (PyType_Ready(&SlotWriterType) < 0) return NULL;
+    if (PyType_Ready(&LaneWriterType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "SlotWriter", (PyObject *)&SlotWriterType) < 0) {
+    if (PyModule_AddObjectRef(m, "LaneWriter", (PyObject *)&LaneWriterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import threading
-import time
 import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import lane as lane_module
 from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
 from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
+from .lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
 from .layout import (
-    FL_IDLE,
     FLUSHER_LINE,
     LANE_CLAIMS,
     LANE_DROPS,
     LANE_FLUSH_ACK,
     LANE_FLUSH_REQ,
-    LANE_HEAD,
-    LANE_LAST_AT,
     LANE_NEXT_ID,
     LANE_OWNER_PID,
     LANE_OWNER_START,
@@ -45,21 +42,12 @@ from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
 from .segment import Segment, check_timeout, start_ticks, wait_until
-from .trajectory import CheckedTrajectory, Step, Trajectory, _all_finite, check_trajectory
+from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
-# The C fast paths (record and one-vector forward), unless absent (no compiler at
-# install time) or disabled with SONA_SHM_PURE_PYTHON=1. They accept a subset of what
-# the Python paths accept, with identical results, and hand everything else back.
-_speedups: Any = None
-if not os.environ.get("SONA_SHM_PURE_PYTHON"):
-    try:
-        from . import _speedups
-
-        _speedups.set_types(Trajectory, Step)
-    except ImportError:  # pragma: no cover - depends on the build
-        _speedups = None
+# The C fast path of a one-vector forward() (see lane.py for record()), or None.
+_speedups: Any = lane_module._speedups
 
 
 class _Weights(NamedTuple):
@@ -86,6 +74,7 @@ class Client:
     def __init__(self, name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> None:
         self._segment: Segment | None = None
         self._lane = -1
+        self._writer: Any = None
         self._segment = seg = Segment.open(name, writable=True, timeout=timeout)
         try:
             layout = seg.layout
@@ -97,19 +86,12 @@ class Client:
             self.layout = layout
             self.hidden_dim = layout.hidden_dim
             self._where = f" of segment {name!r}"
-            # Geometry the record path reads on every call, as plain attributes.
-            self._ring_slots, self._slot_stride, self._lanes = layout.lane_slots, layout.slot_bytes, layout.lanes
+            self._ring_slots = layout.lane_slots
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
-            self._f64 = seg.f64
-            self._buf = seg.buf
-            self._idle_word = (FLUSHER_LINE + FL_IDLE) // 8
-            self._zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
             self._lock = threading.Lock()
             rows = np.zeros((layout.rank, layout.hidden_dim), F32)
             self._weights = _Weights(-1, rows, rows.T, rows)  # generation -1: loaded on first use
-            self._head = 0
-            self._tail = 0
             self._claim()
         except BaseException:
             self.close()
@@ -137,21 +119,11 @@ class Client:
         u64[ctl + LANE_OWNER_START // 8] = start_ticks(pid)
         u64[ctl + LANE_CLAIMS // 8] += 1
         self._ctl = ctl
-        self._w_head = ctl + LANE_HEAD // 8
         self._w_drops = ctl + LANE_DROPS // 8
         self._w_next_id = ctl + LANE_NEXT_ID // 8
-        self._w_last_at = ctl + LANE_LAST_AT // 8
-        self._head = u64[ctl + LANE_HEAD // 8]  # a previous owner's last publish; stable, it is dead
-        self._tail = self._ledger.lane_tail(lane)
-        self._slot0 = layout.lane_slot(lane, 0)
-        self._lane_f32 = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=seg.numpy_buffer(), offset=self._slot0)
-        self._lane_words = memoryview(self._lane_f32)
-        self._writer = None
-        if _speedups is not None:
-            self._writer = _speedups.SlotWriter(
-                self._lane_words, layout.hidden_dim, layout.max_steps, layout.attention_dim,
-                layout.payload_offset, layout.route_offset, layout.step_bytes,
-            )  # fmt: skip
+        self._views = LaneViews(seg, lane)
+        self._writer = make_writer(seg, self._views, self._where)
+        self._writer.tail = self._ledger.lane_tail(lane)
         self._lane = lane
 
     def _ensure_lane(self) -> None:
@@ -177,17 +149,24 @@ class Client:
         with self._lock:
             if self._lane >= 0 and self._segment is not None:
                 self._lane = -1
+                self._drop_writer()
                 self._segment.forget_inherited_fd()  # our descriptor's close drops the lane lock
 
     def _forked(self) -> None:
         """In a fork child: forget the parent's lane and lock; claim anew on first use."""
         self._lock = threading.Lock()  # the parent's may have been held by another thread
-        writer = self.__dict__.pop("_writer", None)
-        if writer is not None:
-            writer.close()
+        self._drop_writer()
         if self._segment is not None and not self._segment.closed:
             self._segment.forget_inherited_fd()
         self._lane = -1
+
+    def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()  # releases its hold on the lane memory
+        views = self.__dict__.pop("_views", None)
+        if views is not None:
+            views.release()
 
     # ----------------------------------------------------------------- recording
 
@@ -213,104 +192,52 @@ class Client:
         if timeout:  # 0.0, the default, needs no check; NaN would make the wait endless
             check_timeout(timeout)
         with self._lock:
-            if self._lane < 0:
-                self._ensure_lane()
-            head = self._head
-            ring_slots = self._ring_slots
-            if head - self._tail >= ring_slots:
-                self._check(traj)  # bad input is refused, not counted as a drop
-                self._refresh_tail()
-                if head - self._tail >= ring_slots and not self._wait_for_room(head, timeout):
-                    self._u64[self._w_drops] += 1
-                    return False
-            # The slot at ``head`` is private until the head moves past it: fill it
-            # (payload, then its head fields), stamp it, and only then publish it.
-            slot = (head % ring_slots) * self._slot_stride
-            u64 = self._u64
             writer = self._writer
             if writer is None:
-                self._fill_slot(traj, slot, scrub=False)
-            else:
-                next_id = u64[self._w_next_id]
-                filled = writer.fill(slot, traj, next_id * self._lanes + self._lane)
-                if filled < 0:
-                    self._fill_slot(traj, slot, scrub=True)  # converts, or raises naming what is wrong
-                elif filled & 1:
-                    u64[self._w_next_id] = next_id + 1  # its default id was used
-            u64[(self._slot0 + slot) >> 3] = head + 1  # stamps the slot: its payload is complete
-            self._head = head = head + 1
-            u64[self._w_head] = head  # publishes the slot to the flusher
-            self._f64[self._w_last_at] = time.time()
-            if u64[self._idle_word]:
+                self._ensure_lane()
+                writer = self._writer
+            status = writer.record(traj)  # the whole call, in C for the common form
+            if status <= 0:
+                status = self._record_slow(writer, traj, status, timeout)
+                if not status:
+                    return False
+            if status == PUBLISHED_RING:
                 self._segment.ring()  # the flusher sleeps: wake it (rare under load)
         return True
 
-    def _check(self, traj: Trajectory, finite: bool = True) -> CheckedTrajectory:
+    def _record_slow(self, writer: Any, traj: Trajectory, status: int, timeout: float) -> int:
+        """A full ring (``FULL``) or a trajectory the C writer hands back (``NOT_HANDLED``)."""
+        if status == FULL:
+            self._check(traj)  # bad input is refused, not counted as a drop
+            self._refresh_tail()
+            if writer.head - writer.tail >= self._ring_slots and not self._wait_for_room(timeout):
+                self._u64[self._w_drops] += 1
+                return FULL
+            status = writer.record(traj)
+            if status != NOT_HANDLED:
+                return status
+        fill_slot(self._views, writer.head, traj, where=self._where, scrub=True)  # converts, or raises naming the field
+        return writer.publish()
+
+    def _check(self, traj: Trajectory) -> None:
         layout = self.layout
-        return check_trajectory(
-            traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where, finite=finite
-        )
+        check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where)
 
-    def _fill_slot(self, traj: Trajectory, slot: int, *, scrub: bool) -> None:
-        """The pure-Python fill of the private slot at lane offset ``slot`` (all but ``seq``).
-
-        ``scrub``: zero the payload first, because the C path gave up on this
-        trajectory after copying some of it (maybe a NaN): this path's one-pass scan
-        covers whole steps, attention past ``att_len`` included.
-        """
-        layout = self.layout
-        h = layout.hidden_dim
-        step_words = layout.step_bytes >> 2
-        first = at = (slot + layout.payload_offset) >> 2
-        payload = self._lane_f32[first : first + h + layout.max_steps * step_words]
-        if scrub:
-            payload[...] = 0.0
-        # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
-        checked = self._check(traj, finite=False)
-        words = self._lane_words  # memoryview slice stores cost half of numpy's
-        words[at : at + h] = checked.query
-        at += h
-        meta = []
-        for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
-            n_act = act.shape[0]
-            n_att = att.shape[0]
-            words[at : at + n_act] = act
-            if n_act < h:
-                words[at + n_act : at + h] = self._zeros[: h - n_act]  # short activations add to the first entries only
-            if n_att:
-                words[at + h : at + h + n_att] = att
-            meta += (reward, n_act, n_att)
-            at += step_words
-        if not _all_finite(payload[: at - first]):
-            payload[...] = 0.0
-            self._check(traj)  # names the non-finite field
-            raise AssertionError("unreachable: the full check refuses what the scan refused")  # pragma: no cover
-        tid = checked.id
-        if tid is None:
-            tid = self._take_id()
-        route = checked.route
-        base = self._slot0 + slot
-        buf = self._buf
-        if route:
-            buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
-        n = len(checked.rewards)
-        struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
-
-    def _wait_for_room(self, head: int, timeout: float) -> bool:
+    def _wait_for_room(self, timeout: float) -> bool:
         if timeout <= 0:
             return False
         self._segment.ring()
-        slots = self.layout.lane_slots
+        writer, slots = self._writer, self._ring_slots
 
         def room() -> bool:
             self._refresh_tail()
-            return head - self._tail < slots
+            return writer.head - writer.tail < slots
 
         return wait_until(room, timeout)
 
     def _refresh_tail(self) -> None:
         try:
-            self._tail = self._ledger.lane_tail(self._lane)
+            self._writer.tail = self._ledger.lane_tail(self._lane)
         except TornRead:
             pass  # keep the older, smaller tail: it only makes the ring look fuller
 
@@ -358,7 +285,7 @@ class Client:
         with self._lock:
             if self._lane < 0:
                 return
-            lane, target = self._lane, self._head
+            lane, target = self._lane, self._writer.head
         self._segment.ring()
         if not wait_until(lambda: self._ledger.lane_tail(lane) >= target, timeout):
             raise FlusherTimeoutError(self._timeout_message("sync", timeout))
@@ -434,16 +361,8 @@ class Client:
         drainer = self.__dict__.pop("_drainer", None)
         if drainer is not None:
             drainer.close()
-        writer = self.__dict__.pop("_writer", None)
-        if writer is not None:
-            writer.close()  # releases its hold on the lane memory
-        for attr in ("_lane_words", "_zeros"):
-            view = self.__dict__.pop(attr, None)
-            if view is not None:
-                view.release()
-        self.__dict__.pop("_lane_f32", None)
-        for attr in ("_u64", "_f64", "_buf"):
-            self.__dict__.pop(attr, None)
+        self._drop_writer()
+        self.__dict__.pop("_u64", None)
         ledger = self.__dict__.pop("_ledger", None)
         if ledger is not None:
             ledger.close()
@@ -459,10 +378,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<sona_shm.Client {getattr(self, 'name', '?')!r} lane={self._lane}>"
-
-
-#: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
-_HEAD_FORMATS = ["<QQfHH" + "fHH" * n for n in range(1025)]
 
 
 def _after_fork_in_child() -> None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sona_shm import Trajectory
+from sona_shm import lane as lane_module
 from sona_shm.client import attach
-from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
+from sona_shm.layout import LOCK_LANE_BASE
 from sona_shm.segment import Segment
 
 from support import make_trajectories
@@ -88,10 +89,16 @@ def _produce(name, producer, progress, limit, timeout, stop_file, pause, pause_a
             return taken
 
         Segment.try_lock = try_lock
+    if pause == "head":
+        # Stop between the slot's stamp and the head store. The C writer makes those two
+        # stores in one call, so this producer uses the reference (Python) writer, whose
+        # stores go through the word view patched here; both publish in the same order.
+        lane_module._speedups = None
     client = attach(name)
     os.write(fd, b"%d\n" % client.lane)
     if pause == "head":
-        client._u64 = _PauseBeforeStore(client._u64, client._ctl + LANE_HEAD // 8, pause_at + 1)
+        views = client._writer.views
+        views.u64 = _PauseBeforeStore(views.u64, views.head_word, pause_at + 1)
     base = trajectories_of(producer, client.hidden_dim)
     first = producer * ID_BASE
     for k in range(limit):

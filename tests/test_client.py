@@ -18,6 +18,7 @@ from sona_shm import (
     Trajectory,
 )
 from sona_shm import client as client_module
+from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
 from sona_shm.segment import Segment
@@ -32,7 +33,8 @@ H = SMALL["hidden_dim"]
 def record_path(request, monkeypatch):
     """Every test here runs through the C fast paths and through the pure-Python ones."""
     if request.param == "python":
-        monkeypatch.setattr(client_module, "_speedups", None)
+        monkeypatch.setattr(client_module, "_speedups", None)  # forward()
+        monkeypatch.setattr(lane_module, "_speedups", None)  # record(), for lanes claimed from now on
     elif client_module._speedups is None:
         pytest.skip("C fast paths not built or disabled")
     return request.param

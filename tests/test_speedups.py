@@ -9,6 +9,7 @@ import pytest
 
 from sona_shm import Step, Trajectory
 from sona_shm import client as client_module
+from sona_shm import lane as lane_module
 
 from conftest import SMALL
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("SONA_SHM_PURE_PYTHON")), re
 def test_the_extension_is_built_and_in_use():
     # optional=True in setup.py lets an install without a compiler succeed; here, where
     # there is one, a silent build failure would quietly cost the speed.
-    assert client_module._speedups is not None
+    assert client_module._speedups is not None and lane_module._speedups is not None
 
 
 def trajectories() -> list[Trajectory]:
@@ -40,8 +41,10 @@ def fields(client, traj: Trajectory) -> dict:
     """What record() wrote for ``traj``: every field a reader may use."""
     assert client.record(traj)
     layout = client.layout
-    index = (client._head - 1) % layout.lane_slots
-    slots = np.ndarray((layout.lane_slots,), dtype=layout.slot_dtype, buffer=client._segment.numpy_buffer(), offset=client._slot0)
+    index = (client._writer.head - 1) % layout.lane_slots
+    slots = np.ndarray(
+        (layout.lane_slots,), dtype=layout.slot_dtype, buffer=client._segment.numpy_buffer(), offset=layout.lane_slot(client.lane, 0)
+    )
     rec = slots[index]
     n = int(rec["n_steps"])
     meta = rec["meta"][:n]
@@ -61,9 +64,11 @@ def test_c_and_python_fill_identical_slots(engine, monkeypatch):
     flusher = engine(lane_slots=64)
     client = engine.attach()
     written_by_c = [fields(client, t) for t in trajectories()]
-    monkeypatch.setattr(client_module, "_speedups", None)
-    client._writer = None  # this client's C writer, made when it claimed its lane
+    assert type(client._writer) is lane_module._speedups.LaneWriter
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()  # the next record claims the lane again, with the Python writer
     written_by_python = [fields(client, t) for t in trajectories()]
+    assert type(client._writer) is lane_module.PyLaneWriter
     assert written_by_c == written_by_python
     assert flusher.scan() == 2 * len(trajectories())
 
@@ -73,7 +78,8 @@ def test_ids_taken_from_the_lane_agree(engine, monkeypatch):
     client = engine.attach()
     no_id = Trajectory(np.ones(H, F32), [], 1.0)
     first = fields(client, no_id)["head"][0]
-    client._writer = None
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()
     second = fields(client, no_id)["head"][0]
     assert (first, second) == (client.lane, client.lane + SMALL["lanes"])  # k * lanes + lane, k = 0, 1
 
@@ -87,7 +93,7 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
         pass
 
     ok = Trajectory(np.ones(H, F32), [Step(np.ones(H, F32), None, 1.0)], 1.0)
-    assert writer.fill(0, ok, 0) == 2 * 1 + 1
+    assert writer.fill(ok) == 0
     for traj in [
         MyTrajectory(np.ones(H, F32), [], 1.0),  # subclass: the Python path decides
         Trajectory(np.ones(H), [], 1.0),  # float64
@@ -105,7 +111,9 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
         Trajectory(np.ones(H, F32), [], 1.0, route="\ud800"),  # not encodable
         Trajectory(np.ones(H, F32), [], 1.0, id=True),
     ]:
-        assert writer.fill(0, traj, 0) == -1, traj
+        assert writer.fill(traj) == -1, traj
+        assert writer.record(traj) == -1, traj
+    assert writer.head == 0  # nothing was published
 
 
 def test_adapt_matches_numpy(engine):

@@ -1,0 +1,167 @@
+"""The producer's side of one lane: fill the head slot of its ring, stamp it, publish it.
+
+:class:`PyLaneWriter` is the reference implementation; ``_speedups.LaneWriter`` (C) is
+its twin for trajectories in the common form (float32 numpy arrays, Python floats and
+ints) and hands everything else back (``record`` returns -1), so that
+:func:`fill_slot` here stays the one authority on converting and refusing input. Both
+publish in the order ``layout.py`` prescribes: payload and head fields, then the slot's
+``seq`` stamp, then the lane head (the store that hands the slot to the flusher), then
+the time of the record; then they report whether the flusher sleeps and must be rung.
+
+A writer is used by one owner at a time (the client serialises its threads); ``head``
+is this lane's published count, ``tail`` the committed tail the owner last read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+import numpy as np
+
+from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID, Layout
+from .learning import F32
+from .segment import Segment
+from .trajectory import Step, Trajectory, _all_finite, check_trajectory
+
+PUBLISHED = 1  #: the slot is published
+PUBLISHED_RING = 2  #: the slot is published and the flusher sleeps: ring its doorbell
+FULL = 0  #: the ring has no free slot (as far as ``tail`` says); nothing was written
+NOT_HANDLED = -1  #: (C writer only) not the common form; fill with fill_slot(), then publish()
+
+#: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
+_HEAD_FORMATS = ["<QQfHH" + "fHH" * n for n in range(1025)]
+
+# The C twin, unless it was not built (no compiler at install time) or is disabled with
+# SONA_SHM_PURE_PYTHON=1; both give byte-identical slots (tests/test_speedups.py).
+_speedups: Any = None
+if not os.environ.get("SONA_SHM_PURE_PYTHON"):
+    try:
+        from . import _speedups
+
+        _speedups.set_types(Trajectory, Step)
+    except ImportError:  # pragma: no cover - depends on the build
+        _speedups = None
+
+
+class LaneViews:
+    """The views of one lane that writing needs (made once per claim)."""
+
+    def __init__(self, segment: Segment, lane: int) -> None:
+        layout = segment.layout
+        self.layout = layout
+        self.lane = lane
+        self.u64, self.f64, self.buf = segment.u64, segment.f64, segment.buf
+        self.slot0 = layout.lane_slot(lane, 0)
+        ctl = layout.lane_control(lane)
+        self.head_word = (ctl + LANE_HEAD) // 8
+        self.next_id_word = (ctl + LANE_NEXT_ID) // 8
+        self.last_at_word = (ctl + LANE_LAST_AT) // 8
+        self.idle_word = (FLUSHER_LINE + FL_IDLE) // 8
+        self.floats = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=segment.numpy_buffer(), offset=self.slot0)
+        self.words = memoryview(self.floats)  # memoryview slice stores cost half of numpy's
+        self.zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
+
+    def release(self) -> None:
+        self.words.release()
+        self.zeros.release()
+        del self.floats
+
+
+def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool) -> None:
+    """Fill lane slot ``head`` (payload and head fields, all but ``seq``) or raise.
+
+    Converts what :func:`check_trajectory` converts and raises what it refuses, naming
+    the field; nothing visible changes either way (the slot is unpublished). ``scrub``:
+    zero the payload first, because the C writer gave up on this trajectory after
+    copying some of it (maybe a NaN), and the one-pass scan below covers whole steps.
+    """
+    layout = views.layout
+    h = layout.hidden_dim
+    step_words = layout.step_bytes >> 2
+    slot = (head % layout.lane_slots) * layout.slot_bytes
+    first = at = (slot + layout.payload_offset) >> 2
+    payload = views.floats[first : first + h + layout.max_steps * step_words]
+    if scrub:
+        payload[...] = 0.0
+    # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
+    checked = check_trajectory(traj, h, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=where, finite=False)
+    words = views.words
+    words[at : at + h] = checked.query
+    at += h
+    meta: list = []
+    for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
+        n_act = act.shape[0]
+        n_att = att.shape[0]
+        words[at : at + n_act] = act
+        if n_act < h:
+            words[at + n_act : at + h] = views.zeros[: h - n_act]  # short activations add to the first entries only
+        if n_att:
+            words[at + h : at + h + n_att] = att
+        meta += (reward, n_act, n_att)
+        at += step_words
+    if not _all_finite(payload[: at - first]):
+        payload[...] = 0.0
+        check_trajectory(traj, h, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=where)  # names the field
+        raise AssertionError("unreachable: the full check refuses what the scan refused")  # pragma: no cover
+    tid = checked.id
+    if tid is None:
+        u64 = views.u64
+        k = u64[views.next_id_word]
+        u64[views.next_id_word] = k + 1
+        tid = k * layout.lanes + views.lane
+    route = checked.route
+    base = views.slot0 + slot
+    buf = views.buf
+    if route:
+        buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
+    n = len(checked.rewards)
+    struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
+
+
+class PyLaneWriter:
+    """The reference lane writer (see the module docstring)."""
+
+    def __init__(self, views: LaneViews, where: str) -> None:
+        self.views = views
+        self.where = where
+        self.head = views.u64[views.head_word]  # a previous owner's last publish; stable, it is dead
+        self.tail = 0
+
+    @property
+    def slot_offset(self) -> int:
+        layout = self.views.layout
+        return self.views.slot0 + (self.head % layout.lane_slots) * layout.slot_bytes
+
+    def record(self, traj: Any) -> int:
+        if self.head - self.tail >= self.views.layout.lane_slots:
+            return FULL
+        fill_slot(self.views, self.head, traj, where=self.where, scrub=False)
+        return self.publish()
+
+    def publish(self) -> int:
+        views = self.views
+        u64 = views.u64
+        head = self.head + 1
+        u64[self.slot_offset >> 3] = head  # stamps the slot: its payload is complete
+        self.head = head
+        u64[views.head_word] = head  # publishes the slot to the flusher
+        views.f64[views.last_at_word] = time.time()
+        return PUBLISHED_RING if u64[views.idle_word] else PUBLISHED
+
+    def close(self) -> None:
+        pass
+
+
+def make_writer(segment: Segment, views: LaneViews, where: str) -> Any:
+    """The C writer when built, else the reference one; ``head`` is the lane's published count."""
+    if _speedups is None:
+        return PyLaneWriter(views, where)
+    layout: Layout = segment.layout
+    return _speedups.LaneWriter(
+        segment.buf, views.slot0, layout.lane_slots, layout.slot_bytes, layout.hidden_dim, layout.max_steps,
+        layout.attention_dim, layout.payload_offset, layout.route_offset, layout.step_bytes, views.head_word * 8,
+        views.next_id_word * 8, views.last_at_word * 8, views.idle_word * 8, layout.lanes, views.lane,
+    )  # fmt: skip
