@@ -14,7 +14,7 @@ setup(
             ["sona_shm/_speedups.c"],
             include_dirs=[numpy.get_include()],
             optional=True,
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),
     ]
 )

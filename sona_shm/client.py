@@ -255,7 +255,7 @@ class Client:
             w = self._load_weights()
         if _speedups is not None:
             out = _speedups.adapt(x, w.down, w.up_scaled)
-            if out is not None:  # x was a finite float32[h]; anything else is handled below
+            if out is not None:  # x was a finite float32 [h] or [n, h] array; anything else is handled below
                 return out
         if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1 and x.shape[0] == self.hidden_dim:
             coeff = x @ w.down_t

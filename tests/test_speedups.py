@@ -131,3 +131,24 @@ def test_adapt_matches_numpy(engine):
     assert client_module._speedups.adapt(np.full(H, np.nan, F32), w.down, w.up_scaled) is None
     assert client_module._speedups.adapt(x.astype(np.float64), w.down, w.up_scaled) is None
     assert client_module._speedups.adapt(np.ones(H + 1, F32), w.down, w.up_scaled) is None
+
+
+def test_adapt_takes_batches_and_strided_rows(engine):
+    flusher = engine(flush_threshold=5)
+    client = engine.attach()
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        client.record(Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, 1.0)], 1.0))
+    flusher.scan()
+    w = client._load_weights()
+    adapt = client_module._speedups.adapt
+    batch = rng.standard_normal((7, 2 * H)).astype(F32)[:, ::2]  # strided in both axes
+    out = adapt(batch, w.down, w.up_scaled)
+    assert out.shape == (7, H) and out.flags.c_contiguous
+    np.testing.assert_allclose(out, batch + (batch @ w.down_t) @ w.up_scaled, atol=1e-6)
+    assert adapt(np.zeros((0, H), F32), w.down, w.up_scaled).shape == (0, H)
+    bad = batch.copy()
+    bad[5, 3] = np.inf
+    assert adapt(bad, w.down, w.up_scaled) is None  # the Python path names the bad element
+    assert adapt(np.ones((2, 3, H), F32), w.down, w.up_scaled) is None
+    np.testing.assert_allclose(client.forward(batch), out, atol=1e-6)
