@@ -9,8 +9,10 @@ float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
 1. throughput: N producer processes record flat out for S seconds into one consumer.
    sona_shm: ``record()`` into lanes, the flusher (started with the CLI) learns them.
    Peers: ``multiprocessing.Queue`` and ``faster_fifo.Queue`` (bounded, put blocks when
-   full) carry the same Trajectory objects to one consumer process that only receives
-   them (it learns nothing, so the comparison flatters the peers). Delivered = what the
+   full) carry the same trajectories (as tuples of arrays, cheaper to pickle than the
+   dataclass) to one consumer process that only receives them (it learns nothing, so
+   the comparison flatters the peers). sona_shm producers use ``record(timeout=)``, which
+   likewise waits when the lane is full. Delivered = what the
    consumer got (sona_shm: learned) per second until the last one arrived. The systems
    run interleaved, R rounds; medians are reported, and ratios against sona_shm.
 2. producer latency: ``record()`` and ``forward()`` timed call by call in a producer
@@ -115,13 +117,20 @@ def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out) ->
         record = client.record
         while time.monotonic() < deadline:
             for t in pool:
-                accepted += record(t)
+                # Wait for room when the lane is full, as the peers' bounded queues block
+                # in put(): both then leave the CPU to their consumer.
+                accepted += record(t, timeout=5.0)
             attempted += len(pool)
         out.put((accepted, attempted, time.process_time() - cpu0))
 
 
+def as_message(t: Trajectory) -> tuple:
+    """What a careful user would pickle: plain arrays and floats (~30% cheaper than the dataclass)."""
+    return (t.query, [(s.activations, s.attention, s.reward) for s in t.steps], t.quality)
+
+
 def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> None:
-    pool = make_pool(seed, steps)
+    pool = [as_message(t) for t in make_pool(seed, steps)]
     go.wait()
     cpu0, sent = time.process_time(), 0
     deadline = time.monotonic() + seconds
@@ -326,6 +335,56 @@ def run_freshness(samples: int) -> dict[str, Any]:
     return {**pct(lag), "idle_flusher_cpu_percent": idle * 100, "wake_timeout_s": WAKE_TIMEOUT}
 
 
+# ----------------------------------------------------------------- 0. calibration
+
+
+def run_calibration() -> dict[str, dict[str, float]]:
+    """The floors anchors.md lists, measured here, to compare machines (thread CPU time, µs)."""
+    import pickle
+
+    import posix_ipc
+
+    t = make_pool(5, 1, 1)[0]
+    msg = pickle.dumps(as_message(t), protocol=pickle.HIGHEST_PROTOCOL)
+    src = np.ones(256, np.float32)
+    dst = np.zeros(4096, np.float32)[:256]
+    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, initial_value=1)
+    down = np.ones((2, 256), np.float32)
+
+    def cpu_us(fn: Callable[[], object], n: int = 20000) -> float:
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.thread_time_ns()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.thread_time_ns() - t0) / n / 1000)
+        return best
+
+    def acquire_release() -> None:
+        sem.acquire(0)
+        sem.release()
+
+    try:
+        here = {
+            "numpy copy of 256 float32": cpu_us(lambda: dst.__setitem__(Ellipsis, src)),
+            "posix_ipc acquire(0)+release": cpu_us(acquire_release),
+            "pickle.dumps of a T1 trajectory": cpu_us(lambda: pickle.dumps(as_message(t), protocol=pickle.HIGHEST_PROTOCOL), 5000),
+            "pickle.loads of a T1 trajectory": cpu_us(lambda: pickle.loads(msg), 5000),
+            "np.dot, one vector, rank 2": cpu_us(lambda: down @ src),
+        }
+    finally:
+        sem.unlink()
+        sem.close()
+    anchors = {  # anchors.md, "Floors" and the queues' pickling figures
+        "numpy copy of 256 float32": 0.11,
+        "posix_ipc acquire(0)+release": 0.12,
+        "pickle.dumps of a T1 trajectory": 7.7,
+        "pickle.loads of a T1 trajectory": 4.6,
+        "np.dot, one vector, rank 2": 1.8,
+    }
+    return {k: {"here_us": v, "anchors_us": anchors[k], "ratio": v / anchors[k]} for k, v in here.items()}
+
+
 # ----------------------------------------------------------------- main
 
 
@@ -341,6 +400,7 @@ def main() -> int:
     seconds = args.seconds or (0.5 if args.quick else 3.0)
     repeat = args.repeat or (1 if args.quick else 5)
     skip = set(filter(None, args.skip.split(",")))
+    calibration = run_calibration()
     systems = ["sona_shm", "multiprocessing.Queue"]
     try:
         import faster_fifo  # noqa: F401
@@ -355,6 +415,7 @@ def main() -> int:
             "cpu": _cpu_name(), "producers": args.producers, "seconds": seconds, "repeat": repeat,
             "c_fast_paths": _c_paths(),
         },
+        "calibration": calibration,
     }  # fmt: skip
     if "throughput" not in skip:
         runs: dict[str, dict[str, list]] = {}
@@ -401,6 +462,11 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
     m = report["machine"]
     print(f"sona_shm bench: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, numpy {m['numpy']}, "
           f"C fast paths {'on' if m['c_fast_paths'] else 'OFF'}; hidden 256, rank 2, {m['producers']} producers")  # fmt: skip
+    cal = report["calibration"]
+    factor = statistics.median(c["ratio"] for c in cal.values())
+    print(f"\n0. this machine against the one anchors.md was measured on (thread CPU time, µs): median {factor:.1f}x slower")
+    for k, c in cal.items():
+        print(f"   {k:<34} {c['here_us']:>8.2f}  (anchors {c['anchors_us']:.2f}, {c['ratio']:.1f}x)")
     if "throughput" in report:
         print(f"\n1. delivered throughput, {m['producers']} producers -> 1 consumer, median of {m['repeat']} interleaved rounds")
         print(f"   {'workload':<28} {'traj/s':>12} {'vs sona_shm':>12} {'producer CPU µs/traj':>22}")
