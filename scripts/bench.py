@@ -46,7 +46,7 @@ from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
 from sona_shm.flusher import WAKE_TIMEOUT
 from sona_shm.layout import EngineConfig
-from sona_shm.learning import Learner, signal_parts
+from sona_shm.learning import Learner
 from sona_shm.monitor import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
@@ -262,27 +262,39 @@ def run_latency(producers: int, seconds: float) -> dict[str, dict]:
 
 
 def run_learning(seconds: float) -> dict[str, float]:
-    """The flusher's per-batch work on slot-shaped data (strided like a lane ring)."""
-    results = {}
-    layout_config = EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, attention_dim=ATTENTION_DIM)
+    """The flusher's learning of one batch of lane slots (what Flusher._learn_slots runs:
+    the C learner when built, else numpy), in-process, on slot-shaped data."""
+    from sona_shm import lane
     from sona_shm.layout import Layout
+    from sona_shm.learning import learning_signals
 
-    layout = Layout(layout_config)
+    results = {}
+    layout = Layout(EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, attention_dim=ATTENTION_DIM))
+    speedups = lane._speedups
     for steps in (1, 4):
         for batch in (32, 256, 1024):
             slots = np.zeros(batch, dtype=layout.slot_dtype)
             rng = np.random.default_rng(batch)
+            slots["seq"] = np.arange(1, batch + 1)
             slots["query"] = rng.standard_normal((batch, HIDDEN_DIM))
             slots["steps"]["act"][:, :steps] = rng.standard_normal((batch, steps, HIDDEN_DIM))
             slots["meta"]["reward"][:, :steps] = rng.standard_normal((batch, steps))
             slots["n_steps"] = steps
             slots["quality"] = rng.random(batch)
+            raw = slots.view(np.uint8).reshape(batch, layout.slot_bytes)
             learner = Learner(HIDDEN_DIM, RANK, 0.002, 100)
             n_steps = slots["n_steps"].astype(np.int64)
             done, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
-                g, scale = signal_parts(slots["query"], slots["meta"]["reward"][:, :steps], slots["steps"]["act"][:, :steps], n_steps)
-                learner.learn(g, slots["quality"] * scale)
+                if speedups is not None:
+                    pending, flushes, _ = speedups.learn_slots(
+                        raw, batch, HIDDEN_DIM, layout.max_steps, layout.payload_offset, layout.step_bytes, 1,
+                        learner.grad_up, learner.up, learner.lr, learner.flush_threshold, learner.pending,
+                    )  # fmt: skip
+                    learner.account(batch, pending, flushes)
+                else:
+                    query, rewards, act = slots["query"], slots["meta"]["reward"][:, :steps], slots["steps"]["act"][:, :steps]
+                    learner.learn(learning_signals(query, rewards, act, n_steps), slots["quality"])
                 done += batch
             results[f"T{steps} batch {batch}"] = done / (time.perf_counter() - t0)
     return results

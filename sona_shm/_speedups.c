@@ -404,6 +404,198 @@ static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     return (PyObject *)out;
 }
 
+/* ------------------------------------------------------------------ the learner */
+
+#define DEGENERATE_NORM 1e-8
+
+static double norm_f64(const double *g, npy_intp h) {
+    double s = 0.0;
+    for (npy_intp i = 0; i < h; i++) s += g[i] * g[i];
+    return sqrt(s);
+}
+
+static float reward_of(const char *slot, int s) {
+    float r;
+    memcpy(&r, slot + SLOT_HEAD_BYTES + 8 * s, 4);
+    return r;
+}
+
+/* learning.signal_parts() of one stepped slot in float64, normalised, into g: for the
+ * rare trajectory whose float32 sums overflow (inputs near the float32 limit). */
+static void signal_f64(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_bytes, npy_intp h, int n, double *g64,
+                       float *g) {
+    const float *acts = (const float *)(slot + payload_off + 4 * h);
+    double total = 0.0;
+    for (int s = 0; s < n; s++) total += reward_of(slot, s);
+    double baseline = total / n;
+    for (int pass = 0; pass < 2; pass++) { /* pass 0: advantages; pass 1: the fallback, rewards */
+        for (npy_intp i = 0; i < h; i++) g64[i] = 0.0;
+        for (int s = 0; s < n; s++) {
+            double w = pass == 0 ? (double)reward_of(slot, s) - baseline : (double)reward_of(slot, s);
+            const float *a = (const float *)((const char *)acts + s * step_bytes);
+            for (npy_intp i = 0; i < h; i++) g64[i] += w * a[i];
+        }
+        double norm = norm_f64(g64, h);
+        if (norm > DEGENERATE_NORM || pass == 1) {
+            double inv = norm > DEGENERATE_NORM ? 1.0 / norm : 1.0;
+            for (npy_intp i = 0; i < h; i++) g[i] = (float)(g64[i] * inv);
+            return;
+        }
+    }
+}
+
+/* The signal of one stepped slot as learning.signal_parts() computes it: g (not yet
+ * normalised) and the scale that normalises it (1 when the norm is <= 1e-8). Rewards and
+ * steps are added in order, in float32, like the reference, and the norm is compared
+ * with 1e-8 in float32 as the reference does; -1 if the float32 sums overflowed. */
+static int signal_f32(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_bytes, npy_intp h, int n, float *g,
+                      float *scale) {
+    const float *acts = (const float *)(slot + payload_off + 4 * h);
+    float baseline = 0.0f;
+    if (n > 1) {
+        float total = reward_of(slot, 0);
+        for (int s = 1; s < n; s++) total += reward_of(slot, s);
+        baseline = total / (float)n;
+    }
+    /* One step: the baseline is the reward, every advantage exactly 0, so the reference
+     * always takes the fallback (pass 1). */
+    for (int pass = n == 1; pass < 2; pass++) {
+        for (int s = 0; s < n; s++) {
+            float w = pass == 0 ? reward_of(slot, s) - baseline : reward_of(slot, s);
+            const float *a = (const float *)((const char *)acts + s * step_bytes);
+            if (s == 0) {
+                for (npy_intp i = 0; i < h; i++) g[i] = w * a[i];
+            } else {
+                for (npy_intp i = 0; i < h; i++) g[i] += w * a[i];
+            }
+        }
+        float norm = sqrtf(dot(g, g, h));
+        if (!isfinite(norm)) return -1;
+        if (norm > (float)DEGENERATE_NORM || pass == 1) {
+            *scale = norm > (float)DEGENERATE_NORM ? 1.0f / norm : 1.0f;
+            return 0;
+        }
+    }
+    return 0; /* not reached: pass 1 always returns */
+}
+
+/* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
+ *             grad_up, up, lr, flush_threshold, pending) -> (pending, flushes, width) or None
+ * Learns ``count`` consecutive slots of ``block`` (a buffer of count * slot_bytes, slot i
+ * stamped first_seq + i) exactly as Learner.learn(learning_signals(...)) does: each
+ * signal times its quality is added to every row of grad_up (float64[R, h], in place),
+ * and every time ``pending`` reaches ``flush_threshold`` the rows are applied,
+ * ``up += grad_up * lr / pending`` (float32[R, h], saturated at the float32 limit), and
+ * the sums reset. ``width`` is the most steps a slot had. None, with nothing changed, if
+ * a slot fails its stamp or its step count: the caller's Python path then sorts the
+ * slots out and logs them. */
+static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 12 arguments");
+        return NULL;
+    }
+    Py_ssize_t v[12];
+    int ints[] = {1, 2, 3, 4, 5, 10, 11};
+    for (size_t k = 0; k < sizeof ints / sizeof *ints; k++) {
+        v[ints[k]] = PyLong_AsSsize_t(args[ints[k]]);
+        if (v[ints[k]] == -1 && PyErr_Occurred()) return NULL;
+    }
+    unsigned long long first_seq = PyLong_AsUnsignedLongLong(args[6]);
+    if (first_seq == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    double lr = PyFloat_AsDouble(args[9]);
+    if (lr == -1.0 && PyErr_Occurred()) return NULL;
+    Py_ssize_t count = v[1], hidden = v[2], max_steps = v[3], payload_off = v[4], step_bytes = v[5], threshold = v[10],
+               pending = v[11];
+    PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
+    if (!PyArray_Check(args[7]) || !PyArray_Check(args[8]) || PyArray_TYPE(grad) != NPY_FLOAT64 || PyArray_TYPE(up) != NPY_FLOAT32 ||
+        PyArray_NDIM(grad) != 2 || PyArray_NDIM(up) != 2 || !PyArray_IS_C_CONTIGUOUS(grad) || !PyArray_IS_C_CONTIGUOUS(up) ||
+        !PyArray_ISWRITEABLE(grad) || !PyArray_ISWRITEABLE(up) || PyArray_DIM(grad, 1) != hidden || PyArray_DIM(up, 1) != hidden ||
+        PyArray_DIM(grad, 0) != PyArray_DIM(up, 0) || hidden < 1 || count < 0 || max_steps < 0 || max_steps > 0xFFFF ||
+        threshold < 1 || pending < 0 || pending >= threshold || step_bytes < 4 * hidden || payload_off < SLOT_HEAD_BYTES + 8 * max_steps) {
+        PyErr_SetString(PyExc_ValueError, "learn_slots(): inconsistent arguments");
+        return NULL;
+    }
+    Py_buffer block;
+    if (PyObject_GetBuffer(args[0], &block, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL;
+    npy_intp rank = PyArray_DIM(grad, 0), h = hidden;
+    Py_ssize_t slot_bytes = count ? block.len / count : 0;
+    if (count && (block.len % count || slot_bytes < payload_off + 4 * hidden + max_steps * step_bytes)) {
+        PyErr_SetString(PyExc_ValueError, "learn_slots(): block is not count whole slots");
+        goto release;
+    }
+    const char *base = (const char *)block.buf;
+    int width = 0;
+    for (Py_ssize_t k = 0; k < count; k++) { /* check every stamp before learning anything */
+        uint64_t seq;
+        uint16_t n;
+        memcpy(&seq, base + k * slot_bytes, 8);
+        memcpy(&n, base + k * slot_bytes + 28, 2);
+        if (n > width) width = n;
+        if (seq != first_seq + (uint64_t)k || n > max_steps) {
+            Py_INCREF(Py_None);
+            result = Py_None;
+            goto release;
+        }
+    }
+    {
+        double *G = (double *)PyArray_DATA(grad);
+        float *U = (float *)PyArray_DATA(up);
+        float *g = PyMem_Malloc((size_t)h * sizeof(float));
+        double *acc = PyMem_Calloc((size_t)h, sizeof(double));
+        double *g64 = PyMem_Malloc((size_t)h * sizeof(double));
+        if (!g || !acc || !g64) {
+            PyMem_Free(g);
+            PyMem_Free(acc);
+            PyMem_Free(g64);
+            PyErr_NoMemory();
+            goto release;
+        }
+        long flushes = 0;
+        int dirty = 0; /* acc holds sums not yet added to G */
+        for (Py_ssize_t k = 0; k < count; k++) {
+            const char *slot = base + k * slot_bytes;
+            uint16_t n;
+            float q, scale = 1.0f;
+            memcpy(&n, slot + 28, 2);
+            memcpy(&q, slot + 24, 4);
+            const float *sig = g;
+            if (n == 0) {
+                sig = (const float *)(slot + payload_off); /* the query itself, not normalised */
+            } else if (signal_f32(slot, payload_off, step_bytes, h, n, g, &scale) < 0) {
+                signal_f64(slot, payload_off, step_bytes, h, n, g64, g);
+                scale = 1.0f;
+            }
+            double w = (double)q * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
+            for (npy_intp i = 0; i < h; i++) acc[i] += w * sig[i];
+            dirty = 1;
+            if (++pending == threshold) {
+                double step = lr / (double)pending;
+                for (npy_intp r = 0; r < rank; r++)
+                    for (npy_intp i = 0; i < h; i++) {
+                        double val = (double)U[r * h + i] + (G[r * h + i] + acc[i]) * step;
+                        U[r * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+                        G[r * h + i] = 0.0;
+                    }
+                memset(acc, 0, (size_t)h * sizeof(double));
+                dirty = 0;
+                pending = 0;
+                flushes++;
+            }
+        }
+        if (dirty)
+            for (npy_intp r = 0; r < rank; r++)
+                for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+        PyMem_Free(g);
+        PyMem_Free(acc);
+        PyMem_Free(g64);
+        result = Py_BuildValue("(nli)", pending, flushes, width);
+    }
+release:
+    PyBuffer_Release(&block);
+    return result;
+}
+
 /* set_types(Trajectory, Step): the exact classes fill_slot accepts (instances of
  * subclasses take the Python path). */
 static PyObject *set_types(PyObject *self, PyObject *args) {
@@ -416,6 +608,8 @@ static PyObject *set_types(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"set_types", set_types, METH_VARARGS, "Register the Trajectory and Step classes."},
+    {"learn_slots", (PyCFunction)(void (*)(void))learn_slots, METH_FASTCALL,
+     "Learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,
      "x + adapter(x) for one finite float32 vector; None: take the Python path."},
     {NULL, NULL, 0, NULL},

@@ -29,6 +29,7 @@ import posix_ipc
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError
+from .lane import _speedups
 from .layout import (
     CONS_TAIL,
     CONSUMER_LINE,
@@ -48,7 +49,7 @@ from .layout import (
     EngineConfig,
     Layout,
 )
-from .learning import Learner, initial_down, signal_parts
+from .learning import Learner, initial_down, learning_signals
 from .ledger import Ledger
 from .segment import DEFAULT_MODE, Segment, check_name, check_timeout, create_bell, create_fd, open_fd, start_ticks, try_lock_fd, unlink
 
@@ -230,6 +231,18 @@ class Flusher:
     def _learn_slots(self, lane: int, first: int, count: int, index: int) -> int:
         """Learn ``count`` contiguous slots of ``lane`` starting at ring slot ``first``."""
         layout = self.layout
+        flat = lane * layout.lane_slots + first
+        learner = self.learner
+        if _speedups is not None:
+            learned = _speedups.learn_slots(
+                self._slot_bytes[flat : flat + count], count, layout.hidden_dim, layout.max_steps, layout.payload_offset,
+                layout.step_bytes, index + 1, learner.grad_up, learner.up, learner.lr, learner.flush_threshold, learner.pending,
+            )  # fmt: skip
+            if learned is not None:  # None: a slot failed its stamp; the path below sorts them out
+                pending, flushes, width = learned
+                learner.account(count, pending, flushes)
+                self._keep_in_buffer(flat, count, max(1, width))
+                return count
         rec = self._slots[lane, first : first + count]
         n_steps = rec["n_steps"].astype(np.int64)
         valid = (rec["seq"] == np.arange(index + 1, index + count + 1, dtype=np.uint64)) & (n_steps <= layout.max_steps)
@@ -240,13 +253,13 @@ class Flusher:
             if not len(rec):
                 return 0
         width = max(1, int(n_steps.max()))
-        g, scale = signal_parts(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
-        self.learner.learn(g, rec["quality"] * scale)  # signal_i * quality_i == g_i * (quality_i * scale_i)
+        signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
+        learner.learn(signals, rec["quality"])
         if valid.all():
-            self._keep_in_buffer(lane * layout.lane_slots + first, len(rec), width)
+            self._keep_in_buffer(flat, len(rec), width)
         else:
             for i in np.flatnonzero(valid):
-                self._keep_in_buffer(lane * layout.lane_slots + first + int(i), 1, width)
+                self._keep_in_buffer(flat + int(i), 1, width)
         return len(rec)
 
     def _keep_in_buffer(self, flat_slot: int, count: int, width: int) -> None:

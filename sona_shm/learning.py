@@ -59,9 +59,8 @@ def learning_signals(query: np.ndarray, rewards: np.ndarray, activations: np.nda
 def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray, n_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The signals of :func:`learning_signals` as ``g * scale[:, None]``, not multiplied out.
 
-    ``g``: a new ``float32[N, h]``; ``scale``: ``float32[N]`` (``1/‖g‖`` or 1). The
-    flusher folds ``scale`` into the quality weights of one matrix-vector product
-    instead of making another pass over ``g``.
+    ``g``: a new ``float32[N, h]``; ``scale``: ``float32[N]`` (``1/‖g‖`` or 1). The C
+    learner (``_speedups.learn_slots``) computes the same per slot, in the same order.
     """
     n_rows, hidden = query.shape
     n_steps = np.asarray(n_steps)
@@ -261,6 +260,15 @@ class Learner:
         self.trajectories_processed += n
         self.signals_accumulated += n
         return flushes
+
+    def account(self, learned: int, pending: int, flushes: int) -> None:
+        """Count a batch that ``_speedups.learn_slots`` learned into this learner's arrays."""
+        self.trajectories_processed += learned
+        self.signals_accumulated += learned
+        self.updates_applied += flushes * self.flush_threshold  # a threshold flush applies exactly that many
+        self.flushes_performed += flushes
+        self.generation += flushes
+        self.pending = pending
 
     def flush(self) -> bool:
         """Apply pending gradients: ``up += grad_up * lr / pending``. False if none."""

@@ -18,6 +18,7 @@ from sona_shm import (
     Trajectory,
 )
 from sona_shm import client as client_module
+from sona_shm import flusher as flusher_module
 from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
@@ -35,6 +36,7 @@ def record_path(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(client_module, "_speedups", None)  # forward()
         monkeypatch.setattr(lane_module, "_speedups", None)  # record(), for lanes claimed from now on
+        monkeypatch.setattr(flusher_module, "_speedups", None)  # the in-process flusher's learner
     elif client_module._speedups is None:
         pytest.skip("C fast paths not built or disabled")
     return request.param

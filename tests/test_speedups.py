@@ -152,3 +152,42 @@ def test_adapt_takes_batches_and_strided_rows(engine):
     assert adapt(bad, w.down, w.up_scaled) is None  # the Python path names the bad element
     assert adapt(np.ones((2, 3, H), F32), w.down, w.up_scaled) is None
     np.testing.assert_allclose(client.forward(batch), out, atol=1e-6)
+
+
+def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch):
+    """Mixed step counts, short activations, degenerate and overflowing signals, flushes
+    falling inside batches: both learners end with the same weights and gradients."""
+    from sona_shm import flusher as flusher_module
+
+    from support import load_vectors, make_trajectories, scenario_trajectory
+
+    rng = np.random.default_rng(8)
+    edge = [scenario_trajectory(op) for s in load_vectors()["scenarios"] if s["hidden_dim"] == 8 for op in s["ops"] if op["op"] == "traj"]
+    huge = [
+        Trajectory(np.full(H, 3e38, F32), [Step(np.full(H, 3e38, F32), None, 3e38), Step(np.full(H, -3e38, F32), None, 1.0)], 3e38),
+        Trajectory(np.full(H, 3e38, F32), [], 3e38),
+    ]
+    batches = [make_trajectories(int(seed), int(rng.integers(1, 40)), H) for seed in range(12)]
+    batches.insert(3, [Trajectory(np.resize(t.query, H), [Step(s.activations, None, s.reward) for s in t.steps], t.quality) for t in edge])
+    batches.insert(6, huge)
+    states = []
+    for speedups in (flusher_module._speedups, None):
+        monkeypatch.setattr(flusher_module, "_speedups", speedups)
+        flusher = engine(flush_threshold=7, lane_slots=64)
+        client = engine.attach()
+        for batch in batches:
+            for t in batch:
+                assert client.record(t)
+            flusher.scan()
+        learner = flusher.learner
+        states.append((learner.up.copy(), learner.grad_up.copy(), learner.pending, learner.metrics, learner.generation))
+        client.close()
+        flusher.close()
+        from sona_shm import segment
+
+        segment.unlink(client.name)
+    (up_c, grad_c, *rest_c), (up_py, grad_py, *rest_py) = states
+    assert rest_c == rest_py
+    assert np.isfinite(up_c).all() and np.isfinite(grad_c).all()
+    np.testing.assert_allclose(up_c, up_py, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad_c, grad_py, rtol=1e-5, atol=1e-5)
