@@ -45,6 +45,7 @@ from .segment import Segment, check_timeout, start_ticks, wait_until
 from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_INF = math.inf
 
 # The C fast path of a one-vector forward() (see lane.py for record()), or None.
 _speedups: Any = lane_module._speedups
@@ -189,7 +190,7 @@ class Client:
         long for room instead. Bad input raises :class:`InvalidInputError` and
         changes nothing.
         """
-        if timeout:  # 0.0, the default, needs no check; NaN would make the wait endless
+        if timeout and not (type(timeout) is float and 0.0 < timeout < _INF):  # NaN would make the wait endless
             check_timeout(timeout)
         with self._lock:
             writer = self._writer
