@@ -251,8 +251,9 @@ def test_finite_input_never_makes_the_weights_non_finite(engine):
         up, grad_up = client._ledger.read("up", "grad_up")
         assert np.isfinite(up).all() and np.isfinite(grad_up).all()
         assert np.isfinite(loop.up).all() and np.isfinite(loop._learner.grad_up).all()
-        # The flusher's learner (C when built) and InstantLoop's (numpy) round differently
-        # at the last float32 bit; saturation and finiteness are what this test is about.
-        np.testing.assert_allclose(up, loop.up, rtol=1e-5, atol=0)
+        # The flusher's learner (C when built) and InstantLoop's (numpy) sum in different
+        # orders: they agree to float32 rounding of the largest terms, and both saturate.
+        scale = float(np.abs(loop.up).max())
+        np.testing.assert_allclose(up, loop.up, rtol=1e-5, atol=1e-5 * scale)
 
     check()
