@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import numpy as np
 
@@ -43,7 +42,7 @@ from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.monitor import read_stats
-from sona_shm.supervise import start_flusher, stop_process
+from sona_shm.supervise import fork_child, start_flusher, stop_process
 
 HIDDEN_DIM = 32
 
@@ -88,20 +87,12 @@ def worker(name: str, seed: int, count: int, pace: float, progress: str) -> None
 
 
 def fork_worker(name: str, seed: int, count: int, pace: float, progress: str) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        worker(name, seed, count, pace, progress)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+    return fork_child(_worker_process, name, seed, count, pace, progress)
+
+
+def _worker_process(name: str, seed: int, count: int, pace: float, progress: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker(name, seed, count, pace, progress)
 
 
 def read_progress(path: str) -> tuple[int | None, str, bool]:

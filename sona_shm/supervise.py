@@ -9,8 +9,28 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 
 from .segment import start_ticks
+
+
+def fork_child(target: Callable[..., object], *args: object) -> int:
+    """Run ``target(*args)`` in a forked child that exits 0 if it returns, 1 if it raises
+    (traceback on stderr); return the child's pid. The way gunicorn starts its workers."""
+    sys.stdout.flush()  # or the child would print the parent's buffered output again
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        target(*args)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
 
 
 def start_flusher(name: str, *options: str, **popen_kwargs) -> subprocess.Popen:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +23,7 @@ from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LOCK_LANE_BASE
 from sona_shm.segment import Segment
+from sona_shm.supervise import fork_child
 
 from support import make_trajectories
 
@@ -62,19 +61,7 @@ def fork_producer(
     right after it took a lane lock, ``"head"`` just before the head store that would
     publish trajectory ``pause_at`` — for the test to SIGKILL it exactly there. ``pace``:
     seconds to rest between records (a witness that should not hog a core)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        _produce(name, producer, progress, limit, timeout, stop_file, pause, pause_at, pace)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+    return fork_child(_produce, name, producer, progress, limit, timeout, stop_file, pause, pause_at, pace)
 
 
 def _produce(name, producer, progress, limit, timeout, stop_file, pause, pause_at, pace) -> None:

@@ -116,15 +116,20 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
     assert writer.head == 0  # nothing was published
 
 
-def test_adapt_matches_numpy(engine):
+def trained(engine, seed: int):
+    """A client of an engine that learned (and flushed) a few trajectories, its weights, an rng."""
     flusher = engine(flush_threshold=5)
     client = engine.attach()
-    rng = np.random.default_rng(2)
-    for _ in range(20):
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
         client.record(Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, 1.0)], 1.0))
     flusher.scan()
+    return client, client._load_weights(), rng
+
+
+def test_adapt_matches_numpy(engine):
+    client, w, rng = trained(engine, 2)
     x = rng.standard_normal(H).astype(F32)
-    w = client._load_weights()
     out = client_module._speedups.adapt(x, w.down, w.up_scaled)
     assert out.dtype == F32 and out.shape == (H,)
     np.testing.assert_allclose(out, x + (x @ w.down_t) @ w.up_scaled, atol=1e-6)
@@ -134,13 +139,7 @@ def test_adapt_matches_numpy(engine):
 
 
 def test_adapt_takes_batches_and_strided_rows(engine):
-    flusher = engine(flush_threshold=5)
-    client = engine.attach()
-    rng = np.random.default_rng(4)
-    for _ in range(10):
-        client.record(Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, 1.0)], 1.0))
-    flusher.scan()
-    w = client._load_weights()
+    client, w, rng = trained(engine, 4)
     adapt = client_module._speedups.adapt
     batch = rng.standard_normal((7, 2 * H)).astype(F32)[:, ::2]  # strided in both axes
     out = adapt(batch, w.down, w.up_scaled)
