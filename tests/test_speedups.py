@@ -116,6 +116,22 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
     assert writer.head == 0  # nothing was published
 
 
+def test_lane_writer_geometry_is_checked_without_overflow_and_a_failed_init_changes_nothing():
+    mem = bytearray(4096 + 64)
+    good = [mem, 0, 1, 4096, H, 1, A, 128, 40, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0]
+    writer = lane_module._speedups.LaneWriter(*good)
+    for i, value in [(6, 2**62), (4, 2**62), (9, 2**61), (7, 2**62), (8, 2**62), (4, 65536)]:
+        bad = list(good)
+        bad[i] = value
+        with pytest.raises(ValueError, match="inconsistent lane geometry"):
+            lane_module._speedups.LaneWriter(*bad)
+    bad = list(good)
+    bad[1], bad[15] = 1 << 40, "not an int"  # slot0 parsed, then the parse fails
+    with pytest.raises(TypeError):
+        writer.__init__(*bad)
+    assert writer.slot_offset == 0 and writer.record(Trajectory(np.ones(H, F32), [], 1.0)) == lane_module.PUBLISHED
+
+
 def test_adapt_matches_numpy(engine):
     flusher = engine(flush_threshold=5)
     client = engine.attach()
