@@ -217,7 +217,10 @@ class Client:
             status = writer.record(traj)
             if status != NOT_HANDLED:
                 return status
-        fill_slot(self._views, writer.head, traj, where=self._where, scrub=True)  # converts, or raises naming the field
+        # Converts, or raises naming the field. Not scrubbed up front: the Python path rewrites
+        # every value the C writer copied, and fill_slot scrubs if what it left is not finite
+        # (zeroing the whole payload each time would touch every page of the slot).
+        fill_slot(self._views, writer.head, traj, where=self._where, scrub=False)
         return writer.publish()
 
     def _check(self, traj: Trajectory) -> None:

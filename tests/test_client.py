@@ -110,6 +110,28 @@ def test_bad_input_writes_nothing(engine, name):
     assert client.stats()["recorded"] == 0
 
 
+def stale_nan_in_head_slot(client) -> None:
+    """What a writer killed (or interrupted) after copying a refused trajectory leaves: NaN
+    in the unpublished head slot, here in step 0's attention past what the next one uses."""
+    layout = client.layout
+    at = client._writer.slot_offset + layout.payload_offset + 4 * H + 4 * H  # step 0's attention
+    floats = np.ndarray((layout.attention_dim,), np.float32, buffer=client._segment.numpy_buffer(), offset=at)
+    floats[:] = np.nan
+    del floats
+
+
+def test_stale_non_finite_values_in_the_head_slot_do_not_refuse_a_valid_trajectory(engine):
+    flusher = engine()
+    client = engine.attach()
+    stale_nan_in_head_slot(client)
+    assert client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), None, 1.0)], 1))  # handed back by C
+    stale_nan_in_head_slot(client)
+    assert client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), np.ones(2, np.float32), 1.0)], 1.0))
+    with pytest.raises(InvalidInputError, match=r"steps\[0\].attention: expected finite"):
+        client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), np.full(2, np.nan, np.float32), 1.0)], 1.0))
+    assert flusher.scan() == 2
+
+
 def test_ids_are_unique_across_clients_and_kept_when_given(engine):
     flusher = engine(capacity=64)
     a = engine.attach()

@@ -116,6 +116,46 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
     assert writer.head == 0  # nothing was published
 
 
+def handed_back() -> list[Trajectory]:
+    """Valid trajectories the C writer hands back, most after copying part of them."""
+    rng = np.random.default_rng(6)
+    vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
+    return [
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5)], 1, route="r", id=8),  # int quality: everything else copied
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5), Step(vec(H).tolist(), None, 2.0)], 0.5, id=9),  # a list in step 1
+        Trajectory(vec(H), [Step(vec(5), vec(A), 1.0), Step(vec(H), vec(3), np.float32(0.25))], 2.0, id=10),  # numpy reward
+        Trajectory(vec(H).astype(np.float64), [Step(vec(H), [1.0, 2.0], 1.0)], 1.0, latency_us=np.uint64(7), id=11),
+    ]
+
+
+def test_the_python_path_after_a_c_partial_write_fills_what_python_alone_fills(engine, monkeypatch):
+    engine(lane_slots=64)
+    client = engine.attach()
+    for t in handed_back():
+        assert client._writer.fill(t) == -1  # declined: whatever it copied stays in the unpublished head slot
+    after_c = [fields(client, t) for t in handed_back()]
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()
+    assert [fields(client, t) for t in handed_back()] == after_c
+
+
+def test_a_handed_back_trajectory_touches_only_the_pages_it_uses(engine, name):
+    # tmpfs allocates a page when it is first written; a one-step trajectory at h=256 uses
+    # one 4 KiB page of its 12 KiB slot, whichever writer fills it.
+    engine(hidden_dim=256, max_steps=8, attention_dim=64, lane_slots=64)
+    client = engine.attach()
+    x = np.ones(256, F32)
+    allocated = lambda: os.stat(f"/dev/shm/sona_shm.{name}").st_blocks * 512  # noqa: E731
+    before = allocated()
+    for _ in range(16):
+        assert client.record(Trajectory(x, [Step(x, None, 1.0)], 1.0))
+    by_c = allocated() - before
+    for _ in range(16):
+        assert client.record(Trajectory(x, [Step(x, None, 1.0)], 1))  # int quality: the Python path
+    by_python = allocated() - before - by_c
+    assert client.layout.slot_bytes == 3 * 4096 and by_c == by_python == 16 * 4096
+
+
 def test_lane_writer_geometry_is_checked_without_overflow_and_a_failed_init_changes_nothing():
     mem = bytearray(4096 + 64)
     good = [mem, 0, 1, 4096, H, 1, A, 128, 40, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0]
