@@ -37,9 +37,16 @@ def trajectories() -> list[Trajectory]:
     ]
 
 
-def fields(client, traj: Trajectory) -> dict:
-    """What record() wrote for ``traj``: every field a reader may use."""
-    assert client.record(traj)
+def fields(client, traj: Trajectory, *, c_writes: bool = False) -> dict:
+    """What record() wrote for ``traj``: every field a reader may use.
+
+    ``c_writes``: the C writer must handle ``traj`` itself (else a C writer that handed
+    everything back to the Python path would pass every comparison below).
+    """
+    if c_writes:
+        assert client._writer.record(traj) in (lane_module.PUBLISHED, lane_module.PUBLISHED_RING), traj
+    else:
+        assert client.record(traj)
     layout = client.layout
     index = (client._writer.head - 1) % layout.lane_slots
     slots = np.ndarray(
@@ -63,7 +70,7 @@ def fields(client, traj: Trajectory) -> dict:
 def test_c_and_python_fill_identical_slots(engine, monkeypatch):
     flusher = engine(lane_slots=64)
     client = engine.attach()
-    written_by_c = [fields(client, t) for t in trajectories()]
+    written_by_c = [fields(client, t, c_writes=True) for t in trajectories()]
     assert type(client._writer) is lane_module._speedups.LaneWriter
     monkeypatch.setattr(lane_module, "_speedups", None)
     client.release_lane()  # the next record claims the lane again, with the Python writer
@@ -77,7 +84,7 @@ def test_ids_taken_from_the_lane_agree(engine, monkeypatch):
     engine()
     client = engine.attach()
     no_id = Trajectory(np.ones(H, F32), [], 1.0)
-    first = fields(client, no_id)["head"][0]
+    first = fields(client, no_id, c_writes=True)["head"][0]
     monkeypatch.setattr(lane_module, "_speedups", None)
     client.release_lane()
     second = fields(client, no_id)["head"][0]
@@ -226,8 +233,20 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
     batches = [make_trajectories(int(seed), int(rng.integers(1, 40)), H) for seed in range(12)]
     batches.insert(3, [Trajectory(np.resize(t.query, H), [Step(s.activations, None, s.reward) for s in t.steps], t.quality) for t in edge])
     batches.insert(6, huge)
+    class Counting:  # the C learner must learn these batches itself, not hand them back
+        def __init__(self) -> None:
+            self.handled = self.declined = 0
+
+        def learn_slots(self, *args):
+            result = flusher_module._speedups_real.learn_slots(*args)
+            self.handled += result is not None
+            self.declined += result is None
+            return result
+
+    counting = Counting()
+    monkeypatch.setattr(flusher_module, "_speedups_real", flusher_module._speedups, raising=False)
     states = []
-    for speedups in (flusher_module._speedups, None):
+    for speedups in (counting, None):
         monkeypatch.setattr(flusher_module, "_speedups", speedups)
         flusher = engine(flush_threshold=7, lane_slots=64)
         client = engine.attach()
@@ -242,6 +261,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
         from sona_shm import segment
 
         segment.unlink(client.name)
+    assert counting.handled > len(batches) and counting.declined == 0
     (up_c, grad_c, *rest_c), (up_py, grad_py, *rest_py) = states
     assert rest_c == rest_py
     assert np.isfinite(up_c).all() and np.isfinite(grad_c).all()
