@@ -114,6 +114,9 @@ class Client:
             raise NoFreeLaneError(
                 f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; recreate it with a larger --lanes"
             )
+        # Read first: if it raises (TornRead), no writer is left behind with _lane = -1 (whose
+        # tail refresh would read lane_tail[-1]); a retry takes this lane again (our lock).
+        tail = self._ledger.lane_tail(lane)
         ctl = layout.lane_control(lane) // 8
         u64 = self._u64
         u64[ctl + LANE_OWNER_PID // 8] = pid
@@ -123,8 +126,9 @@ class Client:
         self._w_drops = ctl + LANE_DROPS // 8
         self._w_next_id = ctl + LANE_NEXT_ID // 8
         self._views = LaneViews(seg, lane)
-        self._writer = make_writer(seg, self._views, self._where)
-        self._writer.tail = self._ledger.lane_tail(lane)
+        writer = make_writer(seg, self._views, self._where)
+        writer.tail = tail  # committed tail <= head, read before the writer read the head
+        self._writer = writer
         self._lane = lane
 
     def _ensure_lane(self) -> None:
@@ -254,7 +258,10 @@ class Client:
         changed, so an unchanged adapter costs no copy.
         """
         w = self._weights
-        generation, _ = self._ledger.generation()
+        try:
+            generation, _ = self._ledger.generation()
+        except TornRead:  # the flusher outran us: keep the last good copy, as _load_weights does
+            generation = w.generation
         if generation != w.generation:
             w = self._load_weights()
         if _speedups is not None:

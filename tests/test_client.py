@@ -132,6 +132,46 @@ def test_stale_non_finite_values_in_the_head_slot_do_not_refuse_a_valid_trajecto
     assert flusher.scan() == 2
 
 
+def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypatch):
+    from sona_shm.ledger import Ledger, TornRead
+
+    flusher = engine(lane_slots=4)
+    client = engine.attach()
+    for _ in range(6):  # past one ring: head 6, committed tail 6
+        client.record(one_step())
+        flusher.scan()
+    client.release_lane()
+    real = Ledger.lane_tail
+    torn = iter([True])
+
+    def lane_tail(self, lane):
+        if next(torn, False):
+            raise TornRead("lane tail")
+        return real(self, lane)
+
+    monkeypatch.setattr(Ledger, "lane_tail", lane_tail)
+    with pytest.raises(TornRead):
+        client.record(one_step())  # the claim gives up (1000 torn reads in a row)
+    assert client._writer is None
+    assert [client.record(one_step()) for _ in range(3)] == [True] * 3  # was: False, silently, forever
+    assert flusher.scan() == 3 and client.stats()["lane_dropped"] == 0
+
+
+def test_forward_keeps_its_last_weights_when_the_generation_read_is_torn(engine, monkeypatch):
+    from sona_shm.ledger import Ledger, TornRead
+
+    engine()
+    client = engine.attach()
+    x = np.ones(H, np.float32)
+    expected = client.forward(x)
+
+    def torn(self):
+        raise TornRead("ledger generation")
+
+    monkeypatch.setattr(Ledger, "generation", torn)
+    np.testing.assert_array_equal(client.forward(x), expected)
+
+
 def test_ids_are_unique_across_clients_and_kept_when_given(engine):
     flusher = engine(capacity=64)
     a = engine.attach()
