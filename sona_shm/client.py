@@ -115,8 +115,12 @@ class Client:
                 f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; recreate it with a larger --lanes"
             )
         # Read first: if it raises (TornRead), no writer is left behind with _lane = -1 (whose
-        # tail refresh would read lane_tail[-1]); a retry takes this lane again (our lock).
-        tail = self._ledger.lane_tail(lane)
+        # tail refresh would read lane_tail[-1]), and the lane is given back.
+        try:
+            tail = self._ledger.lane_tail(lane)
+        except BaseException:
+            seg.unlock(LOCK_LANE_BASE + lane)
+            raise
         ctl = layout.lane_control(lane) // 8
         u64 = self._u64
         u64[ctl + LANE_OWNER_PID // 8] = pid

@@ -153,6 +153,7 @@ def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypa
     with pytest.raises(TornRead):
         client.record(one_step())  # the claim gives up (1000 torn reads in a row)
     assert client._writer is None
+    assert client._segment.held_locks([LOCK_LANE_BASE + lane for lane in range(SMALL["lanes"])]) == [False] * SMALL["lanes"]
     assert [client.record(one_step()) for _ in range(3)] == [True] * 3  # was: False, silently, forever
     assert flusher.scan() == 3 and client.stats()["lane_dropped"] == 0
 
