@@ -268,3 +268,31 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
     assert np.isfinite(up_c).all() and np.isfinite(grad_c).all()
     np.testing.assert_allclose(up_c, up_py, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad_c, grad_py, rtol=1e-5, atol=1e-5)
+
+
+def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, monkeypatch, caplog):
+    """learn_slots hands a batch with a bad stamp back (None, nothing changed); the numpy
+    path learns the valid slots and logs the bad one, as it does without the extension."""
+    from sona_shm import flusher as flusher_module
+
+    rng = np.random.default_rng(9)
+    trajs = [Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, float(i))], 1.0) for i in range(10)]
+    states = []
+    for speedups in (flusher_module._speedups, None):
+        monkeypatch.setattr(flusher_module, "_speedups", speedups)
+        flusher = engine(flush_threshold=3)
+        client = engine.attach()
+        for t in trajs:
+            assert client.record(t)
+        client._segment.u64[client.layout.lane_slot(client.lane, 4) // 8] = 999  # corrupt one stamp
+        caplog.clear()
+        assert flusher.scan() == 9 and "1 slots in [0, 10) fail their stamp" in caplog.text
+        states.append((flusher.learner.up.copy(), flusher.learner.metrics, flusher.buffer_head))
+        client.close()
+        flusher.close()
+        from sona_shm import segment
+
+        segment.unlink(client.name)
+    (up_c, *rest_c), (up_py, *rest_py) = states
+    assert rest_c == rest_py
+    np.testing.assert_allclose(up_c, up_py, rtol=1e-6)
