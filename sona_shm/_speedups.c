@@ -127,35 +127,57 @@ typedef struct {
     uint64_t lanes, lane, head, tail;
 } LaneWriter;
 
-static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
-    PyObject *seg;
-    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane;
-    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnn", &seg, &self->slot0, &self->ring_slots, &self->slot_bytes, &self->hidden,
-                          &self->max_steps, &self->att_dim, &self->payload_off, &self->route_off, &self->step_bytes, &head_off,
-                          &next_id_off, &last_at_off, &idle_off, &lanes, &lane))
+/* payload_off + 4 * hidden + max_steps * step_bytes (the bytes of a slot a trajectory may
+ * use), or -1 if a term is negative or the sum overflows. */
+static Py_ssize_t slot_span(Py_ssize_t payload_off, Py_ssize_t hidden, Py_ssize_t max_steps, Py_ssize_t step_bytes) {
+    Py_ssize_t query, steps, span;
+    if (payload_off < 0 || hidden < 0 || max_steps < 0 || step_bytes < 0 || __builtin_mul_overflow(hidden, (Py_ssize_t)4, &query) ||
+        __builtin_mul_overflow(max_steps, step_bytes, &steps) || __builtin_add_overflow(payload_off, query, &span) ||
+        __builtin_add_overflow(span, steps, &span))
         return -1;
-    if (self->has_seg) {
-        PyBuffer_Release(&self->seg);
-        self->has_seg = 0;
-    }
-    if (PyObject_GetBuffer(seg, &self->seg, PyBUF_WRITABLE) < 0) return -1;
-    self->has_seg = 1;
-    Py_ssize_t len = self->seg.len;
-    Py_ssize_t span = self->payload_off + 4 * self->hidden + self->max_steps * self->step_bytes;
-    int ok = self->hidden >= 1 && self->max_steps >= 0 && self->max_steps <= 0xFFFF && self->att_dim >= 0 &&
-             self->step_bytes >= 4 * (self->hidden + self->att_dim) && self->route_off >= SLOT_HEAD_BYTES + 8 * self->max_steps &&
-             self->route_off + ROUTE_MAX_BYTES <= self->payload_off && span <= self->slot_bytes && self->slot_bytes % 8 == 0 &&
-             self->ring_slots >= 1 && self->slot0 >= 0 && self->slot0 % 8 == 0 &&
-             self->ring_slots <= len / self->slot_bytes && self->slot0 <= len - self->ring_slots * self->slot_bytes && lanes >= 1 && lane >= 0 && lane < lanes;
+    return span;
+}
+
+static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
+    /* Parsed into locals and checked before anything of ``self`` changes: a failed
+     * (re-)initialisation leaves the writer as it was. */
+    PyObject *seg;
+    Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
+    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane;
+    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnn", &seg, &slot0, &ring_slots, &slot_bytes, &hidden, &max_steps, &att_dim,
+                          &payload_off, &route_off, &step_bytes, &head_off, &next_id_off, &last_at_off, &idle_off, &lanes, &lane))
+        return -1;
+    Py_buffer view;
+    if (PyObject_GetBuffer(seg, &view, PyBUF_WRITABLE) < 0) return -1;
+    Py_ssize_t len = view.len;
+    Py_ssize_t span = slot_span(payload_off, hidden, max_steps, step_bytes);
+    /* Lengths are stored as uint16 (act_len <= hidden, att_len <= attention_dim, n_steps <=
+     * max_steps), so each is bounded by 0xFFFF; 4 * (hidden + att_dim) cannot overflow then. */
+    int ok = hidden >= 1 && hidden <= 0xFFFF && max_steps >= 0 && max_steps <= 0xFFFF && att_dim >= 0 && att_dim <= 0xFFFF &&
+             span >= 0 && step_bytes >= 4 * (hidden + att_dim) && route_off >= SLOT_HEAD_BYTES + 8 * max_steps &&
+             route_off <= payload_off - ROUTE_MAX_BYTES && span <= slot_bytes && slot_bytes % 8 == 0 && ring_slots >= 1 &&
+             slot0 >= 0 && slot0 % 8 == 0 && ring_slots <= len / slot_bytes && slot0 <= len - ring_slots * slot_bytes &&
+             lanes >= 1 && lane >= 0 && lane < lanes;
     Py_ssize_t words[4] = {head_off, next_id_off, last_at_off, idle_off};
     for (int i = 0; i < 4; i++) ok = ok && words[i] >= 0 && words[i] % 8 == 0 && words[i] <= len - 8;
     if (!ok) {
-        PyBuffer_Release(&self->seg);
-        self->has_seg = 0;
+        PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "LaneWriter: inconsistent lane geometry");
         return -1;
     }
-    char *base = (char *)self->seg.buf;
+    if (self->has_seg) PyBuffer_Release(&self->seg);
+    self->seg = view;
+    self->has_seg = 1;
+    self->slot0 = slot0;
+    self->ring_slots = ring_slots;
+    self->slot_bytes = slot_bytes;
+    self->hidden = hidden;
+    self->max_steps = max_steps;
+    self->att_dim = att_dim;
+    self->payload_off = payload_off;
+    self->route_off = route_off;
+    self->step_bytes = step_bytes;
+    char *base = (char *)view.buf;
     self->head_word = (uint64_t *)(base + head_off);
     self->next_id_word = (uint64_t *)(base + next_id_off);
     self->last_at_word = (double *)(base + last_at_off);
@@ -511,7 +533,8 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyArray_NDIM(grad) != 2 || PyArray_NDIM(up) != 2 || !PyArray_IS_C_CONTIGUOUS(grad) || !PyArray_IS_C_CONTIGUOUS(up) ||
         !PyArray_ISWRITEABLE(grad) || !PyArray_ISWRITEABLE(up) || PyArray_DIM(grad, 1) != hidden || PyArray_DIM(up, 1) != hidden ||
         PyArray_DIM(grad, 0) != PyArray_DIM(up, 0) || hidden < 1 || count < 0 || max_steps < 0 || max_steps > 0xFFFF ||
-        threshold < 1 || pending < 0 || pending >= threshold || step_bytes < 4 * hidden || payload_off < SLOT_HEAD_BYTES + 8 * max_steps) {
+        threshold < 1 || pending < 0 || pending >= threshold || slot_span(payload_off, hidden, max_steps, step_bytes) < 0 ||
+        step_bytes < 4 * hidden || payload_off < SLOT_HEAD_BYTES + 8 * max_steps) {
         PyErr_SetString(PyExc_ValueError, "learn_slots(): inconsistent arguments");
         return NULL;
     }
@@ -520,7 +543,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     npy_intp rank = PyArray_DIM(grad, 0), h = hidden;
     Py_ssize_t slot_bytes = count ? block.len / count : 0;
-    if (count && (block.len % count || slot_bytes < payload_off + 4 * hidden + max_steps * step_bytes)) {
+    if (count && (block.len % count || slot_bytes < slot_span(payload_off, hidden, max_steps, step_bytes))) {
         PyErr_SetString(PyExc_ValueError, "learn_slots(): block is not count whole slots");
         goto release;
     }

@@ -114,6 +114,13 @@ class Client:
             raise NoFreeLaneError(
                 f"segment {self.name!r}: all {layout.lanes} lanes are held by live processes; recreate it with a larger --lanes"
             )
+        # Read first: if it raises (TornRead), no writer is left behind with _lane = -1 (whose
+        # tail refresh would read lane_tail[-1]), and the lane is given back.
+        try:
+            tail = self._ledger.lane_tail(lane)
+        except BaseException:
+            seg.unlock(LOCK_LANE_BASE + lane)
+            raise
         ctl = layout.lane_control(lane) // 8
         u64 = self._u64
         u64[ctl + LANE_OWNER_PID // 8] = pid
@@ -123,8 +130,9 @@ class Client:
         self._w_drops = ctl + LANE_DROPS // 8
         self._w_next_id = ctl + LANE_NEXT_ID // 8
         self._views = LaneViews(seg, lane)
-        self._writer = make_writer(seg, self._views, self._where)
-        self._writer.tail = self._ledger.lane_tail(lane)
+        writer = make_writer(seg, self._views, self._where)
+        writer.tail = tail  # committed tail <= head, read before the writer read the head
+        self._writer = writer
         self._lane = lane
 
     def _ensure_lane(self) -> None:
@@ -217,7 +225,10 @@ class Client:
             status = writer.record(traj)
             if status != NOT_HANDLED:
                 return status
-        fill_slot(self._views, writer.head, traj, where=self._where, scrub=True)  # converts, or raises naming the field
+        # Converts, or raises naming the field. Not scrubbed up front: the Python path rewrites
+        # every value the C writer copied, and fill_slot scrubs if what it left is not finite
+        # (zeroing the whole payload each time would touch every page of the slot).
+        fill_slot(self._views, writer.head, traj, where=self._where, scrub=False)
         return writer.publish()
 
     def _check(self, traj: Trajectory) -> None:
@@ -251,7 +262,10 @@ class Client:
         changed, so an unchanged adapter costs no copy.
         """
         w = self._weights
-        generation, _ = self._ledger.generation()
+        try:
+            generation, _ = self._ledger.generation()
+        except TornRead:  # the flusher outran us: keep the last good copy, as _load_weights does
+            generation = w.generation
         if generation != w.generation:
             w = self._load_weights()
         if _speedups is not None:

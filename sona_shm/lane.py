@@ -75,8 +75,11 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool
 
     Converts what :func:`check_trajectory` converts and raises what it refuses, naming
     the field; nothing visible changes either way (the slot is unpublished). ``scrub``:
-    zero the payload first, because the C writer gave up on this trajectory after
-    copying some of it (maybe a NaN), and the one-pass scan below covers whole steps.
+    zero the payload first. The one-pass scan below covers whole steps, attention past
+    ``att_len`` included, so it may see what an earlier writer left in this unpublished
+    slot: the C writer giving up after copying part of a refused trajectory, or a writer
+    killed or interrupted between copying one and refusing it. When the full check then
+    accepts the trajectory, the payload (now zeroed) is filled again, scrubbed.
     """
     layout = views.layout
     h = layout.hidden_dim
@@ -105,7 +108,10 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool
     if not _all_finite(payload[: at - first]):
         payload[...] = 0.0
         check_trajectory(traj, h, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=where)  # names the field
-        raise AssertionError("unreachable: the full check refuses what the scan refused")  # pragma: no cover
+        if scrub:  # pragma: no cover - a zeroed payload holds only what the check accepted
+            raise AssertionError("unreachable: the full check refuses what the scan refused")
+        # Finite input: the scan saw stale values an earlier writer left in the slot.
+        return fill_slot(views, head, traj, where=where, scrub=True)
     tid = checked.id
     if tid is None:
         u64 = views.u64

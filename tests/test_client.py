@@ -110,6 +110,69 @@ def test_bad_input_writes_nothing(engine, name):
     assert client.stats()["recorded"] == 0
 
 
+def stale_nan_in_head_slot(client) -> None:
+    """What a writer killed (or interrupted) after copying a refused trajectory leaves: NaN
+    in the unpublished head slot, here in step 0's attention past what the next one uses."""
+    layout = client.layout
+    at = client._writer.slot_offset + layout.payload_offset + 4 * H + 4 * H  # step 0's attention
+    floats = np.ndarray((layout.attention_dim,), np.float32, buffer=client._segment.numpy_buffer(), offset=at)
+    floats[:] = np.nan
+    del floats
+
+
+def test_stale_non_finite_values_in_the_head_slot_do_not_refuse_a_valid_trajectory(engine):
+    flusher = engine()
+    client = engine.attach()
+    stale_nan_in_head_slot(client)
+    assert client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), None, 1.0)], 1))  # handed back by C
+    stale_nan_in_head_slot(client)
+    assert client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), np.ones(2, np.float32), 1.0)], 1.0))
+    with pytest.raises(InvalidInputError, match=r"steps\[0\].attention: expected finite"):
+        client.record(Trajectory(np.ones(H, np.float32), [Step(np.ones(H, np.float32), np.full(2, np.nan, np.float32), 1.0)], 1.0))
+    assert flusher.scan() == 2
+
+
+def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypatch):
+    from sona_shm.ledger import Ledger, TornRead
+
+    flusher = engine(lane_slots=4)
+    client = engine.attach()
+    for _ in range(6):  # past one ring: head 6, committed tail 6
+        client.record(one_step())
+        flusher.scan()
+    client.release_lane()
+    real = Ledger.lane_tail
+    torn = iter([True])
+
+    def lane_tail(self, lane):
+        if next(torn, False):
+            raise TornRead("lane tail")
+        return real(self, lane)
+
+    monkeypatch.setattr(Ledger, "lane_tail", lane_tail)
+    with pytest.raises(TornRead):
+        client.record(one_step())  # the claim gives up (1000 torn reads in a row)
+    assert client._writer is None
+    assert client._segment.held_locks([LOCK_LANE_BASE + lane for lane in range(SMALL["lanes"])]) == [False] * SMALL["lanes"]
+    assert [client.record(one_step()) for _ in range(3)] == [True] * 3  # was: False, silently, forever
+    assert flusher.scan() == 3 and client.stats()["lane_dropped"] == 0
+
+
+def test_forward_keeps_its_last_weights_when_the_generation_read_is_torn(engine, monkeypatch):
+    from sona_shm.ledger import Ledger, TornRead
+
+    engine()
+    client = engine.attach()
+    x = np.ones(H, np.float32)
+    expected = client.forward(x)
+
+    def torn(self):
+        raise TornRead("ledger generation")
+
+    monkeypatch.setattr(Ledger, "generation", torn)
+    np.testing.assert_array_equal(client.forward(x), expected)
+
+
 def test_ids_are_unique_across_clients_and_kept_when_given(engine):
     flusher = engine(capacity=64)
     a = engine.attach()

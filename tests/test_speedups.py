@@ -37,9 +37,16 @@ def trajectories() -> list[Trajectory]:
     ]
 
 
-def fields(client, traj: Trajectory) -> dict:
-    """What record() wrote for ``traj``: every field a reader may use."""
-    assert client.record(traj)
+def fields(client, traj: Trajectory, *, c_writes: bool = False) -> dict:
+    """What record() wrote for ``traj``: every field a reader may use.
+
+    ``c_writes``: the C writer must handle ``traj`` itself (else a C writer that handed
+    everything back to the Python path would pass every comparison below).
+    """
+    if c_writes:
+        assert client._writer.record(traj) in (lane_module.PUBLISHED, lane_module.PUBLISHED_RING), traj
+    else:
+        assert client.record(traj)
     layout = client.layout
     index = (client._writer.head - 1) % layout.lane_slots
     slots = np.ndarray(
@@ -63,7 +70,7 @@ def fields(client, traj: Trajectory) -> dict:
 def test_c_and_python_fill_identical_slots(engine, monkeypatch):
     flusher = engine(lane_slots=64)
     client = engine.attach()
-    written_by_c = [fields(client, t) for t in trajectories()]
+    written_by_c = [fields(client, t, c_writes=True) for t in trajectories()]
     assert type(client._writer) is lane_module._speedups.LaneWriter
     monkeypatch.setattr(lane_module, "_speedups", None)
     client.release_lane()  # the next record claims the lane again, with the Python writer
@@ -77,7 +84,7 @@ def test_ids_taken_from_the_lane_agree(engine, monkeypatch):
     engine()
     client = engine.attach()
     no_id = Trajectory(np.ones(H, F32), [], 1.0)
-    first = fields(client, no_id)["head"][0]
+    first = fields(client, no_id, c_writes=True)["head"][0]
     monkeypatch.setattr(lane_module, "_speedups", None)
     client.release_lane()
     second = fields(client, no_id)["head"][0]
@@ -114,6 +121,65 @@ def test_the_c_path_declines_what_it_does_not_handle(engine):
         assert writer.fill(traj) == -1, traj
         assert writer.record(traj) == -1, traj
     assert writer.head == 0  # nothing was published
+
+
+def handed_back() -> list[Trajectory]:
+    """Valid trajectories the C writer hands back, most after copying part of them."""
+    rng = np.random.default_rng(6)
+    vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
+    return [
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5)], 1, route="r", id=8),  # int quality: everything else copied
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5), Step(vec(H).tolist(), None, 2.0)], 0.5, id=9),  # a list in step 1
+        Trajectory(vec(H), [Step(vec(5), vec(A), 1.0), Step(vec(H), vec(3), np.float32(0.25))], 2.0, id=10),  # numpy reward
+        Trajectory(vec(H).astype(np.float64), [Step(vec(H), [1.0, 2.0], 1.0)], 1.0, latency_us=np.uint64(7), id=11),
+    ]
+
+
+def test_the_python_path_after_a_c_partial_write_fills_what_python_alone_fills(engine, monkeypatch):
+    engine(lane_slots=64)
+    client = engine.attach()
+    for t in handed_back():
+        assert client._writer.fill(t) == -1  # declined: whatever it copied stays in the unpublished head slot
+    after_c = [fields(client, t) for t in handed_back()]
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()
+    assert [fields(client, t) for t in handed_back()] == after_c
+
+
+def test_a_handed_back_trajectory_writes_only_the_prefix_it_uses(engine):
+    # tmpfs allocates a page when it is first written; a one-step trajectory at h=256 uses
+    # one 4 KiB page of its 12 KiB slot, whichever writer fills it. (Checked through the
+    # bytes past the prefix, not st_blocks, which huge pages on /dev/shm would coarsen.)
+    engine(hidden_dim=256, max_steps=8, attention_dim=64, lane_slots=4)
+    client = engine.attach()
+    layout = client.layout
+    x = np.ones(256, F32)
+    prefix = layout.prefix_bytes(1)
+    assert layout.slot_bytes == 3 * 4096 and prefix <= 4096
+    for quality in (1.0, 1):  # C writes it; int quality: handed back to the Python path
+        rest = np.ndarray(
+            (layout.slot_bytes - prefix,), np.uint8, buffer=client._segment.numpy_buffer(), offset=client._writer.slot_offset + prefix
+        )
+        rest[:] = 0xA5  # finite as float32 (-2.9e-16), so nothing has a reason to scrub it
+        assert client.record(Trajectory(x, [Step(x, None, 1.0)], quality))
+        assert (rest == 0xA5).all(), f"quality={quality!r}: bytes past the prefix were written"
+        del rest
+
+
+def test_lane_writer_geometry_is_checked_without_overflow_and_a_failed_init_changes_nothing():
+    mem = bytearray(4096 + 64)
+    good = [mem, 0, 1, 4096, H, 1, A, 128, 40, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0]
+    writer = lane_module._speedups.LaneWriter(*good)
+    for i, value in [(6, 2**62), (4, 2**62), (9, 2**61), (7, 2**62), (8, 2**62), (4, 65536)]:
+        bad = list(good)
+        bad[i] = value
+        with pytest.raises(ValueError, match="inconsistent lane geometry"):
+            lane_module._speedups.LaneWriter(*bad)
+    bad = list(good)
+    bad[1], bad[15] = 1 << 40, "not an int"  # slot0 parsed, then the parse fails
+    with pytest.raises(TypeError):
+        writer.__init__(*bad)
+    assert writer.slot_offset == 0 and writer.record(Trajectory(np.ones(H, F32), [], 1.0)) == lane_module.PUBLISHED
 
 
 def trained(engine, seed: int):
@@ -169,8 +235,21 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
     batches = [make_trajectories(int(seed), int(rng.integers(1, 40)), H) for seed in range(12)]
     batches.insert(3, [Trajectory(np.resize(t.query, H), [Step(s.activations, None, s.reward) for s in t.steps], t.quality) for t in edge])
     batches.insert(6, huge)
+
+    class Counting:  # the C learner must learn these batches itself, not hand them back
+        def __init__(self) -> None:
+            self.handled = self.declined = 0
+
+        def learn_slots(self, *args):
+            result = flusher_module._speedups_real.learn_slots(*args)
+            self.handled += result is not None
+            self.declined += result is None
+            return result
+
+    counting = Counting()
+    monkeypatch.setattr(flusher_module, "_speedups_real", flusher_module._speedups, raising=False)
     states = []
-    for speedups in (flusher_module._speedups, None):
+    for speedups in (counting, None):
         monkeypatch.setattr(flusher_module, "_speedups", speedups)
         flusher = engine(flush_threshold=7, lane_slots=64)
         client = engine.attach()
@@ -185,8 +264,39 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
         from sona_shm import segment
 
         segment.unlink(client.name)
+    assert counting.handled > len(batches) and counting.declined == 0
     (up_c, grad_c, *rest_c), (up_py, grad_py, *rest_py) = states
     assert rest_c == rest_py
     assert np.isfinite(up_c).all() and np.isfinite(grad_c).all()
     np.testing.assert_allclose(up_c, up_py, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad_c, grad_py, rtol=1e-5, atol=1e-5)
+
+
+def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, monkeypatch, caplog):
+    """learn_slots hands a batch with a bad stamp back (None, nothing changed); the numpy
+    path learns the valid slots and logs the bad one, as it does without the extension."""
+    from sona_shm import flusher as flusher_module
+
+    rng = np.random.default_rng(9)
+    trajs = [
+        Trajectory(rng.standard_normal(H).astype(F32), [Step(rng.standard_normal(H).astype(F32), None, float(i))], 1.0) for i in range(10)
+    ]
+    states = []
+    for speedups in (flusher_module._speedups, None):
+        monkeypatch.setattr(flusher_module, "_speedups", speedups)
+        flusher = engine(flush_threshold=3)
+        client = engine.attach()
+        for t in trajs:
+            assert client.record(t)
+        client._segment.u64[client.layout.lane_slot(client.lane, 4) // 8] = 999  # corrupt one stamp
+        caplog.clear()
+        assert flusher.scan() == 9 and "1 slots in [0, 10) fail their stamp" in caplog.text
+        states.append((flusher.learner.up.copy(), flusher.learner.metrics, flusher.buffer_head))
+        client.close()
+        flusher.close()
+        from sona_shm import segment
+
+        segment.unlink(client.name)
+    (up_c, *rest_c), (up_py, *rest_py) = states
+    assert rest_c == rest_py
+    np.testing.assert_allclose(up_c, up_py, rtol=1e-6)
