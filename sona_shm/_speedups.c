@@ -7,7 +7,7 @@
  * raise -- for anything else, and the caller then takes the pure-Python path, which
  * converts what it can and raises the precise error otherwise. So this file never
  * decides on its own what is valid: it accepts a subset of what the Python path
- * accepts, with byte-identical results (tests/test_speedups.py checks both). The
+ * accepts, with byte-identical slots (tests/test_speedups.py checks both). The
  * layout is documented in layout.py.
  *
  * Why C at all: a record() in Python pays ~16k instructions of interpreter and ~5k per
@@ -285,6 +285,11 @@ static long publish(LaneWriter *self) {
     clock_gettime(CLOCK_REALTIME, &now);
     double at = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
     memcpy(self->last_at_word, &at, 8);
+    /* The head store above and the idle load below are the two halves of a handshake
+     * with the flusher, which stores idle = 1 and then reads the heads: without a full
+     * fence x86 may let this load pass that store, and both sides could miss the other
+     * (a wake-up lost until the flusher's 50 ms timeout). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n(self->idle_word, __ATOMIC_RELAXED) ? 2 : 1;
 }
 
@@ -504,7 +509,10 @@ static int signal_f32(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *             grad_up, up, lr, flush_threshold, pending) -> (pending, flushes, width) or None
  * Learns ``count`` consecutive slots of ``block`` (a buffer of count * slot_bytes, slot i
- * stamped first_seq + i) exactly as Learner.learn(learning_signals(...)) does: each
+ * stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up to float32
+ * rounding (norms and sums are added in another order; a REINFORCE norm within rounding
+ * of the 1e-8 threshold may take the other branch -- as it may between any two
+ * implementations of the reference's float32 arithmetic): each
  * signal times its quality is added to every row of grad_up (float64[R, h], in place),
  * and every time ``pending`` reaches ``flush_threshold`` the rows are applied,
  * ``up += grad_up * lr / pending`` (float32[R, h], saturated at the float32 limit), and

@@ -46,6 +46,8 @@ from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _INF = math.inf
+#: Seconds close() waits for a record() in progress in another thread.
+CLOSE_WAIT = 10.0
 
 # The C fast path of a one-vector forward() (see lane.py for record()), or None.
 _speedups: Any = lane_module._speedups
@@ -76,6 +78,7 @@ class Client:
         self._segment: Segment | None = None
         self._lane = -1
         self._writer: Any = None
+        self._lock = threading.Lock()
         self._segment = seg = Segment.open(name, writable=True, timeout=timeout)
         try:
             layout = seg.layout
@@ -90,7 +93,6 @@ class Client:
             self._ring_slots = layout.lane_slots
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
-            self._lock = threading.Lock()
             rows = np.zeros((layout.rank, layout.hidden_dim), F32)
             self._weights = _Weights(-1, rows, rows.T, rows)  # generation -1: loaded on first use
             self._claim()
@@ -138,7 +140,7 @@ class Client:
     def _ensure_lane(self) -> None:
         if self._lane < 0:
             if self._segment is None or self._segment.closed:
-                raise ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")
+                raise self._closed()
             self._claim()
 
     @property
@@ -180,7 +182,10 @@ class Client:
     # ----------------------------------------------------------------- recording
 
     def next_id(self) -> int:
-        """A trajectory id unique across every process of this engine, ever."""
+        """A trajectory id unique across every process of this engine for the life of its segment.
+
+        Lane counters are not in checkpoints: a segment destroyed and restored starts over.
+        """
         with self._lock:
             self._ensure_lane()
             return self._take_id()
@@ -261,6 +266,8 @@ class Client:
         Lock-free: the weights are re-read (consistently) only when their generation
         changed, so an unchanged adapter costs no copy.
         """
+        if self._segment is None:
+            raise self._closed()
         w = self._weights
         try:
             generation, _ = self._ledger.generation()
@@ -298,8 +305,10 @@ class Client:
         """Wait until every trajectory this process committed has been learned."""
         check_timeout(timeout)
         with self._lock:
+            if self._segment is None:
+                raise self._closed()
             if self._lane < 0:
-                return
+                return  # nothing recorded since the lane was claimed (or since a fork)
             lane, target = self._lane, self._writer.head
         self._segment.ring()
         if not wait_until(lambda: self._ledger.lane_tail(lane) >= target, timeout):
@@ -365,13 +374,31 @@ class Client:
         """Counters of the whole engine, read without locks (see ``sona-shm stats --json``)."""
         from .monitor import collect_stats
 
+        if self._segment is None:
+            raise self._closed()
         return collect_stats(self._segment, self._ledger)
 
     def close(self) -> None:
-        """Release the lane and unmap. Safe to call twice. Committed trajectories stay."""
+        """Release the lane and unmap. Safe to call twice. Committed trajectories stay.
+
+        Waits (up to ``CLOSE_WAIT`` seconds) for a ``record()`` another thread is in the
+        middle of; calls made after ``close()`` raise :class:`ClosedError`. A
+        ``forward()`` running concurrently with ``close()`` may fail instead.
+        """
         seg = self._segment
         if seg is None:
             return
+        locked = self._lock.acquire(timeout=CLOSE_WAIT)
+        try:
+            self._close(seg)
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _closed(self) -> ClosedError:
+        return ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")
+
+    def _close(self, seg: Segment) -> None:
         self._lane = -1
         drainer = self.__dict__.pop("_drainer", None)
         if drainer is not None:

@@ -11,7 +11,9 @@ learned or not at all; the next flusher picks up from there.
 
 With nothing to do it announces that it is idle, looks once more, and sleeps on the
 doorbell with a timeout (``WAKE_TIMEOUT``): a producer that publishes into an idle
-engine rings the bell, and a ring lost to a race costs at most that timeout.
+engine rings the bell. Full fences on both sides (the C writer's publish, the
+semaphore round trip in _sleep) make the handshake lose nothing; a producer on the
+pure-Python path has no fence, and a ring it misses costs at most that timeout.
 """
 
 from __future__ import annotations
@@ -314,13 +316,20 @@ class Flusher:
         u64 = self._u64
         u64[self._w_idle] = 1  # from here on producers ring the bell
         try:
+            # A full fence between that store and the reads of the heads below: sem_post
+            # and sem_trywait are atomic read-modify-writes (locked instructions). With the
+            # fence in the C writer's publish(), either the producer sees idle = 1 and
+            # rings, or we see its head here; the pure-Python writer has no fence, and a
+            # ring it misses costs at most WAKE_TIMEOUT.
+            bell = self.segment.bell
+            bell.release()
+            bell.acquire(0)
             if self._has_work():  # published before they could see idle = 1
                 return
             timeout = WAKE_TIMEOUT
             if self.flush_interval > 0 and self.learner.pending:
                 due = self._last_flush_mono + self.flush_interval - time.monotonic()
                 timeout = max(0.0, min(timeout, due))
-            bell = self.segment.bell
             try:
                 bell.acquire(timeout)
             except (posix_ipc.BusyError, posix_ipc.SignalError):

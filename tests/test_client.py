@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sona_shm import (
+    ClosedError,
     FlusherTimeoutError,
     InstantLoop,
     InvalidInputError,
@@ -377,3 +378,34 @@ def test_closed_client_refuses_politely(engine):
 
     with pytest.raises(ClosedError, match="attach again"):
         client.record(one_step())
+
+
+def test_close_waits_for_a_record_in_progress_and_later_calls_say_closed(engine):
+    engine(lane_slots=4096)
+    client = engine.attach()
+    outcomes: list[str] = []
+    started = threading.Event()
+
+    def keep_recording():
+        started.set()
+        while True:
+            try:
+                client.record(one_step())
+                outcomes.append("ok")
+            except ClosedError:
+                outcomes.append("closed")
+                return
+            except Exception as exc:  # pragma: no cover - reported below
+                outcomes.append(repr(exc))
+                return
+
+    thread = threading.Thread(target=keep_recording)
+    thread.start()
+    started.wait(10)
+    wait_for(lambda: len(outcomes) > 10, what="some records")
+    client.close()
+    thread.join(30)
+    assert outcomes[-1] == "closed" and set(outcomes[:-1]) == {"ok"}
+    for call in (lambda: client.forward(np.ones(H, np.float32)), client.stats, client.sync, client.flush, client.next_id):
+        with pytest.raises(ClosedError, match="attach again"):
+            call()
