@@ -13,6 +13,7 @@ import signal
 
 import numpy as np
 
+from .errors import SonaShmError
 from .layout import COMMIT_LINE
 from .segment import Segment
 
@@ -27,7 +28,7 @@ READ_RETRIES = 1000
 _PAUSE_BEFORE_COMMIT = os.environ.get("SONA_SHM_TEST_PAUSE") == "publish"
 
 
-class TornRead(Exception):
+class TornRead(SonaShmError):
     """The flusher kept committing faster than a reader could copy; keep the last good copy."""
 
 
