@@ -466,9 +466,9 @@ def _create_or_adopt(
                 os.ftruncate(fd, layout.total_bytes)
         else:
             existing = Layout.from_header(raw, name, os.fstat(fd).st_size)
-            wanted = {k: v for k, v in overrides.items() if getattr(existing.config, k) != v}
-            if wanted:
-                diffs = "; ".join(f"{k}: segment has {getattr(existing.config, k)!r}, requested {v!r}" for k, v in wanted.items())
+            differences = existing.differences(overrides)
+            if differences:
+                diffs = "; ".join(differences)
                 raise LayoutMismatchError(
                     f"segment {name!r} exists with another configuration ({diffs}); start the flusher without "
                     f"those options to adopt it, or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"

@@ -117,7 +117,9 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -355,13 +357,9 @@ class Layout:
             raise LayoutMismatchError(f"segment {name!r}: {size} bytes, its header says {total}; it was truncated")
         return layout
 
-    def differences(self, other: EngineConfig) -> list[str]:
-        """``field: segment X, requested Y`` for every field where ``other`` differs."""
-        return [
-            f"{f.name}: segment has {getattr(self.config, f.name)!r}, requested {getattr(other, f.name)!r}"
-            for f in fields(EngineConfig)
-            if getattr(self.config, f.name) != getattr(other, f.name)
-        ]
+    def differences(self, wanted: Mapping[str, Any]) -> list[str]:
+        """``field: segment has X, requested Y`` for every field of ``wanted`` this segment differs in."""
+        return [f"{k}: segment has {getattr(self.config, k)!r}, requested {v!r}" for k, v in wanted.items() if getattr(self.config, k) != v]
 
     def describe_size(self) -> str:
         """One line for humans: reserved size and what a trajectory actually touches."""

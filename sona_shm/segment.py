@@ -33,7 +33,7 @@ from collections.abc import Callable
 import posix_ipc
 
 from .errors import InvalidInputError, SegmentNotFoundError
-from .layout import HEADER_BYTES, MAGIC, Layout
+from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PREFIX = "/sona_shm."
@@ -166,9 +166,6 @@ class Segment:
     def mode(self) -> int:
         """The segment's permission bits (0600, or 0660 for a group engine)."""
         return stat.S_IMODE(os.fstat(self._fd).st_mode)
-
-    def header_magic_ok(self) -> bool:
-        return bytes(self.buf[:8]) == MAGIC
 
     # ----------------------------------------------------------------- locks
 

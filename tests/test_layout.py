@@ -87,7 +87,7 @@ def test_bad_engine_config(field, value):
 
 def test_differences_name_each_field():
     layout = Layout(EngineConfig(hidden_dim=16))
-    assert layout.differences(EngineConfig(hidden_dim=32, rank=1)) == [
+    assert layout.differences({"hidden_dim": 32, "rank": 1, "lr": 0.002}) == [
         "hidden_dim: segment has 16, requested 32",
         "rank: segment has 2, requested 1",
     ]
