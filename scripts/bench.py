@@ -61,6 +61,7 @@ CTX = mp.get_context("fork")
 def make_pool(seed: int, steps: int, size: int = POOL) -> list[Trajectory]:
     rng = np.random.default_rng(seed)
     vec = lambda n: rng.standard_normal(n).astype(np.float32)  # noqa: E731
+
     def step() -> Step:
         return Step(vec(HIDDEN_DIM), rng.random(ATTENTION_DIM).astype(np.float32), float(rng.standard_normal()))
 
@@ -261,17 +262,25 @@ def run_latency(producers: int, seconds: float) -> dict[str, dict]:
 # ----------------------------------------------------------------- 3. learning rate
 
 
+ROUTES = 8  #: routes of the routing-rule rows (the issue's K = 8)
+
+
 def run_learning(seconds: float) -> dict[str, float]:
     """The flusher's learning of one batch of lane slots (what Flusher._learn_slots runs:
-    the C learner when built, else numpy), in-process, on slot-shaped data."""
+    the C learner when built, else numpy), in-process, on slot-shaped data: the reference
+    rule on T1/T4 trajectories, and the routing rule on feedback (K = 8 routes)."""
     from sona_shm import lane
+    from sona_shm.flusher import learn_block
     from sona_shm.layout import Layout
     from sona_shm.learning import learning_signals
 
     results = {}
-    layout = Layout(EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, attention_dim=ATTENTION_DIM))
     speedups = lane._speedups
-    for steps in (1, 4):
+    for rule, steps in (("reference", 1), ("reference", 4), ("routing", 1)):
+        k = ROUTES if rule == "routing" else 0
+        layout = Layout(EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, attention_dim=ATTENTION_DIM, rule=rule, routes=k))
+        unit = np.random.default_rng(7).standard_normal((k, HIDDEN_DIM)).astype(np.float32)
+        unit /= np.linalg.norm(unit, axis=1, keepdims=True) if k else 1
         for batch in (32, 256, 1024):
             slots = np.zeros(batch, dtype=layout.slot_dtype)
             rng = np.random.default_rng(batch)
@@ -281,22 +290,24 @@ def run_learning(seconds: float) -> dict[str, float]:
             slots["meta"]["reward"][:, :steps] = rng.standard_normal((batch, steps))
             slots["n_steps"] = steps
             slots["quality"] = rng.random(batch)
+            if rule == "routing":  # half bandit, half full-information feedback
+                slots["route_index"] = rng.integers(1, k + 1, batch)
+                slots["best_index"] = np.where(np.arange(batch) % 2, rng.integers(1, k + 1, batch), 0)
             raw = slots.view(np.uint8).reshape(batch, layout.slot_bytes)
-            learner = Learner(HIDDEN_DIM, RANK, 0.002, 100)
+            learner = Learner(HIDDEN_DIM, RANK, layout.config.lr, 100, rule=rule, unit=unit if k else None)
             n_steps = slots["n_steps"].astype(np.int64)
             done, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 if speedups is not None:
-                    pending, flushes, _ = speedups.learn_slots(
-                        raw, batch, HIDDEN_DIM, layout.max_steps, layout.payload_offset, layout.step_bytes, 1,
-                        learner.grad_up, learner.up, learner.lr, learner.flush_threshold, learner.pending,
-                    )  # fmt: skip
-                    learner.account(batch, pending, flushes)
+                    learn_block(learner, layout, raw, 1)
+                elif rule == "routing":
+                    learner.learn_feedback(slots["query"], slots["route_index"] - 1, slots["best_index"] - 1, slots["quality"])
                 else:
                     query, rewards, act = slots["query"], slots["meta"]["reward"][:, :steps], slots["steps"]["act"][:, :steps]
                     learner.learn(learning_signals(query, rewards, act, n_steps), slots["quality"])
                 done += batch
-            results[f"T{steps} batch {batch}"] = done / (time.perf_counter() - t0)
+            label = f"routing K{k}" if rule == "routing" else f"T{steps}"
+            results[f"{label} batch {batch}"] = done / (time.perf_counter() - t0)
     return results
 
 

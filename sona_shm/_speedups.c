@@ -24,10 +24,24 @@
 
 #define FLT_MAX_D 3.4028234663852886e38
 #define ROUTE_MAX_BYTES 64
-#define SLOT_HEAD_BYTES 32
+#define SLOT_HEAD_BYTES 40
+#define SLOT_ROUTE_INDEX 32 /* u16: route_index + 1, 0 for none (layout.py, "Slot") */
+#define SLOT_BEST_INDEX 34  /* u16: best_index + 1, 0 for none */
+#define MAX_ROUTES_C 256    /* config.MAX_ROUTES */
+
+/* The routing learner's per-signal loop is float64 dot products and updates of length h:
+ * with AVX2 and FMA (x86-64-v3) it runs about twice as fast as with the SSE2 every x86-64
+ * has. GCC compiles both and the loader picks one for the CPU at hand (an ifunc), so the
+ * module still runs anywhere. (FMA rounds once where SSE2 rounds twice: gradients differ
+ * between such machines in the last bits, as any two summation orders do.) */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define WIDE_VECTORS __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define WIDE_VECTORS
+#endif
 
 static PyTypeObject *trajectory_type, *step_type; /* set once by set_types() */
-static PyObject *s_query, *s_steps, *s_quality, *s_latency_us, *s_route, *s_id;
+static PyObject *s_query, *s_steps, *s_quality, *s_latency_us, *s_route, *s_id, *s_route_index, *s_best_index;
 static PyObject *s_activations, *s_attention, *s_reward;
 
 /* A 1-D native float32 ndarray of at most max_len items (exactly exact_len if >= 0). */
@@ -63,6 +77,18 @@ static int get_u64(PyObject *obj, uint64_t *out) {
         return -1;
     }
     *out = (uint64_t)v;
+    return 0;
+}
+
+/* A trajectory's route_index / best_index: None -> 0, an int in [0, n_routes) -> index + 1; -1 otherwise. */
+static int get_route_index(PyObject *obj, Py_ssize_t n_routes, uint16_t *out) {
+    if (obj == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    uint64_t v;
+    if (get_u64(obj, &v) < 0 || v >= (uint64_t)n_routes) return -1;
+    *out = (uint16_t)(v + 1);
     return 0;
 }
 
@@ -111,7 +137,7 @@ static Py_ssize_t fill_steps(char *slot, PyObject *steps, Py_ssize_t hidden, Py_
 
 /* LaneWriter(segment, slot0, ring_slots, slot_bytes, hidden_dim, max_steps, attention_dim,
  *            payload_offset, route_offset, step_bytes, head_offset, next_id_offset,
- *            last_at_offset, idle_offset, lanes, lane)
+ *            last_at_offset, idle_offset, lanes, lane, n_routes, unit_reward)
  * The producer's side of one lane (layout.py, "Lane control" and "Slot"): the C twin of
  * lane.PyLaneWriter, with the same methods and the same publication order. Offsets are
  * bytes into ``segment`` (a writable buffer over the whole mapping, held until
@@ -122,6 +148,8 @@ typedef struct {
     Py_buffer seg;
     int has_seg;
     Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
+    Py_ssize_t n_routes; /* route indices must be below it (0: the engine has no route table) */
+    int unit_reward;     /* routing rule: a bandit feedback's quality (its reward) must be in [0, 1] */
     uint64_t *head_word, *next_id_word, *idle_word;
     double *last_at_word;
     uint64_t lanes, lane, head, tail;
@@ -143,9 +171,11 @@ static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
      * (re-)initialisation leaves the writer as it was. */
     PyObject *seg;
     Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
-    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane;
-    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnn", &seg, &slot0, &ring_slots, &slot_bytes, &hidden, &max_steps, &att_dim,
-                          &payload_off, &route_off, &step_bytes, &head_off, &next_id_off, &last_at_off, &idle_off, &lanes, &lane))
+    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane, n_routes;
+    int unit_reward;
+    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnnnp", &seg, &slot0, &ring_slots, &slot_bytes, &hidden, &max_steps, &att_dim,
+                          &payload_off, &route_off, &step_bytes, &head_off, &next_id_off, &last_at_off, &idle_off, &lanes, &lane,
+                          &n_routes, &unit_reward))
         return -1;
     Py_buffer view;
     if (PyObject_GetBuffer(seg, &view, PyBUF_WRITABLE) < 0) return -1;
@@ -157,7 +187,7 @@ static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
              span >= 0 && step_bytes >= 4 * (hidden + att_dim) && route_off >= SLOT_HEAD_BYTES + 8 * max_steps &&
              route_off <= payload_off - ROUTE_MAX_BYTES && span <= slot_bytes && slot_bytes % 8 == 0 && ring_slots >= 1 &&
              slot0 >= 0 && slot0 % 8 == 0 && ring_slots <= len / slot_bytes && slot0 <= len - ring_slots * slot_bytes &&
-             lanes >= 1 && lane >= 0 && lane < lanes;
+             lanes >= 1 && lane >= 0 && lane < lanes && n_routes >= 0 && n_routes < 0xFFFF;
     Py_ssize_t words[4] = {head_off, next_id_off, last_at_off, idle_off};
     for (int i = 0; i < 4; i++) ok = ok && words[i] >= 0 && words[i] % 8 == 0 && words[i] <= len - 8;
     if (!ok) {
@@ -177,6 +207,8 @@ static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
     self->payload_off = payload_off;
     self->route_off = route_off;
     self->step_bytes = step_bytes;
+    self->n_routes = n_routes;
+    self->unit_reward = unit_reward;
     char *base = (char *)view.buf;
     self->head_word = (uint64_t *)(base + head_off);
     self->next_id_word = (uint64_t *)(base + next_id_off);
@@ -217,13 +249,15 @@ static char *head_slot(LaneWriter *self) {
 static int fill(LaneWriter *self, PyObject *traj) {
     int result = -1;
     PyObject *query = NULL, *steps = NULL, *quality = NULL, *latency = NULL, *route = NULL, *tid_obj = NULL;
+    PyObject *ri_obj = NULL, *bi_obj = NULL;
     Py_ssize_t hidden = self->hidden, payload_off = self->payload_off, route_off = self->route_off;
     char *slot = head_slot(self);
 
     if (trajectory_type == NULL || Py_TYPE(traj) != trajectory_type) goto done;
     if (!(query = PyObject_GetAttr(traj, s_query)) || !(steps = PyObject_GetAttr(traj, s_steps)) ||
         !(quality = PyObject_GetAttr(traj, s_quality)) || !(latency = PyObject_GetAttr(traj, s_latency_us)) ||
-        !(route = PyObject_GetAttr(traj, s_route)) || !(tid_obj = PyObject_GetAttr(traj, s_id))) {
+        !(route = PyObject_GetAttr(traj, s_route)) || !(tid_obj = PyObject_GetAttr(traj, s_id)) ||
+        !(ri_obj = PyObject_GetAttr(traj, s_route_index)) || !(bi_obj = PyObject_GetAttr(traj, s_best_index))) {
         PyErr_Clear();
         goto done;
     }
@@ -236,6 +270,9 @@ static int fill(LaneWriter *self, PyObject *traj) {
     uint64_t lat, tid, next_id = 0;
     int use_next_id = 0;
     if (get_float(quality, &qual) < 0 || get_u64(latency, &lat) < 0) goto done;
+    uint16_t route_index = 0, best_index = 0; /* index + 1; 0: none */
+    if (get_route_index(ri_obj, self->n_routes, &route_index) < 0 || get_route_index(bi_obj, self->n_routes, &best_index) < 0) goto done;
+    if (self->unit_reward && route_index && !best_index && !(qual >= 0.0 && qual <= 1.0)) goto done; /* the Python path names it */
     if (tid_obj == Py_None) {
         next_id = __atomic_load_n(self->next_id_word, __ATOMIC_RELAXED); /* only this lane's owner writes it */
         tid = next_id * self->lanes + self->lane;
@@ -261,6 +298,10 @@ static int fill(LaneWriter *self, PyObject *traj) {
     memcpy(slot + 24, &q32, 4);
     memcpy(slot + 28, &ns, 2);
     memcpy(slot + 30, &rl, 2);
+    uint32_t zero = 0;
+    memcpy(slot + SLOT_ROUTE_INDEX, &route_index, 2);
+    memcpy(slot + SLOT_BEST_INDEX, &best_index, 2);
+    memcpy(slot + 36, &zero, 4);
     if (use_next_id) __atomic_store_n(self->next_id_word, next_id + 1, __ATOMIC_RELAXED);
     result = 0;
 
@@ -271,6 +312,8 @@ done:
     Py_XDECREF(latency);
     Py_XDECREF(route);
     Py_XDECREF(tid_obj);
+    Py_XDECREF(ri_obj);
+    Py_XDECREF(bi_obj);
     return result;
 }
 
@@ -506,70 +549,155 @@ static int signal_f32(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_
     return 0; /* not reached: pass 1 always returns */
 }
 
-/* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *             grad_up, up, lr, flush_threshold, pending) -> (pending, flushes, width) or None
- * Learns ``count`` consecutive slots of ``block`` (a buffer of count * slot_bytes, slot i
- * stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up to float32
- * rounding (norms and sums are added in another order; a REINFORCE norm within rounding
- * of the 1e-8 threshold may take the other branch -- as it may between any two
- * implementations of the reference's float32 arithmetic): each
- * signal times its quality is added to every row of grad_up (float64[R, h], in place),
- * and every time ``pending`` reaches ``flush_threshold`` the rows are applied,
- * ``up += grad_up * lr / pending`` (float32[R, h], saturated at the float32 limit), and
- * the sums reset. ``width`` is the most steps a slot had. None, with nothing changed, if
- * a slot fails its stamp or its step count: the caller's Python path then sorts the
- * slots out and logs them. */
-static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 12 arguments");
-        return NULL;
-    }
-    Py_ssize_t v[12];
-    int ints[] = {1, 2, 3, 4, 5, 10, 11};
-    for (size_t k = 0; k < sizeof ints / sizeof *ints; k++) {
-        v[ints[k]] = PyLong_AsSsize_t(args[ints[k]]);
-        if (v[ints[k]] == -1 && PyErr_Occurred()) return NULL;
-    }
-    unsigned long long first_seq = PyLong_AsUnsignedLongLong(args[6]);
-    if (first_seq == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    double lr = PyFloat_AsDouble(args[9]);
-    if (lr == -1.0 && PyErr_Occurred()) return NULL;
-    Py_ssize_t count = v[1], hidden = v[2], max_steps = v[3], payload_off = v[4], step_bytes = v[5], threshold = v[10],
-               pending = v[11];
-    PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
-    if (!PyArray_Check(args[7]) || !PyArray_Check(args[8]) || PyArray_TYPE(grad) != NPY_FLOAT64 || PyArray_TYPE(up) != NPY_FLOAT32 ||
-        PyArray_NDIM(grad) != 2 || PyArray_NDIM(up) != 2 || !PyArray_IS_C_CONTIGUOUS(grad) || !PyArray_IS_C_CONTIGUOUS(up) ||
-        !PyArray_ISWRITEABLE(grad) || !PyArray_ISWRITEABLE(up) || PyArray_DIM(grad, 1) != hidden || PyArray_DIM(up, 1) != hidden ||
-        PyArray_DIM(grad, 0) != PyArray_DIM(up, 0) || hidden < 1 || count < 0 || max_steps < 0 || max_steps > 0xFFFF ||
-        threshold < 1 || pending < 0 || pending >= threshold || slot_span(payload_off, hidden, max_steps, step_bytes) < 0 ||
-        step_bytes < 4 * hidden || payload_off < SLOT_HEAD_BYTES + 8 * max_steps) {
-        PyErr_SetString(PyExc_ValueError, "learn_slots(): inconsistent arguments");
-        return NULL;
-    }
+/* The arguments both learners share, parsed and checked once. */
+typedef struct {
     Py_buffer block;
-    if (PyObject_GetBuffer(args[0], &block, PyBUF_SIMPLE) < 0) return NULL;
+    const char *base;
+    Py_ssize_t count, slot_bytes, hidden, max_steps, payload_off, step_bytes, threshold, pending, n_routes;
+    unsigned long long first_seq;
+    double lr;
+    PyArrayObject *chosen, *best, *reward; /* per-route counts: uint64[K], uint64[K], float64[K] */
+} Batch;
+
+static int f64_matrix(PyObject *obj, npy_intp rows, npy_intp cols, int type) {
+    if (!PyArray_Check(obj)) return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+           (rows < 0 || PyArray_DIM(a, 0) == rows) && PyArray_DIM(a, 1) == cols;
+}
+
+static int vector_of(PyObject *obj, npy_intp n, int type) {
+    if (!PyArray_Check(obj)) return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+           PyArray_DIM(a, 0) == n;
+}
+
+/* args[0..6]: block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq;
+ * args[at..at+4]: lr, flush_threshold, pending, route_chosen, route_best, route_reward (K = their length). */
+static int parse_batch(PyObject *const *args, Py_ssize_t at, Batch *b) {
+    Py_ssize_t *ints[] = {&b->count, &b->hidden, &b->max_steps, &b->payload_off, &b->step_bytes};
+    for (int k = 0; k < 5; k++) {
+        *ints[k] = PyLong_AsSsize_t(args[1 + k]);
+        if (*ints[k] == -1 && PyErr_Occurred()) return -1;
+    }
+    b->first_seq = PyLong_AsUnsignedLongLong(args[6]);
+    if (b->first_seq == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    b->lr = PyFloat_AsDouble(args[at]);
+    if (b->lr == -1.0 && PyErr_Occurred()) return -1;
+    b->threshold = PyLong_AsSsize_t(args[at + 1]);
+    if (b->threshold == -1 && PyErr_Occurred()) return -1;
+    b->pending = PyLong_AsSsize_t(args[at + 2]);
+    if (b->pending == -1 && PyErr_Occurred()) return -1;
+    b->n_routes = PyArray_Check(args[at + 3]) ? PyArray_DIM((PyArrayObject *)args[at + 3], 0) : -1;
+    if (b->hidden < 1 || b->count < 0 || b->max_steps < 0 || b->max_steps > 0xFFFF || b->threshold < 1 || b->pending < 0 ||
+        b->pending >= b->threshold || slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes) < 0 ||
+        b->step_bytes < 4 * b->hidden || b->payload_off < SLOT_HEAD_BYTES + 8 * b->max_steps || b->n_routes < 0 ||
+        b->n_routes >= 0xFFFF || !vector_of(args[at + 3], b->n_routes, NPY_UINT64) || !vector_of(args[at + 4], b->n_routes, NPY_UINT64) ||
+        !vector_of(args[at + 5], b->n_routes, NPY_FLOAT64)) {
+        PyErr_SetString(PyExc_ValueError, "learner: inconsistent arguments");
+        return -1;
+    }
+    b->chosen = (PyArrayObject *)args[at + 3];
+    b->best = (PyArrayObject *)args[at + 4];
+    b->reward = (PyArrayObject *)args[at + 5];
+    if (PyObject_GetBuffer(args[0], &b->block, PyBUF_SIMPLE) < 0) return -1;
+    b->base = (const char *)b->block.buf;
+    b->slot_bytes = b->count ? b->block.len / b->count : 0;
+    if (b->count && (b->block.len % b->count || b->slot_bytes < slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes))) {
+        PyBuffer_Release(&b->block);
+        PyErr_SetString(PyExc_ValueError, "learner: block is not count whole slots");
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    uint16_t n_steps;
+    int route, best; /* -1: none */
+    float quality;
+} SlotHead;
+
+static SlotHead slot_head(const char *slot) {
+    SlotHead h;
+    uint16_t ri, bi;
+    memcpy(&h.n_steps, slot + 28, 2);
+    memcpy(&h.quality, slot + 24, 4);
+    memcpy(&ri, slot + SLOT_ROUTE_INDEX, 2);
+    memcpy(&bi, slot + SLOT_BEST_INDEX, 2);
+    h.route = (int)ri - 1;
+    h.best = (int)bi - 1;
+    return h;
+}
+
+/* Every slot carries its stamp, a step count within bounds and route indices below K:
+ * the most steps a slot has (>= 0), or -1 (then nothing may be learned: the caller's
+ * Python path sorts the slots out and counts the bad ones). */
+static int check_slots(const Batch *b) {
+    int width = 0;
+    for (Py_ssize_t k = 0; k < b->count; k++) {
+        const char *slot = b->base + k * b->slot_bytes;
+        uint64_t seq;
+        memcpy(&seq, slot, 8);
+        SlotHead h = slot_head(slot);
+        if (seq != b->first_seq + (uint64_t)k || h.n_steps > b->max_steps || h.route >= b->n_routes || h.best >= b->n_routes) return -1;
+        if (h.n_steps > width) width = h.n_steps;
+    }
+    return width;
+}
+
+/* Learner.count_routes for one slot. */
+static void count_route(const Batch *b, SlotHead h) {
+    if (h.route >= 0) {
+        ((uint64_t *)PyArray_DATA(b->chosen))[h.route] += 1;
+        ((double *)PyArray_DATA(b->reward))[h.route] += h.best >= 0 ? (double)(h.route == h.best) : (double)h.quality;
+    }
+    if (h.best >= 0) ((uint64_t *)PyArray_DATA(b->best))[h.best] += 1;
+}
+
+/* x[i] = saturate(x[i] + g[i] * step) in float32, g[i] = 0: one row of Learner.flush(). */
+static void apply_row(float *x, double *g, npy_intp h, double step) {
+    for (npy_intp i = 0; i < h; i++) {
+        double val = (double)x[i] + g[i] * step;
+        x[i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+        g[i] = 0.0;
+    }
+}
+
+/* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
+ *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward)
+ *   -> (pending, flushes, width) or None
+ * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
+ * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
+ * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
+ * rounding of the 1e-8 threshold may take the other branch -- as it may between any two
+ * implementations of the reference's float32 arithmetic): each signal times its quality is
+ * added to every row of grad_up (float64[R, h], in place), and every time ``pending`` reaches
+ * ``flush_threshold`` the rows are applied, ``up += grad_up * lr / pending`` (float32[R, h],
+ * saturated at the float32 limit), and the sums reset. Feedback is counted per route as
+ * Learner.count_routes does. ``width`` is the most steps a slot had. None, with nothing
+ * changed, if a slot fails its checks (check_slots). */
+static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 arguments");
+        return NULL;
+    }
+    Batch b;
+    if (parse_batch(args, 9, &b) < 0) return NULL;
     PyObject *result = NULL;
-    npy_intp rank = PyArray_DIM(grad, 0), h = hidden;
-    Py_ssize_t slot_bytes = count ? block.len / count : 0;
-    if (count && (block.len % count || slot_bytes < slot_span(payload_off, hidden, max_steps, step_bytes))) {
-        PyErr_SetString(PyExc_ValueError, "learn_slots(): block is not count whole slots");
+    npy_intp h = b.hidden;
+    if (!f64_matrix(args[7], -1, h, NPY_FLOAT64) || !f64_matrix(args[8], PyArray_DIM((PyArrayObject *)args[7], 0), h, NPY_FLOAT32)) {
+        PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable C-contiguous float64/float32[R, h]");
         goto release;
     }
-    const char *base = (const char *)block.buf;
-    int width = 0;
-    for (Py_ssize_t k = 0; k < count; k++) { /* check every stamp before learning anything */
-        uint64_t seq;
-        uint16_t n;
-        memcpy(&seq, base + k * slot_bytes, 8);
-        memcpy(&n, base + k * slot_bytes + 28, 2);
-        if (n > width) width = n;
-        if (seq != first_seq + (uint64_t)k || n > max_steps) {
-            Py_INCREF(Py_None);
-            result = Py_None;
-            goto release;
-        }
+    int width = check_slots(&b);
+    if (width < 0) {
+        result = Py_NewRef(Py_None);
+        goto release;
     }
     {
+        PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
+        npy_intp rank = PyArray_DIM(grad, 0);
         double *G = (double *)PyArray_DATA(grad);
         float *U = (float *)PyArray_DATA(up);
         float *g = PyMem_Malloc((size_t)h * sizeof(float));
@@ -582,32 +710,30 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyErr_NoMemory();
             goto release;
         }
+        Py_ssize_t pending = b.pending;
         long flushes = 0;
         int dirty = 0; /* acc holds sums not yet added to G */
-        for (Py_ssize_t k = 0; k < count; k++) {
-            const char *slot = base + k * slot_bytes;
-            uint16_t n;
-            float q, scale = 1.0f;
-            memcpy(&n, slot + 28, 2);
-            memcpy(&q, slot + 24, 4);
+        for (Py_ssize_t k = 0; k < b.count; k++) {
+            const char *slot = b.base + k * b.slot_bytes;
+            SlotHead head = slot_head(slot);
+            int n = head.n_steps;
+            float scale = 1.0f;
             const float *sig = g;
             if (n == 0) {
-                sig = (const float *)(slot + payload_off); /* the query itself, not normalised */
-            } else if (signal_f32(slot, payload_off, step_bytes, h, n, g, &scale) < 0) {
-                signal_f64(slot, payload_off, step_bytes, h, n, g64, g);
+                sig = (const float *)(slot + b.payload_off); /* the query itself, not normalised */
+            } else if (signal_f32(slot, b.payload_off, b.step_bytes, h, n, g, &scale) < 0) {
+                signal_f64(slot, b.payload_off, b.step_bytes, h, n, g64, g);
                 scale = 1.0f;
             }
-            double w = (double)q * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
+            count_route(&b, head);
+            double w = (double)head.quality * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
             for (npy_intp i = 0; i < h; i++) acc[i] += w * sig[i];
             dirty = 1;
-            if (++pending == threshold) {
-                double step = lr / (double)pending;
-                for (npy_intp r = 0; r < rank; r++)
-                    for (npy_intp i = 0; i < h; i++) {
-                        double val = (double)U[r * h + i] + (G[r * h + i] + acc[i]) * step;
-                        U[r * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
-                        G[r * h + i] = 0.0;
-                    }
+            if (++pending == b.threshold) {
+                for (npy_intp r = 0; r < rank; r++) {
+                    for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+                    apply_row(U + r * h, G + r * h, h, b.lr / (double)pending);
+                }
                 memset(acc, 0, (size_t)h * sizeof(double));
                 dirty = 0;
                 pending = 0;
@@ -623,8 +749,264 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         result = Py_BuildValue("(nli)", pending, flushes, width);
     }
 release:
-    PyBuffer_Release(&block);
+    PyBuffer_Release(&b.block);
     return result;
+}
+
+/* A float64 dot product with four partial sums (a shape the compiler vectorises). */
+static inline __attribute__((always_inline)) double dot_d(const double *a, const double *b, npy_intp n) {
+    double p0 = 0, p1 = 0, p2 = 0, p3 = 0;
+    npy_intp i = 0;
+    for (; i + 4 <= n; i += 4) {
+        p0 += a[i] * b[i];
+        p1 += a[i + 1] * b[i + 1];
+        p2 += a[i + 2] * b[i + 2];
+        p3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) p0 += a[i] * b[i];
+    return (p0 + p1) + (p2 + p3);
+}
+
+/* y += a * x over n doubles. */
+static inline __attribute__((always_inline)) void axpy_d(double *y, double a, const double *x, npy_intp n) {
+    for (npy_intp i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* The routing learner's float64 view of one flush window: U, D and V (unit routes) as
+ * doubles, their cross products, and gradient terms kept as coefficients until folded. */
+typedef struct {
+    npy_intp h, K, R;
+    double s, tau;
+    double *U, *D, *V, *q;
+    double VU[MAX_ROUTES_C][2], UU[2][2];
+    double A[2][MAX_ROUTES_C]; /* G_U[r] += sum_k A[r][k] v_k  (folded later) */
+    double C[2][2];            /* G_U[r] += sum_r' C[r][r'] u_r' (folded later) */
+    double z[MAX_ROUTES_C], c[MAX_ROUTES_C], vq[MAX_ROUTES_C];
+} Window;
+
+/* Load U and D (after a flush: the new ones) and their products with V and each other. */
+static void window_load(Window *w, const float *U32, const float *D32) {
+    npy_intp h = w->h;
+    for (npy_intp i = 0; i < w->R * h; i++) {
+        w->U[i] = U32[i];
+        w->D[i] = D32[i];
+    }
+    for (npy_intp r = 0; r < w->R; r++) {
+        for (npy_intp k = 0; k < w->K; k++) w->VU[k][r] = dot_d(w->V + k * h, w->U + r * h, h);
+        for (npy_intp r2 = 0; r2 < w->R; r2++) w->UU[r][r2] = dot_d(w->U + r * h, w->U + r2 * h, h);
+    }
+}
+
+/* Add the coefficient terms into G_U (float64[R, h]) and clear them; exact, as U and V are
+ * fixed within a window. */
+static void window_fold(Window *w, double *GU) {
+    npy_intp h = w->h;
+    for (npy_intp r = 0; r < w->R; r++) {
+        double *g = GU + r * h;
+        for (npy_intp k = 0; k < w->K; k++) {
+            if (w->A[r][k] != 0.0) axpy_d(g, w->A[r][k], w->V + k * h, h);
+            w->A[r][k] = 0.0;
+        }
+        for (npy_intp r2 = 0; r2 < w->R; r2++) {
+            if (w->C[r][r2] != 0.0) axpy_d(g, w->C[r][r2], w->U + r2 * h, h);
+            w->C[r][r2] = 0.0;
+        }
+    }
+}
+
+/* One feedback signal (routing.gradients for one row), as the expansion of
+ * g = (tau/|f|) (I - f^ f^T) sum_k c_k v_k over the window's fixed vectors: only the
+ * query's terms are added to G_U and G_D here; the v_k and u_r terms go to A and C. */
+WIDE_VECTORS static void window_signal(Window *w, const float *q32, SlotHead head, double *GU, double *GD) {
+    npy_intp h = w->h, K = w->K, R = w->R;
+    double *q = w->q, s = w->s, tau = w->tau;
+    for (npy_intp i = 0; i < h; i++) q[i] = q32[i];
+    double qq = dot_d(q, q, h);
+    if (!(qq > 0)) return; /* a zero query teaches nothing */
+    double inv = 1.0 / sqrt(qq);
+    double kappa[2] = {0, 0}, uq[2] = {0, 0}, uf[2], ug[2];
+    for (npy_intp r = 0; r < R; r++) {
+        kappa[r] = dot_d(w->D + r * h, q, h) * inv; /* d_r . q^ */
+        uq[r] = dot_d(w->U + r * h, q, h) * inv;    /* u_r . q^ */
+    }
+    double ff = qq * inv * inv; /* |f|^2 = |q^ + s sum_r kappa_r u_r|^2 */
+    for (npy_intp r = 0; r < R; r++) {
+        ff += 2.0 * s * kappa[r] * uq[r];
+        for (npy_intp r2 = 0; r2 < R; r2++) ff += s * s * kappa[r] * kappa[r2] * w->UU[r][r2];
+    }
+    if (!(ff > 1e-12)) return; /* |f| <= routing.MIN_ADAPTED_NORM: mapped to (almost) zero */
+    double fn = sqrt(ff);
+    double top = -INFINITY;
+    for (npy_intp k = 0; k < K; k++) {
+        double vf = dot_d(w->V + k * h, q, h) * inv; /* v_k . f */
+        for (npy_intp r = 0; r < R; r++) vf += s * kappa[r] * w->VU[k][r];
+        w->vq[k] = vf;
+        w->z[k] = tau * vf / fn;
+        if (w->z[k] > top) top = w->z[k];
+    }
+    double sum = 0;
+    for (npy_intp k = 0; k < K; k++) sum += (w->c[k] = exp(w->z[k] - top));
+    for (npy_intp k = 0; k < K; k++) w->c[k] /= sum; /* p */
+    if (head.best >= 0) { /* full information: c = e_y - p */
+        for (npy_intp k = 0; k < K; k++) w->c[k] = -w->c[k];
+        w->c[head.best] += 1.0;
+    } else { /* bandit: c = r (e_a - p) - (1 - r) p_a (e_a - p_rest) */
+        int a = head.route;
+        double rw = head.quality, pa = w->c[a], top2 = -INFINITY, sum2 = 0, rest[MAX_ROUTES_C];
+        for (npy_intp k = 0; k < K; k++)
+            if (k != a && w->z[k] > top2) top2 = w->z[k];
+        for (npy_intp k = 0; k < K; k++) sum2 += (rest[k] = k == a ? 0.0 : exp(w->z[k] - top2));
+        for (npy_intp k = 0; k < K; k++) {
+            double toward = (k == a) - w->c[k], away = (k == a) - rest[k] / sum2;
+            w->c[k] = rw * toward - (1.0 - rw) * pa * away;
+        }
+    }
+    /* m = f^ . w with w = sum_k c_k v_k; u_r . w; then g = t w - (t m / |f|) f, t = tau / |f| */
+    double t = tau / fn, m = 0, uw[2] = {0, 0};
+    for (npy_intp k = 0; k < K; k++) {
+        m += w->c[k] * w->vq[k];
+        for (npy_intp r = 0; r < R; r++) uw[r] += w->c[k] * w->VU[k][r];
+    }
+    m /= fn;
+    double tm = t * m / fn;
+    for (npy_intp r = 0; r < R; r++) {
+        uf[r] = uq[r];
+        for (npy_intp r2 = 0; r2 < R; r2++) uf[r] += s * kappa[r2] * w->UU[r][r2];
+        ug[r] = t * uw[r] - tm * uf[r]; /* u_r . g */
+    }
+    /* G_U[r] += s kappa_r g = s kappa_r (t sum_k c_k v_k - tm q^ - tm s sum_r' kappa_r' u_r')
+     * G_D[r] += s (u_r . g) q^ */
+    for (npy_intp r = 0; r < R; r++) {
+        double sk = s * kappa[r];
+        for (npy_intp k = 0; k < K; k++) w->A[r][k] += sk * t * w->c[k];
+        for (npy_intp r2 = 0; r2 < R; r2++) w->C[r][r2] -= sk * tm * s * kappa[r2];
+        double *gu = GU + r * h, *gd = GD + r * h, bu = -sk * tm * inv, bd = s * ug[r] * inv;
+        for (npy_intp i = 0; i < h; i++) {
+            gu[i] += bu * q[i];
+            gd[i] += bd * q[i];
+        }
+    }
+}
+
+/* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
+ *               grad_up, grad_down, up, down, unit, temperature,
+ *               lr, flush_threshold, pending, route_chosen, route_best, route_reward)
+ *   -> (pending, flushes, width, signals) or None
+ * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
+ * the same maths as routing.gradients() in float64, expanded so that a signal costs
+ * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
+ * added in another order than numpy's. grad_up/grad_down: float64[R, h]; up/down:
+ * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
+ * best_index is not a signal. Flushes apply both U and D (Learner.flush). None, with
+ * nothing changed, if a slot fails its checks. */
+static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 19) {
+        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 arguments");
+        return NULL;
+    }
+    Batch b;
+    if (parse_batch(args, 13, &b) < 0) return NULL;
+    PyObject *result = NULL;
+    npy_intp h = b.hidden, K = b.n_routes;
+    double tau = PyFloat_AsDouble(args[12]);
+    if (tau == -1.0 && PyErr_Occurred()) goto release;
+    if (!f64_matrix(args[7], -1, h, NPY_FLOAT64)) goto bad;
+    npy_intp rank = PyArray_DIM((PyArrayObject *)args[7], 0);
+    if (rank < 1 || rank > 2 || !f64_matrix(args[8], rank, h, NPY_FLOAT64) || !f64_matrix(args[9], rank, h, NPY_FLOAT32) ||
+        !f64_matrix(args[10], rank, h, NPY_FLOAT32) || !PyArray_Check(args[11]) || PyArray_TYPE((PyArrayObject *)args[11]) != NPY_FLOAT32 ||
+        PyArray_NDIM((PyArrayObject *)args[11]) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)args[11]) ||
+        PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
+        !(tau > 0))
+        goto bad;
+    int width = check_slots(&b);
+    if (width < 0) {
+        result = Py_NewRef(Py_None);
+        goto release;
+    }
+    {
+        double *GU = (double *)PyArray_DATA((PyArrayObject *)args[7]), *GD = (double *)PyArray_DATA((PyArrayObject *)args[8]);
+        float *U32 = (float *)PyArray_DATA((PyArrayObject *)args[9]), *D32 = (float *)PyArray_DATA((PyArrayObject *)args[10]);
+        const float *V32 = (const float *)PyArray_DATA((PyArrayObject *)args[11]);
+        Window *w = PyMem_Calloc(1, sizeof(Window));
+        double *mem = PyMem_Malloc((size_t)(2 * rank * h + K * h + h) * sizeof(double));
+        if (!w || !mem) {
+            PyMem_Free(w);
+            PyMem_Free(mem);
+            PyErr_NoMemory();
+            goto release;
+        }
+        w->h = h, w->K = K, w->R = rank, w->s = 1.0 / sqrt((double)rank), w->tau = tau;
+        w->U = mem, w->D = w->U + rank * h, w->V = w->D + rank * h, w->q = w->V + K * h;
+        for (npy_intp i = 0; i < K * h; i++) w->V[i] = V32[i];
+        window_load(w, U32, D32);
+        Py_ssize_t pending = b.pending, signals = 0;
+        long flushes = 0;
+        for (Py_ssize_t k = 0; k < b.count; k++) {
+            const char *slot = b.base + k * b.slot_bytes;
+            SlotHead head = slot_head(slot);
+            count_route(&b, head);
+            if (head.route < 0 && head.best < 0) continue; /* an ordinary trajectory: not a signal */
+            signals++;
+            window_signal(w, (const float *)(slot + b.payload_off), head, GU, GD);
+            if (++pending == b.threshold) {
+                window_fold(w, GU);
+                for (npy_intp r = 0; r < rank; r++) {
+                    apply_row(U32 + r * h, GU + r * h, h, b.lr / (double)pending);
+                    apply_row(D32 + r * h, GD + r * h, h, b.lr / (double)pending);
+                }
+                window_load(w, U32, D32);
+                pending = 0;
+                flushes++;
+            }
+        }
+        window_fold(w, GU);
+        PyMem_Free(w);
+        PyMem_Free(mem);
+        result = Py_BuildValue("(nlin)", pending, flushes, width, signals);
+    }
+    goto release;
+bad:
+    PyErr_SetString(PyExc_ValueError,
+                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h], temperature > 0");
+release:
+    PyBuffer_Release(&b.block);
+    return result;
+}
+
+/* route(x, down, up_scaled, unit) -> (adapted float32[h], scores float32[K], index) or None
+ * forward() of one finite native float32 vector, then the cosine of the result with every
+ * unit route and the best index (the first of equal maxima, as numpy.argmax); scores are 0
+ * for a zero result. None: not that form (take the Python path). */
+static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "route() takes 4 arguments");
+        return NULL;
+    }
+    if (!PyArray_CheckExact(args[0]) || PyArray_NDIM((PyArrayObject *)args[0]) != 1) Py_RETURN_NONE;
+    PyArrayObject *v = (PyArrayObject *)args[3];
+    PyObject *adapted = adapt(self, args, 3);
+    if (adapted == NULL || adapted == Py_None) return adapted;
+    if (!PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 || !PyArray_IS_C_CONTIGUOUS(v) ||
+        PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1) {
+        Py_DECREF(adapted);
+        PyErr_SetString(PyExc_ValueError, "route(): unit must be C-contiguous float32[K, h]");
+        return NULL;
+    }
+    npy_intp K = PyArray_DIM(v, 0), h = PyArray_DIM(v, 1);
+    PyArrayObject *scores = (PyArrayObject *)PyArray_SimpleNew(1, &K, NPY_FLOAT32);
+    if (scores == NULL) {
+        Py_DECREF(adapted);
+        return NULL;
+    }
+    const float *f = (const float *)PyArray_DATA((PyArrayObject *)adapted), *V = (const float *)PyArray_DATA(v);
+    float *out = (float *)PyArray_DATA(scores);
+    double norm = sqrt((double)dot(f, f, h));
+    npy_intp best = 0;
+    for (npy_intp k = 0; k < K; k++) {
+        out[k] = norm > 0 ? (float)((double)dot(V + k * h, f, h) / norm) : 0.0f;
+        if (out[k] > out[best]) best = k;
+    }
+    return Py_BuildValue("(NNn)", adapted, (PyObject *)scores, best);
 }
 
 /* set_types(Trajectory, Step): the exact classes fill_slot accepts (instances of
@@ -640,7 +1022,11 @@ static PyObject *set_types(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"set_types", set_types, METH_VARARGS, "Register the Trajectory and Step classes."},
     {"learn_slots", (PyCFunction)(void (*)(void))learn_slots, METH_FASTCALL,
-     "Learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
+     "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
+    {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
+     "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
+    {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
+     "(adapted, cosine scores, best index) for one finite float32 vector; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,
      "x + adapter(x) for one finite float32 vector; None: take the Python path."},
     {NULL, NULL, 0, NULL},
@@ -658,6 +1044,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_latency_us, "latency_us");
     INTERN(s_route, "route");
     INTERN(s_id, "id");
+    INTERN(s_route_index, "route_index");
+    INTERN(s_best_index, "best_index");
     INTERN(s_activations, "activations");
     INTERN(s_attention, "attention");
     INTERN(s_reward, "reward");

@@ -41,6 +41,7 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
+from .routes import RouteChoice, RouteTable, check_exploration, choose, cosine_scores, feedback_trajectory, read_route_table
 from .segment import Segment, check_timeout, start_ticks, wait_until
 from .trajectory import Trajectory, check_trajectory
 
@@ -93,6 +94,10 @@ class Client:
             self._ring_slots = layout.lane_slots
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
+            #: the engine's :class:`RouteTable` (None if it has none); read-only, fixed at creation
+            self.routes = read_route_table(seg)
+            self.rule = layout.config.rule
+            self._temperature = layout.config.temperature
             rows = np.zeros((layout.rank, layout.hidden_dim), F32)
             self._weights = _Weights(-1, rows, rows.T, rows)  # generation -1: loaded on first use
             self._claim()
@@ -131,8 +136,8 @@ class Client:
         self._ctl = ctl
         self._w_drops = ctl + LANE_DROPS // 8
         self._w_next_id = ctl + LANE_NEXT_ID // 8
-        self._views = LaneViews(seg, lane)
-        writer = make_writer(seg, self._views, self._where)
+        self._views = LaneViews(seg, lane, self._where)
+        writer = make_writer(seg, self._views)
         writer.tail = tail  # committed tail <= head, read before the writer read the head
         self._writer = writer
         self._lane = lane
@@ -233,12 +238,11 @@ class Client:
         # Converts, or raises naming the field. Not scrubbed up front: the Python path rewrites
         # every value the C writer copied, and fill_slot scrubs if what it left is not finite
         # (zeroing the whole payload each time would touch every page of the slot).
-        fill_slot(self._views, writer.head, traj, where=self._where, scrub=False)
+        fill_slot(self._views, writer.head, traj, scrub=False)
         return writer.publish()
 
     def _check(self, traj: Trajectory) -> None:
-        layout = self.layout
-        check_trajectory(traj, layout.hidden_dim, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=self._where)
+        check_trajectory(traj, self.layout.hidden_dim, **self._views.limits)
 
     def _wait_for_room(self, timeout: float) -> bool:
         if timeout <= 0:
@@ -288,6 +292,61 @@ class Client:
             return x + coeff @ w.up_scaled
         arr = check_vectors(x, self.hidden_dim)
         return arr + (arr @ w.down_t) @ w.up_scaled
+
+    # ----------------------------------------------------------------- routing
+
+    def route(self, x: Any, *, explore: float = 0.0, sample: bool = False, rng: Any = None) -> RouteChoice:
+        """Choose one of the engine's routes for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)``.
+
+        Lock-free like :meth:`forward`. ``explore``: the probability of serving a
+        uniformly drawn route instead (epsilon-greedy); ``sample``: draw from the routing
+        rule's softmax over the scores instead. Exploring lets bandit feedback reach
+        routes the router would not pick yet; either way, give :meth:`feedback` the route
+        actually served (``choice.index``). ``rng``: a ``random.Random`` or numpy
+        ``Generator`` for the draws (default: the ``random`` module).
+        """
+        table = self._table("route")
+        epsilon = check_exploration(explore, sample) if explore or sample else 0.0
+        if _speedups is not None and type(x) is np.ndarray:
+            w = self._current_weights()
+            done = _speedups.route(x, w.down, w.up_scaled, table.unit)
+            if done is not None:  # a finite float32 [h] vector; anything else is handled below
+                adapted, scores, greedy = done
+                if not epsilon and not sample:
+                    return RouteChoice(greedy, table.names[greedy], scores, adapted, False)
+                return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
+        adapted = self.forward(x)
+        scores = cosine_scores(adapted, table.unit)
+        greedy = np.argmax(scores, axis=-1)
+        return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
+
+    def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, timeout: float = 0.0) -> bool:
+        """Record which route serves query ``x``; False if the lane is full (as :meth:`record`).
+
+        Bandit: ``route=`` (the route served, by index or name) and ``reward=`` (how
+        well it did; in [0, 1] under the routing rule). Full information: ``best=`` (the
+        route that was right), optionally with ``route=`` (the one served). Recorded as a
+        trajectory (encoding in :mod:`sona_shm.routes`), so drain returns it. Bad input
+        raises :class:`InvalidInputError` naming the argument, and nothing is written.
+        """
+        table = self._table("feedback")
+        traj = feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing")
+        return self.record(traj, timeout=timeout)
+
+    def _table(self, what: str) -> RouteTable:
+        if self.routes is None:
+            raise InvalidInputError(
+                f"{what}(): engine {self.name!r} has no route table; create it with `sona-shm flusher --name {self.name} --routes FILE`"
+            )
+        return self.routes
+
+    def _current_weights(self) -> _Weights:
+        w = self._weights
+        try:
+            generation, _ = self._ledger.generation()
+        except TornRead:  # the flusher outran us: keep the last good copy
+            return w
+        return w if generation == w.generation else self._load_weights()
 
     def _load_weights(self) -> _Weights:
         try:

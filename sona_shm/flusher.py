@@ -30,7 +30,7 @@ import numpy as np
 import posix_ipc
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError
+from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError
 from .lane import _speedups
 from .layout import (
     CONS_TAIL,
@@ -53,6 +53,7 @@ from .layout import (
 )
 from .learning import Learner, initial_down, learning_signals
 from .ledger import Ledger
+from .routes import RouteTable, read_route_table
 from .segment import DEFAULT_MODE, Segment, check_name, check_timeout, create_bell, create_fd, open_fd, start_ticks, try_lock_fd, unlink
 
 log = logging.getLogger("sona_shm.flusher")
@@ -76,6 +77,9 @@ class Flusher:
     :class:`CheckpointError` and the new segment is removed again. An adopted segment is
     newer than any checkpoint, so the file is then not read. The state is written there
     every ``checkpoint_interval`` seconds (0: only at shutdown) and at shutdown.
+
+    ``routes``: the engine's :class:`RouteTable` (the routing rule needs one). A new
+    segment stores it (or the checkpoint's); an existing one must hold the same table.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Flusher:
         *,
         config: EngineConfig | None = None,
         config_overrides: dict[str, Any] | None = None,
+        routes: RouteTable | None = None,
         flush_interval: float = 0.0,
         mode: int = DEFAULT_MODE,
         checkpoint: str | None = None,
@@ -98,13 +103,24 @@ class Flusher:
         self.segment: Segment | None = None
         self.checkpoint_path = _check_checkpoint_path(checkpoint)
         self.checkpoint_interval = check_timeout(checkpoint_interval, "checkpoint_interval")
-        requested = config or EngineConfig()
-        overrides = (
-            dict(config_overrides) if config_overrides is not None else {f: getattr(requested, f) for f in requested.__dataclass_fields__}
-        )
+        if config is not None:
+            overrides = dict(config_overrides) if config_overrides is not None else dataclasses.asdict(config)
+        else:
+            overrides = dict(config_overrides or {})
+        if routes is not None:
+            overrides["routes"] = len(routes)
         saved, problem = _load_checkpoint(self.checkpoint_path)
-        if saved is not None:
-            requested = dataclasses.replace(saved.config, **overrides)  # a new segment is the checkpoint's engine
+        if saved is not None and saved.routes is not None and routes is not None and not saved.routes.same_as(routes):
+            problem = CheckpointError(f"checkpoint {self.checkpoint_path}: its route table differs from --routes; nothing restored")
+        table = routes if routes is not None else saved.routes if saved is not None else None
+        # A new segment is the checkpoint's engine (if any) with the options given on top.
+        base = dataclasses.asdict(saved.config) if saved is not None else {}
+        if config is not None and saved is None:
+            base = dataclasses.asdict(config)
+        try:
+            requested: EngineConfig | InvalidInputError = EngineConfig(**{**base, **overrides})
+        except InvalidInputError as exc:
+            requested = exc  # only an error if the segment must be created: adopting compares the options given
 
         def restore_into(layout: Layout) -> Checkpoint | None:
             """Only for a new segment, before its header is published."""
@@ -114,7 +130,7 @@ class Flusher:
                 saved.check_fits(layout, f"checkpoint {self.checkpoint_path}")
             return saved
 
-        self.segment, self.created = _create_or_adopt(name, requested, overrides, mode, restore_into)
+        self.segment, self.created = _create_or_adopt(name, requested, overrides, table, mode, restore_into)
         self.restored = self.created and saved is not None
         try:
             self._setup()
@@ -144,12 +160,23 @@ class Flusher:
         self._state = self.ledger.snapshot()
         st = self._state[0]
         cfg = layout.config
-        self.learner = Learner(cfg.hidden_dim, cfg.rank, cfg.lr, cfg.flush_threshold, down=st["down"], up=st["up"], grad_up=st["grad_up"])
+        self.routes = read_route_table(seg)
+        self.learner = Learner(
+            cfg.hidden_dim,
+            cfg.rank,
+            cfg.lr,
+            cfg.flush_threshold,
+            rule=cfg.rule,
+            unit=None if self.routes is None else self.routes.unit,
+            temperature=cfg.temperature,
+            **{field: st[field] for field in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")},
+        )
         for field in ("generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
             setattr(self.learner, field, int(st[field]))
         self._tails = st["lane_tail"]
         self.buffer_head = int(st["buffer_head"])
         self.buffer_dropped = int(st["buffer_dropped"])
+        self.corrupt = int(st["corrupt"])
         self.last_flush_at = float(st["last_flush_at"])
         self._last_flush_mono = time.monotonic()
 
@@ -236,27 +263,35 @@ class Flusher:
         flat = lane * layout.lane_slots + first
         learner = self.learner
         if _speedups is not None:
-            learned = _speedups.learn_slots(
-                self._slot_bytes[flat : flat + count], count, layout.hidden_dim, layout.max_steps, layout.payload_offset,
-                layout.step_bytes, index + 1, learner.grad_up, learner.up, learner.lr, learner.flush_threshold, learner.pending,
-            )  # fmt: skip
-            if learned is not None:  # None: a slot failed its stamp; the path below sorts them out
-                pending, flushes, width = learned
-                learner.account(count, pending, flushes)
+            width = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
+            if width is not None:  # None: a slot failed its checks; the path below sorts them out
                 self._keep_in_buffer(flat, count, max(1, width))
                 return count
         rec = self._slots[lane, first : first + count]
         n_steps = rec["n_steps"].astype(np.int64)
-        valid = (rec["seq"] == np.arange(index + 1, index + count + 1, dtype=np.uint64)) & (n_steps <= layout.max_steps)
+        route_index = rec["route_index"].astype(np.int64) - 1
+        best_index = rec["best_index"].astype(np.int64) - 1
+        valid = (
+            (rec["seq"] == np.arange(index + 1, index + count + 1, dtype=np.uint64))
+            & (n_steps <= layout.max_steps)
+            & (route_index < layout.routes)
+            & (best_index < layout.routes)
+        )
         if not valid.all():
             # A slot inside [tail, head) always carries its stamp; this is memory corruption.
-            log.error("lane %d: %d slots in [%d, %d) fail their stamp; not learned", lane, count - int(valid.sum()), index, index + count)
-            rec, n_steps = rec[valid], n_steps[valid]
+            bad = count - int(valid.sum())
+            log.error("lane %d: %d slots in [%d, %d) fail their checks; counted as corrupt, not learned", lane, bad, index, index + count)
+            self.corrupt += bad
+            rec, n_steps, route_index, best_index = rec[valid], n_steps[valid], route_index[valid], best_index[valid]
             if not len(rec):
                 return 0
         width = max(1, int(n_steps.max()))
-        signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
-        learner.learn(signals, rec["quality"])
+        if learner.rule == "routing":
+            learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
+        else:
+            signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
+            learner.learn(signals, rec["quality"])
+        learner.count_routes(route_index, best_index, rec["quality"])
         if valid.all():
             self._keep_in_buffer(flat, len(rec), width)
         else:
@@ -302,6 +337,7 @@ class Flusher:
         st["updates_applied"] = learner.updates_applied
         st["buffer_head"] = self.buffer_head
         st["buffer_dropped"] = self.buffer_dropped
+        st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
         self.ledger.publish(self._state)
 
@@ -353,7 +389,7 @@ class Flusher:
         commit = self.ledger.commit  # we are the only writer, so this is the commit of the snapshot
         if commit == self._checkpointed_commit:
             return False
-        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config), self.segment.mode)
+        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config, self.routes), self.segment.mode)
         self._checkpointed_commit = commit
         return True
 
@@ -406,6 +442,29 @@ class Flusher:
             self.segment = None
 
 
+def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int) -> int | None:
+    """Learn consecutive lane slots (``block``: ``uint8[count, slot_bytes]``, stamped from
+    ``first_seq``) with the C learner of ``learner``'s rule, in place; the most steps a slot
+    had, or None (nothing learned) if a slot fails its checks. Needs ``_speedups``."""
+    count = block.shape[0]
+    head = (block, count, layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
+    tail = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward)
+    if learner.rule == "routing":
+        done = _speedups.learn_routing(
+            *head, learner.grad_up, learner.grad_down, learner.up, learner.down, learner.unit, learner.temperature, *tail
+        )
+        if done is None:
+            return None
+        pending, flushes, width, signals = done
+    else:
+        done = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
+        if done is None:
+            return None
+        (pending, flushes, width), signals = done, count
+    learner.account(count, signals, pending, flushes)
+    return width
+
+
 def _check_checkpoint_path(path: str | None) -> str | None:
     if path is None:
         return None
@@ -431,24 +490,34 @@ def _load_checkpoint(path: str | None) -> tuple[Checkpoint | None, CheckpointErr
 
 def _create_or_adopt(
     name: str,
-    requested: EngineConfig,
+    requested: EngineConfig | InvalidInputError,
     overrides: dict[str, Any],
+    routes: RouteTable | None,
     mode: int,
     restore_into: Callable[[Layout], Checkpoint | None] | None = None,
 ) -> tuple[Segment, bool]:
     """Create segment ``name`` or adopt the existing one; hold the flusher lock on return.
 
-    A new segment gets the state ``restore_into(layout)`` returns (if any) before its
+    ``requested``: the configuration of a new segment, or why the options given do not
+    make one (raised only if the segment does not exist). A new segment gets the route
+    table ``routes`` and the state ``restore_into(layout)`` returns (if any) before its
     header is published; if that raises, the segment is removed again — no worker can
     have attached to it — and the error propagates.
     """
-    layout = Layout(requested)
-    try:
-        fd = create_fd(name, layout.total_bytes, mode)
-        created = True
-    except FileExistsError:
-        fd = open_fd(name, writable=True)
-        created = False
+    if isinstance(requested, InvalidInputError):
+        try:
+            fd = open_fd(name, writable=True)
+        except SegmentNotFoundError:
+            raise requested from None
+        layout, created = None, False
+    else:
+        layout = Layout(requested)
+        try:
+            fd = create_fd(name, layout.total_bytes, mode)
+            created = True
+        except FileExistsError:
+            fd = open_fd(name, writable=True)
+            created = False
     try:
         if not try_lock_fd(fd, LOCK_FLUSHER):
             pid = int.from_bytes(os.pread(fd, 8, FLUSHER_LINE + FL_PID), "little") if os.fstat(fd).st_size > FLUSHER_LINE else 0
@@ -460,6 +529,8 @@ def _create_or_adopt(
         # another program's (or another version's) object: refused below, never overwritten.
         fresh = created or len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8
         if fresh:
+            if layout is None:
+                raise requested  # type: ignore[misc]  # re-initialising needs a valid configuration
             if not created:
                 log.warning("segment %r was never completed (its creator died); initialising it again", name)
                 os.ftruncate(fd, 0)  # back to all zeros
@@ -480,20 +551,35 @@ def _create_or_adopt(
         raise
     if fresh:
         try:
-            _initialise(segment, mode, restore_into(segment.layout) if restore_into else None)
+            _initialise(segment, mode, routes, restore_into(segment.layout) if restore_into else None)
         except BaseException:
             segment.close()
             unlink(name)
             raise
     else:
-        create_bell(name, mode)  # kept if it exists; recreated if someone removed it
+        try:
+            if routes is not None and not read_route_table(segment).same_as(routes):
+                raise LayoutMismatchError(
+                    f"segment {name!r} exists with another route table; start the flusher without --routes to adopt it, "
+                    f"or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
+                )
+            create_bell(name, mode)  # kept if it exists; recreated if someone removed it
+        except BaseException:
+            segment.close()
+            raise
     return segment, fresh
 
 
-def _initialise(segment: Segment, mode: int, checkpoint: Checkpoint | None = None) -> None:
-    """Write header, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
+def _initialise(segment: Segment, mode: int, routes: RouteTable | None, checkpoint: Checkpoint | None = None) -> None:
+    """Write header, route table, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
     layout = segment.layout
+    if (routes is None) != (layout.routes == 0):
+        raise InvalidInputError(
+            f"routes: the engine's configuration says {layout.routes} routes, but {'no' if routes is None else 'a'} table was given"
+        )
     segment.buf[: len(layout.pack_header())] = layout.pack_header()
+    if routes is not None:
+        routes.write(segment.numpy_buffer(), layout)
     record = np.zeros(1, dtype=layout.ledger_dtype)
     record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
     if checkpoint is not None:

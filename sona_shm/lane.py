@@ -32,7 +32,7 @@ FULL = 0  #: the ring has no free slot (as far as ``tail`` says); nothing was wr
 NOT_HANDLED = -1  #: (C writer only) not the common form; fill with fill_slot(), then publish()
 
 #: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
-_HEAD_FORMATS = ["<QQfHH" + "fHH" * n for n in range(1025)]
+_HEAD_FORMATS = ["<QQfHHHHI" + "fHH" * n for n in range(1025)]
 
 # The C twin, unless it was not built (no compiler at install time) or is disabled with
 # SONA_SHM_PURE_PYTHON=1; both give byte-identical slots (tests/test_speedups.py).
@@ -49,10 +49,18 @@ if not os.environ.get("SONA_SHM_PURE_PYTHON"):
 class LaneViews:
     """The views of one lane that writing needs (made once per claim)."""
 
-    def __init__(self, segment: Segment, lane: int) -> None:
+    def __init__(self, segment: Segment, lane: int, where: str) -> None:
         layout = segment.layout
         self.layout = layout
         self.lane = lane
+        #: what check_trajectory() checks a trajectory against on this engine
+        self.limits = dict(
+            max_steps=layout.max_steps,
+            attention_dim=layout.attention_dim,
+            where=where,
+            routes=layout.routes,
+            unit_reward=layout.config.rule == "routing",
+        )
         self.u64, self.f64, self.buf = segment.u64, segment.f64, segment.buf
         self.slot0 = layout.lane_slot(lane, 0)
         ctl = layout.lane_control(lane)
@@ -70,7 +78,7 @@ class LaneViews:
         del self.floats
 
 
-def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool) -> None:
+def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
     """Fill lane slot ``head`` (payload and head fields, all but ``seq``) or raise.
 
     Converts what :func:`check_trajectory` converts and raises what it refuses, naming
@@ -90,7 +98,7 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool
     if scrub:
         payload[...] = 0.0
     # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
-    checked = check_trajectory(traj, h, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=where, finite=False)
+    checked = check_trajectory(traj, h, finite=False, **views.limits)
     words = views.words
     words[at : at + h] = checked.query
     at += h
@@ -107,11 +115,11 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool
         at += step_words
     if not _all_finite(payload[: at - first]):
         payload[...] = 0.0
-        check_trajectory(traj, h, max_steps=layout.max_steps, attention_dim=layout.attention_dim, where=where)  # names the field
+        check_trajectory(traj, h, **views.limits)  # names the field
         if scrub:  # pragma: no cover - a zeroed payload holds only what the check accepted
             raise AssertionError("unreachable: the full check refuses what the scan refused")
         # Finite input: the scan saw stale values an earlier writer left in the slot.
-        return fill_slot(views, head, traj, where=where, scrub=True)
+        return fill_slot(views, head, traj, scrub=True)
     tid = checked.id
     if tid is None:
         u64 = views.u64
@@ -124,15 +132,16 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, where: str, scrub: bool
     if route:
         buf[base + layout.route_offset : base + layout.route_offset + len(route)] = route
     n = len(checked.rewards)
-    struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), *meta)
+    ri = 0 if checked.route_index is None else checked.route_index + 1
+    bi = 0 if checked.best_index is None else checked.best_index + 1
+    struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), ri, bi, 0, *meta)
 
 
 class PyLaneWriter:
     """The reference lane writer (see the module docstring)."""
 
-    def __init__(self, views: LaneViews, where: str) -> None:
+    def __init__(self, views: LaneViews) -> None:
         self.views = views
-        self.where = where
         self.head = views.u64[views.head_word]  # a previous owner's last publish; stable, it is dead
         self.tail = 0
 
@@ -144,7 +153,7 @@ class PyLaneWriter:
     def record(self, traj: Any) -> int:
         if self.head - self.tail >= self.views.layout.lane_slots:
             return FULL
-        fill_slot(self.views, self.head, traj, where=self.where, scrub=False)
+        fill_slot(self.views, self.head, traj, scrub=False)
         return self.publish()
 
     def publish(self) -> int:
@@ -161,13 +170,14 @@ class PyLaneWriter:
         pass
 
 
-def make_writer(segment: Segment, views: LaneViews, where: str) -> Any:
+def make_writer(segment: Segment, views: LaneViews) -> Any:
     """The C writer when built, else the reference one; ``head`` is the lane's published count."""
     if _speedups is None:
-        return PyLaneWriter(views, where)
+        return PyLaneWriter(views)
     layout: Layout = segment.layout
     return _speedups.LaneWriter(
         segment.buf, views.slot0, layout.lane_slots, layout.slot_bytes, layout.hidden_dim, layout.max_steps,
         layout.attention_dim, layout.payload_offset, layout.route_offset, layout.step_bytes, views.head_word * 8,
         views.next_id_word * 8, views.last_at_word * 8, views.idle_word * 8, layout.lanes, views.lane,
+        layout.routes, layout.config.rule == "routing",
     )  # fmt: skip

@@ -11,6 +11,7 @@ Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
     offset          size                          region
     0               PAGE                          header + control lines
     ledger_offset   2 * ledger_bytes              the flusher's state, double-buffered
+    routes_offset   routes_bytes                  the route table (K vectors, K names); read-only
     lanes_offset    lanes * 128                   lane control (one per producer lane)
     slots_offset    lanes * lane_slots * slot_bytes   lane rings of trajectory slots
     buffer_offset   capacity * slot_bytes         buffer of learned trajectories (for drain)
@@ -37,6 +38,10 @@ the magic sees a complete header)::
     88  u64 slots_offset
     96  u64 buffer_offset
     104 f64 created_at       unix time
+    112 u32 rule             0 reference, 1 routing (config.RULES)
+    116 u32 routes           K, route vectors in the route table (0: no table)
+    120 f64 temperature      the routing rule's softmax temperature
+    128 u64 routes_offset    (routes_bytes = round_up(4 * K * h + 64 * K, 64))
 
 Control lines (64 bytes each, inside the header page; one writer per line)::
 
@@ -66,14 +71,19 @@ killed mid-write leaves the current copy untouched, so there is nothing to repai
 because the lane tails live in the same copy as the gradients, a trajectory is learned
 exactly once across any crash::
 
-    generation u64   bumped whenever ``up`` changes (forward() caches by it)
+    generation u64   bumped whenever the adapter changes (forward() caches by it)
     pending u64      signals accumulated since the last flush (reference: update_count)
     trajectories_processed, signals_accumulated, flushes_performed, updates_applied u64
     buffer_head u64     learned trajectories ever stored in the buffer
     buffer_dropped u64  learned trajectories not stored because the buffer was full
-    last_flush_at f64   unix time of the last flush that changed ``up`` (0: never)
-    down f32[R, h], up f32[R, h], grad_up f64[R, h]
+    last_flush_at f64   unix time of the last flush that changed the adapter (0: never)
+    corrupt u64         published slots that failed validation: counted, not learned
+    down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule)
+    grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush
     lane_tail u64[L]    slots of each lane learned, ever
+    route_chosen u64[K] feedback whose route_index is k (the route taken)
+    route_best u64[K]   feedback whose best_index is k (the route that was right)
+    route_reward f64[K] summed reward of route k when taken (quality, or 1/0 against best_index)
 
 Lane control (128 bytes per lane at ``lanes_offset + lane * 128``)::
 
@@ -94,11 +104,18 @@ N) * slot_bytes``, buffer slot ``j`` at ``buffer_offset + (j % C) * slot_bytes``
                         buffer slots: buffer index + 1
     8   u64 traj_id     16 u64 latency_us     24 f32 quality
     28  u16 n_steps     30 u16 route_len
-    32  S * (f32 reward, u16 act_len, u16 att_len)
-    32 + 8S             route bytes[64] (UTF-8)
-    payload_offset = round_up(96 + 8S, 64):
+    32  u16 route_index + 1 (0: none)   34 u16 best_index + 1 (0: none)   36 u32 zero
+    40  S * (f32 reward, u16 act_len, u16 att_len)
+    40 + 8S             route bytes[64] (UTF-8)
+    payload_offset = round_up(104 + 8S, 64):
         query f32[h], then S * (activations f32[h] (zero-padded past act_len),
                                 attention f32[A] (valid up to att_len))
+
+Route table (at ``routes_offset``, written by the creator before the magic, never
+after)::
+
+    vectors f32[K, h]   the route vectors as given
+    names   S64[K]      route names, UTF-8, NUL-padded
 
 Only the prefix a trajectory uses is ever written (``prefix_bytes(n_steps)``), and slots
 of a page or more are page-aligned, so a tmpfs segment costs the pages trajectories
@@ -118,22 +135,21 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .config import RULES, EngineConfig
 from .errors import InvalidInputError, LayoutMismatchError
-from .loop import check_config
 from .trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 PAGE = 4096
 LINE = 64
 LANE_CONTROL_BYTES = 128
 
-HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQd"
+HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQ"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)
 
 FLUSHER_LINE = 1024
@@ -151,38 +167,13 @@ LOCK_FLUSHER = 0
 LOCK_DRAIN = 1
 LOCK_LANE_BASE = 64
 
-SLOT_HEAD_BYTES = 32
+SLOT_HEAD_BYTES = 40
+#: Bytes of one route name in the route table (UTF-8, NUL-padded), the bound of a trajectory's route.
+ROUTE_NAME_BYTES = ROUTE_MAX_BYTES
 
 
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What a segment is created with; all of it is stored in the header."""
-
-    hidden_dim: int = 256
-    rank: int = 2
-    lr: float = 0.002
-    flush_threshold: int = 100
-    capacity: int = 10_000
-    max_steps: int = 8
-    attention_dim: int = 64
-    lanes: int = 32
-    lane_slots: int = 512
-
-    def __post_init__(self) -> None:
-        check_config(self.hidden_dim, self.rank, self.lr, self.flush_threshold, self.capacity)
-        for name, low, high in (
-            ("max_steps", 0, 1024),
-            ("attention_dim", 0, 65_535),
-            ("lanes", 1, 4096),
-            ("lane_slots", 1, 1 << 20),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidInputError(f"{name}: expected an integer in [{low}, {high}], got {value!r}")
 
 
 class Layout:
@@ -191,8 +182,9 @@ class Layout:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         h, r, s, a = config.hidden_dim, config.rank, config.max_steps, config.attention_dim
+        k = config.routes
         self.hidden_dim, self.rank, self.max_steps, self.attention_dim = h, r, s, a
-        self.lanes, self.lane_slots, self.capacity = config.lanes, config.lane_slots, config.capacity
+        self.lanes, self.lane_slots, self.capacity, self.routes = config.lanes, config.lane_slots, config.capacity, k
 
         self.route_offset = SLOT_HEAD_BYTES + 8 * s
         self.payload_offset = _round_up(self.route_offset + ROUTE_MAX_BYTES, LINE)
@@ -201,7 +193,20 @@ class Layout:
         self.slot_bytes = _round_up(used, PAGE) if used > PAGE else _round_up(used, LINE)
         self.slot_dtype = np.dtype(
             {
-                "names": ["seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta", "route", "query", "steps"],
+                "names": [
+                    "seq",
+                    "traj_id",
+                    "latency_us",
+                    "quality",
+                    "n_steps",
+                    "route_len",
+                    "route_index",
+                    "best_index",
+                    "meta",
+                    "route",
+                    "query",
+                    "steps",
+                ],
                 "formats": [
                     "<u8",
                     "<u8",
@@ -209,55 +214,65 @@ class Layout:
                     "<f4",
                     "<u2",
                     "<u2",
+                    "<u2",
+                    "<u2",
                     (np.dtype([("reward", "<f4"), ("act_len", "<u2"), ("att_len", "<u2")]), (s,)),
                     (np.dtype("S1"), (ROUTE_MAX_BYTES,)),
                     ("<f4", (h,)),
                     (np.dtype([("act", "<f4", (h,)), ("att", "<f4", (a,))]), (s,)),
                 ],
-                "offsets": [0, 8, 16, 24, 28, 30, SLOT_HEAD_BYTES, self.route_offset, self.payload_offset, self.payload_offset + 4 * h],
-                "itemsize": self.slot_bytes,
-            }
-        )
-
-        self.ledger_dtype = np.dtype(
-            {
-                "names": [
-                    "generation",
-                    "pending",
-                    "trajectories_processed",
-                    "signals_accumulated",
-                    "flushes_performed",
-                    "updates_applied",
-                    "buffer_head",
-                    "buffer_dropped",
-                    "last_flush_at",
-                    "down",
-                    "up",
-                    "grad_up",
-                    "lane_tail",
-                ],
-                "formats": ["<u8"] * 8 + ["<f8", ("<f4", (r, h)), ("<f4", (r, h)), ("<f8", (r, h)), ("<u8", (config.lanes,))],
                 "offsets": [
                     0,
                     8,
                     16,
                     24,
+                    28,
+                    30,
                     32,
-                    40,
-                    48,
-                    56,
-                    64,
-                    128,
-                    128 + 4 * r * h,
-                    128 + 8 * r * h,
-                    128 + 16 * r * h,
+                    34,
+                    SLOT_HEAD_BYTES,
+                    self.route_offset,
+                    self.payload_offset,
+                    self.payload_offset + 4 * h,
                 ],
-                "itemsize": _round_up(128 + 16 * r * h + 8 * config.lanes, LINE),
+                "itemsize": self.slot_bytes,
             }
+        )
+
+        fields = [
+            ("generation", "<u8"),
+            ("pending", "<u8"),
+            ("trajectories_processed", "<u8"),
+            ("signals_accumulated", "<u8"),
+            ("flushes_performed", "<u8"),
+            ("updates_applied", "<u8"),
+            ("buffer_head", "<u8"),
+            ("buffer_dropped", "<u8"),
+            ("last_flush_at", "<f8"),
+            ("corrupt", "<u8"),
+            ("down", ("<f4", (r, h))),
+            ("up", ("<f4", (r, h))),
+            ("grad_up", ("<f8", (r, h))),
+            ("grad_down", ("<f8", (r, h))),
+            ("lane_tail", ("<u8", (config.lanes,))),
+            ("route_chosen", ("<u8", (k,))),
+            ("route_best", ("<u8", (k,))),
+            ("route_reward", ("<f8", (k,))),
+        ]
+        offsets, at = [], 0
+        for i, (_, fmt) in enumerate(fields):
+            if i == 10:
+                at = 128  # the arrays start on their own line, after the scalars
+            offsets.append(at)
+            at += np.dtype(fmt).itemsize
+        self.ledger_dtype = np.dtype(
+            {"names": [n for n, _ in fields], "formats": [f for _, f in fields], "offsets": offsets, "itemsize": _round_up(at, LINE)}
         )
         self.ledger_bytes = self.ledger_dtype.itemsize
         self.ledger_offset = PAGE
-        self.lanes_offset = self.ledger_offset + 2 * self.ledger_bytes
+        self.routes_offset = self.ledger_offset + 2 * self.ledger_bytes
+        self.routes_bytes = _round_up(4 * k * h + ROUTE_NAME_BYTES * k, LINE)
+        self.lanes_offset = self.routes_offset + self.routes_bytes
         self.slots_offset = _round_up(self.lanes_offset + config.lanes * LANE_CONTROL_BYTES, PAGE)
         self.buffer_offset = _round_up(self.slots_offset + config.lanes * config.lane_slots * self.slot_bytes, PAGE)
         self.total_bytes = _round_up(self.buffer_offset + config.capacity * self.slot_bytes, PAGE)
@@ -299,6 +314,10 @@ class Layout:
             self.slots_offset,
             self.buffer_offset,
             time.time(),
+            RULES.index(c.rule),
+            c.routes,
+            c.temperature,
+            self.routes_offset,
         )
 
     @classmethod
@@ -326,6 +345,10 @@ class Layout:
             slots_off,
             buffer_off,
             _created,
+            rule,
+            routes,
+            temperature,
+            routes_off,
         ) = struct.unpack_from(HEADER_FORMAT, raw)
         if magic != MAGIC:
             raise LayoutMismatchError(
@@ -338,7 +361,9 @@ class Layout:
                 f"stop its processes and remove it with `sona-shm destroy --name {name}`"
             )
         try:
-            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots))
+            if rule >= len(RULES):
+                raise InvalidInputError(f"rule: expected a code below {len(RULES)}, got {rule}")
+            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature))
         except InvalidInputError as exc:
             raise LayoutMismatchError(f"segment {name!r}: corrupt header ({exc})") from None
         derived = (
@@ -349,8 +374,9 @@ class Layout:
             layout.lanes_offset,
             layout.slots_offset,
             layout.buffer_offset,
+            layout.routes_offset,
         )
-        stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off)
+        stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off, routes_off)
         if derived != stored:
             raise LayoutMismatchError(f"segment {name!r}: header offsets {stored} disagree with its dimensions {derived}")
         if size < total:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import routing
+
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -188,12 +190,17 @@ class LoopMetrics:
 
 
 class Learner:
-    """Loop A's whole mutable state: the adapter, the gradient accumulator, counters.
+    """Loop A's whole mutable state: the adapter, the gradient sums, counters, per-route counts.
 
-    ``down``, ``up``: ``float32[rank, hidden_dim]``; ``grad_up``:
-    ``float64[rank, hidden_dim]`` (every rank row receives the same signal, as in the
-    reference). The arrays are updated in place, so they may be views into a record
-    the owner publishes (the flusher does). Not thread-safe; the owner serialises calls.
+    ``down``, ``up``: ``float32[rank, hidden_dim]``; ``grad_up``, ``grad_down``:
+    ``float64[rank, hidden_dim]``. Under the ``reference`` rule only ``up`` learns and
+    every rank row of ``grad_up`` receives the same signal (:meth:`learn`); under the
+    ``routing`` rule both learn from feedback (:meth:`learn_feedback`,
+    :mod:`sona_shm.routing`). ``unit``: the engine's unit route vectors
+    (``float32[K, h]``) or ``None``; ``route_chosen``/``route_best`` (``uint64[K]``) and
+    ``route_reward`` (``float64[K]``) count feedback per route (:meth:`count_routes`).
+    The arrays are updated in place, so they may be views into a record the owner
+    publishes (the flusher does). Not thread-safe; the owner serialises calls.
     """
 
     def __init__(
@@ -203,22 +210,37 @@ class Learner:
         lr: float,
         flush_threshold: int,
         *,
+        rule: str = "reference",
+        unit: np.ndarray | None = None,
+        temperature: float = 10.0,
         down: np.ndarray | None = None,
         up: np.ndarray | None = None,
         grad_up: np.ndarray | None = None,
+        grad_down: np.ndarray | None = None,
+        route_chosen: np.ndarray | None = None,
+        route_best: np.ndarray | None = None,
+        route_reward: np.ndarray | None = None,
     ) -> None:
         self.hidden_dim = hidden_dim
         self.rank = rank
         self.lr = lr
         self.flush_threshold = flush_threshold
+        self.rule = rule
+        self.unit = unit
+        self.temperature = temperature
         shape = (rank, hidden_dim)
+        k = 0 if unit is None else unit.shape[0]
         self.down = np.empty(shape, dtype=F32) if down is None else down
         self.up = np.zeros(shape, dtype=F32) if up is None else up
         self.grad_up = np.zeros(shape, dtype=F64) if grad_up is None else grad_up
+        self.grad_down = np.zeros(shape, dtype=F64) if grad_down is None else grad_down
+        self.route_chosen = np.zeros(k, dtype=np.uint64) if route_chosen is None else route_chosen
+        self.route_best = np.zeros(k, dtype=np.uint64) if route_best is None else route_best
+        self.route_reward = np.zeros(k, dtype=F64) if route_reward is None else route_reward
         if down is None:
             self.down[...] = initial_down(hidden_dim, rank)
         self.pending = 0  # signals accumulated since the last flush (the reference's update_count)
-        self.generation = 0  # bumped whenever ``up`` changes
+        self.generation = 0  # bumped whenever the adapter changes
         self.trajectories_processed = 0
         self.signals_accumulated = 0
         self.flushes_performed = 0
@@ -233,7 +255,7 @@ class Learner:
         return LoopMetrics(self.trajectories_processed, self.signals_accumulated, self.flushes_performed, self.updates_applied)
 
     def learn(self, signals: np.ndarray, quality: np.ndarray) -> int:
-        """Accumulate ``signals[i] * quality[i]`` in order, flushing at every threshold.
+        """Reference rule: accumulate ``signals[i] * quality[i]`` in order, flushing at every threshold.
 
         The batch is cut exactly where a one-by-one replay would have flushed, so the
         result equals feeding the trajectories singly. Returns the number of flushes.
@@ -261,30 +283,95 @@ class Learner:
         self.signals_accumulated += n
         return flushes
 
-    def account(self, learned: int, pending: int, flushes: int) -> None:
-        """Count a batch that ``_speedups.learn_slots`` learned into this learner's arrays."""
+    def learn_feedback(self, query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> int:
+        """Routing rule: learn a batch of trajectories in order; only feedback rows are signals.
+
+        ``query``: ``float32[n, h]``; ``route_index``/``best_index``: ``int[n]``, -1 for
+        none (a row with neither is an ordinary trajectory: processed, not a signal);
+        ``reward``: ``[n]`` (the bandit reward, a trajectory's quality). Gradients are
+        cut at every flush as in :meth:`learn`. Returns the number of flushes.
+        """
+        route_index = np.asarray(route_index, dtype=np.int64)
+        best_index = np.asarray(best_index, dtype=np.int64)
+        n = route_index.shape[0]
+        rows = np.flatnonzero((route_index >= 0) | (best_index >= 0))
+        flushes = 0
+        start = 0
+        while start < len(rows):
+            take = min(self.flush_threshold - self.pending, len(rows) - start)
+            chunk = rows[start : start + take]
+            gu, gd = routing.gradients(
+                query[chunk],
+                route_index[chunk],
+                best_index[chunk],
+                np.asarray(reward)[chunk],
+                self.down,
+                self.up,
+                self.unit,
+                self.temperature,
+            )
+            self.grad_up += gu
+            self.grad_down += gd
+            self.pending += take
+            start += take
+            if self.pending >= self.flush_threshold:
+                self.flush()
+                flushes += 1
+        self.trajectories_processed += n
+        self.signals_accumulated += len(rows)
+        return flushes
+
+    def count_routes(self, route_index: np.ndarray, best_index: np.ndarray, quality: np.ndarray) -> None:
+        """Count a batch's feedback per route: taken, right, and the reward of the route taken.
+
+        The reward of a taken route is the trajectory's quality (bandit), or 1.0 / 0.0
+        when a full-information feedback says whether it was the right one.
+        """
+        if not len(self.route_chosen):
+            return
+        route_index = np.asarray(route_index, dtype=np.int64)
+        best_index = np.asarray(best_index, dtype=np.int64)
+        taken = route_index >= 0
+        if taken.any():
+            a = route_index[taken]
+            b = best_index[taken]
+            r = np.where(b >= 0, (a == b).astype(F64), np.asarray(quality, dtype=F64)[taken])
+            np.add.at(self.route_chosen, a, np.uint64(1))
+            np.add.at(self.route_reward, a, r)
+        right = best_index >= 0
+        if right.any():
+            np.add.at(self.route_best, best_index[right], np.uint64(1))
+
+    def account(self, learned: int, signals: int, pending: int, flushes: int) -> None:
+        """Count a batch that ``_speedups`` learned into this learner's arrays."""
         self.trajectories_processed += learned
-        self.signals_accumulated += learned
+        self.signals_accumulated += signals
         self.updates_applied += flushes * self.flush_threshold  # a threshold flush applies exactly that many
         self.flushes_performed += flushes
         self.generation += flushes
         self.pending = pending
 
     def flush(self) -> bool:
-        """Apply pending gradients: ``up += grad_up * lr / pending``. False if none."""
+        """Apply pending gradients: ``up += grad_up * lr / pending`` (and ``down`` likewise under the routing rule). False if none."""
         if self.pending == 0:
             return False
-        up = self.up.astype(F64) + self.grad_up * (self.lr / self.pending)
-        # Saturate rather than overflow: ``up`` stays finite whatever finite input was learned
-        # (the reference would store ±inf; values inside float32 range are untouched).
-        np.clip(up, -_F32_MAX, _F32_MAX, out=up)
-        self.up[...] = up
+        step = self.lr / self.pending
+        self.up[...] = _saturated(self.up.astype(F64) + self.grad_up * step)
         self.grad_up[...] = 0.0
+        if self.rule == "routing":
+            self.down[...] = _saturated(self.down.astype(F64) + self.grad_down * step)
+            self.grad_down[...] = 0.0
         self.updates_applied += self.pending
         self.flushes_performed += 1
         self.pending = 0
         self.generation += 1
         return True
+
+
+def _saturated(values: np.ndarray) -> np.ndarray:
+    # Saturate rather than overflow: the weights stay finite whatever finite input was learned
+    # (the reference would store ±inf; values inside float32 range are untouched).
+    return np.clip(values, -_F32_MAX, _F32_MAX, out=values)
 
 
 def apply_adapter(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:

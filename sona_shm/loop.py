@@ -13,31 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from .config import EngineConfig, check_int
 from .errors import InvalidInputError
 from .learning import F32, Learner, LoopMetrics, apply_adapter, learning_signals
+from .routes import RouteChoice, RouteTable, check_exploration, choose, cosine_scores, feedback_trajectory
 from .trajectory import CheckedTrajectory, Trajectory, as_vector, check_trajectory, to_trajectory
-
-DEFAULT_HIDDEN_DIM = 256
-DEFAULT_RANK = 2
-DEFAULT_LR = 0.002
-DEFAULT_FLUSH_THRESHOLD = 100
-DEFAULT_CAPACITY = 10_000
-
-
-def check_config(hidden_dim: Any, rank: Any, lr: Any, flush_threshold: Any, capacity: Any) -> None:
-    """Refuse an engine configuration the reference would abort on or mangle."""
-    _check_int("hidden_dim", hidden_dim, 1, 65_535)
-    if isinstance(rank, bool) or rank not in (1, 2):
-        raise InvalidInputError(f"rank: expected 1 or 2, got {rank!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
-        raise InvalidInputError(f"lr: expected a finite number > 0, got {lr!r}")
-    _check_int("flush_threshold", flush_threshold, 1, 2**62)
-    _check_int("capacity", capacity, 0, 2**31 - 1)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InvalidInputError(f"{name}: expected an integer in [{low}, {high}], got {value!r}")
 
 
 def check_vectors(x: Any, hidden_dim: int) -> np.ndarray:
@@ -70,25 +50,59 @@ class InstantLoop:
     ``capacity`` bounds the buffer of learned trajectories kept for :meth:`drain`;
     when it is full a trajectory is still learned but counted as dropped, exactly as
     the seed's bounded queue does.
+
+    ``rule``: ``"reference"`` (the seed's bit-exact rule, the default) or
+    ``"routing"`` (learns which route serves a query, from :meth:`feedback`; see
+    :mod:`sona_shm.routing`). ``routes``: ``float32[K, hidden_dim]`` route vectors with
+    ``route_names`` (default ``route0…``); the routing rule needs them, and
+    :meth:`route`/:meth:`feedback` use them under either rule. ``lr`` defaults by rule
+    (0.002 reference, 1.0 routing); ``temperature`` is the routing rule's.
     """
 
     def __init__(
         self,
-        hidden_dim: int = DEFAULT_HIDDEN_DIM,
-        rank: int = DEFAULT_RANK,
-        lr: float = DEFAULT_LR,
-        flush_threshold: int = DEFAULT_FLUSH_THRESHOLD,
-        capacity: int = DEFAULT_CAPACITY,
+        hidden_dim: int = 256,
+        rank: int = 2,
+        lr: float | None = None,
+        flush_threshold: int = 100,
+        capacity: int = 10_000,
+        *,
+        rule: str = "reference",
+        routes: Any = None,
+        route_names: Any = None,
+        temperature: float = 10.0,
     ) -> None:
-        check_config(hidden_dim, rank, lr, flush_threshold, capacity)
-        self.hidden_dim = int(hidden_dim)
-        self.rank = int(rank)
-        self.capacity = int(capacity)
-        self._learner = Learner(self.hidden_dim, self.rank, float(lr), int(flush_threshold))
+        table = None
+        if routes is not None:
+            check_int("hidden_dim", hidden_dim, 1, 65_535)
+            table = RouteTable.build(routes, route_names, hidden_dim=hidden_dim)
+        elif route_names is not None:
+            raise InvalidInputError("route_names: expected None without routes (give routes= too)")
+        config = EngineConfig(
+            hidden_dim, rank, lr, flush_threshold, capacity, rule=rule, routes=0 if table is None else len(table), temperature=temperature
+        )
+        self.config = config
+        self.hidden_dim = config.hidden_dim
+        self.rank = config.rank
+        self.capacity = config.capacity
+        self.routes = table
+        self._learner = Learner(
+            self.hidden_dim,
+            self.rank,
+            config.lr,
+            config.flush_threshold,
+            rule=config.rule,
+            unit=None if table is None else table.unit,
+            temperature=config.temperature,
+        )
         self._buffer: deque[Trajectory] = deque()
         self._dropped = 0
         self._seen = 0
         self._next_id = 0
+
+    @property
+    def rule(self) -> str:
+        return self.config.rule
 
     @property
     def lr(self) -> float:
@@ -114,8 +128,18 @@ class InstantLoop:
 
     @property
     def down(self) -> np.ndarray:
-        """A copy of the fixed projection rows, ``float32[rank, hidden_dim]``."""
+        """A copy of the projection rows, ``float32[rank, hidden_dim]`` (learned under the routing rule only)."""
         return self._learner.down.copy()
+
+    def route_stats(self) -> dict[str, dict[str, float | int]]:
+        """Per route name: ``chosen`` (feedback on it as the route taken), ``best`` (as the right one), ``reward_sum``."""
+        if self.routes is None:
+            return {}
+        learner = self._learner
+        return {
+            name: {"chosen": int(c), "best": int(b), "reward_sum": float(r)}
+            for name, c, b, r in zip(self.routes.names, learner.route_chosen, learner.route_best, learner.route_reward)
+        }
 
     def next_id(self) -> int:
         tid = self._next_id
@@ -124,14 +148,21 @@ class InstantLoop:
 
     def on_trajectory(self, traj: Trajectory) -> None:
         """Learn one finished trajectory (and keep it in the buffer if there is room)."""
-        checked = check_trajectory(traj, self.hidden_dim)
+        checked = check_trajectory(
+            traj, self.hidden_dim, routes=0 if self.routes is None else len(self.routes), unit_reward=self.rule == "routing"
+        )
         self.learn_checked([checked])
 
     def learn_checked(self, batch: list[CheckedTrajectory]) -> None:
         """Learn already-validated trajectories in order (one vectorised pass)."""
         query, rewards, act, n_steps, quality = _stack(batch, self.hidden_dim)
-        signals = learning_signals(query, rewards, act, n_steps)
-        self._learner.learn(signals, quality)
+        route_index = np.array([-1 if c.route_index is None else c.route_index for c in batch], np.int64)
+        best_index = np.array([-1 if c.best_index is None else c.best_index for c in batch], np.int64)
+        if self.rule == "routing":
+            self._learner.learn_feedback(query, route_index, best_index, quality)
+        else:
+            self._learner.learn(learning_signals(query, rewards, act, n_steps), quality)
+        self._learner.count_routes(route_index, best_index, quality)
         for checked in batch:
             tid = checked.id if checked.id is not None else self.next_id()
             self._seen += 1
@@ -150,6 +181,35 @@ class InstantLoop:
         learner = self._learner
         return apply_adapter(arr, learner.down, learner.up * np.float32(learner.scale))
 
+    def route(self, x: Any, *, explore: float = 0.0, sample: bool = False, rng: Any = None) -> RouteChoice:
+        """Choose a route for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)`` with the routes.
+
+        ``explore``: probability of a uniformly drawn route instead (epsilon-greedy);
+        ``sample``: draw from the routing rule's softmax instead. Either way, give
+        :meth:`feedback` the route returned (``choice.index``), the one actually served.
+        """
+        table = self._table("route")
+        epsilon = check_exploration(explore, sample)
+        adapted = self.forward(x)
+        scores = cosine_scores(adapted, table.unit)
+        greedy = np.argmax(scores, axis=-1)
+        return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self.config.temperature, rng=rng)
+
+    def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None) -> bool:
+        """Learn which route serves ``x``: ``route=`` and ``reward=`` (bandit), or ``best=`` (full information).
+
+        Routes are given by index or name. Recorded as a trajectory (see
+        :mod:`sona_shm.routes`); returns True like :meth:`Client.feedback`.
+        """
+        table = self._table("feedback")
+        self.on_trajectory(feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing"))
+        return True
+
+    def _table(self, what: str) -> RouteTable:
+        if self.routes is None:
+            raise InvalidInputError(f"{what}(): this loop has no routes; create it with routes=<K x hidden_dim vectors>")
+        return self.routes
+
     def drain(self) -> list[Trajectory]:
         """Remove and return every buffered trajectory, oldest first."""
         out = list(self._buffer)
@@ -158,7 +218,7 @@ class InstantLoop:
 
     def drain_n(self, n: int) -> list[Trajectory]:
         """Remove and return up to ``n`` buffered trajectories, oldest first."""
-        _check_int("n", n, 0, 2**62)
+        check_int("n", n, 0, 2**62)
         return [self._buffer.popleft() for _ in range(min(n, len(self._buffer)))]
 
     def buffer_stats(self) -> tuple[int, int, float]:

@@ -52,6 +52,11 @@ class Trajectory:
     ``query``: exactly ``hidden_dim`` values. ``quality``: any finite number, used as
     given. ``latency_us`` and ``route`` are kept for buffer consumers. ``id`` is
     assigned by ``record()``/``on_trajectory()`` when left ``None``.
+
+    ``route_index`` and ``best_index`` make the trajectory a *feedback* about the
+    engine's route table (see :mod:`sona_shm.routes`; ``feedback()`` fills them): the
+    index of the route taken, and of the route that was right. Both ``None`` for an
+    ordinary trajectory.
     """
 
     query: Any
@@ -60,6 +65,8 @@ class Trajectory:
     latency_us: int = 0
     route: str | None = None
     id: int | None = None
+    route_index: int | None = None
+    best_index: int | None = None
 
 
 class CheckedTrajectory(NamedTuple):
@@ -73,6 +80,8 @@ class CheckedTrajectory(NamedTuple):
     latency_us: int
     route: bytes
     id: int | None
+    route_index: int | None
+    best_index: int | None
 
 
 def _describe(value: Any) -> str:
@@ -182,8 +191,14 @@ def check_trajectory(
     attention_dim: int | None = None,
     where: str = "",
     finite: bool = True,
+    routes: int = 0,
+    unit_reward: bool = False,
 ) -> CheckedTrajectory:
     """Validate ``traj`` completely and return its checked form, or raise.
+
+    ``routes``: the number of routes of the engine (``route_index``/``best_index`` must
+    be below it; 0 refuses them). ``unit_reward``: the engine learns with the routing
+    rule, so a bandit feedback's ``quality`` (its reward) must be in [0, 1].
 
     Nothing is written anywhere before this returns, so a refused trajectory leaves
     every counter, buffer and weight as it was. ``where`` names the bound's source
@@ -256,7 +271,28 @@ def check_trajectory(
     tid = traj.id
     if tid is not None and (type(tid) is not int or not 0 <= tid <= _U64_MAX):
         tid = _as_u64(tid, "id", "None or an integer in [0, 2**64)")
-    return CheckedTrajectory(query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid)
+    route_index = traj.route_index
+    best_index = traj.best_index
+    if route_index is not None or best_index is not None:
+        route_index = _route_index(route_index, "route_index", routes, where)
+        best_index = _route_index(best_index, "best_index", routes, where)
+        if unit_reward and best_index is None and not 0.0 <= quality <= 1.0:
+            raise InvalidInputError(
+                f"quality: expected the reward of a bandit feedback in [0, 1] under the routing rule (1: the route served well), got {quality!r}"
+            )
+    return CheckedTrajectory(query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid, route_index, best_index)
+
+
+def _route_index(value: Any, name: str, routes: int, where: str) -> int | None:
+    if value is None:
+        return None
+    if routes == 0:
+        raise InvalidInputError(
+            f"{name}: expected None, the engine{where} has no route table (create it with --routes FILE), got {value!r}"
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value < routes:
+        raise InvalidInputError(f"{name}: expected None or a route index in [0, {routes - 1}]{where}, got {_describe(value)}")
+    return int(value)
 
 
 def _as_u64(value: Any, name: str, expected: str) -> int:
@@ -278,4 +314,6 @@ def to_trajectory(checked: CheckedTrajectory, id: int) -> Trajectory:
         latency_us=checked.latency_us,
         route=checked.route.decode("utf-8") if checked.route else None,
         id=id,
+        route_index=checked.route_index,
+        best_index=checked.best_index,
     )

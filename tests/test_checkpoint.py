@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sona_shm import InstantLoop, segment
-from sona_shm.checkpoint import DOWN, GRAD_UP, UP_T, Checkpoint, checkpoint_segment, read_checkpoint, restore
+from sona_shm.checkpoint import DOWN, GRAD_DOWN, GRAD_UP, UP_T, Checkpoint, checkpoint_segment, read_checkpoint, restore
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_FLUSHER_RUNNING, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
 from sona_shm.errors import CheckpointError, FlusherRunningError, InvalidInputError
 from sona_shm.flusher import Flusher
@@ -65,13 +65,14 @@ def test_checkpoint_holds_the_committed_state_under_peft_names(engine, name, tmp
         "signals_accumulated": 15,
         "flushes_performed": 1,
         "updates_applied": 10,
+        "corrupt": 0,
     }
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata()
-    assert meta["format"] == "sona_shm.adapter" and meta["format_version"] == "1"
+    assert meta["format"] == "sona_shm.adapter" and meta["format_version"] == "2" and meta["rule"] == "reference"
     assert (meta["hidden_dim"], meta["rank"], meta["lr"], meta["flush_threshold"]) == ("16", "2", "0.01", "10")
     assert meta["generation"] == "1" and meta["pending"] == "5" and float(meta["scaling"]) == pytest.approx(2**-0.5)
     # The adapter a PEFT user rebuilds from the file is the one the engine applies.
@@ -131,11 +132,16 @@ def good_checkpoint(tmp_path, **changes) -> str:
         down,
         np.full((R, H), 0.5, np.float32),
         np.zeros((R, H)),
+        np.zeros((R, H)),
+        None,
+        np.zeros(0, np.uint64),
+        np.zeros(0, np.uint64),
+        np.zeros(0),
         3,
-        {"pending": 0, "trajectories_processed": 7, "signals_accumulated": 7, "flushes_performed": 1, "updates_applied": 7},
+        {"pending": 0, "trajectories_processed": 7, "signals_accumulated": 7, "flushes_performed": 1, "updates_applied": 7, "corrupt": 0},
         0.0,
     )
-    tensors = {DOWN: ckpt.down, UP_T: ckpt.up.T, GRAD_UP: ckpt.grad_up}
+    tensors = {DOWN: ckpt.down, UP_T: ckpt.up.T, GRAD_UP: ckpt.grad_up, GRAD_DOWN: ckpt.grad_down}
     from sona_shm.tensorfile import decode, encode
 
     _, meta = decode(ckpt.to_bytes(), "x")
@@ -155,12 +161,17 @@ def good_checkpoint(tmp_path, **changes) -> str:
     "changes, fragment",
     [
         ({"format": "peft"}, "not a sona_shm adapter checkpoint"),
-        ({"format_version": "2"}, "checkpoint format version '2'"),
+        ({"format_version": "3"}, "checkpoint format version '3'"),
         ({"hidden_dim": None}, "metadata 'hidden_dim' is missing"),
         ({"hidden_dim": "x"}, "metadata 'hidden_dim': expected an integer"),
         ({"rank": "3"}, "invalid engine configuration in its metadata (rank: expected 1 or 2"),
         ({"lr": "nan"}, "metadata 'lr': expected a finite number"),
-        ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**64)"),
+        ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**62)"),
+        ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**62)"),
+        ({"corrupt": str(2**62)}, "metadata 'corrupt': expected an integer in [0, 2**62)"),
+        ({"rule": "sgd"}, "invalid engine configuration in its metadata (rule: expected one of"),
+        ({"routes": "3"}, "missing ['sona.route_best', 'sona.route_chosen', 'sona.route_reward', 'sona.routes']"),
+        ({GRAD_DOWN: None}, "missing ['sona.grad_down']"),
         ({"pending": "3"}, "inconsistent counters: pending 3"),
         ({GRAD_UP: None}, "missing ['sona.grad_up']"),
         ({"extra": np.zeros(1, np.float32)}, "unexpected ['extra']"),

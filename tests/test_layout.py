@@ -13,16 +13,9 @@ from sona_shm.layout import HEADER_FORMAT, LAYOUT_VERSION, MAGIC, PAGE, EngineCo
 def test_documented_slot_offsets():
     layout = Layout(EngineConfig(hidden_dim=256, max_steps=8, attention_dim=64))
     d = layout.slot_dtype
-    assert [d.fields[f][1] for f in ("seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "meta")] == [
-        0,
-        8,
-        16,
-        24,
-        28,
-        30,
-        32,
-    ]
-    assert d.fields["route"][1] == 32 + 8 * 8
+    fields = ("seq", "traj_id", "latency_us", "quality", "n_steps", "route_len", "route_index", "best_index", "meta")
+    assert [d.fields[f][1] for f in fields] == [0, 8, 16, 24, 28, 30, 32, 34, 40]
+    assert d.fields["route"][1] == 40 + 8 * 8
     assert d.fields["query"][1] == layout.payload_offset == 192
     assert d.fields["steps"][1] == 192 + 4 * 256
     assert layout.step_bytes == 4 * (256 + 64)
@@ -51,17 +44,35 @@ def header(layout: Layout, **changes) -> bytes:
     return bytes(raw)
 
 
-def test_header_round_trip():
-    layout = Layout(EngineConfig(hidden_dim=64, rank=1, lr=0.01, flush_threshold=7, lanes=3))
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(hidden_dim=64, rank=1, lr=0.01, flush_threshold=7, lanes=3),
+        EngineConfig(hidden_dim=64, rank=2, flush_threshold=7, lanes=3, rule="routing", routes=5, temperature=4.5),
+    ],
+)
+def test_header_round_trip(config):
+    layout = Layout(config)
     again = Layout.from_header(header(layout), "x", layout.total_bytes)
     assert again.config == layout.config and again.total_bytes == layout.total_bytes
+
+
+def test_route_table_region_sits_between_ledger_and_lanes():
+    layout = Layout(EngineConfig(hidden_dim=10, routes=3, lanes=2))
+    assert layout.routes_offset == layout.ledger_offset + 2 * layout.ledger_bytes
+    assert layout.routes_bytes >= 3 * 10 * 4 + 3 * 64 and layout.routes_bytes % 64 == 0
+    assert layout.lanes_offset == layout.routes_offset + layout.routes_bytes
+    assert layout.ledger_dtype["route_chosen"].shape == (3,) and layout.ledger_dtype["grad_down"].shape == (2, 10)
+    none = Layout(EngineConfig(hidden_dim=10, lanes=2))
+    assert none.routes_bytes == 0 and none.ledger_dtype["route_reward"].shape == (0,)
 
 
 @pytest.mark.parametrize(
     "change, fragment",
     [
         (dict(magic=(0, "8s", b"NOTSONA!")), "not a sona_shm segment"),
-        (dict(version=(8, "I", LAYOUT_VERSION + 1)), "layout version 2"),
+        (dict(version=(8, "I", LAYOUT_VERSION + 1)), f"layout version {LAYOUT_VERSION + 1}"),
+        (dict(rule=(112, "I", 7)), "corrupt header"),
         (dict(rank=(28, "I", 3)), "corrupt header"),
         (dict(slots=(88, "Q", 12345)), "disagree with its dimensions"),
     ],
@@ -79,10 +90,22 @@ def test_truncated_segment_is_refused():
     assert struct.calcsize(HEADER_FORMAT) < 1024  # control lines start at 1024
 
 
-@pytest.mark.parametrize("field, value", [("lanes", 0), ("max_steps", -1), ("lane_slots", 0), ("attention_dim", 1.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("lanes", 0), ("max_steps", -1), ("lane_slots", 0), ("attention_dim", 1.5), ("rule", "sgd"), ("routes", 1), ("routes", 257)]
+    + [("temperature", v) for v in (0, -1.0, float("nan"), float("inf"), 1e4)]
+    + [("lr", v) for v in (0, -0.1, float("nan"), True)],
+)
 def test_bad_engine_config(field, value):
     with pytest.raises(InvalidInputError, match=field):
         EngineConfig(**{field: value})
+
+
+def test_routing_rule_needs_routes_and_defaults_its_own_lr():
+    with pytest.raises(InvalidInputError, match="routes: the routing rule"):
+        EngineConfig(rule="routing")
+    assert EngineConfig(rule="routing", routes=4).lr == 1.0 and EngineConfig().lr == 0.002
+    assert EngineConfig(rule="routing", routes=4, lr=0.5).lr == 0.5
 
 
 def test_differences_name_each_field():

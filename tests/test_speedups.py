@@ -168,9 +168,9 @@ def test_a_handed_back_trajectory_writes_only_the_prefix_it_uses(engine):
 
 def test_lane_writer_geometry_is_checked_without_overflow_and_a_failed_init_changes_nothing():
     mem = bytearray(4096 + 64)
-    good = [mem, 0, 1, 4096, H, 1, A, 128, 40, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0]
+    good = [mem, 0, 1, 4096, H, 1, A, 128, 48, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0, 0, False]
     writer = lane_module._speedups.LaneWriter(*good)
-    for i, value in [(6, 2**62), (4, 2**62), (9, 2**61), (7, 2**62), (8, 2**62), (4, 65536)]:
+    for i, value in [(6, 2**62), (4, 2**62), (9, 2**61), (7, 2**62), (8, 2**62), (4, 65536), (16, -1), (16, 65535)]:
         bad = list(good)
         bad[i] = value
         with pytest.raises(ValueError, match="inconsistent lane geometry"):
@@ -290,7 +290,7 @@ def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, m
             assert client.record(t)
         client._segment.u64[client.layout.lane_slot(client.lane, 4) // 8] = 999  # corrupt one stamp
         caplog.clear()
-        assert flusher.scan() == 9 and "1 slots in [0, 10) fail their stamp" in caplog.text
+        assert flusher.scan() == 9 and "1 slots in [0, 10) fail their checks" in caplog.text and flusher.corrupt == 1
         states.append((flusher.learner.up.copy(), flusher.learner.metrics, flusher.buffer_head))
         client.close()
         flusher.close()

@@ -14,6 +14,7 @@ from sona_shm import LayoutMismatchError
 from sona_shm.checkpoint import read_checkpoint
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_LAYOUT_MISMATCH, EXIT_OK
 from sona_shm.client import attach
+from sona_shm.layout import LAYOUT_VERSION
 from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment
 from sona_shm.supervise import stop_process
@@ -98,7 +99,7 @@ def test_segment_of_another_layout_is_refused_with_the_way_out(name, damage):
     else:
         seg.buf[:8] = b"OTHERAPP"  # not ours at all
     seg.close()
-    expected = "layout version 99, this sona_shm reads version 1" if damage == "version" else "not a sona_shm segment"
+    expected = f"layout version 99, this sona_shm reads version {LAYOUT_VERSION}" if damage == "version" else "not a sona_shm segment"
     for argv in (["flusher", "--name", name], ["stats", "--name", name]):
         result = sona_shm(*argv)
         assert result.returncode == EXIT_LAYOUT_MISMATCH, result.stderr

@@ -1,0 +1,96 @@
+"""What an engine is: its configuration, the learning rules it may use, and their defaults.
+
+Every field of :class:`EngineConfig` is stored in the segment's header (and in
+checkpoints); this module validates them once, for the in-process
+:class:`~sona_shm.loop.InstantLoop` and the shared-memory engine alike. It imports
+nothing of sona_shm but the errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+#: The learning rules: the seed's bit-exact REINFORCE rule, and ours for routing.
+RULES = ("reference", "routing")
+#: Learning rate when none is given, by rule (the reference's own default; ours, see routing.py).
+DEFAULT_LR = {"reference": 0.002, "routing": 1.0}
+#: Softmax temperature of the routing rule (scores are cosines, so logits span [-tau, tau]).
+DEFAULT_TEMPERATURE = 10.0
+MAX_TEMPERATURE = 1000.0
+#: Most routes a route table may hold (each costs K*h floats in route() and the learner).
+MAX_ROUTES = 256
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` if it is an integer (not a bool) in ``[low, high]``, else raise naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidInputError(f"{name}: expected an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real number in ``(0, high]``, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 < value <= high):
+        bound = "" if high == math.inf else f" and <= {high:g}"
+        raise InvalidInputError(f"{name}: expected a finite number > 0{bound}, got {value!r}")
+    return float(value)
+
+
+def check_rule(rule: Any) -> str:
+    if rule not in RULES:
+        raise InvalidInputError(f"rule: expected one of {', '.join(map(repr, RULES))}, got {rule!r}")
+    return rule
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine is created with; all of it is stored in the header.
+
+    ``lr`` defaults by ``rule`` (:data:`DEFAULT_LR`). ``routes`` is the number of
+    vectors in the engine's route table (0: none; the table itself is given apart, see
+    :class:`~sona_shm.routes.RouteTable`); the routing rule needs one.
+    ``temperature`` is the routing rule's softmax temperature.
+    """
+
+    hidden_dim: int = 256
+    rank: int = 2
+    lr: float | None = None
+    flush_threshold: int = 100
+    capacity: int = 10_000
+    max_steps: int = 8
+    attention_dim: int = 64
+    lanes: int = 32
+    lane_slots: int = 512
+    rule: str = "reference"
+    routes: int = 0
+    temperature: float = DEFAULT_TEMPERATURE
+
+    def __post_init__(self) -> None:
+        check_rule(self.rule)
+        check_int("hidden_dim", self.hidden_dim, 1, 65_535)
+        if isinstance(self.rank, bool) or self.rank not in (1, 2):
+            raise InvalidInputError(f"rank: expected 1 or 2, got {self.rank!r}")
+        lr = DEFAULT_LR[self.rule] if self.lr is None else check_positive_float("lr", self.lr)
+        object.__setattr__(self, "lr", lr)  # frozen: resolved once, here
+        check_int("flush_threshold", self.flush_threshold, 1, 2**62)
+        check_int("capacity", self.capacity, 0, 2**31 - 1)
+        check_int("max_steps", self.max_steps, 0, 1024)
+        check_int("attention_dim", self.attention_dim, 0, 65_535)
+        check_int("lanes", self.lanes, 1, 4096)
+        check_int("lane_slots", self.lane_slots, 1, 1 << 20)
+        check_int("routes", self.routes, 0, MAX_ROUTES)
+        if self.routes == 1:
+            raise InvalidInputError("routes: expected 0 (no route table) or 2 to 256 routes, got 1 (one route leaves nothing to choose)")
+        if self.rule == "routing" and self.routes == 0:
+            raise InvalidInputError("routes: the routing rule learns which route serves a query; give it a route table (--routes FILE)")
+        object.__setattr__(self, "temperature", check_positive_float("temperature", self.temperature, MAX_TEMPERATURE))
+        if self.rule == "routing" and self.max_steps < 1:
+            raise InvalidInputError(
+                "max_steps: expected >= 1 under the routing rule (a feedback is recorded as a one-step trajectory), got 0"
+            )

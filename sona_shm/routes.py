@@ -1,0 +1,316 @@
+"""An engine's route table, choosing a route for a query, and feedback as trajectories.
+
+A *route table* is ``K`` named route vectors (``float32[K, hidden_dim]``, 2 <= K <=
+:data:`~sona_shm.config.MAX_ROUTES`) fixed when the engine is created: the
+destinations a router sends queries to (models, tools, prompts), each represented by
+an embedding. :func:`choose` scores the adapted query against every route by cosine
+and picks the best (optionally exploring); the scores depend on the direction of the
+adapted query only.
+
+A *feedback* is recorded as an ordinary trajectory (:func:`feedback_trajectory`), so it
+travels through the lanes, is learned by the flusher and comes back from ``drain``:
+
+- bandit, ``feedback(x, route=a, reward=r)``: ``Trajectory(query=x, steps=[Step(V[a],
+  None, r)], quality=r, route=names[a], route_index=a)``;
+- full information, ``feedback(x, best=y)`` (optionally ``route=a``, the route that was
+  taken): ``Trajectory(query=x, steps=[Step(V[y], None, 1.0)], quality=1.0,
+  route=names[a if given else y], route_index=a or None, best_index=y)``.
+
+The step makes the trajectory meaningful to the reference rule too (it learns the
+chosen route's vector weighted by the reward); the routing rule reads only the query,
+``route_index``/``best_index`` and, for a bandit feedback, ``quality`` as the reward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .config import MAX_ROUTES
+from .errors import InvalidInputError, LayoutMismatchError
+from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory, as_finite_float
+
+#: Bytes a route name may take in a segment (UTF-8, NUL-padded); the same bound as a trajectory's route.
+NAME_BYTES = ROUTE_MAX_BYTES
+
+
+class RouteChoice(NamedTuple):
+    """What :meth:`Client.route` / :meth:`InstantLoop.route` chose.
+
+    For one vector: ``index`` (int), ``name`` (str), ``scores`` (``float32[K]``, the
+    cosine of the adapted query with every route), ``adapted`` (``float32[h]``, what
+    ``forward(x)`` returns), ``explored`` (bool: exploration picked ``index`` instead of
+    the best-scoring route). For a batch of ``n``: ``int64[n]``, a list of ``n`` names,
+    ``float32[n, K]``, ``float32[n, h]`` and ``bool[n]``.
+    """
+
+    index: Any
+    name: Any
+    scores: np.ndarray
+    adapted: np.ndarray
+    explored: Any
+
+
+@dataclass(frozen=True, eq=False)
+class RouteTable:
+    """``vectors``: ``float32[K, h]`` (read-only, as given); ``names``: K unique names;
+    ``unit``: the vectors scaled to unit length (what scores and the routing rule use)."""
+
+    vectors: np.ndarray
+    names: tuple[str, ...]
+    unit: np.ndarray
+
+    @classmethod
+    def build(cls, vectors: Any, names: Any = None, *, hidden_dim: int | None = None, where: str = "routes") -> RouteTable:
+        """Validate a route table; raise :class:`InvalidInputError` naming what is wrong.
+
+        ``names`` default to ``route0 … route{K-1}``. Vectors must be finite, non-zero
+        and (if ``hidden_dim`` is given) of that width; names unique, non-empty, at most
+        64 UTF-8 bytes without NUL.
+        """
+        try:
+            arr = np.asarray(vectors)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"{where}: expected a K x hidden_dim array of numbers, got {type(vectors).__name__} ({exc})") from None
+        if arr.dtype.kind not in "iuf" or arr.ndim != 2:
+            raise InvalidInputError(
+                f"{where}: expected a K x hidden_dim array of real numbers, got dtype {arr.dtype} and shape {arr.shape}"
+            )
+        k, h = arr.shape
+        if not 2 <= k <= MAX_ROUTES:
+            raise InvalidInputError(f"{where}: expected 2 to {MAX_ROUTES} route vectors, got {k}")
+        if hidden_dim is not None and h != hidden_dim:
+            raise InvalidInputError(f"{where}: expected vectors of hidden_dim {hidden_dim} values, got {h}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.array(arr, dtype=F32, order="C")
+        finite = np.isfinite(v)
+        if not finite.all():
+            row, col = (int(i) for i in np.argwhere(~finite)[0])
+            raise InvalidInputError(f"{where}: expected finite values within float32 range, got {arr[row, col]!r} at [{row}, {col}]")
+        norms = np.linalg.norm(v.astype(np.float64), axis=1)
+        if not (norms > 0).all():
+            raise InvalidInputError(f"{where}: expected non-zero vectors, vector {int(np.flatnonzero(norms <= 0)[0])} is all zeros")
+        if names is None:
+            names = [f"route{i}" for i in range(k)]
+        names = _check_names(names, k, where)
+        v.flags.writeable = False
+        unit = (v.astype(np.float64) / norms[:, None]).astype(F32)
+        unit.flags.writeable = False
+        return cls(v, names, unit)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, which: Any, argument: str) -> int:
+        """The index of a route given by index or name; raise naming ``argument``."""
+        if isinstance(which, str):
+            try:
+                return self.names.index(which)
+            except ValueError:
+                raise InvalidInputError(
+                    f"{argument}: expected a route name ({', '.join(map(repr, self.names))}) or index, got {which!r}"
+                ) from None
+        if isinstance(which, (bool, np.bool_)) or not isinstance(which, (int, np.integer)) or not 0 <= which < len(self.names):
+            raise InvalidInputError(f"{argument}: expected a route index in [0, {len(self.names) - 1}] or a route name, got {which!r}")
+        return int(which)
+
+    def same_as(self, other: RouteTable) -> bool:
+        return self.names == other.names and np.array_equal(self.vectors, other.vectors)
+
+    def names_bytes(self) -> np.ndarray:
+        """``S64[K]``: the names as stored in a segment (UTF-8, NUL-padded)."""
+        return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{NAME_BYTES}")
+
+    @classmethod
+    def from_stored(cls, vectors: np.ndarray, names: np.ndarray, where: str) -> RouteTable:
+        """A table read back from a segment or checkpoint (``names`` as :meth:`names_bytes`)."""
+        try:
+            decoded = [bytes(n).rstrip(b"\0").decode("utf-8") for n in names]
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"{where}: route names are not UTF-8") from None
+        return cls.build(np.array(vectors), decoded, where=where)
+
+    @classmethod
+    def read(cls, buffer: Any, layout: Any, where: str) -> RouteTable | None:
+        """The table stored in a mapped segment (``layout.py``, "Route table"), or None if it has none.
+
+        The arrays are private copies: no view keeps the mapping alive.
+        """
+        k, h = layout.routes, layout.hidden_dim
+        if not k:
+            return None
+        vectors = np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset).copy()
+        names = np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h).copy()
+        return cls.from_stored(vectors, names, where)
+
+    def write(self, buffer: Any, layout: Any) -> None:
+        """Store the table into a new segment's route-table region (only its creator, before the magic)."""
+        k, h = layout.routes, layout.hidden_dim
+        if (k, h) != self.vectors.shape:
+            raise InvalidInputError(f"routes: the segment holds {k} x {h}, the table is {self.vectors.shape[0]} x {self.vectors.shape[1]}")
+        np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset)[...] = self.vectors
+        np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h)[...] = self.names_bytes()
+
+
+def _check_names(names: Any, k: int, where: str) -> tuple[str, ...]:
+    if isinstance(names, (str, bytes)):
+        raise InvalidInputError(f"{where} names: expected {k} names, got one string {names!r}")
+    try:
+        names = [
+            n.decode("utf-8") if isinstance(n, bytes) else n for n in (names.tolist() if isinstance(names, np.ndarray) else list(names))
+        ]
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{where} names: expected {k} strings, got {names!r} ({exc})") from None
+    if len(names) != k:
+        raise InvalidInputError(f"{where} names: expected {k} names (one per vector), got {len(names)}")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > NAME_BYTES:
+            raise InvalidInputError(
+                f"{where} names[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
+            )
+        try:
+            n.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{where} names[{i}]: expected text encodable as UTF-8, got {n!r}") from None
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise InvalidInputError(f"{where} names: expected unique names, {n!r} is both names[{seen[n]}] and names[{i}]")
+        seen[n] = i
+    return tuple(names)
+
+
+def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
+    """Read a route table from ``.npy`` (``K x h``; names ``route0…``) or ``.npz`` (``vectors``, optional ``names``)."""
+    where = f"routes file {path}"
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise InvalidInputError(f"routes: expected an existing .npy or .npz file, got {path!r}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file: {exc}") from None
+    if isinstance(data, np.ndarray):
+        return RouteTable.build(data, None, hidden_dim=hidden_dim, where=where)
+    with data:
+        if "vectors" not in data.files:
+            raise InvalidInputError(f"{where}: expected an array named 'vectors' (and optionally 'names'), got {sorted(data.files)}")
+        unknown = sorted(set(data.files) - {"vectors", "names"})
+        if unknown:
+            raise InvalidInputError(f"{where}: expected only the arrays 'vectors' and 'names', got also {unknown}")
+        names = data["names"] if "names" in data.files else None
+        return RouteTable.build(data["vectors"], names, hidden_dim=hidden_dim, where=where)
+
+
+def read_route_table(segment: Any) -> RouteTable | None:
+    """The route table of a mapped :class:`~sona_shm.segment.Segment` (None if it has none).
+
+    A table that fails validation can only come from memory corruption (the region is
+    written once, by the creator): it is a :class:`LayoutMismatchError`.
+    """
+    try:
+        return RouteTable.read(segment.numpy_buffer(), segment.layout, f"segment {segment.name!r}")
+    except InvalidInputError as exc:
+        raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
+
+
+# ----------------------------------------------------------------- choosing
+
+
+def check_exploration(explore: Any, sample: Any) -> float:
+    epsilon = 0.0 if explore is None else explore
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
+        raise InvalidInputError(f"explore: expected a probability in [0, 1] (epsilon-greedy), got {explore!r}")
+    if not isinstance(sample, bool):
+        raise InvalidInputError(f"sample: expected True or False, got {sample!r}")
+    if sample and epsilon:
+        raise InvalidInputError("explore, sample: choose one way to explore (epsilon-greedy or sampling from the softmax), got both")
+    return float(epsilon)
+
+
+def cosine_scores(adapted: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector)."""
+    dots = adapted @ unit.T
+    norms = np.linalg.norm(adapted, axis=-1, keepdims=adapted.ndim > 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0)
+    return scores.astype(F32)
+
+
+def choose(
+    table: RouteTable, adapted: np.ndarray, scores: np.ndarray, greedy: Any, *, epsilon: float, sample: bool, temperature: float, rng: Any
+) -> RouteChoice:
+    """The :class:`RouteChoice` for ``adapted`` with ``scores`` and their argmax ``greedy``, after exploring.
+
+    ``epsilon``: with this probability a route is drawn uniformly (epsilon-greedy);
+    ``sample``: draw from the routing rule's softmax over ``temperature * scores``.
+    ``rng``: a ``random.Random`` or ``numpy.random.Generator`` (default: ``random``).
+    """
+    if scores.ndim == 1:
+        index = int(greedy)
+        if epsilon or sample:
+            index = _explore_one(scores, index, epsilon, sample, temperature, rng)
+        return RouteChoice(index, table.names[index], scores, adapted, index != greedy)
+    greedy = np.asarray(greedy, dtype=np.int64)
+    index = greedy
+    if epsilon or sample:
+        index = np.array(
+            [_explore_one(scores[i], int(g), epsilon, sample, temperature, rng) for i, g in enumerate(greedy.tolist())], np.int64
+        )
+    return RouteChoice(index, [table.names[i] for i in index.tolist()], scores, adapted, index != greedy)
+
+
+def _uniform(rng: Any) -> float:
+    return (rng or random).random()
+
+
+def _explore_one(scores: np.ndarray, greedy: int, epsilon: float, sample: bool, temperature: float, rng: Any) -> int:
+    k = scores.shape[0]
+    if sample:
+        z = [temperature * float(s) for s in scores.tolist()]
+        top = max(z)
+        weights = [math.exp(v - top) for v in z]
+        u = _uniform(rng) * sum(weights)
+        for i, w in enumerate(weights):
+            u -= w
+            if u < 0:
+                return i
+        return k - 1
+    if _uniform(rng) < epsilon:
+        return min(int(_uniform(rng) * k), k - 1)
+    return greedy
+
+
+# ----------------------------------------------------------------- feedback
+
+
+def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: Any, best: Any, unit_reward: bool) -> Trajectory:
+    """The trajectory that records one feedback (module docstring); raises naming a bad argument.
+
+    ``unit_reward``: the engine learns with the routing rule, whose bandit reward is in [0, 1].
+    """
+    if best is None:
+        if route is None or reward is None:
+            raise InvalidInputError(
+                "feedback: expected route= and reward= (bandit: how well the route taken did) or best= (which route was right)"
+            )
+        a = table.index(route, "route")
+        r = as_finite_float(reward, "reward")
+        if unit_reward and not 0.0 <= r <= 1.0:
+            raise InvalidInputError(
+                f"reward: expected a number in [0, 1] under the routing rule (1: the route served well), got {reward!r}"
+            )
+        return Trajectory(query, [Step(table.vectors[a], None, r)], r, route=table.names[a], route_index=a)
+    if reward is not None:
+        raise InvalidInputError(
+            f"reward: a full-information feedback (best=) carries no reward, got reward={reward!r}; give route= and reward= for a bandit one"
+        )
+    y = table.index(best, "best")
+    a = None if route is None else table.index(route, "route")
+    return Trajectory(
+        query, [Step(table.vectors[y], None, 1.0)], 1.0, route=table.names[y if a is None else a], route_index=a, best_index=y
+    )

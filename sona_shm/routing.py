@@ -1,0 +1,131 @@
+"""The routing rule's maths: bounded softmax losses over the route table, and their gradients.
+
+The adapter is the reference's: ``f(q) = q + s * sum_r (d_r . q) u_r`` with ``s =
+1/sqrt(R)``, but here both ``U`` (``up``) and ``D`` (``down``) learn, each rank row
+with its own gradient. Scores are cosines, ``z_k = tau * v_k . f / |f|`` over the unit
+route vectors ``v_k``, and ``p = softmax(z)``. ``f`` is linear in ``q``, so the scores
+depend only on the query's direction: signals are computed for ``q / |q|``, which keeps
+every gradient independent of the query's scale.
+
+For each feedback, with ``c = dL/dz`` of a bounded loss:
+
+- full information (``best`` = y): maximise ``log p_y``: ``c = e_y - p``;
+- bandit (route ``a`` taken, reward ``r`` in [0, 1]): maximise ``r log p_a + (1 - r)
+  log(1 - p_a)``, a binary cross-entropy on the route taken:
+  ``c = r (e_a - p) - (1 - r) p_a (e_a - p_rest)``, where ``p_rest`` is the softmax over
+  the other routes (``p_rest_a = 0``). Both terms are bounded (``|c| <= sqrt 2``);
+  unlike REINFORCE's ``(r - b)(e_a - p)``, the push away from a wrong route does not
+  vanish when the router is confidently wrong (``e_a - p -> 0`` as ``p_a -> 1``), which
+  is why it learns from greedy bandit feedback (BENCHMARKS.md, "Learning").
+
+Then ``g = dL/df = (tau / |f|) (I - f^ f^T) sum_k c_k v_k`` and, with ``U`` and ``D``
+as they were at the last flush, ``G_U[r] += s (d_r . q) g`` and ``G_D[r] += s (u_r .
+g) q``. Every ``flush_threshold`` signals ``U += lr G_U / n`` and ``D += lr G_D / n``
+(:meth:`sona_shm.learning.Learner.flush`). A query that is zero, or that the adapter
+maps to (almost) zero, teaches nothing (its signal still counts).
+
+Everything is computed in float64 from the float32 state; ``_speedups.learn_routing``
+is the C twin, equal up to the order of float64 sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F64 = np.dtype(np.float64)
+
+#: |f(q/|q|)| below this: the adapter maps the query to (almost) zero; no gradient.
+MIN_ADAPTED_NORM = 1e-6
+
+
+def gradients(
+    query: np.ndarray,
+    route_index: np.ndarray,
+    best_index: np.ndarray,
+    reward: np.ndarray,
+    down: np.ndarray,
+    up: np.ndarray,
+    unit: np.ndarray,
+    temperature: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient sums ``(G_U, G_D)``, ``float64[R, h]`` each, of a batch of feedback signals.
+
+    ``query``: ``float32[n, h]``; ``route_index``/``best_index``: ``int[n]`` (-1: none;
+    every row has ``best_index >= 0`` or ``route_index >= 0``); ``reward``: ``[n]``, read
+    for bandit rows (``best_index < 0``), in [0, 1]; ``down``/``up``: ``float32[R, h]``
+    as at the last flush; ``unit``: ``float32[K, h]`` unit route vectors.
+    """
+    rank = down.shape[0]
+    s = 1.0 / np.sqrt(rank)
+    q = np.asarray(query, dtype=F64)
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q))
+    live = qn > 0
+    q = q / np.where(live, qn, 1.0)[:, None]
+    d, u, v = down.astype(F64), up.astype(F64), unit.astype(F64)
+    kappa = q @ d.T  # [n, R]: d_r . q
+    f = q + s * (kappa @ u)
+    fn = np.sqrt(np.einsum("ij,ij->i", f, f))
+    live &= fn > MIN_ADAPTED_NORM
+    fn = np.where(live, fn, 1.0)
+    fhat = f / fn[:, None]
+    z = temperature * (fhat @ v.T)  # [n, K]
+    c = _loss_slopes(z, np.asarray(route_index), np.asarray(best_index), np.asarray(reward, dtype=F64))
+    c[~live] = 0.0
+    w = c @ v  # [n, h]: sum_k c_k v_k
+    g = (temperature / fn)[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
+    grad_up = s * (kappa.T @ g)
+    grad_down = s * ((g @ u.T).T @ q)
+    return grad_up, grad_down
+
+
+def _loss_slopes(z: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> np.ndarray:
+    """``c = dL/dz`` per row (see the module docstring)."""
+    n, k = z.shape
+    rows = np.arange(n)
+    p = _softmax(z)
+    full = best_index >= 0
+    target = np.where(full, best_index, route_index)
+    e = np.zeros_like(p)
+    e[rows, target] = 1.0
+    toward = e - p  # e_t - p
+    c = np.where(full[:, None], toward, 0.0)
+    bandit = ~full
+    if bandit.any():
+        a = target[bandit]
+        zb = z[bandit].copy()
+        pa = p[bandit, a]
+        zb[np.arange(len(a)), a] = -np.inf  # the softmax over the other routes
+        rest = _softmax(zb)
+        away = e[bandit] - rest
+        r = reward[bandit][:, None]
+        c[bandit] = r * toward[bandit] - (1.0 - r) * pa[:, None] * away
+    return c
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=1, keepdims=True)
+    ez = np.exp(z - top)
+    return ez / ez.sum(axis=1, keepdims=True)
+
+
+def loss(query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray, down, up, unit, temperature) -> float:
+    """The summed loss whose gradient (w.r.t. U and D, ascending) :func:`gradients` returns; for tests.
+
+    ``sum_full log p_y + sum_bandit (r log p_a + (1 - r) log(1 - p_a))``.
+    """
+    rank = down.shape[0]
+    s = 1.0 / np.sqrt(rank)
+    q = np.asarray(query, dtype=F64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    f = q + s * ((q @ np.asarray(down, F64).T) @ np.asarray(up, F64))
+    z = temperature * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ np.asarray(unit, F64).T
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    total = 0.0
+    for i in range(len(q)):
+        if best_index[i] >= 0:
+            total += logp[i, best_index[i]]
+        else:
+            pa = np.exp(logp[i, route_index[i]])
+            total += reward[i] * logp[i, route_index[i]] + (1 - reward[i]) * np.log1p(-pa)
+    return float(total)
