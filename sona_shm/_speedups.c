@@ -850,14 +850,11 @@ WIDE_VECTORS static void window_signal(Window *w, const float *q32, SlotHead hea
     if (head.best >= 0) { /* full information: c = e_y - p */
         for (npy_intp k = 0; k < K; k++) w->c[k] = -w->c[k];
         w->c[head.best] += 1.0;
-    } else { /* bandit: c = r (e_a - p) - (1 - r) p_a (e_a - p_rest) */
+    } else { /* bandit: c = r (e_a - p) - (1 - r) p_a (e_a - u), u uniform over the other routes */
         int a = head.route;
-        double rw = head.quality, pa = w->c[a], top2 = -INFINITY, sum2 = 0, rest[MAX_ROUTES_C];
-        for (npy_intp k = 0; k < K; k++)
-            if (k != a && w->z[k] > top2) top2 = w->z[k];
-        for (npy_intp k = 0; k < K; k++) sum2 += (rest[k] = k == a ? 0.0 : exp(w->z[k] - top2));
+        double rw = head.quality, pa = w->c[a], u = 1.0 / (double)(K - 1);
         for (npy_intp k = 0; k < K; k++) {
-            double toward = (k == a) - w->c[k], away = (k == a) - rest[k] / sum2;
+            double toward = (k == a) - w->c[k], away = k == a ? 1.0 : -u;
             w->c[k] = rw * toward - (1.0 - rw) * pa * away;
         }
     }

@@ -214,7 +214,8 @@ class Checkpoint:
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
                 want = {np.float32: "F32", np.float64: "F64", np.uint64: "U64"}[dtype]
                 raise bad(
-                    f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), got {arr.dtype} {list(arr.shape)}"
+                    f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), "
+                    f"got {arr.dtype} {list(arr.shape)}"
                 )
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 index = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
-from .layout import EngineConfig
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected failure; the message says what
@@ -42,17 +41,33 @@ _CONFIG_OPTIONS = (
     ("--attention-dim", "attention_dim", int, "attention weights one step may hold (default 64)"),
     ("--lanes", "lanes", int, "producer processes that can be attached at once (default 32)"),
     ("--lane-slots", "lane_slots", int, "trajectories a producer may have in flight (default 512)"),
+    ("--rule", "rule", str, "learning rule: reference (the seed's, bit-exact; default) or routing (learns which route serves a query)"),
+    ("--temperature", "temperature", float, "the routing rule's softmax temperature over cosine scores (default 10)"),
 )
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     for flag, dest, kind, text in _CONFIG_OPTIONS:
         p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    p.add_argument(
+        "--routes",
+        metavar="FILE",
+        default=None,
+        help="the route table: a .npy (K x hidden_dim) or .npz (vectors, optional names); needed by --rule routing",
+    )
     p.add_argument("--group", action="store_true", help="mode 0660 instead of 0600 (share with the group)")
 
 
-def _given_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {dest: getattr(args, dest) for _, dest, _, _ in _CONFIG_OPTIONS if getattr(args, dest) is not None}
+def _given_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The engine options given on the command line, and the route table (or None)."""
+    from .routes import load_routes
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _CONFIG_OPTIONS if getattr(args, dest) is not None}
+    routes = None
+    if args.routes is not None:
+        routes = load_routes(args.routes, hidden_dim=given.get("hidden_dim"))
+        given.setdefault("hidden_dim", routes.vectors.shape[1])  # the table says how wide the embeddings are
+    return given, routes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,11 +173,11 @@ def _flusher(args: argparse.Namespace) -> int:
     interval = 60.0 if args.checkpoint_interval is None else args.checkpoint_interval
     if not 0 <= interval < float("inf"):
         raise InvalidInputError(f"--checkpoint-interval: expected seconds >= 0, got {args.checkpoint_interval}")
-    given = _given_config(args)
+    given, routes = _given_config(args)
     flusher = Flusher(
         args.name,
-        config=EngineConfig(**given),
         config_overrides=given,
+        routes=routes,
         flush_interval=args.flush_interval,
         mode=GROUP_MODE if args.group else DEFAULT_MODE,
         checkpoint=args.checkpoint,
@@ -208,8 +223,8 @@ def _create(args: argparse.Namespace) -> int:
     from .flusher import Flusher
     from .segment import DEFAULT_MODE, GROUP_MODE
 
-    given = _given_config(args)
-    flusher = Flusher(args.name, config=EngineConfig(**given), config_overrides=given, mode=GROUP_MODE if args.group else DEFAULT_MODE)
+    given, routes = _given_config(args)
+    flusher = Flusher(args.name, config_overrides=given, routes=routes, mode=GROUP_MODE if args.group else DEFAULT_MODE)
     created = flusher.created
     flusher.close()
     print(f"sona-shm: segment {args.name!r} {'created' if created else 'already exists; left as it is'}")

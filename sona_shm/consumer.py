@@ -56,6 +56,8 @@ DRAIN_TIMEOUT = 5.0
 MAX_N = 2**62
 
 _consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
+#: TrajectoryBatch arrays that files written by earlier versions lack.
+_ADDED_LATER = ("route_index", "best_index")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class TrajectoryBatch:
     activations: np.ndarray  # float32[k, S, h], zero past act_len and n_steps
     att_len: np.ndarray  # int32[k, S], zero past n_steps
     attention: np.ndarray  # float32[k, S, A], zero past att_len and n_steps
+    route_index: np.ndarray  # int32[k], the route taken of a feedback; -1 for none
+    best_index: np.ndarray  # int32[k], the route that was right of a feedback; -1 for none
 
     def __len__(self) -> int:
         return int(self.traj_id.shape[0])
@@ -87,6 +91,7 @@ class TrajectoryBatch:
         n_steps, act_len, att_len = self.n_steps.tolist(), self.act_len.tolist(), self.att_len.tolist()
         rewards, quality = self.rewards.tolist(), self.quality.tolist()
         ids, latency, route = self.traj_id.tolist(), self.latency_us.tolist(), self.route.tolist()
+        route_index, best_index = self.route_index.tolist(), self.best_index.tolist()
         act, att, query = self.activations, self.attention, self.query
         return [
             Trajectory(
@@ -96,6 +101,8 @@ class TrajectoryBatch:
                 latency[i],
                 route[i] or None,
                 ids[i],
+                None if route_index[i] < 0 else route_index[i],
+                None if best_index[i] < 0 else best_index[i],
             )
             for i in range(len(ids))
         ]
@@ -113,10 +120,14 @@ class TrajectoryBatch:
         """Read what :meth:`save` (or ``sona-shm drain``) wrote."""
         with np.load(file, allow_pickle=False) as data:
             names = [f.name for f in fields(cls)]
-            missing = [n for n in names if n not in data.files]
+            missing = [n for n in names if n not in data.files and n not in _ADDED_LATER]
             if missing:
                 raise InvalidInputError(f"file: expected a sona_shm trajectory batch with arrays {names}, missing {missing}")
-            return cls(**{n: data[n] for n in names})
+            arrays = {n: data[n] for n in names if n in data.files}
+            k = len(arrays["traj_id"])
+            for n in _ADDED_LATER:  # files written before feedback existed hold none
+                arrays.setdefault(n, np.full(k, -1, np.int32))
+            return cls(**arrays)
 
 
 def open_consumer(name: str, *, timeout: float = 0.0) -> Consumer:
@@ -288,6 +299,8 @@ class Consumer:
             activations=activations[ok],
             att_len=att_len[ok],
             attention=attention[ok],
+            route_index=slots["route_index"][pos][ok].astype(np.int32) - 1,
+            best_index=slots["best_index"][pos][ok].astype(np.int32) - 1,
         )
 
     # ----------------------------------------------------------------- lifecycle

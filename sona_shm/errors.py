@@ -42,5 +42,7 @@ class ClosedError(SonaShmError):
 
 class DrainTimeoutError(SonaShmError, TimeoutError):
     """Another consumer held the drain lock for longer than the drain's timeout."""
+
+
 class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""

@@ -38,6 +38,7 @@ from .layout import (
     LOCK_LANE_BASE,
 )
 from .ledger import Ledger
+from .routes import read_route_names
 from .segment import Segment
 
 METRICS = ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
@@ -47,11 +48,17 @@ def collect_stats(segment: Segment, ledger: Ledger) -> dict[str, Any]:
     """Everything a user asks about an engine, as plain JSON-able values."""
     layout = segment.layout
     u64, f64 = segment.u64, segment.f64
-    fields = METRICS + ("pending", "generation", "buffer_head", "buffer_dropped", "last_flush_at", "lane_tail")
+    fields = METRICS + ("pending", "generation", "buffer_head", "buffer_dropped", "last_flush_at", "corrupt", "lane_tail")
+    fields += ("route_chosen", "route_best", "route_reward")
     # The tail before the head: the tail never passes the head, so len is never negative.
     buffer_tail = u64[(CONSUMER_LINE + CONS_TAIL) // 8]
     values = dict(zip(fields, ledger.read(*fields)))
     tails = values.pop("lane_tail")
+    chosen, best, reward = (values.pop(f).tolist() for f in ("route_chosen", "route_best", "route_reward"))
+    routes = [
+        {"name": n, "chosen": c, "best": b, "reward_sum": r, "mean_reward": r / c if c else None}
+        for n, c, b, r in zip(read_route_names(segment), chosen, best, reward)
+    ]
     held = segment.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + i for i in range(layout.lanes)])
     now = time.time()
 
@@ -99,8 +106,13 @@ def collect_stats(segment: Segment, ledger: Ledger) -> dict[str, Any]:
             "attention_dim": cfg.attention_dim,
             "lanes": cfg.lanes,
             "lane_slots": cfg.lane_slots,
+            "rule": cfg.rule,
+            "routes": cfg.routes,
+            "temperature": cfg.temperature,
             "segment_bytes": layout.total_bytes,
         },
+        "corrupt": values["corrupt"],
+        "routes": routes,
         **{m: values[m] for m in METRICS},
         "pending_signals": values["pending"],
         "weights_generation": values["generation"],
@@ -193,6 +205,7 @@ def build_view(stats: dict[str, Any]) -> View:
         status = f"alive, STALLED? no heartbeat for {age:.0f}s"
     else:
         status = "alive"
+    notes: list[str] = []
     sections = [
         (
             "learning",
@@ -233,6 +246,24 @@ def build_view(stats: dict[str, Any]) -> View:
             ],
         ),
     ]
+    routes = stats.get("routes") or []
+    if routes:
+        taken = sum(r["chosen"] for r in routes) or 1
+        sections.append(
+            (
+                f"routes ({cfg['rule']} rule; feedback counts since creation)",
+                [
+                    (
+                        r["name"],
+                        f"taken {_count(r['chosen'])} ({r['chosen'] / taken:.0%}), "
+                        f"reward {'-' if r['mean_reward'] is None else format(r['mean_reward'], '.3f')}, best {_count(r['best'])}",
+                    )
+                    for r in routes
+                ],
+            )
+        )
+    if stats.get("corrupt"):
+        notes.append(f"{_count(stats['corrupt'])} published slots failed validation and were not learned (memory corruption?)")
     live = [lane for lane in stats["lanes"] if lane["alive"]]
     rows = [
         (
@@ -246,7 +277,6 @@ def build_view(stats: dict[str, Any]) -> View:
         )
         for lane in live
     ]
-    notes = []
     if not alive:
         notes.append(f"no flusher is running: nothing is learned until `sona-shm flusher --name {stats['name']}` starts")
     free = [lane for lane in stats["lanes"] if not lane["alive"]]
@@ -258,7 +288,8 @@ def build_view(stats: dict[str, Any]) -> View:
     return View(
         title=f"sona-shm engine {stats['name']!r}: flusher {status}",
         config=(
-            f"hidden {cfg['hidden_dim']}, rank {cfg['rank']}, lr {cfg['lr']}, flush every {cfg['flush_threshold']} signals, "
+            f"{cfg.get('rule', 'reference')} rule, hidden {cfg['hidden_dim']}, rank {cfg['rank']}, lr {cfg['lr']}, "
+            f"flush every {cfg['flush_threshold']} signals, "
             f"{cfg['lanes']} lanes x {cfg['lane_slots']} slots, buffer {cfg['capacity']}, {cfg['segment_bytes'] / 2**20:.1f} MiB"
         ),
         alive=alive,

@@ -33,7 +33,7 @@ import numpy as np
 
 from .config import MAX_ROUTES
 from .errors import InvalidInputError, LayoutMismatchError
-from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory, as_finite_float
+from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory, as_finite_float, as_vector
 
 #: Bytes a route name may take in a segment (UTF-8, NUL-padded); the same bound as a trajectory's route.
 NAME_BYTES = ROUTE_MAX_BYTES
@@ -218,6 +218,14 @@ def read_route_table(segment: Any) -> RouteTable | None:
         raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
 
 
+def read_route_names(segment: Any) -> tuple[str, ...]:
+    """The route names of a mapped segment, without validating or copying the vectors (for monitors)."""
+    layout = segment.layout
+    k, h = layout.routes, layout.hidden_dim
+    raw = np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.routes_offset + 4 * k * h)
+    return tuple(bytes(n).rstrip(b"\0").decode("utf-8", "replace") for n in raw.tolist())
+
+
 # ----------------------------------------------------------------- choosing
 
 
@@ -251,7 +259,7 @@ def choose(
     ``rng``: a ``random.Random`` or ``numpy.random.Generator`` (default: ``random``).
     """
     if scores.ndim == 1:
-        index = int(greedy)
+        greedy = index = int(greedy)
         if epsilon or sample:
             index = _explore_one(scores, index, epsilon, sample, temperature, rng)
         return RouteChoice(index, table.names[index], scores, adapted, index != greedy)
@@ -293,6 +301,7 @@ def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: An
 
     ``unit_reward``: the engine learns with the routing rule, whose bandit reward is in [0, 1].
     """
+    query = as_vector(query, "x", length=table.vectors.shape[1], what="hidden_dim")
     if best is None:
         if route is None or reward is None:
             raise InvalidInputError(
@@ -307,7 +316,8 @@ def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: An
         return Trajectory(query, [Step(table.vectors[a], None, r)], r, route=table.names[a], route_index=a)
     if reward is not None:
         raise InvalidInputError(
-            f"reward: a full-information feedback (best=) carries no reward, got reward={reward!r}; give route= and reward= for a bandit one"
+            f"reward: a full-information feedback (best=) carries no reward, got reward={reward!r}; "
+            "give route= and reward= for a bandit one"
         )
     y = table.index(best, "best")
     a = None if route is None else table.index(route, "route")

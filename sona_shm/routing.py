@@ -10,13 +10,17 @@ every gradient independent of the query's scale.
 For each feedback, with ``c = dL/dz`` of a bounded loss:
 
 - full information (``best`` = y): maximise ``log p_y``: ``c = e_y - p``;
-- bandit (route ``a`` taken, reward ``r`` in [0, 1]): maximise ``r log p_a + (1 - r)
-  log(1 - p_a)``, a binary cross-entropy on the route taken:
-  ``c = r (e_a - p) - (1 - r) p_a (e_a - p_rest)``, where ``p_rest`` is the softmax over
-  the other routes (``p_rest_a = 0``). Both terms are bounded (``|c| <= sqrt 2``);
-  unlike REINFORCE's ``(r - b)(e_a - p)``, the push away from a wrong route does not
-  vanish when the router is confidently wrong (``e_a - p -> 0`` as ``p_a -> 1``), which
-  is why it learns from greedy bandit feedback (BENCHMARKS.md, "Learning").
+- bandit (route ``a`` taken, reward ``r`` in [0, 1]): ``c = r (e_a - p) - (1 - r) p_a
+  (e_a - u)``, where ``u`` is uniform over the other routes (``u_a = 0``, ``u_k = 1/(K -
+  1)``). The first term raises ``log p_a`` as far as the route served well; the second
+  is the gradient of ``(1 - r) p_a (mean_{k != a} z_k - z_a)`` with ``p_a`` held fixed:
+  it lowers the route taken against all others alike, as far as it failed and for as
+  long as it is likely. Both are bounded (``|c| <= 2``). Unlike REINFORCE's ``(r -
+  b)(e_a - p)``, the push away from a wrong route does not vanish when the router is
+  confidently wrong (``e_a - p -> 0`` as ``p_a -> 1``); and unlike a cross-entropy on
+  ``1 - p_a``, which pushes toward the router's own second choice, it favours no other
+  route, so a wrong guess is not reinforced. That is why it learns from greedy bandit
+  feedback (BENCHMARKS.md, "Learning").
 
 Then ``g = dL/df = (tau / |f|) (I - f^ f^T) sum_k c_k v_k`` and, with ``U`` and ``D``
 as they were at the last flush, ``G_U[r] += s (d_r . q) g`` and ``G_D[r] += s (u_r .
@@ -92,11 +96,10 @@ def _loss_slopes(z: np.ndarray, route_index: np.ndarray, best_index: np.ndarray,
     bandit = ~full
     if bandit.any():
         a = target[bandit]
-        zb = z[bandit].copy()
         pa = p[bandit, a]
-        zb[np.arange(len(a)), a] = -np.inf  # the softmax over the other routes
-        rest = _softmax(zb)
-        away = e[bandit] - rest
+        uniform = np.full((len(a), k), 1.0 / (k - 1))
+        uniform[np.arange(len(a)), a] = 0.0  # the other routes, alike
+        away = e[bandit] - uniform
         r = reward[bandit][:, None]
         c[bandit] = r * toward[bandit] - (1.0 - r) * pa[:, None] * away
     return c
@@ -108,10 +111,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return ez / ez.sum(axis=1, keepdims=True)
 
 
-def loss(query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray, down, up, unit, temperature) -> float:
-    """The summed loss whose gradient (w.r.t. U and D, ascending) :func:`gradients` returns; for tests.
+def loss(
+    query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray, down, up, unit, temperature, held_pa=None
+) -> float:
+    """The summed objective whose gradient (w.r.t. U and D, ascending) :func:`gradients` returns; for tests.
 
-    ``sum_full log p_y + sum_bandit (r log p_a + (1 - r) log(1 - p_a))``.
+    ``sum_full log p_y + sum_bandit (r log p_a + (1 - r) p_a (mean_{k != a} z_k - z_a))``,
+    with the bandit rows' ``p_a`` held at ``held_pa`` (their values where the gradient is
+    taken; computed here when None).
     """
     rank = down.shape[0]
     s = 1.0 / np.sqrt(rank)
@@ -126,6 +133,18 @@ def loss(query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, rew
         if best_index[i] >= 0:
             total += logp[i, best_index[i]]
         else:
-            pa = np.exp(logp[i, route_index[i]])
-            total += reward[i] * logp[i, route_index[i]] + (1 - reward[i]) * np.log1p(-pa)
+            a = route_index[i]
+            pa = np.exp(logp[i, a]) if held_pa is None else held_pa[i]
+            others = (z[i].sum() - z[i, a]) / (z.shape[1] - 1)
+            total += reward[i] * logp[i, a] + (1 - reward[i]) * pa * (others - z[i, a])
     return float(total)
+
+
+def route_probabilities(query: np.ndarray, down, up, unit, temperature) -> np.ndarray:
+    """``p = softmax(z)`` per query: ``float64[n, K]`` (for tests and monitors)."""
+    rank = down.shape[0]
+    q = np.asarray(query, dtype=F64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    f = q + (1.0 / np.sqrt(rank)) * ((q @ np.asarray(down, F64).T) @ np.asarray(up, F64))
+    z = temperature * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ np.asarray(unit, F64).T
+    return _softmax(z)

@@ -278,7 +278,8 @@ def check_trajectory(
         best_index = _route_index(best_index, "best_index", routes, where)
         if unit_reward and best_index is None and not 0.0 <= quality <= 1.0:
             raise InvalidInputError(
-                f"quality: expected the reward of a bandit feedback in [0, 1] under the routing rule (1: the route served well), got {quality!r}"
+                "quality: expected the reward of a bandit feedback in [0, 1] under the routing rule "
+                f"(1: the route served well), got {quality!r}"
             )
     return CheckedTrajectory(query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid, route_index, best_index)
 

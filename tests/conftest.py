@@ -139,15 +139,17 @@ SMALL = dict(hidden_dim=16, rank=2, lr=0.01, flush_threshold=10, capacity=64, ma
 
 @pytest.fixture
 def engine(name):
-    """``engine(**config)``: an in-process Flusher on ``name`` that the test drives with ``scan()``.
+    """``engine(routes=None, **config)``: an in-process Flusher on ``name`` that the test drives with ``scan()``.
 
     Also returns clients through ``engine.attach()``; everything is closed at teardown.
     """
     flushers: list[Flusher] = []
     clients = []
 
-    def make(**config) -> Flusher:
-        flusher = Flusher(name, config=EngineConfig(**{**SMALL, **config}))
+    def make(routes=None, **config) -> Flusher:
+        if routes is not None:
+            config.setdefault("routes", len(routes))
+        flusher = Flusher(name, config=EngineConfig(**{**SMALL, **config}), routes=routes)
         flushers.append(flusher)
         return flusher
 

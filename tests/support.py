@@ -95,6 +95,8 @@ def batch_from_trajectories(trajs: list[Trajectory], layout: Any) -> TrajectoryB
         activations=np.zeros((k, S, h), np.float32),
         att_len=np.zeros((k, S), np.int32),
         attention=np.zeros((k, S, A), np.float32),
+        route_index=np.array([-1 if t.route_index is None else t.route_index for t in trajs], np.int32),
+        best_index=np.array([-1 if t.best_index is None else t.best_index for t in trajs], np.int32),
     )
     for i, t in enumerate(trajs):
         batch.query[i] = t.query
@@ -121,6 +123,7 @@ def assert_same_trajectory(got: Trajectory, expected: Trajectory) -> None:
     assert got.quality == f32(expected.quality) and got.latency_us == expected.latency_us and got.route == (expected.route or None)
     if expected.id is not None:
         assert got.id == expected.id
+    assert (got.route_index, got.best_index) == (expected.route_index, expected.best_index)
     assert len(got.steps) == len(expected.steps)
     for g, e in zip(got.steps, expected.steps):
         assert g.reward == f32(e.reward)

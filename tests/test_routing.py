@@ -1,0 +1,425 @@
+"""The routing rule: route tables, route()/feedback(), the gradient, both learners, learning that routes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
+from sona_shm import routing as routing_module
+from sona_shm.config import MAX_ROUTES
+from sona_shm.learning import Learner
+from sona_shm.routes import RouteTable, load_routes
+
+F32 = np.float32
+SMALL_LR = 0.01  # conftest.SMALL["lr"]
+
+
+def unit_rows(rng: np.random.Generator, k: int, h: int) -> np.ndarray:
+    v = rng.standard_normal((k, h))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(F32)
+
+
+class Task:
+    """A small router: clusters of queries near a route vector, some best served by another route."""
+
+    def __init__(self, seed: int, h: int = 32, k: int = 4, clusters: int = 6, flipped: int = 2, noise: float = 0.3) -> None:
+        rng = np.random.default_rng(seed)
+        self.h, self.k = h, k
+        self.routes = unit_rows(rng, k, h)
+        near = rng.integers(0, k, clusters)
+        away = unit_rows(rng, clusters, h)
+        centres = 0.6 * self.routes[near] + 0.8 * away
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        pick = np.argmax(self.centres @ self.routes.T, axis=1)
+        self.best = pick.copy()
+        for j in rng.choice(clusters, flipped, replace=False):
+            self.best[j] = (pick[j] + 1 + rng.integers(0, k - 1)) % k
+        self.noise, self.rng = noise, rng
+
+    def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        j = self.rng.integers(0, len(self.centres), n)
+        x = self.centres[j] + self.noise * self.rng.standard_normal((n, self.h)) / np.sqrt(self.h)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(F32), self.best[j]
+
+
+def accuracy(route, x: np.ndarray, y: np.ndarray) -> float:
+    return float((route(x).index == y).mean())
+
+
+# ----------------------------------------------------------------- route tables
+
+
+def test_route_table_validates_and_names_what_is_wrong(tmp_path):
+    rng = np.random.default_rng(0)
+    v = unit_rows(rng, 3, 8)
+    table = RouteTable.build(v * 2, ["a", "b", "c"], hidden_dim=8)
+    assert table.names == ("a", "b", "c") and np.allclose(np.linalg.norm(table.unit, axis=1), 1)
+    assert RouteTable.build(v).names == ("route0", "route1", "route2")
+    bad = [
+        (dict(vectors=v[:1]), "expected 2 to 256 route vectors, got 1"),
+        (dict(vectors=np.zeros((MAX_ROUTES + 1, 8))), "expected 2 to 256 route vectors, got 257"),
+        (dict(vectors=v, hidden_dim=9), "expected vectors of hidden_dim 9 values, got 8"),
+        (dict(vectors=np.where(np.eye(3, 8) > 0, np.nan, v)), "expected finite values"),
+        (dict(vectors=np.vstack([v[:2], np.zeros(8)])), "vector 2 is all zeros"),
+        (dict(vectors=v, names=["a", "a", "b"]), "expected unique names, 'a' is both names[0] and names[1]"),
+        (dict(vectors=v, names=["a", "b"]), "expected 3 names (one per vector), got 2"),
+        (dict(vectors=v, names=["a", "", "b"]), "names[1]: expected a non-empty string"),
+        (dict(vectors=v, names=["a", "x" * 65, "b"]), "at most 64 UTF-8 bytes"),
+        (dict(vectors=v.astype(complex)), "array of real numbers"),
+        (dict(vectors=v[0]), "K x hidden_dim array"),
+    ]
+    for kwargs, fragment in bad:
+        vectors = kwargs.pop("vectors")
+        with pytest.raises(InvalidInputError, match="^routes") as info:
+            RouteTable.build(vectors, kwargs.pop("names", None), **kwargs)
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_routes_files_npy_and_npz(tmp_path):
+    rng = np.random.default_rng(1)
+    v = unit_rows(rng, 4, 16)
+    np.save(tmp_path / "r.npy", v)
+    np.savez(tmp_path / "r.npz", vectors=v, names=np.array(["code", "math", "chat", "search"]))
+    assert load_routes(str(tmp_path / "r.npy")).names == ("route0", "route1", "route2", "route3")
+    table = load_routes(str(tmp_path / "r.npz"), hidden_dim=16)
+    assert table.names == ("code", "math", "chat", "search") and np.array_equal(table.vectors, v)
+    np.savez(tmp_path / "bad.npz", vecs=v)
+    with pytest.raises(InvalidInputError, match="expected an array named 'vectors'"):
+        load_routes(str(tmp_path / "bad.npz"))
+    with pytest.raises(InvalidInputError, match="expected vectors of hidden_dim 8 values, got 16"):
+        load_routes(str(tmp_path / "r.npz"), hidden_dim=8)
+    with pytest.raises(InvalidInputError, match="expected an existing .npy or .npz file"):
+        load_routes(str(tmp_path / "missing.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not numpy")
+    with pytest.raises(InvalidInputError, match="expected a .npy"):
+        load_routes(str(tmp_path / "junk.npz"))
+
+
+# ----------------------------------------------------------------- the gradient
+
+
+@pytest.mark.parametrize("kind", ["full", "bandit"])
+def test_gradient_matches_finite_differences_of_the_loss(kind):
+    """routing.gradients is the gradient (ascent) of routing.loss w.r.t. U and D."""
+    rng = np.random.default_rng(2)
+    n, h, k, r = 7, 6, 4, 2
+    unit = unit_rows(rng, k, h)
+    q = rng.standard_normal((n, h)).astype(F32) * 3
+    down = (rng.standard_normal((r, h)) * 0.5).astype(F32)
+    up = (rng.standard_normal((r, h)) * 0.5).astype(F32)
+    route_index = rng.integers(0, k, n)
+    best_index = rng.integers(0, k, n) if kind == "full" else np.full(n, -1)
+    reward = rng.random(n)
+    args = (q, route_index, best_index, reward)
+    gu, gd = routing_module.gradients(*args, down, up, unit, 3.0)
+    held = routing_module.route_probabilities(q, down, up, unit, 3.0)[np.arange(n), route_index]
+    eps = 1e-6
+    for which, grad in (("up", gu), ("down", gd)):
+        numeric = np.zeros_like(grad)
+        for idx in np.ndindex(*grad.shape):
+            plus, minus = down.astype(np.float64), up.astype(np.float64)
+            d = {"down": plus.copy(), "up": minus.copy()}
+            d[which][idx] += eps
+            hi = routing_module.loss(*args, d["down"], d["up"], unit, 3.0, held)
+            d[which][idx] -= 2 * eps
+            lo = routing_module.loss(*args, d["down"], d["up"], unit, 3.0, held)
+            numeric[idx] = (hi - lo) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6, err_msg=which)
+
+
+def test_gradient_is_bounded_and_zero_queries_teach_nothing():
+    rng = np.random.default_rng(3)
+    unit = unit_rows(rng, 5, 8)
+    q = np.vstack([np.zeros(8), rng.standard_normal((3, 8)) * 1e30, rng.standard_normal((3, 8)) * 1e-30]).astype(F32)
+    down, up = (rng.standard_normal((2, 8)) * 0.3).astype(F32), (rng.standard_normal((2, 8)) * 0.3).astype(F32)
+    gu, gd = routing_module.gradients(q[:1], np.array([1]), np.array([-1]), np.array([0.0]), down, up, unit, 10.0)
+    assert not gu.any() and not gd.any()
+    # Scale-free: a query's gradient does not depend on its length.
+    big = routing_module.gradients(q[1:4], np.array([0, 1, 2]), np.array([-1, 3, -1]), np.array([0.2, 0, 1]), down, up, unit, 10.0)
+    small = routing_module.gradients(
+        q[1:4] * F32(1e-31), np.array([0, 1, 2]), np.array([-1, 3, -1]), np.array([0.2, 0, 1]), down, up, unit, 10.0
+    )
+    for a, b in zip(big, small):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        assert np.isfinite(a).all() and np.abs(a).max() < 100
+
+
+def test_the_c_routing_learner_learns_what_the_numpy_learner_learns():
+    from sona_shm.config import EngineConfig
+    from sona_shm.flusher import learn_block
+    from sona_shm.lane import _speedups
+    from sona_shm.layout import Layout
+
+    if _speedups is None:
+        pytest.skip("the C extension is not built (SONA_SHM_PURE_PYTHON or no compiler)")
+    h, k, n = 24, 5, 333
+    layout = Layout(EngineConfig(hidden_dim=h, rule="routing", routes=k, max_steps=2, attention_dim=4))
+    rng = np.random.default_rng(4)
+    unit = unit_rows(rng, k, h)
+    slots = np.zeros(n, dtype=layout.slot_dtype)
+    slots["seq"] = np.arange(1, n + 1)
+    slots["query"] = rng.standard_normal((n, h))
+    slots["query"][7] = 0  # teaches nothing, still a signal
+    slots["quality"] = rng.random(n)
+    slots["route_index"] = rng.integers(0, k + 1, n)  # 0: no route taken
+    slots["best_index"] = np.where(rng.random(n) < 0.4, rng.integers(1, k + 1, n), 0)  # some rows neither: not signals
+    raw = slots.view(np.uint8).reshape(n, layout.slot_bytes)
+    c, py = (Learner(h, 2, 0.7, 37, rule="routing", unit=unit, temperature=6.0) for _ in range(2))
+    assert learn_block(c, layout, raw[:100], 1) == 0 and learn_block(c, layout, raw[100:], 101) == 0
+    ri, bi = slots["route_index"].astype(np.int64) - 1, slots["best_index"].astype(np.int64) - 1
+    for part in (slice(0, 100), slice(100, n)):
+        py.learn_feedback(slots["query"][part], ri[part], bi[part], slots["quality"][part])
+        py.count_routes(ri[part], bi[part], slots["quality"][part])
+    assert c.metrics == py.metrics and c.pending == py.pending and c.generation == py.generation > 0
+    assert c.metrics.signals_accumulated == int(((ri >= 0) | (bi >= 0)).sum()) < n == c.metrics.trajectories_processed
+    for field in ("up", "down", "grad_up", "grad_down", "route_reward"):
+        np.testing.assert_allclose(getattr(c, field), getattr(py, field), rtol=1e-9, atol=1e-12, err_msg=field)
+    assert np.array_equal(c.route_chosen, py.route_chosen) and np.array_equal(c.route_best, py.route_best)
+    # A slot naming a route the engine does not have is handed back (the flusher counts it as corrupt).
+    slots["route_index"][3] = k + 1
+    assert learn_block(c, layout, slots.view(np.uint8).reshape(n, layout.slot_bytes)[:10], 1) is None
+
+
+# ----------------------------------------------------------------- in-process learning
+
+
+def test_full_information_feedback_learns_to_route():
+    """From the unadapted router's accuracy to >= 0.9 within 3k feedbacks (seeded)."""
+    task = Task(5)
+    loop = InstantLoop(task.h, 2, rule="routing", routes=task.routes, capacity=0)
+    x_test, y_test = task.sample(1000)
+    before = accuracy(loop.route, x_test, y_test)
+    assert before < 0.8  # the flipped clusters are misrouted
+    x, y = task.sample(3000)
+    for xi, yi in zip(x, y):
+        assert loop.feedback(xi, best=int(yi))
+    after = accuracy(loop.route, x_test, y_test)
+    assert after >= 0.9, (before, after)
+    assert loop.metrics.signals_accumulated == 3000 and np.abs(loop.down - InstantLoop(task.h, 2).down).max() > 0  # D learned
+
+
+def test_bandit_feedback_with_exploration_learns_to_route():
+    task = Task(6)
+    loop = InstantLoop(task.h, 2, rule="routing", routes=task.routes, capacity=0)
+    x_test, y_test = task.sample(1000)
+    before = accuracy(loop.route, x_test, y_test)
+    rng = np.random.default_rng(6)
+    x, y = task.sample(6000)
+    for xi, yi in zip(x, y):
+        choice = loop.route(xi, explore=0.1, rng=rng)
+        loop.feedback(xi, route=choice.index, reward=float(choice.index == yi))
+    after = accuracy(loop.route, x_test, y_test)
+    assert after >= 0.9 > before, (before, after)
+    stats = loop.route_stats()
+    assert sum(s["chosen"] for s in stats.values()) == 6000 and all(s["best"] == 0 for s in stats.values())
+
+
+def test_reference_rule_learns_feedback_as_trajectories_bit_for_bit():
+    """Under the reference rule a feedback is the trajectory its encoding says."""
+    task = Task(7)
+    a = InstantLoop(task.h, 2, routes=task.routes, route_names=["w", "x", "y", "z"])
+    b = InstantLoop(task.h, 2)
+    x, y = task.sample(250)
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        if i % 2:
+            a.feedback(xi, route=int(yi), reward=-0.5)
+            b.on_trajectory(Trajectory(xi, [Step(task.routes[yi], None, -0.5)], -0.5))
+        else:
+            a.feedback(xi, best="wxyz"[(int(yi) + 3) % 4], route=0)
+            b.on_trajectory(Trajectory(xi, [Step(task.routes[(int(yi) + 3) % 4], None, 1.0)], 1.0))
+    assert np.array_equal(a.up, b.up) and a.up.any() and np.array_equal(a.down, b.down)
+    drained = a.drain_n(2)
+    assert drained[0].best_index == (int(y[0]) + 3) % 4 and drained[0].route_index == 0 and drained[0].route == "w"
+    assert drained[1].route_index == int(y[1]) and drained[1].best_index is None and drained[1].quality == -0.5
+
+
+def test_route_returns_a_choice_for_one_vector_or_a_batch():
+    task = Task(8)
+    loop = InstantLoop(task.h, 2, rule="routing", routes=task.routes, route_names=["a", "b", "c", "d"])
+    x, _ = task.sample(5)
+    one = loop.route(x[0])
+    assert isinstance(one.index, int) and one.name == "abcd"[one.index] and one.explored is False
+    assert one.scores.shape == (4,) and one.scores.dtype == F32 and one.adapted.shape == (task.h,)
+    cos = task.routes @ x[0] / np.linalg.norm(x[0])  # nothing learned: forward(x) == x
+    np.testing.assert_allclose(one.scores, cos, atol=1e-6)
+    batch = loop.route(x)
+    assert batch.index.shape == (5,) and batch.scores.shape == (5, 4) and batch.name == ["abcd"[i] for i in batch.index]
+    assert not batch.explored.any()
+    rng = np.random.default_rng(0)
+    explored = [loop.route(x[0], explore=1.0, rng=rng) for _ in range(200)]
+    assert {c.index for c in explored} == {0, 1, 2, 3} and any(c.explored for c in explored)
+    sampled = [loop.route(x[0], sample=True, rng=rng).index for _ in range(300)]
+    assert max(set(sampled), key=sampled.count) == one.index  # the softmax favours the best score
+
+
+def test_feedback_and_route_refuse_bad_input_before_anything_is_written():
+    task = Task(9)
+    loop = InstantLoop(task.h, 2, rule="routing", routes=task.routes, route_names=["a", "b", "c", "d"])
+    x = task.sample(1)[0][0]
+    cases = [
+        (dict(route="e", reward=1.0), "route: expected a route name ('a', 'b', 'c', 'd') or index, got 'e'"),
+        (dict(route=4, reward=1.0), "route: expected a route index in [0, 3] or a route name, got 4"),
+        (dict(route=True, reward=1.0), "route: expected a route index"),
+        (dict(route=0, reward=float("nan")), "reward: expected a finite number"),
+        (dict(route=0, reward=float("inf")), "reward: expected a finite number"),
+        (dict(route=0, reward=1.5), "reward: expected a number in [0, 1] under the routing rule"),
+        (dict(route=0), "feedback: expected route= and reward="),
+        (dict(best=9), "best: expected a route index in [0, 3]"),
+        (dict(best="a", reward=1.0), "reward: a full-information feedback (best=) carries no reward"),
+    ]
+    for kwargs, fragment in cases:
+        with pytest.raises(InvalidInputError) as info:
+            loop.feedback(x, **kwargs)
+        assert fragment in str(info.value), (kwargs, str(info.value))
+    with pytest.raises(InvalidInputError, match="x: expected"):
+        loop.feedback(np.ones(3, F32), best=0)
+    with pytest.raises(InvalidInputError, match="explore: expected a probability in"):
+        loop.route(x, explore=2.0)
+    with pytest.raises(InvalidInputError, match="route_index: expected None or a route index in \\[0, 3\\]"):
+        loop.on_trajectory(Trajectory(x, [], 0.5, route_index=7))
+    assert loop.metrics.trajectories_processed == 0 and not loop.drain()
+    plain = InstantLoop(task.h, 2)
+    with pytest.raises(InvalidInputError, match="feedback\\(\\): this loop has no routes"):
+        plain.feedback(x, best=0)
+    with pytest.raises(InvalidInputError, match="route\\(\\): this loop has no routes"):
+        plain.route(x)
+    with pytest.raises(InvalidInputError, match="route_index: expected None, the engine has no route table"):
+        plain.on_trajectory(Trajectory(x, [], 0.5, route_index=0))
+    with pytest.raises(InvalidInputError, match="routes: the routing rule learns which route serves a query"):
+        InstantLoop(task.h, 2, rule="routing")
+    with pytest.raises(InvalidInputError, match="rule: expected one of 'reference', 'routing'"):
+        InstantLoop(task.h, 2, rule="fast", routes=task.routes)
+
+
+def test_ordinary_trajectories_are_not_signals_under_the_routing_rule():
+    task = Task(10)
+    loop = InstantLoop(task.h, 2, rule="routing", routes=task.routes, flush_threshold=2)
+    x = task.sample(1)[0][0]
+    loop.on_trajectory(Trajectory(x, [Step(x, None, 1.0)], 1.0))
+    assert loop.metrics.trajectories_processed == 1 and loop.metrics.signals_accumulated == 0 and loop.pending == 0
+    loop.feedback(x, best=1)
+    loop.feedback(x, best=1)
+    assert loop.metrics.flushes_performed == 1 and loop.up.any()
+
+
+# ----------------------------------------------------------------- through shared memory
+
+
+def routing_engine(engine, seed: int = 11, **config):
+    task = Task(seed, h=16)
+    table = RouteTable.build(task.routes, ["code", "math", "chat", "search"])
+    flusher = engine(routes=table, rule="routing", **config)
+    return task, table, flusher, engine.attach()
+
+
+def test_client_route_and_feedback_learn_through_the_flusher(engine):
+    task, table, flusher, client = routing_engine(engine, flush_threshold=10, lane_slots=64, capacity=0)
+    assert client.rule == "routing" and client.routes.same_as(table)
+    loop = InstantLoop(16, 2, lr=SMALL_LR, flush_threshold=10, capacity=0, rule="routing", routes=table.vectors, route_names=table.names)
+    x, y = task.sample(300)
+    rng = np.random.default_rng(0)
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        choice = client.route(xi, explore=0.2, rng=rng)
+        mine = loop.route(xi)
+        np.testing.assert_allclose(choice.scores, mine.scores, atol=1e-5)
+        assert choice.explored or choice.index == mine.index
+        if i % 3:
+            args = dict(route=choice.name, reward=float(choice.index == yi))
+        else:
+            args = dict(best=int(yi), route=choice.index)
+        assert client.feedback(xi, **args)
+        loop.feedback(xi, **args)
+        if i % 20 == 19:
+            flusher.scan()
+    flusher.scan()
+    np.testing.assert_allclose(client._ledger.read("up")[0], loop.up, atol=1e-6)
+    np.testing.assert_allclose(client._ledger.read("down")[0], loop.down, atol=1e-6)
+    stats = client.stats()
+    assert stats["config"]["rule"] == "routing" and [r["name"] for r in stats["routes"]] == list(table.names)
+    assert sum(r["chosen"] for r in stats["routes"]) == 300 and sum(r["best"] for r in stats["routes"]) == 100
+    expected = loop.route_stats()
+    for r in stats["routes"]:
+        assert (r["chosen"], r["best"]) == (expected[r["name"]]["chosen"], expected[r["name"]]["best"])
+        assert r["reward_sum"] == pytest.approx(expected[r["name"]]["reward_sum"])
+    batch = client.route(x[:7])
+    np.testing.assert_array_equal(batch.index, loop.route(x[:7]).index)
+
+
+def test_client_route_uses_the_same_choice_on_both_paths(engine, monkeypatch):
+    from sona_shm import client as client_module
+
+    task, table, flusher, client = routing_engine(engine)
+    for xi, yi in zip(*task.sample(40)):
+        client.feedback(xi, best=int(yi))
+    flusher.scan()
+    x = task.sample(50)[0]
+    fast = [client.route(xi) for xi in x]
+    monkeypatch.setattr(client_module, "_speedups", None)
+    slow = [client.route(xi) for xi in x]
+    for f, s in zip(fast, slow):
+        assert f.index == s.index and f.name == s.name and type(f.index) is int and f.explored is False
+        np.testing.assert_allclose(f.scores, s.scores, atol=1e-6)
+        np.testing.assert_allclose(f.adapted, s.adapted, atol=1e-6)
+
+
+def test_feedback_is_drained_as_the_trajectory_it_encodes(engine):
+    task, table, flusher, client = routing_engine(engine, capacity=16)
+    x = task.sample(3)[0]
+    client.feedback(x[0], route="math", reward=0.25)
+    client.feedback(x[1], best="chat")
+    client.feedback(x[2], best=3, route="code")
+    flusher.scan()
+    got = client.drain()
+    assert [(t.route, t.route_index, t.best_index, t.quality) for t in got] == [
+        ("math", 1, None, 0.25),
+        ("chat", None, 2, 1.0),
+        ("code", 0, 3, 1.0),
+    ]
+    assert np.array_equal(got[0].steps[0].activations, table.vectors[1]) and got[0].steps[0].reward == 0.25
+    assert np.array_equal(got[2].steps[0].activations, table.vectors[3]) and np.array_equal(got[2].query, x[2])
+
+
+def test_client_feedback_refuses_bad_input_and_writes_nothing(engine, name):
+    task, table, flusher, client = routing_engine(engine)
+    x = task.sample(1)[0][0]
+    head = client._writer.head
+    for kwargs, fragment in [
+        (dict(route="nope", reward=1.0), "route: expected a route name ('code', 'math', 'chat', 'search') or index, got 'nope'"),
+        (dict(route=1, reward=2.0), "reward: expected a number in [0, 1] under the routing rule"),
+        (dict(route=1, reward=float("nan")), "reward: expected a finite number"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            client.feedback(x, **kwargs)
+        assert fragment in str(info.value)
+    # The same rules hold for a feedback trajectory recorded by hand, on both writer paths.
+    with pytest.raises(InvalidInputError, match="route_index: expected None or a route index in \\[0, 3\\]"):
+        client.record(Trajectory(x, [], 0.5, route_index=4))
+    with pytest.raises(InvalidInputError, match="quality: expected the reward of a bandit feedback in \\[0, 1\\]"):
+        client.record(Trajectory(x, [], 1.5, route_index=1))
+    assert client._writer.head == head and flusher.scan() == 0
+
+
+def test_an_engine_without_routes_refuses_route_and_feedback(engine, name):
+    engine()
+    client = engine.attach()
+    x = np.ones(16, F32)
+    with pytest.raises(InvalidInputError, match=f"feedback\\(\\): engine '{name}' has no route table; create it with"):
+        client.feedback(x, best=0)
+    with pytest.raises(InvalidInputError, match="route\\(\\): engine"):
+        client.route(x)
+    with pytest.raises(InvalidInputError, match="route_index: expected None, the engine of segment"):
+        client.record(Trajectory(x, [], 0.5, route_index=0))
+    assert client.stats()["routes"] == []
+
+
+def test_a_corrupt_route_index_in_a_slot_is_counted_not_learned(engine, caplog):
+    task, table, flusher, client = routing_engine(engine, flush_threshold=100)
+    x, y = task.sample(6)
+    for xi, yi in zip(x, y):
+        client.feedback(xi, best=int(yi))
+    layout = client.layout
+    offset = layout.lane_slot(client.lane, 2) + 34
+    client._segment.buf[offset : offset + 2] = (99).to_bytes(2, "little")
+    assert flusher.scan() == 5 and flusher.corrupt == 1 and "counted as corrupt" in caplog.text
+    assert client.stats()["corrupt"] == 1 and client.stats()["signals_accumulated"] == 5
