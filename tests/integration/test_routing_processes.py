@@ -1,0 +1,171 @@
+"""The routing rule with real processes: a CLI flusher, forked producers routing and giving feedback, SIGKILLed flushers.
+
+Accounting is exact: every feedback a producer's ``feedback()`` returned True for is
+learned once (read back from the buffer by id), and the engine's U and D equal an
+in-process :class:`InstantLoop` replaying the learned feedback in learning order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+
+from sona_shm import InstantLoop
+from sona_shm.client import attach
+from sona_shm.consumer import open_consumer
+from sona_shm.ledger import Ledger
+from sona_shm.monitor import read_stats
+from sona_shm.routes import RouteTable, feedback_trajectory
+from sona_shm.segment import Segment
+from sona_shm.supervise import fork_child, stop_process
+
+from support import wait_for
+
+H, K = 32, 4
+ID_BASE = 1 << 24
+NAMES = ["code", "math", "chat", "search"]
+
+
+class Task:
+    """Queries in clusters; two clusters are best served by another route than the nearest."""
+
+    def __init__(self, seed: int = 21) -> None:
+        rng = np.random.default_rng(seed)
+        routes = rng.standard_normal((K, H))
+        self.routes = (routes / np.linalg.norm(routes, axis=1, keepdims=True)).astype(np.float32)
+        centres = 0.6 * self.routes[rng.integers(0, K, 6)] + 0.8 * rng.standard_normal((6, H)) / np.sqrt(H)
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        self.best = np.argmax(self.centres @ self.routes.T, axis=1)
+        self.best[:2] = (self.best[:2] + 1) % K
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        j = rng.integers(0, len(self.centres), n)
+        x = self.centres[j] + 0.3 * rng.standard_normal((n, H)) / np.sqrt(H)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), self.best[j]
+
+
+def write_routes(task: Task, path) -> str:
+    np.savez(path, vectors=task.routes, names=np.array(NAMES))
+    return str(path)
+
+
+def flusher_options(routes: str, threshold: int = 50) -> list[str]:
+    # no --hidden-dim: the routes file says how wide the embeddings are
+    return ["--rule", "routing", "--routes", routes, "--flush-threshold", str(threshold), "--lanes", "4"]
+
+
+def produce(name: str, task: Task, producer: int, count: int, progress: str, explore: float) -> None:
+    """On-policy feedback: route with the current adapter, serve, report whether it was right."""
+    fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    rng = np.random.default_rng(producer)
+    draws = random.Random(producer)
+    client = attach(name, timeout=30)
+    x, y = task.sample(rng, count)
+    for k in range(count):
+        choice = client.route(x[k], explore=explore, rng=draws)
+        if k % 4 == 3:  # now and then the right answer is known: full information
+            feedback = dict(route=choice.index, reward=None, best=int(y[k]))
+        else:
+            feedback = dict(route=choice.index, reward=float(choice.index == y[k]), best=None)
+        traj = feedback_trajectory(client.routes, x[k], unit_reward=True, **feedback)
+        traj.id = producer * ID_BASE + k
+        os.write(fd, b"1" if client.record(traj, timeout=60) else b"0")
+    client.sync(timeout=60)
+    os.write(fd, b"\n")
+    client.close()
+
+
+def committed(progress: str) -> int:
+    with open(progress, "rb") as f:
+        return f.read().rstrip(b"\n").count(b"1")
+
+
+def learned_in_order(name: str):
+    """Every learned trajectory, in learning order (the buffer never drops or wraps in these tests)."""
+    assert read_stats(name)["buffer"]["dropped"] == 0
+    with open_consumer(name) as consumer:
+        return consumer.drain()
+
+
+def replay(name: str, trajectories, lr: float, threshold: int) -> None:
+    """The engine's U and D equal an InstantLoop fed the learned trajectories in order."""
+    seg = Segment.open(name, writable=False)
+    ledger = Ledger(seg)
+    try:
+        up, down, grad_up, grad_down, pending = ledger.read("up", "down", "grad_up", "grad_down", "pending")
+        table = RouteTable.read(seg.numpy_buffer(), seg.layout, name)
+    finally:
+        ledger.close()
+        seg.close()
+    loop = InstantLoop(H, 2, lr, threshold, capacity=0, rule="routing", routes=table.vectors, route_names=table.names)
+    for t in trajectories:
+        loop.on_trajectory(t)
+    assert loop.pending == pending and loop.metrics.flushes_performed > 0
+    np.testing.assert_allclose(up, loop.up, atol=1e-5)
+    np.testing.assert_allclose(down, loop.down, atol=1e-5)
+    np.testing.assert_allclose(grad_up, loop._learner.grad_up, atol=1e-5)
+    np.testing.assert_allclose(grad_down, loop._learner.grad_down, atol=1e-5)
+
+
+def test_on_policy_bandit_feedback_from_two_processes_learns_to_route(procs, children, name, tmp_path):
+    task = Task()
+    flusher = procs.flusher(name, *flusher_options(write_routes(task, tmp_path / "routes.npz")), "--capacity", "20000")
+    rng = np.random.default_rng(99)
+    x_test, y_test = task.sample(rng, 1000)
+    with attach(name) as client:
+        before = float((client.route(x_test).index == y_test).mean())
+    count = 2500
+    pids = [children.add(fork_child(produce, name, task, p, count, str(tmp_path / f"p{p}"), 0.1)) for p in (1, 2)]
+    for pid in pids:
+        assert children.wait(pid) == 0
+    stats = read_stats(name)
+    total = committed(str(tmp_path / "p1")) + committed(str(tmp_path / "p2"))
+    assert total == 2 * count and stats["lane_dropped"] == 0  # producers waited for room
+    assert stats["trajectories_processed"] == stats["signals_accumulated"] == stats["recorded"] == total
+    assert sum(r["chosen"] for r in stats["routes"]) == total and sum(r["best"] for r in stats["routes"]) == 2 * (count // 4)
+    trajectories = learned_in_order(name)
+    ids = [t.id for t in trajectories]
+    assert len(ids) == len(set(ids)) == total
+    assert sorted(ids) == sorted(p * ID_BASE + k for p in (1, 2) for k in range(count))
+    replay(name, trajectories, lr=1.0, threshold=50)
+    with attach(name) as client:
+        after = float((client.route(x_test).index == y_test).mean())
+    assert after >= 0.9 > before, (before, after)
+    assert stop_process(flusher) == 0
+
+
+def test_flusher_killed_under_the_routing_rule_loses_and_repeats_nothing(procs, children, name, tmp_path):
+    """Two producers give 2000 feedbacks each while the flusher is SIGKILLed 6 times, once
+    mid-publish; each feedback is learned exactly once and U and D equal a replay."""
+    task = Task(22)
+    routes = write_routes(task, tmp_path / "routes.npz")
+    flusher = procs.flusher(name, *flusher_options(routes, threshold=30), "--capacity", "20000", "--lane-slots", "64")
+    count = 2000
+    pids = [children.add(fork_child(produce, name, task, p, count, str(tmp_path / f"p{p}"), 0.2)) for p in (1, 2)]
+    rng = np.random.default_rng(5)
+    done = 0
+    for kill in range(6):
+        target = min(done + int(rng.integers(100, 500)), 2 * count - 50)
+        wait_for(lambda t=target: read_stats(name)["trajectories_processed"] >= t, what="learning progress")
+        if kill == 3:
+            flusher.send_signal(signal.SIGKILL)
+            flusher.wait()
+            paused = procs.start("-m", "sona_shm", "flusher", "--name", name, "--quiet", extra_env={"SONA_SHM_TEST_PAUSE": "publish"})
+            _, status = os.waitpid(paused.pid, os.WUNTRACED)  # stopped between writing a ledger copy and committing it
+            assert os.WIFSTOPPED(status)
+            flusher = paused
+        flusher.send_signal(signal.SIGKILL)
+        flusher.wait()
+        done = read_stats(name)["trajectories_processed"]
+        flusher = procs.flusher(name)  # adopts the segment: no options
+    for pid in pids:
+        assert children.wait(pid) == 0
+    total = committed(str(tmp_path / "p1")) + committed(str(tmp_path / "p2"))
+    trajectories = learned_in_order(name)
+    ids = [t.id for t in trajectories]
+    assert total == 2 * count and len(ids) == len(set(ids)) == total
+    replay(name, trajectories, lr=1.0, threshold=30)
+    assert stop_process(flusher) == 0
