@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -423,3 +425,81 @@ def test_a_corrupt_route_index_in_a_slot_is_counted_not_learned(engine, caplog):
     client._segment.buf[offset : offset + 2] = (99).to_bytes(2, "little")
     assert flusher.scan() == 5 and flusher.corrupt == 1 and "counted as corrupt" in caplog.text
     assert client.stats()["corrupt"] == 1 and client.stats()["signals_accumulated"] == 5
+
+
+# ----------------------------------------------------------------- command line and checkpoints
+
+
+def test_cli_creates_a_routing_engine_and_refuses_bad_route_tables(name, tmp_path, capsys):
+    from sona_shm.cli import EXIT_CHECKPOINT, EXIT_LAYOUT_MISMATCH, EXIT_OK, EXIT_USAGE, main
+    from sona_shm.monitor import read_stats
+
+    rng = np.random.default_rng(12)
+    v = unit_rows(rng, 3, 12)
+    good, other, nan = (str(tmp_path / f) for f in ("good.npz", "other.npz", "nan.npy"))
+    np.savez(good, vectors=v, names=np.array(["a", "b", "c"]))
+    np.savez(other, vectors=v[::-1], names=np.array(["a", "b", "c"]))
+    np.save(nan, np.where(np.eye(3, 12) > 0, np.nan, v))
+
+    def run(*argv):
+        code = main(list(argv))
+        return code, capsys.readouterr().err
+
+    base = ("create", "--name", name, "--lanes", "2", "--lane-slots", "8", "--capacity", "8")
+    code, err = run(*base, "--rule", "routing")
+    assert code == EXIT_USAGE and "routes: the routing rule learns which route serves a query" in err
+    code, err = run(*base, "--routes", nan)
+    assert code == EXIT_USAGE and f"routes file {nan}: expected finite values" in err
+    code, err = run(*base, "--routes", good, "--hidden-dim", "16")
+    assert code == EXIT_USAGE and "expected vectors of hidden_dim 16 values, got 12" in err
+    code, err = run(*base, "--rule", "routing", "--temperature", "0")
+    assert code == EXIT_USAGE
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+    assert run(*base, "--rule", "routing", "--routes", good)[0] == EXIT_OK
+    stats = read_stats(name)
+    assert stats["config"]["hidden_dim"] == 12 and stats["config"]["rule"] == "routing" and stats["config"]["lr"] == 1.0
+    assert [r["name"] for r in stats["routes"]] == ["a", "b", "c"]
+    assert run(*base, "--routes", good)[0] == EXIT_OK  # the same table: adopted
+    code, err = run(*base, "--routes", other)
+    assert code == EXIT_LAYOUT_MISMATCH and "exists with another route table" in err
+    code, err = run(*base, "--rule", "reference")
+    assert code == EXIT_LAYOUT_MISMATCH and "rule: segment has 'routing', requested 'reference'" in err
+    # A checkpoint of it restores into the same engine, and is refused by another rule or table.
+    path = str(tmp_path / "r.safetensors")
+    assert main(["checkpoint", "--name", name, "--out", path]) == EXIT_OK
+    assert main(["restore", "--name", name, "--from", path]) == EXIT_OK
+    from sona_shm import segment
+
+    segment.unlink(name)
+    assert run(*base, "--routes", other)[0] == EXIT_OK  # reference rule, other table
+    code, err = run("restore", "--name", name, "--from", path)
+    assert code == EXIT_CHECKPOINT and "rule is 'routing', the engine's is 'reference'" in err
+
+
+def test_checkpoint_of_a_routing_engine_restores_everything(engine, name, tmp_path):
+    from sona_shm import segment
+    from sona_shm.checkpoint import read_checkpoint
+    from sona_shm.flusher import Flusher
+
+    task, table, flusher, client = routing_engine(engine, flush_threshold=7)
+    for xi, yi in zip(*task.sample(30)):
+        assert client.feedback(xi, route=int(yi), reward=0.5)
+    flusher.scan()
+    path = str(tmp_path / "c.safetensors")
+    flusher.checkpoint_path = path
+    assert flusher.write_checkpoint()
+    saved = read_checkpoint(path)
+    assert saved.config.rule == "routing" and saved.routes.same_as(table) and saved.grad_down.any()
+    assert int(saved.route_chosen.sum()) == 30 and saved.route_reward.sum() == pytest.approx(15.0)
+    before = client._ledger.snapshot()[0]
+    client.close()
+    flusher.close()
+    segment.unlink(name)
+    second = Flusher(name, config_overrides={}, checkpoint=path)  # a new segment: the file's engine, table and state
+    try:
+        assert second.created and second.restored and second.routes.same_as(table)
+        after = second.ledger.snapshot()[0]
+        for field in ("up", "down", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward", "pending", "generation"):
+            assert np.array_equal(after[field], before[field]), field
+    finally:
+        second.close()
