@@ -46,14 +46,15 @@ What each hook does and why:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from typing import Any
 
 from .client import Client, attach
 from .errors import InvalidInputError, SonaShmError
+from .checks import check_timeout
 from .segment import check_name
+from .stats import LaneStats, read
 
 ENV_NAME = "SONA_SHM_NAME"
 ENV_ATTACH_TIMEOUT = "SONA_SHM_ATTACH_TIMEOUT"
@@ -81,12 +82,10 @@ def attach_timeout() -> float:
     if raw is None or raw == "":
         return DEFAULT_ATTACH_TIMEOUT
     try:
-        value = float(raw)
+        value: object = float(raw)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidInputError(f"{ENV_ATTACH_TIMEOUT}: expected seconds >= 0, got {raw!r}")
-    return value
+        value = raw  # refused below, naming what was given
+    return check_timeout(value, ENV_ATTACH_TIMEOUT)
 
 
 def client() -> Client:
@@ -160,31 +159,29 @@ def child_exit(server: Any, worker: Any) -> None:
             "sona_shm: worker %s exited; no lane of engine %r is registered to it any more (reused, or never claimed)", worker.pid, name
         )
     for lane in lanes:
-        unlearned = lane["records"] - lane["learned"]
+        unlearned = lane.backlog
         backlog = f"the flusher has {unlearned} trajectories it committed still to learn" if unlearned else "all it committed is learned"
-        if lane["alive"]:
+        if lane.alive:
             server.log.warning(
                 "sona_shm: lane %d of engine %r is still locked although worker %s exited: a process it forked still has the engine "
                 "open; the lane frees when that process exits (%s)",
-                lane["lane"],
+                lane.lane,
                 name,
                 worker.pid,
                 backlog,
             )
         else:
             server.log.info(
-                "sona_shm: worker %s exited; lane %d of engine %r is free for the next worker (%s)", worker.pid, lane["lane"], name, backlog
+                "sona_shm: worker %s exited; lane %d of engine %r is free for the next worker (%s)", worker.pid, lane.lane, name, backlog
             )
 
 
-def dead_worker_lanes(name: str, pid: int) -> list[dict[str, Any]]:
+def dead_worker_lanes(name: str, pid: int) -> list[LaneStats]:
     """The lanes of engine ``name`` last claimed by process ``pid`` (the monitor's lane rows).
 
     Read-only: a lock query says whether each is still held (``alive``).
     """
-    from .monitor import read_stats
-
-    return [lane for lane in read_stats(name)["lanes"] if lane["pid"] == pid]
+    return [lane for lane in read(name).lanes if lane.pid == pid]
 
 
 def _after_fork_in_child() -> None:
