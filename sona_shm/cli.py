@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True, metavar="PATH")
 
+    p = sub.add_parser("export", help="write an engine's adapter (or a checkpoint's) as a PEFT LoRA adapter directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--name", help="a live engine (read without a lock, nothing written to it)")
+    source.add_argument("--from-checkpoint", dest="from_checkpoint", metavar="FILE", help="a checkpoint file of `sona-shm checkpoint`")
+    p.add_argument("--peft", required=True, metavar="DIR", help="the directory to write adapter_model.safetensors and adapter_config.json into")
+    p.add_argument("--module", default="adapter", help="the target module's name in the model (default: adapter)")
+
     p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
     p.add_argument("--name", required=True)
     p.add_argument("--from", dest="source", required=True, metavar="PATH")
@@ -320,6 +327,22 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, export_engine
+
+    if args.name is not None:
+        done = export_engine(args.name, args.peft, module=args.module)
+        source = f"engine {args.name!r}"
+    else:
+        done = export_checkpoint(args.from_checkpoint, args.peft, module=args.module)
+        source = args.from_checkpoint
+    print(
+        f"sona-shm: exported {source} (rank {done.rank}, hidden_dim {done.hidden_dim}, generation {done.generation}, "
+        f"{done.trajectories_processed} trajectories learned) as a PEFT LoRA adapter on module {done.module!r}: {', '.join(done.files)}"
+    )
+    return EXIT_OK
+
+
 def _restore(args: argparse.Namespace) -> int:
     from .checkpoint import restore
 
@@ -342,6 +365,7 @@ _COMMANDS = {
     "destroy": _destroy,
     "drain": _drain,
     "checkpoint": _checkpoint,
+    "export": _export,
     "restore": _restore,
     "demo": _demo,
 }
