@@ -28,6 +28,8 @@ from sona_shm.stats import read
 
 from support import ROOT, env, wait_for
 
+pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
+
 H = 32
 FLUSHER = ("--hidden-dim", str(H), "--lr", "0.05", "--max-steps", "4", "--attention-dim", "8", "--flush-threshold", "50", "--lanes", "6")
 MALFORMED = [b'{"embedding": [NaN]}', b'{"embedding": [1, 2, 3]}', b"{not json"]
