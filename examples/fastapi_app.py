@@ -33,10 +33,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
+from router_requests import BadRequest, check_length, feedback_trajectory, route_answer, route_query
 from starlette.exceptions import HTTPException
 
 import sona_shm.asgi
-from router_requests import BadRequest, check_length, feedback_trajectory, route_answer, route_query
 from sona_shm import InvalidInputError, SonaShmError
 from sona_shm.prometheus import CONTENT_TYPE, EngineCollector
 

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--name", help="a live engine (read without a lock, nothing written to it)")
     source.add_argument("--from-checkpoint", dest="from_checkpoint", metavar="FILE", help="a checkpoint file of `sona-shm checkpoint`")
-    p.add_argument("--peft", required=True, metavar="DIR", help="the directory to write adapter_model.safetensors and adapter_config.json into")
+    p.add_argument("--peft", required=True, metavar="DIR", help="write adapter_model.safetensors and adapter_config.json into DIR")
     p.add_argument("--module", default="adapter", help="the target module's name in the model (default: adapter)")
 
     p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
@@ -147,7 +147,7 @@ def add_stats_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="read twice, SECONDS apart, and print the second read with the rates between them (learned/s, how far the adapter moved)",
+        help="read twice, SECONDS apart; print the second read with the rates between them (learned/s, adapter movement)",
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import lane as lane_module
+from .checks import check_timeout
 from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
 from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from .lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
@@ -41,7 +42,6 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .checks import check_timeout
 from .segment import Segment, start_ticks, wait_until
 from .stats import EngineStats, collect
 from .trajectory import Trajectory, check_trajectory

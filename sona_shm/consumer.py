@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int, check_timeout
 from .errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
 from .layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
 from .ledger import Ledger, TornRead
-from .checks import check_int, check_timeout
 from .segment import Segment, wait_until
 from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
 

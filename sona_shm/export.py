@@ -121,7 +121,9 @@ def engine_checkpoint(name: str) -> Checkpoint:
         segment.close()
 
 
-def export_peft(directory: str | os.PathLike[str], checkpoint: Checkpoint, *, module: str = DEFAULT_MODULE, mode: int = 0o644) -> PeftExport:
+def export_peft(
+    directory: str | os.PathLike[str], checkpoint: Checkpoint, *, module: str = DEFAULT_MODULE, mode: int = 0o644
+) -> PeftExport:
     """Write ``checkpoint``'s adapter into ``directory`` (created if missing) as a PEFT LoRA adapter.
 
     Each file is replaced atomically; nothing is written if an argument is wrong.

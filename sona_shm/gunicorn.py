@@ -56,9 +56,9 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from .checks import check_timeout
 from .client import Client, attach
 from .errors import InvalidInputError, SonaShmError
-from .checks import check_timeout
 from .segment import check_name
 from .stats import LaneStats, read
 

@@ -211,7 +211,9 @@ def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float
     for left, right in zip(view.sections[0::2], view.sections[1::2] + [Section("", [])]):
         lines.append(f"  {left.title:<{width + vwidth + 6}}{right.title}")
         for i in range(max(len(left.rows), len(right.rows))):
-            cells = [f"{p[0]:<{width}}  {p[1]:>{vwidth}}" if p else " " * (width + vwidth + 2) for p in (_at(left.rows, i), _at(right.rows, i))]
+            cells = [
+                f"{p[0]:<{width}}  {p[1]:>{vwidth}}" if p else " " * (width + vwidth + 2) for p in (_at(left.rows, i), _at(right.rows, i))
+            ]
             lines.append(f"    {cells[0]}    {cells[1]}".rstrip())
         lines += [f"    ({sec.title}: {sec.note})" if sec.title != "rates" else f"    ({sec.note})" for sec in (left, right) if sec.note]
         lines.append("")
@@ -325,7 +327,9 @@ def watch(
             if live is not None:
                 from rich.text import Text
 
-                live.update(render_rich(last, list(history)) if isinstance(last, EngineStats) else Text(message, style="bold red"), refresh=True)
+                live.update(
+                    render_rich(last, list(history)) if isinstance(last, EngineStats) else Text(message, style="bold red"), refresh=True
+                )
             else:
                 text = format_table(last, list(history)) if isinstance(last, EngineStats) else message
                 out.write(("\x1b[H\x1b[2J" if out.isatty() else ("\n" if frame else "")) + text + "\n")

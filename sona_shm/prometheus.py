@@ -96,8 +96,12 @@ ENGINE_METRICS: tuple[_Spec, ...] = (
     _Spec("lanes", "gauge", "Producer lanes of the engine.", lambda s: s.config.lanes),
     _Spec("lanes_live", "gauge", "Lanes held by a live producer process.", lambda s: s.lanes_live),
     _Spec("segment_bytes", "gauge", "Size of the shared-memory segment.", lambda s: s.config.segment_bytes),
-    _Spec("flusher_heartbeat_timestamp_seconds", "gauge", "When the flusher last looped (0: never).", lambda s: _ts(s.flusher.heartbeat_at)),
-    _Spec("flusher_start_time_seconds", "gauge", "When the current or last flusher started (0: never).", lambda s: _ts(s.flusher.started_at)),
+    _Spec(
+        "flusher_heartbeat_timestamp_seconds", "gauge", "When the flusher last looped (0: never).", lambda s: _ts(s.flusher.heartbeat_at)
+    ),
+    _Spec(
+        "flusher_start_time_seconds", "gauge", "When the current or last flusher started (0: never).", lambda s: _ts(s.flusher.started_at)
+    ),
     _Spec("flusher_scans", "counter", "Passes of the flusher over the lanes.", lambda s: s.flusher.scans),
 )
 

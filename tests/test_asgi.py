@@ -22,7 +22,7 @@ def test_the_lifespan_attaches_at_startup_and_closes_at_shutdown(engine, name):
     engine(hidden_dim=H)
     sona = Engine(name, timeout=0)
     with pytest.raises(ClosedError, match="is not attached: pass engine.lifespan to the app"):
-        sona.client
+        _ = sona.client
 
     async def serve() -> tuple[int, dict]:
         async with sona.lifespan(object()) as state:

@@ -106,7 +106,9 @@ def test_set_peft_model_state_dict_takes_every_key(trained, name, tmp_path):
         def forward(self, x):
             return self.layers[0].proj(x)
 
-    model = peft.get_peft_model(Deep(), peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path")}))
+    model = peft.get_peft_model(
+        Deep(), peft.LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "base_model_name_or_path")})
+    )
     from safetensors.torch import load_file
 
     result = peft.set_peft_model_state_dict(model, load_file(str(out / ADAPTER_FILE)))
@@ -137,7 +139,9 @@ def test_export_from_a_checkpoint_file_equals_the_live_export(trained, name, tmp
     # safetensors itself reads it
     from safetensors.numpy import load_file
 
-    np.testing.assert_array_equal(load_file(str(tmp_path / "a" / ADAPTER_FILE))["base_model.model.adapter.lora_A.weight"], stats.adapter.down)
+    np.testing.assert_array_equal(
+        load_file(str(tmp_path / "a" / ADAPTER_FILE))["base_model.model.adapter.lora_A.weight"], stats.adapter.down
+    )
 
 
 @pytest.mark.parametrize(

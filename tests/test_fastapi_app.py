@@ -117,7 +117,17 @@ def test_bad_requests_get_the_same_400_as_router_app_and_change_nothing(served, 
     answer = http.post(path, content=body)
     status, expected = wsgi("POST", path, body)
     assert answer.status_code == status == 400 and answer.json() == expected
-    assert answer.json()["error"].split(":")[0] in ("body", "embedding", "steps", "steps[0]", "steps[0].reward", "steps[0].activations", "quality", "route", "latency_us")
+    assert answer.json()["error"].split(":")[0] in (
+        "body",
+        "embedding",
+        "steps",
+        "steps[0]",
+        "steps[0].reward",
+        "steps[0].activations",
+        "quality",
+        "route",
+        "latency_us",
+    )
     flusher.scan()
     assert http.get("/stats").json()["recorded"] == 0
 

@@ -74,7 +74,13 @@ def test_every_marker_names_a_readme_guarantee():
 
 
 def test_the_checker_reads_both_forms_of_marking(tmp_path):
-    assert slug("A killed producer costs at most its one in-flight trajectory.") == "a-killed-producer-costs-at-most-its-one-in-flight-trajectory"
-    assert "tests/test_bad_input.py::test_record_refuses_malformed_trajectories_and_changes_nothing" in marked_tests()["bad-input-changes-nothing"]
+    assert (
+        slug("A killed producer costs at most its one in-flight trajectory.")
+        == "a-killed-producer-costs-at-most-its-one-in-flight-trajectory"
+    )
+    assert (
+        "tests/test_bad_input.py::test_record_refuses_malformed_trajectories_and_changes_nothing"
+        in marked_tests()["bad-input-changes-nothing"]
+    )
     assert "tests/integration/test_faults.py::test_no_lock_outlives_its_holder" in marked_tests()["nothing-waits-forever"]
     assert Path(TESTS / "test_guarantees.py").exists()

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from sona_shm import Step, Trajectory, monitor, stats
 from sona_shm.cli import EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
 from sona_shm.errors import SegmentNotFoundError

@@ -67,6 +67,8 @@ def test_public_signatures_are_typed_for_mypy(tmp_path):
     )
     revealed = re.findall(r'Revealed type is "(.*)"', done.stdout)
     assert len(revealed) == 5, done.stdout + done.stderr
-    assert revealed[0].startswith("numpy.ndarray[") and revealed[1] in ("bool", "builtins.bool") and revealed[2] in ("float", "builtins.float")
+    assert (
+        revealed[0].startswith("numpy.ndarray[") and revealed[1] in ("bool", "builtins.bool") and revealed[2] in ("float", "builtins.float")
+    )
     assert revealed[3] == "sona_shm.stats.Rates | None" and revealed[4] == "sona_shm.consumer.TrajectoryBatch"
     assert "error" not in done.stdout, done.stdout

@@ -42,7 +42,18 @@ TOP_KEYS = {
     "adapter",
     "rates",
 }
-CONFIG_KEYS = {"hidden_dim", "rank", "lr", "flush_threshold", "capacity", "max_steps", "attention_dim", "lanes", "lane_slots", "segment_bytes"}
+CONFIG_KEYS = {
+    "hidden_dim",
+    "rank",
+    "lr",
+    "flush_threshold",
+    "capacity",
+    "max_steps",
+    "attention_dim",
+    "lanes",
+    "lane_slots",
+    "segment_bytes",
+}
 BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid"}
 FLUSHER_KEYS = {"pid", "alive", "heartbeat_at", "heartbeat_age_s", "started_at", "idle", "scans"}
 LANE_KEYS = {"lane", "pid", "alive", "records", "learned", "backlog", "drops", "claims", "last_record_at"}
