@@ -36,6 +36,7 @@ MALFORMED = [b'{"embedding": [NaN]}', b'{"embedding": [1, 2, 3]}', b"{not json"]
 GOOD = np.random.default_rng(7).standard_normal(H)
 #: Seconds a server may take to start serving on a loaded 2-core machine.
 START_TIMEOUT = 120
+HERE = Path(__file__).resolve().parent
 
 
 def _die_with_parent() -> None:
@@ -93,13 +94,16 @@ def serve(name, tmp_path):
     def start(kind: str) -> Server:
         log = tmp_path / f"{kind}.log"
         environment = {**env(), "SONA_SHM_NAME": name, "SONA_SHM_ATTACH_TIMEOUT": "30", "XDG_RUNTIME_DIR": str(tmp_path)}
-        environment["PYTHONPATH"] = os.pathsep.join([str(ROOT / "examples"), environment["PYTHONPATH"]])
+        # Workers die with their master, the master with this test (die_with_parent/, die_with_master_conf.py).
+        environment["PYTHONPATH"] = os.pathsep.join([str(ROOT / "examples"), str(HERE / "die_with_parent"), environment["PYTHONPATH"]])
+        environment["SONA_SHM_TEST_DIE_WITH_PARENT"] = "1"
         for _attempt in range(3):  # a free port can be taken by another process before the server binds it
             port = _free_port()
             if kind == "uvicorn":
                 argv = ["-m", "uvicorn", "--app-dir", str(ROOT / "examples"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
             else:
-                argv = ["-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "--workers", "2", "--bind", f"127.0.0.1:{port}"]
+                argv = ["-m", "gunicorn", "-c", str(HERE / "die_with_master_conf.py"), "-k", "uvicorn.workers.UvicornWorker"]
+                argv += ["--workers", "2", "--bind", f"127.0.0.1:{port}"]
                 argv += ["--pythonpath", str(ROOT / "examples"), "--graceful-timeout", "5"]
             with open(log, "w") as out:
                 proc = subprocess.Popen(
