@@ -295,22 +295,27 @@ def write_checkpoint(path: str, checkpoint: Checkpoint, mode: int) -> None:
         raise CheckpointError(f"checkpoint {path}: cannot write it ({exc.strerror or exc}); the previous file, if any, is intact") from None
 
 
+def engine_checkpoint(name: str) -> tuple[Checkpoint, int]:
+    """Engine ``name``'s committed state and the segment's mode; no lock taken, nothing written."""
+    segment = Segment.open(name, writable=False)
+    try:
+        ledger = Ledger(segment)
+        try:
+            return Checkpoint.from_record(ledger.snapshot()[0], segment.layout.config, read_route_table(segment)), segment.mode
+        finally:
+            ledger.close()
+    finally:
+        segment.close()
+
+
 def checkpoint_segment(name: str, path: str) -> Checkpoint:
     """Write engine ``name``'s committed state to ``path``; takes no lock, writes nothing into the segment.
 
     The file gets the segment's permissions (0600, or 0660 for a ``--group`` engine).
     """
-    segment = Segment.open(name, writable=False)
-    try:
-        ledger = Ledger(segment)
-        try:
-            checkpoint = Checkpoint.from_record(ledger.snapshot()[0], segment.layout.config, read_route_table(segment))
-        finally:
-            ledger.close()
-        write_checkpoint(path, checkpoint, segment.mode)
-        return checkpoint
-    finally:
-        segment.close()
+    checkpoint, mode = engine_checkpoint(name)
+    write_checkpoint(path, checkpoint, mode)
+    return checkpoint
 
 
 def restore(name: str, path: str) -> int:

@@ -3,7 +3,7 @@
 Every field of :class:`EngineConfig` is stored in the segment's header (and in
 checkpoints); this module validates them once, for the in-process
 :class:`~sona_shm.loop.InstantLoop` and the shared-memory engine alike. It imports
-nothing of sona_shm but the errors.
+nothing of sona_shm but the errors and the argument checks.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from .checks import check_int
 from .errors import InvalidInputError
 
 #: The learning rules: the seed's bit-exact REINFORCE rule, and ours for routing.
@@ -25,13 +24,6 @@ DEFAULT_TEMPERATURE = 10.0
 MAX_TEMPERATURE = 1000.0
 #: Most routes a route table may hold (each costs K*h floats in route() and the learner).
 MAX_ROUTES = 256
-
-
-def check_int(name: str, value: Any, low: int, high: int) -> int:
-    """``value`` if it is an integer (not a bool) in ``[low, high]``, else raise naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise InvalidInputError(f"{name}: expected an integer in [{low}, {high}], got {value!r}")
-    return int(value)
 
 
 def check_positive_float(name: str, value: Any, high: float = math.inf) -> float:

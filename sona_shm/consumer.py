@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import check_int
+from .checks import check_int, check_timeout
 from .errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
 from .layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
 from .ledger import Ledger, TornRead
@@ -113,7 +113,8 @@ class TrajectoryBatch:
 
     def save(self, file: Any) -> None:
         """Write the arrays as an uncompressed ``.npz`` to a path or binary file object."""
-        np.savez(file, **self.arrays())
+        arrays: dict[str, Any] = self.arrays()  # keyword arrays; savez's own keywords are not among the names
+        np.savez(file, **arrays)
 
     @classmethod
     def load(cls, file: Any) -> TrajectoryBatch:
@@ -187,11 +188,8 @@ class Consumer:
         ``timeout``: seconds to wait for another consumer's lock
         (:class:`DrainTimeoutError` after that).
         """
-        check_int("n", MAX_N if n is None else n, 0, MAX_N)
-        limit = MAX_N if n is None else int(n)  # a numpy integer must not leak into the tail word
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
-            raise InvalidInputError(f"timeout: expected seconds >= 0, got {timeout!r}")
-        with self._drain_lock(float(timeout)):
+        limit = check_int("n", MAX_N if n is None else n, 0, MAX_N)  # an int: a numpy integer must not leak into the tail word
+        with self._drain_lock(check_timeout(timeout)):
             u64 = self._u64
             tail = u64[self._w_tail]  # only the lock holder writes it: stable while we hold it
             end = min(self._committed_head(tail), tail + limit)

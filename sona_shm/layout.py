@@ -152,6 +152,9 @@ LANE_CONTROL_BYTES = 128
 HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQ"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)
 
+#: Byte offset of the header's ``created_at`` (read alone by monitors to tell a recreated engine apart).
+HEADER_CREATED_AT = 104
+
 FLUSHER_LINE = 1024
 COMMIT_LINE = 1088
 CONSUMER_LINE = 1152

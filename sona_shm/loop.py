@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import EngineConfig, check_int
+from .checks import check_int
+from .config import EngineConfig
 from .errors import InvalidInputError
 from .learning import F32, Learner, LoopMetrics, apply_adapter, learning_signals
 from .routes import RouteChoice, RouteTable, check_exploration, choose, cosine_scores, feedback_trajectory

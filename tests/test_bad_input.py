@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,8 @@ from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
 from sona_shm.layout import LANE_CONTROL_BYTES
 
 from conftest import SMALL
+
+pytestmark = pytest.mark.guarantee("bad-input-changes-nothing")
 
 H, S, A = SMALL["hidden_dim"], SMALL["max_steps"], SMALL["attention_dim"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -157,6 +157,7 @@ def good_checkpoint(tmp_path, **changes) -> str:
     return path
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 @pytest.mark.parametrize(
     "changes, fragment",
     [
@@ -192,6 +193,7 @@ def test_good_checkpoint_helper_is_good(tmp_path):
     assert read_checkpoint(good_checkpoint(tmp_path)).generation == 3
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 @pytest.mark.parametrize(
     "damage",
     [
@@ -256,6 +258,7 @@ def test_restore_keeps_unlearned_trajectories_and_lane_positions(engine, name, t
         second.close()
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 def test_new_segment_with_a_bad_checkpoint_is_refused_and_removed(name, tmp_path):
     path = good_checkpoint(tmp_path, **{DOWN: np.full((R, H), np.nan, np.float32)})
     with pytest.raises(CheckpointError, match="non-finite"):

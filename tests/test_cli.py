@@ -65,7 +65,7 @@ def test_create_then_create_again(capsys, name):
     "argv, fragment",
     [
         (["flusher", "--name", "x", "--rank", "3"], "rank: expected 1 or 2, got 3"),
-        (["flusher", "--name", "x", "--flush-interval", "-1"], "--flush-interval: expected seconds >= 0"),
+        (["flusher", "--name", "x", "--flush-interval", "-1"], "--flush-interval: expected a finite number of seconds >= 0, got -1.0"),
         (["stats", "--name", "a/b"], "name: expected 1-64 characters"),
     ],
 )

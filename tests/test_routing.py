@@ -503,3 +503,37 @@ def test_checkpoint_of_a_routing_engine_restores_everything(engine, name, tmp_pa
             assert np.array_equal(after[field], before[field]), field
     finally:
         second.close()
+
+
+def test_stats_monitor_and_prometheus_show_routes_and_their_moving_share(engine, name):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sona_shm.monitor import format_table
+    from sona_shm.prometheus import exposition
+
+    task, table, flusher, client = routing_engine(engine)
+    x = task.sample(10)[0]
+    for xi in x[:4]:
+        client.feedback(xi, route="code", reward=1.0)
+    flusher.scan()
+    before = client.statistics()
+    for xi in x[4:7]:
+        client.feedback(xi, route="math", reward=0.5)
+    client.feedback(x[7], route="code", reward=0.0)
+    client.feedback(x[8], best="chat", route="chat")
+    flusher.scan()
+    after = client.statistics().since(before)
+    routes = {r.name: r for r in after.routes}
+    assert (routes["code"].chosen, routes["code"].mean_reward) == (5, 0.8)
+    assert (routes["math"].chosen, routes["math"].mean_reward, routes["chat"].best) == (3, 0.5, 1)
+    moving = {r.name: r for r in after.rates.routes}
+    assert moving["math"].chosen_share == pytest.approx(3 / 5) and moving["code"].mean_reward == 0.0
+    assert moving["chat"].mean_reward == 1.0 and moving["search"].chosen_share == 0 and moving["search"].mean_reward is None
+    table_text = format_table(after)
+    assert "routes (routing rule)" in table_text
+    row = next(line.split() for line in table_text.splitlines() if line.strip().startswith("code "))
+    assert row == ["code", "5", "56%", "0.800", "20%", "0.000", "0"]
+    families = {f.name: f for f in text_string_to_metric_families(exposition(after).decode())}
+    chosen = {s.labels["route"]: s.value for s in families["sona_shm_route_chosen"].samples if s.name.endswith("_total")}
+    assert chosen == {"code": 5, "math": 3, "chat": 1, "search": 0}
+    assert [s.labels["rule"] for s in families["sona_shm_engine_rule"].samples] == ["routing"]

@@ -26,6 +26,7 @@ from support import wait_for
 
 H, K = 32, 4
 ID_BASE = 1 << 24
+EXTRA = 5  #: feedbacks the test itself records while the flusher is down
 NAMES = ["code", "math", "chat", "search"]
 
 
@@ -76,6 +77,18 @@ def produce(name: str, task: Task, producer: int, count: int, progress: str, exp
     client.sync(timeout=60)
     os.write(fd, b"\n")
     client.close()
+
+
+def wait_stopped(pid: int, timeout: float = 60.0) -> None:
+    """Wait until child ``pid`` stopped itself (SIGSTOP); fail if it exits or ``timeout`` passes."""
+
+    def stopped() -> bool:
+        got, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if got and not os.WIFSTOPPED(status):
+            raise AssertionError(f"process {pid} exited ({os.waitstatus_to_exitcode(status)}) instead of stopping")
+        return bool(got)
+
+    wait_for(stopped, timeout, what=f"process {pid} to stop")
 
 
 def committed(progress: str) -> int:
@@ -153,9 +166,14 @@ def test_flusher_killed_under_the_routing_rule_loses_and_repeats_nothing(procs, 
         if kill == 3:
             flusher.send_signal(signal.SIGKILL)
             flusher.wait()
+            with attach(name) as client:  # something to learn, whether or not the producers are done
+                x, y = task.sample(rng, EXTRA)
+                for k in range(EXTRA):
+                    traj = feedback_trajectory(client.routes, x[k], route=int(y[k]), reward=1.0, best=None, unit_reward=True)
+                    traj.id = 3 * ID_BASE + k
+                    assert client.record(traj, timeout=30)
             paused = procs.start("-m", "sona_shm", "flusher", "--name", name, "--quiet", extra_env={"SONA_SHM_TEST_PAUSE": "publish"})
-            _, status = os.waitpid(paused.pid, os.WUNTRACED)  # stopped between writing a ledger copy and committing it
-            assert os.WIFSTOPPED(status)
+            wait_stopped(paused.pid)  # between writing a ledger copy and committing it
             flusher = paused
         flusher.send_signal(signal.SIGKILL)
         flusher.wait()
@@ -166,6 +184,6 @@ def test_flusher_killed_under_the_routing_rule_loses_and_repeats_nothing(procs, 
     total = committed(str(tmp_path / "p1")) + committed(str(tmp_path / "p2"))
     trajectories = learned_in_order(name)
     ids = [t.id for t in trajectories]
-    assert total == 2 * count and len(ids) == len(set(ids)) == total
+    assert total == 2 * count and len(ids) == len(set(ids)) == total + EXTRA
     replay(name, trajectories, lr=1.0, threshold=30)
     assert stop_process(flusher) == 0
