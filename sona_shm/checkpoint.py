@@ -193,7 +193,8 @@ class Checkpoint:
             )
 
         r, h, k = config.rank, config.hidden_dim, config.routes
-        expected = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r)), GRAD_UP: (np.float64, (r, h))}
+        expected: dict[str, tuple[Any, tuple[int, ...]]] = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r))}
+        expected[GRAD_UP] = (np.float64, (r, h))
         if not legacy:
             expected[GRAD_DOWN] = (np.float64, (r, h))
         if k:

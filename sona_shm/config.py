@@ -52,7 +52,7 @@ class EngineConfig:
 
     hidden_dim: int = 256
     rank: int = 2
-    lr: float | None = None
+    lr: float = None  # type: ignore[assignment]  # None: the rule's default, resolved in __post_init__
     flush_threshold: int = 100
     capacity: int = 10_000
     max_steps: int = 8

@@ -242,7 +242,7 @@ class Layout:
             }
         )
 
-        fields = [
+        fields: list[tuple[str, Any]] = [
             ("generation", "<u8"),
             ("pending", "<u8"),
             ("trajectories_processed", "<u8"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import routing
+from .errors import InvalidInputError
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
@@ -291,6 +292,9 @@ class Learner:
         ``reward``: ``[n]`` (the bandit reward, a trajectory's quality). Gradients are
         cut at every flush as in :meth:`learn`. Returns the number of flushes.
         """
+        unit = self.unit
+        if unit is None:
+            raise InvalidInputError("learn_feedback(): this learner has no route table (unit=None)")
         route_index = np.asarray(route_index, dtype=np.int64)
         best_index = np.asarray(best_index, dtype=np.int64)
         n = route_index.shape[0]
@@ -307,7 +311,7 @@ class Learner:
                 np.asarray(reward)[chunk],
                 self.down,
                 self.up,
-                self.unit,
+                unit,
                 self.temperature,
             )
             self.grad_up += gu

@@ -80,7 +80,14 @@ class InstantLoop:
         elif route_names is not None:
             raise InvalidInputError("route_names: expected None without routes (give routes= too)")
         config = EngineConfig(
-            hidden_dim, rank, lr, flush_threshold, capacity, rule=rule, routes=0 if table is None else len(table), temperature=temperature
+            hidden_dim,
+            rank,
+            lr,  # type: ignore[arg-type]  # None: the rule's default
+            flush_threshold,
+            capacity,
+            rule=rule,
+            routes=0 if table is None else len(table),
+            temperature=temperature,
         )
         self.config = config
         self.hidden_dim = config.hidden_dim

@@ -297,7 +297,7 @@ def render_rich(stats: EngineStats | Mapping[str, Any], history: Sequence[float]
         lanes.add_column(column, justify="left" if i == len(view.lane_columns) - 1 else "right")
     for row in view.lane_rows:
         lanes.add_row(*row)
-    extra = [Text(view.history, style="cyan")] if view.history else []
+    extra: list[Any] = [Text(view.history, style="cyan")] if view.history else []
     if view.route_rows:
         routes = Table(title=view.route_title, title_justify="left")
         for i, column in enumerate(view.route_columns):

@@ -259,17 +259,16 @@ def choose(
     ``rng``: a ``random.Random`` or ``numpy.random.Generator`` (default: ``random``).
     """
     if scores.ndim == 1:
-        greedy = index = int(greedy)
+        best = index = int(greedy)
         if epsilon or sample:
             index = _explore_one(scores, index, epsilon, sample, temperature, rng)
-        return RouteChoice(index, table.names[index], scores, adapted, index != greedy)
-    greedy = np.asarray(greedy, dtype=np.int64)
-    index = greedy
+        return RouteChoice(index, table.names[index], scores, adapted, index != best)
+    bests = np.asarray(greedy, dtype=np.int64)
+    indices = bests
     if epsilon or sample:
-        index = np.array(
-            [_explore_one(scores[i], int(g), epsilon, sample, temperature, rng) for i, g in enumerate(greedy.tolist())], np.int64
-        )
-    return RouteChoice(index, [table.names[i] for i in index.tolist()], scores, adapted, index != greedy)
+        picks = [_explore_one(scores[i], int(g), epsilon, sample, temperature, rng) for i, g in enumerate(bests.tolist())]
+        indices = np.array(picks, np.int64)
+    return RouteChoice(indices, [table.names[i] for i in indices.tolist()], scores, adapted, indices != bests)
 
 
 def _uniform(rng: Any) -> float:
@@ -320,7 +319,6 @@ def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: An
             "give route= and reward= for a bandit one"
         )
     y = table.index(best, "best")
-    a = None if route is None else table.index(route, "route")
-    return Trajectory(
-        query, [Step(table.vectors[y], None, 1.0)], 1.0, route=table.names[y if a is None else a], route_index=a, best_index=y
-    )
+    taken = None if route is None else table.index(route, "route")
+    name = table.names[y if taken is None else taken]
+    return Trajectory(query, [Step(table.vectors[y], None, 1.0)], 1.0, route=name, route_index=taken, best_index=y)

@@ -112,7 +112,15 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def loss(
-    query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray, down, up, unit, temperature, held_pa=None
+    query: np.ndarray,
+    route_index: np.ndarray,
+    best_index: np.ndarray,
+    reward: np.ndarray,
+    down: np.ndarray,
+    up: np.ndarray,
+    unit: np.ndarray,
+    temperature: float,
+    held_pa: np.ndarray | None = None,
 ) -> float:
     """The summed objective whose gradient (w.r.t. U and D, ascending) :func:`gradients` returns; for tests.
 
@@ -140,7 +148,7 @@ def loss(
     return float(total)
 
 
-def route_probabilities(query: np.ndarray, down, up, unit, temperature) -> np.ndarray:
+def route_probabilities(query: np.ndarray, down: np.ndarray, up: np.ndarray, unit: np.ndarray, temperature: float) -> np.ndarray:
     """``p = softmax(z)`` per query: ``float64[n, K]`` (for tests and monitors)."""
     rank = down.shape[0]
     q = np.asarray(query, dtype=F64)

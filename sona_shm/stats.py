@@ -313,7 +313,17 @@ def as_model(stats: EngineStats | Mapping[str, Any]) -> EngineStats:
 # ----------------------------------------------------------------- reading
 
 
-_LEDGER_FIELDS = METRICS + ("pending", "generation", "buffer_head", "buffer_dropped", "last_flush_at", "corrupt", "lane_tail", "up", "down")
+_LEDGER_FIELDS: tuple[str, ...] = METRICS + (
+    "pending",
+    "generation",
+    "buffer_head",
+    "buffer_dropped",
+    "last_flush_at",
+    "corrupt",
+    "lane_tail",
+    "up",
+    "down",
+)
 _LEDGER_FIELDS += ("route_chosen", "route_best", "route_reward")
 
 
