@@ -2,20 +2,18 @@
 
 Run it next to a flusher (see the README, "Under FastAPI/uvicorn")::
 
-    sona-shm flusher --name router --flush-interval 1 &
+    sona-shm flusher --name router --rule routing --routes routes.npz --flush-interval 1 &
     SONA_SHM_NAME=router uvicorn --app-dir examples fastapi_app:app --workers 4
     SONA_SHM_NAME=router gunicorn -k uvicorn.workers.UvicornWorker --workers 4 --chdir examples fastapi_app:app
 
-Endpoints (JSON in, JSON out; ``h`` is the engine's hidden_dim)::
+Endpoints (JSON in, JSON out; the formats are in ``router_requests.py``, shared with
+router_app.py)::
 
-    POST /route     {"embedding": [h numbers]}
-                    -> {"route": "code", "score": 0.71, "scores": {...}, "embedding": [h adapted numbers]}
-    POST /feedback  {"embedding": [h numbers], "quality": 0.8,
-                     "steps": [{"activations": [<= h numbers], "attention": [numbers], "reward": 0.5}],
-                     "route": "code", "latency_us": 1200}          (attention, route, latency_us optional)
-                    -> {"accepted": true}    false: this worker's lane was full; dropped and counted
+    POST /route     {"embedding": [h numbers], "explore": 0.1?}  -> the route chosen, its scores, the adapted embedding
+    POST /feedback  {"embedding", "route", "reward"}  |  {"embedding", "best", "route"?}
+                    |  {"embedding", "steps", "quality", "route"?, "latency_us"?}  -> {"accepted": true|false}
     POST /flush     -> {"flushed": true} once the flusher learned what is committed (awaits engine.flush())
-    GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h}
+    GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h, "rule": ..., "routes": [...]}
     GET  /stats     -> the engine's stats, as ``sona-shm stats --json`` prints them
     GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape
 
@@ -30,10 +28,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import router_requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
-from router_requests import BadRequest, check_length, feedback_trajectory, route_answer, route_query
+from router_requests import HTTPProblem, check_length
 from starlette.exceptions import HTTPException
 
 import sona_shm.asgi
@@ -53,16 +52,12 @@ async def _body(request: Request) -> bytes:
 
 @app.post("/route")
 async def route(request: Request) -> dict[str, Any]:
-    client = engine.client
-    query = route_query(await _body(request), client.hidden_dim)
-    return route_answer(client.forward(query))  # forward() takes microseconds and never waits: on the loop
+    return router_requests.route(engine.client, await _body(request))  # route() takes microseconds and never waits: on the loop
 
 
 @app.post("/feedback")
 async def feedback(request: Request) -> dict[str, Any]:
-    client = engine.client
-    trajectory = feedback_trajectory(await _body(request), client.hidden_dim)
-    return {"accepted": client.record(trajectory)}  # never waits for another process (timeout 0)
+    return router_requests.feedback(engine.client, await _body(request))  # never waits for another process (timeout 0)
 
 
 @app.post("/flush")
@@ -74,7 +69,16 @@ async def flush() -> dict[str, Any]:
 @app.get("/healthz")
 async def healthz() -> dict[str, Any]:
     client = engine.client
-    return {"ok": True, "engine": client.name, "pid": os.getpid(), "lane": client.lane, "hidden_dim": client.hidden_dim}
+    routes = list(client.routes.names) if client.routes is not None else []
+    return {
+        "ok": True,
+        "engine": client.name,
+        "pid": os.getpid(),
+        "lane": client.lane,
+        "hidden_dim": client.hidden_dim,
+        "rule": client.rule,
+        "routes": routes,
+    }
 
 
 @app.get("/stats")
@@ -95,8 +99,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-@app.exception_handler(BadRequest)
-async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+@app.exception_handler(HTTPProblem)
+async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
     return _error(exc.status, str(exc))
 
 

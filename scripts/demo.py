@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""The main job: a flusher, a real gunicorn serving examples/router_app.py, feedback traffic, the monitor.
+"""The main job: a flusher learning to route, a real gunicorn serving examples/router_app.py, feedback traffic, the monitor.
 
     ./scripts/demo [--workers 4] [--threads 4] [--seconds 8] [--clients 4] [--name NAME]
 
-1. starts ``sona-shm flusher`` on a scratch engine;
+1. starts ``sona-shm flusher --rule routing`` on a scratch engine whose route table is
+   the six routes of the synthetic router in ``scripts/router_task.py`` (three of its
+   eight query clusters are best served by another route than the nearest one);
 2. starts gunicorn with ``examples/gunicorn.conf.py`` (the sona_shm hooks) and the
    example router on a free loopback port;
-3. for ``--seconds``, client threads send ``POST /route`` and ``POST /feedback`` (synthetic
-   feedback that rewards steps along one direction) while the monitor redraws live;
-4. waits until everything accepted is learned, prints the monitor's table and checks that
-   the flusher learned exactly the feedback the server accepted;
-5. stops gunicorn, then the flusher (SIGTERM: drain, flush, exit 0), and removes the segment.
+3. measures the router's accuracy on held-out queries (``POST /route``);
+4. for ``--seconds``, client threads route queries (``POST /route`` with 10% exploration),
+   "serve" them, and send bandit feedback (``POST /feedback``: the route taken and
+   reward 1 if it was the right one, else 0) while the monitor redraws live;
+5. waits until everything accepted is learned, prints the monitor's table, the held-out
+   accuracy before and after, and checks that the flusher learned exactly the feedback
+   the server accepted;
+6. stops gunicorn, then the flusher (SIGTERM: drain, flush, exit 0), and removes the segment.
 
 Ctrl-C (or SIGTERM) at any point stops everything the same way: no segment and no
 process is left behind. Exit status 0 when every count matched.
@@ -36,8 +41,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runs from a checkout too
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from sona_shm import segment  # noqa: E402 - after the path is set
+from router_task import RouterTask  # noqa: E402 - after the path is set
+
+from sona_shm import segment  # noqa: E402
 from sona_shm.monitor import format_table, read_stats, watch  # noqa: E402
 from sona_shm.supervise import (  # noqa: E402
     child_pids,
@@ -50,6 +58,10 @@ from sona_shm.supervise import (  # noqa: E402
 )
 
 HIDDEN_DIM = 64
+ROUTE_NAMES = ("code", "math", "chat", "search", "docs", "web")
+#: Held-out queries the accuracy is measured on, before and after the traffic.
+HELD_OUT = 300
+TASK_SEED = 3
 
 
 def _die_with_parent() -> None:
@@ -58,16 +70,15 @@ def _die_with_parent() -> None:
 
 
 class Traffic:
-    """Client threads that route queries and send feedback until stopped; they count every answer."""
+    """Client threads that route queries and send bandit feedback until stopped; they count every answer."""
 
-    def __init__(self, port: int, clients: int) -> None:
+    def __init__(self, port: int, clients: int, task: RouterTask) -> None:
         self.port = port
+        self.task = task
         self.stop = threading.Event()
         self.counts: Counter = Counter()
         self.errors: list[str] = []
         self._guard = threading.Lock()
-        rng = np.random.default_rng(0)
-        self.good = rng.standard_normal(HIDDEN_DIM)  # rewarded steps point this way
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
 
     def start(self) -> None:
@@ -91,13 +102,15 @@ class Traffic:
                     if conn is not None:
                         conn.close()
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                query = rng.standard_normal(HIDDEN_DIM)
-                status, answer = _post(conn, "/route", {"embedding": query.tolist()})
-                counts["routed"] += status == 200
-                good = {"activations": (self.good + 0.3 * rng.standard_normal(HIDDEN_DIM)).tolist(), "reward": 1.0 + rng.random()}
-                bad = {"activations": (-self.good + 0.3 * rng.standard_normal(HIDDEN_DIM)).tolist(), "reward": rng.random() - 1.0}
-                body = {"embedding": query.tolist(), "steps": [good, bad], "quality": 0.5 + rng.random() / 2, "route": answer.get("route")}
-                status, answer = _post(conn, "/feedback", body)
+                x, y = self.task.sample(1, rng)
+                query = x[0].tolist()
+                status, answer = _post(conn, "/route", {"embedding": query, "explore": 0.1})
+                if status != 200:
+                    raise RuntimeError(f"POST /route answered {status}: {answer}")
+                counts["routed"] += 1
+                counts["explored"] += answer["explored"]
+                reward = float(answer["index"] == int(y[0]))  # the route served the query well, or not
+                status, answer = _post(conn, "/feedback", {"embedding": query, "route": answer["route"], "reward": reward})
                 if status != 200:
                     raise RuntimeError(f"POST /feedback answered {status}: {answer}")
                 counts["accepted" if answer["accepted"] else "refused"] += 1
@@ -111,18 +124,25 @@ class Traffic:
                 self.counts.update(counts)
 
 
+def held_out_accuracy(port: int, queries: np.ndarray, right: np.ndarray) -> float:
+    """The share of ``queries`` the router sends to their right route (no exploration)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        hits = 0
+        for x, y in zip(queries, right.tolist()):
+            status, answer = _post(conn, "/route", {"embedding": x.tolist()})
+            if status != 200:
+                raise RuntimeError(f"POST /route answered {status}: {answer}")
+            hits += answer["index"] == y
+        return hits / len(queries)
+    finally:
+        conn.close()
+
+
 def _post(conn: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
     conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, json.loads(response.read())
-
-
-def _route(port: int, probe: np.ndarray) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        return _post(conn, "/route", {"embedding": probe.tolist()})[1]
-    finally:
-        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     flusher = server = traffic = None
     with tempfile.TemporaryDirectory(prefix="sona-shm-demo-") as scratch:
         logs = Path(scratch)
+        task = RouterTask(TASK_SEED, h=HIDDEN_DIM)
+        routes = str(logs / "routes.npz")
+        np.savez(routes, vectors=task.routes, names=np.array(ROUTE_NAMES))
         try:
             # Own sessions: Ctrl-C reaches only this script, which stops the children in order.
             children = dict(start_new_session=True, preexec_fn=_die_with_parent)
             with open(logs / "flusher.log", "w") as log:
                 flusher = start_flusher(
-                    name, "--hidden-dim", str(HIDDEN_DIM), "--lr", "0.05", "--flush-interval", "0.5", stderr=log, **children
-                )
+                    name, "--rule", "routing", "--routes", routes, "--flush-interval", "0.5", stderr=log, **children
+                )  # hidden_dim comes from the routes file; lr is the routing rule's default
             deadline = time.monotonic() + 30
             while not _flusher_ready(name):
                 if flusher.poll() is not None or time.monotonic() > deadline:
@@ -188,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"sona-shm demo: engine {name!r}: flusher pid {flusher.pid}; gunicorn pid {server.pid} with {args.workers} gthread "
                 f"workers x {args.threads} threads (pids {', '.join(map(str, sorted(child_pids(server.pid))))}) on http://127.0.0.1:{port}"
             )
-            probe = np.random.default_rng(42).standard_normal(HIDDEN_DIM).astype(np.float32)
-            before = _route(port, probe)
+            held_x, held_y = task.sample(HELD_OUT, np.random.default_rng(42))
+            before = held_out_accuracy(port, held_x, held_y)
 
-            traffic = Traffic(port, args.clients)
+            traffic = Traffic(port, args.clients, task)
             started = time.monotonic()
             traffic.start()
             interval = 0.5
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            after = _route(port, probe)
+            after = held_out_accuracy(port, held_x, held_y)
             print()
             print(format_table(stats))
             print()
@@ -228,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                 + ("= exactly the feedback the server accepted" if exact else f"but the server accepted {counts['accepted']:,}: MISMATCH")
                 + f"; {stats['flushes_performed']:,} flushes, weights generation {stats['weights_generation']:,}"
             )
-            moved = float(np.linalg.norm(np.array(after["embedding"]) - probe))
             print(
-                f"a probe query: routed to {before['route']!r} (cosine {before['score']:.3f}) before learning, "
-                f"to {after['route']!r} (cosine {after['score']:.3f}) after; the adapter moved it by {moved:.4f}"
+                f"routing: held-out accuracy {before:.1%} before learning, {after:.1%} after "
+                f"({HELD_OUT} queries; {counts['explored']:,} of the {counts['routed']:,} routed requests explored)"
             )
-            return 0 if exact and moved > 0 else 1
+            if after <= before:
+                print(f"routing: not better yet after {counts['accepted']:,} feedbacks; give it more traffic (--seconds 20)")
+            return 0 if exact else 1
         except KeyboardInterrupt:
             print("\nsona-shm demo: interrupted; stopping everything", file=sys.stderr)
             return 130

@@ -40,8 +40,12 @@ class RouterTask:
         for j in rng.choice(len(self.centres), self.misrouted, replace=False):
             self.best[j] = (self.nearest[j] + 1 + rng.integers(0, self.k - 1)) % self.k
 
-    def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` queries (``float32[n, h]``, unit length) and the index of the right route for each."""
-        j = self.rng.integers(0, len(self.centres), n)
-        x = self.centres[j] + self.noise * self.rng.standard_normal((n, self.h)) / np.sqrt(self.h)
+    def sample(self, n: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` queries (``float32[n, h]``, unit length) and the index of the right route for each.
+
+        ``rng``: draw from this generator instead of the task's own (one per thread).
+        """
+        rng = rng or self.rng
+        j = rng.integers(0, len(self.centres), n)
+        x = self.centres[j] + self.noise * rng.standard_normal((n, self.h)) / np.sqrt(self.h)
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), self.best[j]

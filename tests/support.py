@@ -56,6 +56,25 @@ def make_trajectories(seed: int, count: int, hidden_dim: int, *, max_steps: int 
     return out
 
 
+#: The route names the example apps' tests use.
+ROUTE_NAMES = ("code", "math", "chat", "search")
+
+
+def route_table(hidden_dim: int, seed: int = 20240611):
+    """A fixed table of 4 named unit routes (``sona_shm.routes.RouteTable``)."""
+    from sona_shm.routes import RouteTable
+
+    raw = np.random.default_rng(seed).standard_normal((len(ROUTE_NAMES), hidden_dim))
+    return RouteTable.build((raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32), ROUTE_NAMES)
+
+
+def write_routes(path: Any, hidden_dim: int) -> str:
+    """:func:`route_table` as a routes file for ``sona-shm flusher --routes``; returns the path."""
+    table = route_table(hidden_dim)
+    np.savez(path, vectors=table.vectors, names=np.array(table.names))
+    return str(path)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until truthy (returning its value) or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import sona_shm.gunicorn as hooks
 from sona_shm.prometheus import CONTENT_TYPE
 
-from support import ROOT
+from support import ROOT, route_table
 
 sys.path.insert(0, str(ROOT / "examples"))
 import fastapi_app  # noqa: E402 - examples/ is not a package
@@ -27,7 +27,7 @@ H = 16
 @pytest.fixture
 def served(engine, name, monkeypatch):
     """The FastAPI app, started (lifespan) on an engine driven in-process; router_app beside it for comparison."""
-    flusher = engine(hidden_dim=H, flush_threshold=2, lane_slots=4)
+    flusher = engine(hidden_dim=H, flush_threshold=2, lane_slots=4, routes=route_table(H))
     monkeypatch.setenv(hooks.ENV_NAME, name)
     monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")
     monkeypatch.setattr(fastapi_app, "_metrics", None)
@@ -110,6 +110,10 @@ def test_healthz_and_metrics(served, name):
         ("/feedback", json.dumps(feedback(route="r" * 65)).encode()),
         ("/feedback", json.dumps(feedback(latency_us=-1)).encode()),
         ("/feedback", json.dumps(feedback(qualty=1)).encode()),
+        ("/feedback", json.dumps({"embedding": [1.0] * H}).encode()),
+        ("/feedback", json.dumps({"embedding": [1.0] * H, "route": "nope", "reward": 1}).encode()),
+        ("/feedback", json.dumps({"embedding": [1.0] * H, "best": 9}).encode()),
+        ("/route", json.dumps({"embedding": [1.0] * H, "explore": -1}).encode()),
     ],
 )
 def test_bad_requests_get_the_same_400_as_router_app_and_change_nothing(served, path, body):
@@ -127,6 +131,8 @@ def test_bad_requests_get_the_same_400_as_router_app_and_change_nothing(served, 
         "quality",
         "route",
         "latency_us",
+        "best",
+        "explore",
     )
     flusher.scan()
     assert http.get("/stats").json()["recorded"] == 0

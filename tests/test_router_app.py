@@ -14,12 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import sona_shm.gunicorn as hooks
 from sona_shm.prometheus import CONTENT_TYPE
 
-from support import ROOT
+from support import ROOT, route_table
 
 sys.path.insert(0, str(ROOT / "examples"))
 import router_app  # noqa: E402 - examples/ is not a package
 
 H = 16
+TABLE = route_table(H)
 
 
 def call(method: str, path: str, body: bytes | str | object = b"") -> tuple[str, dict[str, str], bytes]:
@@ -39,8 +40,8 @@ def call(method: str, path: str, body: bytes | str | object = b"") -> tuple[str,
 
 @pytest.fixture
 def served(engine, name, monkeypatch):
-    """An engine driven in-process, the app attached to it through SONA_SHM_NAME."""
-    flusher = engine(hidden_dim=H, flush_threshold=2, lane_slots=4)
+    """An engine with a route table (reference rule) driven in-process, the app attached to it through SONA_SHM_NAME."""
+    flusher = engine(hidden_dim=H, flush_threshold=2, lane_slots=4, routes=TABLE)
     monkeypatch.setenv(hooks.ENV_NAME, name)
     monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")
     yield flusher
@@ -65,10 +66,10 @@ def test_route_applies_the_adapter_and_picks_the_best_route(served):
     answer = json.loads(payload)
     assert status == "200 OK" and headers["Content-Type"] == "application/json"
     assert answer["embedding"] == probe.tolist()  # nothing learned yet: the adapter is zero
-    scores = router_app.route_vectors(H) @ probe / np.linalg.norm(probe)
-    assert answer["route"] == router_app.ROUTES[int(np.argmax(scores))]
-    assert answer["scores"] == pytest.approx(dict(zip(router_app.ROUTES, scores.tolist())), abs=1e-6)
-    assert answer["score"] == max(answer["scores"].values())
+    scores = TABLE.unit @ probe / np.linalg.norm(probe)
+    assert answer["route"] == TABLE.names[int(np.argmax(scores))] == TABLE.names[answer["index"]]
+    assert answer["scores"] == pytest.approx(dict(zip(TABLE.names, scores.tolist())), abs=1e-6)
+    assert answer["score"] == max(answer["scores"].values()) and answer["explored"] is False
     for _ in range(2):
         assert json.loads(call("POST", "/feedback", feedback())[2]) == {"accepted": True}
     served.scan()  # two signals: one flush
@@ -83,6 +84,37 @@ def test_feedback_is_recorded_with_everything_it_carries(served):
     served.scan()
     stats = json.loads(call("GET", "/stats")[2])
     assert stats["trajectories_processed"] == 2 and stats["buffer"]["len"] == 2
+
+
+def test_bandit_and_full_information_feedback_are_recorded_as_feedback(served):
+    x = list(np.linspace(-1, 1, H))
+    assert json.loads(call("POST", "/feedback", {"embedding": x, "route": "math", "reward": 0.5})[2]) == {"accepted": True}
+    assert json.loads(call("POST", "/feedback", {"embedding": x, "best": 2, "route": "code"})[2]) == {"accepted": True}
+    assert json.loads(call("POST", "/feedback", {"embedding": x, "best": "search"})[2]) == {"accepted": True}
+    served.scan()
+    got = [(t.route, t.route_index, t.best_index, t.quality) for t in hooks.client().drain()]
+    assert got == [("math", 1, None, 0.5), ("code", 0, 2, 1.0), ("search", None, 3, 1.0)]
+    routes = {r["name"]: r for r in json.loads(call("GET", "/stats")[2])["routes"]}
+    assert (routes["math"]["chosen"], routes["code"]["chosen"], routes["chat"]["best"], routes["search"]["best"]) == (1, 1, 1, 1)
+    explored = [json.loads(call("POST", "/route", {"embedding": x, "explore": 1.0})[2]) for _ in range(40)]
+    assert {a["route"] for a in explored} == set(TABLE.names) and any(a["explored"] for a in explored)
+
+
+def test_a_routing_engine_learns_through_the_app(engine, name, monkeypatch):
+    flusher = engine(hidden_dim=H, flush_threshold=5, lane_slots=64, routes=TABLE, rule="routing", lr=1.0)
+    monkeypatch.setenv(hooks.ENV_NAME, name)
+    monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")
+    try:
+        probe = TABLE.vectors[0] + 0.1 * TABLE.vectors[1]  # routed to "code" by cosine
+        before = json.loads(call("POST", "/route", {"embedding": probe.tolist()})[2])
+        assert before["route"] == "code"
+        for _ in range(60):  # "it should have been math"
+            assert json.loads(call("POST", "/feedback", {"embedding": probe.tolist(), "best": "math"})[2])["accepted"]
+            flusher.scan()
+        after = json.loads(call("POST", "/route", {"embedding": probe.tolist()})[2])
+        assert after["route"] == "math" and json.loads(call("GET", "/healthz")[2])["rule"] == "routing"
+    finally:
+        hooks.close()
 
 
 def test_a_full_lane_answers_accepted_false_and_counts_it(served):
@@ -129,6 +161,14 @@ def test_healthz_and_metrics(served, name):
         ("POST", "/feedback", feedback(route="r" * 65), "400", "route: expected at most 64 UTF-8 bytes, got 65"),
         ("POST", "/feedback", feedback(latency_us=-1), "400", "latency_us: expected an integer in [0, 2**64)"),
         ("POST", "/feedback", feedback(qualty=1), "400", "body: unknown field 'qualty'"),
+        ("POST", "/feedback", {"embedding": [1.0] * H}, "400", "body: expected route and reward (a bandit feedback), best"),
+        ("POST", "/feedback", {"embedding": [1.0] * H, "reward": 1}, "400", "body: missing field 'route'"),
+        ("POST", "/feedback", {"embedding": [1.0] * H, "route": "nope", "reward": 1}, "400", "route: expected a route name ('code'"),
+        ("POST", "/feedback", {"embedding": [1.0] * H, "route": 0, "reward": "x"}, "400", "reward: expected a finite number"),
+        ("POST", "/feedback", {"embedding": [1.0] * H, "best": 9}, "400", "best: expected a route index in [0, 3]"),
+        ("POST", "/feedback", {"embedding": [1.0] * H, "best": 0, "reward": 1}, "400", "body: unknown field 'reward'"),
+        ("POST", "/feedback", {"embedding": [1.0] * 3, "best": 0}, "400", "embedding: expected 16 values"),
+        ("POST", "/route", {"embedding": [1.0] * H, "explore": 2}, "400", "explore: expected a probability in [0, 1]"),
         ("GET", "/route", b"", "405", "/route expects POST, got GET"),
         ("POST", "/healthz", b"", "405", "/healthz expects GET, got POST"),
         ("GET", "/nope", b"", "404", "path: expected one of /route, /feedback"),
@@ -146,7 +186,12 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(served, method, path, b
 
 
 def test_a_body_too_large_is_refused_before_it_is_read(served):
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/route", "CONTENT_LENGTH": str(router_app.MAX_BODY + 1), "wsgi.input": None}
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/route",
+        "CONTENT_LENGTH": str(router_app.router_requests.MAX_BODY + 1),
+        "wsgi.input": None,
+    }
     seen = {}
     payload = b"".join(router_app.app(environ, lambda status, headers: seen.update(status=status)))
     assert seen["status"].startswith("413") and "body: expected at most" in json.loads(payload)["error"]
@@ -157,3 +202,15 @@ def test_no_engine_is_a_503_that_says_why(monkeypatch, name):
     monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")
     status, _, payload = call("POST", "/route", {"embedding": [1.0] * H})
     assert status.startswith("503") and f"segment {name!r} does not exist" in json.loads(payload)["error"]
+
+
+def test_an_engine_without_routes_is_a_503_for_routing_only(engine, name, monkeypatch):
+    engine(hidden_dim=H)
+    monkeypatch.setenv(hooks.ENV_NAME, name)
+    monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")
+    try:
+        status, _, payload = call("POST", "/route", {"embedding": [1.0] * H})
+        assert status.startswith("503") and "has no route table: start its flusher with --routes FILE" in json.loads(payload)["error"]
+        assert call("POST", "/feedback", feedback())[0] == "200 OK"  # trajectories need no route table
+    finally:
+        hooks.close()

@@ -31,7 +31,9 @@ from support import ROOT, env, wait_for
 pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
 
 H = 32
+#: A small engine with the example apps' four routes (tests/data/routes-h32.npz, support.route_table(32)).
 FLUSHER = ("--hidden-dim", str(H), "--lr", "0.05", "--max-steps", "4", "--attention-dim", "8", "--flush-threshold", "50", "--lanes", "6")
+FLUSHER += ("--routes", str(ROOT / "tests" / "data" / "routes-h32.npz"))
 MALFORMED = [b'{"embedding": [NaN]}', b'{"embedding": [1, 2, 3]}', b"{not json"]
 GOOD = np.random.default_rng(7).standard_normal(H)
 #: Seconds a server may take to start serving on a loaded 2-core machine.

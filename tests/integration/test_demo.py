@@ -40,6 +40,7 @@ def test_the_demo_learns_exactly_what_gunicorn_accepted_and_cleans_up(name):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "= exactly the feedback the server accepted" in run.stdout
+    assert re.search(r"routing: held-out accuracy \d+\.\d% before learning, \d+\.\d% after \(300 queries", run.stdout)
     assert "trajectories_processed" in run.stdout and "flusher exit 0" in run.stdout
     assert f"removed /sona_shm.{name}, /sona_shm.{name}.bell" in run.stdout
     assert_all_gone(name, started_pids(run.stdout))

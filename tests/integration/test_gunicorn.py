@@ -36,6 +36,7 @@ APP_PATH = f"{ROOT / 'examples'},{Path(__file__).resolve().parent}"
 FLUSHER = (
     *("--hidden-dim", str(H), "--lr", "0.05", "--max-steps", "4", "--attention-dim", "8"),
     *("--flush-threshold", "50", "--flush-interval", "0.2"),
+    *("--routes", str(ROOT / "tests" / "data" / "routes-h32.npz")),  # the example apps' four routes (support.route_table(32))
 )
 #: Bodies the server must refuse with a 400 (and record nothing).
 MALFORMED = [
