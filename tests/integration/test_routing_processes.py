@@ -12,6 +12,7 @@ import random
 import signal
 
 import numpy as np
+import pytest
 
 from sona_shm import InstantLoop
 from sona_shm.client import attach
@@ -150,6 +151,7 @@ def test_on_policy_bandit_feedback_from_two_processes_learns_to_route(procs, chi
     assert stop_process(flusher) == 0
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_flusher_killed_under_the_routing_rule_loses_and_repeats_nothing(procs, children, name, tmp_path):
     """Two producers give 2000 feedbacks each while the flusher is SIGKILLed 6 times, once
     mid-publish; each feedback is learned exactly once and U and D equal a replay."""
