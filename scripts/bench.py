@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -256,7 +257,27 @@ def run_latency(producers: int, seconds: float) -> dict[str, dict]:
         calls = max(2000, int(20000 * seconds))
         results["forward 1"] = pct(time_calls(client.forward, [(x,)], calls))
         results["forward 32"] = pct(time_calls(client.forward, [(batch,)], calls))
+    results.update(run_route_latency(max(2000, int(20000 * seconds))))
     return results
+
+
+def run_route_latency(calls: int) -> dict[str, dict]:
+    """``route()`` beside ``forward()`` on a routing engine with K = 8 routes, interleaved call by call."""
+    with tempfile.TemporaryDirectory(prefix="sona-bench-") as scratch:
+        path = os.path.join(scratch, "routes.npz")
+        rng = np.random.default_rng(8)
+        routes = rng.standard_normal((ROUTES, HIDDEN_DIM)).astype(np.float32)
+        np.savez(path, vectors=routes)
+        with Engine("route", rule="routing", routes=path, lanes=2) as engine, attach(engine.name) as client:
+            for k in range(200):  # a learned, non-zero adapter
+                client.feedback(rng.standard_normal(HIDDEN_DIM).astype(np.float32), best=k % ROUTES)
+            client.flush(timeout=60)
+            x = rng.standard_normal(HIDDEN_DIM).astype(np.float32)
+            forward, route = [], []
+            for _ in range(calls // 100):
+                forward += time_calls(client.forward, [(x,)], 100)
+                route += time_calls(client.route, [(x,)], 100)
+    return {"forward 1 (K8 engine)": pct(forward), "route 1 (K8)": pct(route)}
 
 
 # ----------------------------------------------------------------- 3. learning rate

@@ -29,18 +29,18 @@
 #define SLOT_BEST_INDEX 34  /* u16: best_index + 1, 0 for none */
 #define MAX_ROUTES_C 256    /* config.MAX_ROUTES */
 
-/* The routing learner's per-signal loop is float64 dot products and updates of length h:
- * with AVX2 and FMA (x86-64-v3) it runs about twice as fast as with the SSE2 every x86-64
+/* The routing learner's per-signal loop and route()'s scores are dot products and updates of
+ * length h: with AVX2 (x86-64-v3) they run about twice as fast as with the SSE2 every x86-64
  * has. GCC compiles both and the loader picks one for the CPU at hand (an ifunc), so the
- * module still runs anywhere. (FMA rounds once where SSE2 rounds twice: gradients differ
- * between such machines in the last bits, as any two summation orders do.) */
+ * module still runs anywhere. Both round alike: in ISO C mode (-std=c11) GCC does not fuse
+ * a * b + c into one FMA, and the sums keep their order whatever the vector width. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define WIDE_VECTORS __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define WIDE_VECTORS
 #endif
 
-static PyTypeObject *trajectory_type, *step_type; /* set once by set_types() */
+static PyTypeObject *trajectory_type, *step_type, *route_choice_type; /* set once by set_types() */
 static PyObject *s_query, *s_steps, *s_quality, *s_latency_us, *s_route, *s_id, *s_route_index, *s_best_index;
 static PyObject *s_activations, *s_attention, *s_reward;
 
@@ -402,13 +402,27 @@ static PyTypeObject LaneWriterType = {
     .tp_getset = LaneWriter_getset,
 };
 
-/* Eight interleaved partial sums: no loop-carried dependency on one register, and a
- * shape the compiler turns into vector instructions (as BLAS does, in another order). */
-static float dot(const float *a, const float *b, npy_intp n) {
-    float p[8] = {0};
+/* Eight interleaved partial sums (lane j adds elements j, j + 8, ...) in two 4-float vectors
+ * of the compiler's vector extension: no loop-carried dependency on one register, and SIMD
+ * that every x86-64 has (SSE); the sums are added in one fixed order, so results never
+ * depend on the CPU. */
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, npy_intp n) {
+    f32x4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
     npy_intp i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
+    for (; i + 8 <= n; i += 8) {
+        f32x4 a0, a1, b0, b1;
+        memcpy(&a0, a + i, sizeof a0);
+        memcpy(&a1, a + i + 4, sizeof a1);
+        memcpy(&b0, b + i, sizeof b0);
+        memcpy(&b1, b + i + 4, sizeof b1);
+        lo += a0 * b0;
+        hi += a1 * b1;
+    }
+    float p[8];
+    memcpy(p, &lo, sizeof lo);
+    memcpy(p + 4, &hi, sizeof hi);
     for (; i < n; i++) p[0] += a[i] * b[i];
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
@@ -970,60 +984,129 @@ release:
     return result;
 }
 
-/* route(x, down, up_scaled, unit) -> (adapted float32[h], scores float32[K], index) or None
+/* dot() with its eight partial sums in one 8-float vector: the same lanes, so the same sums in
+ * the same order, but one AVX register where the CPU has it (in a WIDE_VECTORS clone). */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) float dot8(const float *a, const float *b, npy_intp n) {
+    f32x8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+    npy_intp i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 x, y;
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        acc += x * y;
+    }
+    float p[8];
+    memcpy(p, &acc, sizeof p);
+    for (; i < n; i++) p[0] += a[i] * b[i];
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f. The index of
+ * the best (the first of equal maxima, as numpy.argmax). Up to eight routes at a time share each
+ * load of f; every sum is dot8()'s, in dot8()'s order. */
+WIDE_VECTORS static npy_intp score_routes(const float *f, const float *V, npy_intp K, npy_intp h, float *out) {
+    double norm = sqrt((double)dot8(f, f, h));
+    npy_intp body = h - h % 8;
+    for (npy_intp k0 = 0; k0 < K; k0 += 8) {
+        int m = (int)(K - k0 < 8 ? K - k0 : 8);
+        f32x8 acc[8];
+        memset(acc, 0, sizeof acc);
+        for (npy_intp i = 0; i < body; i += 8) {
+            f32x8 x;
+            memcpy(&x, f + i, sizeof x);
+            for (int j = 0; j < m; j++) {
+                f32x8 v;
+                memcpy(&v, V + (k0 + j) * h + i, sizeof v);
+                acc[j] += v * x;
+            }
+        }
+        for (int j = 0; j < m; j++) {
+            float p[8];
+            memcpy(p, &acc[j], sizeof p);
+            for (npy_intp i = body; i < h; i++) p[0] += V[(k0 + j) * h + i] * f[i];
+            float d = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+            out[k0 + j] = norm > 0 ? (float)((double)d / norm) : 0.0f;
+        }
+    }
+    npy_intp best = 0;
+    for (npy_intp k = 1; k < K; k++)
+        if (out[k] > out[best]) best = k;
+    return best;
+}
+
+/* route(x, down, up_scaled, unit, names) -> RouteChoice(index, names[index], scores, adapted, False) or None
  * forward() of one finite native float32 vector, then the cosine of the result with every
- * unit route and the best index (the first of equal maxima, as numpy.argmax); scores are 0
- * for a zero result. None: not that form (take the Python path). */
+ * unit route (float32[K, h]) and the best of them: the greedy choice, built here as a
+ * routes.RouteChoice (a tuple subclass made by tuple's own constructor). ``names``: a
+ * tuple of K names. None: not that form (take the Python path). */
 static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "route() takes 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "route() takes 5 arguments");
         return NULL;
     }
     if (!PyArray_CheckExact(args[0]) || PyArray_NDIM((PyArrayObject *)args[0]) != 1) Py_RETURN_NONE;
     PyArrayObject *v = (PyArrayObject *)args[3];
+    PyObject *names = args[4];
     PyObject *adapted = adapt(self, args, 3);
     if (adapted == NULL || adapted == Py_None) return adapted;
-    if (!PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 || !PyArray_IS_C_CONTIGUOUS(v) ||
-        PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1) {
+    if (route_choice_type == NULL || !PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 ||
+        !PyArray_IS_C_CONTIGUOUS(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
+        !PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != PyArray_DIM(v, 0)) {
         Py_DECREF(adapted);
-        PyErr_SetString(PyExc_ValueError, "route(): unit must be C-contiguous float32[K, h]");
+        PyErr_SetString(PyExc_ValueError, "route(): unit must be C-contiguous float32[K, h] and names a tuple of K names");
         return NULL;
     }
     npy_intp K = PyArray_DIM(v, 0), h = PyArray_DIM(v, 1);
-    PyArrayObject *scores = (PyArrayObject *)PyArray_SimpleNew(1, &K, NPY_FLOAT32);
+    PyObject *scores = PyArray_SimpleNew(1, &K, NPY_FLOAT32);
     if (scores == NULL) {
         Py_DECREF(adapted);
         return NULL;
     }
-    const float *f = (const float *)PyArray_DATA((PyArrayObject *)adapted), *V = (const float *)PyArray_DATA(v);
-    float *out = (float *)PyArray_DATA(scores);
-    double norm = sqrt((double)dot(f, f, h));
-    npy_intp best = 0;
-    for (npy_intp k = 0; k < K; k++) {
-        out[k] = norm > 0 ? (float)((double)dot(V + k * h, f, h) / norm) : 0.0f;
-        if (out[k] > out[best]) best = k;
+    npy_intp best = score_routes((const float *)PyArray_DATA((PyArrayObject *)adapted), (const float *)PyArray_DATA(v), K, h,
+                                 (float *)PyArray_DATA((PyArrayObject *)scores));
+    /* What tuple.__new__(RouteChoice, fields) does (tuple_subtype_new): allocate the subclass
+     * instance with room for 5 items, then fill it; RouteChoice has no fields of its own. */
+    PyObject *index = PyLong_FromSsize_t(best);
+    PyObject *choice = index ? route_choice_type->tp_alloc(route_choice_type, 5) : NULL;
+    if (choice == NULL) {
+        Py_XDECREF(index);
+        Py_DECREF(scores);
+        Py_DECREF(adapted);
+        return NULL;
     }
-    return Py_BuildValue("(NNn)", adapted, (PyObject *)scores, best);
+    PyTuple_SET_ITEM(choice, 0, index); /* each steals its reference */
+    PyTuple_SET_ITEM(choice, 1, Py_NewRef(PyTuple_GET_ITEM(names, best)));
+    PyTuple_SET_ITEM(choice, 2, scores);
+    PyTuple_SET_ITEM(choice, 3, adapted);
+    PyTuple_SET_ITEM(choice, 4, Py_NewRef(Py_False));
+    return choice;
 }
 
-/* set_types(Trajectory, Step): the exact classes fill_slot accepts (instances of
- * subclasses take the Python path). */
+/* set_types(Trajectory, Step, RouteChoice): the exact classes fill_slot accepts (instances of
+ * subclasses take the Python path), and the class route() returns (a tuple subclass). */
 static PyObject *set_types(PyObject *self, PyObject *args) {
-    PyObject *t, *s;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &t, &PyType_Type, &s)) return NULL;
+    PyObject *t, *s, *c;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyType_Type, &t, &PyType_Type, &s, &PyType_Type, &c)) return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)c, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "set_types(): RouteChoice must be a tuple subclass");
+        return NULL;
+    }
     Py_XSETREF(trajectory_type, (PyTypeObject *)Py_NewRef(t));
     Py_XSETREF(step_type, (PyTypeObject *)Py_NewRef(s));
+    Py_XSETREF(route_choice_type, (PyTypeObject *)Py_NewRef(c));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"set_types", set_types, METH_VARARGS, "Register the Trajectory and Step classes."},
+    {"set_types", set_types, METH_VARARGS, "Register the Trajectory, Step and RouteChoice classes."},
     {"learn_slots", (PyCFunction)(void (*)(void))learn_slots, METH_FASTCALL,
      "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
      "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
-     "(adapted, cosine scores, best index) for one finite float32 vector; None: take the Python path."},
+     "The greedy RouteChoice for one finite float32 vector; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,
      "x + adapter(x) for one finite float32 vector; None: take the Python path."},
     {NULL, NULL, 0, NULL},

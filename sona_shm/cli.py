@@ -188,6 +188,19 @@ def _flusher(args: argparse.Namespace) -> int:
         raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
     interval = check_timeout(60.0 if args.checkpoint_interval is None else args.checkpoint_interval, "--checkpoint-interval")
     given, routes = _given_config(args)
+    # The handlers go in before the engine is created or adopted: a supervisor may send
+    # SIGTERM as soon as it sees the flusher lock taken, and the default action would kill
+    # the flusher mid-start instead of letting it stop cleanly.
+    requested: list[int] = []  # the signals received
+    started: list[Flusher] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        requested.append(signum)  # only flags: the loop drains, flushes and exits
+        for running in started:
+            running.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     flusher = Flusher(
         args.name,
         config_overrides=given,
@@ -197,12 +210,8 @@ def _flusher(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         checkpoint_interval=interval,
     )
-
-    def request_stop(signum: int, frame: Any) -> None:
-        flusher.stop_requested = True  # only a flag: the loop drains, flushes and exits
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    started.append(flusher)
+    flusher.stop_requested = flusher.stop_requested or bool(requested)  # a signal that came during the start
     try:
         flusher.run()
     finally:

@@ -42,7 +42,7 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .routes import RouteChoice, RouteTable, check_exploration, choose, cosine_scores, feedback_trajectory, read_route_table
+from .routes import RouteChoice, check_exploration, choose, cosine_scores, feedback_trajectory, read_route_table
 from .segment import Segment, start_ticks, wait_until
 from .stats import EngineStats, collect
 from .trajectory import Trajectory, check_trajectory
@@ -307,16 +307,21 @@ class Client:
         actually served (``choice.index``). ``rng``: a ``random.Random`` or numpy
         ``Generator`` for the draws (default: the ``random`` module).
         """
-        table = self._table("route")
+        table = self.routes
+        if table is None:
+            raise self._no_table("route")
+        if not (explore or sample) and _speedups is not None:  # the common call: greedy, one C call
+            w = self._weights
+            try:
+                generation, _ = self._ledger.generation()
+            except TornRead:  # the flusher outran us: keep the last good copy
+                generation = w.generation
+            if generation != w.generation:
+                w = self._load_weights()
+            done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
+            if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
+                return done
         epsilon = check_exploration(explore, sample) if explore or sample else 0.0
-        if _speedups is not None and type(x) is np.ndarray:
-            w = self._current_weights()
-            done = _speedups.route(x, w.down, w.up_scaled, table.unit)
-            if done is not None:  # a finite float32 [h] vector; anything else is handled below
-                adapted, scores, greedy = done
-                if not epsilon and not sample:
-                    return RouteChoice(greedy, table.names[greedy], scores, adapted, False)
-                return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)
@@ -331,24 +336,16 @@ class Client:
         trajectory (encoding in :mod:`sona_shm.routes`), so drain returns it. Bad input
         raises :class:`InvalidInputError` naming the argument, and nothing is written.
         """
-        table = self._table("feedback")
+        table = self.routes
+        if table is None:
+            raise self._no_table("feedback")
         traj = feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing")
         return self.record(traj, timeout=timeout)
 
-    def _table(self, what: str) -> RouteTable:
-        if self.routes is None:
-            raise InvalidInputError(
-                f"{what}(): engine {self.name!r} has no route table; create it with `sona-shm flusher --name {self.name} --routes FILE`"
-            )
-        return self.routes
-
-    def _current_weights(self) -> _Weights:
-        w = self._weights
-        try:
-            generation, _ = self._ledger.generation()
-        except TornRead:  # the flusher outran us: keep the last good copy
-            return w
-        return w if generation == w.generation else self._load_weights()
+    def _no_table(self, what: str) -> InvalidInputError:
+        return InvalidInputError(
+            f"{what}(): engine {self.name!r} has no route table; create it with `sona-shm flusher --name {self.name} --routes FILE`"
+        )
 
     def _load_weights(self) -> _Weights:
         try:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID, Layout
 from .learning import F32
+from .routes import RouteChoice
 from .segment import Segment
 from .trajectory import Step, Trajectory, _all_finite, check_trajectory
 
@@ -41,7 +42,7 @@ if not os.environ.get("SONA_SHM_PURE_PYTHON"):
     try:
         from . import _speedups
 
-        _speedups.set_types(Trajectory, Step)
+        _speedups.set_types(Trajectory, Step, RouteChoice)
     except ImportError:  # pragma: no cover - depends on the build
         _speedups = None
 
