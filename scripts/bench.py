@@ -48,7 +48,7 @@ from sona_shm.flusher import WAKE_TIMEOUT
 from sona_shm.layout import EngineConfig
 from sona_shm.learning import Learner
 from sona_shm.monitor import read_stats
-from sona_shm.supervise import start_flusher, stop_process
+from sona_shm.supervise import die_with_parent, set_deadline, start_flusher, stop_process
 
 HIDDEN_DIM = 256
 RANK = 2
@@ -56,6 +56,21 @@ ATTENTION_DIM = 64
 POOL = 256  # distinct trajectories each producer cycles through
 QUEUE_SIZE = 10_000
 CTX = mp.get_context("fork")
+#: Seconds any process this script starts may live; they also die with the script.
+CHILD_DEADLINE = 900.0
+#: This script's pid, as its forked children expect their parent to be.
+PARENT = os.getpid()
+
+
+def child_start() -> None:
+    """First thing in every forked child: die with the script, and end after CHILD_DEADLINE."""
+    die_with_parent(parent=PARENT)
+    set_deadline(CHILD_DEADLINE)
+
+
+def orphaned() -> bool:
+    """True once the script that started this child is gone (for children that loop)."""
+    return os.getppid() != PARENT
 
 
 def make_pool(seed: int, steps: int, size: int = POOL) -> list[Trajectory]:
@@ -85,7 +100,7 @@ class Engine:
     def __init__(self, tag: str, **config: Any) -> None:
         self.name = f"bench-{os.getpid()}-{tag}"
         segment.unlink(self.name)
-        self.proc = start_flusher(self.name, *flusher_options(**config))
+        self.proc = start_flusher(self.name, *flusher_options(**config), deadline=CHILD_DEADLINE)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -109,6 +124,7 @@ class Engine:
 
 
 def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out) -> None:
+    child_start()
     pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
         go.wait()
@@ -130,6 +146,7 @@ def as_message(t: Trajectory) -> tuple:
 
 
 def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> None:
+    child_start()
     pool = [as_message(t) for t in make_pool(seed, steps)]
     go.wait()
     cpu0, sent = time.process_time(), 0
@@ -144,6 +161,7 @@ def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> No
 
 
 def _queue_consumer(queue, producers: int, many: bool, out) -> None:
+    child_start()
     received, done = 0, 0
     while done < producers:
         items = queue.get_many(max_messages_to_get=1024, timeout=60) if many else [queue.get(timeout=60)]
@@ -215,6 +233,7 @@ def run_throughput(system: str, producers: int, steps: int, seconds: float) -> d
 
 
 def _background(name: str, seed: int, steps: int, seconds: float) -> None:
+    child_start()
     pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
         deadline = time.monotonic() + seconds
@@ -303,37 +322,62 @@ def run_learning(seconds: float) -> dict[str, float]:
 # ----------------------------------------------------------------- 4. freshness
 
 
-def _watcher(name: str, ready, samples: int, out) -> None:
+def _watcher(name: str, ready, seen, samples: int, seconds: float, out) -> None:
+    """Poll forward() until the adapter changed ``samples`` times (or ``seconds`` passed); put the change times.
+
+    ``seen`` (shared) counts the changes so far: the recording side waits for it before
+    it records the next trajectory, so that no change can hide behind another.
+    """
+    child_start()
     with attach(name, timeout=30) as client:
         x = np.ones(HIDDEN_DIM, np.float32)
-        seen = client.forward(x)
+        last = client.forward(x)
         ready.set()
-        stamps = []
+        stamps: list[int] = []
+        deadline = time.monotonic() + seconds
+        polls = 0
         while len(stamps) < samples:
             now = client.forward(x)
-            if not np.array_equal(now, seen):
+            if not np.array_equal(now, last):
                 stamps.append(time.perf_counter_ns())
-                seen = now
+                seen.value = len(stamps)
+                last = now
+            polls += 1
+            if polls % 1024 == 0 and (time.monotonic() > deadline or orphaned()):
+                break
         out.put(stamps)
 
 
 def run_freshness(samples: int) -> dict[str, Any]:
     with Engine("fresh", flush_threshold=1, lanes=4) as engine:
-        ready, out = CTX.Event(), CTX.Queue()
-        watcher = CTX.Process(target=_watcher, args=(engine.name, ready, samples, out))
+        ready, seen, out = CTX.Event(), CTX.Value("i", 0), CTX.Queue()
+        watcher = CTX.Process(target=_watcher, args=(engine.name, ready, seen, samples, 120.0, out))
         watcher.start()
-        ready.wait(60)
-        pool = make_pool(11, 1, samples)
-        sent = []
-        with attach(engine.name) as client:
-            for t in pool:
-                client.sync(timeout=10)  # the previous one is learned: each record is its own change
-                time.sleep(0.002)  # let the flusher fall idle, as between real requests
-                client.record(t)
-                sent.append(time.perf_counter_ns())
-        seen = out.get(timeout=120)
-        watcher.join(60)
-        lag = np.array(seen) - np.array(sent)
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("freshness: the watcher did not attach within 60 s")
+            pool = make_pool(11, 1, samples)
+            sent = []
+            with attach(engine.name) as client:
+                for k, t in enumerate(pool):
+                    deadline = time.monotonic() + 10
+                    while seen.value < k:  # the watcher saw the previous change: each record is its own
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"freshness: the watcher saw {seen.value} of {k} changes within 10 s")
+                        time.sleep(0.0005)
+                    client.sync(timeout=10)
+                    time.sleep(0.002)  # let the flusher fall idle, as between real requests
+                    client.record(t)
+                    sent.append(time.perf_counter_ns())
+            stamps = out.get(timeout=120)
+            watcher.join(60)
+        finally:
+            if watcher.is_alive():  # only when something above failed
+                watcher.kill()
+            watcher.join()
+        if len(stamps) != samples:
+            raise RuntimeError(f"freshness: the watcher saw {len(stamps)} of {samples} changes")
+        lag = np.array(stamps) - np.array(sent)
         ticks = os.sysconf("SC_CLK_TCK")
 
         def cpu_s() -> float:

@@ -159,6 +159,18 @@ def _flusher(args: argparse.Namespace) -> int:
     if not 0 <= interval < float("inf"):
         raise InvalidInputError(f"--checkpoint-interval: expected seconds >= 0, got {args.checkpoint_interval}")
     given = _given_config(args)
+    # The handlers go in before the flusher takes the segment's flusher lock: from that
+    # moment a supervisor sees a live flusher and may stop it, and a SIGTERM must then
+    # mean drain, flush and exit 0, not death by signal.
+    stop: dict[str, Any] = {"requested": False, "flusher": None}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop["requested"] = True  # only flags: the loop drains, flushes and exits
+        if stop["flusher"] is not None:
+            stop["flusher"].stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     flusher = Flusher(
         args.name,
         config=EngineConfig(**given),
@@ -168,12 +180,9 @@ def _flusher(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         checkpoint_interval=interval,
     )
-
-    def request_stop(signum: int, frame: Any) -> None:
-        flusher.stop_requested = True  # only a flag: the loop drains, flushes and exits
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop["flusher"] = flusher
+    if stop["requested"]:  # a signal that came while the flusher was being set up
+        flusher.stop_requested = True
     try:
         flusher.run()
     finally:

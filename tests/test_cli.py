@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -107,3 +108,25 @@ def test_drain_refusals_and_their_exit_codes(capsys, engine, name, tmp_path):
         consumer.close()
     assert code == EXIT_ERROR and "drain lock stayed held" in err
     assert not os.path.exists(out)
+
+
+def test_sigterm_right_after_the_flusher_took_its_lock_is_a_clean_stop(children, name):
+    """A supervisor sees a live flusher once the lock is taken; a SIGTERM from then on must mean exit 0."""
+    from sona_shm import flusher as flusher_module
+
+    from children import fork_child
+
+    def flusher_signalled_at_the_lock() -> None:
+        real = flusher_module._create_or_adopt
+
+        def create_or_adopt(*args, **kwargs):
+            taken = real(*args, **kwargs)  # the flusher lock is held from here on
+            os.kill(os.getpid(), signal.SIGTERM)
+            return taken
+
+        flusher_module._create_or_adopt = create_or_adopt
+        code = main(["flusher", "--name", name, "--quiet", "--hidden-dim", "8", "--lanes", "2", "--lane-slots", "8", "--capacity", "8"])
+        os._exit(code)
+
+    pid = children.add(fork_child(flusher_signalled_at_the_lock, deadline=120))
+    assert children.wait(pid) == EXIT_OK

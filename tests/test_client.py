@@ -24,7 +24,9 @@ from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
 from sona_shm.segment import Segment
+from sona_shm.supervise import set_deadline
 
+from children import fork_child
 from conftest import SMALL
 from support import make_trajectories, wait_for
 
@@ -162,16 +164,23 @@ def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypa
 def test_forward_keeps_its_last_weights_when_the_generation_read_is_torn(engine, monkeypatch):
     from sona_shm.ledger import Ledger, TornRead
 
-    engine()
+    flusher = engine(flush_threshold=1)
     client = engine.attach()
     x = np.ones(H, np.float32)
-    expected = client.forward(x)
+    client.record(one_step(1.0))
+    flusher.scan()
+    expected = client.forward(x)  # weights of generation 1, cached
+    assert not np.array_equal(expected, x)  # something was learned: the adapter is not the identity
+    client.record(one_step(-3.0, quality=2.0))
+    flusher.scan()  # generation 2, not yet seen by this client
+    newer = engine.attach().forward(x)
+    assert not np.array_equal(newer, expected)
 
     def torn(self):
         raise TornRead("ledger generation")
 
     monkeypatch.setattr(Ledger, "generation", torn)
-    np.testing.assert_array_equal(client.forward(x), expected)
+    np.testing.assert_array_equal(client.forward(x), expected)  # neither the identity nor weights it could not check
 
 
 def test_ids_are_unique_across_clients_and_kept_when_given(engine):
@@ -273,28 +282,25 @@ def test_threads_share_one_lane_and_lose_nothing(engine):
     assert client.stats()["trajectories_processed"] == 800 and len(set(ids)) == 100
 
 
-def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
+def test_fork_after_attach_gives_the_child_its_own_lane(engine, children, name):
     flusher = engine()
     client = engine.attach()
     client.record(one_step())
     parent_lane = client.lane
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: record through the inherited client
-        code = 1
-        try:
-            os.close(read)
-            for _ in range(3):
-                client.record(one_step())
-            os.write(write, str(client.lane).encode())
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> None:  # record through the inherited client
+        os.close(read)
+        for _ in range(3):
+            client.record(one_step())
+        os.write(write, str(client.lane).encode())
+
+    pid = children.add(fork_child(child, deadline=60))
     os.close(write)
-    _, status = os.waitpid(pid, 0)
+    status = children.wait(pid)
     child_lane = int(os.read(read, 16))
     os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert status == 0
     assert child_lane != parent_lane
     client.record(one_step())
     assert client.lane == parent_lane
@@ -304,35 +310,33 @@ def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
     assert lanes == {parent_lane: 2, child_lane: 3}
 
 
-def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, name):
+def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, children, name):
     engine()
     report_r, report_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: attach, record, fork a grandchild that keeps everything mapped, exit
-        code = 1
-        try:
-            client = attach(name)
-            client.record(one_step())
-            forked_r, forked_w = os.pipe()
-            grandchild = os.fork()
-            if grandchild == 0:  # the at-fork hooks have run once fork() returns here
-                os.close(hold_w)
-                os.close(forked_w)  # tells the child we are past them
-                os.read(hold_r, 1)  # until the test closes its end
-                os._exit(0)
-            os.close(forked_w)
-            os.read(forked_r, 1)  # EOF once the grandchild closed its copy
-            os.write(report_w, f"{client.lane} {grandchild}".encode())
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> None:  # attach, record, fork a grandchild that keeps everything mapped, exit
+        client = attach(name)
+        client.record(one_step())
+        forked_r, forked_w = os.pipe()
+        grandchild = os.fork()
+        if grandchild == 0:  # the at-fork hooks have run once fork() returns here
+            set_deadline(60)  # it must outlive the child, so it cannot die with it; it ends when
+            os.close(hold_w)  # the test closes its end of this pipe, or exits, or at the deadline
+            os.close(forked_w)  # tells the child we are past them
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(forked_w)
+        os.read(forked_r, 1)  # EOF once the grandchild closed its copy
+        os.write(report_w, f"{client.lane} {grandchild}".encode())
+
+    pid = children.add(fork_child(child, deadline=60))
     os.close(report_w)
     os.close(hold_r)
     try:
-        _, status = os.waitpid(pid, 0)
+        status = children.wait(pid)
         lane, grandchild = map(int, os.read(report_r, 64).split())
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert status == 0
         os.kill(grandchild, 0)  # still alive, still holding the inherited client and mapping
         # Probe without attaching: an attach would claim a lane, maybe this very one.
         probe = Segment.open(name, writable=False)

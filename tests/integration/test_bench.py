@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
-from support import ROOT, env
+from support import ROOT, run
 
 
 def test_bench_quick_reports_every_section():
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", "--producers", "2", "--seconds", "0.3"],
-        capture_output=True, text=True, timeout=600, env=env(),
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", "--producers", "2", "--seconds", "0.3"]
+    done = run(command, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
     systems = ["sona_shm", "multiprocessing.Queue"] + (["faster_fifo"] if "T1 faster_fifo" in report["throughput"] else [])
     for steps in (1, 4):
         for system in systems:

@@ -12,6 +12,7 @@ from sona_shm.client import attach
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
 from sona_shm.segment import DEFAULT_MODE, GROUP_MODE
+from sona_shm.supervise import die_with_parent, set_deadline
 
 from conftest import SMALL
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another u
 def attach_as(children, name: str, uid: int, gid: int) -> str:
     """Fork, drop to ``uid``/``gid`` (no supplementary groups), try to attach and record; what happened."""
     read, write = os.pipe()
+    parent = os.getpid()
     pid = children.add(os.fork())
     if pid == 0:
         try:
@@ -30,6 +32,8 @@ def attach_as(children, name: str, uid: int, gid: int) -> str:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+            die_with_parent(parent=parent)  # after setuid(), which clears the setting
+            set_deadline(60)
             try:
                 with attach(name) as client:
                     recorded = client.record(Trajectory(np.ones(SMALL["hidden_dim"]), [], 1.0))
