@@ -13,6 +13,7 @@ from .errors import (
     InvalidInputError,
     LayoutMismatchError,
     NoFreeLaneError,
+    NoSpaceError,
     SegmentNotFoundError,
     SonaShmError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "LayoutMismatchError",
     "LoopMetrics",
     "NoFreeLaneError",
+    "NoSpaceError",
     "SegmentNotFoundError",
     "SonaShmError",
     "Step",

@@ -42,5 +42,11 @@ class ClosedError(SonaShmError):
 
 class DrainTimeoutError(SonaShmError, TimeoutError):
     """Another consumer held the drain lock for longer than the drain's timeout."""
+
+
+class NoSpaceError(SonaShmError):
+    """A segment does not fit in /dev/shm (or in memory), or its backing could not be reserved; nothing was created."""
+
+
 class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""

@@ -30,7 +30,7 @@ import numpy as np
 import posix_ipc
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError
+from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError
 from .lane import _speedups
 from .layout import (
     CONS_TAIL,
@@ -53,7 +53,22 @@ from .layout import (
 )
 from .learning import Learner, initial_down, learning_signals
 from .ledger import Ledger
-from .segment import DEFAULT_MODE, Segment, check_name, check_timeout, create_bell, create_fd, open_fd, start_ticks, try_lock_fd, unlink
+from .segment import (
+    DEFAULT_MODE,
+    GROUP_MODE,
+    Segment,
+    check_name,
+    check_timeout,
+    create_bell,
+    create_fd,
+    open_fd,
+    reserve,
+    start_ticks,
+    try_lock_fd,
+    unlink,
+    unlink_created,
+)
+from .space import check_room
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -444,11 +459,16 @@ def _create_or_adopt(
     """
     layout = Layout(requested)
     try:
-        fd = create_fd(name, layout.total_bytes, mode)
-        created = True
-    except FileExistsError:
         fd = open_fd(name, writable=True)
         created = False
+    except SegmentNotFoundError:
+        check_room(layout, name, group=mode == GROUP_MODE)  # before anything is created
+        try:
+            fd = create_fd(name, layout.total_bytes, mode)  # reserved whole: no SIGBUS on a full /dev/shm
+            created = True
+        except FileExistsError:  # another creator was quicker
+            fd = open_fd(name, writable=True)
+            created = False
     try:
         if not try_lock_fd(fd, LOCK_FLUSHER):
             pid = int.from_bytes(os.pread(fd, 8, FLUSHER_LINE + FL_PID), "little") if os.fstat(fd).st_size > FLUSHER_LINE else 0
@@ -463,7 +483,7 @@ def _create_or_adopt(
             if not created:
                 log.warning("segment %r was never completed (its creator died); initialising it again", name)
                 os.ftruncate(fd, 0)  # back to all zeros
-                os.ftruncate(fd, layout.total_bytes)
+                reserve(fd, layout.total_bytes, name)
         else:
             existing = Layout.from_header(raw, name, os.fstat(fd).st_size)
             differences = existing.differences(overrides)
@@ -474,8 +494,12 @@ def _create_or_adopt(
                     f"those options to adopt it, or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
                 )
             layout = existing
-        segment = Segment(name, fd, layout, writable=True)
+            # An older sona_shm only sized the segment: reserve what it left sparse, or refuse.
+            reserve(fd, layout.total_bytes, name)
+        segment = Segment(name, fd, layout, writable=True)  # owns fd from here on
     except BaseException:
+        if created:
+            unlink_created(name, fd)  # nobody can have attached: its header has no magic
         os.close(fd)
         raise
     if fresh:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import posix_ipc
 
-from .errors import InvalidInputError, SegmentNotFoundError
+from .errors import InvalidInputError, NoSpaceError, SegmentNotFoundError
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -96,6 +96,8 @@ class Segment:
     """
 
     def __init__(self, name: str, fd: int, layout: Layout, writable: bool) -> None:
+        """Map segment ``name`` through ``fd``, which this object owns once the constructor returns
+        (if it raises, ``fd`` is still the caller's to close)."""
         self.name = name
         self.layout = layout
         self.writable = writable
@@ -113,12 +115,17 @@ class Segment:
             map_fd = os.open(f"/proc/self/fd/{fd}", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             try:
                 self._mmap = mmap.mmap(map_fd, layout.total_bytes, mmap.MAP_SHARED, prot)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EOVERFLOW):
+                    raise
+                raise NoSpaceError(f"segment {name!r}: cannot map its {layout.total_bytes} bytes ({exc.strerror})") from None
             finally:
                 os.close(map_fd)
             self.buf = memoryview(self._mmap)
             self.u64 = self.buf.cast("Q")
             self.f64 = self.buf.cast("d")
         except BaseException:
+            self._fd = -1  # still the caller's: closing it here too was a double close (EBADF)
             self.close()
             raise
 
@@ -291,15 +298,60 @@ def open_fd(name: str, *, writable: bool) -> int:
 
 
 def create_fd(name: str, size: int, mode: int) -> int:
-    """Create segment ``name`` of ``size`` zero bytes with exactly ``mode``; FileExistsError if it exists."""
+    """Create segment ``name`` of ``size`` zero bytes with exactly ``mode``, its backing reserved.
+
+    FileExistsError if it exists (``O_EXCL``: an object someone else put there is never
+    taken over); :class:`NoSpaceError` if the backing cannot be reserved, and then
+    nothing is left behind.
+    """
     try:
-        shm = posix_ipc.SharedMemory(segment_path(name), posix_ipc.O_CREX, mode=mode, size=size)
+        shm = posix_ipc.SharedMemory(segment_path(name), posix_ipc.O_CREX, mode=mode, size=0)
     except posix_ipc.ExistentialError:
         raise FileExistsError(segment_path(name)) from None
     fd = os.dup(shm.fd)
     shm.close_fd()
-    os.fchmod(fd, mode)  # shm_open applied the umask
+    try:
+        os.fchmod(fd, mode)  # shm_open applied the umask
+        reserve(fd, size, name)
+    except BaseException:
+        unlink_created(name, fd)
+        os.close(fd)
+        raise
     return fd
+
+
+def reserve(fd: int, size: int, name: str) -> None:
+    """Make segment ``name`` (open as ``fd``) ``size`` bytes long with every page allocated.
+
+    tmpfs otherwise allocates a page on its first write, and a write it cannot allocate
+    (a full /dev/shm) kills the writer with SIGBUS. Pages already allocated cost nothing,
+    so this also completes a segment an older sona_shm created without reserving it.
+    Raises :class:`NoSpaceError` when the room is not there (what was allocated by this
+    call is given back by the kernel).
+    """
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise NoSpaceError(
+            f"segment {name!r}: cannot reserve its {size} bytes in /dev/shm ({exc.strerror}); free some room there "
+            f"or make the engine smaller (--lane-slots, --capacity)"
+        ) from None
+
+
+def unlink_created(name: str, fd: int) -> None:
+    """Remove segment ``name`` if it is still the object open as ``fd`` (after a failed creation)."""
+    try:
+        here = os.stat("/dev/shm" + segment_path(name))
+    except OSError:
+        return
+    mine = os.fstat(fd)
+    if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+        try:
+            posix_ipc.unlink_shared_memory(segment_path(name))
+        except posix_ipc.ExistentialError:
+            pass
 
 
 def create_bell(name: str, mode: int) -> None:
