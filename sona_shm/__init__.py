@@ -16,6 +16,7 @@ from .errors import (
     NoSpaceError,
     SegmentNotFoundError,
     SonaShmError,
+    UntrustedSegmentError,
 )
 from .learning import LoopMetrics
 from .loop import InstantLoop
@@ -42,6 +43,7 @@ __all__ = [
     "Step",
     "Trajectory",
     "TrajectoryBatch",
+    "UntrustedSegmentError",
     "attach",
     "drain_to_file",
     "open_consumer",

@@ -24,6 +24,11 @@ class LayoutMismatchError(SonaShmError):
     """A segment exists but its header disagrees with what the caller expects."""
 
 
+class UntrustedSegmentError(LayoutMismatchError):
+    """A segment or doorbell in /dev/shm is not this user's engine (another owner, or a mode
+    wider than an engine's); it was not used."""
+
+
 class FlusherRunningError(SonaShmError):
     """A second flusher tried to start on a segment that already has a live one."""
 

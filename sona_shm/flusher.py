@@ -65,7 +65,6 @@ from .segment import (
     reserve,
     start_ticks,
     try_lock_fd,
-    unlink,
     unlink_created,
 )
 from .space import check_room
@@ -459,15 +458,15 @@ def _create_or_adopt(
     """
     layout = Layout(requested)
     try:
-        fd = open_fd(name, writable=True)
+        fd = open_fd(name, writable=True, engine_mode=mode)  # only our own user's object, never wider than mode
         created = False
     except SegmentNotFoundError:
         check_room(layout, name, group=mode == GROUP_MODE)  # before anything is created
         try:
-            fd = create_fd(name, layout.total_bytes, mode)  # reserved whole: no SIGBUS on a full /dev/shm
+            fd = create_fd(name, layout.total_bytes, mode)  # O_EXCL, reserved whole: no SIGBUS on a full /dev/shm
             created = True
         except FileExistsError:  # another creator was quicker
-            fd = open_fd(name, writable=True)
+            fd = open_fd(name, writable=True, engine_mode=mode)
             created = False
     try:
         if not try_lock_fd(fd, LOCK_FLUSHER):
@@ -506,8 +505,10 @@ def _create_or_adopt(
         try:
             _initialise(segment, mode, restore_into(segment.layout) if restore_into else None)
         except BaseException:
+            # No worker can have attached (no magic). The doorbell is not removed: if it
+            # exists it was there before (create_bell is the last step that can fail).
+            unlink_created(name, segment.fileno())
             segment.close()
-            unlink(name)
             raise
     else:
         create_bell(name, mode)  # kept if it exists; recreated if someone removed it

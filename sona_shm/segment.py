@@ -8,6 +8,14 @@ latter registers every attached segment with the resource tracker, which unlinks
 when *any* attaching process exits — a gunicorn worker recycled by ``max_requests``
 would delete the engine under everybody's feet.
 
+Why every object is checked when it is opened: ``/dev/shm`` is writable by every user,
+so anyone can create ``sona_shm.<name>`` (or its doorbell) before the engine's flusher
+does — a squatter who would then read what producers record and write the weights
+they apply. A segment is therefore created with ``O_EXCL`` (never taken over), and an
+existing one, like the doorbell, is used only if it is a regular file owned by this
+process's user (or, for a ``--group`` engine, a group it belongs to) with no permission
+beyond the engine's mode (0600, or 0660 with ``--group``); see :func:`check_object`.
+
 Why open-file-description locks (``F_OFD_SETLK``) for ownership: the kernel releases
 them when the holder dies, however it dies, so a SIGKILLed worker never leaves a lane
 or the flusher slot taken, and a recycled pid cannot impersonate a dead owner. Unlike
@@ -18,6 +26,7 @@ child that closes its inherited copy does not release the parent's lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import math
@@ -32,7 +41,7 @@ from collections.abc import Callable
 
 import posix_ipc
 
-from .errors import InvalidInputError, NoSpaceError, SegmentNotFoundError
+from .errors import InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -60,12 +69,60 @@ def check_timeout(timeout: object, name: str = "timeout") -> float:
     return float(timeout)
 
 
+SHM_DIR = "/dev/shm"
+
+
 def segment_path(name: str) -> str:
     return PREFIX + name
 
 
 def bell_path(name: str) -> str:
     return PREFIX + name + ".bell"
+
+
+def segment_file(name: str) -> str:
+    """Where the kernel keeps segment ``name`` (glibc's ``shm_open`` directory)."""
+    return SHM_DIR + segment_path(name)
+
+
+def bell_file(name: str) -> str:
+    """Where the kernel keeps the doorbell of ``name`` (glibc's ``sem_open``: ``sem.`` + the name)."""
+    return f"{SHM_DIR}/sem.{bell_path(name)[1:]}"
+
+
+def check_object(st: os.stat_result, path: str, name: str, *, engine_mode: int | None = None) -> None:
+    """Refuse ``path`` (``st`` is its stat) unless it can be engine ``name``'s segment or doorbell.
+
+    ``engine_mode``: the flusher's, which creates or adopts the engine: the object must be
+    owned by this process's user and allow nothing beyond ``engine_mode``. Anyone else
+    (``None``: producers, consumers, the monitor) accepts an object of its own user, or a
+    group engine (0660) of a group it belongs to, and never one open to other users.
+    Raises :class:`UntrustedSegmentError`; nothing has been read from or written to it.
+    """
+    euid = os.geteuid()
+    perm = stat.S_IMODE(st.st_mode)
+    remove = f"its owner (or root) can remove it with `sona-shm destroy --name {name}`"
+    if not stat.S_ISREG(st.st_mode):
+        kind = stat.filemode(st.st_mode)
+        raise UntrustedSegmentError(f"{path}: expected a regular file, got {kind}; not a sona_shm engine, nothing was used")
+    allowed = GROUP_MODE if engine_mode is None else engine_mode
+    if perm & ~allowed:
+        hint = ""
+        if engine_mode == DEFAULT_MODE and perm == GROUP_MODE:
+            hint = "; start the flusher with --group to adopt a group engine"
+        raise UntrustedSegmentError(
+            f"{path}: mode {perm:04o} allows more than an engine's {allowed:04o} (0600, or 0660 with --group), so other "
+            f"users may read or write it; nothing was used{hint or '; ' + remove}"
+        )
+    if st.st_uid == euid:
+        return
+    if engine_mode is None and perm & 0o060 == 0o060 and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()):
+        return  # a group engine of one of our groups: its members may write it anyway
+    raise UntrustedSegmentError(
+        f"{path}: owned by uid {st.st_uid} (gid {st.st_gid}), expected this process's uid {euid}"
+        + ("" if engine_mode is not None else " or a group engine (0660) of one of its groups")
+        + f": another user's object, not this engine; nothing was used; {remove}"
+    )
 
 
 def start_ticks(pid: int) -> int:
@@ -104,6 +161,8 @@ class Segment:
         self._fd = fd
         self._mmap: mmap.mmap | None = None
         self._bell: posix_ipc.Semaphore | None = None
+        st = os.fstat(fd)
+        self._inode = (st.st_dev, st.st_ino)  # the object mapped: reopen_fd() must find this one
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             # mmap.mmap keeps a dup() of the descriptor it maps, and a dup shares the open
@@ -169,6 +228,10 @@ class Segment:
             os.close(fd)
             raise
 
+    def fileno(self) -> int:
+        """The descriptor that holds this process's locks (-1 when closed, -2 after a fork until reopened)."""
+        return self._fd
+
     @property
     def mode(self) -> int:
         """The segment's permission bits (0600, or 0660 for a group engine)."""
@@ -213,7 +276,12 @@ class Segment:
     def reopen_fd(self) -> None:
         """Open this process's own descriptor after :meth:`forget_inherited_fd`."""
         if self._fd == -2:
-            self._fd = open_fd(self.name, writable=self.writable)
+            fd = open_fd(self.name, writable=self.writable)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._inode:  # removed, and maybe created anew: not what we map
+                os.close(fd)
+                raise SegmentNotFoundError(f"segment {self.name!r} was removed (and maybe created anew) since it was mapped; attach again")
+            self._fd = fd
 
     # ----------------------------------------------------------------- doorbell
 
@@ -221,10 +289,7 @@ class Segment:
     def bell(self) -> posix_ipc.Semaphore:
         """The flusher's doorbell semaphore (opened on first use)."""
         if self._bell is None:
-            try:
-                self._bell = posix_ipc.Semaphore(bell_path(self.name))
-            except posix_ipc.ExistentialError:
-                raise SegmentNotFoundError(f"segment {self.name!r} has no doorbell semaphore; was it destroyed?") from None
+            self._bell = open_bell(self.name)
         return self._bell
 
     def ring(self) -> None:
@@ -282,8 +347,8 @@ def is_locked_fd(fd: int, byte: int) -> bool:
     return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
 
 
-def open_fd(name: str, *, writable: bool) -> int:
-    """A private, close-on-exec descriptor of segment ``name``."""
+def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int:
+    """A private, close-on-exec descriptor of segment ``name``, after :func:`check_object` accepted it."""
     try:
         shm = posix_ipc.SharedMemory(segment_path(name), read_only=not writable)
     except posix_ipc.ExistentialError:
@@ -291,10 +356,41 @@ def open_fd(name: str, *, writable: bool) -> int:
             f"segment {name!r} does not exist; start `sona-shm flusher --name {name}` (or `sona-shm create`) first"
         ) from None
     except posix_ipc.PermissionsError:
+        if engine_mode is not None:  # the flusher: say whose it is
+            with contextlib.suppress(OSError):
+                check_object(os.stat(segment_file(name)), segment_file(name), name, engine_mode=engine_mode)
         raise SegmentNotFoundError(f"segment {name!r}: permission denied (it belongs to another user or group)") from None
+    except (posix_ipc.Error, OSError) as exc:  # a symlink (shm_open does not follow it: ELOOP), a directory, ...
+        raise UntrustedSegmentError(f"{segment_file(name)}: cannot be opened as a segment ({exc}); nothing was used") from None
     fd = os.dup(shm.fd)  # os.dup gives a non-inheritable (close-on-exec) descriptor
     shm.close_fd()
+    try:
+        check_object(os.fstat(fd), segment_file(name), name, engine_mode=engine_mode)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def open_bell(name: str, *, engine_mode: int | None = None) -> posix_ipc.Semaphore:
+    """The doorbell of ``name``, after :func:`check_object` accepted its file."""
+    try:
+        bell = posix_ipc.Semaphore(bell_path(name))
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFoundError(f"segment {name!r} has no doorbell semaphore; was it destroyed?") from None
+    except posix_ipc.PermissionsError:
+        raise UntrustedSegmentError(f"{bell_file(name)}: permission denied: another user's object, not this engine's doorbell") from None
+    try:
+        # sem_open gives no descriptor to fstat; the file at the name now is the one opened
+        # (sem_open does not follow symlinks, and only the owner may replace it in /dev/shm).
+        check_object(os.stat(bell_file(name)), bell_file(name), name, engine_mode=engine_mode)
+    except FileNotFoundError:
+        bell.close()
+        raise SegmentNotFoundError(f"segment {name!r} has no doorbell semaphore; was it destroyed?") from None
+    except BaseException:
+        bell.close()
+        raise
+    return bell
 
 
 def create_fd(name: str, size: int, mode: int) -> int:
@@ -343,7 +439,7 @@ def reserve(fd: int, size: int, name: str) -> None:
 def unlink_created(name: str, fd: int) -> None:
     """Remove segment ``name`` if it is still the object open as ``fd`` (after a failed creation)."""
     try:
-        here = os.stat("/dev/shm" + segment_path(name))
+        here = os.stat(segment_file(name))
     except OSError:
         return
     mine = os.fstat(fd)
@@ -355,12 +451,17 @@ def unlink_created(name: str, fd: int) -> None:
 
 
 def create_bell(name: str, mode: int) -> None:
-    """Create the doorbell semaphore with exactly ``mode`` (or keep an existing one)."""
+    """Create the doorbell semaphore with exactly ``mode``, or keep an existing one that
+    :func:`check_object` accepts for an engine of ``mode`` (a leftover of ours)."""
     old = os.umask(0)  # sem_open applies the umask and has no fchmod; the flusher is single-threaded here
     try:
-        posix_ipc.Semaphore(bell_path(name), posix_ipc.O_CREAT, mode=mode, initial_value=0).close()
+        posix_ipc.Semaphore(bell_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0).close()
+        return
+    except posix_ipc.ExistentialError:
+        pass
     finally:
         os.umask(old)
+    open_bell(name, engine_mode=mode).close()
 
 
 def unlink(name: str) -> list[str]:
@@ -377,6 +478,8 @@ def unlink(name: str) -> list[str]:
             removed.append(path)
         except posix_ipc.ExistentialError:
             pass
+        except posix_ipc.PermissionsError:
+            raise UntrustedSegmentError(f"{path}: permission denied: only its owner (or root) may remove it") from None
     return removed
 
 
