@@ -10,22 +10,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError, SonaShmError
+from .errors import (
+    CheckpointError,
+    EngineDestroyedError,
+    EngineInUseError,
+    FlusherRunningError,
+    InvalidInputError,
+    LayoutMismatchError,
+    SegmentNotFoundError,
+    SonaShmError,
+)
 from .layout import EngineConfig
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected failure; the message says what
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_NOT_FOUND = 3  # no such segment
-EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment
+EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment (destroy: or producers hold lanes)
 EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
 EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
 EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
+EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
 
 # The first matching class decides; SonaShmError catches the rest.
 _EXIT_CODES = (
     (SegmentNotFoundError, EXIT_NOT_FOUND),
     (FlusherRunningError, EXIT_FLUSHER_RUNNING),
+    (EngineInUseError, EXIT_FLUSHER_RUNNING),
+    (EngineDestroyedError, EXIT_DESTROYED),
     (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
     (CheckpointError, EXIT_CHECKPOINT),
     (InvalidInputError, EXIT_USAGE),
@@ -93,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("destroy", help="remove an engine's segment and doorbell")
     p.add_argument("--name", required=True)
-    p.add_argument("--force", action="store_true", help="even while its flusher runs")
+    p.add_argument(
+        "--force", action="store_true", help="even while its flusher runs or producers are attached (they then stop with an error)"
+    )
 
     p = sub.add_parser("drain", help="move learned trajectories out of an engine's buffer into an .npz file")
     p.add_argument("--name", required=True)
@@ -227,7 +241,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _destroy(args: argparse.Namespace) -> int:
     from . import segment
-    from .layout import LOCK_FLUSHER
+    from .layout import LANE_OWNER_PID, LOCK_FLUSHER, LOCK_LANE_BASE
 
     try:
         seg = segment.Segment.open(args.name, writable=False)
@@ -237,11 +251,23 @@ def _destroy(args: argparse.Namespace) -> int:
         seg = None  # not ours to read, still ours to remove
     if seg is not None:
         try:
-            running = seg.is_locked(LOCK_FLUSHER)
+            layout = seg.layout
+            held = seg.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + lane for lane in range(layout.lanes)])
+            running = held[0]
+            lanes = [(lane, seg.u64[(layout.lane_control(lane) + LANE_OWNER_PID) // 8]) for lane, on in enumerate(held[1:]) if on]
         finally:
             seg.close()
         if running and not args.force:
-            raise FlusherRunningError(f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force")
+            raise FlusherRunningError(
+                f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force (it then exits {EXIT_DESTROYED})"
+            )
+        if lanes and not args.force:
+            held_by = ", ".join(f"lane {lane}: pid {pid}" for lane, pid in lanes)
+            raise EngineInUseError(
+                f"segment {args.name!r}: {len(lanes)} producer(s) hold lanes ({held_by}); what they record into a removed "
+                "engine is never learned. Stop them first, or pass --force (their next record(), flush() or sync() then "
+                "raises EngineDestroyedError)"
+            )
     removed = segment.unlink(args.name)
     if not removed:
         raise SegmentNotFoundError(f"segment {args.name!r} does not exist")

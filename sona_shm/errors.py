@@ -33,6 +33,15 @@ class FlusherRunningError(SonaShmError):
     """A second flusher tried to start on a segment that already has a live one."""
 
 
+class EngineInUseError(SonaShmError):
+    """``destroy`` refused: producers hold lanes of the engine (``--force`` removes it anyway)."""
+
+
+class EngineDestroyedError(SonaShmError):
+    """The engine's segment was removed (``sona-shm destroy``) while this process had it mapped;
+    nothing more is learned from it: attach again to a new one."""
+
+
 class NoFreeLaneError(SonaShmError):
     """Every producer lane is held by a live process."""
 

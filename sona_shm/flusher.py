@@ -75,6 +75,8 @@ log = logging.getLogger("sona_shm.flusher")
 WAKE_TIMEOUT = 0.05
 #: Passes over the lanes when draining at shutdown (live producers may keep writing).
 DRAIN_PASSES = 64
+#: Seconds between two looks at whether the segment was destroyed under the flusher.
+DESTROYED_CHECK_INTERVAL = 0.1
 
 
 class Flusher:
@@ -194,13 +196,38 @@ class Flusher:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        """Loop until :attr:`stop_requested`; then drain, flush and release the segment."""
+        """Loop until :attr:`stop_requested`; then drain, flush and release the segment.
+
+        If the segment is destroyed meanwhile (``sona-shm destroy --force``), release it
+        and raise :class:`EngineDestroyedError` at once: nothing committed to it can be
+        learned for anyone any more, and a flusher learning out of sight of a new engine
+        of the same name would be a split brain. No checkpoint is written then.
+        """
+        next_look = 0.0
         while not self.stop_requested:
             if self.scan() == 0:
                 self._sleep()
-            if time.monotonic() >= self._next_checkpoint:
+            now = time.monotonic()
+            if now >= self._next_checkpoint:
                 self._periodic_checkpoint()
+            if now >= next_look:
+                next_look = now + DESTROYED_CHECK_INTERVAL
+                self._exit_if_destroyed()
+        self._exit_if_destroyed()
         self.shutdown()
+
+    def _exit_if_destroyed(self) -> None:
+        if self.segment is not None and self.segment.destroyed():
+            error = self.segment.destroyed_error()
+            log.error(
+                "segment %r was destroyed under this flusher (pid %d); stopping without drain or checkpoint: "
+                "%d trajectories processed",
+                self.name,
+                os.getpid(),
+                self.learner.trajectories_processed,
+            )
+            self.close()
+            raise error
 
     def scan(self) -> int:
         """One pass: learn what every lane committed, flush if due, commit. Returns #learned."""

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import posix_ipc
 
-from .errors import InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
+from .errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -274,14 +274,35 @@ class Segment:
         self._fd = -2  # "needs reopening", distinct from closed (-1)
 
     def reopen_fd(self) -> None:
-        """Open this process's own descriptor after :meth:`forget_inherited_fd`."""
+        """Open this process's own descriptor after :meth:`forget_inherited_fd`.
+
+        Raises :class:`EngineDestroyedError` if the name no longer leads to the object
+        this process maps (removed, and maybe created anew).
+        """
         if self._fd == -2:
-            fd = open_fd(self.name, writable=self.writable)
+            try:
+                fd = open_fd(self.name, writable=self.writable)
+            except SegmentNotFoundError:
+                raise self.destroyed_error() from None
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != self._inode:  # removed, and maybe created anew: not what we map
+            if (st.st_dev, st.st_ino) != self._inode:
                 os.close(fd)
-                raise SegmentNotFoundError(f"segment {self.name!r} was removed (and maybe created anew) since it was mapped; attach again")
+                raise self.destroyed_error()
             self._fd = fd
+
+    def destroyed(self) -> bool:
+        """True once the segment was removed (``sona-shm destroy``): its file has no name left.
+
+        One ``fstat`` (~0.5 µs); False while there is no descriptor to ask (closed, or a
+        fork child before :meth:`reopen_fd`, which checks on its own).
+        """
+        return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+
+    def destroyed_error(self) -> EngineDestroyedError:
+        return EngineDestroyedError(
+            f"segment {self.name!r} was destroyed (`sona-shm destroy`) while this process had it mapped; "
+            f"nothing more is learned from it: attach again once `sona-shm flusher --name {self.name}` created it anew"
+        )
 
     # ----------------------------------------------------------------- doorbell
 
