@@ -220,8 +220,7 @@ class Flusher:
         if self.segment is not None and self.segment.destroyed():
             error = self.segment.destroyed_error()
             log.error(
-                "segment %r was destroyed under this flusher (pid %d); stopping without drain or checkpoint: "
-                "%d trajectories processed",
+                "segment %r was destroyed under this flusher (pid %d); stopping without drain or checkpoint: %d trajectories processed",
                 self.name,
                 os.getpid(),
                 self.learner.trajectories_processed,
