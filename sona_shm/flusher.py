@@ -235,18 +235,20 @@ class Flusher:
         # so every record it made before asking is learned in this same pass.
         requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]
         learned = 0
+        moved = False  # tails advance also past slots that fail their check: that must be committed too
         tails = self._tails
         for lane, word in enumerate(self._head_words):
             head = u64[word]
             tail = int(tails[lane])
             if head > tail:
                 learned += self._learn_lane(lane, tail, head)
+                moved = True
         flushed = False
         if requests or (
             self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
         ):
             flushed = self._flush()
-        if learned or flushed:
+        if moved or flushed:
             self._commit()
         for lane, request in requests:
             u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights

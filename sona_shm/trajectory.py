@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -199,16 +200,15 @@ def check_trajectory(
     query = traj.query
     if not (type(query) is _ndarray and query.dtype is F32 and query.shape == (hidden_dim,)) or (finite and not _all_finite(query)):
         query = as_vector(query, "query", length=hidden_dim, what="hidden_dim", where=where, finite=finite)
+    # One snapshot of the steps serves every check below and the writing after it: a
+    # sequence whose len() under-reports (or a list another thread appends to) must not
+    # slip more steps past max_steps than the slot holds.
     steps = traj.steps
-    if type(steps) is not list and type(steps) is not tuple and (isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence)):
-        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
     if type(steps) is list:
-        n = len(steps)
-    else:
-        try:
-            n = len(steps)  # a custom Sequence may raise here, or claim a negative length
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
+        steps = tuple(steps)  # one atomic copy of the references
+    elif type(steps) is not tuple:
+        steps = _snapshot(steps, max_steps, where)
+    n = len(steps)
     if max_steps is not None and n > max_steps:
         raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
     acts = []
@@ -257,6 +257,38 @@ def check_trajectory(
     if tid is not None and (type(tid) is not int or not 0 <= tid <= _U64_MAX):
         tid = _as_u64(tid, "id", "None or an integer in [0, 2**64)")
     return CheckedTrajectory(query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid)
+
+
+def check_finite(checked: CheckedTrajectory) -> None:
+    """Raise naming the first array of ``checked`` (in the order checked) that holds NaN or ±Inf."""
+    arrays: list[tuple[Name, np.ndarray]] = [("query", checked.query)]
+    for i, (act, att) in enumerate(zip(checked.activations, checked.attention)):
+        arrays += [((i, "activations"), act), ((i, "attention"), att)]
+    for name, arr in arrays:
+        if not _all_finite(arr):
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise InvalidInputError(f"{_label(name)}: expected finite values within float32 range, got {float(arr[bad])!r} at index {bad}")
+
+
+def _snapshot(steps: Any, max_steps: int | None, where: str) -> tuple:
+    """The items of a sequence that is not a list or tuple, as a tuple, if its len() tells the truth."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
+    try:
+        n = len(steps)  # a custom Sequence may raise here, or claim a negative length
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
+    if max_steps is not None and n > max_steps:
+        raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
+    try:
+        items = tuple(islice(steps, n + 1))  # one more than it claims: enough to catch a lie
+    except Exception as exc:  # whatever its iteration raises, the input is refused
+        what = f"{_describe(steps)} (iterating it raised {exc!r})"
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {what}") from None
+    if len(items) != n:
+        more = "or more " if len(items) > n else ""
+        raise InvalidInputError(f"steps: expected a sequence whose len() matches its items, got len() {n} and {len(items)} {more}items")
+    return items
 
 
 def _as_u64(value: Any, name: str, expected: str) -> int:

@@ -113,6 +113,49 @@ def test_bad_input_writes_nothing(engine, name):
     assert client.stats()["recorded"] == 0
 
 
+class UnderReportingSteps(list):
+    """A list whose len() says 1 whatever it holds."""
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_sequence_whose_len_lies_cannot_overrun_its_slot(engine):
+    """Its len() passed the max_steps check, then all its steps were written, over the next
+    slot: a committed neighbour was lost. Validation and writing now see one snapshot."""
+    flusher = engine(lanes=2, lane_slots=2)
+    client = engine.attach()
+    neighbour = engine.attach()  # the lane whose first slot lies right after ours in memory
+    layout = client.layout
+    assert client.record(one_step(1.0))  # our slot 0; slot 1 is last in our ring
+    assert neighbour.record(one_step(2.0))  # committed, not yet learned
+    seg = client._segment
+    start = layout.lane_slot(client.lane, 1)
+    before = bytes(seg.buf[start : start + 3 * layout.slot_bytes])  # our slot 1 and what follows it
+    steps = UnderReportingSteps([Step(np.full(H, 9.0, np.float32), np.ones(8, np.float32), 9.0)] * 12)
+    with pytest.raises(InvalidInputError, match=r"steps: expected a sequence whose len\(\) matches its items, got len\(\) 1 and 2 or more"):
+        client.record(Trajectory(np.ones(H, np.float32), steps, 1.0))
+    after = bytes(seg.buf[start : start + 3 * layout.slot_bytes])
+    assert after[layout.slot_bytes :] == before[layout.slot_bytes :]  # nothing past our own slot changed
+    assert client.record(Trajectory(np.ones(H, np.float32), UnderReportingSteps([one_step().steps[0]]), 1.0))  # an honest one
+    assert flusher.scan() == 3 and client.stats()["trajectories_processed"] == 3
+
+
+def test_a_batch_of_slots_that_all_fail_their_check_is_committed(engine):
+    """The flusher moved its tail past them but did not commit it, so sync() timed out."""
+    flusher = engine()
+    client = engine.attach()
+    for _ in range(3):
+        client.record(one_step())
+    layout = client.layout
+    for i in range(3):  # memory corruption: every stamp wrong
+        client._segment.u64[layout.lane_slot(client.lane, i) // 8] = 999
+    flusher.scan()
+    client.sync(timeout=5)  # the tail moved and was published
+    stats = client.stats()
+    assert stats["trajectories_processed"] == 0 and [lane["learned"] for lane in stats["lanes"]] == [3]
+
+
 def stale_nan_in_head_slot(client) -> None:
     """What a writer killed (or interrupted) after copying a refused trajectory leaves: NaN
     in the unpublished head slot, here in step 0's attention past what the next one uses."""
