@@ -49,7 +49,11 @@ GRAD_UP = "sona.grad_up"
 COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(EngineConfig))
-_U64_MAX = 2**64 - 1
+#: The largest integer a checkpoint may carry (counters, generation, configuration): a
+#: signed 64-bit integer, which leaves 2**63 increments before a ledger word would wrap.
+#: (A generation of 2**64 - 1 once passed, then crash-looped the flusher with
+#: OverflowError at its first flush, and made ``restore`` overflow at once.)
+COUNTER_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,8 @@ def _number(meta: dict[str, str], name: str, kind: type, bad) -> int | float:
         value = kind(text)
     except ValueError:
         raise bad(f"metadata {name!r}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if kind is int and not 0 <= value <= _U64_MAX:
-        raise bad(f"metadata {name!r}: expected an integer in [0, 2**64), got {text!r}")
+    if kind is int and not 0 <= value <= COUNTER_MAX:
+        raise bad(f"metadata {name!r}: expected an integer in [0, 2**63), got {text!r}")
     if kind is float and not (math.isfinite(value) and (name == "lr" or value >= 0)):
         raise bad(f"metadata {name!r}: expected a finite number, got {text!r}")
     return value

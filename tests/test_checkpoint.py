@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from sona_shm.layout import EngineConfig
 from sona_shm.learning import initial_down
 
 from conftest import SMALL
-from support import make_trajectories
+from support import make_trajectories, run
 
 H, R = SMALL["hidden_dim"], SMALL["rank"]
 
@@ -160,7 +161,11 @@ def good_checkpoint(tmp_path, **changes) -> str:
         ({"hidden_dim": "x"}, "metadata 'hidden_dim': expected an integer"),
         ({"rank": "3"}, "invalid engine configuration in its metadata (rank: expected 1 or 2"),
         ({"lr": "nan"}, "metadata 'lr': expected a finite number"),
-        ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**64)"),
+        ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**63)"),
+        ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**63), got '18446744073709551615'"),
+        ({"generation": str(2**63)}, "metadata 'generation': expected an integer in [0, 2**63)"),
+        ({"flushes_performed": str(2**64 - 1)}, "metadata 'flushes_performed': expected an integer in [0, 2**63)"),
+        ({"trajectories_processed": str(2**70)}, "metadata 'trajectories_processed': expected an integer in [0, 2**63)"),
         ({"pending": "3"}, "inconsistent counters: pending 3"),
         ({GRAD_UP: None}, "missing ['sona.grad_up']"),
         ({"extra": np.zeros(1, np.float32)}, "unexpected ['extra']"),
@@ -322,3 +327,38 @@ def test_cli_checkpoint_and_restore(capsys, engine, name, tmp_path):
     assert code == EXIT_NOT_FOUND
     code, _, err = run(capsys, "flusher", "--name", name, "--checkpoint-interval", "5")
     assert code == EXIT_USAGE and "needs --checkpoint PATH" in err
+
+
+@pytest.mark.parametrize(
+    "counter", ["generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"]
+)
+def test_a_counter_out_of_range_exits_7_from_restore_and_from_the_flusher(capsys, name, tmp_path, counter):
+    """With generation 2**64 - 1 the flusher crash-looped on OverflowError; restore printed a traceback and exited 1."""
+    path = good_checkpoint(tmp_path, **{counter: str(2**64 - 1)})
+    Flusher(name, config=EngineConfig(**SMALL)).close()
+    before = snapshot_bytes(name)
+    assert main(["restore", "--name", name, "--from", path]) == EXIT_CHECKPOINT
+    err = capsys.readouterr().err
+    assert f"metadata {counter!r}: expected an integer in [0, 2**63), got '18446744073709551615'; nothing restored" in err
+    assert snapshot_bytes(name) == before
+    segment.unlink(name)
+    flusher = run([sys.executable, "-m", "sona_shm", "flusher", "--name", name, "--quiet", "--checkpoint", path], timeout=60)
+    assert flusher.returncode == EXIT_CHECKPOINT and "Traceback" not in flusher.stderr
+    assert f"metadata {counter!r}: expected an integer in [0, 2**63)" in flusher.stderr
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+
+
+def test_the_largest_counters_accepted_still_learn_and_restore(engine, name, tmp_path):
+    big = str(2**63 - 1)
+    path = good_checkpoint(tmp_path, generation=big, trajectories_processed=big, signals_accumulated=big, updates_applied=big)
+    flusher = Flusher(name, config=EngineConfig(**SMALL), checkpoint=path)
+    try:
+        client = engine.attach()
+        for t in make_trajectories(2, SMALL["flush_threshold"], H):
+            client.record(t)
+        assert flusher.scan() == SMALL["flush_threshold"]  # a flush: generation and counters go up without overflow
+        stats = client.stats()
+        assert stats["weights_generation"] == 2**63 and stats["trajectories_processed"] == 2**63 - 1 + SMALL["flush_threshold"]
+    finally:
+        flusher.close()
+    assert restore(name, path) == 2**63 + 1  # max(engine's, file's) + 1 fits the ledger's u64
