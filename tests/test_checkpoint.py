@@ -19,7 +19,8 @@ from sona_shm.layout import EngineConfig
 from sona_shm.learning import initial_down
 
 from conftest import SMALL
-from support import make_trajectories, run
+from support import make_trajectories
+from support import run as run_process
 
 H, R = SMALL["hidden_dim"], SMALL["rank"]
 
@@ -342,7 +343,7 @@ def test_a_counter_out_of_range_exits_7_from_restore_and_from_the_flusher(capsys
     assert f"metadata {counter!r}: expected an integer in [0, 2**63), got '18446744073709551615'; nothing restored" in err
     assert snapshot_bytes(name) == before
     segment.unlink(name)
-    flusher = run([sys.executable, "-m", "sona_shm", "flusher", "--name", name, "--quiet", "--checkpoint", path], timeout=60)
+    flusher = run_process([sys.executable, "-m", "sona_shm", "flusher", "--name", name, "--quiet", "--checkpoint", path], timeout=60)
     assert flusher.returncode == EXIT_CHECKPOINT and "Traceback" not in flusher.stderr
     assert f"metadata {counter!r}: expected an integer in [0, 2**63)" in flusher.stderr
     assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
