@@ -165,17 +165,19 @@ def _flusher(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s sona-shm flusher[%(process)d] %(levelname)s %(message)s",
     )
-    if args.flush_interval < 0:
-        raise InvalidInputError(f"--flush-interval: expected seconds >= 0, got {args.flush_interval}")
+    if not 0 <= args.flush_interval < float("inf"):  # NaN fails both comparisons
+        raise InvalidInputError(f"--flush-interval: expected a finite number of seconds >= 0, got {args.flush_interval}")
     if args.checkpoint_interval is not None and not args.checkpoint:
         raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
     interval = 60.0 if args.checkpoint_interval is None else args.checkpoint_interval
     if not 0 <= interval < float("inf"):
         raise InvalidInputError(f"--checkpoint-interval: expected seconds >= 0, got {args.checkpoint_interval}")
     given = _given_config(args)
+    config = EngineConfig(**given)  # bad options are refused before anything else happens
     # The handlers go in before the flusher takes the segment's flusher lock: from that
     # moment a supervisor sees a live flusher and may stop it, and a SIGTERM must then
-    # mean drain, flush and exit 0, not death by signal.
+    # mean drain, flush and exit 0, not death by signal. They are put back on the way out
+    # (main() may run inside another program, such as a test).
     stop: dict[str, Any] = {"requested": False, "flusher": None}
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -183,24 +185,27 @@ def _flusher(args: argparse.Namespace) -> int:
         if stop["flusher"] is not None:
             stop["flusher"].stop_requested = True
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    flusher = Flusher(
-        args.name,
-        config=EngineConfig(**given),
-        config_overrides=given,
-        flush_interval=args.flush_interval,
-        mode=GROUP_MODE if args.group else DEFAULT_MODE,
-        checkpoint=args.checkpoint,
-        checkpoint_interval=interval,
-    )
-    stop["flusher"] = flusher
-    if stop["requested"]:  # a signal that came while the flusher was being set up
-        flusher.stop_requested = True
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        flusher.run()
+        flusher = Flusher(
+            args.name,
+            config=config,
+            config_overrides=given,
+            flush_interval=args.flush_interval,
+            mode=GROUP_MODE if args.group else DEFAULT_MODE,
+            checkpoint=args.checkpoint,
+            checkpoint_interval=interval,
+        )
+        stop["flusher"] = flusher
+        if stop["requested"]:  # a signal that came while the flusher was being set up
+            flusher.stop_requested = True
+        try:
+            flusher.run()
+        finally:
+            flusher.close()
     finally:
-        flusher.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
 
 

@@ -107,7 +107,7 @@ class Flusher:
     ) -> None:
         check_name(name)
         self.name = name
-        self.flush_interval = float(flush_interval)
+        self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
         self.stop_requested = False
         self.created = False
         self.restored = False

@@ -11,6 +11,7 @@ the argument, the expectation and what was got.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -28,6 +29,11 @@ ROUTE_MAX_BYTES = 64
 
 _U64_MAX = 2**64 - 1
 _F32_MAX = float(np.finfo(np.float32).max)
+
+# _all_finite's dot overflows for finite values beyond ~1.8e19 (a uint64-max input, say)
+# and then falls back to the exact test, so numpy's warning about it is noise; a filter
+# costs nothing per call, an np.errstate() block ~1 µs (learning.py does the same).
+warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
 
 
 @dataclass(slots=True)
@@ -90,7 +96,7 @@ def _all_finite(arr: np.ndarray) -> bool:
     # against ~2 µs for np.isfinite().all()). NaN and ±Inf always make the dot
     # non-finite; a non-finite dot of finite values (overflow past ~1.8e19) falls
     # back to the exact test, so the answer is exact either way (numpy warns about
-    # that overflow, which needs magnitudes beyond ~1.8e19).
+    # that overflow, which needs magnitudes beyond ~1.8e19, and the filter above keeps quiet).
     if math.isfinite(arr.dot(arr)):
         return True
     return bool(np.isfinite(arr).all())
@@ -169,9 +175,13 @@ def as_finite_float(value: Any, name: Name) -> float:
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidInputError(f"{_label(name)}: expected a finite number, got {_describe(value)}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float64, such as 10**400
+        result = math.inf
     if not abs(result) <= _F32_MAX:  # also refuses NaN
-        raise InvalidInputError(f"{_label(name)}: expected a finite number (within float32 range), got {value!r}")
+        got = repr(value) if len(repr(value)) <= 60 else _describe(value)  # 10**400 has 401 digits
+        raise InvalidInputError(f"{_label(name)}: expected a finite number (within float32 range), got {got}")
     return result
 
 

@@ -66,7 +66,9 @@ def test_create_then_create_again(capsys, name):
     "argv, fragment",
     [
         (["flusher", "--name", "x", "--rank", "3"], "rank: expected 1 or 2, got 3"),
-        (["flusher", "--name", "x", "--flush-interval", "-1"], "--flush-interval: expected seconds >= 0"),
+        (["flusher", "--name", "x", "--flush-interval", "-1"], "--flush-interval: expected a finite number of seconds >= 0, got -1.0"),
+        (["flusher", "--name", "x", "--flush-interval", "nan"], "--flush-interval: expected a finite number of seconds >= 0, got nan"),
+        (["flusher", "--name", "x", "--flush-interval", "inf"], "--flush-interval: expected a finite number of seconds >= 0, got inf"),
         (["stats", "--name", "a/b"], "name: expected 1-64 characters"),
     ],
 )
@@ -130,3 +132,10 @@ def test_sigterm_right_after_the_flusher_took_its_lock_is_a_clean_stop(children,
 
     pid = children.add(fork_child(flusher_signalled_at_the_lock, deadline=120))
     assert children.wait(pid) == EXIT_OK
+
+
+def test_a_refused_flusher_leaves_the_callers_signal_handlers_as_they_were(capsys, name):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert run(capsys, "flusher", "--name", name, "--rank", "3")[0] == EXIT_USAGE
+    assert run(capsys, "flusher", "--name", name, "--capacity", str(2**31 - 1), "--lanes", "4096")[0] == EXIT_ERROR  # no room
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

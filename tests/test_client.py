@@ -456,3 +456,56 @@ def test_close_waits_for_a_record_in_progress_and_later_calls_say_closed(engine)
     for call in (lambda: client.forward(np.ones(H, np.float32)), client.stats, client.sync, client.flush, client.next_id):
         with pytest.raises(ClosedError, match="attach again"):
             call()
+
+
+def test_close_while_another_thread_waits_for_room_says_closed(engine, monkeypatch):
+    """close() used to wait its 10 s for the waiter's lock, and the waiter then died of AttributeError: _ledger."""
+    monkeypatch.setattr(client_module, "CLOSE_WAIT", 60.0)
+    engine(lane_slots=2)  # never scanned: the lane stays full
+    client = engine.attach()
+    assert client.record(one_step()) and client.record(one_step())
+    waiting, outcome = threading.Event(), []
+    real = client_module.Client._record_when_room
+
+    def record_when_room(self, traj, timeout):
+        waiting.set()
+        return real(self, traj, timeout)
+
+    monkeypatch.setattr(client_module.Client, "_record_when_room", record_when_room)
+
+    def wait_for_room() -> None:
+        try:
+            outcome.append(client.record(one_step(), timeout=30.0))
+        except Exception as exc:  # reported below
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=wait_for_room)
+    thread.start()
+    assert waiting.wait(30)
+    client.close()  # takes the lock between two of the waiter's looks
+    thread.join(60)
+    assert outcome == ["ClosedError"]  # not False after 30 s (the old lock-holding wait), nor AttributeError
+
+
+def test_a_record_that_does_not_wait_never_waits_for_one_that_does(engine, monkeypatch):
+    """A record() with timeout 0 once took 1.95 s: another thread held the lock while waiting in record(timeout=2)."""
+    flusher = engine(lane_slots=2)
+    client = engine.attach()
+    assert client.record(one_step()) and client.record(one_step())  # full
+    waiting, done, outcome = threading.Event(), threading.Event(), []
+    real = client_module.Client._record_when_room
+
+    def record_when_room(self, traj, timeout):
+        waiting.set()
+        return real(self, traj, timeout)
+
+    monkeypatch.setattr(client_module.Client, "_record_when_room", record_when_room)
+    thread = threading.Thread(target=lambda: (outcome.append(client.record(one_step(), timeout=60.0)), done.set()))
+    thread.start()
+    assert waiting.wait(30)
+    assert client.record(one_step()) is False  # dropped at once, counted
+    assert not done.is_set()  # while the other one still waits for room
+    flusher.scan()  # room: the waiter records
+    thread.join(60)
+    assert outcome == [True]
+    assert client.stats()["lane_dropped"] == 1 and flusher.scan() == 1

@@ -50,6 +50,8 @@ def test_float32_input_is_not_copied():
         (dict(steps=[(1, 2, 3)]), "steps[0]: expected a sona_shm.Step"),
         (dict(steps="abc"), "steps: expected a sequence"),
         (dict(quality=float("nan")), "quality: expected a finite number"),
+        (dict(quality=10**400), "quality: expected a finite number"),  # OverflowError, once
+        (dict(steps=[Step(np.ones(H), None, -(10**400))]), "steps[0].reward: expected a finite number"),
         (dict(quality=None), "quality: expected a finite number"),
         (dict(quality=True), "quality: expected a finite number"),
         (dict(latency_us=-1), "latency_us: expected an integer"),
