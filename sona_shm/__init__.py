@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import machine  # noqa: F401 - first: refuses a CPU whose memory order the engine does not get (see there)
 from .client import Client, attach
 from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (

@@ -2,9 +2,10 @@
 
 A segment is one POSIX shared-memory object ``/sona_shm.<name>`` (``/dev/shm/sona_shm.<name>``)
 plus one POSIX semaphore ``/sona_shm.<name>.bell`` (the flusher's doorbell). All integers
-are little-endian and naturally aligned; the code assumes x86-64 (total store order: a
-reader that sees a store also sees every store the writer made before it — the
-publication rules below rely on that, with the compiler barrier a C call implies).
+are little-endian and naturally aligned. The publication rules below rely on x86-64's
+total store order (a reader that sees a store also sees every store the writer made
+before it), with the compiler barrier a C call implies; :mod:`sona_shm.machine` refuses
+to import on any other CPU.
 
 Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
 
