@@ -524,6 +524,12 @@ def _create_or_adopt(
             # An older sona_shm only sized the segment: reserve what it left sparse, or refuse.
             reserve(fd, layout.total_bytes, name)
         segment = Segment(name, fd, layout, writable=True)  # owns fd from here on
+        # What the flusher writes — the ledger copies and, above all, the buffer, where each
+        # learned trajectory would otherwise land on a page touched for the first time — is
+        # faulted in now, once, rather than one page per trajectory (Segment.populate). A new
+        # segment is populated before its magic is published, so no producer waits for it.
+        segment.populate(layout.ledger_offset, layout.lanes_offset - layout.ledger_offset)
+        segment.populate(layout.buffer_offset, layout.total_bytes - layout.buffer_offset)
     except BaseException:
         if created:
             unlink_created(name, fd)  # nobody can have attached: its header has no magic

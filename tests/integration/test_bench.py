@@ -22,3 +22,9 @@ def test_bench_quick_reports_every_section():
         assert report["latency"][op]["n"] > 0 and report["latency"][op]["p99_us"] >= report["latency"][op]["median_us"] > 0
     assert set(report["learning_per_s"]) == {f"T{s} batch {b}" for s in (1, 4) for b in (32, 256, 1024)}
     assert report["freshness"]["n"] == 50 and report["freshness"]["median_us"] > 0
+    buffer = report["buffer"]
+    assert buffer["trajectories"] == 4000
+    assert buffer["keep"]["delivered"] == buffer["keep"]["kept"] == 4000  # every one learned and kept
+    assert buffer["full"]["delivered"] == 4000 and buffer["full"]["kept"] == 200  # the rest learned, not kept
+    assert buffer["queue"]["delivered"] == 4000
+    assert all(buffer[mode]["delivered_per_s"] > 0 for mode in ("keep", "full", "queue"))
