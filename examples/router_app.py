@@ -15,7 +15,7 @@ Endpoints (JSON in, JSON out; ``h`` is the engine's hidden_dim)::
                     -> {"accepted": true}    false: this worker's lane was full; dropped and counted
     GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h}
     GET  /stats     -> the monitor's stats, as ``sona-shm stats --json`` prints them
-    GET  /metrics   -> the same in the Prometheus text format, for a scrape
+    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape
 
 A malformed request (bad JSON, NaN, a missing or unknown field, a vector of the wrong
 length) gets a 400 whose ``error`` names the field, what was expected and what was got.
@@ -30,10 +30,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
 
 import sona_shm.gunicorn
 from sona_shm import InvalidInputError, SonaShmError, Step, Trajectory
-from sona_shm.monitor import PROMETHEUS_CONTENT_TYPE, format_prometheus
+from sona_shm.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from sona_shm.prometheus import EngineCollector
 from sona_shm.trajectory import as_vector
 
 #: The fixed destinations a query can be routed to; their vectors are fixed per hidden_dim.
@@ -161,8 +163,17 @@ def stats(environ: dict[str, Any]) -> dict[str, Any]:
     return sona_shm.gunicorn.client().stats()
 
 
+#: This worker's metrics registry per engine: the engine's EngineCollector (add the app's own metrics to it).
+_registries: dict[str, CollectorRegistry] = {}
+
+
 def metrics(environ: dict[str, Any]) -> str:
-    return format_prometheus(sona_shm.gunicorn.client().stats())
+    name = sona_shm.gunicorn.client().name  # a 503 when the engine is not there
+    registry = _registries.get(name)
+    if registry is None:
+        registry = _registries[name] = CollectorRegistry()
+        registry.register(EngineCollector(name))
+    return generate_latest(registry).decode("utf-8")
 
 
 ENDPOINTS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {

@@ -18,3 +18,11 @@ ensure_venv() {  # $1: extras, comma-separated, or "" for none
     touch "$stamp"
   fi
 }
+
+ensure_promtool() {  # promtool checks the Prometheus text in the tests; Debian's prometheus package has it
+  if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts: installing promtool (apt-get install prometheus)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 \
+      || echo "scripts: could not install promtool; its test is skipped (fails under CI=true)" >&2
+  fi
+}

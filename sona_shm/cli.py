@@ -7,42 +7,31 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import (
-    CheckpointError,
-    EngineDestroyedError,
+from . import __version__
+from .checks import check_timeout
+from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts and tests name them from here
+    EXIT_CHECKPOINT,
+    EXIT_DESTROYED,
+    EXIT_ERROR,
+    EXIT_FLUSHER_RUNNING,
+    EXIT_LAYOUT_MISMATCH,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
     EngineInUseError,
     FlusherRunningError,
     InvalidInputError,
     LayoutMismatchError,
     SegmentNotFoundError,
     SonaShmError,
+    exit_code,
 )
 from .layout import EngineConfig
-
-EXIT_OK = 0
-EXIT_ERROR = 1  # an unexpected failure; the message says what
-EXIT_USAGE = 2  # argparse's own code for bad arguments
-EXIT_NOT_FOUND = 3  # no such segment
-EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment (destroy: or producers hold lanes)
-EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
-EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
-EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
-EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
-
-# The first matching class decides; SonaShmError catches the rest.
-_EXIT_CODES = (
-    (SegmentNotFoundError, EXIT_NOT_FOUND),
-    (FlusherRunningError, EXIT_FLUSHER_RUNNING),
-    (EngineInUseError, EXIT_FLUSHER_RUNNING),
-    (EngineDestroyedError, EXIT_DESTROYED),
-    (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
-    (CheckpointError, EXIT_CHECKPOINT),
-    (InvalidInputError, EXIT_USAGE),
-    (SonaShmError, EXIT_ERROR),
-)
 
 _CONFIG_OPTIONS = (
     ("--hidden-dim", "hidden_dim", int, "embedding width h (default 256)"),
@@ -69,6 +58,7 @@ def _given_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sona-shm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sona-shm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flusher", help="run the flusher of an engine in the foreground (creates or adopts it)")
@@ -99,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
     add_stats_options(p)
 
+    p = sub.add_parser("list", help="the engines on this host, with their flusher's state (no lock taken, nothing written)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
     p = sub.add_parser("create", help="create an engine's segment without running its flusher")
     p.add_argument("--name", required=True)
     _add_config_options(p)
@@ -118,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("checkpoint", help="write an engine's adapter to a safetensors file (no lock, nothing written to it)")
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True, metavar="PATH")
+
+    p = sub.add_parser("export", help="write an engine's adapter (or a checkpoint's) as a PEFT LoRA adapter directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--name", help="a live engine (read without a lock, nothing written to it)")
+    source.add_argument("--from-checkpoint", dest="from_checkpoint", metavar="FILE", help="a checkpoint file of `sona-shm checkpoint`")
+    p.add_argument("--peft", required=True, metavar="DIR", help="write adapter_model.safetensors and adapter_config.json into DIR")
+    p.add_argument("--module", default="adapter", help="the target module's name in the model (default: adapter)")
 
     p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
     p.add_argument("--name", required=True)
@@ -146,6 +146,13 @@ def add_stats_options(p: argparse.ArgumentParser) -> None:
         help="redraw the table every SECONDS (default 2) until Ctrl-C; uses rich if installed",
     )
     p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N tables")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="read twice, SECONDS apart; print the second read with the rates between them (learned/s, adapter movement)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except SonaShmError as exc:
         print(f"sona-shm: {exc}", file=sys.stderr)
-        return next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
+        return exit_code(exc)
 
 
 def _flusher(args: argparse.Namespace) -> int:
@@ -165,13 +172,10 @@ def _flusher(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s sona-shm flusher[%(process)d] %(levelname)s %(message)s",
     )
-    if not 0 <= args.flush_interval < float("inf"):  # NaN fails both comparisons
-        raise InvalidInputError(f"--flush-interval: expected a finite number of seconds >= 0, got {args.flush_interval}")
+    check_timeout(args.flush_interval, "--flush-interval")
     if args.checkpoint_interval is not None and not args.checkpoint:
         raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
-    interval = 60.0 if args.checkpoint_interval is None else args.checkpoint_interval
-    if not 0 <= interval < float("inf"):
-        raise InvalidInputError(f"--checkpoint-interval: expected seconds >= 0, got {args.checkpoint_interval}")
+    interval = check_timeout(60.0 if args.checkpoint_interval is None else args.checkpoint_interval, "--checkpoint-interval")
     given = _given_config(args)
     config = EngineConfig(**given)  # bad options are refused before anything else happens
     # The handlers go in before the flusher takes the segment's flusher lock: from that
@@ -210,25 +214,76 @@ def _flusher(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .monitor import format_prometheus, format_table, read_stats, watch
+    from .monitor import format_table, watch
+    from .stats import EngineStats, read
 
-    if args.watch is not None and not (args.watch > 0 and args.watch < float("inf")):
-        raise InvalidInputError(f"--watch: expected seconds > 0, got {args.watch}")
+    if args.watch is not None:
+        check_timeout(args.watch, "--watch", positive=True)
     if args.count is not None and (args.watch is None or args.count < 1):
         raise InvalidInputError(f"--count: expected an integer >= 1 together with --watch, got {args.count}")
+    if args.interval is not None:
+        if args.watch is not None:
+            raise InvalidInputError(f"--interval: not with --watch (every redraw measures the rates since the last), got {args.interval}")
+        check_timeout(args.interval, "--interval", positive=True)
+    if args.prometheus:
+        try:
+            from .prometheus import exposition
+        except ImportError as exc:
+            raise SonaShmError(str(exc)) from None
     if args.watch is not None:
-        return watch(args.name, args.watch, count=args.count)
-    stats = read_stats(args.name)
+        last = watch(args.name, args.watch, count=args.count)
+        if isinstance(last, SegmentNotFoundError):
+            return EXIT_NOT_FOUND
+        return EXIT_OK if isinstance(last, EngineStats) and last.flusher.alive else EXIT_NOT_RUNNING
+    stats = read(args.name)
+    if args.interval is not None:
+        time.sleep(args.interval)  # the measuring interval the user asked for
+        stats = read(args.name).since(stats)
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
+        print(json.dumps(stats.as_dict(), indent=2, sort_keys=True))
     elif args.prometheus:
-        sys.stdout.write(format_prometheus(stats))
+        sys.stdout.write(exposition(stats).decode("utf-8"))
     else:
         print(format_table(stats))
-    if not stats["flusher"]["alive"]:
+    if not stats.flusher.alive:
         # Said on stderr too, so --json and --prometheus output stays machine-readable.
         print(f"sona-shm: no flusher is running on segment {args.name!r}; start `sona-shm flusher --name {args.name}`", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .stats import list_engines
+
+    engines = list_engines()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in engines], indent=2))
+        return EXIT_OK
+    if not engines:
+        print("sona-shm: no engines on this host (no sona_shm.* object in /dev/shm)")
+        return EXIT_OK
+    header = ("name", "flusher", "pid", "hidden", "rank", "lanes live", "learned", "MiB")
+    rows = [header]
+    for e in engines:
+        lanes = f"{e.lanes_live} / {e.lanes}" if e.lanes is not None else "-"
+        rows.append(
+            (
+                e.name,
+                e.state,
+                str(e.flusher_pid or "-") if e.state in ("alive", "not running") else "-",
+                str(e.hidden_dim) if e.hidden_dim is not None else "-",
+                str(e.rank) if e.rank is not None else "-",
+                lanes,
+                f"{e.trajectories_processed:,}" if e.trajectories_processed is not None else "-",
+                f"{e.size_bytes / 2**20:.1f}",
+            )
+        )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for e in engines:
+        if e.reason:
+            print(f"  {e.name}: {e.reason}")
     return EXIT_OK
 
 
@@ -285,8 +340,7 @@ def _drain(args: argparse.Namespace) -> int:
 
     if args.max is not None and args.max < 0:
         raise InvalidInputError(f"--max: expected N >= 0, got {args.max}")
-    if not args.timeout >= 0:
-        raise InvalidInputError(f"--timeout: expected seconds >= 0, got {args.timeout}")
+    check_timeout(args.timeout, "--timeout")
     drained = drain_to_file(args.name, args.out, n=args.max, timeout=args.timeout)
     print(f"sona-shm: drained {drained} trajectories from {args.name!r} into {args.out}")
     return EXIT_OK
@@ -299,6 +353,22 @@ def _checkpoint(args: argparse.Namespace) -> int:
     print(
         f"sona-shm: wrote {args.out}: generation {saved.generation}, "
         f"{saved.counters['trajectories_processed']} trajectories processed, {saved.counters['pending']} pending"
+    )
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, export_engine
+
+    if args.name is not None:
+        done = export_engine(args.name, args.peft, module=args.module)
+        source = f"engine {args.name!r}"
+    else:
+        done = export_checkpoint(args.from_checkpoint, args.peft, module=args.module)
+        source = args.from_checkpoint
+    print(
+        f"sona-shm: exported {source} (rank {done.rank}, hidden_dim {done.hidden_dim}, generation {done.generation}, "
+        f"{done.trajectories_processed} trajectories learned) as a PEFT LoRA adapter on module {done.module!r}: {', '.join(done.files)}"
     )
     return EXIT_OK
 
@@ -320,10 +390,12 @@ def _demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "flusher": _flusher,
     "stats": _stats,
+    "list": _list,
     "create": _create,
     "destroy": _destroy,
     "drain": _drain,
     "checkpoint": _checkpoint,
+    "export": _export,
     "restore": _restore,
     "demo": _demo,
 }

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import lane as lane_module
+from .checks import check_timeout
 from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
 from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from .lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
@@ -42,7 +43,8 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .segment import Segment, check_timeout, start_ticks, wait_until
+from .segment import Segment, start_ticks, wait_until
+from .stats import EngineStats, collect
 from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -438,13 +440,19 @@ class Client:
 
     # ----------------------------------------------------------------- stats and lifecycle
 
-    def stats(self) -> dict:
-        """Counters of the whole engine, read without locks (see ``sona-shm stats --json``)."""
-        from .monitor import collect_stats
+    def stats(self) -> dict[str, Any]:
+        """Counters of the whole engine, read without locks: the dict ``sona-shm stats --json`` prints.
 
+        Its keys are documented in the README ("The monitor"); :meth:`statistics` is the
+        same observation as a typed :class:`~sona_shm.stats.EngineStats`.
+        """
+        return self.statistics().as_dict()
+
+    def statistics(self) -> EngineStats:
+        """The engine observed now (no lock taken, nothing written), as a frozen :class:`~sona_shm.stats.EngineStats`."""
         if self._segment is None:
             raise self._closed()
-        return collect_stats(self._segment, self._ledger)
+        return collect(self._segment, self._ledger)
 
     def close(self) -> None:
         """Release the lane and unmap. Safe to call twice. Committed trajectories stay.

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int, check_timeout
 from .errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
 from .layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
 from .ledger import Ledger, TornRead
-from .loop import _check_int
 from .segment import Segment, wait_until
 from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
 
@@ -106,7 +106,8 @@ class TrajectoryBatch:
 
     def save(self, file: Any) -> None:
         """Write the arrays as an uncompressed ``.npz`` to a path or binary file object."""
-        np.savez(file, **self.arrays())
+        arrays: dict[str, Any] = self.arrays()  # keyword arrays; savez's own keywords are not among the names
+        np.savez(file, **arrays)
 
     @classmethod
     def load(cls, file: Any) -> TrajectoryBatch:
@@ -158,7 +159,7 @@ class Consumer:
 
     def drain_n(self, n: int, *, timeout: float = DRAIN_TIMEOUT) -> list[Trajectory]:
         """Remove and return up to ``n`` buffered trajectories, oldest first."""
-        _check_int("n", n, 0, MAX_N)
+        check_int("n", n, 0, MAX_N)
         return self.drain_arrays(n, timeout=timeout).trajectories()
 
     def drain_arrays(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> TrajectoryBatch:
@@ -176,11 +177,8 @@ class Consumer:
         ``timeout``: seconds to wait for another consumer's lock
         (:class:`DrainTimeoutError` after that).
         """
-        _check_int("n", MAX_N if n is None else n, 0, MAX_N)
-        limit = MAX_N if n is None else int(n)  # a numpy integer must not leak into the tail word
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
-            raise InvalidInputError(f"timeout: expected seconds >= 0, got {timeout!r}")
-        with self._drain_lock(float(timeout)):
+        limit = check_int("n", MAX_N if n is None else n, 0, MAX_N)  # an int: a numpy integer must not leak into the tail word
+        with self._drain_lock(check_timeout(timeout)):
             u64 = self._u64
             tail = u64[self._w_tail]  # only the lock holder writes it: stable while we hold it
             end = min(self._committed_head(tail), tail + limit)
@@ -347,7 +345,7 @@ def drain_to_file(name: str, path: str | os.PathLike[str], *, n: int | None = No
     if not os.path.isdir(directory):
         raise InvalidInputError(f"out: expected a file in an existing directory, {directory!r} is not a directory")
     if n is not None:
-        _check_int("n", n, 0, MAX_N)
+        check_int("n", n, 0, MAX_N)
     with open_consumer(name) as consumer, consumer.draining(n, timeout=timeout) as batch:
         # Hidden, so a job that globs *.npz never picks up a half-written file.
         fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)

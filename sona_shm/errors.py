@@ -1,5 +1,8 @@
 """Every error sona_shm raises on purpose is a subclass of :class:`SonaShmError`.
 
+The exit codes of the ``sona-shm`` command live here too, beside the errors they
+stand for, so any module can name them without importing the command line.
+
 Bad input also subclasses :class:`ValueError`, so code that already catches
 ``ValueError`` around a model call keeps working. Messages name the argument, what
 was expected and what was got.
@@ -64,3 +67,33 @@ class NoSpaceError(SonaShmError):
 
 class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""
+
+
+# ----------------------------------------------------------------- exit codes of ``sona-shm``
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected failure; the message says what
+EXIT_USAGE = 2  # argparse's own code for bad arguments; also InvalidInputError
+EXIT_NOT_FOUND = 3  # no such segment
+EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment (destroy: or producers hold lanes)
+EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
+EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
+EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
+EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
+
+# The first matching class decides; SonaShmError catches the rest.
+_EXIT_CODES: tuple[tuple[type[SonaShmError], int], ...] = (
+    (SegmentNotFoundError, EXIT_NOT_FOUND),
+    (FlusherRunningError, EXIT_FLUSHER_RUNNING),
+    (EngineInUseError, EXIT_FLUSHER_RUNNING),
+    (EngineDestroyedError, EXIT_DESTROYED),
+    (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
+    (CheckpointError, EXIT_CHECKPOINT),
+    (InvalidInputError, EXIT_USAGE),
+    (SonaShmError, EXIT_ERROR),
+)
+
+
+def exit_code(exc: SonaShmError) -> int:
+    """The ``sona-shm`` exit code that stands for ``exc``."""
+    return next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))

@@ -29,6 +29,11 @@ What each hook does and why:
 - :func:`client` also attaches lazily on first use, so the app works under any server,
   and with ``preload_app = True``: a client attached in the master while importing the
   app is inherited by every worker, and each worker claims its own lane on first use.
+  A failed attach is remembered: the first one waits up to ``SONA_SHM_ATTACH_TIMEOUT``
+  (once per process), later calls raise the same error at once until a back-off delay
+  (1 s, doubling up to 30 s) has passed, and then one call tries again without
+  waiting. So a missing engine never blocks an event loop for longer than
+  ``SONA_SHM_ATTACH_TIMEOUT`` once, then a few milliseconds per back-off period.
 - ``when_ready`` (master, after a preloaded app was imported): a client the import
   attached in the master gives its lane back, so the master holds none.
 - ``worker_exit`` (worker, on a normal exit, including ``max_requests`` recycling):
@@ -46,22 +51,39 @@ What each hook does and why:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
+from .checks import check_timeout
 from .client import Client, attach
 from .errors import InvalidInputError, SonaShmError
 from .segment import check_name
+from .stats import LaneStats, read
 
 ENV_NAME = "SONA_SHM_NAME"
 ENV_ATTACH_TIMEOUT = "SONA_SHM_ATTACH_TIMEOUT"
 DEFAULT_ATTACH_TIMEOUT = 10.0
 
 _log = logging.getLogger("sona_shm.gunicorn")
+#: Seconds before the first retry after a failed attach; doubled after each failure, up to BACKOFF_MAX.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+
 _guard = threading.Lock()
 _client: Client | None = None
+
+
+class _Failure(NamedTuple):
+    name: str | None  # the SONA_SHM_NAME it was for (another name starts afresh)
+    error: SonaShmError  # what the last attempt raised
+    failures: int  # attempts that failed in a row
+    retry_at: float  # _now() before which client() raises at once
+
+
+_failure: _Failure | None = None
+_now = time.monotonic  # the back-off's clock (tests replace it)
 
 
 def engine_name() -> str:
@@ -81,12 +103,10 @@ def attach_timeout() -> float:
     if raw is None or raw == "":
         return DEFAULT_ATTACH_TIMEOUT
     try:
-        value = float(raw)
+        value: object = float(raw)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidInputError(f"{ENV_ATTACH_TIMEOUT}: expected seconds >= 0, got {raw!r}")
-    return value
+        value = raw  # refused below, naming what was given
+    return check_timeout(value, ENV_ATTACH_TIMEOUT)
 
 
 def client() -> Client:
@@ -95,22 +115,51 @@ def client() -> Client:
     Safe to call from every thread of a worker; raises :class:`SegmentNotFoundError`
     if no flusher created the engine within ``SONA_SHM_ATTACH_TIMEOUT``,
     :class:`NoFreeLaneError` if every lane is held by a live process.
+
+    A failure is remembered (see the module docstring): only the first attempt waits
+    for the segment; until the back-off delay has passed every call raises the
+    remembered error again at once, then one call tries again without waiting.
     """
-    global _client
+    global _client, _failure
     current = _client
     if current is not None:
         return current
+    failure = _failure
+    if failure is not None and failure.name == os.environ.get(ENV_NAME) and _now() < failure.retry_at:
+        raise _again(failure)
     with _guard:
-        if _client is None:
-            _client = attach(engine_name(), timeout=attach_timeout())
+        if _client is not None:
+            return _client
+        failure = _failure
+        if failure is not None and failure.name != os.environ.get(ENV_NAME):
+            failure = None
+        if failure is not None and _now() < failure.retry_at:
+            raise _again(failure)  # another thread failed while we waited for the guard
+        try:
+            # Wait for the segment once per process; a retry only looks.
+            _client = attach(engine_name(), timeout=attach_timeout() if failure is None else 0.0)
+        except SonaShmError as exc:
+            failures = 1 if failure is None else failure.failures + 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+            _failure = _Failure(os.environ.get(ENV_NAME), exc, failures, _now() + delay)
+            raise
+        _failure = None
         return _client
+
+
+def _again(failure: _Failure) -> SonaShmError:
+    """The remembered error, raised anew (same class, same message, and when the next attempt is)."""
+    wait = max(0.0, failure.retry_at - _now())
+    error = type(failure.error)(f"{failure.error} (remembered from {failure.failures} failed attach(es); next attempt in {wait:.1f} s)")
+    return error
 
 
 def close() -> None:
     """Close this process's client, if any (its lane is free at once); :func:`client` attaches again."""
-    global _client
+    global _client, _failure
     with _guard:
         current, _client = _client, None
+        _failure = None
     if current is not None:
         current.close()
 
@@ -160,36 +209,35 @@ def child_exit(server: Any, worker: Any) -> None:
             "sona_shm: worker %s exited; no lane of engine %r is registered to it any more (reused, or never claimed)", worker.pid, name
         )
     for lane in lanes:
-        unlearned = lane["records"] - lane["learned"]
+        unlearned = lane.backlog
         backlog = f"the flusher has {unlearned} trajectories it committed still to learn" if unlearned else "all it committed is learned"
-        if lane["alive"]:
+        if lane.alive:
             server.log.warning(
                 "sona_shm: lane %d of engine %r is still locked although worker %s exited: a process it forked still has the engine "
                 "open; the lane frees when that process exits (%s)",
-                lane["lane"],
+                lane.lane,
                 name,
                 worker.pid,
                 backlog,
             )
         else:
             server.log.info(
-                "sona_shm: worker %s exited; lane %d of engine %r is free for the next worker (%s)", worker.pid, lane["lane"], name, backlog
+                "sona_shm: worker %s exited; lane %d of engine %r is free for the next worker (%s)", worker.pid, lane.lane, name, backlog
             )
 
 
-def dead_worker_lanes(name: str, pid: int) -> list[dict[str, Any]]:
+def dead_worker_lanes(name: str, pid: int) -> list[LaneStats]:
     """The lanes of engine ``name`` last claimed by process ``pid`` (the monitor's lane rows).
 
     Read-only: a lock query says whether each is still held (``alive``).
     """
-    from .monitor import read_stats
-
-    return [lane for lane in read_stats(name)["lanes"] if lane["pid"] == pid]
+    return [lane for lane in read(name).lanes if lane.pid == pid]
 
 
 def _after_fork_in_child() -> None:
-    global _guard
+    global _guard, _failure
     _guard = threading.Lock()  # another thread of the parent may have held it at the fork
+    _failure = None  # a worker tries for itself: the engine may have appeared since the parent failed
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import math
 import mmap
-import numbers
 import os
 import re
 import stat
@@ -41,6 +39,7 @@ from collections.abc import Callable
 
 import posix_ipc
 
+from .checks import check_timeout
 from .errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
 from .layout import HEADER_BYTES, Layout
 
@@ -59,16 +58,6 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInputError(f"name: expected 1-64 characters from [A-Za-z0-9_.-] starting with a letter or digit, got {name!r}")
     return name
-
-
-def check_timeout(timeout: object, name: str = "timeout") -> float:
-    """Return ``timeout`` as seconds if it is a finite number >= 0, else raise naming it.
-
-    Every wait in sona_shm is bounded by one of these; NaN or infinity would unbound it.
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 <= timeout < math.inf:
-        raise InvalidInputError(f"{name}: expected a finite number of seconds >= 0, got {timeout!r}")
-    return float(timeout)
 
 
 SHM_DIR = "/dev/shm"

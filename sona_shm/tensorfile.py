@@ -171,7 +171,7 @@ def read_file(path: str, max_bytes: int) -> bytes:
             raise CheckpointError(f"{path}: not a regular file")
         if st.st_size > max_bytes:
             raise CheckpointError(f"{path}: {st.st_size} bytes is larger than any checkpoint of this engine ({max_bytes} bytes at most)")
-        chunks = []
+        chunks: list[bytes] = []
         while chunk := os.read(fd, max_bytes + 1 - sum(map(len, chunks))):
             chunks.append(chunk)
         return b"".join(chunks)

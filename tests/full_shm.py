@@ -25,7 +25,7 @@ from sona_shm.errors import SegmentNotFoundError
 from sona_shm.monitor import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
-from support import wait_for
+from support import run, wait_for
 
 H, S, A = 256, 8, 64
 
@@ -46,7 +46,7 @@ def fill(path: str) -> int:
 
 def main() -> None:
     name = sys.argv[1]
-    refused = subprocess.run([sys.executable, "-m", "sona_shm", "create", "--name", name], capture_output=True, text=True, timeout=120)
+    refused = run([sys.executable, "-m", "sona_shm", "create", "--name", name], timeout=120)
     match = re.search(r"This fits \([^)]*\): `sona-shm flusher --name \S+ ([^`]*)`", refused.stderr)
     options = shlex.split(match.group(1)) if match else []
     report = {"refused_code": refused.returncode, "refused": refused.stderr.strip(), "options": options}

@@ -19,6 +19,8 @@ from sona_shm.layout import LANE_CONTROL_BYTES
 from conftest import SMALL
 from support import run
 
+pytestmark = pytest.mark.guarantee("bad-input-changes-nothing")
+
 H, S, A = SMALL["hidden_dim"], SMALL["max_steps"], SMALL["attention_dim"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -283,6 +285,7 @@ print(ok)
 """
 
 
+@pytest.mark.guarantee("bad-input-changes-nothing")
 @pytest.mark.parametrize("path", ["c", "python"])
 def test_uint64_max_input_is_accepted_without_a_numpy_warning(name, path):
     """Its float32 square overflows the fast finiteness check; numpy said so on stderr (a RuntimeWarning)."""

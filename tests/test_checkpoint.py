@@ -153,6 +153,7 @@ def good_checkpoint(tmp_path, **changes) -> str:
     return path
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 @pytest.mark.parametrize(
     "changes, fragment",
     [
@@ -187,6 +188,7 @@ def test_good_checkpoint_helper_is_good(tmp_path):
     assert read_checkpoint(good_checkpoint(tmp_path)).generation == 3
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 @pytest.mark.parametrize(
     "damage",
     [
@@ -251,6 +253,7 @@ def test_restore_keeps_unlearned_trajectories_and_lane_positions(engine, name, t
         second.close()
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 def test_new_segment_with_a_bad_checkpoint_is_refused_and_removed(name, tmp_path):
     path = good_checkpoint(tmp_path, **{DOWN: np.full((R, H), np.nan, np.float32)})
     with pytest.raises(CheckpointError, match="non-finite"):
@@ -333,6 +336,7 @@ def test_cli_checkpoint_and_restore(capsys, engine, name, tmp_path):
 @pytest.mark.parametrize(
     "counter", ["generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"]
 )
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 def test_a_counter_out_of_range_exits_7_from_restore_and_from_the_flusher(capsys, name, tmp_path, counter):
     """With generation 2**64 - 1 the flusher crash-looped on OverflowError; restore printed a traceback and exited 1."""
     path = good_checkpoint(tmp_path, **{counter: str(2**64 - 1)})

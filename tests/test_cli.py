@@ -112,6 +112,7 @@ def test_drain_refusals_and_their_exit_codes(capsys, engine, name, tmp_path):
     assert not os.path.exists(out)
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_sigterm_right_after_the_flusher_took_its_lock_is_a_clean_stop(children, name):
     """A supervisor sees a live flusher once the lock is taken; a SIGTERM from then on must mean exit 0."""
     from sona_shm import flusher as flusher_module

@@ -120,6 +120,7 @@ class UnderReportingSteps(list):
         return 1
 
 
+@pytest.mark.guarantee("bad-input-changes-nothing")
 def test_a_sequence_whose_len_lies_cannot_overrun_its_slot(engine):
     """Its len() passed the max_steps check, then all its steps were written, over the next
     slot: a committed neighbour was lost. Validation and writing now see one snapshot."""
@@ -141,6 +142,7 @@ def test_a_sequence_whose_len_lies_cannot_overrun_its_slot(engine):
     assert flusher.scan() == 3 and client.stats()["trajectories_processed"] == 3
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_a_batch_of_slots_that_all_fail_their_check_is_committed(engine):
     """The flusher moved its tail past them but did not commit it, so sync() timed out."""
     flusher = engine()
@@ -458,6 +460,7 @@ def test_close_waits_for_a_record_in_progress_and_later_calls_say_closed(engine)
             call()
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_close_while_another_thread_waits_for_room_says_closed(engine, monkeypatch):
     """close() used to wait its 10 s for the waiter's lock, and the waiter then died of AttributeError: _ledger."""
     monkeypatch.setattr(client_module, "CLOSE_WAIT", 60.0)
@@ -487,6 +490,7 @@ def test_close_while_another_thread_waits_for_room_says_closed(engine, monkeypat
     assert outcome == ["ClosedError"]  # not False after 30 s (the old lock-holding wait), nor AttributeError
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_a_record_that_does_not_wait_never_waits_for_one_that_does(engine, monkeypatch):
     """A record() with timeout 0 once took 1.95 s: another thread held the lock while waiting in record(timeout=2)."""
     flusher = engine(lane_slots=2)

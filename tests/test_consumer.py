@@ -271,8 +271,8 @@ def test_a_fork_child_uses_its_own_descriptor(engine, children, name, consumers)
         (lambda c: c.drain_n(1.5), "got 1.5"),
         (lambda c: c.drain_n(True), "got True"),
         (lambda c: c.drain_arrays(-3), "got -3"),
-        (lambda c: c.drain(timeout=-1), "timeout: expected seconds >= 0, got -1"),
-        (lambda c: c.drain_n(2, timeout=float("nan")), "timeout: expected seconds >= 0, got nan"),
+        (lambda c: c.drain(timeout=-1), "timeout: expected a finite number of seconds >= 0, got -1"),
+        (lambda c: c.drain_n(2, timeout=float("nan")), "timeout: expected a finite number of seconds >= 0, got nan"),
     ],
 )
 def test_bad_arguments_raise_and_drain_nothing(engine, name, consumers, call, fragment):

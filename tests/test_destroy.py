@@ -15,6 +15,7 @@ from children import fork_child
 from conftest import SMALL
 
 H = SMALL["hidden_dim"]
+pytestmark = pytest.mark.guarantee("a-destroyed-engine-is-noticed")
 
 
 def one() -> Trajectory:

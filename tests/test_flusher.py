@@ -26,6 +26,7 @@ def test_second_flusher_is_refused_with_the_pid(engine, name):
         Flusher(name, config=EngineConfig(**SMALL))
 
 
+@pytest.mark.guarantee("leftovers-are-recognised")
 def test_adopting_keeps_state_and_refuses_other_configuration(engine, name):
     first = engine()
     client = engine.attach()
@@ -49,6 +50,7 @@ def test_adopting_keeps_state_and_refuses_other_configuration(engine, name):
         second.close()
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_a_flusher_dying_before_its_commit_loses_and_repeats_nothing(engine, name, monkeypatch):
     first = engine(flush_threshold=1000)
     client = engine.attach()
@@ -154,6 +156,8 @@ def test_zero_capacity_keeps_nothing(engine):
     assert client.drain() == [] and client.buffer_stats() == (0, 1, 0.0)
 
 
+@pytest.mark.guarantee("leftovers-are-recognised")
+@pytest.mark.guarantee("leftovers-are-recognised")
 def test_incomplete_segment_is_initialised_again(name):
     layout = Layout(EngineConfig(**SMALL))
     fd = segment.create_fd(name, layout.total_bytes, 0o600)  # a creator that died before the magic

@@ -10,6 +10,8 @@ from sona_shm.machine import check_machine
 
 from support import run
 
+pytestmark = pytest.mark.guarantee("only-x86-64")
+
 
 @pytest.mark.parametrize("machine", ["x86_64", "AMD64", "amd64"])
 def test_x86_64_with_a_64_bit_python_is_accepted(machine):

@@ -1,4 +1,4 @@
-"""The monitor: table, JSON, Prometheus text, --watch; missing segment and no flusher; it writes nothing."""
+"""The monitor: table, JSON, --watch with rates; missing segment and no flusher; it writes nothing."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from sona_shm import Step, Trajectory, monitor
+from sona_shm import Step, Trajectory, monitor, stats
 from sona_shm.cli import EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, main
-from sona_shm.monitor import format_prometheus, format_table, read_stats, watch
+from sona_shm.errors import SegmentNotFoundError
+from sona_shm.monitor import format_table, watch
+from sona_shm.stats import EngineStats
 
 from conftest import SMALL
 from support import ROOT
@@ -112,116 +113,14 @@ def test_every_form_on_a_missing_segment_exits_3_and_prints_nothing(capsys, name
     assert f"segment {name!r} does not exist; start `sona-shm flusher --name {name}`" in err
 
 
-# ----------------------------------------------------------------- Prometheus
-
-_SAMPLE = re.compile(r'^(sona_shm_[a-z_]+)\{((?:[a-z_]+="(?:[^"\\\n]|\\["\\n])*",?)*)\} (\S+)$')
-
-
-def parse_strictly(text: str) -> dict[str, tuple[str, list[tuple[dict[str, str], float]]]]:
-    """Our own reading of the 0.0.4 text format: HELP then TYPE before a family's samples, grouped."""
-    assert text.endswith("\n") and "\n\n" not in text
-    families: dict[str, tuple[str, list]] = {}
-    current = None
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("# HELP "):
-            name = line.split()[2]
-            assert name not in families, f"{name} described twice"
-            assert lines[i + 1].startswith(f"# TYPE {name} "), f"no TYPE after HELP of {name}"
-            current = name
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert name == current and kind in ("counter", "gauge")
-            assert name.endswith("_total") == (kind == "counter"), f"{name}: counters and only counters end in _total"
-            families[name] = (kind, [])
-        else:
-            match = _SAMPLE.match(line)
-            assert match, f"not a sample line: {line!r}"
-            assert match.group(1) == current, f"sample of {match.group(1)} outside its family"
-            labels = dict(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', match.group(2)))
-            families[current][1].append((labels, float(match.group(3))))
-    return families
-
-
-def test_prometheus_text_parses_and_matches_the_stats(capsys, busy, name):
-    code, text, _ = run(capsys, "stats", "--name", name, "--prometheus")
-    assert code == EXIT_OK
-    stats = read_stats(name)
-    ours = parse_strictly(text)
-    theirs = {f.name: f for f in text_string_to_metric_families(text)}  # the reference parser agrees
-    assert {f"{n}_total" if f.type == "counter" else n for n, f in theirs.items()} == set(ours)
-
-    def value(metric: str, **labels: str) -> float:
-        samples = [v for lab, v in ours[metric][1] if lab == {"engine": name, **labels}]
-        assert len(samples) == 1, (metric, ours[metric])
-        return samples[0]
-
-    for key in ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
-        assert value(f"sona_shm_{key}_total") == stats[key]
-    assert value("sona_shm_recorded_total") == 17 and value("sona_shm_lane_dropped_total") == 2 and value("sona_shm_backlog") == 1
-    assert value("sona_shm_pending_signals") == 1 and value("sona_shm_weights_generation") == 5
-    assert value("sona_shm_buffer_len") == 16 and value("sona_shm_buffer_success_rate") == 1.0
-    assert value("sona_shm_flusher_up", pid=str(stats["flusher"]["pid"])) == 1
-    assert value("sona_shm_lanes") == 4 and value("sona_shm_lanes_live") == 1
-    assert value("sona_shm_last_flush_timestamp_seconds") == stats["last_flush_at"]
-    lane = next(lane for lane in stats["lanes"] if lane["alive"])
-    ids = {"lane": str(lane["lane"]), "pid": str(lane["pid"])}
-    assert value("sona_shm_lane_records_total", **ids) == 16 and value("sona_shm_lane_drops_total", **ids) == 2
-    assert value("sona_shm_lane_backlog", **ids) == 1
-    assert len(ours["sona_shm_lane_records_total"][1]) == 1  # live lanes only
-
-
-def test_prometheus_without_a_flusher_says_down_and_exits_6(capsys, engine, name):
-    engine().close()
-    code, text, err = run(capsys, "stats", "--name", name, "--prometheus")
-    assert code == EXIT_NOT_RUNNING and "no flusher is running" in err
-    up = parse_strictly(text)["sona_shm_flusher_up"][1]
-    assert [v for _, v in up] == [0]
-
-
-def test_prometheus_escapes_help_and_label_values():
-    odd = 'a\\b"c\nd'
-    text = format_prometheus(_fake_stats(odd))
-    assert 'engine="a\\\\b\\"c\\nd"' in text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert families["sona_shm_trajectories_processed"].samples[0].labels == {"engine": odd}
-
-
-def _fake_stats(name: str) -> dict:
-    """A stats dict as collect_stats makes it, for an engine name no segment could have."""
-    return {
-        "name": name,
-        "observed_at": 1.0,
-        "config": {
-            "hidden_dim": 4,
-            "rank": 1,
-            "lr": 0.1,
-            "flush_threshold": 1,
-            "capacity": 1,
-            "lanes": 1,
-            "lane_slots": 1,
-            "segment_bytes": 1,
-        },
-        **dict.fromkeys(("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"), 0),
-        "pending_signals": 0,
-        "weights_generation": 0,
-        "last_flush_at": None,
-        "recorded": 0,
-        "lane_dropped": 0,
-        "backlog": 0,
-        "lanes_live": 0,
-        "buffer": {"len": 0, "dropped": 0, "success_rate": 1.0, "capacity": 1, "drained": 0},
-        "flusher": {"pid": 0, "alive": False, "heartbeat_at": None, "heartbeat_age_s": None, "started_at": None, "idle": False, "scans": 0},
-        "lanes": [],
-    }
-
-
 # ----------------------------------------------------------------- watch
 
 
-def test_watch_plain_draws_count_tables(busy, name):
+def test_watch_plain_draws_count_tables_and_returns_the_last_observation(busy, name):
     out = io.StringIO()
-    assert watch(name, 0.01, count=3, out=out, renderer="plain") == EXIT_OK
+    last = watch(name, 0.01, count=3, out=out, renderer="plain")
+    assert isinstance(last, EngineStats) and last.flusher.alive and last.trajectories_processed == 16
+    assert last.rates is not None and last.rates.learned_per_s == 0.0  # nothing learned between the frames
     assert out.getvalue().count(f"sona-shm engine {name!r}: flusher alive") == 3
     assert "\x1b[" not in out.getvalue()  # not a terminal: no screen control codes
 
@@ -238,8 +137,9 @@ def test_watch_plain_clears_a_terminal_between_tables(busy, name):
 
 def test_watch_rich_redraws_live(busy, name):
     out = io.StringIO()
-    assert watch(name, 0.01, count=2, out=out, renderer="rich") == EXIT_OK
+    last = watch(name, 0.01, count=2, out=out, renderer="rich")
     text = out.getvalue()
+    assert isinstance(last, EngineStats) and last.flusher.alive
     assert text.count(f"sona-shm engine {name!r}: flusher alive") >= 2 and "trajectories_processed" in text
     assert "\x1b[" in text  # cursor movements of a live display
 
@@ -249,7 +149,7 @@ def test_watch_from_the_cli_stops_after_count(capsys, busy, name):
     assert code == EXIT_OK and out.count("trajectories_processed") == 2
 
 
-def test_watch_ends_cleanly_on_ctrl_c_with_the_last_frames_status(engine, name, monkeypatch):
+def test_watch_ends_cleanly_on_ctrl_c_with_the_last_frame(engine, name, monkeypatch, capsys):
     engine().close()
 
     def interrupted(seconds: float) -> None:
@@ -257,32 +157,143 @@ def test_watch_ends_cleanly_on_ctrl_c_with_the_last_frames_status(engine, name, 
 
     monkeypatch.setattr(monitor.time, "sleep", interrupted)
     out = io.StringIO()
-    assert watch(name, 5, out=out, renderer="plain") == EXIT_NOT_RUNNING
+    last = watch(name, 5, out=out, renderer="plain")
+    assert isinstance(last, EngineStats) and not last.flusher.alive
     assert out.getvalue().count("flusher NOT RUNNING") == 1
+    code, _, _ = run(capsys, "stats", "--name", name, "--watch", "5")  # the CLI turns that frame into exit 6
+    assert code == EXIT_NOT_RUNNING
 
 
-def test_watch_reports_a_segment_that_goes_away(busy, name, monkeypatch):
-    real = monitor.read_stats
+def test_watch_reports_a_segment_that_goes_away(busy, name, capsys):
     calls = []
 
-    def vanishing(engine_name: str) -> dict:
+    def vanishing(engine_name: str) -> EngineStats:
         calls.append(engine_name)
         if len(calls) > 1:
-            from sona_shm.errors import SegmentNotFoundError
-
             raise SegmentNotFoundError(f"segment {engine_name!r} does not exist")
-        return real(engine_name)
+        return stats.read(engine_name)
 
-    monkeypatch.setattr(monitor, "read_stats", vanishing)
     out = io.StringIO()
-    assert watch(name, 0.01, count=2, out=out, renderer="plain") == EXIT_NOT_FOUND
+    last = watch(name, 0.01, count=2, out=out, renderer="plain", reader=vanishing)
+    assert isinstance(last, SegmentNotFoundError)
     assert "does not exist\n(waiting for it to come back; Ctrl-C to stop)" in out.getvalue()
+
+
+# ----------------------------------------------------------------- learning, between two reads
+
+
+def learn(flusher, client, n: int, reward: float = 1.0) -> None:
+    for _ in range(n):
+        assert client.record(one_step(reward))
+    flusher.scan()
+
+
+def test_two_reads_give_rates_the_adapter_norms_and_how_far_it_moved(engine, name):
+    flusher = engine(flush_threshold=2)
+    client = engine.attach()
+    first = stats.read(name)
+    assert first.rates is None and first.adapter.up_norm == 0.0  # up starts at zero
+    assert first.adapter.down_norm == pytest.approx(float(np.linalg.norm(first.adapter.down.astype(np.float64))))
+    learn(flusher, client, 6)
+    second = stats.read(name).since(first)
+    rates = second.rates
+    assert rates is not None and rates.interval_s == second.observed_at - first.observed_at > 0
+    assert rates.learned_per_s == pytest.approx(6 / rates.interval_s) and rates.recorded_per_s == pytest.approx(6 / rates.interval_s)
+    assert rates.flushes_per_s == pytest.approx(3 / rates.interval_s)
+    up = second.adapter.up.astype(np.float64)
+    assert second.adapter.up_norm == pytest.approx(float(np.linalg.norm(up))) and second.adapter.up_norm > 0
+    assert rates.up_change_norm == pytest.approx(second.adapter.up_norm)  # moved from zero
+    assert rates.down_change_norm == 0.0  # the reference rule never changes down
+    third = stats.read(name).since(second)
+    assert third.rates.learned_per_s == 0.0 and third.rates.up_change_norm == 0.0
+
+
+def test_rates_are_not_measured_across_a_recreated_engine(engine, name):
+    flusher = engine()
+    before = stats.read(name)
+    flusher.close()
+    from sona_shm import segment
+
+    segment.unlink(name)
+    engine()
+    after = stats.read(name)
+    assert after.created_at != before.created_at and after.since(before).rates is None
+
+
+def test_the_table_shows_rates_norms_and_movement(engine, name):
+    flusher = engine(flush_threshold=2)
+    client = engine.attach()
+    first = stats.read(name)
+    table = format_table(first)
+    assert re.search(r"learned\s+-", table) and "rates needs two reads (--watch, --interval)" in table
+    assert re.search(r"‖up‖\s+0\b", table) and re.search(r"‖Δup‖ since last read\s+-", table)
+    learn(flusher, client, 4)
+    second = stats.read(name).since(first)
+    table = format_table(second, [0.0, second.rates.learned_per_s])
+    assert f"rates over the last {second.rates.interval_s:.1f}s" in table
+    learned = re.search(r"learned\s+([\d,.]+)/s", table)
+    assert learned and float(learned.group(1).replace(",", "")) == pytest.approx(second.rates.learned_per_s, rel=0.01, abs=0.01)
+    assert re.search(rf"‖up‖\s+{second.adapter.up_norm:.6g}", table)
+    assert re.search(rf"‖Δup‖ since last read\s+{second.rates.up_change_norm:.6g}", table)
+    assert "learned/s, last 2 reads: ▁█" in table
+
+
+def test_sparkline_scales_to_the_largest_value():
+    assert monitor.sparkline([0, 1, 2, 4, 8]) == "▁▂▃▅█"
+    assert monitor.sparkline([0, 0]) == "▁▁" and monitor.sparkline([]) == ""
+
+
+def test_watch_keeps_a_history_of_learned_per_second(engine, name):
+    flusher = engine(flush_threshold=2)
+    client = engine.attach()
+    reads = []
+
+    def reader(engine_name: str) -> EngineStats:
+        if reads:
+            learn(flusher, client, 2 * len(reads))  # more each frame: 2, 4, 6
+        reads.append(stats.read(engine_name))
+        return reads[-1]
+
+    out = io.StringIO()
+    last = watch(name, 0.001, count=4, out=out, renderer="plain", reader=reader)
+    assert last.trajectories_processed == 12
+    frames = out.getvalue().split("sona-shm engine ")[1:]
+    assert "learned/s, last" not in frames[1]  # one rate is not a history yet
+    assert "learned/s, last 3 reads: " in frames[3]
+
+
+def test_buffer_drops_are_explained_right_under_the_buffer(engine, name):
+    flusher = engine(capacity=2)
+    client = engine.attach()
+    learn(flusher, client, 5)
+    table = format_table(stats.read(name))
+    assert re.search(r"dropped\s+3\b", table)
+    assert "(buffer: buffer full: not drained; learning unaffected (dropped = learned but not kept for drain))" in table
+    client.drain()
+    learn(flusher, client, 3)
+    table = format_table(stats.read(name))
+    assert "buffer full: drained slower than learned; learning unaffected" in table
+    quiet = stats.read(name).as_dict()
+    quiet["buffer"]["dropped"] = 0
+    assert "buffer full" not in format_table(quiet)  # renderers take the JSON dict too
+
+
+def test_json_with_an_interval_has_rates(capsys, engine, name):
+    engine()
+    code, out, _ = run(capsys, "stats", "--name", name, "--json", "--interval", "0.01")
+    printed = json.loads(out)
+    assert code == EXIT_OK and printed["rates"]["interval_s"] >= 0.01 and printed["rates"]["learned_per_s"] == 0.0
+    assert printed["adapter"] == {"up_norm": 0.0, "down_norm": pytest.approx(printed["adapter"]["down_norm"])}
+    code, out, _ = run(capsys, "stats", "--name", name, "--json")
+    assert json.loads(out)["rates"] is None
 
 
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--watch", "0"], "--watch: expected seconds > 0, got 0.0"),
+        (["--watch", "0"], "--watch: expected a finite number of seconds > 0, got 0.0"),
+        (["--interval", "nan"], "--interval: expected a finite number of seconds > 0, got nan"),
+        (["--watch", "1", "--interval", "1"], "--interval: not with --watch"),
         (["--count", "2"], "--count: expected an integer >= 1 together with --watch, got 2"),
         (["--watch", "1", "--count", "0"], "--count: expected an integer >= 1"),
     ],

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import sona_shm.gunicorn as hooks
+from sona_shm.prometheus import CONTENT_TYPE
 
 from support import ROOT
 
@@ -93,8 +96,10 @@ def test_healthz_and_metrics(served, name):
     health = json.loads(payload)
     assert status == "200 OK" and health["engine"] == name and health["hidden_dim"] == H and health["lane"] >= 0
     status, headers, payload = call("GET", "/metrics")
-    assert status == "200 OK" and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert f'sona_shm_flusher_up{{engine="{name}",pid=' in payload.decode()
+    assert status == "200 OK" and headers["Content-Type"] == CONTENT_TYPE and CONTENT_TYPE.startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(payload.decode())}
+    assert families["sona_shm_flusher_up"].samples[0].labels == {"engine": name, "pid": str(os.getpid())}
+    assert families["sona_shm_engine_up"].samples[0].value == 1
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from conftest import SMALL
 from support import run
 
 MiB = 2**20
+pytestmark = pytest.mark.guarantee("no-process-dies-of-sigbus-on-a-full-dev-shm")
 
 
 def leftovers(name: str) -> list[str]:

@@ -93,6 +93,7 @@ def test_huge_but_finite_values_pass_the_fast_check():
     assert np.isfinite(v).all()
 
 
+@pytest.mark.guarantee("bad-input-changes-nothing")
 def test_steps_are_read_once_and_a_lying_len_is_refused():
     class Lying(list):
         def __len__(self) -> int:

@@ -6,12 +6,16 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.monitor import read_stats
 from sona_shm.segment import start_ticks, unlink
 
 from children import child_pids, fork_child, process_running
 from support import ROOT, popen, wait_for
+
+pytestmark = pytest.mark.guarantee("children-die-with-the-test-or-script-that-started-them")
 
 
 def descendants(pid: int) -> list[tuple[int, int]]:

@@ -15,6 +15,8 @@ from sona_shm.monitor import read_stats
 
 from support import ROOT, assert_same_trajectory, make_trajectories, run
 
+pytestmark = pytest.mark.guarantee("drained-means-handed-out-once")
+
 PRODUCER = str(ROOT / "tests" / "producer.py")
 CONSUMER = str(ROOT / "tests" / "consumer.py")
 H = 32

@@ -90,6 +90,7 @@ def by_producer(ids: list[int]) -> dict[int, set[int]]:
 # --------------------------------------------------------------------- producers
 
 
+@pytest.mark.guarantee("a-killed-producer-costs-at-most-its-one-in-flight-trajectory")
 def test_producers_killed_at_random_moments_lose_at_most_their_in_flight_trajectory(procs, children, name, tmp_path):
     """40 producers SIGKILLed at random instants (in start-up, claiming a lane, mid-record) while a
     witness records throughout: exact per-producer and per-lane accounting, no stall."""
@@ -164,6 +165,7 @@ def test_producers_killed_at_random_moments_lose_at_most_their_in_flight_traject
     print(f"attempted {attempted}, learned {learned_total}, lane drops {drops}, lost to kills {lost} (<= {kills} kills)")
 
 
+@pytest.mark.guarantee("a-killed-producer-costs-at-most-its-one-in-flight-trajectory")
 def test_producer_killed_while_claiming_a_lane_leaves_it_claimable(engine, children, name, tmp_path):
     flusher = engine(lanes=1)
     pid = children.add(fork_producer(name, 1, str(tmp_path / "p1"), limit=5, pause="claim"))
@@ -181,6 +183,7 @@ def test_producer_killed_while_claiming_a_lane_leaves_it_claimable(engine, child
     assert client.record(expected(2 * ID_BASE, H, {})) and flusher.scan() == 1
 
 
+@pytest.mark.guarantee("a-killed-producer-costs-at-most-its-one-in-flight-trajectory")
 def test_producer_killed_just_before_publishing_loses_only_that_trajectory(engine, children, name, tmp_path):
     flusher = engine(lanes=1, capacity=64)
     path = str(tmp_path / "p1")
@@ -207,6 +210,7 @@ def test_producer_killed_just_before_publishing_loses_only_that_trajectory(engin
 # --------------------------------------------------------------------- the flusher
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_flusher_killed_at_random_moments_loses_and_repeats_nothing(procs, children, name, tmp_path):
     """Three producers record 2500 trajectories each (waiting for room, so nothing drops) while
     the flusher is SIGKILLed 8 times — in start-up, in adoption, mid-scan, mid-flush, mid-publish —
@@ -240,6 +244,7 @@ def test_flusher_killed_at_random_moments_loses_and_repeats_nothing(procs, child
     assert "ERROR" not in flusher.stderr.read()
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_flusher_killed_mid_publish_is_repaired_by_the_next_one(procs, name):
     """The test hook SONA_SHM_TEST_PAUSE=publish stops the flusher after it wrote the inactive
     ledger copy and before the commit store; it is SIGKILLed there."""
@@ -292,6 +297,7 @@ def test_idle_flusher_killed_leaves_producers_ringing_harmlessly(procs, name):
 # --------------------------------------------------------------------- dead holders, waits, pid reuse
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_no_lock_outlives_its_holder(procs, children, name, tmp_path):
     """Flusher, lane and drain locks held by SIGKILLed processes are free at once: nobody waits."""
     flusher = procs.flusher(name, *flusher_options(lanes=1, lane_slots=8, capacity=100))
@@ -333,6 +339,7 @@ def _fork_lock_holder(name: str, byte: int) -> int:
     return fork_child(hold, deadline=120)
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_every_wait_is_bounded_without_a_flusher(engine, name):
     """With no flusher at all, each call that waits returns or raises within its timeout."""
     engine(lanes=1, lane_slots=2).close()
@@ -353,6 +360,7 @@ def test_every_wait_is_bounded_without_a_flusher(engine, name):
     assert client.stats()["lane_dropped"] == 1
 
 
+@pytest.mark.guarantee("nothing-waits-forever")
 def test_a_recycled_pid_never_keeps_a_lane(engine, children, name):
     """Liveness is the kernel's lock table: a lane whose recorded owner is a live process that
     holds no lock (what a recycled pid looks like) is free and reported dead."""

@@ -17,10 +17,13 @@ import pytest
 from support import ROOT, run
 
 ALLOWED = os.geteuid() == 0 and shutil.which("unshare") is not None
-pytestmark = pytest.mark.skipif(
-    not ALLOWED and os.environ.get("CI") != "true",
-    reason="a private mount namespace with its own /dev/shm needs root and unshare (CI runs this as root)",
-)
+pytestmark = [
+    pytest.mark.guarantee("no-process-dies-of-sigbus-on-a-full-dev-shm"),
+    pytest.mark.skipif(
+        not ALLOWED and os.environ.get("CI") != "true",
+        reason="a private mount namespace with its own /dev/shm needs root and unshare (CI runs this as root)",
+    ),
+]
 
 
 def test_a_full_64_mib_dev_shm_refuses_what_does_not_fit_and_kills_nobody(name):

@@ -28,6 +28,8 @@ from sona_shm.segment import Segment, start_ticks
 from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 from support import ROOT, env, run, wait_for
 
+pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
+
 H = 32
 APP_PATH = f"{ROOT / 'examples'},{Path(__file__).resolve().parent}"
 #: A small engine; lr 0.05 so that a few thousand feedbacks move the adapter far beyond float noise.

@@ -63,6 +63,7 @@ def test_flusher_checkpoints_periodically_and_at_sigterm_and_restores_a_new_segm
     assert stop_process(restarted) == EXIT_OK
 
 
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
 def test_flusher_refuses_a_new_segment_from_a_corrupt_checkpoint(procs, name, tmp_path):
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(b"\x10\0\0\0\0\0\0\0{not json}      ")
@@ -73,6 +74,7 @@ def test_flusher_refuses_a_new_segment_from_a_corrupt_checkpoint(procs, name, tm
     assert path.read_bytes().startswith(b"\x10")  # left as it was, for someone to look at
 
 
+@pytest.mark.guarantee("leftovers-are-recognised")
 def test_segment_left_by_a_crashed_run_is_adopted(procs, name):
     assert sona_shm("create", "--name", name, *OPTIONS).returncode == EXIT_OK
     with attach(name) as client:
@@ -89,6 +91,7 @@ def test_segment_left_by_a_crashed_run_is_adopted(procs, name):
     assert "hidden_dim: segment has 16, requested 32" in other.stderr and f"sona-shm destroy --name {name}" in other.stderr
 
 
+@pytest.mark.guarantee("leftovers-are-recognised")
 @pytest.mark.parametrize("damage", ["version", "magic"])
 def test_segment_of_another_layout_is_refused_with_the_way_out(name, damage):
     assert sona_shm("create", "--name", name, *OPTIONS).returncode == EXIT_OK

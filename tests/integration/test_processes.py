@@ -67,6 +67,7 @@ def test_parity_through_the_flusher_process(procs, name, scenario):
                 assert stats["buffer"]["dropped"] == op["stats"]["trajectories_dropped"]
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 @pytest.mark.parametrize("threshold", [100, 10**9], ids=["flush-every-100", "one-flush-at-the-end"])
 def test_four_producers_learn_everything_exactly_once(procs, name, threshold):
     h = 64
@@ -126,6 +127,7 @@ def test_sigterm_drains_flushes_and_exits_zero(procs, name):
     assert stats["flushes_performed"] == 1 and stats["flusher"]["alive"] is False
 
 
+@pytest.mark.guarantee("dropped-means-counted")
 def test_overfilled_lane_counts_drops_exactly_and_learns_the_rest(procs, name):
     command = [sys.executable, "-m", "sona_shm", "create", "--name", name, "--hidden-dim", "8", "--lane-slots", "16", "--lanes", "2"]
     created = run(command, timeout=60)

@@ -24,7 +24,10 @@ from support import run
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+pytestmark = [
+    pytest.mark.guarantee("another-user-s-object-is-never-used"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root"),
+]
 
 
 def attach_as(children, name: str, uid: int, gid: int) -> str:

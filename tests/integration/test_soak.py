@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from support import ROOT, popen
 
 
+@pytest.mark.guarantee("committed-means-learned-once")
 def test_short_soak_balances(name):
     proc = popen(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--seconds", "3", "--json", "--name", name, "--recycle-after", "500"],

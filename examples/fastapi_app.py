@@ -1,0 +1,119 @@
+"""The adaptive query router of router_app.py as a FastAPI app: the same JSON, under uvicorn or gunicorn.
+
+Run it next to a flusher (see the README, "Under FastAPI/uvicorn")::
+
+    sona-shm flusher --name router --flush-interval 1 &
+    SONA_SHM_NAME=router uvicorn --app-dir examples fastapi_app:app --workers 4
+    SONA_SHM_NAME=router gunicorn -k uvicorn.workers.UvicornWorker --workers 4 --chdir examples fastapi_app:app
+
+Endpoints (JSON in, JSON out; ``h`` is the engine's hidden_dim)::
+
+    POST /route     {"embedding": [h numbers]}
+                    -> {"route": "code", "score": 0.71, "scores": {...}, "embedding": [h adapted numbers]}
+    POST /feedback  {"embedding": [h numbers], "quality": 0.8,
+                     "steps": [{"activations": [<= h numbers], "attention": [numbers], "reward": 0.5}],
+                     "route": "code", "latency_us": 1200}          (attention, route, latency_us optional)
+                    -> {"accepted": true}    false: this worker's lane was full; dropped and counted
+    POST /flush     -> {"flushed": true} once the flusher learned what is committed (awaits engine.flush())
+    GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h}
+    GET  /stats     -> the engine's stats, as ``sona-shm stats --json`` prints them
+    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape
+
+Each worker process attaches in the app's lifespan (``sona_shm.asgi.Engine``): a
+missing engine fails the worker's startup with the reason. A malformed request gets a
+400 whose ``error`` names the field (parsed by ``router_requests.py``, the same checks
+and messages as router_app.py); an engine that went away gets a 503.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from router_requests import BadRequest, check_length, feedback_trajectory, route_answer, route_query
+from starlette.exceptions import HTTPException
+
+import sona_shm.asgi
+from sona_shm import InvalidInputError, SonaShmError
+from sona_shm.prometheus import CONTENT_TYPE, EngineCollector
+
+engine = sona_shm.asgi.Engine()  # the engine named by SONA_SHM_NAME, attached by the lifespan
+app = FastAPI(title="sona_shm router", lifespan=engine.lifespan)
+
+_metrics: CollectorRegistry | None = None
+
+
+async def _body(request: Request) -> bytes:
+    check_length(request.headers.get("content-length"))
+    return await request.body()
+
+
+@app.post("/route")
+async def route(request: Request) -> dict[str, Any]:
+    client = engine.client
+    query = route_query(await _body(request), client.hidden_dim)
+    return route_answer(client.forward(query))  # forward() takes microseconds and never waits: on the loop
+
+
+@app.post("/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    client = engine.client
+    trajectory = feedback_trajectory(await _body(request), client.hidden_dim)
+    return {"accepted": client.record(trajectory)}  # never waits for another process (timeout 0)
+
+
+@app.post("/flush")
+async def flush() -> dict[str, Any]:
+    await engine.flush(timeout=10)  # in an executor thread: the loop keeps serving
+    return {"flushed": True}
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, Any]:
+    client = engine.client
+    return {"ok": True, "engine": client.name, "pid": os.getpid(), "lane": client.lane, "hidden_dim": client.hidden_dim}
+
+
+@app.get("/stats")
+async def stats() -> dict[str, Any]:
+    return engine.client.stats()
+
+
+@app.get("/metrics")
+async def metrics() -> Response:
+    global _metrics
+    if _metrics is None:
+        _metrics = CollectorRegistry()  # this worker's registry: add the app's own metrics here too
+        _metrics.register(EngineCollector(engine.client.name))
+    return Response(generate_latest(_metrics), media_type=CONTENT_TYPE)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@app.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    return _error(exc.status, str(exc))
+
+
+@app.exception_handler(InvalidInputError)
+async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
+    return _error(400, str(exc))  # bad input the library refused before writing anything
+
+
+@app.exception_handler(SonaShmError)
+async def _unavailable(request: Request, exc: SonaShmError) -> JSONResponse:
+    return _error(503, str(exc))  # the engine, not the request, is at fault
+
+
+@app.exception_handler(HTTPException)
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 405:
+        return _error(405, f"{request.url.path} expects another method, got {request.method}", dict(exc.headers or {}))
+    if exc.status_code == 404:
+        return _error(404, f"path: expected one of /route, /feedback, /flush, /healthz, /stats, /metrics, got {request.url.path!r}")
+    return _error(exc.status_code, str(exc.detail))

@@ -1,0 +1,193 @@
+"""A ``prometheus_client`` collector for sona_shm engines: register it in any registry.
+
+::
+
+    from prometheus_client import REGISTRY
+    from sona_shm.prometheus import EngineCollector
+
+    REGISTRY.register(EngineCollector("router"))
+
+Every scrape opens the engine read-only, reads one :class:`~sona_shm.stats.EngineStats`
+(no lock, nothing written) and closes it again, so a collector never holds a destroyed
+segment mapped and follows an engine that was destroyed and created again; a missing
+engine is reported as ``sona_shm_engine_up 0`` and nothing else. One collector may
+watch several engines (``EngineCollector("a", "b")``); each series carries the engine
+name as label ``engine``, per-lane series (live lanes only) also ``lane`` and ``pid``.
+
+The figures are the engine's own, the same from every process: under gunicorn with
+prometheus_client's multiprocess mode, register the collector in the registry you
+build per scrape next to ``MultiProcessCollector`` (the engine is already shared, it
+must not go through the per-process files), and call both ``child_exit`` hooks (see
+the README, "Prometheus").
+
+``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this collector's
+previous scrape (absent on the first one and after the engine was recreated). Rates
+are PromQL's job: ``rate(sona_shm_trajectories_processed_total[1m])`` is learned/s.
+
+Needs the ``prometheus`` extra: ``pip install 'sona-shm[prometheus]'``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"sona_shm.prometheus needs prometheus_client: pip install 'sona-shm[prometheus]' ({exc})") from exc
+
+from .errors import SegmentNotFoundError
+from .segment import check_name
+from .stats import EngineStats, LaneStats, read
+
+#: The content type of what :func:`exposition` returns (the text format prometheus_client writes).
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+PREFIX = "sona_shm_"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str  # without the prefix; counters without _total (prometheus_client adds it)
+    kind: str  # "counter" or "gauge"
+    help: str
+    value: Callable[[EngineStats], float | None]  # None: no sample for this engine
+
+
+def _ts(t: float | None) -> float:
+    return t or 0.0
+
+
+#: Engine-wide series, one sample per engine.
+ENGINE_METRICS: tuple[_Spec, ...] = (
+    _Spec("trajectories_processed", "counter", "Trajectories learned by the flusher.", lambda s: s.trajectories_processed),
+    _Spec("signals_accumulated", "counter", "Learning signals accumulated.", lambda s: s.signals_accumulated),
+    _Spec("flushes_performed", "counter", "Flushes that applied accumulated gradients.", lambda s: s.flushes_performed),
+    _Spec("updates_applied", "counter", "Signals applied to the adapter weights by flushes.", lambda s: s.updates_applied),
+    _Spec("recorded", "counter", "Trajectories producers committed to their lanes.", lambda s: s.recorded),
+    _Spec("lane_dropped", "counter", "Trajectories refused because a producer's lane was full.", lambda s: s.lane_dropped),
+    _Spec("backlog", "gauge", "Trajectories committed to lanes and not yet learned.", lambda s: s.backlog),
+    _Spec("pending_signals", "gauge", "Signals accumulated since the last flush.", lambda s: s.pending_signals),
+    _Spec("weights_generation", "gauge", "Generation of the published adapter weights.", lambda s: s.weights_generation),
+    _Spec("last_flush_timestamp_seconds", "gauge", "When a flush last changed weights (0: never).", lambda s: _ts(s.last_flush_at)),
+    _Spec("adapter_up_norm", "gauge", "Frobenius norm of the adapter's learned up matrix.", lambda s: s.adapter.up_norm),
+    _Spec("adapter_down_norm", "gauge", "Frobenius norm of the adapter's down matrix.", lambda s: s.adapter.down_norm),
+    _Spec(
+        "adapter_up_change_norm",
+        "gauge",
+        "Frobenius norm of the change of up since this collector's previous scrape.",
+        lambda s: s.rates.up_change_norm if s.rates else None,
+    ),
+    _Spec("buffer_len", "gauge", "Learned trajectories held in the buffer for drain.", lambda s: s.buffer.len),
+    _Spec("buffer_capacity", "gauge", "Slots of the learned-trajectory buffer.", lambda s: s.buffer.capacity),
+    _Spec(
+        "buffer_dropped",
+        "counter",
+        "Learned trajectories not kept for drain because the buffer was full (learning is unaffected).",
+        lambda s: s.buffer.dropped,
+    ),
+    _Spec("buffer_drained", "counter", "Buffered trajectories handed to consumers.", lambda s: s.buffer.drained),
+    _Spec("buffer_success_rate", "gauge", "Share of learned trajectories kept in the buffer.", lambda s: s.buffer.success_rate),
+    _Spec("lanes", "gauge", "Producer lanes of the engine.", lambda s: s.config.lanes),
+    _Spec("lanes_live", "gauge", "Lanes held by a live producer process.", lambda s: s.lanes_live),
+    _Spec("segment_bytes", "gauge", "Size of the shared-memory segment.", lambda s: s.config.segment_bytes),
+    _Spec(
+        "flusher_heartbeat_timestamp_seconds", "gauge", "When the flusher last looped (0: never).", lambda s: _ts(s.flusher.heartbeat_at)
+    ),
+    _Spec(
+        "flusher_start_time_seconds", "gauge", "When the current or last flusher started (0: never).", lambda s: _ts(s.flusher.started_at)
+    ),
+    _Spec("flusher_scans", "counter", "Passes of the flusher over the lanes.", lambda s: s.flusher.scans),
+)
+
+#: Per-lane series, live lanes only, labelled ``lane`` and ``pid`` too.
+LANE_METRICS: tuple[tuple[str, str, str, Callable[[LaneStats], float]], ...] = (
+    ("lane_records", "counter", "Trajectories committed to a live lane, by all its owners.", lambda lane: lane.records),
+    ("lane_drops", "counter", "Trajectories refused by a live lane, by all its owners.", lambda lane: lane.drops),
+    ("lane_backlog", "gauge", "Trajectories of a live lane not yet learned.", lambda lane: lane.backlog),
+    ("lane_last_record_timestamp_seconds", "gauge", "When a live lane last committed (0: never).", lambda lane: _ts(lane.last_record_at)),
+)
+
+
+def _family(kind: str, name: str, text: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    return cls(PREFIX + name, text, labels=labels)
+
+
+def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
+    """The metric families of some engines: an :class:`EngineStats`, or the name of an engine that is not there."""
+    up = GaugeMetricFamily(PREFIX + "engine_up", "1 if the engine's segment exists and was read.", labels=["engine"])
+    flusher_up = GaugeMetricFamily(PREFIX + "flusher_up", "1 if a flusher holds the engine's flusher lock.", labels=["engine", "pid"])
+    engine = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in ENGINE_METRICS]
+    lanes = [_family(kind, name, text, ["engine", "lane", "pid"]) for name, kind, text, _ in LANE_METRICS]
+    for obs in observations:
+        if isinstance(obs, str):
+            up.add_metric([obs], 0)
+            continue
+        up.add_metric([obs.name], 1)
+        flusher_up.add_metric([obs.name, str(obs.flusher.pid)], int(obs.flusher.alive))
+        for spec, family in zip(ENGINE_METRICS, engine):
+            value = spec.value(obs)
+            if value is not None:
+                family.add_metric([obs.name], value)
+        for lane in obs.live_lanes:
+            labels = [obs.name, str(lane.lane), str(lane.pid)]
+            for (_, _, _, value_of), family in zip(LANE_METRICS, lanes):
+                family.add_metric(labels, value_of(lane))
+    return [up, flusher_up, *engine, *lanes]
+
+
+class EngineCollector(Collector):
+    """Exposes engines ``names`` to Prometheus; see the module docstring."""
+
+    def __init__(self, *names: str, reader: Callable[[str], EngineStats] = read) -> None:
+        if not names:
+            raise TypeError("EngineCollector: expected at least one engine name")
+        self.names = tuple(check_name(n) for n in names)
+        self._read = reader
+        self._previous: dict[str, EngineStats] = {}
+        self._guard = threading.Lock()  # scrapes may come from several threads; _previous is shared
+
+    def collect(self) -> Iterator[Metric]:
+        observations: list[EngineStats | str] = []
+        with self._guard:
+            for name in self.names:
+                try:
+                    stats = self._read(name)
+                except SegmentNotFoundError:
+                    self._previous.pop(name, None)
+                    observations.append(name)
+                    continue
+                stats = stats.since(self._previous.get(name))
+                self._previous[name] = stats
+                observations.append(stats)
+        yield from families(observations)
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: lets a registry refuse a second collector with the same names."""
+        yield from families([])
+
+
+class _Observed(Collector):
+    """Collects observations already made (what ``sona-shm stats --prometheus`` prints)."""
+
+    def __init__(self, observations: list[EngineStats | str]) -> None:
+        self._observations = observations
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._observations)
+
+
+def exposition(*observations: EngineStats | str) -> bytes:
+    """The text exposition of some observations (an engine name: not there), as a scrape returns it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Observed(list(observations)))
+    return generate_latest(registry)
+
+
+__all__ = ["CONTENT_TYPE", "EngineCollector", "exposition", "families"]

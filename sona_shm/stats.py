@@ -1,0 +1,468 @@
+"""The read model: what an engine is doing, as frozen dataclasses, read without a lock or a write.
+
+:func:`collect` builds one :class:`EngineStats` from a mapped segment and its ledger;
+:func:`read` opens an engine read-only to do so. Everything that shows an engine —
+``client.stats()``, ``sona-shm stats`` (table, ``--json``, ``--watch``), the
+Prometheus collector, ``sona-shm list``, gunicorn's ``child_exit`` — is built on it, and
+renders it; nothing else reads the counters.
+
+How it reads: totals are sums of one-writer words (the pattern of prometheus_client's
+multiprocess mode); the flusher's figures and the adapter come from one consistent
+ledger read (the seqcount latch of :mod:`sona_shm.ledger`); liveness comes from the
+kernel's lock table (who holds the flusher lock and each lane lock), so a pid recycled
+by the OS never looks alive. Lane words are read one by one while producers write
+them, so two lanes' figures may be a few records apart, never torn.
+
+``EngineStats.as_dict()`` is the JSON interface (``client.stats()``, ``sona-shm stats
+--json``, the example apps' ``/stats``); its keys are documented in the README ("The
+monitor") and only ever grow. Rates need two observations: :meth:`EngineStats.since`
+returns the later one with :class:`Rates` filled in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError
+from .layout import (
+    CONS_DRAINED_AT,
+    CONS_PID,
+    CONS_TAIL,
+    CONSUMER_LINE,
+    FL_HEARTBEAT,
+    FL_IDLE,
+    FL_PID,
+    FL_SCANS,
+    FL_STARTED_AT,
+    FLUSHER_LINE,
+    HEADER_FORMAT,
+    LANE_CLAIMS,
+    LANE_DROPS,
+    LANE_HEAD,
+    LANE_LAST_AT,
+    LANE_OWNER_PID,
+    LOCK_FLUSHER,
+    LOCK_LANE_BASE,
+)
+from .ledger import Ledger
+from .segment import PREFIX, Segment
+
+#: The seed's four metrics, in its order.
+METRICS = ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
+
+#: A flusher that holds its lock but has not looped for this long is called stalled
+#: (it wakes at least every 50 ms; one scan learns at most lanes x lane_slots slots).
+STALLED_AFTER_S = 5.0
+
+
+@dataclass(frozen=True)
+class ConfigStats:
+    """What the engine was created with (its header), and the segment's size."""
+
+    hidden_dim: int
+    rank: int
+    lr: float
+    flush_threshold: int
+    capacity: int
+    max_steps: int
+    attention_dim: int
+    lanes: int
+    lane_slots: int
+    segment_bytes: int
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    """One lane that was ever claimed. ``records``/``drops``/``claims`` are totals over all its owners."""
+
+    lane: int
+    pid: int  # the last owner
+    alive: bool  # its lock is held: a live process owns it now
+    records: int  # committed, ever (the lane head)
+    learned: int  # learned and committed by the flusher (the lane tail)
+    backlog: int  # records - learned
+    drops: int  # refused because the ring was full
+    claims: int
+    last_record_at: float | None
+
+
+@dataclass(frozen=True)
+class FlusherStats:
+    pid: int  # the current or last flusher
+    alive: bool  # a process holds the flusher lock
+    heartbeat_at: float | None
+    heartbeat_age_s: float | None
+    started_at: float | None
+    idle: bool
+    scans: int
+
+    @property
+    def stalled(self) -> bool:
+        """Alive, but no heartbeat for :data:`STALLED_AFTER_S`."""
+        return self.alive and self.heartbeat_age_s is not None and self.heartbeat_age_s > STALLED_AFTER_S
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """The buffer of learned trajectories kept for consumers (``drain``)."""
+
+    len: int
+    dropped: int  # learned but not kept: the buffer was full (learning is unaffected)
+    success_rate: float  # share of learned trajectories kept (the seed's buffer_stats)
+    capacity: int
+    drained: int  # handed to consumers, ever
+    drained_at: float | None
+    consumer_pid: int | None  # the last consumer to take the drain lock
+
+    @property
+    def never_drained(self) -> bool:
+        return self.drained == 0
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """The published adapter: Frobenius norms of ``up`` and ``down``, and the weights themselves.
+
+    ``up``/``down`` (``float32[rank, hidden_dim]``) are private copies, kept so that two
+    observations can say how far the adapter moved; they are not part of :meth:`EngineStats.as_dict`.
+    """
+
+    up_norm: float
+    down_norm: float
+    up: np.ndarray | None = field(default=None, repr=False, compare=False)
+    down: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What changed between two observations of one engine, per second over ``interval_s``."""
+
+    interval_s: float
+    learned_per_s: float  # trajectories_processed
+    recorded_per_s: float
+    flushes_per_s: float
+    lane_dropped_per_s: float
+    buffer_dropped_per_s: float
+    drained_per_s: float
+    up_change_norm: float | None  # ‖up_now - up_then‖ (None when a side has no weights)
+    down_change_norm: float | None
+
+    @classmethod
+    def between(cls, before: EngineStats, after: EngineStats) -> Rates | None:
+        """The rates from ``before`` to ``after``; None unless they observe the same engine, in order."""
+        interval = after.observed_at - before.observed_at
+        if interval <= 0 or before.name != after.name or before.created_at != after.created_at:
+            return None  # no time passed, or the engine was destroyed and created again
+
+        def per_s(now: int, then: int) -> float:
+            return max(0, now - then) / interval
+
+        def moved(now: np.ndarray | None, then: np.ndarray | None) -> float | None:
+            if now is None or then is None or now.shape != then.shape:
+                return None
+            return float(np.linalg.norm(now.astype(np.float64) - then.astype(np.float64)))
+
+        return cls(
+            interval_s=interval,
+            learned_per_s=per_s(after.trajectories_processed, before.trajectories_processed),
+            recorded_per_s=per_s(after.recorded, before.recorded),
+            flushes_per_s=per_s(after.flushes_performed, before.flushes_performed),
+            lane_dropped_per_s=per_s(after.lane_dropped, before.lane_dropped),
+            buffer_dropped_per_s=per_s(after.buffer.dropped, before.buffer.dropped),
+            drained_per_s=per_s(after.buffer.drained, before.buffer.drained),
+            up_change_norm=moved(after.adapter.up, before.adapter.up),
+            down_change_norm=moved(after.adapter.down, before.adapter.down),
+        )
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One observation of an engine. Build it with :func:`collect` or :func:`read`."""
+
+    name: str
+    observed_at: float  # unix time of the read
+    created_at: float  # unix time the segment was created (tells a recreated engine apart)
+    config: ConfigStats
+    # The seed's four metrics (the ledger's counters).
+    trajectories_processed: int
+    signals_accumulated: int
+    flushes_performed: int
+    updates_applied: int
+    pending_signals: int  # accumulated since the last flush
+    weights_generation: int
+    last_flush_at: float | None
+    # Producers: sums over every lane ever claimed.
+    recorded: int
+    lane_dropped: int
+    backlog: int  # committed to lanes, not yet learned
+    lanes_live: int
+    buffer: BufferStats
+    flusher: FlusherStats
+    lanes: tuple[LaneStats, ...]
+    adapter: AdapterStats
+    rates: Rates | None = None  # set by since(): rates need two observations
+    # Sections still to come have their place here, each a frozen dataclass of its own
+    # with a key of its own in as_dict(): routes (issue 9: per-route choices, feedback
+    # counts, mean reward) and the fleet of engines.
+
+    def since(self, before: EngineStats | None) -> EngineStats:
+        """This observation with :attr:`rates` measured from ``before`` (None: left as it is)."""
+        if before is None:
+            return self
+        return replace(self, rates=Rates.between(before, self))
+
+    @property
+    def live_lanes(self) -> tuple[LaneStats, ...]:
+        return tuple(lane for lane in self.lanes if lane.alive)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-compatible dict of ``client.stats()`` and ``sona-shm stats --json`` (keys: see the README)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "lanes":
+                value = [_plain(lane) for lane in value]
+            elif f.name == "adapter":
+                value = {"up_norm": value.up_norm, "down_norm": value.down_norm}
+            elif value is not None and hasattr(value, "__dataclass_fields__"):
+                value = _plain(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineStats:
+        """The model of a dict :meth:`as_dict` made (e.g. an app's ``/stats`` JSON); weights are not in it."""
+        adapter = data.get("adapter") or {"up_norm": math.nan, "down_norm": math.nan}
+        rates = data.get("rates")
+        return cls(
+            **{k: data[k] for k in ("name", "observed_at", *METRICS, "pending_signals", "weights_generation", "last_flush_at")},
+            **{k: data[k] for k in ("recorded", "lane_dropped", "backlog", "lanes_live")},
+            created_at=data.get("created_at", 0.0),
+            config=ConfigStats(**data["config"]),
+            buffer=BufferStats(**data["buffer"]),
+            flusher=FlusherStats(**data["flusher"]),
+            lanes=tuple(LaneStats(**lane) for lane in data["lanes"]),
+            adapter=AdapterStats(adapter["up_norm"], adapter["down_norm"]),
+            rates=Rates(**rates) if rates else None,
+        )
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def as_model(stats: EngineStats | Mapping[str, Any]) -> EngineStats:
+    """``stats`` as an :class:`EngineStats` (renderers accept the model or its dict)."""
+    return stats if isinstance(stats, EngineStats) else EngineStats.from_dict(stats)
+
+
+# ----------------------------------------------------------------- reading
+
+
+_LEDGER_FIELDS = METRICS + ("pending", "generation", "buffer_head", "buffer_dropped", "last_flush_at", "lane_tail", "up", "down")
+
+
+def collect(segment: Segment, ledger: Ledger) -> EngineStats:
+    """Observe the engine of ``segment`` now: no lock taken, nothing written."""
+    layout = segment.layout
+    u64, f64 = segment.u64, segment.f64
+    # The tail before the head: the tail never passes the head, so len is never negative.
+    buffer_tail = u64[(CONSUMER_LINE + CONS_TAIL) // 8]
+    values = dict(zip(_LEDGER_FIELDS, ledger.read(*_LEDGER_FIELDS)))
+    tails = values["lane_tail"]
+    held = segment.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + i for i in range(layout.lanes)])
+    now = time.time()
+
+    lanes = []
+    for lane in range(layout.lanes):
+        ctl = layout.lane_control(lane) // 8
+        claims = u64[ctl + LANE_CLAIMS // 8]
+        if not claims:
+            continue
+        head = u64[ctl + LANE_HEAD // 8]
+        tail = int(tails[lane])
+        lanes.append(
+            LaneStats(
+                lane=lane,
+                pid=u64[ctl + LANE_OWNER_PID // 8],
+                alive=held[1 + lane],
+                records=head,
+                learned=tail,
+                backlog=head - tail,
+                drops=u64[ctl + LANE_DROPS // 8],
+                claims=claims,
+                last_record_at=f64[ctl + LANE_LAST_AT // 8] or None,
+            )
+        )
+
+    fl = FLUSHER_LINE // 8
+    heartbeat = f64[fl + FL_HEARTBEAT // 8]
+    seen = values["trajectories_processed"]
+    cfg = layout.config
+    up, down = values["up"], values["down"]
+    return EngineStats(
+        name=segment.name,
+        observed_at=now,
+        created_at=struct.unpack_from(HEADER_FORMAT, segment.buf)[-1],
+        config=ConfigStats(
+            hidden_dim=cfg.hidden_dim,
+            rank=cfg.rank,
+            lr=cfg.lr,
+            flush_threshold=cfg.flush_threshold,
+            capacity=cfg.capacity,
+            max_steps=cfg.max_steps,
+            attention_dim=cfg.attention_dim,
+            lanes=cfg.lanes,
+            lane_slots=cfg.lane_slots,
+            segment_bytes=layout.total_bytes,
+        ),
+        **{m: values[m] for m in METRICS},
+        pending_signals=values["pending"],
+        weights_generation=values["generation"],
+        last_flush_at=values["last_flush_at"] or None,
+        recorded=sum(lane.records for lane in lanes),
+        lane_dropped=sum(lane.drops for lane in lanes),
+        backlog=sum(lane.backlog for lane in lanes),
+        lanes_live=sum(1 for lane in lanes if lane.alive),
+        buffer=BufferStats(
+            len=values["buffer_head"] - buffer_tail,
+            dropped=values["buffer_dropped"],
+            success_rate=1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
+            capacity=cfg.capacity,
+            drained=buffer_tail,
+            drained_at=f64[(CONSUMER_LINE + CONS_DRAINED_AT) // 8] or None,
+            consumer_pid=u64[(CONSUMER_LINE + CONS_PID) // 8] or None,
+        ),
+        flusher=FlusherStats(
+            pid=u64[fl + FL_PID // 8],
+            alive=held[0],
+            heartbeat_at=heartbeat or None,
+            heartbeat_age_s=(now - heartbeat) if heartbeat else None,
+            started_at=f64[fl + FL_STARTED_AT // 8] or None,
+            idle=bool(u64[fl + FL_IDLE // 8]),
+            scans=u64[fl + FL_SCANS // 8],
+        ),
+        lanes=tuple(lanes),
+        adapter=AdapterStats(
+            up_norm=float(np.linalg.norm(up.astype(np.float64))),
+            down_norm=float(np.linalg.norm(down.astype(np.float64))),
+            up=up,
+            down=down,
+        ),
+    )
+
+
+def read(name: str) -> EngineStats:
+    """Open engine ``name`` read-only, observe it, close. :class:`SegmentNotFoundError` if it is not there."""
+    segment = Segment.open(name, writable=False)
+    try:
+        ledger = Ledger(segment)
+        try:
+            return collect(segment, ledger)
+        finally:
+            ledger.close()
+    finally:
+        segment.close()
+
+
+def read_stats(name: str) -> dict[str, Any]:
+    """``read(name).as_dict()``: the JSON form, as ``sona-shm stats --json`` prints it."""
+    return read(name).as_dict()
+
+
+# ----------------------------------------------------------------- the engines of this host
+
+#: Where POSIX shared-memory objects appear on Linux.
+SHM_DIR = "/dev/shm"
+
+#: :attr:`EngineSummary.state` values.
+ALIVE, NOT_RUNNING, FOREIGN, UNREADABLE = "alive", "not running", "not a sona_shm segment", "unreadable"
+
+
+@dataclass(frozen=True)
+class EngineSummary:
+    """One line of ``sona-shm list``: an object named ``sona_shm.<name>`` in /dev/shm."""
+
+    name: str
+    state: str  # ALIVE, NOT_RUNNING (a segment nobody learns), FOREIGN, UNREADABLE
+    size_bytes: int
+    flusher_pid: int | None = None
+    hidden_dim: int | None = None
+    rank: int | None = None
+    lanes: int | None = None
+    lanes_live: int | None = None
+    trajectories_processed: int | None = None
+    reason: str | None = None  # why FOREIGN or UNREADABLE
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+def list_engines(directory: str | None = None) -> list[EngineSummary]:
+    """Every ``sona_shm.*`` segment in ``directory`` (doorbell semaphores skipped), by name.
+
+    Each is opened read-only like :func:`read` (no lock taken, nothing written).
+    """
+    prefix = PREFIX.lstrip("/")
+    try:
+        entries = sorted(os.listdir(directory or SHM_DIR))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        # The doorbells are semaphores, which Linux names sem.sona_shm.<name>.bell: not matched.
+        if not entry.startswith(prefix):
+            continue
+        name = entry[len(prefix) :]
+        try:
+            size = os.stat(os.path.join(directory or SHM_DIR, entry)).st_size
+        except OSError:
+            continue  # removed meanwhile
+        out.append(_summary(name, size))
+    return out
+
+
+def _summary(name: str, size: int) -> EngineSummary:
+    try:
+        stats = read(name)
+    except LayoutMismatchError as exc:
+        return EngineSummary(name, FOREIGN, size, reason=str(exc))
+    except (SonaShmError, OSError) as exc:  # permission denied, half-created, torn reads, a bad name
+        return EngineSummary(name, UNREADABLE, size, reason=str(exc))
+    return EngineSummary(
+        name,
+        ALIVE if stats.flusher.alive else NOT_RUNNING,
+        size,
+        flusher_pid=stats.flusher.pid or None,
+        hidden_dim=stats.config.hidden_dim,
+        rank=stats.config.rank,
+        lanes=stats.config.lanes,
+        lanes_live=stats.lanes_live,
+        trajectories_processed=stats.trajectories_processed,
+    )
+
+
+__all__ = [
+    "AdapterStats",
+    "BufferStats",
+    "ConfigStats",
+    "EngineStats",
+    "EngineSummary",
+    "FlusherStats",
+    "LaneStats",
+    "Rates",
+    "SegmentNotFoundError",
+    "as_model",
+    "collect",
+    "list_engines",
+    "read",
+    "read_stats",
+]
