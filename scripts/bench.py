@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """sona_shm side by side with what a Python user would glue together instead.
 
-    python scripts/bench.py [--quick] [--json] [--producers N] [--seconds S] [--repeat R]
+    python scripts/bench.py [--quick] [--json] [--producers N] [--seconds S] [--repeat R] [--buffer-trajectories K]
 
 Everything at hidden_dim 256, rank 2. Trajectories: T1 = query + 1 step (activations
 float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
@@ -15,6 +15,12 @@ float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
    likewise waits when the lane is full. Delivered = what the
    consumer got (sona_shm: learned) per second until the last one arrived. The systems
    run interleaved, R rounds; medians are reported, and ratios against sona_shm.
+1b. the buffer for consumers: N producers record K T1 trajectories in all (waiting for
+   room), into an engine whose buffer keeps every one (capacity K: each learned
+   trajectory is copied into a buffer slot never used before) and into one whose buffer
+   is full (capacity 10000, or K/20 if less: later ones are learned, not copied), and
+   through a ``multiprocessing.Queue``; delivered = learned (received) per second, and how
+   long the flusher took to create each engine (it reserves and faults in the buffer).
 2. producer latency: ``record()`` and ``forward()`` timed call by call in a producer
    while N-1 others record flat out and the flusher learns (median, p99).
 3. learning rate: the flusher's vectorised learning (signals + accumulate + flushes),
@@ -49,7 +55,7 @@ from sona_shm.flusher import WAKE_TIMEOUT
 from sona_shm.layout import EngineConfig
 from sona_shm.learning import Learner
 from sona_shm.monitor import read_stats
-from sona_shm.supervise import start_flusher, stop_process
+from sona_shm.supervise import die_with_parent, set_deadline, start_flusher, stop_process
 
 HIDDEN_DIM = 256
 RANK = 2
@@ -57,6 +63,21 @@ ATTENTION_DIM = 64
 POOL = 256  # distinct trajectories each producer cycles through
 QUEUE_SIZE = 10_000
 CTX = mp.get_context("fork")
+#: Seconds any process this script starts may live; they also die with the script.
+CHILD_DEADLINE = 900.0
+#: This script's pid, as its forked children expect their parent to be.
+PARENT = os.getpid()
+
+
+def child_start() -> None:
+    """First thing in every forked child: die with the script, and end after CHILD_DEADLINE."""
+    die_with_parent(parent=PARENT)
+    set_deadline(CHILD_DEADLINE)
+
+
+def orphaned() -> bool:
+    """True once the script that started this child is gone (for children that loop)."""
+    return os.getppid() != PARENT
 
 
 def make_pool(seed: int, steps: int, size: int = POOL) -> list[Trajectory]:
@@ -87,7 +108,7 @@ class Engine:
     def __init__(self, tag: str, **config: Any) -> None:
         self.name = f"bench-{os.getpid()}-{tag}"
         segment.unlink(self.name)
-        self.proc = start_flusher(self.name, *flusher_options(**config))
+        self.proc = start_flusher(self.name, *flusher_options(**config), deadline=CHILD_DEADLINE)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -111,6 +132,7 @@ class Engine:
 
 
 def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out) -> None:
+    child_start()
     pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
         go.wait()
@@ -132,6 +154,7 @@ def as_message(t: Trajectory) -> tuple:
 
 
 def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> None:
+    child_start()
     pool = [as_message(t) for t in make_pool(seed, steps)]
     go.wait()
     cpu0, sent = time.process_time(), 0
@@ -146,6 +169,7 @@ def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> No
 
 
 def _queue_consumer(queue, producers: int, many: bool, out) -> None:
+    child_start()
     received, done = 0, 0
     while done < producers:
         items = queue.get_many(max_messages_to_get=1024, timeout=60) if many else [queue.get(timeout=60)]
@@ -213,10 +237,97 @@ def run_throughput(system: str, producers: int, steps: int, seconds: float) -> d
     }
 
 
+# ----------------------------------------------------------------- 1b. the buffer for consumers
+
+
+def _sona_count_producer(name: str, seed: int, go, count: int, out) -> None:
+    child_start()
+    pool = make_pool(seed, 1)
+    with attach(name, timeout=30) as client:
+        go.wait()
+        cpu0, accepted = time.process_time(), 0
+        record = client.record
+        for k in range(count):
+            accepted += record(pool[k % POOL], timeout=5.0)  # waits for room like a blocking put()
+        out.put((accepted, count, time.process_time() - cpu0))
+
+
+def _queue_count_producer(queue, seed: int, go, count: int, out) -> None:
+    child_start()
+    pool = [as_message(t) for t in make_pool(seed, 1)]
+    go.wait()
+    cpu0 = time.process_time()
+    put = queue.put
+    for k in range(count):
+        put(pool[k % POOL])
+    put(None)
+    out.put((count, count, time.process_time() - cpu0))
+
+
+#: Buffer capacity of the "full" runs: the engine default (what the issue measured), or a
+#: twentieth of the trajectories when that is less (so that it fills in short runs too).
+FULL_CAPACITY = 10_000
+
+
+def run_buffer(mode: str, producers: int, total: int) -> dict[str, float]:
+    """``total`` T1 trajectories from ``producers`` processes into one engine whose buffer keeps
+    all of them (``keep``), or has FULL_CAPACITY slots (``full``: later ones are learned, not
+    copied; ``total // 20`` slots if fewer), or through a multiprocessing.Queue (``queue``). Delivered = learned (or received)
+    per second, from the start signal until the last one; ``start_s``: how long the flusher
+    took to create its engine (sona_shm only)."""
+    per = total // producers
+    go, out = CTX.Event(), CTX.Queue()
+    if mode == "queue":
+        queue = CTX.Queue(maxsize=QUEUE_SIZE)
+        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, False, out))
+        procs = [CTX.Process(target=_queue_count_producer, args=(queue, p, go, per, out)) for p in range(producers)]
+        consumer.start()
+        for p in procs:
+            p.start()
+        time.sleep(0.2)
+        start = time.perf_counter()
+        go.set()
+        results, got = [], None
+        for _ in range(producers + 1):
+            item = out.get(timeout=600)
+            if len(item) == 2:
+                got = item
+            else:
+                results.append(item)
+        for p in [*procs, consumer]:
+            p.join(60)
+        delivered, end = got
+        return {"delivered_per_s": delivered / (end - start), "delivered": delivered}
+    capacity = per * producers if mode == "keep" else min(FULL_CAPACITY, total // 20)
+    t0 = time.perf_counter()
+    with Engine(f"buf-{mode}", lanes=max(8, producers + 2), capacity=capacity) as engine:
+        start_s = time.perf_counter() - t0
+        procs = [CTX.Process(target=_sona_count_producer, args=(engine.name, p, go, per, out)) for p in range(producers)]
+        for p in procs:
+            p.start()
+        with attach(engine.name) as client:
+            time.sleep(0.2)  # let the producers attach (excluded from the measured window)
+            start = time.perf_counter()
+            go.set()
+            results = [out.get(timeout=600) for _ in procs]
+            for p in procs:
+                p.join(60)
+            recorded = sum(r[0] for r in results)
+            while read_stats(engine.name)["trajectories_processed"] < recorded:
+                client.flush(timeout=60)
+            end = time.perf_counter()
+            stats = read_stats(engine.name)
+        kept, dropped = stats["buffer"]["len"], stats["buffer"]["dropped"]
+        if recorded != per * producers or kept + dropped != recorded or (mode == "keep" and dropped):
+            raise RuntimeError(f"buffer {mode}: recorded {recorded} of {per * producers}, kept {kept}, dropped {dropped}")
+    return {"delivered_per_s": recorded / (end - start), "delivered": recorded, "kept": kept, "capacity": capacity, "start_s": start_s}
+
+
 # ----------------------------------------------------------------- 2. latency
 
 
 def _background(name: str, seed: int, steps: int, seconds: float) -> None:
+    child_start()
     pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
         deadline = time.monotonic() + seconds
@@ -335,37 +446,62 @@ def run_learning(seconds: float) -> dict[str, float]:
 # ----------------------------------------------------------------- 4. freshness
 
 
-def _watcher(name: str, ready, samples: int, out) -> None:
+def _watcher(name: str, ready, seen, samples: int, seconds: float, out) -> None:
+    """Poll forward() until the adapter changed ``samples`` times (or ``seconds`` passed); put the change times.
+
+    ``seen`` (shared) counts the changes so far: the recording side waits for it before
+    it records the next trajectory, so that no change can hide behind another.
+    """
+    child_start()
     with attach(name, timeout=30) as client:
         x = np.ones(HIDDEN_DIM, np.float32)
-        seen = client.forward(x)
+        last = client.forward(x)
         ready.set()
-        stamps = []
+        stamps: list[int] = []
+        deadline = time.monotonic() + seconds
+        polls = 0
         while len(stamps) < samples:
             now = client.forward(x)
-            if not np.array_equal(now, seen):
+            if not np.array_equal(now, last):
                 stamps.append(time.perf_counter_ns())
-                seen = now
+                seen.value = len(stamps)
+                last = now
+            polls += 1
+            if polls % 1024 == 0 and (time.monotonic() > deadline or orphaned()):
+                break
         out.put(stamps)
 
 
 def run_freshness(samples: int) -> dict[str, Any]:
     with Engine("fresh", flush_threshold=1, lanes=4) as engine:
-        ready, out = CTX.Event(), CTX.Queue()
-        watcher = CTX.Process(target=_watcher, args=(engine.name, ready, samples, out))
+        ready, seen, out = CTX.Event(), CTX.Value("i", 0), CTX.Queue()
+        watcher = CTX.Process(target=_watcher, args=(engine.name, ready, seen, samples, 120.0, out))
         watcher.start()
-        ready.wait(60)
-        pool = make_pool(11, 1, samples)
-        sent = []
-        with attach(engine.name) as client:
-            for t in pool:
-                client.sync(timeout=10)  # the previous one is learned: each record is its own change
-                time.sleep(0.002)  # let the flusher fall idle, as between real requests
-                client.record(t)
-                sent.append(time.perf_counter_ns())
-        seen = out.get(timeout=120)
-        watcher.join(60)
-        lag = np.array(seen) - np.array(sent)
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("freshness: the watcher did not attach within 60 s")
+            pool = make_pool(11, 1, samples)
+            sent = []
+            with attach(engine.name) as client:
+                for k, t in enumerate(pool):
+                    deadline = time.monotonic() + 10
+                    while seen.value < k:  # the watcher saw the previous change: each record is its own
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"freshness: the watcher saw {seen.value} of {k} changes within 10 s")
+                        time.sleep(0.0005)
+                    client.sync(timeout=10)
+                    time.sleep(0.002)  # let the flusher fall idle, as between real requests
+                    client.record(t)
+                    sent.append(time.perf_counter_ns())
+            stamps = out.get(timeout=120)
+            watcher.join(60)
+        finally:
+            if watcher.is_alive():  # only when something above failed
+                watcher.kill()
+            watcher.join()
+        if len(stamps) != samples:
+            raise RuntimeError(f"freshness: the watcher saw {len(stamps)} of {samples} changes")
+        lag = np.array(stamps) - np.array(sent)
         ticks = os.sysconf("SC_CLK_TCK")
 
         def cpu_s() -> float:
@@ -439,7 +575,13 @@ def main() -> int:
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--seconds", type=float, default=None, help="length of each measured phase")
     p.add_argument("--repeat", type=int, default=None, help="rounds of the interleaved throughput runs")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,latency,learning,freshness")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,buffer,latency,learning,freshness")
+    p.add_argument(
+        "--buffer-trajectories",
+        type=int,
+        default=None,
+        help="T1 trajectories per run of the buffer section (default 200000: a 2.3 GiB buffer; --quick 4000)",
+    )
     args = p.parse_args()
     seconds = args.seconds or (0.5 if args.quick else 3.0)
     repeat = args.repeat or (1 if args.quick else 5)
@@ -472,6 +614,17 @@ def main() -> int:
                         runs.setdefault(f"T{steps} {system}", {}).setdefault(k, []).append(v)
         report["throughput"] = {key: {k: statistics.median(v) for k, v in vals.items()} for key, vals in runs.items()}
         report["throughput_runs"] = runs
+    if "buffer" not in skip:
+        total = args.buffer_trajectories or (4000 if args.quick else 200_000)
+        buffer_runs: dict[str, dict[str, list]] = {}
+        modes = ["keep", "full", "queue"]
+        for r in range(repeat):
+            for mode in modes[r % 3 :] + modes[: r % 3]:  # rotate who goes first
+                for k, v in run_buffer(mode, args.producers, total).items():
+                    buffer_runs.setdefault(mode, {}).setdefault(k, []).append(v)
+        report["buffer"] = {mode: {k: statistics.median(v) for k, v in vals.items()} for mode, vals in buffer_runs.items()}
+        report["buffer"]["trajectories"] = total
+        report["buffer_runs"] = buffer_runs
     if "latency" not in skip:
         report["latency"] = run_latency(args.producers, seconds)
     if "learning" not in skip:
@@ -520,6 +673,18 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
                 r = report["throughput"][f"T{steps} {system}"]
                 ratio = "" if system == "sona_shm" else f"{ours / r['delivered_per_s']:.1f}x slower"
                 print(f"   T{steps} {system:<25} {r['delivered_per_s']:>12,.0f} {ratio:>12} {r['producer_cpu_us_per_traj']:>22.2f}")
+    if "buffer" in report:
+        b = report["buffer"]
+        keep, full, queue = (b[mode]["delivered_per_s"] for mode in ("keep", "full", "queue"))
+        print(f"\n1b. the buffer for consumers: {b['trajectories']:,} T1 trajectories, {m['producers']} producers, "
+              f"median of {m['repeat']} interleaved rounds")  # fmt: skip
+        print(f"   {'buffer':<44} {'traj/s':>12} {'vs full':>9} {'vs mp.Queue':>12}")
+        print(f"   {'keeps every one (capacity = trajectories)':<44} {keep:>12,.0f} {keep / full:>8.0%} {keep / queue:>11.1f}x"
+              f"   (engine created in {b['keep']['start_s']:.2f} s)")  # fmt: skip
+        full_label = f"full (capacity {b['full']['capacity']:,}): learned, not kept"
+        print(f"   {full_label:<44} {full:>12,.0f} {'':>9} {full / queue:>11.1f}x"
+              f"   (engine created in {b['full']['start_s']:.2f} s)")  # fmt: skip
+        print(f"   {'multiprocessing.Queue (received only)':<44} {queue:>12,.0f}")
     if "latency" in report:
         print("\n2. producer calls while the others record and the flusher learns (µs)")
         print(f"   {'operation':<14} {'median':>8} {'p99':>8} {'calls':>9}")

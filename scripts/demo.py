@@ -24,7 +24,6 @@ process is left behind. Exit status 0 when every count matched.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import http.client
 import itertools
 import json
@@ -47,26 +46,15 @@ from router_task import RouterTask  # noqa: E402 - after the path is set
 
 from sona_shm import segment  # noqa: E402
 from sona_shm.monitor import format_table, read_stats, watch  # noqa: E402
-from sona_shm.supervise import (  # noqa: E402
-    child_pids,
-    listening_socket,
-    start_flusher,
-    start_gunicorn,
-    stop_gunicorn,
-    stop_process,
-    wait_until_serving,
-)
+from sona_shm.supervise import start_flusher, stop_process  # noqa: E402
+
+from children import child_pids, listening_socket, start_gunicorn, stop_gunicorn, wait_until_serving  # noqa: E402
 
 HIDDEN_DIM = 64
 ROUTE_NAMES = ("code", "math", "chat", "search", "docs", "web")
 #: Held-out queries the accuracy is measured on, before and after the traffic.
 HELD_OUT = 300
 TASK_SEED = 3
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: get SIGTERM if the demo itself is killed (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class Traffic:
@@ -172,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(routes, vectors=task.routes, names=np.array(ROUTE_NAMES))
         try:
             # Own sessions: Ctrl-C reaches only this script, which stops the children in order.
-            children = dict(start_new_session=True, preexec_fn=_die_with_parent)
+            # Both get SIGTERM if the demo itself is killed, and end at the latest 5 minutes
+            # after the traffic would have.
+            child_options = dict(start_new_session=True, deadline=args.seconds + 300)
             with open(logs / "flusher.log", "w") as log:
                 flusher = start_flusher(
-                    name, "--rule", "routing", "--routes", routes, "--flush-interval", "0.5", stderr=log, **children
+                    name, "--rule", "routing", "--routes", routes, "--flush-interval", "0.5", stderr=log, **child_options
                 )  # hidden_dim comes from the routes file; lr is the routing rule's default
             deadline = time.monotonic() + 30
             while not _flusher_ready(name):
@@ -196,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         stdout=log,
                         stderr=log,
                         env=environment,
-                        **children,
+                        **child_options,
                     )
                 finally:
                     sock.close()

@@ -42,7 +42,9 @@ from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.monitor import read_stats
-from sona_shm.supervise import fork_child, start_flusher, stop_process
+from sona_shm.supervise import start_flusher, stop_process
+
+from children import fork_child
 
 HIDDEN_DIM = 32
 
@@ -86,8 +88,8 @@ def worker(name: str, seed: int, count: int, pace: float, progress: str) -> None
     os.write(fd, b"\n")
 
 
-def fork_worker(name: str, seed: int, count: int, pace: float, progress: str) -> int:
-    return fork_child(_worker_process, name, seed, count, pace, progress)
+def fork_worker(name: str, seed: int, count: int, pace: float, progress: str, deadline: float) -> int:
+    return fork_child(_worker_process, name, seed, count, pace, progress, deadline=deadline)
 
 
 def _worker_process(name: str, seed: int, count: int, pace: float, progress: str) -> None:
@@ -125,6 +127,8 @@ class Soak:
         self.flusher: subprocess.Popen | None = None
         self.flusher_restarts = 0
         self.flusher_failures: list[int] = []
+        #: Seconds any child may live: the churn, then 5 minutes to wind down and account.
+        self.deadline = args.seconds + 300
 
     def options(self) -> list[str]:
         return ["--hidden-dim", str(HIDDEN_DIM), "--flush-threshold", "50", "--lanes", str(self.args.workers + 2)] + [
@@ -140,7 +144,7 @@ class Soak:
         ]
 
     def start_flusher(self, first: bool = False) -> None:
-        self.flusher = start_flusher(self.name, *(self.options() if first else ["--quiet"]))
+        self.flusher = start_flusher(self.name, *(self.options() if first else ["--quiet"]), deadline=self.deadline)
 
         def ready() -> bool:
             if self.flusher.poll() is not None:
@@ -160,7 +164,8 @@ class Soak:
 
     def spawn(self) -> None:
         path = os.path.join(self.dir, f"w{self.spawned}")
-        pid = fork_worker(self.name, self.args.seed * 1_000_003 + self.spawned, self.args.recycle_after, self.args.pace, path)
+        seed = self.args.seed * 1_000_003 + self.spawned
+        pid = fork_worker(self.name, seed, self.args.recycle_after, self.args.pace, path, self.deadline)
         self.workers[pid] = path
         self.spawned += 1
 

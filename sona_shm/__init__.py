@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from . import machine  # noqa: F401 - first: refuses a CPU whose memory order the engine does not get (see there)
 from .client import Client, attach
 from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (
     CheckpointError,
     ClosedError,
     DrainTimeoutError,
+    EngineDestroyedError,
+    EngineInUseError,
     FlusherRunningError,
     FlusherTimeoutError,
     InvalidInputError,
     LayoutMismatchError,
     NoFreeLaneError,
+    NoSpaceError,
     SegmentNotFoundError,
     SonaShmError,
+    UntrustedSegmentError,
 )
 from .learning import LoopMetrics
 from .loop import InstantLoop
@@ -28,6 +33,8 @@ __all__ = [
     "ClosedError",
     "Consumer",
     "DrainTimeoutError",
+    "EngineDestroyedError",
+    "EngineInUseError",
     "FlusherRunningError",
     "FlusherTimeoutError",
     "InstantLoop",
@@ -35,11 +42,13 @@ __all__ = [
     "LayoutMismatchError",
     "LoopMetrics",
     "NoFreeLaneError",
+    "NoSpaceError",
     "SegmentNotFoundError",
     "SonaShmError",
     "Step",
     "Trajectory",
     "TrajectoryBatch",
+    "UntrustedSegmentError",
     "attach",
     "drain_to_file",
     "open_consumer",

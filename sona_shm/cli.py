@@ -13,8 +13,10 @@ from typing import Any
 
 from . import __version__
 from .checks import check_timeout
+from .config import EngineConfig
 from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts and tests name them from here
     EXIT_CHECKPOINT,
+    EXIT_DESTROYED,
     EXIT_ERROR,
     EXIT_FLUSHER_RUNNING,
     EXIT_LAYOUT_MISMATCH,
@@ -22,6 +24,7 @@ from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts an
     EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_USAGE,
+    EngineInUseError,
     FlusherRunningError,
     InvalidInputError,
     LayoutMismatchError,
@@ -111,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("destroy", help="remove an engine's segment and doorbell")
     p.add_argument("--name", required=True)
-    p.add_argument("--force", action="store_true", help="even while its flusher runs")
+    p.add_argument(
+        "--force", action="store_true", help="even while its flusher runs or producers are attached (they then stop with an error)"
+    )
 
     p = sub.add_parser("drain", help="move learned trajectories out of an engine's buffer into an .npz file")
     p.add_argument("--name", required=True)
@@ -188,34 +193,39 @@ def _flusher(args: argparse.Namespace) -> int:
         raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
     interval = check_timeout(60.0 if args.checkpoint_interval is None else args.checkpoint_interval, "--checkpoint-interval")
     given, routes = _given_config(args)
-    # The handlers go in before the engine is created or adopted: a supervisor may send
-    # SIGTERM as soon as it sees the flusher lock taken, and the default action would kill
-    # the flusher mid-start instead of letting it stop cleanly.
-    requested: list[int] = []  # the signals received
-    started: list[Flusher] = []
+    EngineConfig.check_fields(given)  # bad options are refused before anything else happens
+    # The handlers go in before the flusher takes the segment's flusher lock: from that
+    # moment a supervisor sees a live flusher and may stop it, and a SIGTERM must then
+    # mean drain, flush and exit 0, not death by signal. They are put back on the way out
+    # (main() may run inside another program, such as a test).
+    stop: dict[str, Any] = {"requested": False, "flusher": None}
 
     def request_stop(signum: int, frame: Any) -> None:
-        requested.append(signum)  # only flags: the loop drains, flushes and exits
-        for running in started:
-            running.stop_requested = True
+        stop["requested"] = True  # only flags: the loop drains, flushes and exits
+        if stop["flusher"] is not None:
+            stop["flusher"].stop_requested = True
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    flusher = Flusher(
-        args.name,
-        config_overrides=given,
-        routes=routes,
-        flush_interval=args.flush_interval,
-        mode=GROUP_MODE if args.group else DEFAULT_MODE,
-        checkpoint=args.checkpoint,
-        checkpoint_interval=interval,
-    )
-    started.append(flusher)
-    flusher.stop_requested = flusher.stop_requested or bool(requested)  # a signal that came during the start
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        flusher.run()
+        flusher = Flusher(
+            args.name,
+            config_overrides=given,
+            routes=routes,
+            flush_interval=args.flush_interval,
+            mode=GROUP_MODE if args.group else DEFAULT_MODE,
+            checkpoint=args.checkpoint,
+            checkpoint_interval=interval,
+        )
+        stop["flusher"] = flusher
+        if stop["requested"]:  # a signal that came while the flusher was being set up
+            flusher.stop_requested = True
+        try:
+            flusher.run()
+        finally:
+            flusher.close()
     finally:
-        flusher.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
 
 
@@ -307,7 +317,7 @@ def _create(args: argparse.Namespace) -> int:
 
 def _destroy(args: argparse.Namespace) -> int:
     from . import segment
-    from .layout import LOCK_FLUSHER
+    from .layout import LANE_OWNER_PID, LOCK_FLUSHER, LOCK_LANE_BASE
 
     try:
         seg = segment.Segment.open(args.name, writable=False)
@@ -317,11 +327,23 @@ def _destroy(args: argparse.Namespace) -> int:
         seg = None  # not ours to read, still ours to remove
     if seg is not None:
         try:
-            running = seg.is_locked(LOCK_FLUSHER)
+            layout = seg.layout
+            held = seg.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + lane for lane in range(layout.lanes)])
+            running = held[0]
+            lanes = [(lane, seg.u64[(layout.lane_control(lane) + LANE_OWNER_PID) // 8]) for lane, on in enumerate(held[1:]) if on]
         finally:
             seg.close()
         if running and not args.force:
-            raise FlusherRunningError(f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force")
+            raise FlusherRunningError(
+                f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force (it then exits {EXIT_DESTROYED})"
+            )
+        if lanes and not args.force:
+            held_by = ", ".join(f"lane {lane}: pid {pid}" for lane, pid in lanes)
+            raise EngineInUseError(
+                f"segment {args.name!r}: {len(lanes)} producer(s) hold lanes ({held_by}); what they record into a removed "
+                "engine is never learned. Stop them first, or pass --force (their next record(), flush() or sync() then "
+                "raises EngineDestroyedError)"
+            )
     removed = segment.unlink(args.name)
     if not removed:
         raise SegmentNotFoundError(f"segment {args.name!r} does not exist")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import weakref
 from typing import Any, NamedTuple
 
@@ -49,8 +50,12 @@ from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _INF = math.inf
-#: Seconds close() waits for a record() in progress in another thread.
+#: Seconds close() waits for a record() in progress in another thread (a few µs in practice:
+#: no call holds the lock while it waits).
 CLOSE_WAIT = 10.0
+#: record() asks whether the engine was destroyed once every this many records (and on
+#: every slow path): one fstat, ~0.5 µs, so ~2 ns a record.
+DESTROYED_CHECK_EVERY = 256
 
 # The C fast path of a one-vector forward() (see lane.py for record()), or None.
 _speedups: Any = lane_module._speedups
@@ -82,6 +87,7 @@ class Client:
         self._lane = -1
         self._writer: Any = None
         self._lock = threading.Lock()
+        self._countdown = DESTROYED_CHECK_EVERY
         self._segment = seg = Segment.open(name, writable=True, timeout=timeout)
         try:
             layout = seg.layout
@@ -207,8 +213,9 @@ class Client:
 
         A full lane means the flusher is behind: the trajectory is not learned and is
         counted in this lane's ``drops``. With ``timeout > 0`` the call waits up to that
-        long for room instead. Bad input raises :class:`InvalidInputError` and
-        changes nothing.
+        long for room instead, without holding up other threads of this process. Bad
+        input raises :class:`InvalidInputError` and changes nothing;
+        :class:`EngineDestroyedError` says the engine was removed (and nothing was written).
         """
         if timeout and not (type(timeout) is float and 0.0 < timeout < _INF):  # NaN would make the wait endless
             check_timeout(timeout)
@@ -217,22 +224,32 @@ class Client:
             if writer is None:
                 self._ensure_lane()
                 writer = self._writer
+            self._countdown -= 1
+            if not self._countdown:
+                self._check_destroyed()
             status = writer.record(traj)  # the whole call, in C for the common form
             if status <= 0:
-                status = self._record_slow(writer, traj, status, timeout)
-                if not status:
-                    return False
+                status = self._record_slow(writer, traj, status)
             if status == PUBLISHED_RING:
                 self._segment.ring()  # the flusher sleeps: wake it (rare under load)
-        return True
+            if status != FULL:
+                return True
+            if timeout <= 0:
+                self._u64[self._w_drops] += 1
+                return False
+            self._segment.ring()  # the flusher may be asleep on work it has not seen
+        return self._record_when_room(traj, timeout)
 
-    def _record_slow(self, writer: Any, traj: Trajectory, status: int, timeout: float) -> int:
-        """A full ring (``FULL``) or a trajectory the C writer hands back (``NOT_HANDLED``)."""
+    def _record_slow(self, writer: Any, traj: Trajectory, status: int) -> int:
+        """A full ring (``FULL``) or a trajectory the C writer hands back (``NOT_HANDLED``).
+
+        Returns ``FULL`` (nothing written, no drop counted yet) or the publish status.
+        """
         if status == FULL:
+            self._check_destroyed()  # a lane that stays full may be one nobody learns any more
             self._check(traj)  # bad input is refused, not counted as a drop
             self._refresh_tail()
-            if writer.head - writer.tail >= self._ring_slots and not self._wait_for_room(timeout):
-                self._u64[self._w_drops] += 1
+            if writer.head - writer.tail >= self._ring_slots:
                 return FULL
             status = writer.record(traj)
             if status != NOT_HANDLED:
@@ -243,20 +260,43 @@ class Client:
         fill_slot(self._views, writer.head, traj, scrub=False)
         return writer.publish()
 
+    def _record_when_room(self, traj: Trajectory, timeout: float) -> bool:
+        """Wait up to ``timeout`` for room in the lane, then record (True) or count a drop (False).
+
+        The lock is held only to look and to write, never while sleeping: other threads
+        keep recording (a call with timeout 0 never waits on this one) and close() is not
+        held up; after a close() this raises :class:`ClosedError`.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.0001
+        while True:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.005)
+            with self._lock:
+                writer = self._writer
+                if writer is None:  # closed, or the lane was given back meanwhile
+                    self._ensure_lane()
+                    writer = self._writer
+                status = writer.record(traj)
+                if status <= 0:
+                    status = self._record_slow(writer, traj, status)
+                if status == PUBLISHED_RING:
+                    self._segment.ring()
+                if status != FULL:
+                    return True
+                if time.monotonic() >= deadline:
+                    self._u64[self._w_drops] += 1
+                    return False
+
     def _check(self, traj: Trajectory) -> None:
         check_trajectory(traj, self.layout.hidden_dim, **self._views.limits)
 
-    def _wait_for_room(self, timeout: float) -> bool:
-        if timeout <= 0:
-            return False
-        self._segment.ring()
-        writer, slots = self._writer, self._ring_slots
-
-        def room() -> bool:
-            self._refresh_tail()
-            return writer.head - writer.tail < slots
-
-        return wait_until(room, timeout)
+    def _check_destroyed(self) -> None:
+        """Raise :class:`EngineDestroyedError` if the segment was removed; call holding the lock."""
+        if self._segment.destroyed():
+            self._countdown = 1  # every later record() looks again, and raises again
+            raise self._segment.destroyed_error()
+        self._countdown = DESTROYED_CHECK_EVERY
 
     def _refresh_tail(self) -> None:
         try:
@@ -360,34 +400,62 @@ class Client:
     # ----------------------------------------------------------------- waiting for the flusher
 
     def sync(self, timeout: float = 5.0) -> None:
-        """Wait until every trajectory this process committed has been learned."""
+        """Wait until every trajectory this process committed has been learned.
+
+        Raises :class:`FlusherTimeoutError` after ``timeout``, :class:`EngineDestroyedError`
+        if the engine is removed (before or while waiting), :class:`ClosedError` after close().
+        """
         check_timeout(timeout)
         with self._lock:
-            if self._segment is None:
-                raise self._closed()
+            self._check_open()
             if self._lane < 0:
                 return  # nothing recorded since the lane was claimed (or since a fork)
             lane, target = self._lane, self._writer.head
-        self._segment.ring()
-        if not wait_until(lambda: self._ledger.lane_tail(lane) >= target, timeout):
+            self._segment.ring()
+
+        def learned() -> bool:
+            with self._lock:  # held for the look only: close() and record() never wait on a sync
+                self._check_open()
+                return self._ledger.lane_tail(lane) >= target
+
+        if not wait_until(learned, timeout):
             raise FlusherTimeoutError(self._timeout_message("sync", timeout))
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Ask the flusher to learn what is committed and apply pending gradients; wait for it."""
+        """Ask the flusher to learn what is committed and apply pending gradients; wait for it.
+
+        Raises as :meth:`sync` does.
+        """
         check_timeout(timeout)
         with self._lock:
+            self._check_open()
             self._ensure_lane()
             word = self._ctl + LANE_FLUSH_REQ // 8
             request = self._u64[word] + 1
             self._u64[word] = request  # after our records' heads, so the flusher sees them first
             ack = self._ctl + LANE_FLUSH_ACK // 8
-        self._segment.ring()
-        if not wait_until(lambda: self._u64[ack] >= request, timeout):
+            self._segment.ring()
+
+        def answered() -> bool:
+            with self._lock:
+                self._check_open()
+                return self._u64[ack] >= request
+
+        if not wait_until(answered, timeout):
             raise FlusherTimeoutError(self._timeout_message("flush", timeout))
 
+    def _check_open(self) -> None:
+        """Raise :class:`ClosedError` after close(), :class:`EngineDestroyedError` once the engine was removed."""
+        if self._segment is None:
+            raise self._closed()
+        if self._segment.destroyed():
+            raise self._segment.destroyed_error()
+
     def _timeout_message(self, what: str, timeout: float) -> str:
-        alive = self._segment.is_locked(LOCK_FLUSHER)
-        pid = self._u64[FLUSHER_LINE // 8]
+        with self._lock:
+            self._check_open()
+            alive = self._segment.is_locked(LOCK_FLUSHER)
+            pid = self._u64[FLUSHER_LINE // 8]
         state = f"its flusher (pid {pid}) is alive but busy" if alive else "no flusher is running"
         return f"{what}() on segment {self.name!r} timed out after {timeout} s: {state}; start `sona-shm flusher --name {self.name}`"
 

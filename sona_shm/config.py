@@ -63,6 +63,16 @@ class EngineConfig:
     routes: int = 0
     temperature: float = DEFAULT_TEMPERATURE
 
+    @classmethod
+    def check_fields(cls, given: dict[str, Any]) -> None:
+        """Refuse bad values among ``given`` (some of the fields, as a command line gives them).
+
+        What only a whole configuration can say (the routing rule needs a route table) is
+        checked when an engine is created; adopting one compares the fields given.
+        """
+        base: dict[str, Any] = {"routes": 2} if given.get("rule") == "routing" and "routes" not in given else {}
+        cls(**{**base, **given})
+
     def __post_init__(self) -> None:
         check_rule(self.rule)
         check_int("hidden_dim", self.hidden_dim, 1, 65_535)

@@ -18,13 +18,17 @@ import numpy as np
 from . import segment
 from .client import attach
 from .monitor import format_table
-from .supervise import start_flusher, stop_process
+from .supervise import die_with_parent, set_deadline, start_flusher, stop_process
 from .trajectory import Step, Trajectory
 
 HIDDEN_DIM = 256
+#: Seconds the demo's producers and flusher may live; they also die with the demo.
+DEADLINE = 600.0
 
 
-def _produce(name: str, count: int, seed: int) -> None:
+def _produce(name: str, count: int, seed: int, parent: int) -> None:
+    die_with_parent(parent=parent)
+    set_deadline(DEADLINE)
     rng = np.random.default_rng(seed)
     good = np.random.default_rng(0).standard_normal(HIDDEN_DIM).astype(np.float32)
     good /= np.linalg.norm(good)
@@ -35,25 +39,25 @@ def _produce(name: str, count: int, seed: int) -> None:
             reward = float(q @ good) / 16
             traj = Trajectory(q, [Step(q * np.float32(0.5), attention, reward)], quality=0.5 + reward)
             while not client.record(traj, timeout=1.0):
-                pass  # the demo wants every trajectory learned; a service would move on
+                pass  # the demo wants every trajectory learned; a service would move on (DEADLINE bounds it)
         client.sync(timeout=30)
 
 
 def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = None) -> int:
     name = name or f"demo-{os.getpid()}"
     print(f"sona-shm demo: engine {name!r}, {producers} producers x {trajectories} trajectories")
-    flusher = start_flusher(name, "--hidden-dim", str(HIDDEN_DIM), "--flush-interval", "0.5", "--quiet")
+    flusher = start_flusher(name, "--hidden-dim", str(HIDDEN_DIM), "--flush-interval", "0.5", "--quiet", deadline=DEADLINE + 60)
     try:
         with attach(name, timeout=30) as client:
             probe = np.random.default_rng(1).standard_normal(HIDDEN_DIM).astype(np.float32)
             before = client.forward(probe)
             ctx = multiprocessing.get_context("spawn")
-            workers = [ctx.Process(target=_produce, args=(name, trajectories, seed)) for seed in range(producers)]
+            workers = [ctx.Process(target=_produce, args=(name, trajectories, seed, os.getpid())) for seed in range(producers)]
             started = time.perf_counter()
             for w in workers:
                 w.start()
             for w in workers:
-                w.join(timeout=600)
+                w.join(timeout=DEADLINE)
             elapsed = time.perf_counter() - started
             failed = [w.exitcode for w in workers if w.exitcode != 0]
             client.flush(timeout=30)

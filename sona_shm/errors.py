@@ -27,8 +27,22 @@ class LayoutMismatchError(SonaShmError):
     """A segment exists but its header disagrees with what the caller expects."""
 
 
+class UntrustedSegmentError(LayoutMismatchError):
+    """A segment or doorbell in /dev/shm is not this user's engine (another owner, or a mode
+    wider than an engine's); it was not used."""
+
+
 class FlusherRunningError(SonaShmError):
     """A second flusher tried to start on a segment that already has a live one."""
+
+
+class EngineInUseError(SonaShmError):
+    """``destroy`` refused: producers hold lanes of the engine (``--force`` removes it anyway)."""
+
+
+class EngineDestroyedError(SonaShmError):
+    """The engine's segment was removed (``sona-shm destroy``) while this process had it mapped;
+    nothing more is learned from it: attach again to a new one."""
 
 
 class NoFreeLaneError(SonaShmError):
@@ -47,6 +61,10 @@ class DrainTimeoutError(SonaShmError, TimeoutError):
     """Another consumer held the drain lock for longer than the drain's timeout."""
 
 
+class NoSpaceError(SonaShmError):
+    """A segment does not fit in /dev/shm (or in memory), or its backing could not be reserved; nothing was created."""
+
+
 class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""
 
@@ -57,15 +75,18 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected failure; the message says what
 EXIT_USAGE = 2  # argparse's own code for bad arguments; also InvalidInputError
 EXIT_NOT_FOUND = 3  # no such segment
-EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment
+EXIT_FLUSHER_RUNNING = 4  # a flusher already owns the segment (destroy: or producers hold lanes)
 EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or version
 EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
 EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
+EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
 
 # The first matching class decides; SonaShmError catches the rest.
 _EXIT_CODES: tuple[tuple[type[SonaShmError], int], ...] = (
     (SegmentNotFoundError, EXIT_NOT_FOUND),
     (FlusherRunningError, EXIT_FLUSHER_RUNNING),
+    (EngineInUseError, EXIT_FLUSHER_RUNNING),
+    (EngineDestroyedError, EXIT_DESTROYED),
     (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
     (CheckpointError, EXIT_CHECKPOINT),
     (InvalidInputError, EXIT_USAGE),

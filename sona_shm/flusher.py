@@ -54,7 +54,21 @@ from .layout import (
 from .learning import Learner, initial_down, learning_signals
 from .ledger import Ledger
 from .routes import RouteTable, read_route_table
-from .segment import DEFAULT_MODE, Segment, check_name, check_timeout, create_bell, create_fd, open_fd, start_ticks, try_lock_fd, unlink
+from .segment import (
+    DEFAULT_MODE,
+    GROUP_MODE,
+    Segment,
+    check_name,
+    check_timeout,
+    create_bell,
+    create_fd,
+    open_fd,
+    reserve,
+    start_ticks,
+    try_lock_fd,
+    unlink_created,
+)
+from .space import check_room
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -62,6 +76,8 @@ log = logging.getLogger("sona_shm.flusher")
 WAKE_TIMEOUT = 0.05
 #: Passes over the lanes when draining at shutdown (live producers may keep writing).
 DRAIN_PASSES = 64
+#: Seconds between two looks at whether the segment was destroyed under the flusher.
+DESTROYED_CHECK_INTERVAL = 0.1
 
 
 class Flusher:
@@ -96,7 +112,7 @@ class Flusher:
     ) -> None:
         check_name(name)
         self.name = name
-        self.flush_interval = float(flush_interval)
+        self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
         self.stop_requested = False
         self.created = False
         self.restored = False
@@ -207,13 +223,37 @@ class Flusher:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> None:
-        """Loop until :attr:`stop_requested`; then drain, flush and release the segment."""
+        """Loop until :attr:`stop_requested`; then drain, flush and release the segment.
+
+        If the segment is destroyed meanwhile (``sona-shm destroy --force``), release it
+        and raise :class:`EngineDestroyedError` at once: nothing committed to it can be
+        learned for anyone any more, and a flusher learning out of sight of a new engine
+        of the same name would be a split brain. No checkpoint is written then.
+        """
+        next_look = 0.0
         while not self.stop_requested:
             if self.scan() == 0:
                 self._sleep()
-            if time.monotonic() >= self._next_checkpoint:
+            now = time.monotonic()
+            if now >= self._next_checkpoint:
                 self._periodic_checkpoint()
+            if now >= next_look:
+                next_look = now + DESTROYED_CHECK_INTERVAL
+                self._exit_if_destroyed()
+        self._exit_if_destroyed()
         self.shutdown()
+
+    def _exit_if_destroyed(self) -> None:
+        if self.segment is not None and self.segment.destroyed():
+            error = self.segment.destroyed_error()
+            log.error(
+                "segment %r was destroyed under this flusher (pid %d); stopping without drain or checkpoint: %d trajectories processed",
+                self.name,
+                os.getpid(),
+                self.learner.trajectories_processed,
+            )
+            self.close()
+            raise error
 
     def scan(self) -> int:
         """One pass: learn what every lane committed, flush if due, commit. Returns #learned."""
@@ -222,18 +262,20 @@ class Flusher:
         # so every record it made before asking is learned in this same pass.
         requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]
         learned = 0
+        moved = False  # tails advance also past slots that fail their check: that must be committed too
         tails = self._tails
         for lane, word in enumerate(self._head_words):
             head = u64[word]
             tail = int(tails[lane])
             if head > tail:
                 learned += self._learn_lane(lane, tail, head)
+                moved = True
         flushed = False
         if requests or (
             self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
         ):
             flushed = self._flush()
-        if learned or flushed:
+        if moved or flushed:
             self._commit()
         for lane, request in requests:
             u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights
@@ -504,19 +546,21 @@ def _create_or_adopt(
     header is published; if that raises, the segment is removed again — no worker can
     have attached to it — and the error propagates.
     """
-    if isinstance(requested, InvalidInputError):
+    config_error = requested if isinstance(requested, InvalidInputError) else None
+    layout = None if isinstance(requested, InvalidInputError) else Layout(requested)
+    try:
+        fd = open_fd(name, writable=True, engine_mode=mode)  # only our own user's object, never wider than mode
+        created = False
+    except SegmentNotFoundError:
+        if config_error is not None:
+            raise config_error from None  # the options given do not make an engine to create
+        assert layout is not None
+        check_room(layout, name, group=mode == GROUP_MODE)  # before anything is created
         try:
-            fd = open_fd(name, writable=True)
-        except SegmentNotFoundError:
-            raise requested from None
-        layout, created = None, False
-    else:
-        layout = Layout(requested)
-        try:
-            fd = create_fd(name, layout.total_bytes, mode)
+            fd = create_fd(name, layout.total_bytes, mode)  # O_EXCL, reserved whole: no SIGBUS on a full /dev/shm
             created = True
-        except FileExistsError:
-            fd = open_fd(name, writable=True)
+        except FileExistsError:  # another creator was quicker
+            fd = open_fd(name, writable=True, engine_mode=mode)
             created = False
     try:
         if not try_lock_fd(fd, LOCK_FLUSHER):
@@ -529,12 +573,12 @@ def _create_or_adopt(
         # another program's (or another version's) object: refused below, never overwritten.
         fresh = created or len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8
         if fresh:
-            if layout is None:
-                raise requested  # type: ignore[misc]  # re-initialising needs a valid configuration
+            if config_error is not None or layout is None:
+                raise config_error or InvalidInputError("config: no engine configuration")  # re-initialising needs one
             if not created:
                 log.warning("segment %r was never completed (its creator died); initialising it again", name)
                 os.ftruncate(fd, 0)  # back to all zeros
-                os.ftruncate(fd, layout.total_bytes)
+                reserve(fd, layout.total_bytes, name)
         else:
             existing = Layout.from_header(raw, name, os.fstat(fd).st_size)
             differences = existing.differences(overrides)
@@ -545,16 +589,28 @@ def _create_or_adopt(
                     f"those options to adopt it, or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
                 )
             layout = existing
-        segment = Segment(name, fd, layout, writable=True)
+            # An older sona_shm only sized the segment: reserve what it left sparse, or refuse.
+            reserve(fd, layout.total_bytes, name)
+        segment = Segment(name, fd, layout, writable=True)  # owns fd from here on
+        # What the flusher writes — the ledger copies and, above all, the buffer, where each
+        # learned trajectory would otherwise land on a page touched for the first time — is
+        # faulted in now, once, rather than one page per trajectory (Segment.populate). A new
+        # segment is populated before its magic is published, so no producer waits for it.
+        segment.populate(layout.ledger_offset, layout.lanes_offset - layout.ledger_offset)
+        segment.populate(layout.buffer_offset, layout.total_bytes - layout.buffer_offset)
     except BaseException:
+        if created:
+            unlink_created(name, fd)  # nobody can have attached: its header has no magic
         os.close(fd)
         raise
     if fresh:
         try:
             _initialise(segment, mode, routes, restore_into(segment.layout) if restore_into else None)
         except BaseException:
+            # No worker can have attached (no magic). The doorbell is not removed: if it
+            # exists it was there before (create_bell is the last step that can fail).
+            unlink_created(name, segment.fileno())
             segment.close()
-            unlink(name)
             raise
     else:
         try:

@@ -25,7 +25,7 @@ from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID
 from .learning import F32
 from .routes import RouteChoice
 from .segment import Segment
-from .trajectory import Step, Trajectory, _all_finite, check_trajectory
+from .trajectory import CheckedTrajectory, Step, Trajectory, _all_finite, check_finite, check_trajectory
 
 PUBLISHED = 1  #: the slot is published
 PUBLISHED_RING = 2  #: the slot is published and the flusher sleeps: ring its doorbell
@@ -83,44 +83,31 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
     """Fill lane slot ``head`` (payload and head fields, all but ``seq``) or raise.
 
     Converts what :func:`check_trajectory` converts and raises what it refuses, naming
-    the field; nothing visible changes either way (the slot is unpublished). ``scrub``:
-    zero the payload first. The one-pass scan below covers whole steps, attention past
-    ``att_len`` included, so it may see what an earlier writer left in this unpublished
-    slot: the C writer giving up after copying part of a refused trajectory, or a writer
-    killed or interrupted between copying one and refusing it. When the full check then
-    accepts the trajectory, the payload (now zeroed) is filled again, scrubbed.
+    the field; nothing visible changes either way (the slot is unpublished). ``traj`` is
+    read once: what is checked is what is written. ``scrub``: zero the payload first.
+    The one-pass scan below covers whole steps, attention past ``att_len`` included, so
+    it may see what an earlier writer left in this unpublished slot: the C writer giving
+    up after copying part of a refused trajectory, or a writer killed or interrupted
+    between copying one and refusing it. When what was read is finite, the payload (now
+    zeroed) is filled again from it.
     """
     layout = views.layout
     h = layout.hidden_dim
-    step_words = layout.step_bytes >> 2
     slot = (head % layout.lane_slots) * layout.slot_bytes
-    first = at = (slot + layout.payload_offset) >> 2
-    payload = views.floats[first : first + h + layout.max_steps * step_words]
+    first = (slot + layout.payload_offset) >> 2
+    payload = views.floats[first : first + h + layout.max_steps * (layout.step_bytes >> 2)]
     if scrub:
         payload[...] = 0.0
     # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
     checked = check_trajectory(traj, h, finite=False, **views.limits)
-    words = views.words
-    words[at : at + h] = checked.query
-    at += h
-    meta: list = []
-    for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
-        n_act = act.shape[0]
-        n_att = att.shape[0]
-        words[at : at + n_act] = act
-        if n_act < h:
-            words[at + n_act : at + h] = views.zeros[: h - n_act]  # short activations add to the first entries only
-        if n_att:
-            words[at + h : at + h + n_att] = att
-        meta += (reward, n_act, n_att)
-        at += step_words
-    if not _all_finite(payload[: at - first]):
+    used, meta = _copy_payload(views, first, checked)
+    if not _all_finite(payload[:used]):
         payload[...] = 0.0
-        check_trajectory(traj, h, **views.limits)  # names the field
-        if scrub:  # pragma: no cover - a zeroed payload holds only what the check accepted
-            raise AssertionError("unreachable: the full check refuses what the scan refused")
-        # Finite input: the scan saw stale values an earlier writer left in the slot.
-        return fill_slot(views, head, traj, scrub=True)
+        # Name the field with the value as the caller gave it (this read is only for the message) ...
+        check_trajectory(traj, h, **views.limits)
+        check_finite(checked)  # ... or, if the input changed meanwhile, refuse what was read
+        # What was read is finite: the scan saw stale values an earlier writer left in the slot.
+        _copy_payload(views, first, checked)
     tid = checked.id
     if tid is None:
         u64 = views.u64
@@ -136,6 +123,31 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
     ri = 0 if checked.route_index is None else checked.route_index + 1
     bi = 0 if checked.best_index is None else checked.best_index + 1
     struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), ri, bi, 0, *meta)
+
+
+def _copy_payload(views: LaneViews, first: int, checked: CheckedTrajectory) -> tuple[int, list]:
+    """Copy the query and steps of ``checked`` to the payload at float index ``first``.
+
+    Returns the floats the steps span and the ``(reward, act_len, att_len)`` of each step.
+    """
+    h = views.layout.hidden_dim
+    step_words = views.layout.step_bytes >> 2
+    words = views.words
+    at = first
+    words[at : at + h] = checked.query
+    at += h
+    meta: list = []
+    for act, att, reward in zip(checked.activations, checked.attention, checked.rewards):
+        n_act = act.shape[0]
+        n_att = att.shape[0]
+        words[at : at + n_act] = act
+        if n_act < h:
+            words[at + n_act : at + h] = views.zeros[: h - n_act]  # short activations add to the first entries only
+        if n_att:
+            words[at + h : at + h + n_att] = att
+        meta += (reward, n_act, n_att)
+        at += step_words
+    return at - first, meta
 
 
 class PyLaneWriter:

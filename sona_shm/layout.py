@@ -2,9 +2,10 @@
 
 A segment is one POSIX shared-memory object ``/sona_shm.<name>`` (``/dev/shm/sona_shm.<name>``)
 plus one POSIX semaphore ``/sona_shm.<name>.bell`` (the flusher's doorbell). All integers
-are little-endian and naturally aligned; the code assumes x86-64 (total store order: a
-reader that sees a store also sees every store the writer made before it — the
-publication rules below rely on that, with the compiler barrier a C call implies).
+are little-endian and naturally aligned. The publication rules below rely on x86-64's
+total store order (a reader that sees a store also sees every store the writer made
+before it), with the compiler barrier a C call implies; :mod:`sona_shm.machine` refuses
+to import on any other CPU.
 
 Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
 
@@ -117,9 +118,11 @@ after)::
     vectors f32[K, h]   the route vectors as given
     names   S64[K]      route names, UTF-8, NUL-padded
 
-Only the prefix a trajectory uses is ever written (``prefix_bytes(n_steps)``), and slots
-of a page or more are page-aligned, so a tmpfs segment costs the pages trajectories
-actually touch: at h=256 a one-step trajectory touches one 4 KiB page of its 12 KiB slot.
+Only the prefix a trajectory uses is ever written or copied (``prefix_bytes(n_steps)``),
+and slots of a page or more are page-aligned: at h=256 a one-step trajectory touches one
+4 KiB page of its 12 KiB slot. The segment's pages are all reserved when it is created
+(``segment.reserve``), so its memory cost is ``total_bytes`` from the start and no write
+can fail for want of a page.
 
 Advisory locks (Linux open-file-description locks on one byte of the segment file;
 the kernel drops them when the holder dies, so a SIGKILLed holder never wedges anyone
@@ -391,14 +394,8 @@ class Layout:
         return [f"{k}: segment has {getattr(self.config, k)!r}, requested {v!r}" for k, v in wanted.items() if getattr(self.config, k) != v]
 
     def describe_size(self) -> str:
-        """One line for humans: reserved size and what a trajectory actually touches."""
-
-        def mib(n: int) -> str:
-            return f"{n / 2**20:.1f} MiB"
-
-        one = _round_up(self.prefix_bytes(1), PAGE) if self.slot_bytes >= PAGE else self.slot_bytes
+        """One line for humans: the size reserved and what it holds."""
         return (
-            f"{mib(self.total_bytes)} reserved ({self.lanes} lanes x {self.lane_slots} slots + "
-            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot); tmpfs allocates pages on first "
-            f"touch, so a 1-step trajectory costs {one} B per slot it passes through"
+            f"{self.total_bytes / 2**20:.1f} MiB reserved ({self.lanes} lanes x {self.lane_slots} slots + "
+            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot)"
         )

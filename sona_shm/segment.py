@@ -8,6 +8,14 @@ latter registers every attached segment with the resource tracker, which unlinks
 when *any* attaching process exits — a gunicorn worker recycled by ``max_requests``
 would delete the engine under everybody's feet.
 
+Why every object is checked when it is opened: ``/dev/shm`` is writable by every user,
+so anyone can create ``sona_shm.<name>`` (or its doorbell) before the engine's flusher
+does — a squatter who would then read what producers record and write the weights
+they apply. A segment is therefore created with ``O_EXCL`` (never taken over), and an
+existing one, like the doorbell, is used only if it is a regular file owned by this
+process's user (or, for a ``--group`` engine, a group it belongs to) with no permission
+beyond the engine's mode (0600, or 0660 with ``--group``); see :func:`check_object`.
+
 Why open-file-description locks (``F_OFD_SETLK``) for ownership: the kernel releases
 them when the holder dies, however it dies, so a SIGKILLed worker never leaves a lane
 or the flusher slot taken, and a recycled pid cannot impersonate a dead owner. Unlike
@@ -18,6 +26,7 @@ child that closes its inherited copy does not release the parent's lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -31,7 +40,7 @@ from collections.abc import Callable
 import posix_ipc
 
 from .checks import check_timeout
-from .errors import InvalidInputError, SegmentNotFoundError
+from .errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -40,6 +49,8 @@ DEFAULT_MODE = 0o600
 GROUP_MODE = 0o660
 
 _FLOCK = "hhqqi4x"  # struct flock on Linux x86-64: type, whence, start, len, pid
+#: madvise() advice: fault pages in writable now (linux/mman.h; Linux >= 5.14, not in Python's mmap module).
+MADV_POPULATE_WRITE = 23
 
 
 def check_name(name: object) -> str:
@@ -49,12 +60,60 @@ def check_name(name: object) -> str:
     return name
 
 
+SHM_DIR = "/dev/shm"
+
+
 def segment_path(name: str) -> str:
     return PREFIX + name
 
 
 def bell_path(name: str) -> str:
     return PREFIX + name + ".bell"
+
+
+def segment_file(name: str) -> str:
+    """Where the kernel keeps segment ``name`` (glibc's ``shm_open`` directory)."""
+    return SHM_DIR + segment_path(name)
+
+
+def bell_file(name: str) -> str:
+    """Where the kernel keeps the doorbell of ``name`` (glibc's ``sem_open``: ``sem.`` + the name)."""
+    return f"{SHM_DIR}/sem.{bell_path(name)[1:]}"
+
+
+def check_object(st: os.stat_result, path: str, name: str, *, engine_mode: int | None = None) -> None:
+    """Refuse ``path`` (``st`` is its stat) unless it can be engine ``name``'s segment or doorbell.
+
+    ``engine_mode``: the flusher's, which creates or adopts the engine: the object must be
+    owned by this process's user and allow nothing beyond ``engine_mode``. Anyone else
+    (``None``: producers, consumers, the monitor) accepts an object of its own user, or a
+    group engine (0660) of a group it belongs to, and never one open to other users.
+    Raises :class:`UntrustedSegmentError`; nothing has been read from or written to it.
+    """
+    euid = os.geteuid()
+    perm = stat.S_IMODE(st.st_mode)
+    remove = f"its owner (or root) can remove it with `sona-shm destroy --name {name}`"
+    if not stat.S_ISREG(st.st_mode):
+        kind = stat.filemode(st.st_mode)
+        raise UntrustedSegmentError(f"{path}: expected a regular file, got {kind}; not a sona_shm engine, nothing was used")
+    allowed = GROUP_MODE if engine_mode is None else engine_mode
+    if perm & ~allowed:
+        hint = ""
+        if engine_mode == DEFAULT_MODE and perm == GROUP_MODE:
+            hint = "; start the flusher with --group to adopt a group engine"
+        raise UntrustedSegmentError(
+            f"{path}: mode {perm:04o} allows more than an engine's {allowed:04o} (0600, or 0660 with --group), so other "
+            f"users may read or write it; nothing was used{hint or '; ' + remove}"
+        )
+    if st.st_uid == euid:
+        return
+    if engine_mode is None and perm & 0o060 == 0o060 and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()):
+        return  # a group engine of one of our groups: its members may write it anyway
+    raise UntrustedSegmentError(
+        f"{path}: owned by uid {st.st_uid} (gid {st.st_gid}), expected this process's uid {euid}"
+        + ("" if engine_mode is not None else " or a group engine (0660) of one of its groups")
+        + f": another user's object, not this engine; nothing was used; {remove}"
+    )
 
 
 def start_ticks(pid: int) -> int:
@@ -85,12 +144,16 @@ class Segment:
     """
 
     def __init__(self, name: str, fd: int, layout: Layout, writable: bool) -> None:
+        """Map segment ``name`` through ``fd``, which this object owns once the constructor returns
+        (if it raises, ``fd`` is still the caller's to close)."""
         self.name = name
         self.layout = layout
         self.writable = writable
         self._fd = fd
         self._mmap: mmap.mmap | None = None
         self._bell: posix_ipc.Semaphore | None = None
+        st = os.fstat(fd)
+        self._inode = (st.st_dev, st.st_ino)  # the object mapped: reopen_fd() must find this one
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             # mmap.mmap keeps a dup() of the descriptor it maps, and a dup shares the open
@@ -102,12 +165,17 @@ class Segment:
             map_fd = os.open(f"/proc/self/fd/{fd}", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
             try:
                 self._mmap = mmap.mmap(map_fd, layout.total_bytes, mmap.MAP_SHARED, prot)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EOVERFLOW):
+                    raise
+                raise NoSpaceError(f"segment {name!r}: cannot map its {layout.total_bytes} bytes ({exc.strerror})") from None
             finally:
                 os.close(map_fd)
             self.buf = memoryview(self._mmap)
             self.u64 = self.buf.cast("Q")
             self.f64 = self.buf.cast("d")
         except BaseException:
+            self._fd = -1  # still the caller's: closing it here too was a double close (EBADF)
             self.close()
             raise
 
@@ -151,6 +219,10 @@ class Segment:
             os.close(fd)
             raise
 
+    def fileno(self) -> int:
+        """The descriptor that holds this process's locks (-1 when closed, -2 after a fork until reopened)."""
+        return self._fd
+
     @property
     def mode(self) -> int:
         """The segment's permission bits (0600, or 0660 for a group engine)."""
@@ -193,9 +265,35 @@ class Segment:
         self._fd = -2  # "needs reopening", distinct from closed (-1)
 
     def reopen_fd(self) -> None:
-        """Open this process's own descriptor after :meth:`forget_inherited_fd`."""
+        """Open this process's own descriptor after :meth:`forget_inherited_fd`.
+
+        Raises :class:`EngineDestroyedError` if the name no longer leads to the object
+        this process maps (removed, and maybe created anew).
+        """
         if self._fd == -2:
-            self._fd = open_fd(self.name, writable=self.writable)
+            try:
+                fd = open_fd(self.name, writable=self.writable)
+            except SegmentNotFoundError:
+                raise self.destroyed_error() from None
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._inode:
+                os.close(fd)
+                raise self.destroyed_error()
+            self._fd = fd
+
+    def destroyed(self) -> bool:
+        """True once the segment was removed (``sona-shm destroy``): its file has no name left.
+
+        One ``fstat`` (~0.5 µs); False while there is no descriptor to ask (closed, or a
+        fork child before :meth:`reopen_fd`, which checks on its own).
+        """
+        return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+
+    def destroyed_error(self) -> EngineDestroyedError:
+        return EngineDestroyedError(
+            f"segment {self.name!r} was destroyed (`sona-shm destroy`) while this process had it mapped; "
+            f"nothing more is learned from it: attach again once `sona-shm flusher --name {self.name}` created it anew"
+        )
 
     # ----------------------------------------------------------------- doorbell
 
@@ -203,10 +301,7 @@ class Segment:
     def bell(self) -> posix_ipc.Semaphore:
         """The flusher's doorbell semaphore (opened on first use)."""
         if self._bell is None:
-            try:
-                self._bell = posix_ipc.Semaphore(bell_path(self.name))
-            except posix_ipc.ExistentialError:
-                raise SegmentNotFoundError(f"segment {self.name!r} has no doorbell semaphore; was it destroyed?") from None
+            self._bell = open_bell(self.name)
         return self._bell
 
     def ring(self) -> None:
@@ -238,6 +333,28 @@ class Segment:
     def closed(self) -> bool:
         return self._fd == -1
 
+    def populate(self, offset: int, length: int) -> bool:
+        """Fault in bytes ``[offset, offset + length)`` of the mapping for writing, now; False if the kernel cannot.
+
+        The segment's pages are reserved at creation but still zero-filled and mapped on
+        first touch, one fault per page (~1 µs each with the clearing): a flusher copying
+        every learned trajectory into a fresh buffer page paid that on each one. One
+        ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14) pays it up front. Where it is
+        unsupported nothing happens and the pages fault in as they are used.
+        """
+        assert self._mmap is not None, "segment is closed"
+        start = offset - offset % mmap.PAGESIZE
+        length += offset - start
+        if length <= 0 or not self.writable:
+            return False
+        try:
+            self._mmap.madvise(MADV_POPULATE_WRITE, start, length)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # an older kernel
+                return False
+            raise
+        return True
+
     def numpy_buffer(self) -> mmap.mmap:
         """The mapping, for building numpy views (``np.ndarray(buffer=...)``)."""
         assert self._mmap is not None, "segment is closed"
@@ -264,8 +381,8 @@ def is_locked_fd(fd: int, byte: int) -> bool:
     return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
 
 
-def open_fd(name: str, *, writable: bool) -> int:
-    """A private, close-on-exec descriptor of segment ``name``."""
+def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int:
+    """A private, close-on-exec descriptor of segment ``name``, after :func:`check_object` accepted it."""
     try:
         shm = posix_ipc.SharedMemory(segment_path(name), read_only=not writable)
     except posix_ipc.ExistentialError:
@@ -273,31 +390,112 @@ def open_fd(name: str, *, writable: bool) -> int:
             f"segment {name!r} does not exist; start `sona-shm flusher --name {name}` (or `sona-shm create`) first"
         ) from None
     except posix_ipc.PermissionsError:
+        if engine_mode is not None:  # the flusher: say whose it is
+            with contextlib.suppress(OSError):
+                check_object(os.stat(segment_file(name)), segment_file(name), name, engine_mode=engine_mode)
         raise SegmentNotFoundError(f"segment {name!r}: permission denied (it belongs to another user or group)") from None
+    except (posix_ipc.Error, OSError) as exc:  # a symlink (shm_open does not follow it: ELOOP), a directory, ...
+        raise UntrustedSegmentError(f"{segment_file(name)}: cannot be opened as a segment ({exc}); nothing was used") from None
     fd = os.dup(shm.fd)  # os.dup gives a non-inheritable (close-on-exec) descriptor
     shm.close_fd()
+    try:
+        check_object(os.fstat(fd), segment_file(name), name, engine_mode=engine_mode)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
-def create_fd(name: str, size: int, mode: int) -> int:
-    """Create segment ``name`` of ``size`` zero bytes with exactly ``mode``; FileExistsError if it exists."""
+def open_bell(name: str, *, engine_mode: int | None = None) -> posix_ipc.Semaphore:
+    """The doorbell of ``name``, after :func:`check_object` accepted its file."""
     try:
-        shm = posix_ipc.SharedMemory(segment_path(name), posix_ipc.O_CREX, mode=mode, size=size)
+        bell = posix_ipc.Semaphore(bell_path(name))
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFoundError(f"segment {name!r} has no doorbell semaphore; was it destroyed?") from None
+    except posix_ipc.PermissionsError:
+        raise UntrustedSegmentError(f"{bell_file(name)}: permission denied: another user's object, not this engine's doorbell") from None
+    try:
+        # sem_open gives no descriptor to fstat; the file at the name now is the one opened
+        # (sem_open does not follow symlinks, and only the owner may replace it in /dev/shm).
+        check_object(os.stat(bell_file(name)), bell_file(name), name, engine_mode=engine_mode)
+    except FileNotFoundError:
+        bell.close()
+        raise SegmentNotFoundError(f"segment {name!r} has no doorbell semaphore; was it destroyed?") from None
+    except BaseException:
+        bell.close()
+        raise
+    return bell
+
+
+def create_fd(name: str, size: int, mode: int) -> int:
+    """Create segment ``name`` of ``size`` zero bytes with exactly ``mode``, its backing reserved.
+
+    FileExistsError if it exists (``O_EXCL``: an object someone else put there is never
+    taken over); :class:`NoSpaceError` if the backing cannot be reserved, and then
+    nothing is left behind.
+    """
+    try:
+        shm = posix_ipc.SharedMemory(segment_path(name), posix_ipc.O_CREX, mode=mode, size=0)
     except posix_ipc.ExistentialError:
         raise FileExistsError(segment_path(name)) from None
     fd = os.dup(shm.fd)
     shm.close_fd()
-    os.fchmod(fd, mode)  # shm_open applied the umask
+    try:
+        os.fchmod(fd, mode)  # shm_open applied the umask
+        reserve(fd, size, name)
+    except BaseException:
+        unlink_created(name, fd)
+        os.close(fd)
+        raise
     return fd
 
 
+def reserve(fd: int, size: int, name: str) -> None:
+    """Make segment ``name`` (open as ``fd``) ``size`` bytes long with every page allocated.
+
+    tmpfs otherwise allocates a page on its first write, and a write it cannot allocate
+    (a full /dev/shm) kills the writer with SIGBUS. Pages already allocated cost nothing,
+    so this also completes a segment an older sona_shm created without reserving it.
+    Raises :class:`NoSpaceError` when the room is not there (what was allocated by this
+    call is given back by the kernel).
+    """
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        raise NoSpaceError(
+            f"segment {name!r}: cannot reserve its {size} bytes in /dev/shm ({exc.strerror}); free some room there "
+            f"or make the engine smaller (--lane-slots, --capacity)"
+        ) from None
+
+
+def unlink_created(name: str, fd: int) -> None:
+    """Remove segment ``name`` if it is still the object open as ``fd`` (after a failed creation)."""
+    try:
+        here = os.stat(segment_file(name))
+    except OSError:
+        return
+    mine = os.fstat(fd)
+    if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+        try:
+            posix_ipc.unlink_shared_memory(segment_path(name))
+        except posix_ipc.ExistentialError:
+            pass
+
+
 def create_bell(name: str, mode: int) -> None:
-    """Create the doorbell semaphore with exactly ``mode`` (or keep an existing one)."""
+    """Create the doorbell semaphore with exactly ``mode``, or keep an existing one that
+    :func:`check_object` accepts for an engine of ``mode`` (a leftover of ours)."""
     old = os.umask(0)  # sem_open applies the umask and has no fchmod; the flusher is single-threaded here
     try:
-        posix_ipc.Semaphore(bell_path(name), posix_ipc.O_CREAT, mode=mode, initial_value=0).close()
+        posix_ipc.Semaphore(bell_path(name), posix_ipc.O_CREX, mode=mode, initial_value=0).close()
+        return
+    except posix_ipc.ExistentialError:
+        pass
     finally:
         os.umask(old)
+    open_bell(name, engine_mode=mode).close()
 
 
 def unlink(name: str) -> list[str]:
@@ -314,6 +512,8 @@ def unlink(name: str) -> list[str]:
             removed.append(path)
         except posix_ipc.ExistentialError:
             pass
+        except posix_ipc.PermissionsError:
+            raise UntrustedSegmentError(f"{path}: permission denied: only its owner (or root) may remove it") from None
     return removed
 
 

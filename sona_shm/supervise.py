@@ -1,40 +1,78 @@
-"""Start a flusher (and a gunicorn serving an app) as child processes and stop them the way a supervisor would."""
+"""Start a flusher as a child process, stop it the way a supervisor would, and tie children to their parent.
+
+What the library itself starts (``sona-shm demo``) lives here; helpers only the tests
+and scripts use (forked workers, gunicorn) are in ``scripts/children.py`` and build on
+:func:`die_with_parent`.
+
+Every child started through here dies with its parent: Linux delivers a chosen signal
+to a process whose parent exits (``prctl(PR_SET_PDEATHSIG)``), however the parent
+exits, SIGKILL included. The setting survives ``execve`` and is not inherited by the
+child's own children, so each generation sets it for itself. It fires when the
+*thread* that forked the child ends, so children are started from the main thread.
+"""
 
 from __future__ import annotations
 
-import http.client
+import ctypes
+import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import traceback
 from collections.abc import Callable
 
-from .segment import start_ticks
+#: ``prctl`` option: signal this process when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
+# Resolved once in the parent, so that a child between fork() and exec() only calls it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_prctl.restype = ctypes.c_int
 
 
-def fork_child(target: Callable[..., object], *args: object) -> int:
-    """Run ``target(*args)`` in a forked child that exits 0 if it returns, 1 if it raises
-    (traceback on stderr); return the child's pid. The way gunicorn starts its workers."""
-    sys.stdout.flush()  # or the child would print the parent's buffered output again
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        target(*args)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+def die_with_parent(sig: int = signal.SIGKILL, *, parent: int | None = None) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits.
+
+    ``parent``: the pid the caller expects as its parent. If the parent already exited
+    before this call (the child is then re-parented and would never get the signal),
+    the process sends ``sig`` to itself at once.
+    """
+    if _prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
-def start_flusher(name: str, *options: str, **popen_kwargs) -> subprocess.Popen:
-    """``sona-shm flusher --name NAME OPTIONS…`` as a child of this interpreter."""
+def set_deadline(seconds: float | None) -> None:
+    """Have the kernel end this process with SIGALRM after ``seconds`` (kept across ``execve``).
+
+    The last resort for a child that hangs: a process that installs no SIGALRM
+    handler (none of ours does) is terminated by it.
+    """
+    if seconds is not None:
+        signal.alarm(max(1, math.ceil(seconds)))
+
+
+def child_setup(*, deadline: float | None = None, sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child gets ``sig`` when this process
+    exits and SIGALRM after ``deadline`` seconds (if given)."""
+    parent = os.getpid()
+
+    def setup() -> None:
+        die_with_parent(sig, parent=parent)
+        set_deadline(deadline)
+
+    return setup
+
+
+def start_flusher(name: str, *options: str, deadline: float | None = None, **popen_kwargs) -> subprocess.Popen:
+    """``sona-shm flusher --name NAME OPTIONS…`` as a child of this interpreter.
+
+    The flusher gets SIGTERM (it then drains, flushes and exits 0) when this process
+    exits, and SIGALRM after ``deadline`` seconds if it is still running then.
+    """
+    popen_kwargs.setdefault("preexec_fn", child_setup(deadline=deadline, sig=signal.SIGTERM))
     return subprocess.Popen([sys.executable, "-m", "sona_shm", "flusher", "--name", name, *options], **popen_kwargs)
 
 
@@ -48,92 +86,3 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-def listening_socket(host: str = "127.0.0.1") -> socket.socket:
-    """A TCP socket listening on a free port of ``host`` (``getsockname()[1]`` is the port)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(128)
-    return sock
-
-
-def start_gunicorn(app: str, sock: socket.socket, *options: str, **popen_kwargs) -> subprocess.Popen:
-    """``python -m gunicorn --bind fd://N OPTIONS… APP`` serving the already listening ``sock``.
-
-    Handing gunicorn a bound socket instead of a port number leaves no moment in which
-    another process could take the port. The caller should close its copy of ``sock``
-    afterwards, so that connections are refused once gunicorn is gone.
-    """
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
-    return subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *options, app], pass_fds=(fd,), **popen_kwargs)
-
-
-def child_pids(pid: int) -> list[int]:
-    """Pids of the live children of process ``pid`` (gunicorn's workers, for its master)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue  # exited meanwhile
-            if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:  # field 4, ppid
-                children.append(int(entry))
-    return children
-
-
-def stop_gunicorn(proc: subprocess.Popen, timeout: float = 30.0) -> int:
-    """Stop a gunicorn master like :func:`stop_process` and make sure its workers are gone too.
-
-    SIGTERM makes the master stop its workers gracefully; a master that had to be
-    SIGKILLed leaves workers that exit on their own once they notice, or are SIGKILLed
-    here after ``timeout``.
-    """
-    # (pid, start time): a worker pid the OS recycles meanwhile is not mistaken for it.
-    workers = [(pid, start_ticks(pid)) for pid in child_pids(proc.pid)] if proc.poll() is None else []
-    code = stop_process(proc, timeout)
-    deadline = time.monotonic() + timeout
-    for pid, ticks in workers:
-        while process_running(pid, ticks) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if process_running(pid, ticks):
-            os.kill(pid, signal.SIGKILL)
-    return code
-
-
-def process_running(pid: int, ticks: int) -> bool:
-    """True while process ``pid`` started at ``ticks`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return fields[0] != b"Z" and int(fields[19]) == ticks
-
-
-def wait_until_serving(port: int, proc: subprocess.Popen, path: str = "/healthz", timeout: float = 60.0) -> None:
-    """Poll ``GET path`` on ``127.0.0.1:port`` until it answers 200; raise if ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with code {proc.returncode} before serving {path}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", path)
-                if conn.getresponse().status == 200:
-                    return
-            finally:
-                conn.close()
-        except OSError:
-            pass  # not accepting yet
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gunicorn did not answer GET {path} with 200 within {timeout} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)

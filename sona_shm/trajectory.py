@@ -11,8 +11,10 @@ the argument, the expectation and what was got.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,6 +29,11 @@ ROUTE_MAX_BYTES = 64
 
 _U64_MAX = 2**64 - 1
 _F32_MAX = float(np.finfo(np.float32).max)
+
+# _all_finite's dot overflows for finite values beyond ~1.8e19 (a uint64-max input, say)
+# and then falls back to the exact test, so numpy's warning about it is noise; a filter
+# costs nothing per call, an np.errstate() block ~1 µs (learning.py does the same).
+warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
 
 
 @dataclass(slots=True)
@@ -98,7 +105,7 @@ def _all_finite(arr: np.ndarray) -> bool:
     # against ~2 µs for np.isfinite().all()). NaN and ±Inf always make the dot
     # non-finite; a non-finite dot of finite values (overflow past ~1.8e19) falls
     # back to the exact test, so the answer is exact either way (numpy warns about
-    # that overflow, which needs magnitudes beyond ~1.8e19).
+    # that overflow, which needs magnitudes beyond ~1.8e19, and the filter above keeps quiet).
     if math.isfinite(arr.dot(arr)):
         return True
     return bool(np.isfinite(arr).all())
@@ -177,9 +184,13 @@ def as_finite_float(value: Any, name: Name) -> float:
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidInputError(f"{_label(name)}: expected a finite number, got {_describe(value)}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float64, such as 10**400
+        result = math.inf
     if not abs(result) <= _F32_MAX:  # also refuses NaN
-        raise InvalidInputError(f"{_label(name)}: expected a finite number (within float32 range), got {value!r}")
+        got = repr(value) if len(repr(value)) <= 60 else _describe(value)  # 10**400 has 401 digits
+        raise InvalidInputError(f"{_label(name)}: expected a finite number (within float32 range), got {got}")
     return result
 
 
@@ -214,16 +225,15 @@ def check_trajectory(
     query = traj.query
     if not (type(query) is _ndarray and query.dtype is F32 and query.shape == (hidden_dim,)) or (finite and not _all_finite(query)):
         query = as_vector(query, "query", length=hidden_dim, what="hidden_dim", where=where, finite=finite)
+    # One snapshot of the steps serves every check below and the writing after it: a
+    # sequence whose len() under-reports (or a list another thread appends to) must not
+    # slip more steps past max_steps than the slot holds.
     steps = traj.steps
-    if type(steps) is not list and type(steps) is not tuple and (isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence)):
-        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
     if type(steps) is list:
-        n = len(steps)
-    else:
-        try:
-            n = len(steps)  # a custom Sequence may raise here, or claim a negative length
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
+        steps = tuple(steps)  # one atomic copy of the references
+    elif type(steps) is not tuple:
+        steps = _snapshot(steps, max_steps, where)
+    n = len(steps)
     if max_steps is not None and n > max_steps:
         raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
     acts = []
@@ -294,6 +304,38 @@ def _route_index(value: Any, name: str, routes: int, where: str) -> int | None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 <= value < routes:
         raise InvalidInputError(f"{name}: expected None or a route index in [0, {routes - 1}]{where}, got {_describe(value)}")
     return int(value)
+
+
+def check_finite(checked: CheckedTrajectory) -> None:
+    """Raise naming the first array of ``checked`` (in the order checked) that holds NaN or ±Inf."""
+    arrays: list[tuple[Name, np.ndarray]] = [("query", checked.query)]
+    for i, (act, att) in enumerate(zip(checked.activations, checked.attention)):
+        arrays += [((i, "activations"), act), ((i, "attention"), att)]
+    for name, arr in arrays:
+        if not _all_finite(arr):
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise InvalidInputError(f"{_label(name)}: expected finite values within float32 range, got {float(arr[bad])!r} at index {bad}")
+
+
+def _snapshot(steps: Any, max_steps: int | None, where: str) -> tuple:
+    """The items of a sequence that is not a list or tuple, as a tuple, if its len() tells the truth."""
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)}")
+    try:
+        n = len(steps)  # a custom Sequence may raise here, or claim a negative length
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {_describe(steps)} ({exc})") from None
+    if max_steps is not None and n > max_steps:
+        raise InvalidInputError(f"steps: expected at most {max_steps} steps (max_steps{where}), got {n}")
+    try:
+        items = tuple(islice(steps, n + 1))  # one more than it claims: enough to catch a lie
+    except Exception as exc:  # whatever its iteration raises, the input is refused
+        what = f"{_describe(steps)} (iterating it raised {exc!r})"
+        raise InvalidInputError(f"steps: expected a sequence of sona_shm.Step, got {what}") from None
+    if len(items) != n:
+        more = "or more " if len(items) > n else ""
+        raise InvalidInputError(f"steps: expected a sequence whose len() matches its items, got len() {n} and {len(items)} {more}items")
+    return items
 
 
 def _as_u64(value: Any, name: str, expected: str) -> int:

@@ -16,7 +16,10 @@ from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
 from sona_shm.monitor import read_stats
 
-from support import env, python_cmd, wait_for
+from support import env, popen, python_cmd, wait_for
+
+#: Seconds a process a test starts may live (the kernel ends it then, and when the test process dies).
+PROCESS_DEADLINE = 600
 
 _PREFIX = f"t{os.getpid()}-"
 _counter = itertools.count()
@@ -55,7 +58,9 @@ class Processes:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         kwargs.setdefault("text", True)
-        proc = subprocess.Popen(python_cmd(*args), env={**env(), **(extra_env or {})}, **kwargs)
+        if extra_env:
+            kwargs["env"] = {**env(), **extra_env}
+        proc = popen(python_cmd(*args), deadline=PROCESS_DEADLINE, **kwargs)
         self.procs.append(proc)
         return proc
 

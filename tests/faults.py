@@ -23,8 +23,8 @@ from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LOCK_LANE_BASE
 from sona_shm.segment import Segment
-from sona_shm.supervise import fork_child
 
+from children import fork_child
 from support import make_trajectories
 
 ID_BASE = 1 << 24

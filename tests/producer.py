@@ -17,6 +17,7 @@ import threading
 
 from sona_shm.client import attach
 
+from children import fork_child
 from support import make_trajectories
 
 
@@ -52,17 +53,13 @@ def main() -> None:
     if args.fork:
         client.record(make_trajectories(seeds[0], 1, dims[0], max_steps=0)[0])  # the parent's lane is in use
         for k in range(1, args.fork + 1):
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    n = record_all(client, seeds[k], args.count, *dims)
-                    client.sync(timeout=60)
-                    report(client, n)
-                    code = 0
-                finally:
-                    os._exit(code)
-            children.append(pid)
+
+            def child(seed: int = seeds[k]) -> None:
+                n = record_all(client, seed, args.count, *dims)
+                client.sync(timeout=60)
+                report(client, n)
+
+            children.append(fork_child(child, deadline=300))
         recorded = 1 + record_all(client, seeds[0], args.count, *dims)
     elif args.threads > 1:
         counts = [0] * args.threads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,9 +15,13 @@ from typing import Any
 import numpy as np
 
 from sona_shm import Step, Trajectory, TrajectoryBatch
+from sona_shm.supervise import child_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "data" / "vectors-public.json.gz"
+SCRIPTS = ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.append(str(SCRIPTS))  # scripts/children.py: forked workers and gunicorn, shared with the scripts
 
 
 def load_vectors() -> dict[str, Any]:
@@ -95,8 +100,23 @@ def python_cmd(*args: str) -> list[str]:
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(SCRIPTS), e.get("PYTHONPATH", "")])
     return e
+
+
+def run(cmd: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for tests: output captured as text, the test's environment, and a
+    child that dies with the test process and is ended after ``timeout`` seconds."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("env", env())
+    return subprocess.run(cmd, timeout=timeout, preexec_fn=child_setup(deadline=timeout + 10), **kwargs)
+
+
+def popen(cmd: list[str], *, deadline: float, **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` for tests: a child that dies with the test process and is ended after ``deadline`` seconds."""
+    kwargs.setdefault("env", env())
+    return subprocess.Popen(cmd, preexec_fn=child_setup(deadline=deadline), **kwargs)
 
 
 def batch_from_trajectories(trajs: list[Trajectory], layout: Any) -> TrajectoryBatch:

@@ -4,6 +4,7 @@ argument and changes nothing; finite input, however extreme, never makes the wei
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -16,6 +17,7 @@ from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
 from sona_shm.layout import LANE_CONTROL_BYTES
 
 from conftest import SMALL
+from support import run
 
 pytestmark = pytest.mark.guarantee("bad-input-changes-nothing")
 
@@ -260,3 +262,33 @@ def test_finite_input_never_makes_the_weights_non_finite(engine):
         np.testing.assert_allclose(up, loop.up, rtol=1e-5, atol=1e-5 * scale)
 
     check()
+
+
+WARNINGS_SCRIPT = """
+import sys
+import numpy as np
+from sona_shm import InstantLoop, Step, Trajectory, attach, lane, client
+from sona_shm.flusher import Flusher
+from sona_shm.layout import EngineConfig
+if sys.argv[2] == "python":
+    lane._speedups = client._speedups = None
+name, big = sys.argv[1], np.full(16, 2**64 - 1, np.uint64)
+flusher = Flusher(name, config=EngineConfig(hidden_dim=16, lanes=2, lane_slots=8, capacity=8, max_steps=2, attention_dim=4))
+with attach(name) as c:
+    ok = [c.record(Trajectory(big, [Step(big, np.full(4, 2**64 - 1, np.uint64), 1.0)], 1.0)) for _ in range(3)]
+    c.forward(big)
+    c.forward(np.stack([big, big]))
+    flusher.scan()
+InstantLoop(hidden_dim=16).on_trajectory(Trajectory(big, [Step(big, None, 1.0)], 1.0))
+flusher.close()
+print(ok)
+"""
+
+
+@pytest.mark.guarantee("bad-input-changes-nothing")
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_uint64_max_input_is_accepted_without_a_numpy_warning(name, path):
+    """Its float32 square overflows the fast finiteness check; numpy said so on stderr (a RuntimeWarning)."""
+    done = run([sys.executable, "-c", WARNINGS_SCRIPT, name, path], timeout=120)  # the default warning filters
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[True, True, True]" and done.stderr == ""

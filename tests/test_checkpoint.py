@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from sona_shm.learning import initial_down
 
 from conftest import SMALL
 from support import make_trajectories
+from support import run as run_process
 
 H, R = SMALL["hidden_dim"], SMALL["rank"]
 
@@ -173,6 +175,11 @@ def good_checkpoint(tmp_path, **changes) -> str:
         ({"rule": "sgd"}, "invalid engine configuration in its metadata (rule: expected one of"),
         ({"routes": "3"}, "missing ['sona.route_best', 'sona.route_chosen', 'sona.route_reward', 'sona.routes']"),
         ({GRAD_DOWN: None}, "missing ['sona.grad_down']"),
+        ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**62)"),
+        ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**62), got '18446744073709551615'"),
+        ({"generation": str(2**62)}, "metadata 'generation': expected an integer in [0, 2**62)"),
+        ({"flushes_performed": str(2**64 - 1)}, "metadata 'flushes_performed': expected an integer in [0, 2**62)"),
+        ({"trajectories_processed": str(2**70)}, "metadata 'trajectories_processed': expected an integer in [0, 2**62)"),
         ({"pending": "3"}, "inconsistent counters: pending 3"),
         ({GRAD_UP: None}, "missing ['sona.grad_up']"),
         ({"extra": np.zeros(1, np.float32)}, "unexpected ['extra']"),
@@ -336,3 +343,39 @@ def test_cli_checkpoint_and_restore(capsys, engine, name, tmp_path):
     assert code == EXIT_NOT_FOUND
     code, _, err = run(capsys, "flusher", "--name", name, "--checkpoint-interval", "5")
     assert code == EXIT_USAGE and "needs --checkpoint PATH" in err
+
+
+@pytest.mark.parametrize(
+    "counter", ["generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied", "corrupt"]
+)
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
+def test_a_counter_out_of_range_exits_7_from_restore_and_from_the_flusher(capsys, name, tmp_path, counter):
+    """With generation 2**64 - 1 the flusher crash-looped on OverflowError; restore printed a traceback and exited 1."""
+    path = good_checkpoint(tmp_path, **{counter: str(2**64 - 1)})
+    Flusher(name, config=EngineConfig(**SMALL)).close()
+    before = snapshot_bytes(name)
+    assert main(["restore", "--name", name, "--from", path]) == EXIT_CHECKPOINT
+    err = capsys.readouterr().err
+    assert f"metadata {counter!r}: expected an integer in [0, 2**62), got '18446744073709551615'; nothing restored" in err
+    assert snapshot_bytes(name) == before
+    segment.unlink(name)
+    flusher = run_process([sys.executable, "-m", "sona_shm", "flusher", "--name", name, "--quiet", "--checkpoint", path], timeout=60)
+    assert flusher.returncode == EXIT_CHECKPOINT and "Traceback" not in flusher.stderr
+    assert f"metadata {counter!r}: expected an integer in [0, 2**62)" in flusher.stderr
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+
+
+def test_the_largest_counters_accepted_still_learn_and_restore(engine, name, tmp_path):
+    big = str(2**62 - 1)
+    path = good_checkpoint(tmp_path, generation=big, trajectories_processed=big, signals_accumulated=big, updates_applied=big)
+    flusher = Flusher(name, config=EngineConfig(**SMALL), checkpoint=path)
+    try:
+        client = engine.attach()
+        for t in make_trajectories(2, SMALL["flush_threshold"], H):
+            client.record(t)
+        assert flusher.scan() == SMALL["flush_threshold"]  # a flush: generation and counters go up without overflow
+        stats = client.stats()
+        assert stats["weights_generation"] == 2**62 and stats["trajectories_processed"] == 2**62 - 1 + SMALL["flush_threshold"]
+    finally:
+        flusher.close()
+    assert restore(name, path) == 2**62 + 1  # max(engine's, file's) + 1 fits the ledger's u64

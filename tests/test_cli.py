@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ def test_create_then_create_again(capsys, name):
     [
         (["flusher", "--name", "x", "--rank", "3"], "rank: expected 1 or 2, got 3"),
         (["flusher", "--name", "x", "--flush-interval", "-1"], "--flush-interval: expected a finite number of seconds >= 0, got -1.0"),
+        (["flusher", "--name", "x", "--flush-interval", "nan"], "--flush-interval: expected a finite number of seconds >= 0, got nan"),
+        (["flusher", "--name", "x", "--flush-interval", "inf"], "--flush-interval: expected a finite number of seconds >= 0, got inf"),
         (["stats", "--name", "a/b"], "name: expected 1-64 characters"),
     ],
 )
@@ -107,3 +110,33 @@ def test_drain_refusals_and_their_exit_codes(capsys, engine, name, tmp_path):
         consumer.close()
     assert code == EXIT_ERROR and "drain lock stayed held" in err
     assert not os.path.exists(out)
+
+
+@pytest.mark.guarantee("committed-means-learned-once")
+def test_sigterm_right_after_the_flusher_took_its_lock_is_a_clean_stop(children, name):
+    """A supervisor sees a live flusher once the lock is taken; a SIGTERM from then on must mean exit 0."""
+    from sona_shm import flusher as flusher_module
+
+    from children import fork_child
+
+    def flusher_signalled_at_the_lock() -> None:
+        real = flusher_module._create_or_adopt
+
+        def create_or_adopt(*args, **kwargs):
+            taken = real(*args, **kwargs)  # the flusher lock is held from here on
+            os.kill(os.getpid(), signal.SIGTERM)
+            return taken
+
+        flusher_module._create_or_adopt = create_or_adopt
+        code = main(["flusher", "--name", name, "--quiet", "--hidden-dim", "8", "--lanes", "2", "--lane-slots", "8", "--capacity", "8"])
+        os._exit(code)
+
+    pid = children.add(fork_child(flusher_signalled_at_the_lock, deadline=120))
+    assert children.wait(pid) == EXIT_OK
+
+
+def test_a_refused_flusher_leaves_the_callers_signal_handlers_as_they_were(capsys, name):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert run(capsys, "flusher", "--name", name, "--rank", "3")[0] == EXIT_USAGE
+    assert run(capsys, "flusher", "--name", name, "--capacity", str(2**31 - 1), "--lanes", "4096")[0] == EXIT_ERROR  # no room
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

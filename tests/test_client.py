@@ -24,7 +24,9 @@ from sona_shm import lane as lane_module
 from sona_shm.client import attach
 from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
 from sona_shm.segment import Segment
+from sona_shm.supervise import set_deadline
 
+from children import fork_child
 from conftest import SMALL
 from support import make_trajectories, wait_for
 
@@ -111,6 +113,51 @@ def test_bad_input_writes_nothing(engine, name):
     assert client.stats()["recorded"] == 0
 
 
+class UnderReportingSteps(list):
+    """A list whose len() says 1 whatever it holds."""
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.guarantee("bad-input-changes-nothing")
+def test_a_sequence_whose_len_lies_cannot_overrun_its_slot(engine):
+    """Its len() passed the max_steps check, then all its steps were written, over the next
+    slot: a committed neighbour was lost. Validation and writing now see one snapshot."""
+    flusher = engine(lanes=2, lane_slots=2)
+    client = engine.attach()
+    neighbour = engine.attach()  # the lane whose first slot lies right after ours in memory
+    layout = client.layout
+    assert client.record(one_step(1.0))  # our slot 0; slot 1 is last in our ring
+    assert neighbour.record(one_step(2.0))  # committed, not yet learned
+    seg = client._segment
+    start = layout.lane_slot(client.lane, 1)
+    before = bytes(seg.buf[start : start + 3 * layout.slot_bytes])  # our slot 1 and what follows it
+    steps = UnderReportingSteps([Step(np.full(H, 9.0, np.float32), np.ones(8, np.float32), 9.0)] * 12)
+    with pytest.raises(InvalidInputError, match=r"steps: expected a sequence whose len\(\) matches its items, got len\(\) 1 and 2 or more"):
+        client.record(Trajectory(np.ones(H, np.float32), steps, 1.0))
+    after = bytes(seg.buf[start : start + 3 * layout.slot_bytes])
+    assert after[layout.slot_bytes :] == before[layout.slot_bytes :]  # nothing past our own slot changed
+    assert client.record(Trajectory(np.ones(H, np.float32), UnderReportingSteps([one_step().steps[0]]), 1.0))  # an honest one
+    assert flusher.scan() == 3 and client.stats()["trajectories_processed"] == 3
+
+
+@pytest.mark.guarantee("nothing-waits-forever")
+def test_a_batch_of_slots_that_all_fail_their_check_is_committed(engine):
+    """The flusher moved its tail past them but did not commit it, so sync() timed out."""
+    flusher = engine()
+    client = engine.attach()
+    for _ in range(3):
+        client.record(one_step())
+    layout = client.layout
+    for i in range(3):  # memory corruption: every stamp wrong
+        client._segment.u64[layout.lane_slot(client.lane, i) // 8] = 999
+    flusher.scan()
+    client.sync(timeout=5)  # the tail moved and was published
+    stats = client.stats()
+    assert stats["trajectories_processed"] == 0 and [lane["learned"] for lane in stats["lanes"]] == [3]
+
+
 def stale_nan_in_head_slot(client) -> None:
     """What a writer killed (or interrupted) after copying a refused trajectory leaves: NaN
     in the unpublished head slot, here in step 0's attention past what the next one uses."""
@@ -162,16 +209,23 @@ def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypa
 def test_forward_keeps_its_last_weights_when_the_generation_read_is_torn(engine, monkeypatch):
     from sona_shm.ledger import Ledger, TornRead
 
-    engine()
+    flusher = engine(flush_threshold=1)
     client = engine.attach()
     x = np.ones(H, np.float32)
-    expected = client.forward(x)
+    client.record(one_step(1.0))
+    flusher.scan()
+    expected = client.forward(x)  # weights of generation 1, cached
+    assert not np.array_equal(expected, x)  # something was learned: the adapter is not the identity
+    client.record(one_step(-3.0, quality=2.0))
+    flusher.scan()  # generation 2, not yet seen by this client
+    newer = engine.attach().forward(x)
+    assert not np.array_equal(newer, expected)
 
     def torn(self):
         raise TornRead("ledger generation")
 
     monkeypatch.setattr(Ledger, "generation", torn)
-    np.testing.assert_array_equal(client.forward(x), expected)
+    np.testing.assert_array_equal(client.forward(x), expected)  # neither the identity nor weights it could not check
 
 
 def test_ids_are_unique_across_clients_and_kept_when_given(engine):
@@ -273,28 +327,25 @@ def test_threads_share_one_lane_and_lose_nothing(engine):
     assert client.stats()["trajectories_processed"] == 800 and len(set(ids)) == 100
 
 
-def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
+def test_fork_after_attach_gives_the_child_its_own_lane(engine, children, name):
     flusher = engine()
     client = engine.attach()
     client.record(one_step())
     parent_lane = client.lane
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: record through the inherited client
-        code = 1
-        try:
-            os.close(read)
-            for _ in range(3):
-                client.record(one_step())
-            os.write(write, str(client.lane).encode())
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> None:  # record through the inherited client
+        os.close(read)
+        for _ in range(3):
+            client.record(one_step())
+        os.write(write, str(client.lane).encode())
+
+    pid = children.add(fork_child(child, deadline=60))
     os.close(write)
-    _, status = os.waitpid(pid, 0)
+    status = children.wait(pid)
     child_lane = int(os.read(read, 16))
     os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert status == 0
     assert child_lane != parent_lane
     client.record(one_step())
     assert client.lane == parent_lane
@@ -304,35 +355,33 @@ def test_fork_after_attach_gives_the_child_its_own_lane(engine, name):
     assert lanes == {parent_lane: 2, child_lane: 3}
 
 
-def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, name):
+def test_a_fork_child_does_not_keep_its_dead_parents_lane(engine, children, name):
     engine()
     report_r, report_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: attach, record, fork a grandchild that keeps everything mapped, exit
-        code = 1
-        try:
-            client = attach(name)
-            client.record(one_step())
-            forked_r, forked_w = os.pipe()
-            grandchild = os.fork()
-            if grandchild == 0:  # the at-fork hooks have run once fork() returns here
-                os.close(hold_w)
-                os.close(forked_w)  # tells the child we are past them
-                os.read(hold_r, 1)  # until the test closes its end
-                os._exit(0)
-            os.close(forked_w)
-            os.read(forked_r, 1)  # EOF once the grandchild closed its copy
-            os.write(report_w, f"{client.lane} {grandchild}".encode())
-            code = 0
-        finally:
-            os._exit(code)
+
+    def child() -> None:  # attach, record, fork a grandchild that keeps everything mapped, exit
+        client = attach(name)
+        client.record(one_step())
+        forked_r, forked_w = os.pipe()
+        grandchild = os.fork()
+        if grandchild == 0:  # the at-fork hooks have run once fork() returns here
+            set_deadline(60)  # it must outlive the child, so it cannot die with it; it ends when
+            os.close(hold_w)  # the test closes its end of this pipe, or exits, or at the deadline
+            os.close(forked_w)  # tells the child we are past them
+            os.read(hold_r, 1)
+            os._exit(0)
+        os.close(forked_w)
+        os.read(forked_r, 1)  # EOF once the grandchild closed its copy
+        os.write(report_w, f"{client.lane} {grandchild}".encode())
+
+    pid = children.add(fork_child(child, deadline=60))
     os.close(report_w)
     os.close(hold_r)
     try:
-        _, status = os.waitpid(pid, 0)
+        status = children.wait(pid)
         lane, grandchild = map(int, os.read(report_r, 64).split())
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert status == 0
         os.kill(grandchild, 0)  # still alive, still holding the inherited client and mapping
         # Probe without attaching: an attach would claim a lane, maybe this very one.
         probe = Segment.open(name, writable=False)
@@ -409,3 +458,58 @@ def test_close_waits_for_a_record_in_progress_and_later_calls_say_closed(engine)
     for call in (lambda: client.forward(np.ones(H, np.float32)), client.stats, client.sync, client.flush, client.next_id):
         with pytest.raises(ClosedError, match="attach again"):
             call()
+
+
+@pytest.mark.guarantee("nothing-waits-forever")
+def test_close_while_another_thread_waits_for_room_says_closed(engine, monkeypatch):
+    """close() used to wait its 10 s for the waiter's lock, and the waiter then died of AttributeError: _ledger."""
+    monkeypatch.setattr(client_module, "CLOSE_WAIT", 60.0)
+    engine(lane_slots=2)  # never scanned: the lane stays full
+    client = engine.attach()
+    assert client.record(one_step()) and client.record(one_step())
+    waiting, outcome = threading.Event(), []
+    real = client_module.Client._record_when_room
+
+    def record_when_room(self, traj, timeout):
+        waiting.set()
+        return real(self, traj, timeout)
+
+    monkeypatch.setattr(client_module.Client, "_record_when_room", record_when_room)
+
+    def wait_for_room() -> None:
+        try:
+            outcome.append(client.record(one_step(), timeout=30.0))
+        except Exception as exc:  # reported below
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=wait_for_room)
+    thread.start()
+    assert waiting.wait(30)
+    client.close()  # takes the lock between two of the waiter's looks
+    thread.join(60)
+    assert outcome == ["ClosedError"]  # not False after 30 s (the old lock-holding wait), nor AttributeError
+
+
+@pytest.mark.guarantee("nothing-waits-forever")
+def test_a_record_that_does_not_wait_never_waits_for_one_that_does(engine, monkeypatch):
+    """A record() with timeout 0 once took 1.95 s: another thread held the lock while waiting in record(timeout=2)."""
+    flusher = engine(lane_slots=2)
+    client = engine.attach()
+    assert client.record(one_step()) and client.record(one_step())  # full
+    waiting, done, outcome = threading.Event(), threading.Event(), []
+    real = client_module.Client._record_when_room
+
+    def record_when_room(self, traj, timeout):
+        waiting.set()
+        return real(self, traj, timeout)
+
+    monkeypatch.setattr(client_module.Client, "_record_when_room", record_when_room)
+    thread = threading.Thread(target=lambda: (outcome.append(client.record(one_step(), timeout=60.0)), done.set()))
+    thread.start()
+    assert waiting.wait(30)
+    assert client.record(one_step()) is False  # dropped at once, counted
+    assert not done.is_set()  # while the other one still waits for room
+    flusher.scan()  # room: the waiter records
+    thread.join(60)
+    assert outcome == [True]
+    assert client.stats()["lane_dropped"] == 1 and flusher.scan() == 1

@@ -24,6 +24,7 @@ from sona_shm import (
 )
 from sona_shm.layout import LOCK_DRAIN
 
+from children import fork_child
 from conftest import SMALL
 from support import assert_same_trajectory, make_trajectories
 
@@ -238,7 +239,7 @@ def test_threads_and_consumers_never_receive_a_trajectory_twice(engine, name, co
     assert len(everything) + buffer["dropped"] == 300
 
 
-def test_a_fork_child_uses_its_own_descriptor(engine, name, consumers):
+def test_a_fork_child_uses_its_own_descriptor(engine, children, name, consumers):
     flusher = engine()
     client = engine.attach()
     for t in rich_trajectories(5, 4):
@@ -247,14 +248,7 @@ def test_a_fork_child_uses_its_own_descriptor(engine, name, consumers):
     consumer = consumers(name)
 
     def in_child(body) -> int:
-        pid = os.fork()
-        if pid == 0:
-            code = 99
-            try:
-                code = body()
-            finally:
-                os._exit(code)
-        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        return children.wait(children.add(fork_child(lambda: os._exit(body()), deadline=60)))
 
     def drain_while_parent_holds() -> int:
         try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import pytest
 
-from sona_shm import FlusherRunningError, LayoutMismatchError, Step, Trajectory, segment
+from sona_shm import FlusherRunningError, InvalidInputError, LayoutMismatchError, Step, Trajectory, segment
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig, Layout
 
@@ -182,3 +183,10 @@ def test_shutdown_learns_everything_and_flushes(engine):
     stats = client.stats()
     assert stats["trajectories_processed"] == 9 and stats["pending_signals"] == 0 and stats["flushes_performed"] == 1
     assert stats["flusher"]["alive"] is False
+
+
+@pytest.mark.parametrize("interval", [float("nan"), float("inf"), -1.0, "1"])
+def test_a_flush_interval_that_is_not_finite_seconds_is_refused_before_anything_is_created(name, interval):
+    with pytest.raises(InvalidInputError, match="flush_interval: expected a finite number of seconds >= 0"):
+        Flusher(name, config=EngineConfig(**SMALL), flush_interval=interval)
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")

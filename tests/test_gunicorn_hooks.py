@@ -12,6 +12,8 @@ from gunicorn.config import Config
 import sona_shm.gunicorn as hooks
 from sona_shm import InvalidInputError, SegmentNotFoundError, Trajectory
 
+from children import fork_child
+
 H = 16
 
 
@@ -112,20 +114,19 @@ def test_when_ready_gives_a_masters_lane_back(engine, server):
     assert server.log.lines == [("info", "sona_shm: the master attached while loading the app; it holds no lane, workers claim their own")]
 
 
-def test_child_exit_confirms_a_dead_workers_lane_is_free(engine, server, name):
+def test_child_exit_confirms_a_dead_workers_lane_is_free(engine, children, server, name):
     flusher = engine(hidden_dim=H)
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the "worker": attach, record two, die without closing anything
-        try:
-            client = hooks.client()
-            client.record(Trajectory(np.ones(H), [], 1.0))
-            client.record(Trajectory(np.ones(H), [], 1.0))
-            os.write(write, str(client.lane).encode())
-        finally:
-            os._exit(0)
+
+    def worker() -> None:  # attach, record two, die without closing anything
+        client = hooks.client()
+        client.record(Trajectory(np.ones(H), [], 1.0))
+        client.record(Trajectory(np.ones(H), [], 1.0))
+        os.write(write, str(client.lane).encode())
+
+    pid = children.add(fork_child(worker, deadline=60))
     os.close(write)
-    os.waitpid(pid, 0)
+    assert children.wait(pid) == 0
     lane = int(os.read(read, 16))
     os.close(read)
     hooks.child_exit(server, SimpleNamespace(pid=pid))

@@ -11,6 +11,7 @@ import numpy as np
 
 from sona_shm.ledger import Ledger
 from sona_shm.segment import Segment
+from sona_shm.supervise import die_with_parent, set_deadline
 
 
 def test_publish_makes_the_other_copy_current(name, engine):
@@ -32,13 +33,15 @@ def test_publish_makes_the_other_copy_current(name, engine):
         seg.close()
 
 
-def _writer(name: str, ready) -> None:
+def _writer(name: str, ready, parent: int) -> None:
+    die_with_parent(parent=parent)
+    set_deadline(120)
     seg = Segment.open(name)
     ledger = Ledger(seg)
     record = ledger.snapshot()
     ready.set()
     k = 0
-    while True:  # killed by the test
+    while True:  # killed by the test (or with it, or at the deadline)
         k += 1
         record[0]["generation"] = k
         record[0]["up"] = k
@@ -55,7 +58,7 @@ def test_readers_never_see_a_torn_commit_while_a_writer_process_races(name, engi
     engine()
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
-    proc = ctx.Process(target=_writer, args=(name, ready))
+    proc = ctx.Process(target=_writer, args=(name, ready, os.getpid()))
     proc.start()
     seg = Segment.open(name, writable=False)
     ledger = Ledger(seg)

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +18,8 @@ from sona_shm.monitor import format_table, watch
 from sona_shm.stats import EngineStats
 
 from conftest import SMALL
-from support import ROOT, env
+from support import ROOT
+from support import run as run_process
 
 H = SMALL["hidden_dim"]
 
@@ -331,6 +331,6 @@ def test_the_script_is_the_same_monitor(engine, name):
     engine().close()  # no flusher: both exit 6 after printing the same text
     outputs = []
     for cmd in ([sys.executable, str(ROOT / "scripts" / "monitor.py")], [sys.executable, "-m", "sona_shm", "stats"]):
-        done = subprocess.run([*cmd, "--name", name, "--prometheus"], capture_output=True, text=True, timeout=60, env=env())
+        done = run_process([*cmd, "--name", name, "--prometheus"], timeout=60)
         outputs.append((done.returncode, done.stdout, done.stderr))
     assert outputs[0] == outputs[1] and outputs[0][0] == EXIT_NOT_RUNNING and "sona_shm_flusher_up" in outputs[0][1]

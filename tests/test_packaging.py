@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import subprocess
 import sys
 import tomllib
 
@@ -13,7 +12,7 @@ import pytest
 import sona_shm
 from sona_shm.cli import EXIT_OK, main
 
-from support import ROOT, env
+from support import ROOT, run
 
 
 def test_version_has_one_source(capsys):
@@ -57,14 +56,8 @@ def test_public_signatures_are_typed_for_mypy(tmp_path):
         "reveal_type(read('x').rates)\n"
         "reveal_type(sona_shm.open_consumer('x').drain_arrays(3))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(ROOT / ".mypy_cache"), str(snippet)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env(),
-        cwd=ROOT,
-    )
+    command = [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(ROOT / ".mypy_cache"), str(snippet)]
+    done = run(command, timeout=600, cwd=ROOT)
     revealed = re.findall(r'Revealed type is "(.*)"', done.stdout)
     assert len(revealed) == 5, done.stdout + done.stderr
     assert (

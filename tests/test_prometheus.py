@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from sona_shm.prometheus import ENGINE_METRICS, LANE_METRICS, ROUTE_METRICS, Eng
 from sona_shm.stats import read
 
 from conftest import SMALL
+from support import run as run_process
 
 H = SMALL["hidden_dim"]
 
@@ -211,6 +211,6 @@ def test_promtool_accepts_the_text(busy, name):
     rated = read(name).since(earlier)
     assert rated.rates is not None
     for text in (exposition(earlier), exposition(rated), exposition(name)):
-        done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+        done = run_process([promtool, "check", "metrics"], input=text, text=False, timeout=60)
         assert done.returncode == 0, (done.stdout + done.stderr).decode()
         assert done.stdout.decode().strip() == "" and done.stderr.decode().strip() == "", (done.stdout + done.stderr).decode()

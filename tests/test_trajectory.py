@@ -50,6 +50,8 @@ def test_float32_input_is_not_copied():
         (dict(steps=[(1, 2, 3)]), "steps[0]: expected a sona_shm.Step"),
         (dict(steps="abc"), "steps: expected a sequence"),
         (dict(quality=float("nan")), "quality: expected a finite number"),
+        (dict(quality=10**400), "quality: expected a finite number"),  # OverflowError, once
+        (dict(steps=[Step(np.ones(H), None, -(10**400))]), "steps[0].reward: expected a finite number"),
         (dict(quality=None), "quality: expected a finite number"),
         (dict(quality=True), "quality: expected a finite number"),
         (dict(latency_us=-1), "latency_us: expected an integer"),
@@ -89,3 +91,22 @@ def test_huge_but_finite_values_pass_the_fast_check():
     # 1e30 squared overflows float32, so the BLAS shortcut must fall back to the exact test.
     v = as_vector(np.full(4, 1e30, np.float32), "x")
     assert np.isfinite(v).all()
+
+
+@pytest.mark.guarantee("bad-input-changes-nothing")
+def test_steps_are_read_once_and_a_lying_len_is_refused():
+    class Lying(list):
+        def __len__(self) -> int:
+            return 1
+
+    step = Step([1.0], None, 0.0)
+    with pytest.raises(InvalidInputError, match=r"steps: expected a sequence whose len\(\) matches its items, got len\(\) 1 and 2 or more"):
+        check_trajectory(traj(steps=Lying([step] * 5)), H, max_steps=2)
+    with pytest.raises(InvalidInputError, match=r"got len\(\) 1 and 2 or more items"):
+        check_trajectory(traj(steps=Lying([step] * 3)), H)  # no max_steps (InstantLoop): still refused
+    checked = check_trajectory(traj(steps=Lying([step])), H, max_steps=2)  # its len() is right this time
+    assert len(checked.rewards) == 1
+    steps = [step, step]
+    checked = check_trajectory(traj(steps=steps), H, max_steps=2)
+    steps.append(step)  # changing the list afterwards changes nothing checked
+    assert len(checked.activations) == len(checked.rewards) == 2

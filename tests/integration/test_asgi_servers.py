@@ -7,7 +7,6 @@ was learned exactly once.
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import os
@@ -25,6 +24,7 @@ import pytest
 
 from sona_shm.segment import start_ticks
 from sona_shm.stats import read
+from sona_shm.supervise import child_setup
 
 from support import ROOT, env, wait_for
 
@@ -39,11 +39,6 @@ GOOD = np.random.default_rng(7).standard_normal(H)
 #: Seconds a server may take to start serving on a loaded 2-core machine.
 START_TIMEOUT = 120
 HERE = Path(__file__).resolve().parent
-
-
-def _die_with_parent() -> None:
-    """In the server's master, before exec: SIGKILL when the test process dies (Linux PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -109,7 +104,11 @@ def serve(name, tmp_path):
                 argv += ["--pythonpath", str(ROOT / "examples"), "--graceful-timeout", "5"]
             with open(log, "w") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, *argv, "fastapi_app:app"], stdout=out, stderr=out, env=environment, preexec_fn=_die_with_parent
+                    [sys.executable, *argv, "fastapi_app:app"],
+                    stdout=out,
+                    stderr=out,
+                    env=environment,
+                    preexec_fn=child_setup(deadline=600),  # SIGKILL when the test process dies; SIGALRM at the deadline
                 )
             server = Server(proc, port, log)
             servers.append((server, []))

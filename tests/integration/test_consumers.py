@@ -13,7 +13,7 @@ import pytest
 from sona_shm import DrainTimeoutError, TrajectoryBatch, attach, open_consumer
 from sona_shm.monitor import read_stats
 
-from support import ROOT, assert_same_trajectory, env, make_trajectories
+from support import ROOT, assert_same_trajectory, make_trajectories, run
 
 pytestmark = pytest.mark.guarantee("drained-means-handed-out-once")
 
@@ -78,13 +78,7 @@ def test_without_a_consumer_the_buffer_fills_and_then_drains_by_cli(procs, name,
     assert stats["buffer"]["success_rate"] == pytest.approx(50 / 300)
 
     out = tmp_path / "first.npz"
-    cli = subprocess.run(
-        [sys.executable, "-m", "sona_shm", "drain", "--name", name, "--out", str(out), "--max", "20"],
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=120,
-    )
+    cli = run([sys.executable, "-m", "sona_shm", "drain", "--name", name, "--out", str(out), "--max", "20"], timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert f"drained 20 trajectories from {name!r}" in cli.stdout
     recorded = make_trajectories(5, 300, H)

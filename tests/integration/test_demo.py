@@ -12,7 +12,7 @@ import time
 
 from sona_shm.segment import start_ticks
 
-from support import ROOT, env
+from support import ROOT, popen, run
 
 DEMO = str(ROOT / "scripts" / "demo.py")
 STARTED = re.compile(r"flusher pid (\d+); gunicorn pid (\d+) with .* \(pids ([\d, ]+)\)")
@@ -31,28 +31,23 @@ def assert_all_gone(name: str, pids: list[int]) -> None:
 
 
 def test_the_demo_learns_exactly_what_gunicorn_accepted_and_cleans_up(name):
-    run = subprocess.run(
-        [sys.executable, "-u", DEMO, "--seconds", "1", "--workers", "2", "--threads", "2", "--clients", "2", "--name", name],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "= exactly the feedback the server accepted" in run.stdout
-    assert re.search(r"routing: held-out accuracy \d+\.\d% before learning, \d+\.\d% after \(300 queries", run.stdout)
-    assert "trajectories_processed" in run.stdout and "flusher exit 0" in run.stdout
-    assert f"removed /sona_shm.{name}, /sona_shm.{name}.bell" in run.stdout
-    assert_all_gone(name, started_pids(run.stdout))
+    command = [sys.executable, "-u", DEMO, "--seconds", "1", "--workers", "2", "--threads", "2", "--clients", "2", "--name", name]
+    done = run(command, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "= exactly the feedback the server accepted" in done.stdout
+    assert re.search(r"routing: held-out accuracy \d+\.\d% before learning, \d+\.\d% after \(300 queries", done.stdout)
+    assert "trajectories_processed" in done.stdout and "flusher exit 0" in done.stdout
+    assert f"removed /sona_shm.{name}, /sona_shm.{name}.bell" in done.stdout
+    assert_all_gone(name, started_pids(done.stdout))
 
 
 def test_ctrl_c_stops_everything_and_removes_the_segment(name):
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, "-u", DEMO, "--seconds", "600", "--workers", "2", "--name", name],
+        deadline=600,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env(),
     )
     try:
         deadline = time.monotonic() + 120

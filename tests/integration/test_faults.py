@@ -35,6 +35,7 @@ from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment, process_alive, start_ticks
 from sona_shm.supervise import stop_process
 
+from children import fork_child
 from conftest import SMALL
 from faults import ID_BASE, Progress, check_slot, expected, fork_producer, learned
 from support import wait_for
@@ -330,15 +331,12 @@ def test_no_lock_outlives_its_holder(procs, children, name, tmp_path):
 
 
 def _fork_lock_holder(name: str, byte: int) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            seg = Segment.open(name, writable=True)
-            if seg.try_lock(byte):
-                os.kill(os.getpid(), signal.SIGSTOP)
-        finally:
-            os._exit(0)
-    return pid
+    def hold() -> None:
+        seg = Segment.open(name, writable=True)
+        if seg.try_lock(byte):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    return fork_child(hold, deadline=120)
 
 
 @pytest.mark.guarantee("nothing-waits-forever")
@@ -367,11 +365,7 @@ def test_a_recycled_pid_never_keeps_a_lane(engine, children, name):
     """Liveness is the kernel's lock table: a lane whose recorded owner is a live process that
     holds no lock (what a recycled pid looks like) is free and reported dead."""
     engine(lanes=1)
-    pid = os.fork()
-    if pid == 0:
-        os.kill(os.getpid(), signal.SIGSTOP)  # a live process that is not the lane's owner
-        os._exit(0)
-    children.add(pid)
+    pid = children.add(fork_child(lambda: os.kill(os.getpid(), signal.SIGSTOP), deadline=120))  # alive, not the lane's owner
     children.wait_stopped(pid)
     ticks = start_ticks(pid)
     assert process_alive(pid, ticks) and not process_alive(pid, ticks + 1)  # pid + start time identify it

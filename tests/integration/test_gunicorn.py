@@ -24,9 +24,9 @@ import pytest
 from sona_shm.ledger import Ledger
 from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment, start_ticks
-from sona_shm.supervise import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 
-from support import ROOT, env, wait_for
+from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
+from support import ROOT, env, run, wait_for
 
 pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
 
@@ -162,7 +162,7 @@ def drive(server: Server, count: int, *, threads: int = 4, start: int = 0) -> Co
 def monitor_json(name: str) -> dict:
     """What ``sona-shm stats --json`` prints (and asserts it found a live flusher)."""
     command = [sys.executable, "-m", "sona_shm", "stats", "--name", name, "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env())
+    done = run(command, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

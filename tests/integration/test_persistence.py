@@ -19,14 +19,14 @@ from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment
 from sona_shm.supervise import stop_process
 
-from support import env, make_trajectories, wait_for
+from support import make_trajectories, run, wait_for
 
 H = 16
 OPTIONS = ["--hidden-dim", str(H), "--flush-threshold", "10", "--lanes", "2", "--lane-slots", "64", "--capacity", "100"]
 
 
 def sona_shm(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sona_shm", *argv], capture_output=True, text=True, timeout=120, env=env())
+    return run([sys.executable, "-m", "sona_shm", *argv], timeout=120)
 
 
 def checkpointed(path: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ from sona_shm.client import attach
 from sona_shm.monitor import read_stats
 from sona_shm.supervise import stop_process
 
-from support import ROOT, load_vectors, make_trajectories, scenario_config, scenario_trajectory
+from support import ROOT, load_vectors, make_trajectories, run, scenario_config, scenario_trajectory
 
 SCENARIOS = load_vectors()["scenarios"]
 PRODUCER = str(ROOT / "tests" / "producer.py")
@@ -130,12 +129,8 @@ def test_sigterm_drains_flushes_and_exits_zero(procs, name):
 
 @pytest.mark.guarantee("dropped-means-counted")
 def test_overfilled_lane_counts_drops_exactly_and_learns_the_rest(procs, name):
-    created = subprocess.run(
-        [sys.executable, "-m", "sona_shm", "create", "--name", name, "--hidden-dim", "8", "--lane-slots", "16", "--lanes", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = [sys.executable, "-m", "sona_shm", "create", "--name", name, "--hidden-dim", "8", "--lane-slots", "16", "--lanes", "2"]
+    created = run(command, timeout=60)
     assert created.returncode == 0, created.stderr
     with attach(name) as client:
         results = [client.record(Trajectory(np.ones(8), [Step([1.0], None, 1.0)], 1.0)) for _ in range(20)]
@@ -148,7 +143,7 @@ def test_overfilled_lane_counts_drops_exactly_and_learns_the_rest(procs, name):
 
 def test_second_flusher_refuses_and_names_the_first(procs, name):
     first = procs.flusher(name, "--hidden-dim", "8")
-    second = subprocess.run([sys.executable, "-m", "sona_shm", "flusher", "--name", name], capture_output=True, text=True, timeout=60)
+    second = run([sys.executable, "-m", "sona_shm", "flusher", "--name", name], timeout=60)
     assert second.returncode == 4
     assert f"already has a live flusher (pid {first.pid})" in second.stderr
     assert first.poll() is None

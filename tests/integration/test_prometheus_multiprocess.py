@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sona_shm.segment import start_ticks
 from sona_shm.stats import read
-from sona_shm.supervise import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 
+from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 from support import env, wait_for
 
 HERE = Path(__file__).resolve().parent

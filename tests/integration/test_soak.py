@@ -10,17 +10,17 @@ import sys
 
 import pytest
 
-from support import ROOT, env
+from support import ROOT, popen
 
 
 @pytest.mark.guarantee("committed-means-learned-once")
 def test_short_soak_balances(name):
-    proc = subprocess.Popen(
+    proc = popen(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--seconds", "3", "--json", "--name", name, "--recycle-after", "500"],
+        deadline=300,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(),
         start_new_session=True,  # so a hung soak is killed with every worker and flusher it started
     )
     try:

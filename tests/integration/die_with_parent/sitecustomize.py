@@ -6,12 +6,11 @@ spawned workers die with their master, which dies with the test (forked gunicorn
 get the same through die_with_master_conf.py's post_fork, since a fork clears the setting).
 """
 
-import ctypes
 import os
-import signal
 
 if os.environ.get("SONA_SHM_TEST_DIE_WITH_PARENT") == "1":
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request: nobody will signal us
-        os._exit(1)
+
+    from sona_shm.supervise import die_with_parent
+
+    die_with_parent(parent=parent)  # SIGKILL; at once if the parent died before the request

@@ -1,0 +1,146 @@
+"""Child processes for the scripts and the tests: forked workers, a gunicorn, and stopping them.
+
+The library keeps only what it starts itself (:mod:`sona_shm.supervise`: the flusher);
+these helpers serve ``scripts/`` (demo, soak) and ``tests/`` (which put this directory
+on their import path). Every child started here dies with its parent
+(:func:`sona_shm.supervise.die_with_parent`) and has a deadline, after which the kernel
+ends it: a test or script that is killed, or hangs, leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from sona_shm.segment import start_ticks
+from sona_shm.supervise import child_setup, die_with_parent, set_deadline, stop_process
+
+#: Seconds a forked worker or a gunicorn may live unless told otherwise.
+DEFAULT_DEADLINE = 600.0
+
+
+def fork_child(target: Callable[..., object], *args: object, deadline: float | None = DEFAULT_DEADLINE) -> int:
+    """Run ``target(*args)`` in a forked child that exits 0 if it returns, 1 if it raises
+    (traceback on stderr); return the child's pid. The way gunicorn starts its workers.
+
+    The child is SIGKILLed when this process exits, and ended by SIGALRM after
+    ``deadline`` seconds.
+    """
+    sys.stdout.flush()  # or the child would print the parent's buffered output again
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        die_with_parent(signal.SIGKILL, parent=parent)
+        set_deadline(deadline)
+        target(*args)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket listening on a free port of ``host`` (``getsockname()[1]`` is the port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+def start_gunicorn(
+    app: str, sock: socket.socket, *options: str, deadline: float | None = DEFAULT_DEADLINE, **popen_kwargs
+) -> subprocess.Popen:
+    """``python -m gunicorn --bind fd://N OPTIONS… APP`` serving the already listening ``sock``.
+
+    The master gets SIGTERM (a graceful stop of its workers) when this process exits,
+    and SIGALRM after ``deadline`` seconds; its workers exit when they see it gone.
+
+    Handing gunicorn a bound socket instead of a port number leaves no moment in which
+    another process could take the port. The caller should close its copy of ``sock``
+    afterwards, so that connections are refused once gunicorn is gone.
+    """
+    fd = sock.fileno()
+    os.set_inheritable(fd, True)
+    popen_kwargs.setdefault("preexec_fn", child_setup(deadline=deadline, sig=signal.SIGTERM))
+    return subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *options, app], pass_fds=(fd,), **popen_kwargs)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Pids of the live children of process ``pid`` (gunicorn's workers, for its master)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # exited meanwhile
+            if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:  # field 4, ppid
+                children.append(int(entry))
+    return children
+
+
+def stop_gunicorn(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Stop a gunicorn master like :func:`stop_process` and make sure its workers are gone too.
+
+    SIGTERM makes the master stop its workers gracefully; a master that had to be
+    SIGKILLed leaves workers that exit on their own once they notice, or are SIGKILLed
+    here after ``timeout``.
+    """
+    # (pid, start time): a worker pid the OS recycles meanwhile is not mistaken for it.
+    workers = [(pid, start_ticks(pid)) for pid in child_pids(proc.pid)] if proc.poll() is None else []
+    code = stop_process(proc, timeout)
+    deadline = time.monotonic() + timeout
+    for pid, ticks in workers:
+        while process_running(pid, ticks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process_running(pid, ticks):
+            os.kill(pid, signal.SIGKILL)
+    return code
+
+
+def process_running(pid: int, ticks: int) -> bool:
+    """True while process ``pid`` started at ``ticks`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return fields[0] != b"Z" and int(fields[19]) == ticks
+
+
+def wait_until_serving(port: int, proc: subprocess.Popen, path: str = "/healthz", timeout: float = 60.0) -> None:
+    """Poll ``GET path`` on ``127.0.0.1:port`` until it answers 200; raise if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with code {proc.returncode} before serving {path}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", path)
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
+        except OSError:
+            pass  # not accepting yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gunicorn did not answer GET {path} with 200 within {timeout} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
