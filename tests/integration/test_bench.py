@@ -18,9 +18,10 @@ def test_bench_quick_reports_every_section():
         for system in systems:
             r = report["throughput"][f"T{steps} {system}"]
             assert r["delivered_per_s"] > 0 and r["producer_cpu_us_per_traj"] > 0
-    for op in ("record T1", "record T4", "forward 1", "forward 32"):
+    for op in ("record T1", "record T4", "forward 1", "forward 32", "forward 1 (K8 engine)", "route 1 (K8)"):
         assert report["latency"][op]["n"] > 0 and report["latency"][op]["p99_us"] >= report["latency"][op]["median_us"] > 0
-    assert set(report["learning_per_s"]) == {f"T{s} batch {b}" for s in (1, 4) for b in (32, 256, 1024)}
+    labels = ("T1", "T4", "routing K8")
+    assert set(report["learning_per_s"]) == {f"{label} batch {b}" for label in labels for b in (32, 256, 1024)}
     assert report["freshness"]["n"] == 50 and report["freshness"]["median_us"] > 0
     buffer = report["buffer"]
     assert buffer["trajectories"] == 4000
@@ -28,3 +29,20 @@ def test_bench_quick_reports_every_section():
     assert buffer["full"]["delivered"] == 4000 and buffer["full"]["kept"] == 200  # the rest learned, not kept
     assert buffer["queue"]["delivered"] == 4000
     assert all(buffer[mode]["delivered_per_s"] > 0 for mode in ("keep", "full", "queue"))
+
+
+def test_bench_learning_quick_reports_every_rule(tmp_path):
+    out = tmp_path / "learning.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_learning.py"), "--quick", "--json", str(out)]
+    done = run(command, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["seeds"] == 1 and report["feedbacks"] == 2000
+    runs = report["runs"]
+    assert {label.split(",")[0] for label in runs} == {"no adaptation", "reference rule", "routing rule"}
+    for result in runs.values():
+        assert result["at"][0] == 0 and result["at"][-1] == 2000 and all(0 <= a <= 1 for a in result["mean"])
+    start = {result["mean"][0] for result in runs.values()}
+    assert len(start) == 1  # every rule starts from the same unadapted router
+    assert runs["routing rule, full information"]["mean"][-1] > runs["no adaptation"]["mean"][-1]
+    assert "held-out routing accuracy" in done.stdout

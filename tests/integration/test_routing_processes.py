@@ -21,8 +21,9 @@ from sona_shm.ledger import Ledger
 from sona_shm.monitor import read_stats
 from sona_shm.routes import RouteTable, feedback_trajectory
 from sona_shm.segment import Segment
-from sona_shm.supervise import fork_child, stop_process
+from sona_shm.supervise import stop_process
 
+from children import fork_child
 from support import wait_for
 
 H, K = 32, 4
