@@ -687,13 +687,17 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
         print(f"   {'multiprocessing.Queue (received only)':<44} {queue:>12,.0f}")
     if "latency" in report:
         print("\n2. producer calls while the others record and the flusher learns (µs)")
-        print(f"   {'operation':<14} {'median':>8} {'p99':>8} {'calls':>9}")
+        print(f"   {'operation':<22} {'median':>8} {'p99':>8} {'calls':>9}")
         for op, r in report["latency"].items():
-            print(f"   {op:<14} {r['median_us']:>8.2f} {r['p99_us']:>8.2f} {r['n']:>9}")
+            print(f"   {op:<22} {r['median_us']:>8.2f} {r['p99_us']:>8.2f} {r['n']:>9}")
+        lat = report["latency"]
+        if "route 1 (K8)" in lat:
+            ratio = lat["route 1 (K8)"]["median_us"] / lat["forward 1 (K8 engine)"]["median_us"]
+            print(f"   route() / forward(), medians, K = 8: {ratio:.2f}x (target <= 1.5x)")
     if "learning_per_s" in report:
         print("\n3. flusher learning rate (signals + accumulate + flushes), trajectories/s")
         for k, v in report["learning_per_s"].items():
-            print(f"   {k:<18} {v:>14,.0f}")
+            print(f"   {k:<24} {v:>14,.0f}")
     if "freshness" in report:
         f = report["freshness"]
         print(f"\n4. freshness, flush_threshold 1: record() -> change visible in another process: "
