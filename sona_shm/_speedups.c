@@ -498,6 +498,13 @@ static double norm_f64(const double *g, npy_intp h) {
     return sqrt(s);
 }
 
+/* The L2 norm of n float32 values in float64: infinite or NaN exactly when one of them is. */
+static double norm_of_f32(const float *v, npy_intp n) {
+    double s = 0.0;
+    for (npy_intp i = 0; i < n; i++) s += (double)v[i] * (double)v[i];
+    return sqrt(s);
+}
+
 static float reward_of(const char *slot, int s) {
     float r;
     memcpy(&r, slot + SLOT_HEAD_BYTES + 8 * s, 4);
@@ -505,8 +512,10 @@ static float reward_of(const char *slot, int s) {
 }
 
 /* learning.signal_parts() of one stepped slot in float64, normalised, into g: for the
- * rare trajectory whose float32 sums overflow (inputs near the float32 limit). */
-static void signal_f64(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_bytes, npy_intp h, int n, double *g64,
+ * rare trajectory whose float32 sums overflow (inputs near the float32 limit). -1 if the
+ * signal is not finite even so: only a NaN or an infinity in the slot does that (float64
+ * sums of float32 values cannot overflow), and such a slot is corrupt. */
+static int signal_f64(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_bytes, npy_intp h, int n, double *g64,
                        float *g) {
     const float *acts = (const float *)(slot + payload_off + 4 * h);
     double total = 0.0;
@@ -521,11 +530,13 @@ static void signal_f64(const char *slot, Py_ssize_t payload_off, Py_ssize_t step
         }
         double norm = norm_f64(g64, h);
         if (norm > DEGENERATE_NORM || pass == 1) {
+            if (!isfinite(norm)) return -1;
             double inv = norm > DEGENERATE_NORM ? 1.0 / norm : 1.0;
             for (npy_intp i = 0; i < h; i++) g[i] = (float)(g64[i] * inv);
-            return;
+            return 0;
         }
     }
+    return 0; /* not reached: pass 1 always returns */
 }
 
 /* The signal of one stepped slot as learning.signal_parts() computes it: g (not yet
@@ -644,20 +655,35 @@ static SlotHead slot_head(const char *slot) {
     return h;
 }
 
-/* Every slot carries its stamp, a step count within bounds and route indices below K:
- * the most steps a slot has (>= 0), or -1 (then nothing may be learned: the caller's
- * Python path sorts the slots out and counts the bad ones). */
-static int check_slots(const Batch *b) {
-    int width = 0;
-    for (Py_ssize_t k = 0; k < b->count; k++) {
-        const char *slot = b->base + k * b->slot_bytes;
-        uint64_t seq;
-        memcpy(&seq, slot, 8);
-        SlotHead h = slot_head(slot);
-        if (seq != b->first_seq + (uint64_t)k || h.n_steps > b->max_steps || h.route >= b->n_routes || h.best >= b->n_routes) return -1;
-        if (h.n_steps > width) width = h.n_steps;
+/* The checks of flusher.slot_checks() that need no computing: slot k of the batch carries
+ * its stamp, a step count, route length and step lengths within their bounds, route indices
+ * below K, and a finite quality and rewards. (Whether the values a rule learns from are
+ * finite is seen while learning: see the learners.) */
+static int slot_ok(const Batch *b, const char *slot, Py_ssize_t k) {
+    uint64_t seq;
+    uint16_t route_len;
+    memcpy(&seq, slot, 8);
+    memcpy(&route_len, slot + 30, 2);
+    SlotHead h = slot_head(slot);
+    if (seq != b->first_seq + (uint64_t)k || h.n_steps > b->max_steps || route_len > ROUTE_MAX_BYTES || h.route >= b->n_routes ||
+        h.best >= b->n_routes || !isfinite(h.quality))
+        return 0;
+    Py_ssize_t att_dim = b->step_bytes / 4 - b->hidden;
+    for (int s = 0; s < h.n_steps; s++) {
+        uint16_t act_len, att_len;
+        memcpy(&act_len, slot + SLOT_HEAD_BYTES + 8 * s + 4, 2);
+        memcpy(&att_len, slot + SLOT_HEAD_BYTES + 8 * s + 6, 2);
+        if (act_len > b->hidden || att_len > att_dim || !isfinite(reward_of(slot, s))) return 0;
     }
-    return width;
+    return 1;
+}
+
+/* Append k to the list of corrupt slots; -1 on a memory error. */
+static int mark_corrupt(PyObject *corrupt, Py_ssize_t k) {
+    PyObject *index = PyLong_FromSsize_t(k);
+    int result = index ? PyList_Append(corrupt, index) : -1;
+    Py_XDECREF(index);
+    return result;
 }
 
 /* Learner.count_routes for one slot. */
@@ -680,7 +706,7 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
 
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width) or None
+ *   -> (pending, flushes, width, learned, corrupt)
  * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
  * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
  * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
@@ -689,8 +715,10 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
  * added to every row of grad_up (float64[R, h], in place), and every time ``pending`` reaches
  * ``flush_threshold`` the rows are applied, ``up += grad_up * lr / pending`` (float32[R, h],
  * saturated at the float32 limit), and the sums reset. Feedback is counted per route as
- * Learner.count_routes does. ``width`` is the most steps a slot had. None, with nothing
- * changed, if a slot fails its checks (check_slots). */
+ * Learner.count_routes does. A slot that fails flusher.slot_checks() -- its stamp, a bound,
+ * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
+ * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
+ * ``learned``: count - len(corrupt). */
 static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 15) {
         PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 arguments");
@@ -704,11 +732,9 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable C-contiguous float64/float32[R, h]");
         goto release;
     }
-    int width = check_slots(&b);
-    if (width < 0) {
-        result = Py_NewRef(Py_None);
-        goto release;
-    }
+    PyObject *corrupt = PyList_New(0);
+    if (corrupt == NULL) goto release;
+    int width = 0;
     {
         PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
         npy_intp rank = PyArray_DIM(grad, 0);
@@ -721,24 +747,32 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyMem_Free(g);
             PyMem_Free(acc);
             PyMem_Free(g64);
+            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
         Py_ssize_t pending = b.pending;
         long flushes = 0;
-        int dirty = 0; /* acc holds sums not yet added to G */
-        for (Py_ssize_t k = 0; k < b.count; k++) {
+        int dirty = 0, failed = 0; /* dirty: acc holds sums not yet added to G */
+        for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
-            int n = head.n_steps;
+            int n = head.n_steps, ok = slot_ok(&b, slot, k);
             float scale = 1.0f;
             const float *sig = g;
-            if (n == 0) {
+            if (!ok) {
+            } else if (n == 0) {
                 sig = (const float *)(slot + b.payload_off); /* the query itself, not normalised */
+                ok = isfinite(norm_of_f32(sig, h));
             } else if (signal_f32(slot, b.payload_off, b.step_bytes, h, n, g, &scale) < 0) {
-                signal_f64(slot, b.payload_off, b.step_bytes, h, n, g64, g);
+                ok = signal_f64(slot, b.payload_off, b.step_bytes, h, n, g64, g) == 0;
                 scale = 1.0f;
             }
+            if (!ok) { /* learned from nothing, counted by the caller */
+                failed = mark_corrupt(corrupt, k) < 0;
+                continue;
+            }
+            if (n > width) width = n;
             count_route(&b, head);
             double w = (double)head.quality * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
             for (npy_intp i = 0; i < h; i++) acc[i] += w * sig[i];
@@ -760,7 +794,8 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyMem_Free(g);
         PyMem_Free(acc);
         PyMem_Free(g64);
-        result = Py_BuildValue("(nli)", pending, flushes, width);
+        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, b.count - PyList_GET_SIZE(corrupt), corrupt);
+        if (failed) Py_DECREF(corrupt);
     }
 release:
     PyBuffer_Release(&b.block);
@@ -831,12 +866,13 @@ static void window_fold(Window *w, double *GU) {
 /* One feedback signal (routing.gradients for one row), as the expansion of
  * g = (tau/|f|) (I - f^ f^T) sum_k c_k v_k over the window's fixed vectors: only the
  * query's terms are added to G_U and G_D here; the v_k and u_r terms go to A and C. */
-WIDE_VECTORS static void window_signal(Window *w, const float *q32, SlotHead head, double *GU, double *GD) {
+WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head, double *GU, double *GD) {
     npy_intp h = w->h, K = w->K, R = w->R;
     double *q = w->q, s = w->s, tau = w->tau;
     for (npy_intp i = 0; i < h; i++) q[i] = q32[i];
     double qq = dot_d(q, q, h);
-    if (!(qq > 0)) return; /* a zero query teaches nothing */
+    if (!isfinite(qq)) return -1; /* a NaN or an infinity in the query: corrupt, nothing added */
+    if (!(qq > 0)) return 0;      /* a zero query teaches nothing */
     double inv = 1.0 / sqrt(qq);
     double kappa[2] = {0, 0}, uq[2] = {0, 0}, uf[2], ug[2];
     for (npy_intp r = 0; r < R; r++) {
@@ -848,7 +884,7 @@ WIDE_VECTORS static void window_signal(Window *w, const float *q32, SlotHead hea
         ff += 2.0 * s * kappa[r] * uq[r];
         for (npy_intp r2 = 0; r2 < R; r2++) ff += s * s * kappa[r] * kappa[r2] * w->UU[r][r2];
     }
-    if (!(ff > 1e-12)) return; /* |f| <= routing.MIN_ADAPTED_NORM: mapped to (almost) zero */
+    if (!(ff > 1e-12)) return 0; /* |f| <= routing.MIN_ADAPTED_NORM: mapped to (almost) zero */
     double fn = sqrt(ff);
     double top = -INFINITY;
     for (npy_intp k = 0; k < K; k++) {
@@ -897,19 +933,21 @@ WIDE_VECTORS static void window_signal(Window *w, const float *q32, SlotHead hea
             gd[i] += bd * q[i];
         }
     }
+    return 0;
 }
 
 /* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *               grad_up, grad_down, up, down, unit, temperature,
  *               lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width, signals) or None
+ *   -> (pending, flushes, width, signals, corrupt)
  * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
  * the same maths as routing.gradients() in float64, expanded so that a signal costs
  * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
  * added in another order than numpy's. grad_up/grad_down: float64[R, h]; up/down:
  * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
- * best_index is not a signal. Flushes apply both U and D (Learner.flush). None, with
- * nothing changed, if a slot fails its checks. */
+ * best_index is not a signal. Flushes apply both U and D (Learner.flush). A slot that fails
+ * flusher.slot_checks() (its stamp, a bound, a feedback's query not finite or a bandit
+ * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 19) {
         PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 arguments");
@@ -929,11 +967,9 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
         !(tau > 0))
         goto bad;
-    int width = check_slots(&b);
-    if (width < 0) {
-        result = Py_NewRef(Py_None);
-        goto release;
-    }
+    PyObject *corrupt = PyList_New(0);
+    if (corrupt == NULL) goto release;
+    int width = 0;
     {
         double *GU = (double *)PyArray_DATA((PyArrayObject *)args[7]), *GD = (double *)PyArray_DATA((PyArrayObject *)args[8]);
         float *U32 = (float *)PyArray_DATA((PyArrayObject *)args[9]), *D32 = (float *)PyArray_DATA((PyArrayObject *)args[10]);
@@ -943,6 +979,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         if (!w || !mem) {
             PyMem_Free(w);
             PyMem_Free(mem);
+            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
@@ -952,13 +989,24 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         window_load(w, U32, D32);
         Py_ssize_t pending = b.pending, signals = 0;
         long flushes = 0;
-        for (Py_ssize_t k = 0; k < b.count; k++) {
+        int failed = 0;
+        for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
+            int feedback = head.route >= 0 || head.best >= 0;
+            const float *q = (const float *)(slot + b.payload_off);
+            /* A feedback teaches from its query (window_signal refuses a NaN or an infinity in it
+             * before it adds anything) and, when it is a bandit one, its reward in [0, 1]. */
+            int ok = slot_ok(&b, slot, k) && (!feedback || head.best >= 0 || (head.quality >= 0.0f && head.quality <= 1.0f));
+            if (ok && feedback) ok = window_signal(w, q, head, GU, GD) == 0;
+            if (!ok) {
+                failed = mark_corrupt(corrupt, k) < 0;
+                continue;
+            }
+            if (head.n_steps > width) width = head.n_steps;
             count_route(&b, head);
-            if (head.route < 0 && head.best < 0) continue; /* an ordinary trajectory: not a signal */
+            if (!feedback) continue; /* an ordinary trajectory: not a signal */
             signals++;
-            window_signal(w, (const float *)(slot + b.payload_off), head, GU, GD);
             if (++pending == b.threshold) {
                 window_fold(w, GU);
                 for (npy_intp r = 0; r < rank; r++) {
@@ -973,7 +1021,8 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         window_fold(w, GU);
         PyMem_Free(w);
         PyMem_Free(mem);
-        result = Py_BuildValue("(nlin)", pending, flushes, width, signals);
+        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
+        if (failed) Py_DECREF(corrupt);
     }
     goto release;
 bad:

@@ -14,6 +14,7 @@ use; see :func:`_after_fork_in_child`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -34,6 +35,7 @@ from .layout import (
     LANE_DROPS,
     LANE_FLUSH_ACK,
     LANE_FLUSH_REQ,
+    LANE_HEAD,
     LANE_NEXT_ID,
     LANE_OWNER_PID,
     LANE_OWNER_START,
@@ -48,6 +50,7 @@ from .segment import Segment, start_ticks, wait_until
 from .stats import EngineStats, collect
 from .trajectory import Trajectory, check_trajectory
 
+log = logging.getLogger("sona_shm.client")
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _INF = math.inf
 #: Seconds close() waits for a record() in progress in another thread (a few µs in practice:
@@ -138,6 +141,20 @@ class Client:
             raise
         ctl = layout.lane_control(lane) // 8
         u64 = self._u64
+        head = u64[ctl + LANE_HEAD // 8]
+        if not tail <= head <= tail + layout.lane_slots:
+            # Written outside sona_shm (a previous owner publishes at most lane_slots past the
+            # committed tail): the flusher counts it as corrupt and learns nothing of the lane
+            # until its head is sane again. We own the lane's producer line: restart at the tail.
+            log.warning(
+                "segment %r lane %d: head %d is outside [%d, %d]; restarting it at the tail",
+                self.name,
+                lane,
+                head,
+                tail,
+                tail + layout.lane_slots,
+            )
+            u64[ctl + LANE_HEAD // 8] = tail  # publishes nothing: the flusher's tail is already there
         u64[ctl + LANE_OWNER_PID // 8] = pid
         u64[ctl + LANE_OWNER_START // 8] = start_ticks(pid)
         u64[ctl + LANE_CLAIMS // 8] += 1

@@ -69,6 +69,7 @@ from .segment import (
     unlink_created,
 )
 from .space import check_room
+from .trajectory import ROUTE_MAX_BYTES
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -193,6 +194,7 @@ class Flusher:
         self.buffer_head = int(st["buffer_head"])
         self.buffer_dropped = int(st["buffer_dropped"])
         self.corrupt = int(st["corrupt"])
+        self._bad_heads: dict[int, int] = {}  # lane -> the corrupt head last counted
         self.last_flush_at = float(st["last_flush_at"])
         self._last_flush_mono = time.monotonic()
 
@@ -264,10 +266,13 @@ class Flusher:
         learned = 0
         moved = False  # tails advance also past slots that fail their check: that must be committed too
         tails = self._tails
+        slots = self.layout.lane_slots
         for lane, word in enumerate(self._head_words):
             head = u64[word]
             tail = int(tails[lane])
-            if head > tail:
+            if head > tail + slots or head < tail:
+                self._corrupt_head(lane, head, tail)  # a producer publishes at most slots ahead of the committed tail
+            elif head > tail:
                 learned += self._learn_lane(lane, tail, head)
                 moved = True
         flushed = False
@@ -283,12 +288,29 @@ class Flusher:
         self._f64[self._w_heartbeat] = time.time()
         return learned
 
+    def _corrupt_head(self, lane: int, head: int, tail: int) -> None:
+        """A lane head outside ``[tail, tail + lane_slots]``: not a stall, memory written outside sona_shm.
+
+        Nothing of the lane is learned while it lasts; it is counted once (in ``corrupt``)
+        and the tail stays. The lane's owner overwrites the head with its next record (its
+        own count lives in its writer), and a process that claims the lane repairs it.
+        """
+        if self._bad_heads.get(lane) == head:
+            return
+        self._bad_heads[lane] = head
+        self.corrupt += 1
+        self._commit()
+        log.error(
+            "lane %d: head %d is outside [%d, %d] (tail + lane_slots); counted as corrupt, nothing learned until it is rewritten",
+            lane,
+            head,
+            tail,
+            tail + self.layout.lane_slots,
+        )
+
     def _learn_lane(self, lane: int, tail: int, head: int) -> int:
         slots = self.layout.lane_slots
-        if head - tail > slots:
-            # Impossible unless a producer ignored the tail; what it overwrote is gone.
-            log.error("lane %d: head %d is more than %d slots past tail %d; skipping the overwritten slots", lane, head, slots, tail)
-            tail = head - slots
+        self._bad_heads.pop(lane, None)
         learned = 0
         start = tail
         while start < head:
@@ -300,46 +322,46 @@ class Flusher:
         return learned
 
     def _learn_slots(self, lane: int, first: int, count: int, index: int) -> int:
-        """Learn ``count`` contiguous slots of ``lane`` starting at ring slot ``first``."""
+        """Learn ``count`` contiguous slots of ``lane`` starting at ring slot ``first``; the number learned.
+
+        A slot that fails :func:`slot_checks` is counted as corrupt and neither learned nor
+        kept for consumers.
+        """
         layout = self.layout
         flat = lane * layout.lane_slots + first
         learner = self.learner
         if _speedups is not None:
-            width = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
-            if width is not None:  # None: a slot failed its checks; the path below sorts them out
-                self._keep_in_buffer(flat, count, max(1, width))
-                return count
-        rec = self._slots[lane, first : first + count]
-        n_steps = rec["n_steps"].astype(np.int64)
-        route_index = rec["route_index"].astype(np.int64) - 1
-        best_index = rec["best_index"].astype(np.int64) - 1
-        valid = (
-            (rec["seq"] == np.arange(index + 1, index + count + 1, dtype=np.uint64))
-            & (n_steps <= layout.max_steps)
-            & (route_index < layout.routes)
-            & (best_index < layout.routes)
-        )
-        if not valid.all():
-            # A slot inside [tail, head) always carries its stamp; this is memory corruption.
-            bad = count - int(valid.sum())
+            width, corrupt = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
+            valid = np.ones(count, bool)
+            valid[corrupt] = False
+        else:
+            rec = self._slots[lane, first : first + count]
+            valid = slot_checks(rec, index + 1, layout)
+            rec = rec[valid]
+            n_steps = rec["n_steps"].astype(np.int64)
+            route_index = rec["route_index"].astype(np.int64) - 1
+            best_index = rec["best_index"].astype(np.int64) - 1
+            width = int(n_steps.max()) if len(rec) else 0
+            if learner.rule == "routing":
+                learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
+            elif len(rec):
+                w = max(1, width)
+                learner.learn(
+                    learning_signals(rec["query"], rec["meta"]["reward"][:, :w], rec["steps"]["act"][:, :w], n_steps), rec["quality"]
+                )
+            learner.count_routes(route_index, best_index, rec["quality"])
+        learned = int(valid.sum())
+        if learned < count:
+            # A slot inside [tail, head) always carries its stamp and the values its producer
+            # checked: this is memory written outside sona_shm.
+            bad = count - learned
             log.error("lane %d: %d slots in [%d, %d) fail their checks; counted as corrupt, not learned", lane, bad, index, index + count)
             self.corrupt += bad
-            rec, n_steps, route_index, best_index = rec[valid], n_steps[valid], route_index[valid], best_index[valid]
-            if not len(rec):
-                return 0
-        width = max(1, int(n_steps.max()))
-        if learner.rule == "routing":
-            learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
-        else:
-            signals = learning_signals(rec["query"], rec["meta"]["reward"][:, :width], rec["steps"]["act"][:, :width], n_steps)
-            learner.learn(signals, rec["quality"])
-        learner.count_routes(route_index, best_index, rec["quality"])
-        if valid.all():
-            self._keep_in_buffer(flat, len(rec), width)
-        else:
-            for i in np.flatnonzero(valid):
-                self._keep_in_buffer(flat + int(i), 1, width)
-        return len(rec)
+        # Runs of learned slots go to the buffer in order; corrupt ones are left out.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], valid.view(np.int8), [0]))))
+        for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            self._keep_in_buffer(flat + start, stop - start, max(1, width))
+        return learned
 
     def _keep_in_buffer(self, flat_slot: int, count: int, width: int) -> None:
         """Copy learned slots into the buffer while it has room; count the rest as dropped."""
@@ -484,27 +506,53 @@ class Flusher:
             self.segment = None
 
 
-def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int) -> int | None:
+def slot_checks(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
+    """Which of the lane slots ``rec`` (stamped from ``first_seq``) may be learned: ``bool[n]``.
+
+    A slot is corrupt if its stamp, step count, route length, step lengths or route
+    indices are out of bounds, its quality or a step's reward is not finite, or a value the
+    engine's rule learns from is NaN or infinite: under the reference rule the activations
+    of its steps (or its query, without steps); under the routing rule a feedback's query,
+    and a bandit reward outside [0, 1]. Producers never publish such a slot; the C learners
+    make the same checks (``_speedups.learn_slots``/``learn_routing``).
+    """
+    n = len(rec)
+    n_steps = rec["n_steps"].astype(np.int64)
+    route_index = rec["route_index"].astype(np.int64) - 1
+    best_index = rec["best_index"].astype(np.int64) - 1
+    S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
+    ok = (rec["seq"] == np.arange(first_seq, first_seq + n, dtype=np.uint64)) & (n_steps <= S) & (rec["route_len"] <= ROUTE_MAX_BYTES)
+    ok &= (route_index < layout.routes) & (best_index < layout.routes) & np.isfinite(rec["quality"])
+    in_use = np.arange(S) < np.minimum(n_steps, S)[:, None]  # [n, S]: the steps each slot has
+    meta = rec["meta"]
+    step_ok = (meta["act_len"] <= h) & (meta["att_len"] <= A) & np.isfinite(meta["reward"])
+    ok &= (step_ok | ~in_use).all(axis=1)
+    if layout.config.rule == "routing":
+        feedback = (route_index >= 0) | (best_index >= 0)
+        quality = rec["quality"]
+        ok &= ~feedback | (np.isfinite(rec["query"]).all(axis=1) & ((best_index >= 0) | ((quality >= 0) & (quality <= 1))))
+    else:
+        acts_ok = np.isfinite(rec["steps"]["act"]).all(axis=2) | ~in_use  # [n, S]
+        ok &= np.where(n_steps == 0, np.isfinite(rec["query"]).all(axis=1), acts_ok.all(axis=1))
+    return ok
+
+
+def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int) -> tuple[int, list[int]]:
     """Learn consecutive lane slots (``block``: ``uint8[count, slot_bytes]``, stamped from
-    ``first_seq``) with the C learner of ``learner``'s rule, in place; the most steps a slot
-    had, or None (nothing learned) if a slot fails its checks. Needs ``_speedups``."""
+    ``first_seq``) with the C learner of ``learner``'s rule, in place. Returns the most
+    steps a learned slot had and the indices of the slots that failed :func:`slot_checks`
+    (learned from nothing). Needs ``_speedups``."""
     count = block.shape[0]
     head = (block, count, layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
     tail = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward)
     if learner.rule == "routing":
-        done = _speedups.learn_routing(
+        pending, flushes, width, signals, corrupt = _speedups.learn_routing(
             *head, learner.grad_up, learner.grad_down, learner.up, learner.down, learner.unit, learner.temperature, *tail
         )
-        if done is None:
-            return None
-        pending, flushes, width, signals = done
     else:
-        done = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
-        if done is None:
-            return None
-        (pending, flushes, width), signals = done, count
-    learner.account(count, signals, pending, flushes)
-    return width
+        pending, flushes, width, signals, corrupt = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
+    learner.account(count - len(corrupt), signals, pending, flushes)
+    return width, corrupt
 
 
 def _check_checkpoint_path(path: str | None) -> str | None:

@@ -78,7 +78,7 @@ exactly once across any crash::
     buffer_head u64     learned trajectories ever stored in the buffer
     buffer_dropped u64  learned trajectories not stored because the buffer was full
     last_flush_at f64   unix time of the last flush that changed the adapter (0: never)
-    corrupt u64         published slots that failed validation: counted, not learned
+    corrupt u64         published slots (and lane heads) that failed validation: counted, not learned
     down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule)
     grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush
     lane_tail u64[L]    slots of each lane learned, ever
