@@ -147,7 +147,7 @@ class Checkpoint:
         metadata.update({name: str(value) for name, value in self.counters.items()})
         metadata["last_flush_at"] = repr(self.last_flush_at)
         metadata["written_at"] = repr(time.time())
-        tensors = {
+        tensors: dict[str, np.ndarray] = {
             DOWN: self.down.astype(np.float32),
             UP_T: self.up.astype(np.float32).T,
             GRAD_UP: self.grad_up.astype(np.float64),

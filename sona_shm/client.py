@@ -48,7 +48,7 @@ from .loop import check_vectors
 from .routes import RouteChoice, check_exploration, choose, cosine_scores, feedback_trajectory, read_route_table
 from .segment import Segment, start_ticks, wait_until
 from .stats import EngineStats, collect
-from .trajectory import Trajectory, check_trajectory
+from .trajectory import Trajectory
 
 log = logging.getLogger("sona_shm.client")
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -121,7 +121,7 @@ class Client:
 
     def _claim(self) -> None:
         """Take the lock of a free lane and become its producer-line writer."""
-        seg, layout = self._segment, self.layout
+        seg, layout = self._open_segment(), self.layout
         seg.reopen_fd()
         pid = os.getpid()
         for k in range(layout.lanes):
@@ -248,13 +248,13 @@ class Client:
             if status <= 0:
                 status = self._record_slow(writer, traj, status)
             if status == PUBLISHED_RING:
-                self._segment.ring()  # the flusher sleeps: wake it (rare under load)
+                self._open_segment().ring()  # the flusher sleeps: wake it (rare under load)
             if status != FULL:
                 return True
             if timeout <= 0:
                 self._u64[self._w_drops] += 1
                 return False
-            self._segment.ring()  # the flusher may be asleep on work it has not seen
+            self._open_segment().ring()  # the flusher may be asleep on work it has not seen
         return self._record_when_room(traj, timeout)
 
     def _record_slow(self, writer: Any, traj: Trajectory, status: int) -> int:
@@ -298,7 +298,7 @@ class Client:
                 if status <= 0:
                     status = self._record_slow(writer, traj, status)
                 if status == PUBLISHED_RING:
-                    self._segment.ring()
+                    self._open_segment().ring()
                 if status != FULL:
                     return True
                 if time.monotonic() >= deadline:
@@ -306,13 +306,13 @@ class Client:
                     return False
 
     def _check(self, traj: Trajectory) -> None:
-        check_trajectory(traj, self.layout.hidden_dim, **self._views.limits)
+        self._views.check(traj)
 
     def _check_destroyed(self) -> None:
         """Raise :class:`EngineDestroyedError` if the segment was removed; call holding the lock."""
-        if self._segment.destroyed():
+        if self._open_segment().destroyed():
             self._countdown = 1  # every later record() looks again, and raises again
-            raise self._segment.destroyed_error()
+            raise self._open_segment().destroyed_error()
         self._countdown = DESTROYED_CHECK_EVERY
 
     def _refresh_tail(self) -> None:
@@ -428,7 +428,7 @@ class Client:
             if self._lane < 0:
                 return  # nothing recorded since the lane was claimed (or since a fork)
             lane, target = self._lane, self._writer.head
-            self._segment.ring()
+            self._open_segment().ring()
 
         def learned() -> bool:
             with self._lock:  # held for the look only: close() and record() never wait on a sync
@@ -451,7 +451,7 @@ class Client:
             request = self._u64[word] + 1
             self._u64[word] = request  # after our records' heads, so the flusher sees them first
             ack = self._ctl + LANE_FLUSH_ACK // 8
-            self._segment.ring()
+            self._open_segment().ring()
 
         def answered() -> bool:
             with self._lock:
@@ -471,7 +471,7 @@ class Client:
     def _timeout_message(self, what: str, timeout: float) -> str:
         with self._lock:
             self._check_open()
-            alive = self._segment.is_locked(LOCK_FLUSHER)
+            alive = self._open_segment().is_locked(LOCK_FLUSHER)
             pid = self._u64[FLUSHER_LINE // 8]
         state = f"its flusher (pid {pid}) is alive but busy" if alive else "no flusher is running"
         return f"{what}() on segment {self.name!r} timed out after {timeout} s: {state}; start `sona-shm flusher --name {self.name}`"
@@ -543,6 +543,13 @@ class Client:
         finally:
             if locked:
                 self._lock.release()
+
+    def _open_segment(self) -> Segment:
+        """The mapped segment; :class:`ClosedError` once the client is closed."""
+        seg = self._segment
+        if seg is None:
+            raise self._closed()
+        return seg
 
     def _closed(self) -> ClosedError:
         return ClosedError(f"client of segment {getattr(self, 'name', '?')!r} is closed; attach again")

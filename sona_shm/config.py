@@ -28,10 +28,11 @@ MAX_ROUTES = 256
 
 def check_positive_float(name: str, value: Any, high: float = math.inf) -> float:
     """``value`` as a float if it is a finite real number in ``(0, high]``, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 < value <= high):
+    number = value if isinstance(value, float) else float(value) if isinstance(value, int) and abs(value) < 2**1023 else math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(number) and 0 < number <= high):
         bound = "" if high == math.inf else f" and <= {high:g}"
         raise InvalidInputError(f"{name}: expected a finite number > 0{bound}, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_rule(rule: Any) -> str:

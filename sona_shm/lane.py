@@ -25,7 +25,7 @@ from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID
 from .learning import F32
 from .routes import RouteChoice
 from .segment import Segment
-from .trajectory import CheckedTrajectory, Step, Trajectory, _all_finite, check_finite, check_trajectory
+from .trajectory import CheckedTrajectory, Step, Trajectory, all_finite, check_finite, check_trajectory
 
 PUBLISHED = 1  #: the slot is published
 PUBLISHED_RING = 2  #: the slot is published and the flusher sleeps: ring its doorbell
@@ -40,7 +40,7 @@ _HEAD_FORMATS = ["<QQfHHHHI" + "fHH" * n for n in range(1025)]
 _speedups: Any = None
 if not os.environ.get("SONA_SHM_PURE_PYTHON"):
     try:
-        from . import _speedups
+        from . import _speedups  # type: ignore[attr-defined,no-redef]  # a C module mypy cannot see
 
         _speedups.set_types(Trajectory, Step, RouteChoice)
     except ImportError:  # pragma: no cover - depends on the build
@@ -54,14 +54,7 @@ class LaneViews:
         layout = segment.layout
         self.layout = layout
         self.lane = lane
-        #: what check_trajectory() checks a trajectory against on this engine
-        self.limits = dict(
-            max_steps=layout.max_steps,
-            attention_dim=layout.attention_dim,
-            where=where,
-            routes=layout.routes,
-            unit_reward=layout.config.rule == "routing",
-        )
+        self.where = where
         self.u64, self.f64, self.buf = segment.u64, segment.f64, segment.buf
         self.slot0 = layout.lane_slot(lane, 0)
         ctl = layout.lane_control(lane)
@@ -70,8 +63,22 @@ class LaneViews:
         self.last_at_word = (ctl + LANE_LAST_AT) // 8
         self.idle_word = (FLUSHER_LINE + FL_IDLE) // 8
         self.floats = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=segment.numpy_buffer(), offset=self.slot0)
-        self.words = memoryview(self.floats)  # memoryview slice stores cost half of numpy's
-        self.zeros = memoryview(np.zeros(layout.hidden_dim, dtype=F32))
+        self.words: Any = self.floats.data  # a memoryview: its slice stores cost half of numpy's
+        self.zeros: Any = np.zeros(layout.hidden_dim, dtype=F32).data
+
+    def check(self, traj: Any, *, finite: bool = True) -> CheckedTrajectory:
+        """:func:`check_trajectory` against this engine (its bounds, route table and rule)."""
+        layout = self.layout
+        return check_trajectory(
+            traj,
+            layout.hidden_dim,
+            max_steps=layout.max_steps,
+            attention_dim=layout.attention_dim,
+            where=self.where,
+            finite=finite,
+            routes=layout.routes,
+            unit_reward=layout.config.rule == "routing",
+        )
 
     def release(self) -> None:
         self.words.release()
@@ -99,12 +106,12 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
     if scrub:
         payload[...] = 0.0
     # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
-    checked = check_trajectory(traj, h, finite=False, **views.limits)
+    checked = views.check(traj, finite=False)
     used, meta = _copy_payload(views, first, checked)
-    if not _all_finite(payload[:used]):
+    if not all_finite(payload[:used]):
         payload[...] = 0.0
         # Name the field with the value as the caller gave it (this read is only for the message) ...
-        check_trajectory(traj, h, **views.limits)
+        views.check(traj)
         check_finite(checked)  # ... or, if the input changed meanwhile, refuse what was read
         # What was read is finite: the scan saw stale values an earlier writer left in the slot.
         _copy_payload(views, first, checked)

@@ -2,7 +2,7 @@
 
 Everything here is vectorised over a batch of trajectories and shared by the
 in-process :class:`~sona_shm.loop.InstantLoop` and the cross-process flusher, so there
-is one implementation of the maths. ``reference/SEMANTICS.md`` is the specification;
+is one implementation of the maths. ``docs/SEMANTICS.md`` is the specification;
 the places where float32 rounding order matters (the mean baseline and the
 degenerate-gradient test) follow the reference's float32, left-to-right order.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +85,7 @@ def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray
     zero = n_steps == 0
     if zero.any():
         g[zero] = query[zero]
+    rows: Any
     if single.any():
         rows = np.flatnonzero(single)
         g1 = np.multiply(np.asarray(rewards[rows, 0], dtype=F32)[:, None], activations[rows, 0], dtype=F32)

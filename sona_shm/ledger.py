@@ -43,13 +43,15 @@ class Ledger:
         # Word indexes of fields the hot paths read one at a time.
         base = [layout.ledger_copy(i) // 8 for i in (0, 1)]
         self._generation = base  # ``generation`` is the first field
-        tail_off = layout.ledger_dtype.fields["lane_tail"][1] // 8
+        fields, names = layout.ledger_dtype.fields, layout.ledger_dtype.names
+        assert fields is not None and names is not None  # a structured dtype
+        tail_off = fields["lane_tail"][1] // 8
         self._tail = [b + tail_off for b in base]
         # Field views of each copy, made once: a read must be short to fit between commits.
         # Scalars stay shape-(1,) views (indexing one would copy it); arrays drop that axis.
         dtype = layout.ledger_dtype
-        self._scalars = frozenset(n for n in dtype.names if dtype[n].shape == ())
-        self._fields = [{n: (v if n in self._scalars else v[0]) for n in dtype.names for v in [self.copies[i : i + 1][n]]} for i in (0, 1)]
+        self._scalars = frozenset(n for n in names if dtype[n].shape == ())
+        self._fields = [{n: (v if n in self._scalars else v[0]) for n in names for v in [self.copies[i : i + 1][n]]} for i in (0, 1)]
 
     @property
     def commit(self) -> int:

@@ -235,7 +235,7 @@ class InstantLoop:
         return len(self._buffer), self._dropped, rate
 
 
-def _stack(batch: list[CheckedTrajectory], hidden_dim: int):
+def _stack(batch: list[CheckedTrajectory], hidden_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pack checked trajectories into the dense batch arrays ``learning_signals`` takes."""
     n = len(batch)
     width = max((len(c.rewards) for c in batch), default=0)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 #: ``prctl`` option: signal this process when its parent dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
@@ -66,7 +67,7 @@ def child_setup(*, deadline: float | None = None, sig: int = signal.SIGKILL) -> 
     return setup
 
 
-def start_flusher(name: str, *options: str, deadline: float | None = None, **popen_kwargs) -> subprocess.Popen:
+def start_flusher(name: str, *options: str, deadline: float | None = None, **popen_kwargs: Any) -> subprocess.Popen:
     """``sona-shm flusher --name NAME OPTIONS…`` as a child of this interpreter.
 
     The flusher gets SIGTERM (it then drains, flushes and exits 0) when this process

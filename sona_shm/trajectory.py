@@ -30,7 +30,7 @@ ROUTE_MAX_BYTES = 64
 _U64_MAX = 2**64 - 1
 _F32_MAX = float(np.finfo(np.float32).max)
 
-# _all_finite's dot overflows for finite values beyond ~1.8e19 (a uint64-max input, say)
+# all_finite's dot overflows for finite values beyond ~1.8e19 (a uint64-max input, say)
 # and then falls back to the exact test, so numpy's warning about it is noise; a filter
 # costs nothing per call, an np.errstate() block ~1 µs (learning.py does the same).
 warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
@@ -100,7 +100,7 @@ def _describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
-def _all_finite(arr: np.ndarray) -> bool:
+def all_finite(arr: np.ndarray) -> bool:
     # One BLAS dot is the cheapest full scan numpy offers (~0.3 µs for 256 values,
     # against ~2 µs for np.isfinite().all()). NaN and ±Inf always make the dot
     # non-finite; a non-finite dot of finite values (overflow past ~1.8e19) falls
@@ -137,7 +137,7 @@ def as_vector(
     if type(value) is np.ndarray and value.dtype is F32 and value.ndim == 1 and value.flags.c_contiguous:
         n = value.shape[0]
         # The common case in one test; anything off goes down the path that names it.
-        if (length is None or n == length) and (max_length is None or n <= max_length) and (not finite or _all_finite(value)):
+        if (length is None or n == length) and (max_length is None or n <= max_length) and (not finite or all_finite(value)):
             return value
         arr = value
     else:
@@ -149,7 +149,7 @@ def as_vector(
         raise InvalidInputError(f"{_label(name)}: expected {length} values ({what}{where}), got {n}")
     if max_length is not None and n > max_length:
         raise InvalidInputError(f"{_label(name)}: expected at most {max_length} values ({what}{where}), got {n}")
-    if finite and not _all_finite(arr):
+    if finite and not all_finite(arr):
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise InvalidInputError(f"{_label(name)}: expected finite values within float32 range, got {_original(value, bad)} at index {bad}")
     return arr
@@ -223,7 +223,7 @@ def check_trajectory(
     if type(traj) is not Trajectory and not isinstance(traj, Trajectory):
         raise InvalidInputError(f"trajectory: expected a sona_shm.Trajectory, got {_describe(traj)}")
     query = traj.query
-    if not (type(query) is _ndarray and query.dtype is F32 and query.shape == (hidden_dim,)) or (finite and not _all_finite(query)):
+    if not (type(query) is _ndarray and query.dtype is F32 and query.shape == (hidden_dim,)) or (finite and not all_finite(query)):
         query = as_vector(query, "query", length=hidden_dim, what="hidden_dim", where=where, finite=finite)
     # One snapshot of the steps serves every check below and the writing after it: a
     # sequence whose len() under-reports (or a list another thread appends to) must not
@@ -244,7 +244,7 @@ def check_trajectory(
             raise InvalidInputError(f"steps[{i}]: expected a sona_shm.Step, got {_describe(step)}")
         act = step.activations
         if not (type(act) is _ndarray and act.dtype is F32 and act.ndim == 1 and act.shape[0] <= hidden_dim) or (
-            finite and not _all_finite(act)
+            finite and not all_finite(act)
         ):
             act = as_vector(act, (i, "activations"), max_length=hidden_dim, what="hidden_dim", where=where, finite=finite)
         acts.append(act)
@@ -253,7 +253,7 @@ def check_trajectory(
             att = _EMPTY
         elif not (
             type(att) is _ndarray and att.dtype is F32 and att.ndim == 1 and (attention_dim is None or att.shape[0] <= attention_dim)
-        ) or (finite and not _all_finite(att)):
+        ) or (finite and not all_finite(att)):
             att = as_vector(att, (i, "attention"), max_length=attention_dim, what="attention_dim", where=where, finite=finite)
         atts.append(att)
         reward = step.reward
@@ -312,7 +312,7 @@ def check_finite(checked: CheckedTrajectory) -> None:
     for i, (act, att) in enumerate(zip(checked.activations, checked.attention)):
         arrays += [((i, "activations"), act), ((i, "attention"), att)]
     for name, arr in arrays:
-        if not _all_finite(arr):
+        if not all_finite(arr):
             bad = int(np.flatnonzero(~np.isfinite(arr))[0])
             raise InvalidInputError(f"{_label(name)}: expected finite values within float32 range, got {float(arr[bad])!r} at index {bad}")
 

@@ -93,8 +93,8 @@ def test_truncated_segment_is_refused():
 @pytest.mark.parametrize(
     "field, value",
     [("lanes", 0), ("max_steps", -1), ("lane_slots", 0), ("attention_dim", 1.5), ("rule", "sgd"), ("routes", 1), ("routes", 257)]
-    + [("temperature", v) for v in (0, -1.0, float("nan"), float("inf"), 1e4)]
-    + [("lr", v) for v in (0, -0.1, float("nan"), True)],
+    + [("temperature", v) for v in (0, -1.0, float("nan"), float("inf"), 1e4, 10**400)]
+    + [("lr", v) for v in (0, -0.1, float("nan"), True, 10**400, "0.1")],
 )
 def test_bad_engine_config(field, value):
     with pytest.raises(InvalidInputError, match=field):
