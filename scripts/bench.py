@@ -54,7 +54,7 @@ from sona_shm.client import attach
 from sona_shm.flusher import WAKE_TIMEOUT
 from sona_shm.layout import EngineConfig
 from sona_shm.learning import Learner
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 from sona_shm.supervise import die_with_parent, set_deadline, start_flusher, stop_process
 
 HIDDEN_DIM = 256

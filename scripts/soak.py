@@ -41,7 +41,7 @@ import numpy as np
 from sona_shm import Step, Trajectory, segment
 from sona_shm.client import attach
 from sona_shm.errors import SegmentNotFoundError
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
 from children import fork_child

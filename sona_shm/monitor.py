@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .errors import SegmentNotFoundError
-from .stats import EngineStats, as_model, read, read_stats  # noqa: F401 - read_stats: scripts import it from here
+from .stats import EngineStats, as_model, read
 
 #: How many redraws the ``--watch`` sparkline remembers.
 HISTORY = 30

@@ -14,7 +14,7 @@ from sona_shm.client import attach
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 
 from support import env, popen, python_cmd, wait_for
 

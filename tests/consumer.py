@@ -19,7 +19,7 @@ import signal
 import numpy as np
 
 from sona_shm import TrajectoryBatch, open_consumer
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 
 from support import batch_from_trajectories, concatenate
 

@@ -22,7 +22,7 @@ import numpy as np
 from sona_shm import Step, Trajectory
 from sona_shm.client import attach
 from sona_shm.errors import SegmentNotFoundError
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
 from support import run, wait_for

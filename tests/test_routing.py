@@ -434,7 +434,7 @@ def test_a_corrupt_route_index_in_a_slot_is_counted_not_learned(engine, caplog):
 
 def test_cli_creates_a_routing_engine_and_refuses_bad_route_tables(name, tmp_path, capsys):
     from sona_shm.cli import EXIT_CHECKPOINT, EXIT_LAYOUT_MISMATCH, EXIT_OK, EXIT_USAGE, main
-    from sona_shm.monitor import read_stats
+    from sona_shm.stats import read_stats
 
     rng = np.random.default_rng(12)
     v = unit_rows(rng, 3, 12)

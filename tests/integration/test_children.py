@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from sona_shm.errors import SegmentNotFoundError
-from sona_shm.monitor import read_stats
 from sona_shm.segment import start_ticks, unlink
+from sona_shm.stats import read_stats
 
 from children import child_pids, fork_child, process_running
 from support import ROOT, popen, wait_for

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sona_shm import DrainTimeoutError, TrajectoryBatch, attach, open_consumer
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 
 from support import ROOT, assert_same_trajectory, make_trajectories, run
 

@@ -31,8 +31,8 @@ from sona_shm.layout import (
     EngineConfig,
 )
 from sona_shm.ledger import Ledger
-from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment, process_alive, start_ticks
+from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 
 from children import fork_child

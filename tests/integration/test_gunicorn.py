@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from sona_shm.ledger import Ledger
-from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment, start_ticks
+from sona_shm.stats import read_stats
 
 from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
 from support import ROOT, env, run, wait_for

@@ -15,8 +15,8 @@ from sona_shm.checkpoint import read_checkpoint
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_LAYOUT_MISMATCH, EXIT_OK
 from sona_shm.client import attach
 from sona_shm.layout import LAYOUT_VERSION
-from sona_shm.monitor import read_stats
 from sona_shm.segment import Segment
+from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 
 from support import make_trajectories, run, wait_for

@@ -10,7 +10,7 @@ import pytest
 
 from sona_shm import InstantLoop, Step, Trajectory
 from sona_shm.client import attach
-from sona_shm.monitor import read_stats
+from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 
 from support import ROOT, load_vectors, make_trajectories, run, scenario_config, scenario_trajectory

@@ -18,9 +18,9 @@ from sona_shm import InstantLoop
 from sona_shm.client import attach
 from sona_shm.consumer import open_consumer
 from sona_shm.ledger import Ledger
-from sona_shm.monitor import read_stats
 from sona_shm.routes import RouteTable, feedback_trajectory
 from sona_shm.segment import Segment
+from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 
 from children import fork_child
