@@ -25,7 +25,6 @@ and messages as router_app.py); an engine that went away gets a 503.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import router_requests
@@ -68,17 +67,7 @@ async def flush() -> dict[str, Any]:
 
 @app.get("/healthz")
 async def healthz() -> dict[str, Any]:
-    client = engine.client
-    routes = list(client.routes.names) if client.routes is not None else []
-    return {
-        "ok": True,
-        "engine": client.name,
-        "pid": os.getpid(),
-        "lane": client.lane,
-        "hidden_dim": client.hidden_dim,
-        "rule": client.rule,
-        "routes": routes,
-    }
+    return router_requests.health(engine.client)
 
 
 @app.get("/stats")

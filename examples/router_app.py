@@ -29,7 +29,6 @@ taken) or has no route table gets a 503.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -63,17 +62,7 @@ def feedback(environ: dict[str, Any]) -> dict[str, Any]:
 
 
 def healthz(environ: dict[str, Any]) -> dict[str, Any]:
-    client = sona_shm.gunicorn.client()
-    routes = list(client.routes.names) if client.routes is not None else []
-    return {
-        "ok": True,
-        "engine": client.name,
-        "pid": os.getpid(),
-        "lane": client.lane,
-        "hidden_dim": client.hidden_dim,
-        "rule": client.rule,
-        "routes": routes,
-    }
+    return router_requests.health(sona_shm.gunicorn.client())
 
 
 def stats(environ: dict[str, Any]) -> dict[str, Any]:

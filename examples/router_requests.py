@@ -28,6 +28,7 @@ was expected and what was got.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,19 @@ def route(client: Client, body: bytes) -> dict[str, Any]:
         "scores": dict(zip(client.routes.names, choice.scores.tolist())),
         "explored": choice.explored,
         "embedding": choice.adapted.tolist(),
+    }
+
+
+def health(client: Client) -> dict[str, Any]:
+    """``GET /healthz``: this worker's engine, lane, width, rule and routes."""
+    return {
+        "ok": True,
+        "engine": client.name,
+        "pid": os.getpid(),
+        "lane": client.lane,
+        "hidden_dim": client.hidden_dim,
+        "rule": client.rule,
+        "routes": list(client.routes.names) if client.routes is not None else [],
     }
 
 

