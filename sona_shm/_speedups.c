@@ -603,7 +603,10 @@ static int parse_batch(PyObject *const *args, Py_ssize_t at, Batch *b) {
     if (b->threshold == -1 && PyErr_Occurred()) return -1;
     b->pending = PyLong_AsSsize_t(args[at + 2]);
     if (b->pending == -1 && PyErr_Occurred()) return -1;
-    b->n_routes = PyArray_Check(args[at + 3]) ? PyArray_DIM((PyArrayObject *)args[at + 3], 0) : -1;
+    /* The length of route_chosen, read only from a 1-D array: a 0-d one has no shape (NULL). */
+    b->n_routes = PyArray_Check(args[at + 3]) && PyArray_NDIM((PyArrayObject *)args[at + 3]) == 1
+                      ? PyArray_DIM((PyArrayObject *)args[at + 3], 0)
+                      : -1;
     if (b->hidden < 1 || b->count < 0 || b->max_steps < 0 || b->max_steps > 0xFFFF || b->threshold < 1 || b->pending < 0 ||
         b->pending >= b->threshold || slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes) < 0 ||
         b->step_bytes < 4 * b->hidden || b->payload_off < SLOT_HEAD_BYTES + 8 * b->max_steps || b->n_routes < 0 ||

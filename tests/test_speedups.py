@@ -300,3 +300,36 @@ def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, m
     (up_c, *rest_c), (up_py, *rest_py) = states
     assert rest_c == rest_py
     np.testing.assert_allclose(up_c, up_py, rtol=1e-6)
+
+
+def test_the_learners_refuse_malformed_arrays_without_crashing():
+    """learn_slots/learn_routing check their arrays before reading a dimension: a 0-d array
+    (whose shape pointer numpy leaves NULL) where a per-route count is due is a ValueError,
+    not a segfault. Run in a child, so that a crash fails this test and not the run."""
+    from support import python_cmd, run
+
+    script = """
+import numpy as np
+from sona_shm.lane import _speedups as S
+block = np.zeros((1, 4096), np.uint8)
+args = (block, 1, 8, 1, 128, 64, 1)
+counts = (np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.zeros(2))
+for i in range(3):
+    for zero_d in (np.zeros((), np.uint64), np.zeros(())):
+        bad = list(counts)
+        bad[i] = zero_d
+        for learn, rest in (
+            (S.learn_slots, (np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0.1, 5, 0)),
+            (S.learn_routing, (np.zeros((1, 8)), np.zeros((1, 8)), np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32),
+                               np.eye(2, 8, dtype=np.float32), 10.0, 1.0, 5, 0)),
+        ):
+            try:
+                learn(*args, *rest, *bad)
+            except ValueError as exc:
+                assert "inconsistent arguments" in str(exc), exc
+            else:
+                raise AssertionError("accepted a 0-d count array")
+print("refused")
+"""
+    done = run(python_cmd("-c", script), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", (done.returncode, done.stderr[-2000:])
