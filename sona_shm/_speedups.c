@@ -56,6 +56,10 @@ static PyArrayObject *as_f32(PyObject *obj, Py_ssize_t exact_len, Py_ssize_t max
 
 static int copy_row(float *dst, const char *src, npy_intp n, npy_intp stride);
 
+/* An array whose elements may be read (and written) in place as native C floats/ints: in the
+ * machine's byte order ('>f4' is NPY_FLOAT32 too) and aligned. */
+static int native(PyArrayObject *a) { return PyArray_ISNOTSWAPPED(a) && PyArray_ISALIGNED(a); }
+
 /* Copy a float32 vector to dst; 0 if every value is finite, else -1. */
 static int copy_finite(float *dst, PyArrayObject *a) {
     return copy_row(dst, PyArray_BYTES(a), PyArray_DIM(a, 0), PyArray_STRIDE(a, 0));
@@ -445,7 +449,7 @@ static int copy_row(float *dst, const char *src, npy_intp n, npy_intp stride) {
 
 /* adapt(x, down, up_scaled) -> float32[h] / float32[n, h], or None (x is not a finite
  * native float32 [h] or [n, h] array: take the Python path). down, up_scaled:
- * C-contiguous float32[R, h], R in {1, 2}. Returns x + (x @ down.T) @ up_scaled. */
+ * native, aligned, C-contiguous float32[R, h], R in {1, 2}. Returns x + (x @ down.T) @ up_scaled. */
 static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "adapt() takes 3 arguments");
@@ -454,9 +458,9 @@ static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyArrayObject *d = (PyArrayObject *)args[1], *u = (PyArrayObject *)args[2];
     if (!PyArray_CheckExact(args[1]) || !PyArray_CheckExact(args[2]) || PyArray_NDIM(d) != 2 || PyArray_NDIM(u) != 2 ||
         PyArray_TYPE(d) != NPY_FLOAT32 || PyArray_TYPE(u) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(d) ||
-        !PyArray_IS_C_CONTIGUOUS(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
+        !PyArray_IS_C_CONTIGUOUS(u) || !native(d) || !native(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
         PyArray_DIM(d, 0) < 1 || PyArray_DIM(d, 0) > 2) {
-        PyErr_SetString(PyExc_ValueError, "adapt(): down and up_scaled must be C-contiguous float32[R, h], R in {1, 2}");
+        PyErr_SetString(PyExc_ValueError, "adapt(): down and up_scaled must be native, aligned, C-contiguous float32[R, h], R in {1, 2}");
         return NULL;
     }
     npy_intp rank = PyArray_DIM(d, 0), h = PyArray_DIM(d, 1);
@@ -576,14 +580,14 @@ typedef struct {
 static int f64_matrix(PyObject *obj, npy_intp rows, npy_intp cols, int type) {
     if (!PyArray_Check(obj)) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
            (rows < 0 || PyArray_DIM(a, 0) == rows) && PyArray_DIM(a, 1) == cols;
 }
 
 static int vector_of(PyObject *obj, npy_intp n, int type) {
     if (!PyArray_Check(obj)) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
            PyArray_DIM(a, 0) == n;
 }
 
@@ -704,7 +708,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     npy_intp h = b.hidden;
     if (!f64_matrix(args[7], -1, h, NPY_FLOAT64) || !f64_matrix(args[8], PyArray_DIM((PyArrayObject *)args[7], 0), h, NPY_FLOAT32)) {
-        PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable C-contiguous float64/float32[R, h]");
+        PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable, native, aligned, C-contiguous float64/float32[R, h]");
         goto release;
     }
     int width = check_slots(&b);
@@ -929,6 +933,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
     if (rank < 1 || rank > 2 || !f64_matrix(args[8], rank, h, NPY_FLOAT64) || !f64_matrix(args[9], rank, h, NPY_FLOAT32) ||
         !f64_matrix(args[10], rank, h, NPY_FLOAT32) || !PyArray_Check(args[11]) || PyArray_TYPE((PyArrayObject *)args[11]) != NPY_FLOAT32 ||
         PyArray_NDIM((PyArrayObject *)args[11]) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)args[11]) ||
+        !native((PyArrayObject *)args[11]) ||
         PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
         !(tau > 0))
         goto bad;
@@ -981,7 +986,8 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
     goto release;
 bad:
     PyErr_SetString(PyExc_ValueError,
-                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h], temperature > 0");
+                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h] "
+                    "(native, aligned, C-contiguous), temperature > 0");
 release:
     PyBuffer_Release(&b.block);
     return result;
@@ -1055,10 +1061,10 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyObject *adapted = adapt(self, args, 3);
     if (adapted == NULL || adapted == Py_None) return adapted;
     if (route_choice_type == NULL || !PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 ||
-        !PyArray_IS_C_CONTIGUOUS(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
+        !PyArray_IS_C_CONTIGUOUS(v) || !native(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
         !PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != PyArray_DIM(v, 0)) {
         Py_DECREF(adapted);
-        PyErr_SetString(PyExc_ValueError, "route(): unit must be C-contiguous float32[K, h] and names a tuple of K names");
+        PyErr_SetString(PyExc_ValueError, "route(): unit must be native, aligned, C-contiguous float32[K, h] and names a tuple of K names");
         return NULL;
     }
     npy_intp K = PyArray_DIM(v, 0), h = PyArray_DIM(v, 1);

@@ -333,3 +333,73 @@ print("refused")
 """
     done = run(python_cmd("-c", script), timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "refused", (done.returncode, done.stderr[-2000:])
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable copy of ``a`` whose data starts one byte off alignment."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.ndarray(a.shape, a.dtype, buffer=raw.data, offset=1)
+    out[...] = a
+    assert not out.flags.aligned and out.flags.c_contiguous
+    return out
+
+
+def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
+    """route(), adapt() and the learners read weights, routes and counts as native floats: an
+    array of another byte order (dtype '>f4' is NPY_FLOAT32 too) or misaligned is refused, not
+    read as garbage or written in the wrong byte order."""
+    from sona_shm.config import EngineConfig
+    from sona_shm.layout import Layout
+
+    speedups = lane_module._speedups
+    rng = np.random.default_rng(11)
+    h, k = 16, 4
+    x = rng.standard_normal(h).astype(F32)
+    down, up = (rng.standard_normal((2, h)).astype(F32) * 0.1 for _ in range(2))
+    unit = rng.standard_normal((k, h)).astype(F32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    names = ("a", "b", "c", "d")
+    assert speedups.route(x, down, up, unit, names).index == int(np.argmax(unit @ (x + (x @ down.T) @ up)))
+    for bad in (unit.astype(">f4"), _misaligned(unit)):
+        with pytest.raises(ValueError, match="route\\(\\): unit must be"):
+            speedups.route(x, down, up, bad, names)
+    for bad in (down.astype(">f4"), _misaligned(down)):
+        with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
+            speedups.adapt(x, bad, up)
+        with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
+            speedups.route(x, up, bad, unit, names)
+
+    layout = Layout(EngineConfig(hidden_dim=h, rule="routing", routes=k, max_steps=1, attention_dim=0))
+    slots = np.zeros(3, dtype=layout.slot_dtype)
+    slots["seq"] = np.arange(1, 4)
+    slots["query"] = rng.standard_normal((3, h))
+    slots["best_index"] = 1
+    raw = slots.view(np.uint8).reshape(3, layout.slot_bytes)
+    head = (raw, 3, h, 1, layout.payload_offset, layout.step_bytes, 1)
+
+    def routing_args():
+        return [np.zeros((2, h)), np.zeros((2, h)), up.copy(), down.copy(), unit, 10.0, 1.0, 5, 0,
+                np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]  # fmt: skip
+
+    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3)
+    for i in range(len(routing_args())):
+        args = routing_args()
+        if not isinstance(args[i], np.ndarray):
+            continue
+        for bad in (args[i].astype(args[i].dtype.newbyteorder()), _misaligned(args[i])):
+            args = routing_args()
+            args[i] = bad
+            with pytest.raises(ValueError):
+                speedups.learn_routing(*head, *args)
+            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or i in (2, 3, 4)  # nothing written into it
+
+    def slots_args():
+        return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]
+
+    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0)
+    for i in (0, 1, 5, 6, 7):
+        for bad in (slots_args()[i].astype(slots_args()[i].dtype.newbyteorder()), _misaligned(slots_args()[i])):
+            args = slots_args()
+            args[i] = bad
+            with pytest.raises(ValueError):
+                speedups.learn_slots(*head, *args)
