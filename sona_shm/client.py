@@ -350,6 +350,8 @@ class Client:
         table = self.routes
         if table is None:
             raise self._no_table("route")
+        if self._segment is None:
+            raise self._closed()
         if not (explore or sample) and _speedups is not None:  # the common call: greedy, one C call
             w = self._weights
             try:

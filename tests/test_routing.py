@@ -537,3 +537,14 @@ def test_stats_monitor_and_prometheus_show_routes_and_their_moving_share(engine,
     chosen = {s.labels["route"]: s.value for s in families["sona_shm_route_chosen"].samples if s.name.endswith("_total")}
     assert chosen == {"code": 5, "math": 3, "chat": 1, "search": 0}
     assert [s.labels["rule"] for s in families["sona_shm_engine_rule"].samples] == ["routing"]
+
+
+def test_client_route_on_a_closed_client_raises_closed_error(engine):
+    from sona_shm.errors import ClosedError
+
+    task, table, flusher, client = routing_engine(engine)
+    x = task.sample(1)[0][0]
+    client.close()
+    for kwargs in ({}, {"explore": 0.5}):
+        with pytest.raises(ClosedError, match="is closed; attach again"):
+            client.route(x, **kwargs)
