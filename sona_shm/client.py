@@ -352,7 +352,8 @@ class Client:
             raise self._no_table("route")
         if self._segment is None:
             raise self._closed()
-        if not (explore or sample) and _speedups is not None:  # the common call: greedy, one C call
+        # The common call, greedy, is one C call; anything else is checked as InstantLoop.route checks it.
+        if sample is False and explore == 0 and type(explore) in (float, int) and rng is None and _speedups is not None:
             w = self._weights
             try:
                 generation, _ = self._ledger.generation()
@@ -363,7 +364,7 @@ class Client:
             done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
-        epsilon = check_exploration(explore, sample) if explore or sample else 0.0
+        epsilon = check_exploration(explore, sample, rng)
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)

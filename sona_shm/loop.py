@@ -197,7 +197,7 @@ class InstantLoop:
         :meth:`feedback` the route returned (``choice.index``), the one actually served.
         """
         table = self._table("route")
-        epsilon = check_exploration(explore, sample)
+        epsilon = check_exploration(explore, sample, rng)
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)

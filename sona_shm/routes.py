@@ -229,7 +229,12 @@ def read_route_names(segment: Any) -> tuple[str, ...]:
 # ----------------------------------------------------------------- choosing
 
 
-def check_exploration(explore: Any, sample: Any) -> float:
+def check_exploration(explore: Any, sample: Any, rng: Any) -> float:
+    """The exploration probability ``explore`` as a float (None: 0), or raise naming what is wrong.
+
+    ``sample`` must be a bool, not both may explore, and ``rng`` must be None or have a
+    ``random()`` method (``random.Random``, ``numpy.random.Generator``).
+    """
     epsilon = 0.0 if explore is None else explore
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
         raise InvalidInputError(f"explore: expected a probability in [0, 1] (epsilon-greedy), got {explore!r}")
@@ -237,6 +242,8 @@ def check_exploration(explore: Any, sample: Any) -> float:
         raise InvalidInputError(f"sample: expected True or False, got {sample!r}")
     if sample and epsilon:
         raise InvalidInputError("explore, sample: choose one way to explore (epsilon-greedy or sampling from the softmax), got both")
+    if rng is not None and not callable(getattr(rng, "random", None)):
+        raise InvalidInputError(f"rng: expected None, a random.Random or a numpy Generator, got {rng!r}")
     return float(epsilon)
 
 

@@ -548,3 +548,33 @@ def test_client_route_on_a_closed_client_raises_closed_error(engine):
     for kwargs in ({}, {"explore": 0.5}):
         with pytest.raises(ClosedError, match="is closed; attach again"):
             client.route(x, **kwargs)
+
+
+def test_client_and_loop_route_accept_and_refuse_the_same_exploration_arguments(engine):
+    """explore/sample/rng are checked alike on the client (whichever path it takes) and on
+    InstantLoop: a falsy value of the wrong type is refused, not taken for "no exploration"."""
+    import random
+
+    task, table, flusher, client = routing_engine(engine)
+    loop = InstantLoop(16, 2, rule="routing", routes=table.vectors, route_names=table.names)
+    x = task.sample(1)[0][0]
+    good = [{}, dict(explore=None), dict(explore=0), dict(explore=0.0), dict(explore=1), dict(explore=np.float64(0.3)),
+            dict(sample=True), dict(sample=False), dict(explore=0.5, rng=np.random.default_rng(1)),
+            dict(sample=True, rng=random.Random(2)), dict(rng=None)]  # fmt: skip
+    bad = [
+        (dict(explore=False), "explore: expected a probability in [0, 1]"),
+        (dict(explore=[]), "explore: expected a probability in [0, 1]"),
+        (dict(explore=""), "explore: expected a probability in [0, 1]"),
+        (dict(sample=0), "sample: expected True or False, got 0"),
+        (dict(sample=None), "sample: expected True or False, got None"),
+        (dict(explore=0.5, rng=42), "rng: expected None, a random.Random or a numpy Generator, got 42"),
+        (dict(sample=True, rng="seed"), "rng: expected None, a random.Random or a numpy Generator, got 'seed'"),
+        (dict(rng=7), "rng: expected None, a random.Random or a numpy Generator, got 7"),
+    ]
+    for route in (client.route, loop.route):
+        for kwargs in good:
+            assert route(x, **kwargs).index in range(4), kwargs
+        for kwargs, fragment in bad:
+            with pytest.raises(InvalidInputError) as info:
+                route(x, **kwargs)
+            assert fragment in str(info.value), (route, kwargs, str(info.value))
