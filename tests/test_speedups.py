@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -403,3 +404,90 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
             args[i] = bad
             with pytest.raises(ValueError):
                 speedups.learn_slots(*head, *args)
+
+
+def feedback_trajectories(table) -> list[Trajectory]:
+    """Feedback on a 4-route engine: as feedback() encodes it, and recorded by hand."""
+    from sona_shm.routes import feedback_trajectory
+
+    rng = np.random.default_rng(12)
+    vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
+    made = [
+        feedback_trajectory(table, vec(H), route=1, reward=0.25, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route="d", reward=0.0, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route=0, reward=1.0, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route=None, reward=None, best="c", unit_reward=True),
+        feedback_trajectory(table, vec(H), route=0, reward=None, best=2, unit_reward=True),
+    ]
+    made = [dataclasses.replace(t, id=30 + i) for i, t in enumerate(made)]  # ids from the lane differ between the two passes
+    return made + [
+        Trajectory(vec(H), [], 1e-30, route_index=3, id=40),
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5), Step(vec(3), None, -2.0)], 5.0, route="x", best_index=0, id=41),  # full: any quality
+        Trajectory(vec(H), [], -3.0, route="plain", id=42),  # not a feedback
+        Trajectory(vec(H), [], 0.5, route_index=3, best_index=3, latency_us=9, id=43),
+    ]
+
+
+def refused_feedback() -> list[tuple[Trajectory, str]]:
+    """Feedback trajectories a 4-route routing engine refuses, and what the error names."""
+    x = np.ones(H, F32)
+    return [
+        (Trajectory(x, [], 0.5, route_index=4), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, best_index=65535), "best_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, route_index=-1), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, best_index=True), "best_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, route_index=1.0), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 1.5, route_index=1), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], -1e-30, route_index=1), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], 1.0000001, route_index=2), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], float("nan"), route_index=1), "quality: expected a finite number"),
+    ]
+
+
+def slot_bytes_written(client) -> bytes:
+    """Every byte of the last published slot that a reader may use, past its ``seq`` stamp."""
+    layout = client.layout
+    index = (client._writer.head - 1) % layout.lane_slots
+    at = layout.lane_slot(client.lane, index)
+    n = int.from_bytes(client._segment.buf[at + 28 : at + 30], "little")
+    return bytes(client._segment.buf[at + 8 : at + layout.prefix_bytes(max(1, n))])
+
+
+def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine, monkeypatch):
+    """On a routing engine both writers store route_index/best_index (and everything else) alike,
+    and refuse the same feedback trajectories: the C writer hands them back, the Python path
+    raises naming the field, and nothing is published."""
+    from sona_shm.errors import InvalidInputError
+    from sona_shm.routes import RouteTable
+
+    table = RouteTable.build(np.random.default_rng(13).standard_normal((4, H)), ["a", "b", "c", "d"])
+    flusher = engine(routes=table, rule="routing", lane_slots=64)
+    client = engine.attach()
+    assert type(client._writer) is lane_module._speedups.LaneWriter
+    by_c = []
+    for t in feedback_trajectories(table):
+        assert client._writer.record(t) in (lane_module.PUBLISHED, lane_module.PUBLISHED_RING), t
+        by_c.append(slot_bytes_written(client))
+    for t, fragment in refused_feedback():
+        assert client._writer.fill(t) == -1 and client._writer.record(t) == -1, t
+        with pytest.raises(InvalidInputError) as info:
+            client.record(t)
+        assert fragment in str(info.value), (t, str(info.value))
+    head = client._writer.head
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()
+    by_python = []
+    for t in feedback_trajectories(table):
+        assert client.record(t)
+        by_python.append(slot_bytes_written(client))
+    assert type(client._writer) is lane_module.PyLaneWriter
+    for t, fragment in refused_feedback():
+        with pytest.raises(InvalidInputError) as info:
+            client.record(t)
+        assert fragment in str(info.value), (t, str(info.value))
+    assert by_c == by_python
+    assert head == client._writer.head - len(by_python) == len(by_c)
+    assert flusher.scan() == 2 * len(by_c) and flusher.corrupt == 0
+    got = [(t.route_index, t.best_index) for t in client.drain()]
+    expected = [(t.route_index, t.best_index) for t in feedback_trajectories(table)]
+    assert got == expected + expected
