@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -160,6 +161,8 @@ class RouteTable:
 def _check_names(names: Any, k: int, where: str) -> tuple[str, ...]:
     if isinstance(names, (str, bytes)):
         raise InvalidInputError(f"{where} names: expected {k} names, got one string {names!r}")
+    if isinstance(names, np.ndarray) and names.ndim == 0:  # one string saved as an array: not K names
+        raise InvalidInputError(f"{where} names: expected {k} names, got one string {names.item()!r}")
     try:
         names = [
             n.decode("utf-8") if isinstance(n, bytes) else n for n in (names.tolist() if isinstance(names, np.ndarray) else list(names))
@@ -202,8 +205,20 @@ def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
         unknown = sorted(set(data.files) - {"vectors", "names"})
         if unknown:
             raise InvalidInputError(f"{where}: expected only the arrays 'vectors' and 'names', got also {unknown}")
-        names = data["names"] if "names" in data.files else None
-        return RouteTable.build(data["vectors"], names, hidden_dim=hidden_dim, where=where)
+        names = _npz_member(data, "names", where) if "names" in data.files else None
+        return RouteTable.build(_npz_member(data, "vectors", where), names, hidden_dim=hidden_dim, where=where)
+
+
+def _npz_member(data: Any, member: str, where: str) -> np.ndarray:
+    """One array of an open ``.npz``; members are read (and their CRC checked) only here."""
+    try:
+        return data[member]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InvalidInputError(f"{where} {member}: cannot be read without pickle (an object array); save numbers and str") from None
+        raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
 
 
 def read_route_table(segment: Any) -> RouteTable | None:

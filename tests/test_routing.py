@@ -98,6 +98,36 @@ def test_routes_files_npy_and_npz(tmp_path):
         load_routes(str(tmp_path / "junk.npz"))
 
 
+def test_routes_files_with_unreadable_members_or_a_single_name_are_refused(tmp_path):
+    """An .npz member that needs pickle (an object array) or is damaged, and a names array
+    that is one string (0-d), are InvalidInputErrors naming the file, not tracebacks or names
+    made of the string's characters."""
+    import zipfile
+
+    v = unit_rows(np.random.default_rng(14), 3, 8)
+    cases = {
+        "object_names.npz": dict(vectors=v, names=np.array(["a", "b", "c"], dtype=object)),
+        "object_vectors.npz": dict(vectors=v.astype(object)),
+        "one_name.npz": dict(vectors=v, names=np.array("abc")),
+    }
+    for file, arrays in cases.items():
+        np.savez(tmp_path / file, **arrays)
+    with zipfile.ZipFile(tmp_path / "damaged.npz", "w") as z:  # a member whose CRC does not match
+        z.writestr("vectors.npy", b"\x93NUMPY" + b"x" * 200)
+    raw = (tmp_path / "damaged.npz").read_bytes()
+    (tmp_path / "damaged.npz").write_bytes(raw.replace(b"x" * 50, b"y" * 50, 1))
+    for file, fragment in [
+        ("object_names.npz", "names: cannot be read without pickle"),
+        ("object_vectors.npz", "vectors: cannot be read without pickle"),
+        ("one_name.npz", "names: expected 3 names, got one string 'abc'"),
+        ("damaged.npz", "vectors: cannot be read"),
+    ]:
+        path = str(tmp_path / file)
+        with pytest.raises(InvalidInputError) as info:
+            load_routes(path)
+        assert str(info.value).startswith(f"routes file {path}") and fragment in str(info.value), (file, str(info.value))
+
+
 # ----------------------------------------------------------------- the gradient
 
 
