@@ -190,3 +190,51 @@ def test_routing_gradients_equal_finite_differences_of_the_loss(case):
             numeric[idx] = (hi - lo) / (2 * eps)
         scale = max(1.0, float(np.abs(numeric).max()))
         np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-5 * scale, err_msg=which)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(2, 40),
+    st.integers(1, 8),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.1, 1.0, 10.0, 1000.0]),
+)
+def test_loss_slopes_are_bounded_by_one(k, n, seed, temperature):
+    """|dL/dz_k| <= 1 for every row, full information or bandit, any reward in [0, 1] (README, "Which rule")."""
+    rng = np.random.default_rng(seed)
+    z = temperature * rng.uniform(-1, 1, (n, k))
+    z[0, 0] = temperature  # a confident router too
+    route_index = rng.integers(0, k, n)
+    best_index = np.where(rng.random(n) < 0.5, rng.integers(0, k, n), -1)
+    reward = np.where(rng.random(n) < 0.5, rng.integers(0, 2, n), rng.random(n))
+    c = routing_module._loss_slopes(z, route_index, best_index, reward)
+    assert np.isfinite(c).all() and np.abs(c).max() <= 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner(rank):
+    """|f(q^)| < 1e-6: no gradient (the signal still counts), in numpy and in C alike; just above it, a large one."""
+    from sona_shm.flusher import learn_block
+
+    _speedups()
+    h, k = 16, 3
+    rng = np.random.default_rng(rank)
+    unit = rng.standard_normal((k, h))
+    unit = (unit / np.linalg.norm(unit, axis=1, keepdims=True)).astype(F32)
+    qhat = np.zeros(h, np.float64)
+    qhat[0] = 1.0  # exact in float32, so f(q^) = (1 - (1 - eps)) q^ = eps q^ up to one rounding
+    layout = Layout(EngineConfig(hidden_dim=h, rank=rank, rule="routing", routes=k, max_steps=1, attention_dim=0))
+    for eps, teaches in ((2**-24, False), (2**-12, True)):
+        case = dict(h=h, rank=rank, lr=1.0, threshold=10, unit=unit, temperature=10.0)
+        case["down"] = np.zeros((rank, h), F32)
+        case["up"] = np.zeros((rank, h), F32)
+        case["down"][0] = qhat
+        case["up"][0] = -(1.0 - eps) * np.sqrt(rank) * qhat
+        case.update(query=qhat[None].astype(F32), route_index=np.array([1]), best_index=np.array([2]), reward=np.array([1.0], F32))
+        c, py = _learner(case), _learner(case)
+        assert learn_block(c, layout, _slots(case, layout), 1) == 0
+        py.learn_feedback(case["query"], case["route_index"], case["best_index"], case["reward"])
+        for learner in (c, py):
+            assert learner.pending == 1 and learner.metrics.signals_accumulated == 1
+            assert bool(np.abs(learner.grad_up).max() > 100) == teaches, (eps, np.abs(learner.grad_up).max())
+            assert learner.grad_up.any() == teaches and (teaches or not learner.grad_down.any())
