@@ -1012,11 +1012,18 @@ static inline __attribute__((always_inline)) float dot8(const float *a, const fl
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f. The index of
+/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f; |f| in float64
+ * when float32 would overflow or underflow, so that scores depend on f's direction only. The index of
  * the best (the first of equal maxima, as numpy.argmax). Up to eight routes at a time share each
  * load of f; every sum is dot8()'s, in dot8()'s order. */
 WIDE_VECTORS static npy_intp score_routes(const float *f, const float *V, npy_intp K, npy_intp h, float *out) {
-    double norm = sqrt((double)dot8(f, f, h));
+    float ff = dot8(f, f, h);
+    double norm = sqrt((double)ff);
+    if (!(ff >= 1e-30f && ff <= 1e30f)) { /* |f|^2 near or past float32's range (|f| > 1e15 or < 1e-15): redo it in float64 */
+        double sum = 0.0;
+        for (npy_intp i = 0; i < h; i++) sum += (double)f[i] * (double)f[i];
+        norm = sqrt(sum);
+    }
     npy_intp body = h - h % 8;
     for (npy_intp k0 = 0; k0 < K; k0 += 8) {
         int m = (int)(K - k0 < 8 ? K - k0 : 8);

@@ -263,9 +263,13 @@ def check_exploration(explore: Any, sample: Any, rng: Any) -> float:
 
 
 def cosine_scores(adapted: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector)."""
+    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector).
+
+    Norms are float64: in float32, ``|f|^2`` overflows above ``|f| ~ 1.8e19`` (and underflows
+    below ~1e-23), which would score such a vector 0 against every route.
+    """
     dots = adapted @ unit.T
-    norms = np.linalg.norm(adapted, axis=-1, keepdims=adapted.ndim > 1)
+    norms = np.linalg.norm(adapted.astype(np.float64), axis=-1, keepdims=adapted.ndim > 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0)
     return scores.astype(F32)

@@ -608,3 +608,28 @@ def test_client_and_loop_route_accept_and_refuse_the_same_exploration_arguments(
             with pytest.raises(InvalidInputError) as info:
                 route(x, **kwargs)
             assert fragment in str(info.value), (route, kwargs, str(info.value))
+
+
+def test_route_depends_on_the_direction_of_the_query_only(engine, monkeypatch):
+    """Scores are cosines: a query scaled by 1e20 or 1e-25 (float32 |f|^2 overflows or underflows)
+    scores and routes as the query itself does, on the C path, the Python path and InstantLoop."""
+    from sona_shm import client as client_module
+
+    task, table, flusher, client = routing_engine(engine)
+    for xi, yi in zip(*task.sample(40)):
+        client.feedback(xi, best=int(yi))
+    flusher.scan()
+    loop = InstantLoop(16, 2, rule="routing", routes=table.vectors, route_names=table.names)
+    x = task.sample(20)[0]
+    for path in ("C", "Python"):
+        if path == "Python":
+            monkeypatch.setattr(client_module, "_speedups", None)
+        for route in (client.route, loop.route):
+            plain = [route(xi) for xi in x]
+            for scale in (F32(1e20), F32(1e-25)):
+                scaled = [route(xi * scale) for xi in x]
+                for p, s in zip(plain, scaled):
+                    assert s.index == p.index, (path, scale)
+                    np.testing.assert_allclose(s.scores, p.scores, atol=1e-5, err_msg=f"{path} {scale}")
+            batch = route(x * F32(1e20))
+            np.testing.assert_array_equal(batch.index, [p.index for p in plain])
