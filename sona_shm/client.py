@@ -50,6 +50,8 @@ from .trajectory import Trajectory, check_trajectory
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _INF = math.inf
+#: route()'s default ``explore``; recognised by identity, so the common call costs no check.
+_NO_EXPLORATION = 0.0
 #: Seconds close() waits for a record() in progress in another thread (a few µs in practice:
 #: no call holds the lock while it waits).
 CLOSE_WAIT = 10.0
@@ -337,7 +339,7 @@ class Client:
 
     # ----------------------------------------------------------------- routing
 
-    def route(self, x: Any, *, explore: float = 0.0, sample: bool = False, rng: Any = None) -> RouteChoice:
+    def route(self, x: Any, *, explore: float = _NO_EXPLORATION, sample: bool = False, rng: Any = None) -> RouteChoice:
         """Choose one of the engine's routes for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)``.
 
         Lock-free like :meth:`forward`. ``explore``: the probability of serving a
@@ -350,21 +352,23 @@ class Client:
         table = self.routes
         if table is None:
             raise self._no_table("route")
-        if self._segment is None:
-            raise self._closed()
-        # The common call, greedy, is one C call; anything else is checked as InstantLoop.route checks it.
-        if sample is False and explore == 0 and type(explore) in (float, int) and rng is None and _speedups is not None:
+        # The defaults (the common call) need no checking; anything else is checked as InstantLoop.route checks it.
+        epsilon = 0.0 if explore is _NO_EXPLORATION and sample is False and rng is None else check_exploration(explore, sample, rng)
+        if not epsilon and sample is False and _speedups is not None:  # greedy: one C call
             w = self._weights
             try:
                 generation, _ = self._ledger.generation()
             except TornRead:  # the flusher outran us: keep the last good copy
                 generation = w.generation
+            except AttributeError:
+                if self._segment is None:  # close() took the ledger away
+                    raise self._closed() from None
+                raise
             if generation != w.generation:
                 w = self._load_weights()
             done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
-        epsilon = check_exploration(explore, sample, rng)
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)
