@@ -76,7 +76,7 @@ class InstantLoop:
         table = None
         if routes is not None:
             check_int("hidden_dim", hidden_dim, 1, 65_535)
-            table = RouteTable.build(routes, route_names, hidden_dim=hidden_dim)
+            table = RouteTable.build(routes, route_names, hidden_dim=hidden_dim, names_where="route_names")
         elif route_names is not None:
             raise InvalidInputError("route_names: expected None without routes (give routes= too)")
         config = EngineConfig(

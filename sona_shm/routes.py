@@ -67,12 +67,15 @@ class RouteTable:
     unit: np.ndarray
 
     @classmethod
-    def build(cls, vectors: Any, names: Any = None, *, hidden_dim: int | None = None, where: str = "routes") -> RouteTable:
+    def build(
+        cls, vectors: Any, names: Any = None, *, hidden_dim: int | None = None, where: str = "routes", names_where: str | None = None
+    ) -> RouteTable:
         """Validate a route table; raise :class:`InvalidInputError` naming what is wrong.
 
         ``names`` default to ``route0 … route{K-1}``. Vectors must be finite, non-zero
         and (if ``hidden_dim`` is given) of that width; names unique, non-empty, at most
-        64 UTF-8 bytes without NUL.
+        64 UTF-8 bytes without NUL. ``where`` names the vectors in errors, ``names_where``
+        the names (default ``"{where} names"``).
         """
         try:
             arr = np.asarray(vectors)
@@ -98,7 +101,7 @@ class RouteTable:
             raise InvalidInputError(f"{where}: expected non-zero vectors, vector {int(np.flatnonzero(norms <= 0)[0])} is all zeros")
         if names is None:
             names = [f"route{i}" for i in range(k)]
-        names = _check_names(names, k, where)
+        names = _check_names(names, k, names_where or f"{where} names")
         v.flags.writeable = False
         unit = (v.astype(np.float64) / norms[:, None]).astype(F32)
         unit.flags.writeable = False
@@ -158,32 +161,32 @@ class RouteTable:
         np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h)[...] = self.names_bytes()
 
 
-def _check_names(names: Any, k: int, where: str) -> tuple[str, ...]:
+def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
     if isinstance(names, (str, bytes)):
-        raise InvalidInputError(f"{where} names: expected {k} names, got one string {names!r}")
+        raise InvalidInputError(f"{label}: expected {k} names, got one string {names!r}")
     if isinstance(names, np.ndarray) and names.ndim == 0:  # one string saved as an array: not K names
-        raise InvalidInputError(f"{where} names: expected {k} names, got one string {names.item()!r}")
+        raise InvalidInputError(f"{label}: expected {k} names, got one string {names.item()!r}")
     try:
         names = [
             n.decode("utf-8") if isinstance(n, bytes) else n for n in (names.tolist() if isinstance(names, np.ndarray) else list(names))
         ]
     except (TypeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{where} names: expected {k} strings, got {names!r} ({exc})") from None
+        raise InvalidInputError(f"{label}: expected {k} strings, got {names!r} ({exc})") from None
     if len(names) != k:
-        raise InvalidInputError(f"{where} names: expected {k} names (one per vector), got {len(names)}")
+        raise InvalidInputError(f"{label}: expected {k} names (one per vector), got {len(names)}")
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > NAME_BYTES:
             raise InvalidInputError(
-                f"{where} names[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
+                f"{label}[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
             )
         try:
             n.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidInputError(f"{where} names[{i}]: expected text encodable as UTF-8, got {n!r}") from None
+            raise InvalidInputError(f"{label}[{i}]: expected text encodable as UTF-8, got {n!r}") from None
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in seen:
-            raise InvalidInputError(f"{where} names: expected unique names, {n!r} is both names[{seen[n]}] and names[{i}]")
+            raise InvalidInputError(f"{label}: expected unique names, {n!r} is both names[{seen[n]}] and names[{i}]")
         seen[n] = i
     return tuple(names)
 

@@ -633,3 +633,16 @@ def test_route_depends_on_the_direction_of_the_query_only(engine, monkeypatch):
                     np.testing.assert_allclose(s.scores, p.scores, atol=1e-5, err_msg=f"{path} {scale}")
             batch = route(x * F32(1e20))
             np.testing.assert_array_equal(batch.index, [p.index for p in plain])
+
+
+def test_instant_loop_names_route_names_in_its_errors():
+    v = unit_rows(np.random.default_rng(16), 3, 8)
+    for names, fragment in [
+        (["a", "a", "b"], "route_names: expected unique names, 'a' is both names[0] and names[1]"),
+        (["a", "b"], "route_names: expected 3 names (one per vector), got 2"),
+        (["a", "", "b"], "route_names[1]: expected a non-empty string"),
+        ("abc", "route_names: expected 3 names, got one string 'abc'"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            InstantLoop(8, 2, routes=v, route_names=names)
+        assert str(info.value).startswith(fragment), str(info.value)
