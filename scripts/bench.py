@@ -428,12 +428,14 @@ def run_learning(seconds: float) -> dict[str, float]:
             raw = slots.view(np.uint8).reshape(batch, layout.slot_bytes)
             learner = Learner(HIDDEN_DIM, RANK, layout.config.lr, 100, rule=rule, unit=unit if k else None)
             n_steps = slots["n_steps"].astype(np.int64)
+            route_index = slots["route_index"].astype(np.int64) - 1  # stored + 1 as uint16: 0 - 1 must be -1, not 65535
+            best_index = slots["best_index"].astype(np.int64) - 1
             done, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 if speedups is not None:
                     learn_block(learner, layout, raw, 1)
                 elif rule == "routing":
-                    learner.learn_feedback(slots["query"], slots["route_index"] - 1, slots["best_index"] - 1, slots["quality"])
+                    learner.learn_feedback(slots["query"], route_index, best_index, slots["quality"])
                 else:
                     query, rewards, act = slots["query"], slots["meta"]["reward"][:, :steps], slots["steps"]["act"][:, :steps]
                     learner.learn(learning_signals(query, rewards, act, n_steps), slots["quality"])

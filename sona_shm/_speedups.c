@@ -56,6 +56,10 @@ static PyArrayObject *as_f32(PyObject *obj, Py_ssize_t exact_len, Py_ssize_t max
 
 static int copy_row(float *dst, const char *src, npy_intp n, npy_intp stride);
 
+/* An array whose elements may be read (and written) in place as native C floats/ints: in the
+ * machine's byte order ('>f4' is NPY_FLOAT32 too) and aligned. */
+static int native(PyArrayObject *a) { return PyArray_ISNOTSWAPPED(a) && PyArray_ISALIGNED(a); }
+
 /* Copy a float32 vector to dst; 0 if every value is finite, else -1. */
 static int copy_finite(float *dst, PyArrayObject *a) {
     return copy_row(dst, PyArray_BYTES(a), PyArray_DIM(a, 0), PyArray_STRIDE(a, 0));
@@ -445,7 +449,7 @@ static int copy_row(float *dst, const char *src, npy_intp n, npy_intp stride) {
 
 /* adapt(x, down, up_scaled) -> float32[h] / float32[n, h], or None (x is not a finite
  * native float32 [h] or [n, h] array: take the Python path). down, up_scaled:
- * C-contiguous float32[R, h], R in {1, 2}. Returns x + (x @ down.T) @ up_scaled. */
+ * native, aligned, C-contiguous float32[R, h], R in {1, 2}. Returns x + (x @ down.T) @ up_scaled. */
 static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "adapt() takes 3 arguments");
@@ -454,9 +458,9 @@ static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyArrayObject *d = (PyArrayObject *)args[1], *u = (PyArrayObject *)args[2];
     if (!PyArray_CheckExact(args[1]) || !PyArray_CheckExact(args[2]) || PyArray_NDIM(d) != 2 || PyArray_NDIM(u) != 2 ||
         PyArray_TYPE(d) != NPY_FLOAT32 || PyArray_TYPE(u) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(d) ||
-        !PyArray_IS_C_CONTIGUOUS(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
+        !PyArray_IS_C_CONTIGUOUS(u) || !native(d) || !native(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
         PyArray_DIM(d, 0) < 1 || PyArray_DIM(d, 0) > 2) {
-        PyErr_SetString(PyExc_ValueError, "adapt(): down and up_scaled must be C-contiguous float32[R, h], R in {1, 2}");
+        PyErr_SetString(PyExc_ValueError, "adapt(): down and up_scaled must be native, aligned, C-contiguous float32[R, h], R in {1, 2}");
         return NULL;
     }
     npy_intp rank = PyArray_DIM(d, 0), h = PyArray_DIM(d, 1);
@@ -587,14 +591,14 @@ typedef struct {
 static int f64_matrix(PyObject *obj, npy_intp rows, npy_intp cols, int type) {
     if (!PyArray_Check(obj)) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
            (rows < 0 || PyArray_DIM(a, 0) == rows) && PyArray_DIM(a, 1) == cols;
 }
 
 static int vector_of(PyObject *obj, npy_intp n, int type) {
     if (!PyArray_Check(obj)) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) &&
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
            PyArray_DIM(a, 0) == n;
 }
 
@@ -614,7 +618,10 @@ static int parse_batch(PyObject *const *args, Py_ssize_t at, Batch *b) {
     if (b->threshold == -1 && PyErr_Occurred()) return -1;
     b->pending = PyLong_AsSsize_t(args[at + 2]);
     if (b->pending == -1 && PyErr_Occurred()) return -1;
-    b->n_routes = PyArray_Check(args[at + 3]) ? PyArray_DIM((PyArrayObject *)args[at + 3], 0) : -1;
+    /* The length of route_chosen, read only from a 1-D array: a 0-d one has no shape (NULL). */
+    b->n_routes = PyArray_Check(args[at + 3]) && PyArray_NDIM((PyArrayObject *)args[at + 3]) == 1
+                      ? PyArray_DIM((PyArrayObject *)args[at + 3], 0)
+                      : -1;
     if (b->hidden < 1 || b->count < 0 || b->max_steps < 0 || b->max_steps > 0xFFFF || b->threshold < 1 || b->pending < 0 ||
         b->pending >= b->threshold || slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes) < 0 ||
         b->step_bytes < 4 * b->hidden || b->payload_off < SLOT_HEAD_BYTES + 8 * b->max_steps || b->n_routes < 0 ||
@@ -729,7 +736,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     npy_intp h = b.hidden;
     if (!f64_matrix(args[7], -1, h, NPY_FLOAT64) || !f64_matrix(args[8], PyArray_DIM((PyArrayObject *)args[7], 0), h, NPY_FLOAT32)) {
-        PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable C-contiguous float64/float32[R, h]");
+        PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable, native, aligned, C-contiguous float64/float32[R, h]");
         goto release;
     }
     PyObject *corrupt = PyList_New(0);
@@ -964,6 +971,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
     if (rank < 1 || rank > 2 || !f64_matrix(args[8], rank, h, NPY_FLOAT64) || !f64_matrix(args[9], rank, h, NPY_FLOAT32) ||
         !f64_matrix(args[10], rank, h, NPY_FLOAT32) || !PyArray_Check(args[11]) || PyArray_TYPE((PyArrayObject *)args[11]) != NPY_FLOAT32 ||
         PyArray_NDIM((PyArrayObject *)args[11]) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)args[11]) ||
+        !native((PyArrayObject *)args[11]) ||
         PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
         !(tau > 0))
         goto bad;
@@ -1027,7 +1035,8 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
     goto release;
 bad:
     PyErr_SetString(PyExc_ValueError,
-                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h], temperature > 0");
+                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h] "
+                    "(native, aligned, C-contiguous), temperature > 0");
 release:
     PyBuffer_Release(&b.block);
     return result;
@@ -1052,11 +1061,18 @@ static inline __attribute__((always_inline)) float dot8(const float *a, const fl
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f. The index of
+/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f; |f| in float64
+ * when float32 would overflow or underflow, so that scores depend on f's direction only. The index of
  * the best (the first of equal maxima, as numpy.argmax). Up to eight routes at a time share each
  * load of f; every sum is dot8()'s, in dot8()'s order. */
 WIDE_VECTORS static npy_intp score_routes(const float *f, const float *V, npy_intp K, npy_intp h, float *out) {
-    double norm = sqrt((double)dot8(f, f, h));
+    float ff = dot8(f, f, h);
+    double norm = sqrt((double)ff);
+    if (!(ff >= 1e-30f && ff <= 1e30f)) { /* |f|^2 near or past float32's range (|f| > 1e15 or < 1e-15): redo it in float64 */
+        double sum = 0.0;
+        for (npy_intp i = 0; i < h; i++) sum += (double)f[i] * (double)f[i];
+        norm = sqrt(sum);
+    }
     npy_intp body = h - h % 8;
     for (npy_intp k0 = 0; k0 < K; k0 += 8) {
         int m = (int)(K - k0 < 8 ? K - k0 : 8);
@@ -1101,10 +1117,10 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyObject *adapted = adapt(self, args, 3);
     if (adapted == NULL || adapted == Py_None) return adapted;
     if (route_choice_type == NULL || !PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 ||
-        !PyArray_IS_C_CONTIGUOUS(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
+        !PyArray_IS_C_CONTIGUOUS(v) || !native(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
         !PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != PyArray_DIM(v, 0)) {
         Py_DECREF(adapted);
-        PyErr_SetString(PyExc_ValueError, "route(): unit must be C-contiguous float32[K, h] and names a tuple of K names");
+        PyErr_SetString(PyExc_ValueError, "route(): unit must be native, aligned, C-contiguous float32[K, h] and names a tuple of K names");
         return NULL;
     }
     npy_intp K = PyArray_DIM(v, 0), h = PyArray_DIM(v, 1);

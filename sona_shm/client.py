@@ -53,6 +53,8 @@ from .trajectory import Trajectory
 log = logging.getLogger("sona_shm.client")
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 _INF = math.inf
+#: route()'s default ``explore``; recognised by identity, so the common call costs no check.
+_NO_EXPLORATION = 0.0
 #: Seconds close() waits for a record() in progress in another thread (a few µs in practice:
 #: no call holds the lock while it waits).
 CLOSE_WAIT = 10.0
@@ -354,7 +356,7 @@ class Client:
 
     # ----------------------------------------------------------------- routing
 
-    def route(self, x: Any, *, explore: float = 0.0, sample: bool = False, rng: Any = None) -> RouteChoice:
+    def route(self, x: Any, *, explore: float = _NO_EXPLORATION, sample: bool = False, rng: Any = None) -> RouteChoice:
         """Choose one of the engine's routes for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)``.
 
         Lock-free like :meth:`forward`. ``explore``: the probability of serving a
@@ -367,18 +369,23 @@ class Client:
         table = self.routes
         if table is None:
             raise self._no_table("route")
-        if not (explore or sample) and _speedups is not None:  # the common call: greedy, one C call
+        # The defaults (the common call) need no checking; anything else is checked as InstantLoop.route checks it.
+        epsilon = 0.0 if explore is _NO_EXPLORATION and sample is False and rng is None else check_exploration(explore, sample, rng)
+        if not epsilon and sample is False and _speedups is not None:  # greedy: one C call
             w = self._weights
             try:
                 generation, _ = self._ledger.generation()
             except TornRead:  # the flusher outran us: keep the last good copy
                 generation = w.generation
+            except AttributeError:
+                if self._segment is None:  # close() took the ledger away
+                    raise self._closed() from None
+                raise
             if generation != w.generation:
                 w = self._load_weights()
             done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
-        epsilon = check_exploration(explore, sample) if explore or sample else 0.0
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)

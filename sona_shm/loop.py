@@ -76,7 +76,7 @@ class InstantLoop:
         table = None
         if routes is not None:
             check_int("hidden_dim", hidden_dim, 1, 65_535)
-            table = RouteTable.build(routes, route_names, hidden_dim=hidden_dim)
+            table = RouteTable.build(routes, route_names, hidden_dim=hidden_dim, names_where="route_names")
         elif route_names is not None:
             raise InvalidInputError("route_names: expected None without routes (give routes= too)")
         config = EngineConfig(
@@ -197,7 +197,7 @@ class InstantLoop:
         :meth:`feedback` the route returned (``choice.index``), the one actually served.
         """
         table = self._table("route")
-        epsilon = check_exploration(explore, sample)
+        epsilon = check_exploration(explore, sample, rng)
         adapted = self.forward(x)
         scores = cosine_scores(adapted, table.unit)
         greedy = np.argmax(scores, axis=-1)

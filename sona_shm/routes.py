@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -66,12 +67,15 @@ class RouteTable:
     unit: np.ndarray
 
     @classmethod
-    def build(cls, vectors: Any, names: Any = None, *, hidden_dim: int | None = None, where: str = "routes") -> RouteTable:
+    def build(
+        cls, vectors: Any, names: Any = None, *, hidden_dim: int | None = None, where: str = "routes", names_where: str | None = None
+    ) -> RouteTable:
         """Validate a route table; raise :class:`InvalidInputError` naming what is wrong.
 
         ``names`` default to ``route0 … route{K-1}``. Vectors must be finite, non-zero
         and (if ``hidden_dim`` is given) of that width; names unique, non-empty, at most
-        64 UTF-8 bytes without NUL.
+        64 UTF-8 bytes without NUL. ``where`` names the vectors in errors, ``names_where``
+        the names (default ``"{where} names"``).
         """
         try:
             arr = np.asarray(vectors)
@@ -97,7 +101,7 @@ class RouteTable:
             raise InvalidInputError(f"{where}: expected non-zero vectors, vector {int(np.flatnonzero(norms <= 0)[0])} is all zeros")
         if names is None:
             names = [f"route{i}" for i in range(k)]
-        names = _check_names(names, k, where)
+        names = _check_names(names, k, names_where or f"{where} names")
         v.flags.writeable = False
         unit = (v.astype(np.float64) / norms[:, None]).astype(F32)
         unit.flags.writeable = False
@@ -157,30 +161,32 @@ class RouteTable:
         np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h)[...] = self.names_bytes()
 
 
-def _check_names(names: Any, k: int, where: str) -> tuple[str, ...]:
+def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
     if isinstance(names, (str, bytes)):
-        raise InvalidInputError(f"{where} names: expected {k} names, got one string {names!r}")
+        raise InvalidInputError(f"{label}: expected {k} names, got one string {names!r}")
+    if isinstance(names, np.ndarray) and names.ndim == 0:  # one string saved as an array: not K names
+        raise InvalidInputError(f"{label}: expected {k} names, got one string {names.item()!r}")
     try:
         names = [
             n.decode("utf-8") if isinstance(n, bytes) else n for n in (names.tolist() if isinstance(names, np.ndarray) else list(names))
         ]
     except (TypeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{where} names: expected {k} strings, got {names!r} ({exc})") from None
+        raise InvalidInputError(f"{label}: expected {k} strings, got {names!r} ({exc})") from None
     if len(names) != k:
-        raise InvalidInputError(f"{where} names: expected {k} names (one per vector), got {len(names)}")
+        raise InvalidInputError(f"{label}: expected {k} names (one per vector), got {len(names)}")
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > NAME_BYTES:
             raise InvalidInputError(
-                f"{where} names[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
+                f"{label}[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
             )
         try:
             n.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidInputError(f"{where} names[{i}]: expected text encodable as UTF-8, got {n!r}") from None
+            raise InvalidInputError(f"{label}[{i}]: expected text encodable as UTF-8, got {n!r}") from None
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in seen:
-            raise InvalidInputError(f"{where} names: expected unique names, {n!r} is both names[{seen[n]}] and names[{i}]")
+            raise InvalidInputError(f"{label}: expected unique names, {n!r} is both names[{seen[n]}] and names[{i}]")
         seen[n] = i
     return tuple(names)
 
@@ -202,8 +208,20 @@ def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
         unknown = sorted(set(data.files) - {"vectors", "names"})
         if unknown:
             raise InvalidInputError(f"{where}: expected only the arrays 'vectors' and 'names', got also {unknown}")
-        names = data["names"] if "names" in data.files else None
-        return RouteTable.build(data["vectors"], names, hidden_dim=hidden_dim, where=where)
+        names = _npz_member(data, "names", where) if "names" in data.files else None
+        return RouteTable.build(_npz_member(data, "vectors", where), names, hidden_dim=hidden_dim, where=where)
+
+
+def _npz_member(data: Any, member: str, where: str) -> np.ndarray:
+    """One array of an open ``.npz``; members are read (and their CRC checked) only here."""
+    try:
+        return data[member]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InvalidInputError(f"{where} {member}: cannot be read without pickle (an object array); save numbers and str") from None
+        raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
 
 
 def read_route_table(segment: Any) -> RouteTable | None:
@@ -229,7 +247,12 @@ def read_route_names(segment: Any) -> tuple[str, ...]:
 # ----------------------------------------------------------------- choosing
 
 
-def check_exploration(explore: Any, sample: Any) -> float:
+def check_exploration(explore: Any, sample: Any, rng: Any) -> float:
+    """The exploration probability ``explore`` as a float (None: 0), or raise naming what is wrong.
+
+    ``sample`` must be a bool, not both may explore, and ``rng`` must be None or have a
+    ``random()`` method (``random.Random``, ``numpy.random.Generator``).
+    """
     epsilon = 0.0 if explore is None else explore
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
         raise InvalidInputError(f"explore: expected a probability in [0, 1] (epsilon-greedy), got {explore!r}")
@@ -237,13 +260,19 @@ def check_exploration(explore: Any, sample: Any) -> float:
         raise InvalidInputError(f"sample: expected True or False, got {sample!r}")
     if sample and epsilon:
         raise InvalidInputError("explore, sample: choose one way to explore (epsilon-greedy or sampling from the softmax), got both")
+    if rng is not None and not callable(getattr(rng, "random", None)):
+        raise InvalidInputError(f"rng: expected None, a random.Random or a numpy Generator, got {rng!r}")
     return float(epsilon)
 
 
 def cosine_scores(adapted: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector)."""
+    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector).
+
+    Norms are float64: in float32, ``|f|^2`` overflows above ``|f| ~ 1.8e19`` (and underflows
+    below ~1e-23), which would score such a vector 0 against every route.
+    """
     dots = adapted @ unit.T
-    norms = np.linalg.norm(adapted, axis=-1, keepdims=adapted.ndim > 1)
+    norms = np.linalg.norm(adapted.astype(np.float64), axis=-1, keepdims=adapted.ndim > 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         scores = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0)
     return scores.astype(F32)

@@ -1,10 +1,12 @@
 """A producer process for the integration tests.
 
-    python tests/producer.py NAME --seed S --count C [--threads T] [--fork K]
+    python tests/producer.py NAME --seed S --count C [--threads T] [--fork K] [--hold N]
 
 Records ``make_trajectories(seed, count, hidden_dim)`` (every thread and every forked
 child records its own copy with seed ``S*100 + k``), waits until all of it is learned,
-and prints one JSON line per process: pid, lane, recorded.
+and prints one JSON line per process: pid, lane, recorded. ``--hold N`` (on a new
+engine): keep the lane until N lanes have recorded, so that N such producers provably
+held N distinct lanes, however the machine schedules them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from sona_shm.client import attach
 
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fork", type=int, default=0, help="children forked after attaching")
+    p.add_argument("--hold", type=int, default=0, help="keep the lane until this many lanes of the engine have recorded")
     args = p.parse_args()
 
     client = attach(args.name, timeout=30)
@@ -80,6 +84,13 @@ def main() -> None:
         _, status = os.waitpid(pid, 0)
         failed += os.waitstatus_to_exitcode(status) != 0
     client.sync(timeout=60)
+    # Hold the lane until N lanes of the (new) engine have recorded. The first producer to get
+    # past this saw N lanes in use while none had left, so N producers held N distinct lanes.
+    deadline = time.monotonic() + 120
+    while (used := sum(1 for lane in client.statistics().lanes if lane.records)) < args.hold:  # polled, with a deadline
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--hold {args.hold}: only {used} lanes recorded after 120 s")
+        time.sleep(0.01)
     report(client, recorded)
     client.close()
     sys.exit(1 if failed else 0)

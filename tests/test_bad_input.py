@@ -292,3 +292,74 @@ def test_uint64_max_input_is_accepted_without_a_numpy_warning(name, path):
     done = run([sys.executable, "-c", WARNINGS_SCRIPT, name, path], timeout=120)  # the default warning filters
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[True, True, True]" and done.stderr == ""
+
+
+K = 4  #: routes of the routing engine below
+
+
+def bad_route_indices() -> st.SearchStrategy:
+    return st.one_of(
+        st.integers(max_value=-1),
+        st.integers(min_value=K),
+        st.sampled_from([True, False, 1.0, "1", "code", b"\x01", np.float64(1), np.int64(K), np.uint16(65535), [1], math.nan]),
+        not_numbers.filter(lambda v: v is not None),
+    )
+
+
+@st.composite
+def malformed_feedback(draw) -> tuple[Trajectory, str]:
+    """A feedback trajectory a routing engine with K routes refuses, and the label the error must start with."""
+    t = valid_trajectory(draw(st.integers(0, 2)))
+    t.route_index = draw(st.one_of(st.none(), st.integers(0, K - 1)))
+    t.best_index = draw(st.integers(0, K - 1)) if t.route_index is None else draw(st.one_of(st.none(), st.integers(0, K - 1)))
+    field = draw(st.sampled_from(["route_index", "best_index", "reward"]))
+    if field == "reward":  # a bandit feedback's quality is its reward, in [0, 1] under the routing rule
+        t.route_index, t.best_index = draw(st.integers(0, K - 1)), None
+        t.quality = draw(
+            st.one_of(
+                st.floats(max_value=-1e-45, allow_nan=False, allow_infinity=False),
+                st.floats(min_value=1.0000001, allow_nan=False, allow_infinity=False),
+                st.sampled_from([math.nan, math.inf, -math.inf, 2, -1]),
+            )
+        )
+        return t, "quality: "
+    setattr(t, field, draw(bad_route_indices()))
+    return t, f"{field}: "
+
+
+def test_feedback_trajectories_are_refused_alike_by_both_writers_and_the_loop(engine, monkeypatch):
+    from sona_shm import lane as lane_module
+    from sona_shm.routes import RouteTable
+
+    table = RouteTable.build(np.random.default_rng(15).standard_normal((K, H)), ["a", "b", "c", "d"])
+    flusher = engine(routes=table, rule="routing")
+    client = engine.attach()
+    loop = InstantLoop(H, 2, rule="routing", routes=table.vectors, route_names=table.names, capacity=4)
+    assert client.record(valid_trajectory()) and loop.on_trajectory(valid_trajectory()) is None  # lane claimed
+    before, loop_before = state(client), (loop.up.tobytes(), loop.metrics, loop.buffer_stats())
+
+    @SETTINGS
+    @given(malformed_feedback())
+    def check(case):
+        traj, label = case
+        for target in (client.record, loop.on_trajectory):
+            try:
+                target(traj)
+            except InvalidInputError as exc:
+                assert str(exc).startswith(label), (label, str(exc))
+            else:
+                raise AssertionError(f"{target} accepted a feedback with a bad {label!r}: {traj!r}")
+        assert state(client) == before and (loop.up.tobytes(), loop.metrics, loop.buffer_stats()) == loop_before
+
+    recorded = 1
+    if lane_module._speedups is not None:
+        assert type(client._writer) is lane_module._speedups.LaneWriter
+        check()
+        monkeypatch.setattr(lane_module, "_speedups", None)
+        client.release_lane()
+        assert client.record(valid_trajectory())  # the lane again, with the Python writer
+        recorded += 1
+        before = state(client)
+    assert type(client._writer) is lane_module.PyLaneWriter
+    check()
+    assert flusher.scan() == recorded  # only the valid ones ever committed

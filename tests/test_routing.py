@@ -98,6 +98,36 @@ def test_routes_files_npy_and_npz(tmp_path):
         load_routes(str(tmp_path / "junk.npz"))
 
 
+def test_routes_files_with_unreadable_members_or_a_single_name_are_refused(tmp_path):
+    """An .npz member that needs pickle (an object array) or is damaged, and a names array
+    that is one string (0-d), are InvalidInputErrors naming the file, not tracebacks or names
+    made of the string's characters."""
+    import zipfile
+
+    v = unit_rows(np.random.default_rng(14), 3, 8)
+    cases = {
+        "object_names.npz": dict(vectors=v, names=np.array(["a", "b", "c"], dtype=object)),
+        "object_vectors.npz": dict(vectors=v.astype(object)),
+        "one_name.npz": dict(vectors=v, names=np.array("abc")),
+    }
+    for file, arrays in cases.items():
+        np.savez(tmp_path / file, **arrays)
+    with zipfile.ZipFile(tmp_path / "damaged.npz", "w") as z:  # a member whose CRC does not match
+        z.writestr("vectors.npy", b"\x93NUMPY" + b"x" * 200)
+    raw = (tmp_path / "damaged.npz").read_bytes()
+    (tmp_path / "damaged.npz").write_bytes(raw.replace(b"x" * 50, b"y" * 50, 1))
+    for file, fragment in [
+        ("object_names.npz", "names: cannot be read without pickle"),
+        ("object_vectors.npz", "vectors: cannot be read without pickle"),
+        ("one_name.npz", "names: expected 3 names, got one string 'abc'"),
+        ("damaged.npz", "vectors: cannot be read"),
+    ]:
+        path = str(tmp_path / file)
+        with pytest.raises(InvalidInputError) as info:
+            load_routes(path)
+        assert str(info.value).startswith(f"routes file {path}") and fragment in str(info.value), (file, str(info.value))
+
+
 # ----------------------------------------------------------------- the gradient
 
 
@@ -539,3 +569,82 @@ def test_stats_monitor_and_prometheus_show_routes_and_their_moving_share(engine,
     chosen = {s.labels["route"]: s.value for s in families["sona_shm_route_chosen"].samples if s.name.endswith("_total")}
     assert chosen == {"code": 5, "math": 3, "chat": 1, "search": 0}
     assert [s.labels["rule"] for s in families["sona_shm_engine_rule"].samples] == ["routing"]
+
+
+def test_client_route_on_a_closed_client_raises_closed_error(engine):
+    from sona_shm.errors import ClosedError
+
+    task, table, flusher, client = routing_engine(engine)
+    x = task.sample(1)[0][0]
+    client.close()
+    for kwargs in ({}, {"explore": 0.5}):
+        with pytest.raises(ClosedError, match="is closed; attach again"):
+            client.route(x, **kwargs)
+
+
+def test_client_and_loop_route_accept_and_refuse_the_same_exploration_arguments(engine):
+    """explore/sample/rng are checked alike on the client (whichever path it takes) and on
+    InstantLoop: a falsy value of the wrong type is refused, not taken for "no exploration"."""
+    import random
+
+    task, table, flusher, client = routing_engine(engine)
+    loop = InstantLoop(16, 2, rule="routing", routes=table.vectors, route_names=table.names)
+    x = task.sample(1)[0][0]
+    good = [{}, dict(explore=None), dict(explore=0), dict(explore=0.0), dict(explore=1), dict(explore=np.float64(0.3)),
+            dict(sample=True), dict(sample=False), dict(explore=0.5, rng=np.random.default_rng(1)),
+            dict(sample=True, rng=random.Random(2)), dict(rng=None)]  # fmt: skip
+    bad = [
+        (dict(explore=False), "explore: expected a probability in [0, 1]"),
+        (dict(explore=[]), "explore: expected a probability in [0, 1]"),
+        (dict(explore=""), "explore: expected a probability in [0, 1]"),
+        (dict(sample=0), "sample: expected True or False, got 0"),
+        (dict(sample=None), "sample: expected True or False, got None"),
+        (dict(explore=0.5, rng=42), "rng: expected None, a random.Random or a numpy Generator, got 42"),
+        (dict(sample=True, rng="seed"), "rng: expected None, a random.Random or a numpy Generator, got 'seed'"),
+        (dict(rng=7), "rng: expected None, a random.Random or a numpy Generator, got 7"),
+    ]
+    for route in (client.route, loop.route):
+        for kwargs in good:
+            assert route(x, **kwargs).index in range(4), kwargs
+        for kwargs, fragment in bad:
+            with pytest.raises(InvalidInputError) as info:
+                route(x, **kwargs)
+            assert fragment in str(info.value), (route, kwargs, str(info.value))
+
+
+def test_route_depends_on_the_direction_of_the_query_only(engine, monkeypatch):
+    """Scores are cosines: a query scaled by 1e20 or 1e-25 (float32 |f|^2 overflows or underflows)
+    scores and routes as the query itself does, on the C path, the Python path and InstantLoop."""
+    from sona_shm import client as client_module
+
+    task, table, flusher, client = routing_engine(engine)
+    for xi, yi in zip(*task.sample(40)):
+        client.feedback(xi, best=int(yi))
+    flusher.scan()
+    loop = InstantLoop(16, 2, rule="routing", routes=table.vectors, route_names=table.names)
+    x = task.sample(20)[0]
+    for path in ("C", "Python"):
+        if path == "Python":
+            monkeypatch.setattr(client_module, "_speedups", None)
+        for route in (client.route, loop.route):
+            plain = [route(xi) for xi in x]
+            for scale in (F32(1e20), F32(1e-25)):
+                scaled = [route(xi * scale) for xi in x]
+                for p, s in zip(plain, scaled):
+                    assert s.index == p.index, (path, scale)
+                    np.testing.assert_allclose(s.scores, p.scores, atol=1e-5, err_msg=f"{path} {scale}")
+            batch = route(x * F32(1e20))
+            np.testing.assert_array_equal(batch.index, [p.index for p in plain])
+
+
+def test_instant_loop_names_route_names_in_its_errors():
+    v = unit_rows(np.random.default_rng(16), 3, 8)
+    for names, fragment in [
+        (["a", "a", "b"], "route_names: expected unique names, 'a' is both names[0] and names[1]"),
+        (["a", "b"], "route_names: expected 3 names (one per vector), got 2"),
+        (["a", "", "b"], "route_names[1]: expected a non-empty string"),
+        ("abc", "route_names: expected 3 names, got one string 'abc'"),
+    ]:
+        with pytest.raises(InvalidInputError) as info:
+            InstantLoop(8, 2, routes=v, route_names=names)
+        assert str(info.value).startswith(fragment), str(info.value)

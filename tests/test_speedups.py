@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -300,3 +301,193 @@ def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, m
     (up_c, *rest_c), (up_py, *rest_py) = states
     assert rest_c == rest_py
     np.testing.assert_allclose(up_c, up_py, rtol=1e-6)
+
+
+def test_the_learners_refuse_malformed_arrays_without_crashing():
+    """learn_slots/learn_routing check their arrays before reading a dimension: a 0-d array
+    (whose shape pointer numpy leaves NULL) where a per-route count is due is a ValueError,
+    not a segfault. Run in a child, so that a crash fails this test and not the run."""
+    from support import python_cmd, run
+
+    script = """
+import numpy as np
+from sona_shm.lane import _speedups as S
+block = np.zeros((1, 4096), np.uint8)
+args = (block, 1, 8, 1, 128, 64, 1)
+counts = (np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.zeros(2))
+for i in range(3):
+    for zero_d in (np.zeros((), np.uint64), np.zeros(())):
+        bad = list(counts)
+        bad[i] = zero_d
+        for learn, rest in (
+            (S.learn_slots, (np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0.1, 5, 0)),
+            (S.learn_routing, (np.zeros((1, 8)), np.zeros((1, 8)), np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32),
+                               np.eye(2, 8, dtype=np.float32), 10.0, 1.0, 5, 0)),
+        ):
+            try:
+                learn(*args, *rest, *bad)
+            except ValueError as exc:
+                assert "inconsistent arguments" in str(exc), exc
+            else:
+                raise AssertionError("accepted a 0-d count array")
+print("refused")
+"""
+    done = run(python_cmd("-c", script), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", (done.returncode, done.stderr[-2000:])
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, writable copy of ``a`` whose data starts one byte off alignment."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.ndarray(a.shape, a.dtype, buffer=raw.data, offset=1)
+    out[...] = a
+    assert not out.flags.aligned and out.flags.c_contiguous
+    return out
+
+
+def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
+    """route(), adapt() and the learners read weights, routes and counts as native floats: an
+    array of another byte order (dtype '>f4' is NPY_FLOAT32 too) or misaligned is refused, not
+    read as garbage or written in the wrong byte order."""
+    from sona_shm.config import EngineConfig
+    from sona_shm.layout import Layout
+
+    speedups = lane_module._speedups
+    rng = np.random.default_rng(11)
+    h, k = 16, 4
+    x = rng.standard_normal(h).astype(F32)
+    down, up = (rng.standard_normal((2, h)).astype(F32) * 0.1 for _ in range(2))
+    unit = rng.standard_normal((k, h)).astype(F32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    names = ("a", "b", "c", "d")
+    assert speedups.route(x, down, up, unit, names).index == int(np.argmax(unit @ (x + (x @ down.T) @ up)))
+    for bad in (unit.astype(">f4"), _misaligned(unit)):
+        with pytest.raises(ValueError, match="route\\(\\): unit must be"):
+            speedups.route(x, down, up, bad, names)
+    for bad in (down.astype(">f4"), _misaligned(down)):
+        with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
+            speedups.adapt(x, bad, up)
+        with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
+            speedups.route(x, up, bad, unit, names)
+
+    layout = Layout(EngineConfig(hidden_dim=h, rule="routing", routes=k, max_steps=1, attention_dim=0))
+    slots = np.zeros(3, dtype=layout.slot_dtype)
+    slots["seq"] = np.arange(1, 4)
+    slots["query"] = rng.standard_normal((3, h))
+    slots["best_index"] = 1
+    raw = slots.view(np.uint8).reshape(3, layout.slot_bytes)
+    head = (raw, 3, h, 1, layout.payload_offset, layout.step_bytes, 1)
+
+    def routing_args():
+        return [np.zeros((2, h)), np.zeros((2, h)), up.copy(), down.copy(), unit, 10.0, 1.0, 5, 0,
+                np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]  # fmt: skip
+
+    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3)
+    for i in range(len(routing_args())):
+        args = routing_args()
+        if not isinstance(args[i], np.ndarray):
+            continue
+        for bad in (args[i].astype(args[i].dtype.newbyteorder()), _misaligned(args[i])):
+            args = routing_args()
+            args[i] = bad
+            with pytest.raises(ValueError):
+                speedups.learn_routing(*head, *args)
+            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or i in (2, 3, 4)  # nothing written into it
+
+    def slots_args():
+        return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]
+
+    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0)
+    for i in (0, 1, 5, 6, 7):
+        for bad in (slots_args()[i].astype(slots_args()[i].dtype.newbyteorder()), _misaligned(slots_args()[i])):
+            args = slots_args()
+            args[i] = bad
+            with pytest.raises(ValueError):
+                speedups.learn_slots(*head, *args)
+
+
+def feedback_trajectories(table) -> list[Trajectory]:
+    """Feedback on a 4-route engine: as feedback() encodes it, and recorded by hand."""
+    from sona_shm.routes import feedback_trajectory
+
+    rng = np.random.default_rng(12)
+    vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
+    made = [
+        feedback_trajectory(table, vec(H), route=1, reward=0.25, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route="d", reward=0.0, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route=0, reward=1.0, best=None, unit_reward=True),
+        feedback_trajectory(table, vec(H), route=None, reward=None, best="c", unit_reward=True),
+        feedback_trajectory(table, vec(H), route=0, reward=None, best=2, unit_reward=True),
+    ]
+    made = [dataclasses.replace(t, id=30 + i) for i, t in enumerate(made)]  # ids from the lane differ between the two passes
+    return made + [
+        Trajectory(vec(H), [], 1e-30, route_index=3, id=40),
+        Trajectory(vec(H), [Step(vec(H), vec(A), 0.5), Step(vec(3), None, -2.0)], 5.0, route="x", best_index=0, id=41),  # full: any quality
+        Trajectory(vec(H), [], -3.0, route="plain", id=42),  # not a feedback
+        Trajectory(vec(H), [], 0.5, route_index=3, best_index=3, latency_us=9, id=43),
+    ]
+
+
+def refused_feedback() -> list[tuple[Trajectory, str]]:
+    """Feedback trajectories a 4-route routing engine refuses, and what the error names."""
+    x = np.ones(H, F32)
+    return [
+        (Trajectory(x, [], 0.5, route_index=4), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, best_index=65535), "best_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, route_index=-1), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, best_index=True), "best_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 0.5, route_index=1.0), "route_index: expected None or a route index in [0, 3]"),
+        (Trajectory(x, [], 1.5, route_index=1), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], -1e-30, route_index=1), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], 1.0000001, route_index=2), "quality: expected the reward of a bandit feedback in [0, 1]"),
+        (Trajectory(x, [], float("nan"), route_index=1), "quality: expected a finite number"),
+    ]
+
+
+def slot_bytes_written(client) -> bytes:
+    """Every byte of the last published slot that a reader may use, past its ``seq`` stamp."""
+    layout = client.layout
+    index = (client._writer.head - 1) % layout.lane_slots
+    at = layout.lane_slot(client.lane, index)
+    n = int.from_bytes(client._segment.buf[at + 28 : at + 30], "little")
+    return bytes(client._segment.buf[at + 8 : at + layout.prefix_bytes(max(1, n))])
+
+
+def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine, monkeypatch):
+    """On a routing engine both writers store route_index/best_index (and everything else) alike,
+    and refuse the same feedback trajectories: the C writer hands them back, the Python path
+    raises naming the field, and nothing is published."""
+    from sona_shm.errors import InvalidInputError
+    from sona_shm.routes import RouteTable
+
+    table = RouteTable.build(np.random.default_rng(13).standard_normal((4, H)), ["a", "b", "c", "d"])
+    flusher = engine(routes=table, rule="routing", lane_slots=64)
+    client = engine.attach()
+    assert type(client._writer) is lane_module._speedups.LaneWriter
+    by_c = []
+    for t in feedback_trajectories(table):
+        assert client._writer.record(t) in (lane_module.PUBLISHED, lane_module.PUBLISHED_RING), t
+        by_c.append(slot_bytes_written(client))
+    for t, fragment in refused_feedback():
+        assert client._writer.fill(t) == -1 and client._writer.record(t) == -1, t
+        with pytest.raises(InvalidInputError) as info:
+            client.record(t)
+        assert fragment in str(info.value), (t, str(info.value))
+    head = client._writer.head
+    monkeypatch.setattr(lane_module, "_speedups", None)
+    client.release_lane()
+    by_python = []
+    for t in feedback_trajectories(table):
+        assert client.record(t)
+        by_python.append(slot_bytes_written(client))
+    assert type(client._writer) is lane_module.PyLaneWriter
+    for t, fragment in refused_feedback():
+        with pytest.raises(InvalidInputError) as info:
+            client.record(t)
+        assert fragment in str(info.value), (t, str(info.value))
+    assert by_c == by_python
+    assert head == client._writer.head - len(by_python) == len(by_c)
+    assert flusher.scan() == 2 * len(by_c) and flusher.corrupt == 0
+    got = [(t.route_index, t.best_index) for t in client.drain()]
+    expected = [(t.route_index, t.best_index) for t in feedback_trajectories(table)]
+    assert got == expected + expected

@@ -86,7 +86,9 @@ def test_four_producers_learn_everything_exactly_once(procs, name, threshold):
         "--lane-slots",
         "256",
     )
-    results = run_producers(procs, name, *[["--seed", str(s), "--count", "2000"] for s in range(4)])
+    # --hold 4: all four hold their lanes at once before they exit, whatever the load (else a producer
+    # done before another starts frees its lane for it, and the distinct-lanes check below is a race)
+    results = run_producers(procs, name, *[["--seed", str(s), "--count", "2000", "--hold", "4"] for s in range(4)])
     assert sorted(r["recorded"] for r in results) == [2000] * 4
     # Each had a lane of its own while it ran (producers that do not overlap in time may
     # take turns on one: a lane is free the moment its owner exits).
