@@ -113,20 +113,19 @@ def _close(name: str, c: np.ndarray, py: np.ndarray, tol: float, scale: float = 
 @given(st.booleans().flatmap(lambda flushes: st.tuples(st.just(flushes), routing_cases(flushes))))
 def test_c_routing_learner_equals_the_numpy_learner(drawn):
     """Without a flush both learners sum the same float64 gradients, up to the order of the
-    sums (1e-8: a query the adapter maps near zero amplifies rounding by 1/|f|^2); once a flush rounds U and D to float32, a last-bit difference there may
-    carry into the next window's gradients (1e-5 then: a wrong U, D or window is O(1) off)."""
+    sums (1e-8: a query the adapter maps near zero amplifies rounding by 1/|f|^2); once a
+    flush rounds U and D to float32, a last-bit difference there may carry into the next
+    window's gradients (1e-5 then: a wrong U, D or window is O(1) off)."""
     from sona_shm.flusher import learn_block
 
     flushes, case = drawn
     _speedups()
-    layout = Layout(
-        EngineConfig(hidden_dim=case["h"], rank=case["rank"], rule="routing", routes=case["k"], max_steps=1, attention_dim=0)
-    )
+    layout = Layout(EngineConfig(hidden_dim=case["h"], rank=case["rank"], rule="routing", routes=case["k"], max_steps=1, attention_dim=0))
     raw = _slots(case, layout)
     c, py = _learner(case), _learner(case)
     bounds = [0, *case["cuts"], len(raw)]
     for lo, hi in zip(bounds, bounds[1:]):
-        assert learn_block(c, layout, raw[lo:hi], lo + 1) == 0
+        assert learn_block(c, layout, raw[lo:hi], lo + 1) == (0, [])
         part = slice(lo, hi)
         py.learn_feedback(case["query"][part], case["route_index"][part], case["best_index"][part], case["reward"][part])
         py.count_routes(case["route_index"][part], case["best_index"][part], case["reward"][part])
@@ -232,7 +231,7 @@ def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner
         case["up"][0] = -(1.0 - eps) * np.sqrt(rank) * qhat
         case.update(query=qhat[None].astype(F32), route_index=np.array([1]), best_index=np.array([2]), reward=np.array([1.0], F32))
         c, py = _learner(case), _learner(case)
-        assert learn_block(c, layout, _slots(case, layout), 1) == 0
+        assert learn_block(c, layout, _slots(case, layout), 1) == (0, [])
         py.learn_feedback(case["query"], case["route_index"], case["best_index"], case["reward"])
         for learner in (c, py):
             assert learner.pending == 1 and learner.metrics.signals_accumulated == 1

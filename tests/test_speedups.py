@@ -382,7 +382,7 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
         return [np.zeros((2, h)), np.zeros((2, h)), up.copy(), down.copy(), unit, 10.0, 1.0, 5, 0,
                 np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]  # fmt: skip
 
-    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3)
+    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3, [])
     for i in range(len(routing_args())):
         args = routing_args()
         if not isinstance(args[i], np.ndarray):
@@ -397,7 +397,7 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
     def slots_args():
         return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]
 
-    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0)
+    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0, 3, [])
     for i in (0, 1, 5, 6, 7):
         for bad in (slots_args()[i].astype(slots_args()[i].dtype.newbyteorder()), _misaligned(slots_args()[i])):
             args = slots_args()

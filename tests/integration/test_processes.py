@@ -90,9 +90,7 @@ def test_four_producers_learn_everything_exactly_once(procs, name, threshold):
     # done before another starts frees its lane for it, and the distinct-lanes check below is a race)
     results = run_producers(procs, name, *[["--seed", str(s), "--count", "2000", "--hold", "4"] for s in range(4)])
     assert sorted(r["recorded"] for r in results) == [2000] * 4
-    # Each had a lane of its own while it ran (producers that do not overlap in time may
-    # take turns on one: a lane is free the moment its owner exits).
-    assert all(0 <= r["lane"] < 8 for r in results)
+    assert len({r["lane"] for r in results}) == 4
     with attach(name) as client:
         client.flush(timeout=60)
         stats = client.stats()
