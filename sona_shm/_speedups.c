@@ -916,7 +916,7 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
         }
     }
     /* m = f^ . w with w = sum_k c_k v_k; u_r . w; then g = t w - (t m / |f|) f, t = tau / |f| */
-    double t = tau / fn, m = 0, uw[2] = {0, 0};
+    double t = tau / (fn > 0.1 ? fn : 0.1), m = 0, uw[2] = {0, 0}; /* routing.GRADIENT_FLOOR: a clip */
     for (npy_intp k = 0; k < K; k++) {
         m += w->c[k] * w->vq[k];
         for (npy_intp r = 0; r < R; r++) uw[r] += w->c[k] * w->VU[k][r];

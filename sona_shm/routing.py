@@ -28,6 +28,13 @@ g) q``. Every ``flush_threshold`` signals ``U += lr G_U / n`` and ``D += lr G_D 
 (:meth:`sona_shm.learning.Learner.flush`). A query that is zero, or that the adapter
 maps to (almost) zero, teaches nothing (its signal still counts).
 
+Cosine scores do not depend on the length of ``f``, so the exact gradient grows as
+``tau / |f|`` when the adapter maps a query close to zero: one such feedback could move
+the adapter by thousands. The factor is capped at ``tau / GRADIENT_FLOOR`` (the gradient
+is clipped, never turned around): for every query whose ``|f|`` is at least
+``GRADIENT_FLOOR`` — all of them at the start, where ``f = q/|q|`` — the gradient is the
+exact one.
+
 Everything is computed in float64 from the float32 state; ``_speedups.learn_routing``
 is the C twin, equal up to the order of float64 sums.
 """
@@ -40,6 +47,8 @@ F64 = np.dtype(np.float64)
 
 #: |f(q/|q|)| below this: the adapter maps the query to (almost) zero; no gradient.
 MIN_ADAPTED_NORM = 1e-6
+#: The gradient's factor tau/|f| is taken at |f| = max(|f|, GRADIENT_FLOOR): a clip (module docstring).
+GRADIENT_FLOOR = 0.1
 
 
 def gradients(
@@ -64,7 +73,7 @@ def gradients(
     c = _loss_slopes(z, np.asarray(route_index), np.asarray(best_index), np.asarray(reward, dtype=F64))
     c[~live] = 0.0
     w = c @ unit.astype(F64)  # [n, h]: sum_k c_k v_k
-    g = (temperature / fn)[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
+    g = (temperature / np.maximum(fn, GRADIENT_FLOOR))[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
     grad_up = s * (kappa.T @ g)
     grad_down = s * ((g @ up.astype(F64).T).T @ q)
     return grad_up, grad_down

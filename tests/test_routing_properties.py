@@ -212,7 +212,7 @@ def test_loss_slopes_are_bounded_by_one(k, n, seed, temperature):
 
 @pytest.mark.parametrize("rank", [1, 2])
 def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner(rank):
-    """|f(q^)| < 1e-6: no gradient (the signal still counts), in numpy and in C alike; just above it, a large one."""
+    """|f(q^)| < 1e-6: no gradient (the signal still counts), in numpy and in C alike; just above it, a clipped one."""
     from sona_shm.flusher import learn_block
 
     _speedups()
@@ -235,5 +235,7 @@ def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner
         py.learn_feedback(case["query"], case["route_index"], case["best_index"], case["reward"])
         for learner in (c, py):
             assert learner.pending == 1 and learner.metrics.signals_accumulated == 1
-            assert bool(np.abs(learner.grad_up).max() > 100) == teaches, (eps, np.abs(learner.grad_up).max())
+            # Above the minimum it teaches, but clipped: tau / |f| is taken at |f| = GRADIENT_FLOOR
+            # (the exact gradient here would be ~1e5): s |d.q| (tau / 0.1) |P w| <= 1 * 1 * 100 * 2.
             assert learner.grad_up.any() == teaches and (teaches or not learner.grad_down.any())
+            assert np.abs(learner.grad_up).max() <= 200 and np.abs(learner.grad_down).max() <= 200
