@@ -705,8 +705,8 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
 }
 
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width, learned, corrupt)
+ *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
+ *   -> (pending, flushes, width, learned, corrupt[, consumed])
  * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
  * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
  * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
@@ -718,12 +718,19 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
  * Learner.count_routes does. A slot that fails flusher.slot_checks() -- its stamp, a bound,
  * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
  * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
- * ``learned``: count - len(corrupt). */
+ * ``learned``: count - len(corrupt).
+ * With ``stop`` true (the fleet's sealing mode), reaching ``flush_threshold`` applies nothing:
+ * the window's sums are complete in grad_up, the call returns at once with ``pending`` ==
+ * flush_threshold and ``consumed``, the slots it went through (the caller seals the window,
+ * zeroes the sums and calls again for the rest). Up to that point the sums are the same,
+ * bit for bit, as without ``stop``. */
 static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 arguments");
+    if (nargs != 15 && nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 or 16 arguments");
         return NULL;
     }
+    int stop = 0;
+    if (nargs == 16 && (stop = PyObject_IsTrue(args[15])) < 0) return NULL;
     Batch b;
     if (parse_batch(args, 9, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -751,7 +758,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyErr_NoMemory();
             goto release;
         }
-        Py_ssize_t pending = b.pending;
+        Py_ssize_t pending = b.pending, consumed = b.count;
         long flushes = 0;
         int dirty = 0, failed = 0; /* dirty: acc holds sums not yet added to G */
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
@@ -777,7 +784,14 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             double w = (double)head.quality * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
             for (npy_intp i = 0; i < h; i++) acc[i] += w * sig[i];
             dirty = 1;
-            if (++pending == b.threshold) {
+            if (++pending == b.threshold && stop) { /* sealing: the window is complete, apply nothing */
+                for (npy_intp r = 0; r < rank; r++)
+                    for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+                dirty = 0;
+                consumed = k + 1;
+                break;
+            }
+            if (pending == b.threshold) {
                 for (npy_intp r = 0; r < rank; r++) {
                     for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
                     apply_row(U + r * h, G + r * h, h, b.lr / (double)pending);
@@ -794,7 +808,13 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyMem_Free(g);
         PyMem_Free(acc);
         PyMem_Free(g64);
-        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, b.count - PyList_GET_SIZE(corrupt), corrupt);
+        Py_ssize_t learned = consumed - PyList_GET_SIZE(corrupt);
+        if (failed)
+            result = NULL;
+        else if (nargs == 16)
+            result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
+        else
+            result = Py_BuildValue("(nlinN)", pending, flushes, width, learned, corrupt);
         if (failed) Py_DECREF(corrupt);
     }
 release:
@@ -938,8 +958,8 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
 
 /* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *               grad_up, grad_down, up, down, unit, temperature,
- *               lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width, signals, corrupt)
+ *               lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
+ *   -> (pending, flushes, width, signals, corrupt[, consumed])
  * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
  * the same maths as routing.gradients() in float64, expanded so that a signal costs
  * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
@@ -947,12 +967,15 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
  * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
  * best_index is not a signal. Flushes apply both U and D (Learner.flush). A slot that fails
  * flusher.slot_checks() (its stamp, a bound, a feedback's query not finite or a bandit
- * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. */
+ * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. ``stop``: as
+ * for learn_slots (the window's G_U and G_D are complete, nothing applied, ``consumed`` returned). */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 arguments");
+    if (nargs != 19 && nargs != 20) {
+        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 or 20 arguments");
         return NULL;
     }
+    int stop = 0;
+    if (nargs == 20 && (stop = PyObject_IsTrue(args[19])) < 0) return NULL;
     Batch b;
     if (parse_batch(args, 13, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -987,7 +1010,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         w->U = mem, w->D = w->U + rank * h, w->V = w->D + rank * h, w->q = w->V + K * h;
         for (npy_intp i = 0; i < K * h; i++) w->V[i] = V32[i];
         window_load(w, U32, D32);
-        Py_ssize_t pending = b.pending, signals = 0;
+        Py_ssize_t pending = b.pending, signals = 0, consumed = b.count;
         long flushes = 0;
         int failed = 0;
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
@@ -1007,7 +1030,11 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             count_route(&b, head);
             if (!feedback) continue; /* an ordinary trajectory: not a signal */
             signals++;
-            if (++pending == b.threshold) {
+            if (++pending == b.threshold && stop) { /* sealing: fold below, apply nothing */
+                consumed = k + 1;
+                break;
+            }
+            if (pending == b.threshold) {
                 window_fold(w, GU);
                 for (npy_intp r = 0; r < rank; r++) {
                     apply_row(U32 + r * h, GU + r * h, h, b.lr / (double)pending);
@@ -1021,7 +1048,12 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         window_fold(w, GU);
         PyMem_Free(w);
         PyMem_Free(mem);
-        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
+        if (failed)
+            result = NULL;
+        else if (nargs == 20)
+            result = Py_BuildValue("(nlinNn)", pending, flushes, width, signals, corrupt, consumed);
+        else
+            result = Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
         if (failed) Py_DECREF(corrupt);
     }
     goto release;
