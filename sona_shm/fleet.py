@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError, SonaShmError
+from .errors import InvalidInputError
 from .layout import (
     FI_HOST,
     FI_HOST_LEN,
@@ -75,7 +75,7 @@ from .layout import (
 from .learning import Learner
 from .ledger import Ledger
 from .redis_log import FleetError, FleetLog, Joined, LinkDown, config_json, connect
-from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamEntry, StreamId, host_key
+from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
 from .routes import RouteTable
 from .sealed import apply_window
 from .segment import Segment
@@ -275,7 +275,8 @@ class _Publisher(_Link):
             with self._cond:
                 if not self._windows:
                     return
-                batch, size = [], 0
+                batch: list[tuple[int, bytes]] = []
+                size = 0
                 for seq, window in self._windows.items():
                     if (batch and seq != batch[-1][0] + 1) or len(batch) >= PUBLISH_BATCH or size + len(window) > PUBLISH_BYTES and batch:
                         break
@@ -325,7 +326,9 @@ class _Reader(_Link):
                 with self._lock:
                     reason, self._resync = self._resync, None
                 if reason is None and joined is not None and self.epoch != joined.epoch:
-                    reason = "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
+                    reason = (
+                        "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
+                    )
                 if reason is None and not checked and self.cursor != ZERO_ID:
                     trimmed = fleet.trimmed()
                     if self.cursor < trimmed:
@@ -420,6 +423,7 @@ class FleetMember:
         buf = segment.numpy_buffer()
         self._outbox = np.ndarray((layout.fleet_outbox, layout.entry_bytes), np.uint8, buffer=buf, offset=layout.outbox_offset)
         self._region = np.ndarray((layout.fleet_bytes,), np.uint8, buffer=buf, offset=layout.fleet_offset)
+        self._words = self._region.data  # the same bytes, as a memoryview for struct
         self.replica = Replica(layout, state, self._outbox, options.host_id, routes)
         self.config_json = config_json(layout.config, routes)
         self.host_key_hex = f"{host_key(options.host_id):016x}"
@@ -449,8 +453,8 @@ class FleetMember:
             region[at + FI_TOKEN : at + FI_TOKEN + FLEET_TOKEN_BYTES] = np.frombuffer(token, np.uint8)
         host, key = self.options.host_id.encode(), self.options.key.encode()
         if self.replica.bound:
-            (host_len,) = struct.unpack_from("<H", region, at + FI_HOST_LEN)
-            (key_len,) = struct.unpack_from("<H", region, at + FI_KEY_LEN)
+            (host_len,) = struct.unpack_from("<H", self._words, at + FI_HOST_LEN)
+            (key_len,) = struct.unpack_from("<H", self._words, at + FI_KEY_LEN)
             bound_host = bytes(region[at + FI_HOST : at + FI_HOST + host_len]).decode("utf-8", "replace")
             bound_key = bytes(region[at + FI_KEY : at + FI_KEY + key_len]).decode("utf-8", "replace")
             if (bound_host, bound_key) != (self.options.host_id, self.options.key):
@@ -463,7 +467,7 @@ class FleetMember:
             region[at + FI_KEY : at + FI_KEY + FLEET_KEY_BYTES] = 0
             region[at + FI_HOST : at + FI_HOST + len(host)] = np.frombuffer(host, np.uint8)
             region[at + FI_KEY : at + FI_KEY + len(key)] = np.frombuffer(key, np.uint8)
-            struct.pack_into("<HH", region, at + FI_HOST_LEN, len(host), len(key))
+            struct.pack_into("<HH", self._words, at + FI_HOST_LEN, len(host), len(key))
         return token.hex()
 
     # ----------------------------------------------------------------- starting and stopping
@@ -658,7 +662,8 @@ class FleetMember:
         self._offered = max(self._offered, replica.head)
         if not self._acks:
             return []
-        done, waiting = [], []
+        done: list[list[int]] = []
+        waiting: list[list[int]] = []
         for ack in self._acks:
             lane, request, head, needed = ack
             if needed < 0 and int(self._tails[lane]) >= head and self.learner.pending == 0:
@@ -673,16 +678,16 @@ class FleetMember:
         replica = self.replica
         oldest = replica.oldest_outstanding_at()
         self.lag_s = max(0.0, now - oldest) if oldest is not None else 0.0
-        region, m, k = self._region, FLEET_MAIN_LINE, FLEET_LINK_LINE
-        struct.pack_into("<d", region, m + FM_LAG, self.lag_s)
-        struct.pack_into("<Q", region, m + FM_PAUSED, int(self.paused))
-        struct.pack_into("<Q", region, m + FM_PAUSES, self.pauses)
-        struct.pack_into("<Q", region, m + FM_HOSTS, replica.hosts)
-        struct.pack_into("<Q", region, k + FK_CONNECTED, int(self.publisher.connected and self.reader.connected))
-        struct.pack_into("<d", region, k + FK_CONTACT_AT, max(self.publisher.contact_at, self.reader.contact_at))
-        struct.pack_into("<Q", region, k + FK_PUBLISHED, max(self.publisher.published, replica.tail))
-        struct.pack_into("<d", region, k + FK_ERROR_AT, max(self.publisher.error_at, self.reader.error_at))
-        struct.pack_into("<d", region, m + FM_UPDATED_AT, now)  # last: the line's figures are as of then
+        m, k = FLEET_MAIN_LINE, FLEET_LINK_LINE
+        struct.pack_into("<d", self._words, m + FM_LAG, self.lag_s)
+        struct.pack_into("<Q", self._words, m + FM_PAUSED, int(self.paused))
+        struct.pack_into("<Q", self._words, m + FM_PAUSES, self.pauses)
+        struct.pack_into("<Q", self._words, m + FM_HOSTS, replica.hosts)
+        struct.pack_into("<Q", self._words, k + FK_CONNECTED, int(self.publisher.connected and self.reader.connected))
+        struct.pack_into("<d", self._words, k + FK_CONTACT_AT, max(self.publisher.contact_at, self.reader.contact_at))
+        struct.pack_into("<Q", self._words, k + FK_PUBLISHED, max(self.publisher.published, replica.tail))
+        struct.pack_into("<d", self._words, k + FK_ERROR_AT, max(self.publisher.error_at, self.reader.error_at))
+        struct.pack_into("<d", self._words, m + FM_UPDATED_AT, now)  # last: the line's figures are as of then
 
     def finish(self, commit: Callable[[], None], timeout: float = FINISH_TIMEOUT) -> None:
         """At shutdown: wait (at most ``timeout``) until every own window is published and applied back.

@@ -675,7 +675,14 @@ def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: 
     of slots consumed."""
     count = block.shape[0]
     head = (block, count, layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
-    tail: tuple[Any, ...] = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward)
+    tail: tuple[Any, ...] = (
+        learner.lr,
+        learner.flush_threshold,
+        learner.pending,
+        learner.route_chosen,
+        learner.route_best,
+        learner.route_reward,
+    )
     if stop:
         tail += (True,)
     if learner.rule == "routing":

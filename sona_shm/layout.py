@@ -497,7 +497,19 @@ class Layout:
             layout.outbox_offset,
             layout.fleet_hosts,
         )
-        stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off, routes_off, fleet_off, outbox_off, fleet_hosts)
+        stored = (
+            header_bytes,
+            total,
+            slot_bytes,
+            ledger_off,
+            lanes_off,
+            slots_off,
+            buffer_off,
+            routes_off,
+            fleet_off,
+            outbox_off,
+            fleet_hosts,
+        )
         if derived != stored:
             raise LayoutMismatchError(f"segment {name!r}: header offsets {stored} disagree with its dimensions {derived}")
         if size < total:
