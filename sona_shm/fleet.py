@@ -435,6 +435,7 @@ class FleetMember:
         self.pauses = 0
         self.lag_s = 0.0
         self._offered = self.replica.tail  # own windows handed to the publisher, up to this seq
+        self._committed_head, self._committed_cursor = self.replica.head, self.replica.cursor
         self._acks: list[list[int]] = []  # [lane, request, head at request, seq needed (0: not sealed yet)]
         self._bell = segment.bell  # opened here, before the threads use it
         self.publisher = _Publisher(self)
@@ -609,6 +610,13 @@ class FleetMember:
         if foreign and self.layout.config.rule == "routing":
             replica.speculate(self.learner.up, self.learner.down)
         return changed
+
+    def commit_points(self) -> tuple[str, ...]:
+        """What the commit being made does since the last one (``seal``, ``apply``): for the test-only pause hook."""
+        replica = self.replica
+        points = ("seal",) * (replica.head > self._committed_head) + ("apply",) * (replica.cursor != self._committed_cursor)
+        self._committed_head, self._committed_cursor = replica.head, replica.cursor
+        return points
 
     def may_open_window(self) -> bool:
         """Whether a new window may start learning: the segment is bound and the outbox has room (and ``--fleet-lag`` allows)."""

@@ -377,32 +377,62 @@ class Flusher:
     def _learn_slots_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
         """:meth:`_learn_slots` in fleet mode: a window that reaches ``flush_threshold`` is sealed
         (:meth:`FleetMember.seal`) where the engine would apply it, and a new window starts only
-        while the outbox has room. Returns the number learned and the slots consumed."""
+        while the outbox has room. Returns the number learned and the slots consumed.
+
+        The sums are those of the engine without a fleet, bit for bit: the C learners stop
+        exactly where they would apply; the numpy path computes the block's signals at once,
+        as :meth:`_learn_slots` does, and cuts the learning at each window's last signal.
+        """
+        if _speedups is None:
+            return self._learn_numpy_fleet(lane, first, count, index)
         layout, learner, fleet = self.layout, self.learner, self.fleet
-        threshold = learner.flush_threshold
         learned = done = 0
         while done < count:
             if not fleet.bound or (learner.pending == 0 and not fleet.may_open_window()):
                 break
             flat = lane * layout.lane_slots + first + done
-            n = count - done
-            if _speedups is not None:
-                width, corrupt, consumed = learn_block(learner, layout, self._slot_bytes[flat : flat + n], index + done + 1, stop=True)
-                valid = np.ones(consumed, bool)
-                valid[corrupt] = False
-                if learner.pending == threshold:
-                    fleet.seal()
-            else:
-                rec = self._slots[lane, first + done : first + count]
-                ok = slot_checks(rec, index + done + 1, layout)
-                signal = ok & ((rec["route_index"] > 0) | (rec["best_index"] > 0)) if learner.rule == "routing" else ok
-                at = np.flatnonzero(signal)
-                need = threshold - learner.pending
-                consumed = int(at[need - 1]) + 1 if len(at) >= need else n  # the window's last signal ends this cut
-                valid = ok[:consumed]
-                width = self._learn_numpy(rec[:consumed][valid])  # seals through learner.sealer at the threshold
+            block = self._slot_bytes[flat : flat + count - done]
+            width, corrupt, consumed = learn_block(learner, layout, block, index + done + 1, stop=True)
+            valid = np.ones(consumed, bool)
+            valid[corrupt] = False
+            if learner.pending == learner.flush_threshold:
+                fleet.seal()
             learned += self._account_slots(lane, flat, valid, width, index + done)
             done += consumed
+        return learned, done
+
+    def _learn_numpy_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        layout, learner, fleet = self.layout, self.learner, self.fleet
+        rec = self._slots[lane, first : first + count]
+        ok = slot_checks(rec, index + 1, layout)
+        valid = rec[ok]  # the learned slots, in order
+        routing = learner.rule == "routing"
+        n_steps = valid["n_steps"].astype(np.int64)
+        route_index = valid["route_index"].astype(np.int64) - 1
+        best_index = valid["best_index"].astype(np.int64) - 1
+        signals = None
+        if not routing and len(valid):
+            w = max(1, int(n_steps.max()))
+            signals = learning_signals(valid["query"], valid["meta"]["reward"][:, :w], valid["steps"]["act"][:, :w], n_steps)
+        is_signal = ok & ((rec["route_index"] > 0) | (rec["best_index"] > 0)) if routing else ok
+        signal_at = np.flatnonzero(is_signal)  # block positions of the signals
+        learned = done = at = 0  # at: position in ``valid``
+        while done < count:
+            if not fleet.bound or (learner.pending == 0 and not fleet.may_open_window()):
+                break
+            need = learner.flush_threshold - learner.pending
+            ahead = signal_at[signal_at >= done]
+            cut = int(ahead[need - 1]) + 1 if len(ahead) >= need else count  # the window's last signal ends this part
+            part_ok = ok[done:cut]
+            part = slice(at, at + int(part_ok.sum()))
+            if routing:
+                learner.learn_feedback(valid["query"][part], route_index[part], best_index[part], valid["quality"][part])
+            elif signals is not None and part.stop > part.start:
+                learner.learn(signals[part], valid["quality"][part])  # seals through learner.sealer at the threshold
+            learner.count_routes(route_index[part], best_index[part], valid["quality"][part])
+            width = int(n_steps[part].max()) if part.stop > part.start else 0
+            learned += self._account_slots(lane, lane * layout.lane_slots + first + done, part_ok, width, index + done)
+            at, done = part.stop, cut
         return learned, done
 
     def _learn_numpy(self, rec: np.ndarray) -> int:
@@ -502,7 +532,10 @@ class Flusher:
         st["buffer_dropped"] = self.buffer_dropped
         st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
-        self.ledger.publish(self._state)
+        points: tuple[str, ...] = ()
+        if self.fleet is not None:
+            points = self.fleet.commit_points()
+        self.ledger.publish(self._state, points)
 
     def _has_work(self) -> bool:
         u64, tails, fleet = self._u64, self._tails, self.fleet
