@@ -30,7 +30,6 @@ or wait, nothing committed is lost.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import logging
@@ -219,7 +218,7 @@ class _Publisher(_Link):
     def __init__(self, member: FleetMember) -> None:
         super().__init__("sona-fleet-publisher", member)
         self._cond = threading.Condition()
-        self._windows: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # seq -> window, oldest first
+        self._windows: dict[int, bytes] = {}  # seq -> window not yet confirmed in the stream
         self.joined: Joined | None = None
         self.rejoin = threading.Event()
         self.joined_event = threading.Event()
@@ -246,6 +245,7 @@ class _Publisher(_Link):
                 if self.joined is None or self.rejoin.is_set():
                     self.rejoin.clear()
                     self.joined = member.join(fleet)
+                    self.published = self.joined.last_seq
                     renew_at = time.monotonic() + _LEASE_RENEW
                     member.inbox.put(("joined", self.joined))
                     self.joined_event.set()
@@ -277,7 +277,8 @@ class _Publisher(_Link):
                     return
                 batch: list[tuple[int, bytes]] = []
                 size = 0
-                for seq, window in self._windows.items():
+                for seq in sorted(self._windows):  # oldest first: Redis appends only past the host's last
+                    window = self._windows[seq]
                     if (batch and seq != batch[-1][0] + 1) or len(batch) >= PUBLISH_BATCH or size + len(window) > PUBLISH_BYTES and batch:
                         break
                     batch.append((seq, window))
@@ -289,6 +290,10 @@ class _Publisher(_Link):
                 first_seq=batch[0][0],
                 windows=[w for _, w in batch],
             )
+            if last is None:  # the lease lapsed (a long pause): take it back, unless another engine has it
+                if not fleet.renew(self.options.host_id, self.member.token):
+                    raise FleetError(f"fleet {self.options.key!r}: another engine took host id {self.options.host_id!r}")
+                continue
             if _PAUSE_AFTER_XADD:
                 _PAUSE_AFTER_XADD = False
                 os.kill(os.getpid(), signal.SIGSTOP)  # test hook: in the stream, not yet applied back
@@ -307,11 +312,14 @@ class _Reader(_Link):
         self.cursor = cursor
         self.epoch = epoch
         self._resync: str | None = None
+        self._resync_after = 0.0
         self._lock = threading.Lock()
 
-    def request_resync(self, reason: str) -> None:
+    def request_resync(self, reason: str, delay: float = 0.0) -> None:
+        """Fetch the fleet's snapshot for the main loop (after ``delay`` seconds: a refused one is not asked for in a loop)."""
         with self._lock:
             self._resync = reason
+            self._resync_after = time.monotonic() + delay
 
     def loop(self) -> None:
         member = self.member
@@ -325,6 +333,9 @@ class _Reader(_Link):
                 fleet = self._connect()
                 with self._lock:
                     reason, self._resync = self._resync, None
+                    if reason is not None and time.monotonic() < self._resync_after:
+                        self._resync = reason  # not yet: read on meanwhile (the main loop drops what it cannot apply)
+                        reason = None
                 if reason is None and joined is not None and self.epoch != joined.epoch:
                     reason = (
                         "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
@@ -580,7 +591,8 @@ class FleetMember:
                     replica.load(snap)
                 except BadSnapshot as exc:
                     log.error("fleet %r: %s; asking for it again", self.options.key, exc)
-                    self.reader.request_resync(reason)
+                    self.awaiting_resync = reason  # what comes after it must not be applied to this state
+                    self.reader.request_resync(reason, delay=5.0)
                     continue
                 log.log(
                     logging.WARNING if reason.startswith(("the", "entries", "host")) else logging.INFO,
@@ -598,6 +610,9 @@ class FleetMember:
                 changed = weights = foreign = True
             elif kind == "joined":
                 joined: Joined = message[1]
+                # Offer every outstanding window again: Redis may have lost some it had confirmed
+                # (a failover, a restart without persistence); it appends only what it lacks.
+                self._offered = replica.tail
                 if not replica.bound:
                     replica.rebase(joined.last_seq)
                     changed = True

@@ -23,8 +23,10 @@ The scripts run atomically in Redis, so a failover keeps or loses each one whole
   to every reader), and only while the caller holds the host's lease (a fenced zombie
   appends nothing). Repeating a publish whose answer was lost appends nothing.
 - ``snapshot``: stores a snapshot only if its stream id is newer than the newest one
-  (set-if-newer), keeps the one it replaces as ``:snap:prev``, and trims the stream up
-  to the id of that older one (XTRIM MINID), noting the id in ``:trimmed``.
+  (set-if-newer) and names an entry the stream holds (a replica that applied entries a
+  failover lost never offers its state), keeps the one it replaces as ``:snap:prev``,
+  and trims the stream up to the id of that older one (XTRIM MINID), noting the id in
+  ``:trimmed``.
 
 The client is redis-py with short timeouts and **no retries**: redis-py 6 and later
 retry a failed command by default (redis-py 8: 10 times, exponential back-off up to 1 s),
@@ -109,6 +111,9 @@ _SNAPSHOT = """
 local snap, prev, log, trimmed, meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('HGET', meta, 'epoch') ~= ARGV[1] then return 'epoch' end
 local ms, seq = tonumber(ARGV[2]), tonumber(ARGV[3])
+local id = ARGV[2] .. '-' .. ARGV[3]
+-- a snapshot is the state at an entry the stream holds: never at one a failover lost
+if #redis.call('XRANGE', log, id, id) == 0 then return 'absent' end
 local cur = redis.call('HGET', snap, 'id')
 if cur then
   local dash = string.find(cur, '-')
@@ -270,10 +275,10 @@ class FleetLog:
 
     # ----------------------------------------------------------------- publishing
 
-    def publish(self, *, host_id: str, host_key: str, token: str, first_seq: int, windows: Sequence[bytes]) -> int:
+    def publish(self, *, host_id: str, host_key: str, token: str, first_seq: int, windows: Sequence[bytes]) -> int | None:
         """Append windows ``first_seq, first_seq + 1, ...`` of the host (those past its last); return its last seq in the stream.
 
-        :class:`FleetError` if the caller does not hold the host's lease (fenced).
+        None if the caller does not hold the host's lease (fenced: nothing appended; renew it first).
         """
         answer = self._call(
             self._publish,
@@ -281,7 +286,7 @@ class FleetLog:
             args=[token, host_id, host_key, first_seq, *windows],
         )
         if _text(answer[0]) == "fenced":
-            raise FleetError(f"fleet {self.fleet_key!r}: this flusher no longer holds the lease of host id {host_id!r}")
+            return None
         return int(answer[1])
 
     # ----------------------------------------------------------------- reading

@@ -12,6 +12,7 @@ same engine without it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -340,3 +341,43 @@ def test_the_fleet_refuses_what_does_not_fit(redis_server, names, procs):
     done = run(python_cmd("-m", "sona_shm", "flusher", "--name", plain, "--fleet", "http://x"), timeout=60)
     assert done.returncode == EXIT_USAGE and "--fleet: expected a Redis URL" in done.stderr
     assert os.path.exists(f"/dev/shm/sona_shm.{plain}")
+
+
+def test_writes_a_failover_lost_are_counted_the_same_everywhere_and_replicas_resync(redis_server, names, procs, tmp_path):
+    """A failover that lost writes, played by restarting Redis from an older copy of its data."""
+    engines = names(3)
+    key = engines[0]
+    for engine in engines:
+        host(procs, redis_server, engine, key)
+    clients = {e: sona_shm.attach(e) for e in engines}
+    committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
+    settle(clients, engines, committed)
+    aof = os.path.join(redis_server.directory, "appendonlydir")
+    redis_server.pause()  # a consistent copy: what the replica that will be promoted holds
+    shutil.copytree(aof, tmp_path / "replica")
+    redis_server.resume()
+    lost = sum(record(clients[e], 10 + i, 30) for i, e in enumerate(engines))  # applied everywhere, then lost
+    settle(clients, engines, committed + lost)
+    redis_server.kill()
+    shutil.rmtree(aof)
+    shutil.copytree(tmp_path / "replica", aof)
+    redis_server.start()  # the promoted replica: it never had those windows
+    committed += sum(record(clients[e], 20 + i, 30) for i, e in enumerate(engines))  # each host's next window shows the gap
+    for client in clients.values():
+        client.flush(timeout=60)
+    wait_for(
+        lambda: all(fleet_of(e).applied_signals == committed and fleet_of(e).lost_signals == lost for e in engines),
+        60,
+        "every replica to count the loss",
+    )
+    up, down, signals, _ = replay(redis_server, key)
+    assert signals == committed
+    lost_entries = {fleet_of(e).lost_entries for e in engines}
+    assert len(lost_entries) == 1 and lost_entries.pop() > 0
+    for engine in engines:
+        s = stats.read(engine)
+        assert s.fleet.resyncs >= 1  # each had applied windows the stream no longer has
+        assert s.adapter.up.tobytes() == up.tobytes() and s.adapter.down.tobytes() == down.tobytes()
+    assert sum(fleet_of(e).sealed_signals for e in engines) == committed + lost
+    for client in clients.values():
+        client.close()
