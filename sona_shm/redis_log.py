@@ -188,6 +188,8 @@ def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> A
         )
     except ValueError as exc:
         raise FleetError(f"--fleet: {url!r} is not a Redis URL redis-py takes ({exc}); expected redis://HOST:PORT[/DB]") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # one connection is made at once
+        raise LinkDown(f"{type(exc).__name__}: {exc}") from None
 
 
 class FleetLog:
