@@ -179,7 +179,7 @@ def test_one_host_with_the_fleet_is_bit_identical_to_the_engine_without(redis_se
         fleet.fleet.after_commit()
         wait_for(lambda: fleet.scan() >= 0 and fleet.fleet.replica.outstanding == 0, what="every window to come back")
         a, b = stats.read(plain_name), stats.read(fleet_name)
-        assert b.fleet.pauses == 0
+        assert (b.fleet.pauses == 0) == (lag is None)  # with --fleet-lag, learning waits for its windows: same bits
         assert a.trajectories_processed == b.trajectories_processed == len(trajectories)
         assert a.flushes_performed == b.flushes_performed and b.fleet.applied_entries == b.flushes_performed
         assert a.adapter.up.tobytes() == b.adapter.up.tobytes()
