@@ -208,3 +208,10 @@ def redis_server(tmp_path):
     server = RedisServer(str(tmp_path)).start()
     yield server
     server.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``): fixtures may show more when a test failed."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

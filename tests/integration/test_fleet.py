@@ -51,6 +51,20 @@ def host(procs, server, engine: str, key: str, *extra: str, pause: str | None = 
     return procs.flusher(engine, *FLAGS, "--fleet", server.url, "--fleet-key", key, "--host-id", engine, *extra, extra_env=env)
 
 
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request, procs):
+    """When a test here fails, show what its flushers said (they run with --quiet: warnings and errors)."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for proc in procs.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            print(f"--- flusher pid {proc.pid} ({proc.args[4] if len(proc.args) > 4 else '?'}), exit {proc.returncode}:")
+            print(proc.stderr.read()[-4000:] if proc.stderr else "")
+
+
 def fleet_of(engine: str) -> stats.FleetStats:
     fleet = stats.read(engine).fleet
     assert fleet is not None
