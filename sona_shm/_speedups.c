@@ -704,6 +704,85 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
     }
 }
 
+/* apply_window(up, down, window, lr, hidden_dim, rank, routing) -> (seq, n, cum, sealed_at) or None
+ * sealed.apply_window(read_window(window)) in one call: checks that ``window`` (bytes of a sealed
+ * window, sealed.py) has this fleet's shape, n >= 1, cum >= n and only finite values, then applies
+ * it to up (and down when it carries grad_down), float32[rank, hidden_dim] in place, with
+ * apply_row's arithmetic: x = f32(clamp((double)x + g * (lr / n))), no fused multiply-add, so the
+ * same bits as the numpy path. None: not such a window, nothing changed (the caller's
+ * read_window says why). */
+static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "apply_window() takes 7 arguments");
+        return NULL;
+    }
+    double lr = PyFloat_AsDouble(args[3]);
+    if (lr == -1.0 && PyErr_Occurred()) return NULL;
+    Py_ssize_t h = PyLong_AsSsize_t(args[4]), rank = PyLong_AsSsize_t(args[5]);
+    if ((h == -1 || rank == -1) && PyErr_Occurred()) return NULL;
+    int routing = PyObject_IsTrue(args[6]);
+    if (routing < 0) return NULL;
+    if (h < 1 || rank < 1 || rank > 2 || !f64_matrix(args[0], rank, h, NPY_FLOAT32) || !f64_matrix(args[1], rank, h, NPY_FLOAT32)) {
+        PyErr_SetString(PyExc_ValueError, "apply_window(): up and down must be writable C-contiguous float32[rank, hidden_dim]");
+        return NULL;
+    }
+    Py_buffer w;
+    if (PyObject_GetBuffer(args[2], &w, PyBUF_SIMPLE) < 0) return NULL;
+    const char *raw = (const char *)w.buf;
+    PyObject *result = NULL;
+    uint32_t hidden, r;
+    uint16_t up_rows, down_rows;
+    uint64_t seq, n, cum;
+    double sealed_at;
+    if (w.len < 64 || memcmp(raw, "SFW1", 4) != 0) goto not_a_window;
+    memcpy(&hidden, raw + 4, 4);
+    memcpy(&r, raw + 8, 4);
+    memcpy(&up_rows, raw + 12, 2);
+    memcpy(&down_rows, raw + 14, 2);
+    memcpy(&seq, raw + 16, 8);
+    memcpy(&n, raw + 24, 8);
+    memcpy(&cum, raw + 32, 8);
+    memcpy(&sealed_at, raw + 40, 8);
+    if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || (up_rows != 1 && up_rows != rank) || down_rows != (routing ? rank : 0) ||
+        w.len != 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows) || n < 1 || cum < n || !isfinite(sealed_at))
+        goto not_a_window;
+    {
+        const char *g = raw + 64;
+        Py_ssize_t values = h * (up_rows + down_rows);
+        for (Py_ssize_t i = 0; i < values; i++) {
+            double v;
+            memcpy(&v, g + 8 * i, 8);
+            if (!isfinite(v)) goto not_a_window;
+        }
+        double step = lr / (double)n;
+        float *U = (float *)PyArray_DATA((PyArrayObject *)args[0]), *D = (float *)PyArray_DATA((PyArrayObject *)args[1]);
+        for (Py_ssize_t row = 0; row < rank; row++) {
+            const char *gu = g + 8 * h * (up_rows == 1 ? 0 : row);
+            for (Py_ssize_t i = 0; i < h; i++) {
+                double v;
+                memcpy(&v, gu + 8 * i, 8);
+                double val = (double)U[row * h + i] + v * step;
+                U[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+            }
+            if (down_rows) {
+                const char *gd = g + 8 * h * (up_rows + row);
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    double v;
+                    memcpy(&v, gd + 8 * i, 8);
+                    double val = (double)D[row * h + i] + v * step;
+                    D[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+                }
+            }
+        }
+        result = Py_BuildValue("(KKKd)", (unsigned long long)seq, (unsigned long long)n, (unsigned long long)cum, sealed_at);
+    }
+    PyBuffer_Release(&w);
+    return result;
+not_a_window:
+    PyBuffer_Release(&w);
+    Py_RETURN_NONE;
+}
+
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
  *   -> (pending, flushes, width, learned, corrupt[, consumed])
@@ -1186,6 +1265,8 @@ static PyMethodDef methods[] = {
      "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
      "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
+    {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
+     "Apply a sealed window's bytes to up/down (sealed.apply_window's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
      "The greedy RouteChoice for one finite float32 vector; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,

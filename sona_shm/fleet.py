@@ -76,7 +76,6 @@ from .ledger import Ledger
 from .redis_log import FleetError, FleetLog, Joined, LinkDown, config_json, connect
 from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
 from .routes import RouteTable
-from .sealed import apply_window
 from .segment import Segment
 
 log = logging.getLogger("sona_shm.fleet")
@@ -87,12 +86,18 @@ READ_BLOCK_MS = 250
 READ_COUNT = 512
 PUBLISH_BATCH = 64
 PUBLISH_BYTES = 1 << 20
+#: How long the publisher lets windows gather before one publish (unless PUBLISH_BATCH are
+#: waiting, or --fleet-lag 0, where a host never has two windows to send at once): one
+#: script call and one AOF write for many windows, for at most this much latency.
+PUBLISH_LINGER = 0.002
 #: Connect and command timeout of both connections (the reader's commands get READ_BLOCK_MS more).
 DEFAULT_TIMEOUT = 1.0
 #: Back-off between attempts while Redis does not answer: doubling from the first to the last.
 RETRY_FIRST, RETRY_LAST = 0.05, 1.0
 #: How long a stopping flusher waits for its outbox to reach the stream and come back.
 FINISH_TIMEOUT = 5.0
+#: Seconds between two writes of the fleet's control lines (monitors read them; a scan is much more frequent).
+STATS_INTERVAL = 0.02
 #: Seconds between snapshots when none is given.
 DEFAULT_SNAPSHOT_INTERVAL = 60.0
 
@@ -224,10 +229,14 @@ class _Publisher(_Link):
         self.joined_event = threading.Event()
         self.snapshots_allowed = threading.Event()
         self.published = 0
+        self._first_at = 0.0  # when the oldest window waiting was offered
+        self._linger = 0.0 if member.options.lag == 0 else PUBLISH_LINGER
 
     def offer(self, seq: int, window: bytes) -> None:
         """Publish own window ``seq`` (committed in the outbox); called by the main thread in seq order."""
         with self._cond:
+            if not self._windows:
+                self._first_at = time.monotonic()
             self._windows[seq] = window
             self._cond.notify()
 
@@ -273,6 +282,11 @@ class _Publisher(_Link):
         global _PAUSE_AFTER_XADD
         while not self.stop.is_set():
             with self._cond:
+                while self._windows and len(self._windows) < PUBLISH_BATCH and not self.stop.is_set():
+                    wait = self._first_at + self._linger - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)  # more windows may come: one call for them all
                 if not self._windows:
                     return
                 batch: list[tuple[int, bytes]] = []
@@ -300,6 +314,7 @@ class _Publisher(_Link):
             with self._cond:
                 for seq in [s for s in self._windows if s <= last]:
                     del self._windows[seq]
+                self._first_at = time.monotonic()  # what is left waited for this call already
             self.published = max(self.published, last)
             self.contact_at = time.time()
 
@@ -447,7 +462,9 @@ class FleetMember:
         self.lag_s = 0.0
         self._offered = self.replica.tail  # own windows handed to the publisher, up to this seq
         self._committed_head, self._committed_cursor = self.replica.head, self.replica.cursor
-        self._acks: list[list[int]] = []  # [lane, request, head at request, seq needed (0: not sealed yet)]
+        self._acks: list[list[int]] = []  # [lane, request, head at request, seq needed (-1: not sealed yet)]
+        self._sealed: dict[int, bytes] = {}  # windows sealed since the last commit: seq -> bytes
+        self._stats_at = 0.0
         self._bell = segment.bell  # opened here, before the threads use it
         self.publisher = _Publisher(self)
         self.reader = _Reader(self, self.replica.cursor, self.replica.epoch)
@@ -562,6 +579,8 @@ class FleetMember:
 
     def pump(self) -> bool:
         """Take what the threads handed over: apply entries, load snapshots. True if the record changed (commit it)."""
+        if self.inbox.empty():
+            return False
         replica = self.replica
         changed = weights = foreign = False
         while True:
@@ -660,11 +679,12 @@ class FleetMember:
         learner = self.learner
         n = learner.pending
         routing = learner.rule == "routing"
-        window = self.replica.seal(learner.grad_up, learner.grad_down if routing else None, n)
+        raw = self.replica.seal(learner.grad_up, learner.grad_down if routing else None, n)
+        self._sealed[self.replica.head] = raw  # handed to the publisher after the commit
         if routing:  # the next window's gradients see this one applied (replica.speculate)
-            apply_window(learner.up, learner.down, window, learner.lr)
-        learner.grad_up[...] = 0.0
-        learner.grad_down[...] = 0.0
+            self.replica.apply_own(learner.up, learner.down, raw)
+            learner.grad_down.fill(0.0)
+        learner.grad_up.fill(0.0)
         learner.updates_applied += n
         learner.flushes_performed += 1
         learner.pending = 0
@@ -681,8 +701,10 @@ class FleetMember:
         """After a commit: hand new windows to the publisher; return the flush requests now answered ``(lane, request)``."""
         replica = self.replica
         for seq in range(max(self._offered, replica.tail) + 1, replica.head + 1):
-            self.publisher.offer(seq, replica.window_bytes(seq))
+            raw = self._sealed.pop(seq, None)
+            self.publisher.offer(seq, raw if raw is not None else replica.window_bytes(seq))
         self._offered = max(self._offered, replica.head)
+        self._sealed.clear()
         if not self._acks:
             return []
         done: list[list[int]] = []
@@ -695,9 +717,12 @@ class FleetMember:
         self._acks = waiting
         return [(a[0], a[1]) for a in done]
 
-    def write_stats(self) -> None:
-        """The control lines of the fleet region, for monitors (one writer: this thread)."""
+    def write_stats(self, force: bool = False) -> None:
+        """The control lines of the fleet region, for monitors (one writer: this thread); at most every STATS_INTERVAL."""
         now = time.time()
+        if not force and now - self._stats_at < STATS_INTERVAL:
+            return
+        self._stats_at = now
         replica = self.replica
         oldest = replica.oldest_outstanding_at()
         self.lag_s = max(0.0, now - oldest) if oldest is not None else 0.0
@@ -721,7 +746,7 @@ class FleetMember:
         while self.replica.outstanding and time.monotonic() < deadline and self.replica.bound:
             if self.pump():
                 commit()
-            self.write_stats()
+            self.write_stats(force=True)
             try:
                 self._bell.acquire(0.05)
             except Exception:  # BusyError: the wait timed out

@@ -150,6 +150,8 @@ class Flusher:
             requested: EngineConfig | InvalidInputError = EngineConfig(**{**base, **overrides})
         except InvalidInputError as exc:
             requested = exc  # only an error if the segment must be created: adopting compares the options given
+        if fleet is not None and isinstance(requested, EngineConfig) and requested.fleet_outbox == 0:
+            raise InvalidInputError("fleet_outbox: a host of a fleet needs an outbox (--fleet-outbox N >= 1, default 4096), got 0")
 
         def restore_into(layout: Layout) -> Checkpoint | None:
             """Only for a new segment, before its header is published."""
@@ -461,6 +463,9 @@ class Flusher:
             bad = count - learned
             log.error("lane %d: %d slots in [%d, %d) fail their checks; counted as corrupt, not learned", lane, bad, index, index + count)
             self.corrupt += bad
+        if learned == count:
+            self._keep_in_buffer(flat, count, max(1, width))
+            return learned
         # Runs of learned slots go to the buffer in order; corrupt ones are left out.
         edges = np.flatnonzero(np.diff(np.concatenate(([0], valid.view(np.int8), [0]))))
         for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):

@@ -38,6 +38,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import EngineConfig
 from .errors import CheckpointError, SonaShmError
+from .lane import _speedups
 from .layout import Layout
 from .routes import RouteTable
 from .sealed import BadWindow, Window, apply_window, read_window, window_length, write_window
@@ -156,6 +157,8 @@ class Replica:
     ``state``: the flusher's private record (shape ``(1,)``; its ``up``/``down`` are the
     fleet's adapter). ``outbox``: ``uint8[fleet_outbox, entry_bytes]``, the segment's outbox
     entries. ``host_id``: this host. Not thread-safe: the flusher's main thread alone uses it.
+    The positions, counters and table are kept as Python ints too (reading a field of the
+    record costs a microsecond) and written into the record as they change.
     """
 
     def __init__(self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None) -> None:
@@ -166,37 +169,50 @@ class Replica:
         self.routes = routes
         self.st = state[0]
         self.outbox = outbox
+        self._outbox64 = outbox.view(np.float64)  # the same entries, as float64 (entry_bytes is a multiple of 64)
         self.host_id = host_id
         self.host = host_key(host_id)
         self.routing = self.config.rule == "routing"
-        self._rows: dict[int, int] = {int(k): i for i, k in enumerate(self.st["fleet_host"]) if k}
+        self._read_state()
+
+    def _read_state(self) -> None:
+        st = self.st
+        self._epoch = int(st["fleet_epoch"])
+        self._head = int(st["fleet_out_head"])
+        self._tail = int(st["fleet_out_tail"])
+        self._cursor: StreamId = (int(st["fleet_cursor_ms"]), int(st["fleet_cursor_seq"]))
+        self._sealed = int(st["fleet_sealed_signals"])
+        hosts = st["fleet_host"].tolist()
+        self._rows: dict[int, int] = {k: i for i, k in enumerate(hosts) if k}
+        self._seq: list[int] = st["fleet_host_seq"].tolist()
+        self._cum: list[int] = st["fleet_host_cum"].tolist()
 
     # ----------------------------------------------------------------- identity and positions
 
     @property
     def epoch(self) -> int:
-        return int(self.st["fleet_epoch"])
+        return self._epoch
 
     @property
     def bound(self) -> bool:
-        return self.epoch != 0
+        return self._epoch != 0
 
     @property
     def head(self) -> int:
-        return int(self.st["fleet_out_head"])
+        return self._head
 
     @property
     def tail(self) -> int:
-        return int(self.st["fleet_out_tail"])
+        return self._tail
 
     @property
     def outstanding(self) -> int:
         """Own windows sealed and not yet applied back from the stream."""
-        return self.head - self.tail
+        return self._head - self._tail
 
     @property
     def cursor(self) -> StreamId:
-        return int(self.st["fleet_cursor_ms"]), int(self.st["fleet_cursor_seq"])
+        return self._cursor
 
     @property
     def hosts(self) -> int:
@@ -204,58 +220,62 @@ class Replica:
 
     def applied_seq(self, host: int) -> int:
         row = self._rows.get(host)
-        return 0 if row is None else int(self.st["fleet_host_seq"][row])
+        return 0 if row is None else self._seq[row]
 
     def table(self) -> dict[int, tuple[int, int]]:
-        st = self.st
-        return {k: (int(st["fleet_host_seq"][i]), int(st["fleet_host_cum"][i])) for k, i in self._rows.items()}
+        return {k: (self._seq[i], self._cum[i]) for k, i in self._rows.items()}
+
+    def _set_positions(self, head: int, tail: int) -> None:
+        self._head, self._tail = head, tail
+        self.st["fleet_out_head"] = head
+        self.st["fleet_out_tail"] = tail
 
     def rebase(self, last_seq: int) -> None:
         """A segment that takes a host id over continues its sequence after ``last_seq`` (Redis's last for the host).
 
         Only with an empty outbox (a new segment, or one that sealed nothing unpublished).
         """
-        if self.head == self.tail and last_seq > self.head:
-            self.st["fleet_out_head"] = self.st["fleet_out_tail"] = last_seq
+        if self._head == self._tail and last_seq > self._head:
+            self._set_positions(last_seq, last_seq)
 
     # ----------------------------------------------------------------- the outbox
 
-    def seal(self, grad_up: np.ndarray, grad_down: np.ndarray | None, n: int, now: float | None = None) -> Window:
-        """Write own window ``head + 1`` into its outbox entry and make it the head; return it (views of the entry).
+    def seal(self, grad_up: np.ndarray, grad_down: np.ndarray | None, n: int, now: float | None = None) -> bytes:
+        """Write own window ``head + 1`` into its outbox entry and make it the head; return its bytes.
 
         The caller checked there is room (``outstanding < fleet_outbox``) and zeroes its sums.
         """
         if self.outstanding >= self.layout.fleet_outbox:
             raise SonaShmError(f"replica: the outbox is full ({self.outstanding} entries); a window must not be opened without room")
-        if self.head == self.tail:
+        if self._head == self._tail:
             self.rebase(self.applied_seq(self.host))  # never a seq the fleet has seen from this host id
-        seq = self.head + 1
-        cum = int(self.st["fleet_sealed_signals"]) + n
-        entry = self.outbox[(seq - 1) % self.layout.fleet_outbox]
+        seq = self._head + 1
+        cum = self._sealed + n
+        slot = (seq - 1) % self.layout.fleet_outbox
         size = write_window(
-            entry, seq=seq, n=n, cum=cum, sealed_at=time.time() if now is None else now, grad_up=grad_up, grad_down=grad_down
+            self.outbox[slot], seq=seq, n=n, cum=cum, sealed_at=time.time() if now is None else now, grad_up=grad_up, grad_down=grad_down
         )
+        self._head, self._sealed = seq, cum
         self.st["fleet_out_head"] = seq  # published by the flusher's next commit, with the lane tails and zeroed sums
         self.st["fleet_sealed_signals"] = cum
-        return self._decode(entry[:size].tobytes())
+        return self.outbox[slot, :size].tobytes()
 
     def window_bytes(self, seq: int) -> bytes:
         """The bytes of own outstanding window ``seq`` (what the stream entry's ``w`` field carries)."""
-        if not self.tail < seq <= self.head:
-            raise SonaShmError(f"replica: window {seq} is not in the outbox ({self.tail}, {self.head}]")
+        if not self._tail < seq <= self._head:
+            raise SonaShmError(f"replica: window {seq} is not in the outbox ({self._tail}, {self._head}]")
         entry = self.outbox[(seq - 1) % self.layout.fleet_outbox]
         return entry[: window_length(entry)].tobytes()
 
-    def outstanding_windows(self) -> list[Window]:
-        """Own windows sealed and not yet applied, oldest first."""
-        return [self._decode(self.window_bytes(seq)) for seq in range(self.tail + 1, self.head + 1)]
+    def outstanding_windows(self) -> list[bytes]:
+        """Own windows sealed and not yet applied, oldest first (their bytes)."""
+        return [self.window_bytes(seq) for seq in range(self._tail + 1, self._head + 1)]
 
     def oldest_outstanding_at(self) -> float | None:
         """When the oldest own outstanding window was sealed (None: none outstanding); reads its header only."""
-        if self.outstanding == 0:
+        if self._head == self._tail:
             return None
-        entry = self.outbox[self.tail % self.layout.fleet_outbox]
-        return float(entry[40:48].view(np.float64)[0])
+        return float(self._outbox64[self._tail % self.layout.fleet_outbox, 5])  # sealed_at, bytes 40..48
 
     # ----------------------------------------------------------------- applying the stream
 
@@ -267,64 +287,76 @@ class Replica:
         the entries before it are applied (the caller commits or discards them).
         """
         st = self.st
-        applied, foreign = 0, False
-        cursor = self.cursor
-        for entry in entries:
-            if entry.id <= cursor:
-                continue  # read twice (a reconnect re-reads from the committed cursor)
-            if not entry.host:  # not an entry sona_shm wrote (see redis_log): counted, passed
-                st["fleet_bad_entries"] += 1
-                cursor = self._move(entry.id)
-                continue
-            key = host_key(entry.host)
-            row = self._rows.get(key)
-            last = 0 if row is None else int(st["fleet_host_seq"][row])
-            if entry.seq <= last:
-                cursor = self._move(entry.id)  # applied already: a publish repeated after a lost answer is refused by Redis
-                continue
-            if entry.prev != last:
-                if entry.prev > last:
-                    raise NeedResync(f"entries of host {entry.host!r} after seq {last} are missing here (the stream was trimmed)")
-                raise NeedResync(
-                    f"host {entry.host!r}: this replica applied its seqs up to {last}, the stream has them only up to {entry.prev} "
-                    "(Redis lost writes: a failover)"
-                )
-            if row is None:
-                row = self._new_row(key)
-                if row is None:  # more hosts than the table holds: registration refuses them, so only a foreign writer
-                    st["fleet_bad_entries"] += 1
-                    cursor = self._move(entry.id)
+        up, down = st["up"], st["down"]
+        lr, h, rank, routing = self.config.lr, self.config.hidden_dim, self.config.rank, self.routing
+        seqs, cums, rows = self._seq, self._cum, self._rows
+        applied = signals = bad = lost_entries = lost_signals = 0
+        foreign = False
+        applied_at = None
+        cursor, tail = self._cursor, self._tail
+        try:
+            for entry in entries:
+                if entry.id <= cursor:
+                    continue  # read twice (a reconnect re-reads from the committed cursor)
+                if not entry.host:  # not an entry sona_shm wrote (see redis_log): counted, passed
+                    bad += 1
+                    cursor = entry.id
                     continue
-            try:
-                window = self._decode(entry.window)
-                if window.seq != entry.seq:
-                    raise BadWindow(f"window: seq {window.seq} in a stream entry of seq {entry.seq}")
-            except BadWindow:
-                st["fleet_bad_entries"] += 1  # every replica decides alike: the host's seq still moves on
-                st["fleet_host_seq"][row] = entry.seq
-                cursor = self._move(entry.id)
-                continue
-            if entry.seq > entry.prev + 1:  # the windows between were lost by Redis
-                st["fleet_lost_entries"] += entry.seq - entry.prev - 1
-                st["fleet_lost_signals"] += max(0, window.cum - window.n - int(st["fleet_host_cum"][row]))
-            apply_window(st["up"], st["down"], window, self.config.lr)
-            st["fleet_entries"] += 1
-            st["fleet_signals"] += window.n
-            st["fleet_host_seq"][row] = entry.seq
-            st["fleet_host_cum"][row] = window.cum
-            st["fleet_applied_at"] = window.sealed_at
-            cursor = self._move(entry.id)
-            applied += 1
-            if key == self.host:
-                # Own window back from the stream: retired (its outbox entry is free again).
-                st["fleet_out_tail"] = max(self.tail, min(entry.seq, self.head))
-            else:
-                foreign = True
+                key = host_key(entry.host)
+                row = rows.get(key)
+                last = 0 if row is None else seqs[row]
+                if entry.seq <= last:
+                    cursor = entry.id  # applied already: a publish repeated after a lost answer is refused by Redis
+                    continue
+                if entry.prev != last:
+                    if entry.prev > last:
+                        raise NeedResync(f"entries of host {entry.host!r} after seq {last} are missing here (the stream was trimmed)")
+                    raise NeedResync(
+                        f"host {entry.host!r}: this replica applied its seqs up to {last}, the stream has them only up to "
+                        f"{entry.prev} (Redis lost writes: a failover)"
+                    )
+                if row is None:
+                    row = self._new_row(key)
+                    if row is None:  # more hosts than the table holds: registration refuses them, so only a foreign writer
+                        bad += 1
+                        cursor = entry.id
+                        continue
+                done = _apply(up, down, entry.window, lr, h, rank, routing)
+                if done is None or done[0] != entry.seq:
+                    bad += 1  # every replica decides alike: the host's seq still moves on
+                    seqs[row] = entry.seq
+                    cursor = entry.id
+                    continue
+                _, n, cum, applied_at = done
+                if entry.seq > entry.prev + 1:  # the windows between were lost by Redis
+                    lost_entries += entry.seq - entry.prev - 1
+                    lost_signals += max(0, cum - n - cums[row])
+                signals += n
+                seqs[row], cums[row] = entry.seq, cum
+                cursor = entry.id
+                applied += 1
+                if key == self.host:
+                    tail = max(tail, min(entry.seq, self._head))  # own window back from the stream: retired
+                else:
+                    foreign = True
+        finally:
+            # Into the record once per batch (also when a resync interrupts it: the entries before count).
+            if cursor != self._cursor or bad:
+                self._cursor = cursor
+                st["fleet_cursor_ms"], st["fleet_cursor_seq"] = cursor
+                st["fleet_host_seq"][:] = seqs
+                st["fleet_host_cum"][:] = cums
+                st["fleet_entries"] += applied
+                st["fleet_signals"] += signals
+                st["fleet_bad_entries"] += bad
+                st["fleet_lost_entries"] += lost_entries
+                st["fleet_lost_signals"] += lost_signals
+                if applied_at is not None:
+                    st["fleet_applied_at"] = applied_at
+                if tail != self._tail:
+                    self._tail = tail
+                    st["fleet_out_tail"] = tail
         return applied, foreign
-
-    def _move(self, stream_id: StreamId) -> StreamId:
-        self.st["fleet_cursor_ms"], self.st["fleet_cursor_seq"] = stream_id
-        return stream_id
 
     def _new_row(self, key: int) -> int | None:
         hosts = self.st["fleet_host"]
@@ -333,8 +365,7 @@ class Replica:
             return None
         row = int(free[0])
         hosts[row] = key
-        self.st["fleet_host_seq"][row] = 0
-        self.st["fleet_host_cum"][row] = 0
+        self._seq[row] = self._cum[row] = 0
         self._rows[key] = row
         return row
 
@@ -414,16 +445,17 @@ class Replica:
         st["fleet_host"][:] = 0
         st["fleet_host_seq"][:] = 0
         st["fleet_host_cum"][:] = 0
-        self._rows = {}
+        self._read_state()
         for key, (seq, cum) in snap.table.items():
             row = self._new_row(key)
             assert row is not None  # check_snapshot bounded the table
-            st["fleet_host_seq"][row] = seq
-            st["fleet_host_cum"][row] = cum
+            self._seq[row], self._cum[row] = seq, cum
+        st["fleet_host_seq"][:] = self._seq
+        st["fleet_host_cum"][:] = self._cum
         own = self.applied_seq(self.host)
-        if own > self.head and self.head == self.tail:
-            st["fleet_out_head"] = st["fleet_out_tail"] = own  # the fleet knows more of this host id than this segment sealed
-        st["fleet_out_tail"] = max(self.tail, min(own, self.head))
+        if own > self._head and self._head == self._tail:
+            self._set_positions(own, own)  # the fleet knows more of this host id than this segment sealed
+        self._set_positions(self._head, max(self._tail, min(own, self._head)))
 
     # ----------------------------------------------------------------- the learner's weights
 
@@ -436,8 +468,30 @@ class Replica:
         """
         up[...] = self.st["up"]
         down[...] = self.st["down"]
-        for window in self.outstanding_windows():
-            apply_window(up, down, window, self.config.lr)
+        for raw in self.outstanding_windows():
+            self.apply_own(up, down, raw)
+
+    def apply_own(self, up: np.ndarray, down: np.ndarray, raw: bytes) -> None:
+        """Apply own window ``raw`` (bytes :meth:`seal` returned) to the learner's ``up``/``down``."""
+        if _apply(up, down, raw, self.config.lr, self.config.hidden_dim, self.config.rank, self.routing) is None:
+            raise SonaShmError("replica: an own outbox entry is not a window (memory written outside sona_shm?)")
+
+
+def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+    """:func:`_speedups.apply_window` in numpy: the same checks, the same bits."""
+    try:
+        window = read_window(raw, hidden_dim=h, rank=rank, routing=routing)
+    except BadWindow:
+        return None
+    apply_window(up, down, window, lr)
+    return window.seq, window.n, window.cum, window.sealed_at
+
+
+def _apply(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+    """Check and apply a window's bytes; ``(seq, n, cum, sealed_at)``, or None if they are not one (nothing changed)."""
+    if _speedups is not None:
+        return _speedups.apply_window(up, down, raw, lr, h, rank, routing)
+    return _apply_numpy(up, down, raw, lr, h, rank, routing)
 
 
 __all__ = ["NeedResync", "BadSnapshot", "Replica", "Snapshot", "StreamEntry", "StreamId", "ZERO_ID", "format_id", "host_key", "parse_id"]

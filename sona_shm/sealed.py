@@ -66,17 +66,15 @@ def write_window(
     """
     rank, hidden = grad_up.shape
     bits = grad_up.view(np.uint64)
-    up = grad_up[:1] if rank > 1 and (bits == bits[0]).all() else grad_up
+    up_rows = 1 if rank > 1 and (bits[0] == bits[1:]).all() else rank
     down_rows = 0 if grad_down is None else grad_down.shape[0]
-    size = WINDOW_HEAD_BYTES + 8 * hidden * (up.shape[0] + down_rows)
-    head = _HEAD.pack(WINDOW_MAGIC, hidden, rank, up.shape[0], down_rows, seq, n, cum, sealed_at)
-    out[:WINDOW_HEAD_BYTES] = 0
-    out[: len(head)] = np.frombuffer(head, np.uint8)
-    at = WINDOW_HEAD_BYTES
-    out[at : at + up.nbytes] = up.reshape(-1).view(np.uint8)
-    at += up.nbytes
+    size = WINDOW_HEAD_BYTES + 8 * hidden * (up_rows + down_rows)
+    _HEAD.pack_into(out.data, 0, WINDOW_MAGIC, hidden, rank, up_rows, down_rows, seq, n, cum, sealed_at)
+    out[_HEAD.size : WINDOW_HEAD_BYTES] = 0
+    values = out[WINDOW_HEAD_BYTES:size].view(np.float64)
+    values[: up_rows * hidden] = grad_up[:up_rows].reshape(-1)
     if grad_down is not None:
-        out[at : at + grad_down.nbytes] = grad_down.reshape(-1).view(np.uint8)
+        values[up_rows * hidden :] = grad_down.reshape(-1)
     return size
 
 

@@ -18,10 +18,10 @@ LAYOUT = Layout(
 )
 
 
-def replica(host: str = "me") -> Replica:
+def replica(host: str = "me", epoch: int = 7) -> Replica:
     state = np.zeros(1, LAYOUT.ledger_dtype)
     state[0]["down"] = initial_down(H, R)
-    state[0]["fleet_epoch"] = 7
+    state[0]["fleet_epoch"] = epoch
     outbox = np.zeros((LAYOUT.fleet_outbox, LAYOUT.entry_bytes), np.uint8)
     return Replica(LAYOUT, state, outbox, host, None)
 
@@ -46,6 +46,7 @@ def test_sealing_fills_the_outbox_and_applying_own_windows_back_retires_them():
     with pytest.raises(Exception, match="outbox is full"):
         r.seal(np.ones((R, H)), None, 1)
     assert read_window(r.window_bytes(2), hidden_dim=H, rank=R, routing=False).cum == 6
+    assert r.oldest_outstanding_at() is not None
     applied, foreign = r.apply([StreamEntry((1, i), "me", s, s - 1, r.window_bytes(s)) for i, s in enumerate((1, 2))])
     assert (applied, foreign, r.tail, r.outstanding, r.cursor) == (2, False, 2, 2, (1, 1))
     r.seal(np.ones((R, H)), None, 1)  # the freed entry is used again
@@ -106,10 +107,10 @@ def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows()
     snap = Snapshot.from_fields({k.encode(): v for k, v in r.snapshot(now=3.0).to_fields().items()})
     assert snap.cursor == (6, 0) and snap.entries == 2 and snap.table == r.table() and snap.epoch == 7
     # Another segment of the same host (here: the same outbox, one more window applied elsewhere).
-    other = replica("me")
+    other = replica("me", epoch=0)
+    other.rebase(0)
     for k in range(3):
         other.seal(np.full((R, H), float(k + 1)), None, 2)
-    other.st["fleet_epoch"] = 0
     other.load(snap)
     assert other.st["up"].tobytes() == r.st["up"].tobytes() and other.cursor == (6, 0) and other.tail == 1
     assert int(other.st["fleet_resyncs"]) == 0  # joining is not a resync
@@ -127,3 +128,25 @@ def test_speculated_weights_are_the_fleet_adapter_with_own_outstanding_windows()
     for seq in (1, 2):
         apply_window(want_up, want_down, read_window(r.window_bytes(seq), hidden_dim=H, rank=R, routing=False), LR)
     assert up.tobytes() == want_up.tobytes() and down.tobytes() == want_down.tobytes()
+
+
+def test_the_c_and_numpy_appliers_agree_on_every_bit_and_on_what_is_not_a_window():
+    from sona_shm.lane import _speedups
+    from sona_shm.replica import _apply_numpy
+
+    if _speedups is None:
+        pytest.skip("the C fast paths are not built")
+    rng = np.random.default_rng(5)
+    for routing in (False, True):
+        for n, scale in ((1, 1.0), (3, 1e38), (9, 1e-3)):
+            out = np.zeros(LAYOUT.entry_bytes + 8 * H * R, np.uint8)
+            grad_down = rng.standard_normal((R, H)) * scale if routing else None
+            size = write_window(out, seq=4, n=n, cum=9, sealed_at=2.0, grad_up=rng.standard_normal((R, H)) * scale, grad_down=grad_down)
+            raw = out[:size].tobytes()
+            start = (rng.standard_normal((R, H)) * 1e37).astype(np.float32), rng.standard_normal((R, H)).astype(np.float32)
+            c, py = [a.copy() for a in start], [a.copy() for a in start]
+            assert _speedups.apply_window(*c, raw, 0.7, H, R, routing) == _apply_numpy(*py, raw, 0.7, H, R, routing) == (4, n, 9, 2.0)
+            assert c[0].tobytes() == py[0].tobytes() and c[1].tobytes() == py[1].tobytes()
+            for bad in (raw[:-8], raw[:64] + np.full(size // 8 - 8, np.nan).tobytes(), b"SFW2" + raw[4:]):
+                assert _speedups.apply_window(*c, bad, 0.7, H, R, routing) is None and _apply_numpy(*py, bad, 0.7, H, R, routing) is None
+            assert _speedups.apply_window(*c, raw, 0.7, H, R, not routing) is None  # the other rule's shape

@@ -221,8 +221,8 @@ def test_three_hosts_and_a_fourth_that_joins_late(redis_server, names, procs):
             committed += record(clients[engine], 10 * round_ + i, 55)
     settle(clients, engines[:3], committed)
     assert_replicas(redis_server, key, engines[:3], committed)
-    s = fleet_of(engines[0])
-    assert s.connected and s.hosts == 3 and s.outbox == 0 and s.outstanding == 0 and s.lag_s == 0 and s.last_applied_id
+    s = wait_for(lambda: (f := fleet_of(engines[0])).lag_s == 0 and f, what="the lag to be 0")  # the line is written every 20 ms
+    assert s.connected and s.hosts == 3 and s.outbox == 0 and s.outstanding == 0 and s.last_applied_id
     assert stats.read(engines[0]).as_dict()["fleet"]["key"] == key
 
     # A fourth host joins late: it loads a snapshot, replays the rest and is the same replica.
