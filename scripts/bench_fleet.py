@@ -44,9 +44,8 @@ import time
 from typing import Any
 
 import numpy as np
-
 from bench import CHILD_DEADLINE, HIDDEN_DIM, RANK, child_start, make_pool, pct
-from children import RedisServer
+
 from sona_shm import segment
 from sona_shm.client import attach
 from sona_shm.layout import EngineConfig, Layout
@@ -57,6 +56,8 @@ from sona_shm.replica import Replica, host_key
 from sona_shm.sealed import write_window
 from sona_shm.segment import Segment
 from sona_shm.supervise import start_flusher, stop_process
+
+from children import RedisServer
 
 CTX = mp.get_context("fork")
 OPTIONS = ["--quiet", "--hidden-dim", str(HIDDEN_DIM), "--rank", str(RANK), "--attention-dim", "64", "--lanes", "8"]
@@ -228,7 +229,12 @@ def run_publish(directory: str, appendfsync: str, count: int) -> dict[str, Any]:
             for first in range(half + 1, count + 1, 64):
                 fleet.publish(first_seq=first, windows=data[first - 1 : first + 63], **who)
             batched = (count - half) / (time.perf_counter() - t0)
-            out[rule] = {"window_bytes": len(data[0]), "one_per_call_per_s": single, "64_per_call_per_s": batched, "one_window_call": pct(lat)}
+            out[rule] = {
+                "window_bytes": len(data[0]),
+                "one_per_call_per_s": single,
+                "64_per_call_per_s": batched,
+                "one_window_call": pct(lat),
+            }
             fleet.close()
         return out
     finally:
@@ -298,29 +304,28 @@ def run_outage(directory: str, pause: float, rate: float) -> dict[str, Any]:
             go.set()
             samples = []
             start = time.monotonic()
-            paused_at = start + 1.0
-            resumed = None
-            while time.monotonic() < start + seconds:
-                now = time.monotonic()
-                if resumed is None and now >= paused_at and server.proc is not None:
-                    if not samples or samples[-1][2] != "paused":
-                        server.pause()
-                    state = "paused"
-                    if now >= paused_at + pause:
+            paused, resumed = False, None
+            try:
+                while time.monotonic() < start + seconds:
+                    now = time.monotonic()
+                    if not paused and resumed is None and now >= start + 1.0:
+                        server.pause()  # a partition: connections hang, nothing answers
+                        paused = True
+                    if paused and now >= start + 1.0 + pause:
                         server.resume()
-                        resumed = now
-                        state = "running"
-                else:
-                    state = "running"
-                fleet = read_stats(host.name)["fleet"]
-                samples.append((round(now - start, 2), fleet["outbox"], state, fleet["outstanding"], fleet["connected"]))
-                time.sleep(0.1)
+                        paused, resumed = False, now
+                    fleet = read_stats(host.name)["fleet"]
+                    samples.append((round(now - start, 2), fleet["outbox"], "paused" if paused else "running", fleet["connected"]))
+                    time.sleep(0.1)  # the sampling period
+            finally:
+                if paused:
+                    server.resume()
             recorded = out.get(timeout=60)
             proc.join(60)
             with attach(host.name) as client:
                 client.flush(timeout=60)
             drained = None
-            for t, depth, state, _, _ in samples:
+            for t, depth, _, _ in samples:
                 if resumed is not None and t >= resumed - start and depth == 0:
                     drained = round(t - (resumed - start), 2)
                     break
@@ -334,7 +339,6 @@ def run_outage(directory: str, pause: float, rate: float) -> dict[str, Any]:
                 "applied_signals": read_stats(host.name)["fleet"]["applied_signals"],
             }
     finally:
-        server.resume() if server.proc is not None and server.proc.poll() is None else None
         server.close()
 
 
@@ -388,7 +392,10 @@ def print_report(r: dict[str, Any]) -> None:
     t = r["throughput"]
     print(f"1. learning throughput, one host, 2 producers (medians of {len(t['runs']['fleet'])} runs)")
     print(f"   without fleet: {t['without_fleet_learned_per_s']:>10,.0f} learned/s")
-    print(f"   with --fleet:  {t['fleet_learned_per_s']:>10,.0f} learned/s ({t['fleet_share']:.0%}); applied back {t['fleet_applied_back_per_s']:,.0f}/s")
+    print(
+        f"   with --fleet:  {t['fleet_learned_per_s']:>10,.0f} learned/s ({t['fleet_share']:.0%}); "
+        f"applied back {t['fleet_applied_back_per_s']:,.0f}/s"
+    )
     f = r["record_to_applied_elsewhere"]
     print(f"2. record -> applied on another host: median {f['median_us']:,.0f} us, p99 {f['p99_us']:,.0f} us (n={f['n']})")
     print("3. publishing (one client, the idempotent script)")

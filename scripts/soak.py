@@ -225,7 +225,7 @@ class Soak:
         next_worker_kill = now + min(self.rng.exponential(1 / self.args.kill_rate), half) if self.args.kill_rate > 0 else end
         next_flusher_kill = now + min(self.rng.exponential(self.args.flusher_kill_every), half) if self.args.flusher_kill_every > 0 else end
         every = self.args.redis_kill_every
-        next_redis_kill = now + min(self.rng.exponential(every), half) if self.redis is not None and every > 0 else end
+        next_redis_kill = now + min(self.rng.exponential(every), half) if self.redis is not None and every > 0 else float("inf")
         redis_back = None
         while time.monotonic() < end:
             self.reap()
@@ -241,7 +241,7 @@ class Soak:
                 self.redis.kill()  # kill -9; learning goes on into the outboxes
                 self.redis_kills += 1
                 redis_back = time.monotonic() + float(self.rng.uniform(0.05, 0.5))
-                next_redis_kill = end if every <= 0 else time.monotonic() + max(0.6, self.rng.exponential(every))
+                next_redis_kill = time.monotonic() + max(0.6, self.rng.exponential(every))
             if redis_back is not None and time.monotonic() >= redis_back:
                 self.redis.start()  # the same port and directory: the AOF is replayed
                 redis_back = None

@@ -537,10 +537,10 @@ class Flusher:
         st["buffer_dropped"] = self.buffer_dropped
         st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
-        points: tuple[str, ...] = ()
         if self.fleet is not None:
-            points = self.fleet.commit_points()
-        self.ledger.publish(self._state, points)
+            self.ledger.publish(self._state, self.fleet.commit_points())
+        else:
+            self.ledger.publish(self._state)
 
     def _has_work(self) -> bool:
         u64, tails, fleet = self._u64, self._tails, self.fleet

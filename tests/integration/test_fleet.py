@@ -28,6 +28,8 @@ from sona_shm.fleet import FleetOptions
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
 from sona_shm.learning import initial_down
+from sona_shm.monitor import format_table
+from sona_shm.prometheus import exposition
 from sona_shm.replica import Snapshot
 from sona_shm.routes import feedback_trajectory
 from sona_shm.sealed import apply_window, read_window
@@ -46,9 +48,13 @@ pytestmark = pytest.mark.guarantee("many-hosts-learn-one-adapter")
 
 
 def host(procs, server, engine: str, key: str, *extra: str, pause: str | None = None):
-    """Start ``sona-shm flusher`` for ``engine`` as host ``engine`` of fleet ``key``."""
+    """Start ``sona-shm flusher`` for ``engine`` as host ``engine`` of fleet ``key``; without a pause hook, wait until
+    it holds the fleet's state (learning waits for that: a Redis killed before it would keep it waiting)."""
     env = {"SONA_SHM_TEST_PAUSE": pause} if pause else None
-    return procs.flusher(engine, *FLAGS, "--fleet", server.url, "--fleet-key", key, "--host-id", engine, *extra, extra_env=env)
+    proc = procs.flusher(engine, *FLAGS, "--fleet", server.url, "--fleet-key", key, "--host-id", engine, *extra, extra_env=env)
+    if pause is None:
+        wait_for(lambda: fleet_of(engine).epoch != 0, what=f"{engine} to join the fleet")
+    return proc
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +67,7 @@ def _logs_on_failure(request, procs):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            print(f"--- flusher pid {proc.pid} ({proc.args[4] if len(proc.args) > 4 else '?'}), exit {proc.returncode}:")
+            print(f"--- flusher pid {proc.pid} ({' '.join(proc.args[3:6])}), exit {proc.returncode}:")
             print(proc.stderr.read()[-4000:] if proc.stderr else "")
 
 
@@ -224,6 +230,13 @@ def test_three_hosts_and_a_fourth_that_joins_late(redis_server, names, procs):
     s = wait_for(lambda: (f := fleet_of(engines[0])).lag_s == 0 and f, what="the lag to be 0")  # the line is written every 20 ms
     assert s.connected and s.hosts == 3 and s.outbox == 0 and s.outstanding == 0 and s.last_applied_id
     assert stats.read(engines[0]).as_dict()["fleet"]["key"] == key
+    # The monitor's table and the Prometheus text show the same.
+    table = format_table(stats.read(engines[1]))
+    assert "fleet link" in table and "fleet replica" in table and f"{committed:,}" in table and "connected" in table
+    text = exposition(stats.read(engines[1])).decode()
+    assert f'sona_shm_fleet_applied_signals_total{{engine="{engines[1]}"}} {float(committed)}' in text
+    assert f'sona_shm_fleet_info{{engine="{engines[1]}",host_id="{engines[1]}",key="{key}"}} 1.0' in text
+    assert f'sona_shm_fleet_connected{{engine="{engines[1]}"}} 1.0' in text
 
     # A fourth host joins late: it loads a snapshot, replays the rest and is the same replica.
     wait_for(lambda: redis_server.client().hget(f"sona:{{{key}}}:snap", "id") not in (None, b"0-0"), what="a snapshot")
