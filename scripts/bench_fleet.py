@@ -12,6 +12,8 @@ unless said otherwise) and killed at the end. Sections:
    engine with ``--fleet`` (flush threshold 100); learned/s until everything recorded is
    learned, and for the fleet also until it is applied back from the stream. R rounds,
    interleaved; medians. The issue's target: the fleet >= 90% of the engine without.
+   Then the same for the routing rule (K = 8 routes, full-information feedback) without a
+   fleet, with one, and with ``--fleet-lag 0`` (lock-step: a round trip per window).
 2. record -> applied on another host: two hosts, flush threshold 1 (every trajectory is a
    window); a producer records one trajectory into host A every 20 ms; this process polls
    host B's weights generation: from record() returning to B's adapter changing.
@@ -99,9 +101,23 @@ def redis(directory: str, appendfsync: str = "always") -> RedisServer:
 # ----------------------------------------------------------------- 1. throughput
 
 
-def _producer(name: str, seed: int, go, seconds: float, rate: float, out) -> None:
+def feedback_pool(seed: int, routes: str) -> list:
+    """Full-information feedback on the routes of file ``routes`` (what a routing engine learns from)."""
+    from sona_shm.routes import feedback_trajectory, load_routes
+
+    table = load_routes(routes)
+    rng = np.random.default_rng(seed)
+    return [
+        feedback_trajectory(
+            table, rng.standard_normal(HIDDEN_DIM).astype(np.float32), route=None, reward=None, best=int(k % 8), unit_reward=True
+        )
+        for k in range(256)
+    ]
+
+
+def _producer(name: str, seed: int, go, seconds: float, rate: float, out, routes: str | None = None) -> None:
     child_start()
-    pool = make_pool(seed, 1)
+    pool = make_pool(seed, 1) if routes is None else feedback_pool(seed, routes)
     with attach(name, timeout=30) as client:
         go.wait()
         accepted = 0
@@ -118,10 +134,20 @@ def _producer(name: str, seed: int, go, seconds: float, rate: float, out) -> Non
         out.put(accepted)
 
 
-def run_throughput(host: Host, seconds: float, fleet: bool, producers: int = 2) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` (all its threads) used so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_throughput(
+    host: Host, seconds: float, fleet: bool, producers: int = 2, routes: str | None = None, server: RedisServer | None = None
+) -> dict[str, float]:
     go, out = CTX.Event(), CTX.Queue()
     before = read_stats(host.name)
-    procs = [CTX.Process(target=_producer, args=(host.name, p, go, seconds, 0.0, out)) for p in range(producers)]
+    cpu0 = cpu_seconds(host.proc.pid), cpu_seconds(server.proc.pid) if server is not None else 0.0
+    procs = [CTX.Process(target=_producer, args=(host.name, p, go, seconds, 0.0, out, routes)) for p in range(producers)]
     for p in procs:
         p.start()
     time.sleep(0.2)  # the producers attach (not measured)
@@ -135,6 +161,9 @@ def run_throughput(host: Host, seconds: float, fleet: bool, producers: int = 2) 
             time.sleep(0.001)
         learned_at = time.perf_counter()
         result = {"learned_per_s": recorded / (learned_at - start), "recorded": recorded}
+        result["flusher_cpu_us_per_traj"] = (cpu_seconds(host.proc.pid) - cpu0[0]) / recorded * 1e6
+        if server is not None:
+            result["redis_cpu_us_per_traj"] = (cpu_seconds(server.proc.pid) - cpu0[1]) / recorded * 1e6
         if fleet:
             client.flush(timeout=120)  # the last window sealed, published and applied back
             applied = read_stats(host.name)["fleet"]["applied_signals"] - before["fleet"]["applied_signals"]
@@ -143,6 +172,37 @@ def run_throughput(host: Host, seconds: float, fleet: bool, producers: int = 2) 
         else:
             client.flush(timeout=120)
     return result
+
+
+def run_routing_throughput(directory: str, seconds: float, repeat: int) -> dict[str, Any]:
+    routes = os.path.join(directory, "routes.npz")
+    rng = np.random.default_rng(8)
+    np.savez(routes, vectors=rng.standard_normal((8, HIDDEN_DIM)).astype(np.float32))
+    server = redis(directory)
+    try:
+        rule = ("--rule", "routing", "--routes", routes)
+        runs: dict[str, list] = {"without": [], "fleet": [], "fleet lag 0": []}
+        with (
+            Host("rplain", None, "x", *rule) as h0,
+            Host("rfleet", server, "rt", *rule) as h1,
+            Host("rlock", server, "rt0", *rule, "--fleet-lag", "0") as h2,
+        ):
+            for _ in range(repeat):
+                runs["without"].append(run_throughput(h0, seconds, False, routes=routes))
+                runs["fleet"].append(run_throughput(h1, seconds, True, routes=routes, server=server))
+                runs["fleet lag 0"].append(run_throughput(h2, seconds, True, routes=routes, server=server))
+        medians = {k: statistics.median(r["learned_per_s"] for r in v) for k, v in runs.items()}
+        cpu = {k: statistics.median(r["flusher_cpu_us_per_traj"] for r in v) for k, v in runs.items()}
+        redis_cpu = {k: statistics.median(r["redis_cpu_us_per_traj"] for r in v) for k, v in runs.items() if k != "without"}
+        return {
+            "learned_per_s": medians,
+            "share": {k: v / medians["without"] for k, v in medians.items()},
+            "flusher_cpu_us_per_traj": cpu,
+            "redis_cpu_us_per_traj": redis_cpu,
+            "runs": runs,
+        }
+    finally:
+        server.close()
 
 
 # ----------------------------------------------------------------- 2. record -> applied elsewhere
@@ -362,18 +422,22 @@ def main() -> int:
             with Host("plain", None, "x", "--flush-threshold", "100") as h0, Host("fleet", server, "tp", "--flush-threshold", "100") as h1:
                 for _ in range(repeat):
                     plain.append(run_throughput(h0, seconds, False))
-                    fleet.append(run_throughput(h1, seconds, True))
+                    fleet.append(run_throughput(h1, seconds, True, server=server))
             p_rate = statistics.median(r["learned_per_s"] for r in plain)
             f_rate = statistics.median(r["learned_per_s"] for r in fleet)
             report["throughput"] = {
                 "without_fleet_learned_per_s": p_rate,
                 "fleet_learned_per_s": f_rate,
+                "without_fleet_flusher_cpu_us_per_traj": statistics.median(r["flusher_cpu_us_per_traj"] for r in plain),
+                "fleet_flusher_cpu_us_per_traj": statistics.median(r["flusher_cpu_us_per_traj"] for r in fleet),
+                "fleet_redis_cpu_us_per_traj": statistics.median(r["redis_cpu_us_per_traj"] for r in fleet),
                 "fleet_applied_back_per_s": statistics.median(r["applied_back_per_s"] for r in fleet),
                 "fleet_share": f_rate / p_rate,
                 "runs": {"without": plain, "fleet": fleet},
             }
         finally:
             server.close()
+        report["routing_throughput"] = run_routing_throughput(directory, seconds, repeat)
         report["record_to_applied_elsewhere"] = run_freshness(directory, 30 if args.quick else 300)
         count = 256 if args.quick else 4000
         report["publish"] = {mode: run_publish(directory, mode, count) for mode in ("always", "everysec")}
@@ -395,6 +459,16 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         f"   with --fleet:  {t['fleet_learned_per_s']:>10,.0f} learned/s ({t['fleet_share']:.0%}); "
         f"applied back {t['fleet_applied_back_per_s']:,.0f}/s"
+    )
+    print(
+        f"   flusher CPU per trajectory: {t['without_fleet_flusher_cpu_us_per_traj']:.2f} us without, "
+        f"{t['fleet_flusher_cpu_us_per_traj']:.2f} us with the fleet (+ redis-server {t['fleet_redis_cpu_us_per_traj']:.2f} us)"
+    )
+    rt = r["routing_throughput"]
+    print(f"   routing rule flusher CPU per trajectory (us): {rt['flusher_cpu_us_per_traj']}, redis-server: {rt['redis_cpu_us_per_traj']}")
+    print(
+        "   routing rule, K = 8, full-information feedback: "
+        + ", ".join(f"{k} {v:,.0f}/s ({rt['share'][k]:.0%})" for k, v in rt["learned_per_s"].items())
     )
     f = r["record_to_applied_elsewhere"]
     print(f"2. record -> applied on another host: median {f['median_us']:,.0f} us, p99 {f['p99_us']:,.0f} us (n={f['n']})")

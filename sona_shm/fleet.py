@@ -86,9 +86,10 @@ READ_BLOCK_MS = 250
 READ_COUNT = 512
 PUBLISH_BATCH = 64
 PUBLISH_BYTES = 1 << 20
-#: How long the publisher lets windows gather before one publish (unless PUBLISH_BATCH are
-#: waiting, or --fleet-lag 0, where a host never has two windows to send at once): one
-#: script call and one AOF write for many windows, for at most this much latency.
+#: How long the publisher lets windows gather before one publish while windows keep coming
+#: (its last publish was less than this ago): one script call and one AOF write for many
+#: windows, for at most this much latency. A window after a quiet spell goes at once, and
+#: so does every one with --fleet-lag 0 (a host never has two to send then).
 PUBLISH_LINGER = 0.002
 #: Connect and command timeout of both connections (the reader's commands get READ_BLOCK_MS more).
 DEFAULT_TIMEOUT = 1.0
@@ -230,6 +231,7 @@ class _Publisher(_Link):
         self.snapshots_allowed = threading.Event()
         self.published = 0
         self._first_at = 0.0  # when the oldest window waiting was offered
+        self._published_at = 0.0  # when the last publish returned
         self._linger = 0.0 if member.options.lag == 0 else PUBLISH_LINGER
 
     def offer(self, seq: int, window: bytes) -> None:
@@ -282,7 +284,8 @@ class _Publisher(_Link):
         global _PAUSE_AFTER_XADD
         while not self.stop.is_set():
             with self._cond:
-                while self._windows and len(self._windows) < PUBLISH_BATCH and not self.stop.is_set():
+                busy = time.monotonic() - self._published_at < self._linger
+                while busy and self._windows and len(self._windows) < PUBLISH_BATCH and not self.stop.is_set():
                     wait = self._first_at + self._linger - time.monotonic()
                     if wait <= 0:
                         break
@@ -317,6 +320,7 @@ class _Publisher(_Link):
                 self._first_at = time.monotonic()  # what is left waited for this call already
             self.published = max(self.published, last)
             self.contact_at = time.time()
+            self._published_at = time.monotonic()
 
 
 class _Reader(_Link):

@@ -395,11 +395,15 @@ class Flusher:
             flat = lane * layout.lane_slots + first + done
             block = self._slot_bytes[flat : flat + count - done]
             width, corrupt, consumed = learn_block(learner, layout, block, index + done + 1, stop=True)
-            valid = np.ones(consumed, bool)
-            valid[corrupt] = False
             if learner.pending == learner.flush_threshold:
                 fleet.seal()
-            learned += self._account_slots(lane, flat, valid, width, index + done)
+            if corrupt:
+                valid = np.ones(consumed, bool)
+                valid[corrupt] = False
+                learned += self._account_slots(lane, flat, valid, width, index + done)
+            else:  # the common case, without building a mask
+                self._keep_in_buffer(flat, consumed, max(1, width))
+                learned += consumed
             done += consumed
         return learned, done
 
