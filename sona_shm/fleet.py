@@ -463,6 +463,7 @@ class FleetMember:
         self.awaiting_resync: str | None = None
         self.paused = False
         self.pauses = 0
+        self._full_since: float | None = None
         self.lag_s = 0.0
         self._offered = self.replica.tail  # own windows handed to the publisher, up to this seq
         self._committed_head, self._committed_cursor = self.replica.head, self.replica.cursor
@@ -658,24 +659,27 @@ class FleetMember:
 
     def may_open_window(self) -> bool:
         """Whether a new window may start learning: the segment is bound and the outbox has room (and ``--fleet-lag`` allows)."""
-        ok = self.replica.bound and self.replica.outstanding <= self.lag and self.replica.outstanding < self.layout.fleet_outbox
+        replica = self.replica
+        full = replica.outstanding >= self.layout.fleet_outbox
+        ok = replica.bound and not full and replica.outstanding <= self.lag
         if ok == self.paused:
             self.paused = not ok
             if self.paused:
                 self.pauses += 1
-                if self.replica.bound:
+                if full:  # a lag bound pauses every window by design (--fleet-lag 0: each one): said only when the outbox is full
+                    self._full_since = time.monotonic()
                     log.warning(
-                        "fleet %r: %d own windows are outstanding (outbox %d, --fleet-lag %s); learning waits for the stream "
+                        "fleet %r: the outbox is full (%d windows not yet back from the stream); learning waits for Redis "
                         "(lanes fill; producers drop and count, or wait)",
                         self.options.key,
-                        self.replica.outstanding,
-                        self.layout.fleet_outbox,
-                        "none" if self.options.lag is None else self.options.lag,
+                        replica.outstanding,
                     )
-                else:
+                elif not replica.bound:
                     log.info("fleet %r: not joined yet; learning waits until this replica holds the fleet's state", self.options.key)
-            else:
-                log.info("fleet %r: learning goes on (%d windows outstanding)", self.options.key, self.replica.outstanding)
+            elif self._full_since is not None:
+                waited = time.monotonic() - self._full_since
+                log.warning("fleet %r: learning goes on after %.1f s with a full outbox", self.options.key, waited)
+                self._full_since = None
         return ok
 
     def seal(self) -> None:

@@ -390,8 +390,8 @@ class Flusher:
         layout, learner, fleet = self.layout, self.learner, self.fleet
         learned = done = 0
         while done < count:
-            if not fleet.bound or (learner.pending == 0 and not fleet.may_open_window()):
-                break
+            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
+                break  # no room for a new window (or not joined yet): the rest waits in the lane
             flat = lane * layout.lane_slots + first + done
             block = self._slot_bytes[flat : flat + count - done]
             width, corrupt, consumed = learn_block(learner, layout, block, index + done + 1, stop=True)
@@ -424,8 +424,8 @@ class Flusher:
         signal_at = np.flatnonzero(is_signal)  # block positions of the signals
         learned = done = at = 0  # at: position in ``valid``
         while done < count:
-            if not fleet.bound or (learner.pending == 0 and not fleet.may_open_window()):
-                break
+            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
+                break  # no room for a new window (or not joined yet): the rest waits in the lane
             need = learner.flush_threshold - learner.pending
             ahead = signal_at[signal_at >= done]
             cut = int(ahead[need - 1]) + 1 if len(ahead) >= need else count  # the window's last signal ends this part
