@@ -1,6 +1,6 @@
 """The fleet member without a redis-server: options, host ids, and a Redis that never answers.
 
-The fleet against a real redis-server is tests/integration/test_fleet.py.
+The fleet against a real redis-server is tests/integration/test_fleet_redis.py.
 """
 
 from __future__ import annotations

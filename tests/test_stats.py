@@ -77,7 +77,7 @@ RATE_KEYS = {
 }
 ROUTE_KEYS = {"name", "chosen", "best", "reward_sum", "mean_reward"}
 ROUTE_RATE_KEYS = {"name", "chosen_share", "mean_reward"}
-#: stats()["fleet"] of an engine with a fleet outbox (None without one); tests/integration/test_fleet.py checks them live.
+#: stats()["fleet"] of an engine with a fleet outbox (None without one); tests/integration/test_fleet_redis.py checks them live.
 FLEET_KEYS = {
     "connected",
     "host_id",
