@@ -161,16 +161,20 @@ class RedisServer:
     ``redis-server`` binary (Debian: ``apt-get install redis-server``) and redis-py.
     """
 
-    def __init__(self, directory: str, *, appendfsync: str = "always", deadline: float | None = DEFAULT_DEADLINE) -> None:
+    def __init__(
+        self, directory: str, *, appendfsync: str = "always", deadline: float | None = DEFAULT_DEADLINE, password: str | None = None
+    ) -> None:
         self.directory = directory
         self.appendfsync = appendfsync
+        self.password = password
         self.deadline = deadline
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 30.0) -> RedisServer:
         """Start the server (on a new free port unless it had one) and wait until it answers PING."""
@@ -192,6 +196,7 @@ class RedisServer:
                     "--dir", self.directory,
                     "--logfile", os.path.join(self.directory, "redis.log"),
                     "--daemonize", "no",
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -207,7 +212,7 @@ class RedisServer:
     def _wait_ready(self, port: int, timeout: float) -> bool:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1, password=self.password)
         deadline = time.monotonic() + timeout
         delay = 0.005
         try:
@@ -229,7 +234,7 @@ class RedisServer:
         """A plain redis-py client of the server (for tests and scripts to look inside)."""
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, socket_connect_timeout=10)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, socket_connect_timeout=10, password=self.password)
 
     def kill(self) -> None:
         """``kill -9`` the server and reap it."""

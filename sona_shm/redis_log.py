@@ -188,6 +188,8 @@ def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> A
         )
     except ValueError as exc:
         raise FleetError(f"--fleet: {url!r} is not a Redis URL redis-py takes ({exc}); expected redis://HOST:PORT[/DB]") from None
+    except redis.AuthenticationError as exc:  # before ConnectionError, its base: a wrong password is no outage
+        raise FleetError(f"--fleet: Redis refused the credentials in the URL ({exc})") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # one connection is made at once
         raise LinkDown(f"{type(exc).__name__}: {exc}") from None
 
@@ -201,6 +203,7 @@ class FleetLog:
         self.k = keys(fleet_key)
         redis = import_redis()
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._auth_errors = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
         self._response_error = redis.ResponseError
         self._join = client.register_script(_JOIN)
         self._renew = client.register_script(_RENEW)
@@ -210,11 +213,18 @@ class FleetLog:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except self._auth_errors as exc:
+            raise FleetError(f"fleet {self.fleet_key!r}: Redis refused the credentials in the URL ({exc})") from None
         except self._errors as exc:
             raise LinkDown(f"{type(exc).__name__}: {exc}") from None
         except self._response_error as exc:
-            if "LOADING" in str(exc) or "BUSY" in str(exc) or "READONLY" in str(exc) or "MASTERDOWN" in str(exc):
-                raise LinkDown(f"Redis is not ready: {exc}") from None  # restarting, or a replica after a failover
+            text = str(exc)
+            if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+                raise FleetError(
+                    f"fleet {self.fleet_key!r}: Redis refused this client ({text}): check the URL's credentials and ACLs"
+                ) from None
+            if text.startswith(("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN")):
+                raise LinkDown(f"Redis is not ready: {text}") from None  # restarting, or a replica after a failover
             raise
 
     def close(self) -> None:

@@ -34,7 +34,8 @@ from sona_shm.replica import Snapshot
 from sona_shm.routes import feedback_trajectory
 from sona_shm.sealed import apply_window, read_window
 
-from conftest import SMALL
+from children import RedisServer
+from conftest import SMALL, need_redis
 from support import make_trajectories, python_cmd, route_table, run, wait_for
 
 H = SMALL["hidden_dim"]
@@ -409,3 +410,17 @@ def test_writes_a_failover_lost_are_counted_the_same_everywhere_and_replicas_res
     assert sum(fleet_of(e).sealed_signals for e in engines) == committed + lost
     for client in clients.values():
         client.close()
+
+
+def test_a_password_comes_in_the_url_and_a_wrong_one_is_refused(names, procs, tmp_path):
+    need_redis()
+    server = RedisServer(str(tmp_path), password="s3cret").start()
+    try:
+        engine, other = names(2)
+        host(procs, server, engine, engine)  # redis://:s3cret@127.0.0.1:PORT/0
+        assert fleet_of(engine).connected or wait_for(lambda: fleet_of(engine).connected, what="the host to connect")
+        wrong = server.url.replace("s3cret", "wrong")
+        done = run(python_cmd("-m", "sona_shm", "flusher", "--name", other, "--quiet", *FLAGS, "--fleet", wrong), timeout=60)
+        assert done.returncode == EXIT_FLEET and "refused the credentials" in done.stderr and "wrong" not in done.stderr
+    finally:
+        server.close()
