@@ -27,7 +27,6 @@ from sona_shm.cli import EXIT_FLEET, EXIT_USAGE
 from sona_shm.fleet import FleetOptions
 from sona_shm.flusher import Flusher
 from sona_shm.layout import EngineConfig
-from sona_shm.learning import initial_down
 from sona_shm.monitor import format_table
 from sona_shm.prometheus import exposition
 from sona_shm.replica import Snapshot
@@ -94,22 +93,19 @@ def settle(clients: dict, engines: list[str], committed: int, timeout: float = 6
 def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[np.ndarray, np.ndarray, int, set]:
     """The adapter of a replica that applies the stream in order, its signals and the (host, seq) seen.
 
-    It starts from the fleet's beginning, or, once the stream was trimmed, from the older
-    kept snapshot (the trim point), as a joining replica may.
+    It starts from the oldest snapshot the fleet keeps (the one at the trim point once the
+    stream was trimmed; else the fleet's first, its state when it was created) and applies
+    every entry after it, as a joining replica may.
     """
     r = server.client()
     try:
-        base = r.hgetall(f"sona:{{{key}}}:snap:prev") if r.get(f"sona:{{{key}}}:trimmed") else {}
-        after = Snapshot.from_fields(base).cursor if base else (0, 0)
-        rows = r.xrange(f"sona:{{{key}}}:log", min=f"({after[0]}-{after[1]}")
+        base = r.hgetall(f"sona:{{{key}}}:snap:prev") or r.hgetall(f"sona:{{{key}}}:snap")
+        snap = Snapshot.from_fields(base)
+        rows = r.xrange(f"sona:{{{key}}}:log", min=f"({snap.cursor[0]}-{snap.cursor[1]}")
     finally:
         r.close()
-    if base:
-        snap = Snapshot.from_fields(base)
-        checkpoint = Checkpoint.from_bytes(snap.checkpoint, "the older snapshot")
-        up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
-    else:
-        up, down, signals = np.zeros((2, H), np.float32), initial_down(H, 2), 0
+    checkpoint = Checkpoint.from_bytes(snap.checkpoint, "the oldest snapshot")
+    up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
     seen: set = set()
     for _, fields in rows:
         pair = (fields[b"h"], int(fields[b"s"]))
@@ -424,3 +420,26 @@ def test_a_password_comes_in_the_url_and_a_wrong_one_is_refused(names, procs, tm
         assert done.returncode == EXIT_FLEET and "refused the credentials" in done.stderr and "wrong" not in done.stderr
     finally:
         server.close()
+
+
+def test_a_redis_that_lost_everything_is_made_again_from_a_host(redis_server, names, procs):
+    """FLUSHALL (or a restart without persistence): the first host to notice creates the fleet again from its
+    state, with a new epoch; the others load it; nothing learned since is lost, and the replicas agree."""
+    engines = names(3)
+    key = engines[0]
+    for engine in engines:
+        host(procs, redis_server, engine, key)
+    clients = {e: sona_shm.attach(e) for e in engines}
+    committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
+    settle(clients, engines, committed)
+    epoch = fleet_of(engines[0]).epoch
+    r = redis_server.client()
+    r.flushall()
+    r.close()
+    wait_for(lambda: all(fleet_of(e).epoch not in (0, epoch) for e in engines), what="a new fleet, joined by every host")
+    committed += sum(record(clients[e], 10 + i, 30) for i, e in enumerate(engines))
+    settle(clients, engines, committed)
+    assert_replicas(redis_server, key, engines, committed)
+    assert len({fleet_of(e).epoch for e in engines}) == 1 and sum(fleet_of(e).resyncs for e in engines) >= 2
+    for client in clients.values():
+        client.close()
