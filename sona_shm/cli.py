@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="learning pauses while N own windows are not yet back from the stream (0: lock-step; default: the outbox's size)",
+        help="a new window starts only while at most N own windows are not yet back from the stream (0: lock-step; default: the outbox)",
     )
     fleet.add_argument(
         "--fleet-snapshot-interval",

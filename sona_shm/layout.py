@@ -112,17 +112,18 @@ exactly once across any crash::
 The scalars come first, the arrays from the next 64-byte boundary on.
 
 Fleet (only with ``fleet_outbox > 0``; :mod:`sona_shm.fleet` runs it). Control lines at
-``fleet_offset`` (written by the flusher holding the flusher lock, for monitors; nothing
-depends on them across a crash)::
+``fleet_offset``, written by the flusher's main thread (holding the flusher lock) at most
+every 20 ms, from its own state and what its Redis threads report; for monitors only,
+nothing depends on them across a crash::
 
-    +0   main line, written by the flusher's main thread
+    +0   main line
          +0  f64 lag_s         age of the oldest learning this replica knows of and has not
                                applied (own sealed windows, entries read): 0 when caught up
          +8  u64 paused        1 while learning waits for room in the outbox (or --fleet-lag)
          +16 u64 pauses        times learning paused so
          +24 f64 updated_at    unix time of the figures on this line
          +32 u64 hosts         hosts in the applied table
-    +64  link line, written by the flusher's Redis threads
+    +64  link line: the Redis threads' figures
          +0  u64 connected     1 while Redis answers both of them
          +8  f64 contact_at    unix time of the last answer from Redis
          +16 u64 published     the highest own seq Redis confirmed is in the stream
@@ -136,9 +137,9 @@ Outbox entry ``s`` (own sealed window ``s``, 1-based) at ``outbox_offset + ((s -
 fleet_outbox) * entry_bytes``: written by the main thread into a free entry (``s <=
 out_tail + fleet_outbox``) before the ledger commit whose ``fleet_out_head = s``
 publishes it, together with the lane tails that produced it and the zeroed gradient
-sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first
-``window_bytes`` are, byte for byte, the ``w`` field of the stream entry
-(:mod:`sona_shm.sealed`)::
+sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first bytes (as many
+as its header says: at most ``window_bytes``) are, byte for byte, the ``w`` field of the
+stream entry (:mod:`sona_shm.sealed`)::
 
     0   4s  magic b"SFW1"   4 u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
     16  u64 seq            24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)

@@ -82,3 +82,12 @@ def test_a_segment_bound_to_a_fleet_refuses_another_key_or_host_id(name):
     for options in (FleetOptions(url=NOWHERE, key="other", host_id="h1"), FleetOptions(url=NOWHERE, key=name, host_id="h2")):
         with pytest.raises(FleetError, match=f"is a replica of fleet '{name}' as host 'h1'"):
             Flusher(name, fleet=options)
+
+
+def test_single_host_users_never_import_redis():
+    """redis-py is the fleet extra's: nothing else imports it (the flusher, the CLI and the monitor load it only for --fleet)."""
+    from support import python_cmd, run
+
+    code = "import sys, sona_shm, sona_shm.flusher, sona_shm.cli, sona_shm.stats, sona_shm.monitor, sona_shm.prometheus; print('redis' in sys.modules)"
+    done = run(python_cmd("-c", code), timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
