@@ -88,6 +88,7 @@ def test_single_host_users_never_import_redis():
     """redis-py is the fleet extra's: nothing else imports it (the flusher, the CLI and the monitor load it only for --fleet)."""
     from support import python_cmd, run
 
-    code = "import sys, sona_shm, sona_shm.flusher, sona_shm.cli, sona_shm.stats, sona_shm.monitor, sona_shm.prometheus; print('redis' in sys.modules)"
+    modules = "sona_shm, sona_shm.flusher, sona_shm.cli, sona_shm.stats, sona_shm.monitor, sona_shm.prometheus"
+    code = f"import sys, {modules}; print('redis' in sys.modules)"
     done = run(python_cmd("-c", code), timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
