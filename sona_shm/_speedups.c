@@ -678,13 +678,39 @@ static int slot_ok(const Batch *b, const char *slot, Py_ssize_t k) {
     return 1;
 }
 
-/* Append k to the list of corrupt slots; -1 on a memory error. */
-static int mark_corrupt(PyObject *corrupt, Py_ssize_t k) {
-    PyObject *index = PyLong_FromSsize_t(k);
-    int result = index ? PyList_Append(corrupt, index) : -1;
-    Py_XDECREF(index);
-    return result;
+/* The indices of corrupt slots, gathered without the GIL (the learners release it while they
+ * learn, so that a fleet's Redis threads run meanwhile) and handed over as a list afterwards. */
+typedef struct {
+    Py_ssize_t *at, n, cap;
+} Marks;
+
+/* Note slot k as corrupt; -1 on a memory error. Needs no GIL. */
+static int mark_corrupt(Marks *m, Py_ssize_t k) {
+    if (m->n == m->cap) {
+        Py_ssize_t cap = m->cap ? 2 * m->cap : 16;
+        Py_ssize_t *at = PyMem_RawRealloc(m->at, (size_t)cap * sizeof(Py_ssize_t));
+        if (at == NULL) return -1;
+        m->at = at, m->cap = cap;
+    }
+    m->at[m->n++] = k;
+    return 0;
 }
+
+/* The marks as a new list (needs the GIL), freeing them; NULL on a memory error. */
+static PyObject *marks_list(Marks *m) {
+    PyObject *list = PyList_New(m->n);
+    for (Py_ssize_t i = 0; list != NULL && i < m->n; i++) {
+        PyObject *index = PyLong_FromSsize_t(m->at[i]);
+        if (index == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, index);
+    }
+    PyMem_RawFree(m->at);
+    m->at = NULL, m->n = m->cap = 0;
+    return list;
+}
+
+/* Batches at least this long are learned without holding the GIL. */
+#define NOGIL_SLOTS 8
 
 /* Learner.count_routes for one slot. */
 static void count_route(const Batch *b, SlotHead h) {
@@ -818,8 +844,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable C-contiguous float64/float32[R, h]");
         goto release;
     }
-    PyObject *corrupt = PyList_New(0);
-    if (corrupt == NULL) goto release;
+    Marks marks = {NULL, 0, 0};
     int width = 0;
     {
         PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
@@ -833,13 +858,13 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyMem_Free(g);
             PyMem_Free(acc);
             PyMem_Free(g64);
-            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
         Py_ssize_t pending = b.pending, consumed = b.count;
         long flushes = 0;
         int dirty = 0, failed = 0; /* dirty: acc holds sums not yet added to G */
+        PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
@@ -855,7 +880,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
                 scale = 1.0f;
             }
             if (!ok) { /* learned from nothing, counted by the caller */
-                failed = mark_corrupt(corrupt, k) < 0;
+                failed = mark_corrupt(&marks, k) < 0;
                 continue;
             }
             if (n > width) width = n;
@@ -884,17 +909,20 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (dirty)
             for (npy_intp r = 0; r < rank; r++)
                 for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+        if (unlocked != NULL) PyEval_RestoreThread(unlocked);
         PyMem_Free(g);
         PyMem_Free(acc);
         PyMem_Free(g64);
-        Py_ssize_t learned = consumed - PyList_GET_SIZE(corrupt);
-        if (failed)
+        Py_ssize_t learned = consumed - marks.n;
+        PyObject *corrupt = marks_list(&marks);
+        if (failed || corrupt == NULL) {
+            Py_XDECREF(corrupt);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
             result = NULL;
-        else if (nargs == 16)
+        } else if (nargs == 16)
             result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
         else
             result = Py_BuildValue("(nlinN)", pending, flushes, width, learned, corrupt);
-        if (failed) Py_DECREF(corrupt);
     }
 release:
     PyBuffer_Release(&b.block);
@@ -1069,8 +1097,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
         !(tau > 0))
         goto bad;
-    PyObject *corrupt = PyList_New(0);
-    if (corrupt == NULL) goto release;
+    Marks marks = {NULL, 0, 0};
     int width = 0;
     {
         double *GU = (double *)PyArray_DATA((PyArrayObject *)args[7]), *GD = (double *)PyArray_DATA((PyArrayObject *)args[8]);
@@ -1081,7 +1108,6 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         if (!w || !mem) {
             PyMem_Free(w);
             PyMem_Free(mem);
-            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
@@ -1092,6 +1118,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         Py_ssize_t pending = b.pending, signals = 0, consumed = b.count;
         long flushes = 0;
         int failed = 0;
+        PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
@@ -1102,7 +1129,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             int ok = slot_ok(&b, slot, k) && (!feedback || head.best >= 0 || (head.quality >= 0.0f && head.quality <= 1.0f));
             if (ok && feedback) ok = window_signal(w, q, head, GU, GD) == 0;
             if (!ok) {
-                failed = mark_corrupt(corrupt, k) < 0;
+                failed = mark_corrupt(&marks, k) < 0;
                 continue;
             }
             if (head.n_steps > width) width = head.n_steps;
@@ -1125,15 +1152,18 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             }
         }
         window_fold(w, GU);
+        if (unlocked != NULL) PyEval_RestoreThread(unlocked);
         PyMem_Free(w);
         PyMem_Free(mem);
-        if (failed)
+        PyObject *corrupt = marks_list(&marks);
+        if (failed || corrupt == NULL) {
+            Py_XDECREF(corrupt);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
             result = NULL;
-        else if (nargs == 20)
+        } else if (nargs == 20)
             result = Py_BuildValue("(nlinNn)", pending, flushes, width, signals, corrupt, consumed);
         else
             result = Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
-        if (failed) Py_DECREF(corrupt);
     }
     goto release;
 bad:
