@@ -73,7 +73,7 @@ from .layout import (
 )
 from .learning import Learner
 from .ledger import Ledger
-from .redis_log import FleetError, FleetLog, Joined, LinkDown, config_json, connect
+from .redis_log import LEASE_TTL, FleetError, FleetLog, Joined, LinkDown, config_json, connect
 from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
 from .routes import RouteTable
 from .segment import Segment
@@ -113,9 +113,9 @@ _PAUSE_AFTER_XADD = os.environ.get("SONA_SHM_TEST_PAUSE") == "xadd"
 class FleetOptions:
     """``--fleet URL``, ``--fleet-key``, ``--host-id``, ``--fleet-lag``, ``--fleet-snapshot-interval``.
 
-    ``lag``: own windows that may be outstanding (sealed, not yet applied back) before
-    learning pauses; None: as many as the outbox holds; 0: lock-step. ``timeout``: connect
-    and command timeout of the Redis connections.
+    ``lag``: a new window starts learning only while at most this many own windows are
+    outstanding (sealed, not yet applied back); None: as many as the outbox holds; 0:
+    lock-step. ``timeout``: connect and command timeout of the Redis connections.
     """
 
     url: str
@@ -127,7 +127,8 @@ class FleetOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidInputError(f"--fleet: expected a Redis URL redis://HOST:PORT[/DB] (or rediss://, unix://), got {self.url!r}")
+            shown = _safe_url(self.url) if isinstance(self.url, str) else self.url
+            raise InvalidInputError(f"--fleet: expected a Redis URL redis://HOST:PORT[/DB] (or rediss://, unix://), got {shown!r}")
         _check_text("--fleet-key", self.key, FLEET_KEY_BYTES, forbid="{}")
         _check_text("--host-id", self.host_id, FLEET_HOST_BYTES, forbid="")
         if self.lag is not None and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
@@ -409,7 +410,7 @@ class _Reader(_Link):
         self.member.ring()
 
 
-_LEASE_RENEW = 10.0 / 3  # redis_log.LEASE_TTL / 3
+_LEASE_RENEW = LEASE_TTL / 3
 
 
 def _safe_url(url: str) -> str:

@@ -187,7 +187,8 @@ def connect(url: str, *, timeout: float, read_timeout: float | None = None) -> A
             single_connection_client=True,
         )
     except ValueError as exc:
-        raise FleetError(f"--fleet: {url!r} is not a Redis URL redis-py takes ({exc}); expected redis://HOST:PORT[/DB]") from None
+        shown = url.split("://", 1)[0] + "://" + url.rsplit("@", 1)[-1].split("://", 1)[-1]  # without credentials
+        raise FleetError(f"--fleet: {shown!r} is not a Redis URL redis-py takes ({exc}); expected redis://HOST:PORT[/DB]") from None
     except redis.AuthenticationError as exc:  # before ConnectionError, its base: a wrong password is no outage
         raise FleetError(f"--fleet: Redis refused the credentials in the URL ({exc})") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:  # one connection is made at once
