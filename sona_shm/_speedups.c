@@ -730,6 +730,68 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
     }
 }
 
+/* write_window(out, grad_up, grad_down, seq, n, cum, sealed_at) -> size
+ * sealed.write_window in one call (the same bytes): the header, then grad_up (one row when all its
+ * rows are the same bits), then grad_down (None: no rows) into ``out`` (writable, C-contiguous,
+ * large enough; raises otherwise, writing nothing). */
+static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "write_window() takes 7 arguments");
+        return NULL;
+    }
+    if (!f64_matrix(args[1], -1, PyArray_Check(args[1]) && PyArray_NDIM((PyArrayObject *)args[1]) == 2 ? PyArray_DIM((PyArrayObject *)args[1], 1) : -1,
+                    NPY_FLOAT64)) {
+        PyErr_SetString(PyExc_ValueError, "write_window(): grad_up must be a C-contiguous float64[R, h]");
+        return NULL;
+    }
+    PyArrayObject *gu = (PyArrayObject *)args[1];
+    npy_intp rank = PyArray_DIM(gu, 0), h = PyArray_DIM(gu, 1);
+    PyArrayObject *gd = NULL;
+    if (args[2] != Py_None) {
+        if (!f64_matrix(args[2], rank, h, NPY_FLOAT64)) {
+            PyErr_SetString(PyExc_ValueError, "write_window(): grad_down must be None or a C-contiguous float64[R, h] like grad_up");
+            return NULL;
+        }
+        gd = (PyArrayObject *)args[2];
+    }
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[3]), n = PyLong_AsUnsignedLongLong(args[4]),
+                       cum = PyLong_AsUnsignedLongLong(args[5]);
+    double sealed_at = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (rank < 1 || rank > 0xFFFF || h < 1 || h > 0xFFFFFFFFLL) {
+        PyErr_SetString(PyExc_ValueError, "write_window(): bad shape");
+        return NULL;
+    }
+    const double *G = (const double *)PyArray_DATA(gu);
+    int same = rank > 1;
+    for (npy_intp r = 1; same && r < rank; r++) same = memcmp(G, G + r * h, (size_t)h * sizeof(double)) == 0;
+    uint16_t up_rows = same ? 1 : (uint16_t)rank, down_rows = gd ? (uint16_t)rank : 0;
+    Py_ssize_t size = 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows);
+    Py_buffer out;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (out.len < size) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "write_window(): out is too small for the window");
+        return NULL;
+    }
+    char *o = (char *)out.buf;
+    uint32_t hidden32 = (uint32_t)h, rank32 = (uint32_t)rank;
+    memset(o, 0, 64);
+    memcpy(o, "SFW1", 4);
+    memcpy(o + 4, &hidden32, 4);
+    memcpy(o + 8, &rank32, 4);
+    memcpy(o + 12, &up_rows, 2);
+    memcpy(o + 14, &down_rows, 2);
+    memcpy(o + 16, &seq, 8);
+    memcpy(o + 24, &n, 8);
+    memcpy(o + 32, &cum, 8);
+    memcpy(o + 40, &sealed_at, 8);
+    memcpy(o + 64, G, (size_t)(8 * h * up_rows));
+    if (gd) memcpy(o + 64 + 8 * h * up_rows, PyArray_DATA(gd), (size_t)(8 * h * down_rows));
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(size);
+}
+
 /* apply_window(up, down, window, lr, hidden_dim, rank, routing) -> (seq, n, cum, sealed_at) or None
  * sealed.apply_window(read_window(window)) in one call: checks that ``window`` (bytes of a sealed
  * window, sealed.py) has this fleet's shape, n >= 1, cum >= n and only finite values, then applies
@@ -1295,6 +1357,8 @@ static PyMethodDef methods[] = {
      "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
      "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
+    {"write_window", (PyCFunction)(void (*)(void))write_window, METH_FASTCALL,
+     "Encode a sealed window into a buffer (sealed.write_window's bytes); its length."},
     {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
      "Apply a sealed window's bytes to up/down (sealed.apply_window's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,

@@ -84,13 +84,13 @@ log = logging.getLogger("sona_shm.fleet")
 READ_BLOCK_MS = 250
 #: Entries one read takes, and windows one publish sends.
 READ_COUNT = 512
-PUBLISH_BATCH = 64
+PUBLISH_BATCH = 256
 PUBLISH_BYTES = 1 << 20
 #: How long the publisher lets windows gather before one publish while windows keep coming
 #: (its last publish was less than this ago): one script call and one AOF write for many
 #: windows, for at most this much latency. A window after a quiet spell goes at once, and
 #: so does every one with --fleet-lag 0 (a host never has two to send then).
-PUBLISH_LINGER = 0.002
+PUBLISH_LINGER = 0.010
 #: Connect and command timeout of both connections (the reader's commands get READ_BLOCK_MS more).
 DEFAULT_TIMEOUT = 1.0
 #: Back-off between attempts while Redis does not answer: doubling from the first to the last.

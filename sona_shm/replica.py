@@ -173,6 +173,7 @@ class Replica:
         self.host_id = host_id
         self.host = host_key(host_id)
         self.routing = self.config.rule == "routing"
+        self._keys: dict[str, int] = {}  # host id -> host_key(host id), as met in the stream
         self._read_state()
 
     def _read_state(self) -> None:
@@ -289,7 +290,7 @@ class Replica:
         st = self.st
         up, down = st["up"], st["down"]
         lr, h, rank, routing = self.config.lr, self.config.hidden_dim, self.config.rank, self.routing
-        seqs, cums, rows = self._seq, self._cum, self._rows
+        seqs, cums, rows, keys = self._seq, self._cum, self._rows, self._keys
         applied = signals = bad = lost_entries = lost_signals = 0
         foreign = False
         applied_at = None
@@ -302,7 +303,9 @@ class Replica:
                     bad += 1
                     cursor = entry.id
                     continue
-                key = host_key(entry.host)
+                key = keys.get(entry.host)
+                if key is None:
+                    key = keys[entry.host] = host_key(entry.host)
                 row = rows.get(key)
                 last = 0 if row is None else seqs[row]
                 if entry.seq <= last:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SonaShmError
+from .lane import _speedups
 from .layout import WINDOW_HEAD_BYTES
 
 WINDOW_MAGIC = b"SFW1"
@@ -64,6 +65,17 @@ def write_window(
     ``grad_up``/``grad_down``: the flusher's ``float64[R, h]`` sums. Rows of ``grad_up``
     that are all the same bits (the reference rule's) are written once.
     """
+    if _speedups is not None and all(
+        a.flags.c_contiguous and a.flags.writeable and a.dtype == np.float64 and a.ndim == 2 for a in (grad_up, grad_down) if a is not None
+    ):
+        return _speedups.write_window(out, grad_up, grad_down, seq, n, cum, sealed_at)  # the same bytes, in one call
+    return _write_window(out, seq=seq, n=n, cum=cum, sealed_at=sealed_at, grad_up=grad_up, grad_down=grad_down)
+
+
+def _write_window(
+    out: np.ndarray, *, seq: int, n: int, cum: int, sealed_at: float, grad_up: np.ndarray, grad_down: np.ndarray | None
+) -> int:
+    """:func:`write_window` in numpy (the C one writes the same bytes)."""
     rank, hidden = grad_up.shape
     bits = grad_up.view(np.uint64)
     up_rows = 1 if rank > 1 and (bits[0] == bits[1:]).all() else rank

@@ -79,3 +79,20 @@ def test_what_is_not_a_window_of_this_fleet_is_refused(damage, why):
         read_window(damage(raw), hidden_dim=H, rank=R, routing=False)
     with pytest.raises(BadWindow, match="shape"):
         read_window(raw, hidden_dim=H, rank=R, routing=True)  # a routing fleet needs grad_down
+
+
+def test_the_c_and_numpy_encoders_write_the_same_bytes():
+    from sona_shm.lane import _speedups
+    from sona_shm.sealed import _write_window
+
+    if _speedups is None:
+        pytest.skip("the C fast paths are not built")
+    rng = np.random.default_rng(3)
+    same = np.stack([rng.standard_normal(H)] * R)
+    signed = np.zeros((R, H))
+    signed[1, 5] = -0.0
+    for grad_up, grad_down in ((same, None), (signed, None), (rng.standard_normal((R, H)), rng.standard_normal((R, H)))):
+        a, b = np.full(WINDOW_HEAD_BYTES + 8 * H * 4, 7, np.uint8), np.full(WINDOW_HEAD_BYTES + 8 * H * 4, 7, np.uint8)
+        kw = dict(seq=2**40, n=77, cum=2**50, sealed_at=1.5e9)
+        assert _speedups.write_window(a, grad_up, grad_down, *kw.values()) == _write_window(b, grad_up=grad_up, grad_down=grad_down, **kw)
+        assert a.tobytes() == b.tobytes()
