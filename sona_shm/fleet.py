@@ -90,7 +90,7 @@ PUBLISH_BYTES = 1 << 20
 #: (its last publish was less than this ago): one script call and one AOF write for many
 #: windows, for at most this much latency. A window after a quiet spell goes at once, and
 #: so does every one with --fleet-lag 0 (a host never has two to send then).
-PUBLISH_LINGER = 0.010
+PUBLISH_LINGER = 0.005
 #: Connect and command timeout of both connections (the reader's commands get READ_BLOCK_MS more).
 DEFAULT_TIMEOUT = 1.0
 #: Back-off between attempts while Redis does not answer: doubling from the first to the last.
