@@ -31,7 +31,7 @@ import posix_ipc
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from .config import DEFAULT_FLEET_OUTBOX
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError
+from .errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError
 from .lane import _speedups
 from .layout import (
     CONS_TAIL,
@@ -211,6 +211,7 @@ class Flusher:
         for field in ("generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
             setattr(self.learner, field, int(st[field]))
         self._tails = st["lane_tail"]
+        self._fleet_replica = bool(st["fleet_epoch"])  # bound to a fleet: only a flusher with --fleet may learn here
         self.buffer_head = int(st["buffer_head"])
         self.buffer_dropped = int(st["buffer_dropped"])
         self.corrupt = int(st["corrupt"])
@@ -295,6 +296,12 @@ class Flusher:
         """
         u64 = self._u64
         fleet = self.fleet
+        if fleet is None and self._fleet_replica:
+            raise FleetError(
+                f"segment {self.name!r} is a replica of a fleet: its adapter changes only through the fleet's stream, and its "
+                f"outbox may hold windows not yet published. Start its flusher with --fleet (the same --fleet-key and --host-id), "
+                f"or checkpoint it, destroy it and restore the checkpoint into a new engine to learn alone"
+            )
         # Requests are read before heads: a producer stores its heads before its request,
         # so every record it made before asking is learned in this same pass.
         requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]

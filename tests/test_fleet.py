@@ -82,6 +82,13 @@ def test_a_segment_bound_to_a_fleet_refuses_another_key_or_host_id(name):
     for options in (FleetOptions(url=NOWHERE, key="other", host_id="h1"), FleetOptions(url=NOWHERE, key=name, host_id="h2")):
         with pytest.raises(FleetError, match=f"is a replica of fleet '{name}' as host 'h1'"):
             Flusher(name, fleet=options)
+    # Nor does it learn alone (its adapter is the fleet's), though it may be adopted, e.g. by `sona-shm create`.
+    alone = Flusher(name)
+    try:
+        with pytest.raises(FleetError, match="is a replica of a fleet"):
+            alone.scan()
+    finally:
+        alone.close()
 
 
 def test_single_host_users_never_import_redis():
