@@ -27,7 +27,7 @@ MAX_ROUTES = 256
 #: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``).
 #: A sealed window takes one; at 1,000 signals/s and the default flush threshold (10
 #: windows/s) 4096 entries ride out ~7 minutes without Redis; at h=256, rank 2 they take
-#: 17 MiB (reference rule) or 34 MiB (routing rule) of the segment.
+#: 16 MiB (reference rule) or 32 MiB (routing rule) of the segment.
 DEFAULT_FLEET_OUTBOX = 4096
 MAX_FLEET_OUTBOX = 1 << 20
 

@@ -264,9 +264,19 @@ class FleetLog:
         if status == "ok":
             return Joined(int(answer[1]), int(answer[2]), answer[3] in (b"1", "1", 1))
         if status == "config":
+            theirs = _text(answer[1])
+            try:
+                ours_d, theirs_d = json.loads(config), json.loads(theirs)
+                diffs = [
+                    f"{k}: the fleet's is {theirs_d.get(k)!r}, this engine's {ours_d.get(k)!r}"
+                    for k in ours_d
+                    if ours_d.get(k) != theirs_d.get(k)
+                ]
+            except ValueError:
+                diffs = [f"the fleet's configuration is {theirs!r}"]
             raise FleetError(
-                f"fleet {self.fleet_key!r}: this engine's configuration {config} differs from the fleet's {_text(answer[1])}; "
-                "every host of a fleet needs the same hidden_dim, rank, rule, lr, flush_threshold, temperature and route table"
+                f"fleet {self.fleet_key!r} refuses this engine ({'; '.join(diffs) or 'another configuration'}); every host of "
+                "a fleet needs the same hidden_dim, rank, rule, lr, flush_threshold, temperature and route table"
             )
         if status == "busy":
             raise FleetError(

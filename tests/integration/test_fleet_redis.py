@@ -349,7 +349,7 @@ def test_the_fleet_refuses_what_does_not_fit(redis_server, names, procs):
     base = python_cmd("-m", "sona_shm", "flusher", "--name", other, "--quiet", "--fleet", redis_server.url, "--fleet-key", key)
     # Another configuration than the fleet's.
     done = run([*base, *FLAGS[:4], "--lr", "0.5", *FLAGS[6:], "--host-id", other], timeout=60)
-    assert done.returncode == EXIT_FLEET and "differs from the fleet's" in done.stderr and "lr" in done.stderr
+    assert done.returncode == EXIT_FLEET and "refuses this engine (lr: the fleet's is 0.01, this engine's 0.5)" in done.stderr
     sona_shm.segment.unlink(other)
     # A host id a live flusher holds.
     done = run([*base, *FLAGS, "--host-id", first], timeout=60)
