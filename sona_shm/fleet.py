@@ -263,7 +263,11 @@ class _Publisher(_Link):
                     self.joined_event.set()
                     member.ring()
                 if time.monotonic() >= renew_at:
-                    if not fleet.renew(self.options.host_id, member.token):
+                    renewed = fleet.renew(self.options.host_id, member.token)
+                    if renewed is None:  # the fleet was made again (Redis lost it): join the new one
+                        self.rejoin.set()
+                        continue
+                    if not renewed:
                         raise FleetError(f"fleet {self.options.key!r}: another engine took host id {self.options.host_id!r}")
                     renew_at = time.monotonic() + _LEASE_RENEW
                 self._up()
@@ -309,7 +313,11 @@ class _Publisher(_Link):
                 windows=[w for _, w in batch],
             )
             if last is None:  # the lease lapsed (a long pause): take it back, unless another engine has it
-                if not fleet.renew(self.options.host_id, self.member.token):
+                renewed = fleet.renew(self.options.host_id, self.member.token)
+                if renewed is None:  # the fleet was made again: the loop joins it before publishing more
+                    self.rejoin.set()
+                    return
+                if not renewed:
                     raise FleetError(f"fleet {self.options.key!r}: another engine took host id {self.options.host_id!r}")
                 continue
             if _PAUSE_AFTER_XADD:
@@ -373,11 +381,13 @@ class _Reader(_Link):
                 result = fleet.read(self.cursor, block_ms=READ_BLOCK_MS, count=READ_COUNT)
                 self._up()
                 if result.epoch != self.epoch:
-                    if result.epoch == 0:
-                        publisher.rejoin.set()  # the fleet is gone from Redis: join creates it again
+                    if joined is None or result.epoch != joined.epoch:
+                        # The fleet is gone from Redis (epoch 0: joining makes it again) or was made again
+                        # by another host: the publisher joins it; the next pass compares with that.
+                        publisher.rejoin.set()
                         publisher.wake()
                         self.stop.wait(0.05)
-                    continue  # the next pass compares with what the publisher joined
+                    continue
                 if self.cursor < result.trimmed:
                     self.request_resync("the stream was trimmed past this replica while it read")
                     continue

@@ -85,7 +85,9 @@ _RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 if holder then return 0 end
-if redis.call('HGET', KEYS[2], ARGV[3]) ~= ARGV[1] then return 0 end
+local registered = redis.call('HGET', KEYS[2], ARGV[3])
+if not registered then return 2 end
+if registered ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
@@ -292,9 +294,14 @@ class FleetLog:
             raise FleetError(f"fleet {self.fleet_key!r}: it has {_text(answer[1])} hosts, the most a fleet holds; use another --fleet-key")
         raise FleetError(f"fleet {self.fleet_key!r}: unexpected answer to join: {answer!r}")
 
-    def renew(self, host_id: str, token: str) -> bool:
-        """Renew (or take back, if it expired and nobody else took it) the host's lease; False if another holds it."""
-        return bool(self._call(self._renew, keys=[self.lease_key(host_id), self.k["hosts"]], args=[token, int(LEASE_TTL * 1000), host_id]))
+    def renew(self, host_id: str, token: str) -> bool | None:
+        """Renew (or take back, if it expired and nobody else took it) the host's lease.
+
+        False if another engine holds it or registered the host id; None if the host id is not
+        registered at all (the fleet was made again: join it anew).
+        """
+        answer = int(self._call(self._renew, keys=[self.lease_key(host_id), self.k["hosts"]], args=[token, int(LEASE_TTL * 1000), host_id]))
+        return None if answer == 2 else answer == 1
 
     # ----------------------------------------------------------------- publishing
 

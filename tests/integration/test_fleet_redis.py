@@ -443,3 +443,21 @@ def test_a_redis_that_lost_everything_is_made_again_from_a_host(redis_server, na
     assert len({fleet_of(e).epoch for e in engines}) == 1 and sum(fleet_of(e).resyncs for e in engines) >= 2
     for client in clients.values():
         client.close()
+
+
+def test_the_lease_scripts_tell_taken_from_unknown(redis_server):
+    """renew(): True for the holder, False when another engine holds or registered the host id, None when the
+    fleet does not know the host id (made again after Redis lost it: join anew, not a conflict)."""
+    from sona_shm.redis_log import FleetLog, connect
+
+    fleet = FleetLog(connect(redis_server.url, timeout=5.0), "lease")
+    try:
+        assert fleet.renew("h", "a" * 32) is None
+        r = redis_server.client()
+        r.hset("sona:{lease}:hosts", "h", "a" * 32)
+        assert fleet.renew("h", "a" * 32) is True and fleet.renew("h", "b" * 32) is False
+        r.delete("sona:{lease}:lease:h")
+        assert fleet.renew("h", "b" * 32) is False  # registered to another segment
+        r.close()
+    finally:
+        fleet.close()
