@@ -26,3 +26,11 @@ ensure_promtool() {  # promtool checks the Prometheus text in the tests; Debian'
       || echo "scripts: could not install promtool; its test is skipped (fails under CI=true)" >&2
   fi
 }
+
+ensure_redis() {  # the fleet tests run a real redis-server; Debian's redis-server package has it
+  if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts: installing redis-server (apt-get install redis-server)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } >/dev/null 2>&1 \
+      || echo "scripts: could not install redis-server; the fleet tests are skipped (fail under CI=true)" >&2
+  fi
+}

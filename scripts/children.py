@@ -144,3 +144,120 @@ def wait_until_serving(port: int, proc: subprocess.Popen, path: str = "/healthz"
             raise TimeoutError(f"gunicorn did not answer GET {path} with 200 within {timeout} s")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+# ----------------------------------------------------------------- a redis-server for fleets
+
+
+class RedisServer:
+    """A ``redis-server`` of this process on a free loopback port, with its data in ``directory``.
+
+    ``appendfsync``: ``always`` (the default: every write on disk before it is answered; a
+    ``kill -9`` loses nothing) or ``everysec``. RDB snapshots are off (``--save ''``).
+    :meth:`kill` (``kill -9``), :meth:`pause`/:meth:`resume` (SIGSTOP/SIGCONT: a
+    partition) and :meth:`restart` (same port and directory, so the AOF is replayed) act
+    on the process by pid. The server dies with this process and after ``deadline``
+    seconds (PR_SET_PDEATHSIG and an alarm, which survive exec). Needs the
+    ``redis-server`` binary (Debian: ``apt-get install redis-server``) and redis-py.
+    """
+
+    def __init__(
+        self, directory: str, *, appendfsync: str = "always", deadline: float | None = DEFAULT_DEADLINE, password: str | None = None
+    ) -> None:
+        self.directory = directory
+        self.appendfsync = appendfsync
+        self.password = password
+        self.deadline = deadline
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> RedisServer:
+        """Start the server (on a new free port unless it had one) and wait until it answers PING."""
+        for _ in range(20):
+            if not self.port:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+            else:
+                port = self.port
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "yes",
+                    "--appendfsync", self.appendfsync,
+                    "--dir", self.directory,
+                    "--logfile", os.path.join(self.directory, "redis.log"),
+                    "--daemonize", "no",
+                    *(["--requirepass", self.password] if self.password else []),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=child_setup(deadline=self.deadline),
+            )  # fmt: skip
+            if self._wait_ready(port, timeout):
+                self.port = port
+                return self
+            if self.port:  # a restart must keep its port; someone took it
+                raise RuntimeError(f"redis-server could not listen on its port {self.port} again (see {self.directory}/redis.log)")
+        raise RuntimeError(f"redis-server did not start (see {self.directory}/redis.log)")
+
+    def _wait_ready(self, port: int, timeout: float) -> bool:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1, password=self.password)
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    return False  # the port was taken meanwhile (or another failure): try another
+                try:
+                    if client.ping():
+                        return True
+                except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                    pass  # not listening yet, or still loading the AOF
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            raise TimeoutError(f"redis-server on port {port} did not answer PING within {timeout} s")
+        finally:
+            client.close()
+
+    def client(self):  # -> redis.Redis
+        """A plain redis-py client of the server (for tests and scripts to look inside)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, socket_connect_timeout=10, password=self.password)
+
+    def kill(self) -> None:
+        """``kill -9`` the server and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections and answers nothing (a partition)."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 30.0) -> RedisServer:
+        """Kill and start again on the same port and directory (the AOF is replayed)."""
+        self.kill()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process also dies of SIGKILL; this keeps ps tidy
+        self.kill()

@@ -22,6 +22,16 @@ where ``attempted`` counts every returned record plus one in-flight record per k
 worker, ``learned`` is the engine's ``trajectories_processed``, which must also equal
 the trajectories committed to the lanes (nothing learned twice or left unlearned), and
 every ``record()`` that returned True is learned.
+
+``--fleet N`` (N >= 2) runs N engines as the hosts of one fleet (``sona-shm flusher
+--fleet``) on a redis-server this script starts (``appendfsync always``, in a scratch
+directory; Debian's ``redis-server`` and redis-py are needed). Workers are spread over
+the engines, a random engine's flusher is SIGKILLed as above, and the redis-server is
+``kill -9``ed every ``--redis-kill-every`` seconds on average and started again after a
+moment. The accounting above then holds summed over the engines, and also, fleet-wide::
+
+    every replica's applied_signals == learned (summed) == the signals its hosts sealed,
+    every replica's adapter is the same bytes, and no window was lost
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from sona_shm.errors import SegmentNotFoundError
 from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
-from children import fork_child
+from children import RedisServer, fork_child
 
 HIDDEN_DIM = 32
 
@@ -59,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flusher-kill-every", type=float, default=2.0, help="mean seconds between flusher SIGKILLs; 0: none (default 2)")
     p.add_argument("--pace", type=float, default=0.0002, help="seconds a worker rests between records (default 0.0002)")
     p.add_argument("--name", default=None, help="engine name (default: a fresh scratch name); removed at the end")
+    p.add_argument(
+        "--fleet", type=int, default=0, metavar="N", help="N engines learning as one fleet through a redis-server (default: 0, one engine)"
+    )
+    p.add_argument(
+        "--redis-kill-every", type=float, default=3.0, help="with --fleet: mean seconds between redis kill -9s; 0: none (default 3)"
+    )
     p.add_argument("--json", action="store_true", help="print the accounting as JSON")
     return p.parse_args(argv)
 
@@ -115,18 +131,23 @@ def read_progress(path: str) -> tuple[int | None, str, bool]:
 
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
+        if args.fleet == 1 or args.fleet < 0:
+            raise SystemExit("--fleet: expected 0 (one engine) or N >= 2 hosts")
         self.args = args
         self.name = args.name or f"soak-{os.getpid()}"
+        self.names = [f"{self.name}-{i}" for i in range(args.fleet)] if args.fleet else [self.name]
         self.rng = np.random.default_rng(args.seed)
         self.dir = tempfile.mkdtemp(prefix="sona-soak-")
-        self.workers: dict[int, str] = {}  # live pid -> progress file
-        self.done: list[tuple[str, bool]] = []  # (progress file, was killed)
+        self.workers: dict[int, tuple[str, str]] = {}  # live pid -> (progress file, engine)
+        self.done: list[tuple[str, str, bool]] = []  # (progress file, engine, was killed)
         self.spawned = 0
         self.worker_kills = 0
         self.worker_failures = 0
-        self.flusher: subprocess.Popen | None = None
+        self.flushers: dict[str, subprocess.Popen] = {}
         self.flusher_restarts = 0
         self.flusher_failures: list[int] = []
+        self.redis: RedisServer | None = None
+        self.redis_kills = 0
         #: Seconds any child may live: the churn, then 5 minutes to wind down and account.
         self.deadline = args.seconds + 300
 
@@ -143,30 +164,35 @@ class Soak:
             "--quiet",
         ]
 
-    def start_flusher(self, first: bool = False) -> None:
-        self.flusher = start_flusher(self.name, *(self.options() if first else ["--quiet"]), deadline=self.deadline)
+    def start_flusher(self, name: str, first: bool = False) -> None:
+        options = self.options() if first else ["--quiet"]
+        if self.redis is not None:  # the fleet's options are the flusher's, not the segment's: given every time
+            options = [*options, "--fleet", self.redis.url, "--fleet-key", self.name, "--host-id", name, "--fleet-snapshot-interval", "1"]
+        proc = self.flushers[name] = start_flusher(name, *options, deadline=self.deadline)
 
         def ready() -> bool:
-            if self.flusher.poll() is not None:
-                raise RuntimeError(f"flusher exited with {self.flusher.returncode}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"flusher of {name} exited with {proc.returncode}")
             try:
-                return read_stats(self.name)["flusher"]["alive"]
+                return read_stats(name)["flusher"]["alive"]
             except SegmentNotFoundError:
                 return False
 
         wait(ready, 60, "the flusher to start")
 
     def kill_flusher(self) -> None:
-        self.flusher.send_signal(signal.SIGKILL)
-        self.flusher.wait()
+        name = self.names[int(self.rng.integers(len(self.names)))]
+        self.flushers[name].send_signal(signal.SIGKILL)
+        self.flushers[name].wait()
         self.flusher_restarts += 1
-        self.start_flusher()
+        self.start_flusher(name)
 
     def spawn(self) -> None:
         path = os.path.join(self.dir, f"w{self.spawned}")
         seed = self.args.seed * 1_000_003 + self.spawned
-        pid = fork_worker(self.name, seed, self.args.recycle_after, self.args.pace, path, self.deadline)
-        self.workers[pid] = path
+        name = self.names[self.spawned % len(self.names)]
+        pid = fork_worker(name, seed, self.args.recycle_after, self.args.pace, path, self.deadline)
+        self.workers[pid] = (path, name)
         self.spawned += 1
 
     def reap(self) -> None:
@@ -176,7 +202,7 @@ class Soak:
                 code = os.waitstatus_to_exitcode(status)
                 killed = code == -signal.SIGKILL
                 self.worker_failures += not killed and code != 0
-                self.done.append((self.workers.pop(pid), killed))
+                self.done.append((*self.workers.pop(pid), killed))
 
     def kill_worker(self) -> None:
         if self.workers:
@@ -185,7 +211,11 @@ class Soak:
             self.worker_kills += 1
 
     def run(self) -> dict:
-        self.start_flusher(first=True)
+        if self.args.fleet:
+            os.makedirs(os.path.join(self.dir, "redis"))
+            self.redis = RedisServer(os.path.join(self.dir, "redis"), deadline=self.deadline).start()
+        for name in self.names:
+            self.start_flusher(name, first=True)
         tick = 0.01
         now = time.monotonic()
         end = now + self.args.seconds
@@ -194,6 +224,9 @@ class Soak:
         half = self.args.seconds / 2
         next_worker_kill = now + min(self.rng.exponential(1 / self.args.kill_rate), half) if self.args.kill_rate > 0 else end
         next_flusher_kill = now + min(self.rng.exponential(self.args.flusher_kill_every), half) if self.args.flusher_kill_every > 0 else end
+        every = self.args.redis_kill_every
+        next_redis_kill = now + min(self.rng.exponential(every), half) if self.redis is not None and every > 0 else float("inf")
+        redis_back = None
         while time.monotonic() < end:
             self.reap()
             while len(self.workers) < self.args.workers:
@@ -204,22 +237,45 @@ class Soak:
             if time.monotonic() >= next_flusher_kill:
                 self.kill_flusher()
                 next_flusher_kill = time.monotonic() + self.rng.exponential(self.args.flusher_kill_every)
+            if time.monotonic() >= next_redis_kill:
+                self.redis.kill()  # kill -9; learning goes on into the outboxes
+                self.redis_kills += 1
+                redis_back = time.monotonic() + float(self.rng.uniform(0.05, 0.5))
+                next_redis_kill = time.monotonic() + max(0.6, self.rng.exponential(every))
+            if redis_back is not None and time.monotonic() >= redis_back:
+                self.redis.start()  # the same port and directory: the AOF is replayed
+                redis_back = None
             time.sleep(tick)
+        if redis_back is not None:
+            self.redis.start()
         # Wind down like a graceful gunicorn stop: no replacements, the last workers finish.
         while self.workers:
             self.reap()
             time.sleep(tick)
-        wait(lambda: all(lane["records"] == lane["learned"] for lane in read_stats(self.name)["lanes"]), 120, "everything learned")
-        code = stop_process(self.flusher)
-        if code != 0:
-            self.flusher_failures.append(code)
-        return self.account()
+        for name in self.names:
+            wait(lambda: all(lane["records"] == lane["learned"] for lane in read_stats(name)["lanes"]), 120, "everything learned")  # noqa: B023
+        fleet = None
+        if self.redis is not None:
+            for name in self.names:  # seal each host's last window and wait until it is applied back
+                with attach(name) as client:
+                    client.flush(timeout=120)
+            total = sum(read_stats(name)["trajectories_processed"] for name in self.names)
+            wait(lambda: all(read_stats(n)["fleet"]["applied_signals"] >= total for n in self.names), 120, "every replica to apply all")
+            fleet = [read_stats(name)["fleet"] for name in self.names]
+        adapters = []
+        for name in self.names:
+            with attach(name) as client:
+                adapters.append(client._ledger.read("up", "down", "grad_up"))
+            code = stop_process(self.flushers[name])
+            if code != 0:
+                self.flusher_failures.append(code)
+        return self.account(adapters, fleet)
 
-    def account(self) -> dict:
-        stats = read_stats(self.name)
+    def account(self, adapters: list[tuple], fleet: list[dict] | None) -> dict:
+        stats = {name: read_stats(name) for name in self.names}
         attempted = committed = dropped = 0
-        per_lane: dict[int, list[int]] = {}
-        for path, killed in self.done:
+        per_lane: dict[tuple[str, int], list[int]] = {}
+        for path, name, killed in self.done:
             lane, results, finished = read_progress(path)
             if lane is None:
                 continue
@@ -227,31 +283,33 @@ class Soak:
             attempted += len(results) + (1 if killed and not finished else 0)
             committed += ones
             dropped += len(results) - ones
-            per_lane.setdefault(lane, [0, 0])  # records that returned True, killed in flight
-            per_lane[lane][0] += ones
-            per_lane[lane][1] += killed and not finished
-        learned = stats["trajectories_processed"]
-        drops = stats["lane_dropped"]
+            per_lane.setdefault((name, lane), [0, 0])  # records that returned True, killed in flight
+            per_lane[name, lane][0] += ones
+            per_lane[name, lane][1] += killed and not finished
+        learned = sum(s["trajectories_processed"] for s in stats.values())
+        drops = sum(s["lane_dropped"] for s in stats.values())
         lost = attempted - learned - drops
-        lanes = {lane["lane"]: lane for lane in stats["lanes"]}
+        lanes = {(name, lane["lane"]): lane for name, s in stats.items() for lane in s["lanes"]}
         lanes_ok = all(
-            ones <= lanes[n]["records"] <= ones + in_flight if n in lanes else ones == 0 for n, (ones, in_flight) in per_lane.items()
+            ones <= lanes[key]["records"] <= ones + in_flight if key in lanes else ones == 0 for key, (ones, in_flight) in per_lane.items()
         )
-        with attach(self.name) as client:
-            up, grad_up = client._ledger.read("up", "grad_up")
+        each_learned_once = all(
+            s["trajectories_processed"] == s["recorded"] == sum(x["learned"] for x in s["lanes"]) for s in stats.values()
+        )
         checks = {
-            "every committed trajectory learned, none twice": learned == stats["recorded"] == sum(x["learned"] for x in lanes.values()),
+            "every committed trajectory learned, none twice": each_learned_once,
             "learned >= records that returned True": learned >= committed,
             "lane drops >= records that returned False": drops >= dropped,
             "0 <= lost <= worker kills": 0 <= lost <= self.worker_kills,
             "per lane: committed <= records <= committed + killed in flight": lanes_ok,
-            "weights finite": bool(np.isfinite(up).all() and np.isfinite(grad_up).all()),
+            "weights finite": all(bool(np.isfinite(up).all() and np.isfinite(g).all()) for up, _, g in adapters),
             "no worker failed": self.worker_failures == 0,
-            "final flusher stopped cleanly": not self.flusher_failures,
+            "final flushers stopped cleanly": not self.flusher_failures,
         }
-        return {
+        report = {
             "seconds": self.args.seconds,
             "seed": self.args.seed,
+            "engines": len(self.names),
             "workers_spawned": self.spawned,
             "worker_kills": self.worker_kills,
             "flusher_restarts": self.flusher_restarts,
@@ -261,19 +319,35 @@ class Soak:
             "lost_to_kills": lost,
             "returned_true": committed,
             "returned_false": dropped,
-            "flushes_performed": stats["flushes_performed"],
-            "checks": checks,
-            "balanced": all(checks.values()),
+            "flushes_performed": sum(s["flushes_performed"] for s in stats.values()),
         }
+        if fleet is not None:
+            report["redis_kills"] = self.redis_kills
+            report["fleet_applied_signals"] = [f["applied_signals"] for f in fleet]
+            report["fleet_entries"] = fleet[0]["applied_entries"]
+            report["fleet_resyncs"] = sum(f["resyncs"] for f in fleet)
+            checks["every replica applied every learned signal once"] = all(f["applied_signals"] == learned for f in fleet)
+            checks["the hosts sealed exactly what was learned"] = sum(f["sealed_signals"] for f in fleet) == learned
+            checks["no window lost, none bad"] = all(f["lost_entries"] == f["bad_entries"] == 0 for f in fleet)
+            checks["every replica's adapter is the same bytes"] = all(
+                up.tobytes() == adapters[0][0].tobytes() and down.tobytes() == adapters[0][1].tobytes() for up, down, _ in adapters
+            )
+        report["checks"] = checks
+        report["balanced"] = all(checks.values())
+        return report
 
     def cleanup(self) -> None:
         for pid in list(self.workers):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        if self.flusher is not None and self.flusher.poll() is None:
-            self.flusher.kill()
-            self.flusher.wait()
-        segment.unlink(self.name)
+        for proc in self.flushers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.redis is not None:
+            self.redis.close()
+        for name in self.names:
+            segment.unlink(name)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -685,13 +685,39 @@ static int slot_ok(const Batch *b, const char *slot, Py_ssize_t k) {
     return 1;
 }
 
-/* Append k to the list of corrupt slots; -1 on a memory error. */
-static int mark_corrupt(PyObject *corrupt, Py_ssize_t k) {
-    PyObject *index = PyLong_FromSsize_t(k);
-    int result = index ? PyList_Append(corrupt, index) : -1;
-    Py_XDECREF(index);
-    return result;
+/* The indices of corrupt slots, gathered without the GIL (the learners release it while they
+ * learn, so that a fleet's Redis threads run meanwhile) and handed over as a list afterwards. */
+typedef struct {
+    Py_ssize_t *at, n, cap;
+} Marks;
+
+/* Note slot k as corrupt; -1 on a memory error. Needs no GIL. */
+static int mark_corrupt(Marks *m, Py_ssize_t k) {
+    if (m->n == m->cap) {
+        Py_ssize_t cap = m->cap ? 2 * m->cap : 16;
+        Py_ssize_t *at = PyMem_RawRealloc(m->at, (size_t)cap * sizeof(Py_ssize_t));
+        if (at == NULL) return -1;
+        m->at = at, m->cap = cap;
+    }
+    m->at[m->n++] = k;
+    return 0;
 }
+
+/* The marks as a new list (needs the GIL), freeing them; NULL on a memory error. */
+static PyObject *marks_list(Marks *m) {
+    PyObject *list = PyList_New(m->n);
+    for (Py_ssize_t i = 0; list != NULL && i < m->n; i++) {
+        PyObject *index = PyLong_FromSsize_t(m->at[i]);
+        if (index == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, index);
+    }
+    PyMem_RawFree(m->at);
+    m->at = NULL, m->n = m->cap = 0;
+    return list;
+}
+
+/* Batches at least this long are learned without holding the GIL. */
+#define NOGIL_SLOTS 8
 
 /* Learner.count_routes for one slot. */
 static void count_route(const Batch *b, SlotHead h) {
@@ -711,9 +737,150 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
     }
 }
 
+/* write_window(out, grad_up, grad_down, seq, n, cum, sealed_at) -> size
+ * sealed.write_window in one call (the same bytes): the header, then grad_up (one row when all its
+ * rows are the same bits), then grad_down (None: no rows) into ``out`` (writable, C-contiguous,
+ * large enough; raises otherwise, writing nothing). */
+static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "write_window() takes 7 arguments");
+        return NULL;
+    }
+    if (!f64_matrix(args[1], -1, PyArray_Check(args[1]) && PyArray_NDIM((PyArrayObject *)args[1]) == 2 ? PyArray_DIM((PyArrayObject *)args[1], 1) : -1,
+                    NPY_FLOAT64)) {
+        PyErr_SetString(PyExc_ValueError, "write_window(): grad_up must be a C-contiguous float64[R, h]");
+        return NULL;
+    }
+    PyArrayObject *gu = (PyArrayObject *)args[1];
+    npy_intp rank = PyArray_DIM(gu, 0), h = PyArray_DIM(gu, 1);
+    PyArrayObject *gd = NULL;
+    if (args[2] != Py_None) {
+        if (!f64_matrix(args[2], rank, h, NPY_FLOAT64)) {
+            PyErr_SetString(PyExc_ValueError, "write_window(): grad_down must be None or a C-contiguous float64[R, h] like grad_up");
+            return NULL;
+        }
+        gd = (PyArrayObject *)args[2];
+    }
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[3]), n = PyLong_AsUnsignedLongLong(args[4]),
+                       cum = PyLong_AsUnsignedLongLong(args[5]);
+    double sealed_at = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (rank < 1 || rank > 0xFFFF || h < 1 || h > 0xFFFFFFFFLL) {
+        PyErr_SetString(PyExc_ValueError, "write_window(): bad shape");
+        return NULL;
+    }
+    const double *G = (const double *)PyArray_DATA(gu);
+    int same = rank > 1;
+    for (npy_intp r = 1; same && r < rank; r++) same = memcmp(G, G + r * h, (size_t)h * sizeof(double)) == 0;
+    uint16_t up_rows = same ? 1 : (uint16_t)rank, down_rows = gd ? (uint16_t)rank : 0;
+    Py_ssize_t size = 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows);
+    Py_buffer out;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (out.len < size) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "write_window(): out is too small for the window");
+        return NULL;
+    }
+    char *o = (char *)out.buf;
+    uint32_t hidden32 = (uint32_t)h, rank32 = (uint32_t)rank;
+    memset(o, 0, 64);
+    memcpy(o, "SFW1", 4);
+    memcpy(o + 4, &hidden32, 4);
+    memcpy(o + 8, &rank32, 4);
+    memcpy(o + 12, &up_rows, 2);
+    memcpy(o + 14, &down_rows, 2);
+    memcpy(o + 16, &seq, 8);
+    memcpy(o + 24, &n, 8);
+    memcpy(o + 32, &cum, 8);
+    memcpy(o + 40, &sealed_at, 8);
+    memcpy(o + 64, G, (size_t)(8 * h * up_rows));
+    if (gd) memcpy(o + 64 + 8 * h * up_rows, PyArray_DATA(gd), (size_t)(8 * h * down_rows));
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(size);
+}
+
+/* apply_window(up, down, window, lr, hidden_dim, rank, routing) -> (seq, n, cum, sealed_at) or None
+ * sealed.apply_window(read_window(window)) in one call: checks that ``window`` (bytes of a sealed
+ * window, sealed.py) has this fleet's shape, n >= 1, cum >= n and only finite values, then applies
+ * it to up (and down when it carries grad_down), float32[rank, hidden_dim] in place, with
+ * apply_row's arithmetic: x = f32(clamp((double)x + g * (lr / n))), no fused multiply-add, so the
+ * same bits as the numpy path. None: not such a window, nothing changed (the caller's
+ * read_window says why). */
+static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "apply_window() takes 7 arguments");
+        return NULL;
+    }
+    double lr = PyFloat_AsDouble(args[3]);
+    if (lr == -1.0 && PyErr_Occurred()) return NULL;
+    Py_ssize_t h = PyLong_AsSsize_t(args[4]), rank = PyLong_AsSsize_t(args[5]);
+    if ((h == -1 || rank == -1) && PyErr_Occurred()) return NULL;
+    int routing = PyObject_IsTrue(args[6]);
+    if (routing < 0) return NULL;
+    if (h < 1 || rank < 1 || rank > 2 || !f64_matrix(args[0], rank, h, NPY_FLOAT32) || !f64_matrix(args[1], rank, h, NPY_FLOAT32)) {
+        PyErr_SetString(PyExc_ValueError, "apply_window(): up and down must be writable C-contiguous float32[rank, hidden_dim]");
+        return NULL;
+    }
+    Py_buffer w;
+    if (PyObject_GetBuffer(args[2], &w, PyBUF_SIMPLE) < 0) return NULL;
+    const char *raw = (const char *)w.buf;
+    PyObject *result = NULL;
+    uint32_t hidden, r;
+    uint16_t up_rows, down_rows;
+    uint64_t seq, n, cum;
+    double sealed_at;
+    if (w.len < 64 || memcmp(raw, "SFW1", 4) != 0) goto not_a_window;
+    memcpy(&hidden, raw + 4, 4);
+    memcpy(&r, raw + 8, 4);
+    memcpy(&up_rows, raw + 12, 2);
+    memcpy(&down_rows, raw + 14, 2);
+    memcpy(&seq, raw + 16, 8);
+    memcpy(&n, raw + 24, 8);
+    memcpy(&cum, raw + 32, 8);
+    memcpy(&sealed_at, raw + 40, 8);
+    if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || (up_rows != 1 && up_rows != rank) || down_rows != (routing ? rank : 0) ||
+        w.len != 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows) || n < 1 || cum < n || !isfinite(sealed_at))
+        goto not_a_window;
+    {
+        const char *g = raw + 64;
+        Py_ssize_t values = h * (up_rows + down_rows);
+        for (Py_ssize_t i = 0; i < values; i++) {
+            double v;
+            memcpy(&v, g + 8 * i, 8);
+            if (!isfinite(v)) goto not_a_window;
+        }
+        double step = lr / (double)n;
+        float *U = (float *)PyArray_DATA((PyArrayObject *)args[0]), *D = (float *)PyArray_DATA((PyArrayObject *)args[1]);
+        for (Py_ssize_t row = 0; row < rank; row++) {
+            const char *gu = g + 8 * h * (up_rows == 1 ? 0 : row);
+            for (Py_ssize_t i = 0; i < h; i++) {
+                double v;
+                memcpy(&v, gu + 8 * i, 8);
+                double val = (double)U[row * h + i] + v * step;
+                U[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+            }
+            if (down_rows) {
+                const char *gd = g + 8 * h * (up_rows + row);
+                for (Py_ssize_t i = 0; i < h; i++) {
+                    double v;
+                    memcpy(&v, gd + 8 * i, 8);
+                    double val = (double)D[row * h + i] + v * step;
+                    D[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+                }
+            }
+        }
+        result = Py_BuildValue("(KKKd)", (unsigned long long)seq, (unsigned long long)n, (unsigned long long)cum, sealed_at);
+    }
+    PyBuffer_Release(&w);
+    return result;
+not_a_window:
+    PyBuffer_Release(&w);
+    Py_RETURN_NONE;
+}
+
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width, learned, corrupt)
+ *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
+ *   -> (pending, flushes, width, learned, corrupt[, consumed])
  * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
  * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
  * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
@@ -725,12 +892,19 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
  * Learner.count_routes does. A slot that fails flusher.slot_checks() -- its stamp, a bound,
  * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
  * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
- * ``learned``: count - len(corrupt). */
+ * ``learned``: count - len(corrupt).
+ * With ``stop`` true (the fleet's sealing mode), reaching ``flush_threshold`` applies nothing:
+ * the window's sums are complete in grad_up, the call returns at once with ``pending`` ==
+ * flush_threshold and ``consumed``, the slots it went through (the caller seals the window,
+ * zeroes the sums and calls again for the rest). Up to that point the sums are the same,
+ * bit for bit, as without ``stop``. */
 static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 arguments");
+    if (nargs != 15 && nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 or 16 arguments");
         return NULL;
     }
+    int stop = 0;
+    if (nargs == 16 && (stop = PyObject_IsTrue(args[15])) < 0) return NULL;
     Batch b;
     if (parse_batch(args, 9, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -739,8 +913,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable, native, aligned, C-contiguous float64/float32[R, h]");
         goto release;
     }
-    PyObject *corrupt = PyList_New(0);
-    if (corrupt == NULL) goto release;
+    Marks marks = {NULL, 0, 0};
     int width = 0;
     {
         PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
@@ -754,13 +927,13 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyMem_Free(g);
             PyMem_Free(acc);
             PyMem_Free(g64);
-            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
-        Py_ssize_t pending = b.pending;
+        Py_ssize_t pending = b.pending, consumed = b.count;
         long flushes = 0;
         int dirty = 0, failed = 0; /* dirty: acc holds sums not yet added to G */
+        PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
@@ -776,7 +949,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
                 scale = 1.0f;
             }
             if (!ok) { /* learned from nothing, counted by the caller */
-                failed = mark_corrupt(corrupt, k) < 0;
+                failed = mark_corrupt(&marks, k) < 0;
                 continue;
             }
             if (n > width) width = n;
@@ -784,7 +957,14 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             double w = (double)head.quality * (double)scale; /* float64: a huge quality times a big scale cannot overflow */
             for (npy_intp i = 0; i < h; i++) acc[i] += w * sig[i];
             dirty = 1;
-            if (++pending == b.threshold) {
+            if (++pending == b.threshold && stop) { /* sealing: the window is complete, apply nothing */
+                for (npy_intp r = 0; r < rank; r++)
+                    for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+                dirty = 0;
+                consumed = k + 1;
+                break;
+            }
+            if (pending == b.threshold) {
                 for (npy_intp r = 0; r < rank; r++) {
                     for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
                     apply_row(U + r * h, G + r * h, h, b.lr / (double)pending);
@@ -798,11 +978,20 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (dirty)
             for (npy_intp r = 0; r < rank; r++)
                 for (npy_intp i = 0; i < h; i++) G[r * h + i] += acc[i];
+        if (unlocked != NULL) PyEval_RestoreThread(unlocked);
         PyMem_Free(g);
         PyMem_Free(acc);
         PyMem_Free(g64);
-        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, b.count - PyList_GET_SIZE(corrupt), corrupt);
-        if (failed) Py_DECREF(corrupt);
+        Py_ssize_t learned = consumed - marks.n;
+        PyObject *corrupt = marks_list(&marks);
+        if (failed || corrupt == NULL) {
+            Py_XDECREF(corrupt);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
+            result = NULL;
+        } else if (nargs == 16)
+            result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
+        else
+            result = Py_BuildValue("(nlinN)", pending, flushes, width, learned, corrupt);
     }
 release:
     PyBuffer_Release(&b.block);
@@ -945,8 +1134,8 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
 
 /* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *               grad_up, grad_down, up, down, unit, temperature,
- *               lr, flush_threshold, pending, route_chosen, route_best, route_reward)
- *   -> (pending, flushes, width, signals, corrupt)
+ *               lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
+ *   -> (pending, flushes, width, signals, corrupt[, consumed])
  * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
  * the same maths as routing.gradients() in float64, expanded so that a signal costs
  * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
@@ -954,12 +1143,15 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
  * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
  * best_index is not a signal. Flushes apply both U and D (Learner.flush). A slot that fails
  * flusher.slot_checks() (its stamp, a bound, a feedback's query not finite or a bandit
- * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. */
+ * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. ``stop``: as
+ * for learn_slots (the window's G_U and G_D are complete, nothing applied, ``consumed`` returned). */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 arguments");
+    if (nargs != 19 && nargs != 20) {
+        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 or 20 arguments");
         return NULL;
     }
+    int stop = 0;
+    if (nargs == 20 && (stop = PyObject_IsTrue(args[19])) < 0) return NULL;
     Batch b;
     if (parse_batch(args, 13, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -975,8 +1167,7 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
         !(tau > 0))
         goto bad;
-    PyObject *corrupt = PyList_New(0);
-    if (corrupt == NULL) goto release;
+    Marks marks = {NULL, 0, 0};
     int width = 0;
     {
         double *GU = (double *)PyArray_DATA((PyArrayObject *)args[7]), *GD = (double *)PyArray_DATA((PyArrayObject *)args[8]);
@@ -987,7 +1178,6 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         if (!w || !mem) {
             PyMem_Free(w);
             PyMem_Free(mem);
-            Py_DECREF(corrupt);
             PyErr_NoMemory();
             goto release;
         }
@@ -995,9 +1185,10 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
         w->U = mem, w->D = w->U + rank * h, w->V = w->D + rank * h, w->q = w->V + K * h;
         for (npy_intp i = 0; i < K * h; i++) w->V[i] = V32[i];
         window_load(w, U32, D32);
-        Py_ssize_t pending = b.pending, signals = 0;
+        Py_ssize_t pending = b.pending, signals = 0, consumed = b.count;
         long flushes = 0;
         int failed = 0;
+        PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
         for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
             const char *slot = b.base + k * b.slot_bytes;
             SlotHead head = slot_head(slot);
@@ -1008,14 +1199,18 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             int ok = slot_ok(&b, slot, k) && (!feedback || head.best >= 0 || (head.quality >= 0.0f && head.quality <= 1.0f));
             if (ok && feedback) ok = window_signal(w, q, head, GU, GD) == 0;
             if (!ok) {
-                failed = mark_corrupt(corrupt, k) < 0;
+                failed = mark_corrupt(&marks, k) < 0;
                 continue;
             }
             if (head.n_steps > width) width = head.n_steps;
             count_route(&b, head);
             if (!feedback) continue; /* an ordinary trajectory: not a signal */
             signals++;
-            if (++pending == b.threshold) {
+            if (++pending == b.threshold && stop) { /* sealing: fold below, apply nothing */
+                consumed = k + 1;
+                break;
+            }
+            if (pending == b.threshold) {
                 window_fold(w, GU);
                 for (npy_intp r = 0; r < rank; r++) {
                     apply_row(U32 + r * h, GU + r * h, h, b.lr / (double)pending);
@@ -1027,10 +1222,18 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             }
         }
         window_fold(w, GU);
+        if (unlocked != NULL) PyEval_RestoreThread(unlocked);
         PyMem_Free(w);
         PyMem_Free(mem);
-        result = failed ? NULL : Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
-        if (failed) Py_DECREF(corrupt);
+        PyObject *corrupt = marks_list(&marks);
+        if (failed || corrupt == NULL) {
+            Py_XDECREF(corrupt);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
+            result = NULL;
+        } else if (nargs == 20)
+            result = Py_BuildValue("(nlinNn)", pending, flushes, width, signals, corrupt, consumed);
+        else
+            result = Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
     }
     goto release;
 bad:
@@ -1170,6 +1373,10 @@ static PyMethodDef methods[] = {
      "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
      "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
+    {"write_window", (PyCFunction)(void (*)(void))write_window, METH_FASTCALL,
+     "Encode a sealed window into a buffer (sealed.write_window's bytes); its length."},
+    {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
+     "Apply a sealed window's bytes to up/down (sealed.apply_window's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
      "The greedy RouteChoice for one finite float32 vector; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,

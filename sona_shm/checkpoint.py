@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .config import EngineConfig
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError
+from .errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError
 from .layout import LOCK_FLUSHER, Layout
 from .ledger import Ledger
 from .routes import RouteTable, read_route_table
@@ -178,6 +178,8 @@ class Checkpoint:
         for name in _CONFIG_FIELDS:
             if legacy and name in ("rule", "routes", "temperature"):
                 continue
+            if name == "fleet_outbox" and name not in meta:
+                continue  # written before fleets: no outbox
             values[name] = _value(meta, name, _CONFIG_KINDS.get(name, int), bad)
         try:
             config = EngineConfig(**values)
@@ -340,6 +342,11 @@ def restore(name: str, path: str) -> int:
         ledger = Ledger(segment)
         try:
             record = ledger.snapshot()
+            if record[0]["fleet_epoch"]:
+                raise FleetError(
+                    f"segment {name!r} is a replica of a fleet: its adapter is the fleet's and changes only through the fleet's "
+                    "stream; restore the checkpoint into a segment outside the fleet, or destroy this one and let it join again"
+                )
             generation = max(int(record[0]["generation"]), checkpoint.generation) + 1  # < 2**62 + 1: both are range-checked
             checkpoint.apply(record[0], generation)
             ledger.publish(record)

@@ -18,6 +18,7 @@ from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts an
     EXIT_CHECKPOINT,
     EXIT_DESTROYED,
     EXIT_ERROR,
+    EXIT_FLEET,
     EXIT_FLUSHER_RUNNING,
     EXIT_LAYOUT_MISMATCH,
     EXIT_NOT_FOUND,
@@ -45,6 +46,7 @@ _CONFIG_OPTIONS = (
     ("--lane-slots", "lane_slots", int, "trajectories a producer may have in flight (default 512)"),
     ("--rule", "rule", str, "learning rule: reference (the seed's, bit-exact; default) or routing (learns which route serves a query)"),
     ("--temperature", "temperature", float, "the routing rule's softmax temperature over cosine scores (default 10)"),
+    ("--fleet-outbox", "fleet_outbox", int, "sealed windows the segment's fleet outbox holds (default 4096 with --fleet, else 0)"),
 )
 
 
@@ -99,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="seconds between checkpoints (0: only at shutdown; default 60)",
+    )
+    fleet = p.add_argument_group("fleet (many hosts learn one adapter through Redis; pip install 'sona-shm[fleet]')")
+    fleet.add_argument(
+        "--fleet", metavar="URL", default=None, help="join the fleet in this Redis: redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS)"
+    )
+    fleet.add_argument("--fleet-key", metavar="KEY", default=None, help="the fleet's name in Redis (default: the engine name)")
+    fleet.add_argument(
+        "--host-id", metavar="ID", default=None, help="this host in the fleet (default: hostname + a hash of /etc/machine-id and --name)"
+    )
+    fleet.add_argument(
+        "--fleet-lag",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a new window starts only while at most N own windows are not yet back from the stream (0: lock-step; default: the outbox)",
+    )
+    fleet.add_argument(
+        "--fleet-snapshot-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between the snapshots this host offers the fleet (the stream is trimmed up to the older kept one; default 60)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
@@ -194,6 +218,7 @@ def _flusher(args: argparse.Namespace) -> int:
     interval = check_timeout(60.0 if args.checkpoint_interval is None else args.checkpoint_interval, "--checkpoint-interval")
     given, routes = _given_config(args)
     EngineConfig.check_fields(given)  # bad options are refused before anything else happens
+    fleet = _fleet_options(args)
     # The handlers go in before the flusher takes the segment's flusher lock: from that
     # moment a supervisor sees a live flusher and may stop it, and a SIGTERM must then
     # mean drain, flush and exit 0, not death by signal. They are put back on the way out
@@ -215,6 +240,7 @@ def _flusher(args: argparse.Namespace) -> int:
             mode=GROUP_MODE if args.group else DEFAULT_MODE,
             checkpoint=args.checkpoint,
             checkpoint_interval=interval,
+            fleet=fleet,
         )
         stop["flusher"] = flusher
         if stop["requested"]:  # a signal that came while the flusher was being set up
@@ -227,6 +253,36 @@ def _flusher(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+def _fleet_options(args: argparse.Namespace) -> Any:
+    """The fleet options given, checked (None without --fleet); the others need --fleet."""
+    extra = [
+        flag
+        for flag, value in (
+            ("--fleet-key", args.fleet_key),
+            ("--host-id", args.host_id),
+            ("--fleet-lag", args.fleet_lag),
+            ("--fleet-snapshot-interval", args.fleet_snapshot_interval),
+        )
+        if value is not None
+    ]
+    if args.fleet is None:
+        if extra:
+            raise InvalidInputError(f"{extra[0]}: needs --fleet URL")
+        return None
+    from .fleet import DEFAULT_SNAPSHOT_INTERVAL, FleetOptions, default_host_id
+    from .redis_log import import_redis
+
+    options = FleetOptions(
+        url=args.fleet,
+        key=args.fleet_key if args.fleet_key is not None else args.name,
+        host_id=args.host_id if args.host_id is not None else default_host_id(args.name),
+        lag=args.fleet_lag,
+        snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL if args.fleet_snapshot_interval is None else args.fleet_snapshot_interval,
+    )
+    import_redis()  # refuses now, with the install command, if redis-py is missing
+    return options
 
 
 def _stats(args: argparse.Namespace) -> int:

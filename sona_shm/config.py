@@ -24,6 +24,12 @@ DEFAULT_TEMPERATURE = 10.0
 MAX_TEMPERATURE = 1000.0
 #: Most routes a route table may hold (each costs K*h floats in route() and the learner).
 MAX_ROUTES = 256
+#: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``).
+#: A sealed window takes one; at 1,000 signals/s and the default flush threshold (10
+#: windows/s) 4096 entries ride out ~7 minutes without Redis; at h=256, rank 2 they take
+#: 16 MiB (reference rule) or 32 MiB (routing rule) of the segment.
+DEFAULT_FLEET_OUTBOX = 4096
+MAX_FLEET_OUTBOX = 1 << 20
 
 
 def check_positive_float(name: str, value: Any, high: float = math.inf) -> float:
@@ -48,7 +54,9 @@ class EngineConfig:
     ``lr`` defaults by ``rule`` (:data:`DEFAULT_LR`). ``routes`` is the number of
     vectors in the engine's route table (0: none; the table itself is given apart, see
     :class:`~sona_shm.routes.RouteTable`); the routing rule needs one.
-    ``temperature`` is the routing rule's softmax temperature.
+    ``temperature`` is the routing rule's softmax temperature. ``fleet_outbox``: entries
+    of the segment's fleet outbox (0: the engine cannot join a fleet; see
+    :mod:`sona_shm.fleet`); it shapes this host's segment only, never what is learned.
     """
 
     hidden_dim: int = 256
@@ -63,6 +71,7 @@ class EngineConfig:
     rule: str = "reference"
     routes: int = 0
     temperature: float = DEFAULT_TEMPERATURE
+    fleet_outbox: int = 0
 
     @classmethod
     def check_fields(cls, given: dict[str, Any]) -> None:
@@ -93,6 +102,7 @@ class EngineConfig:
         if self.rule == "routing" and self.routes == 0:
             raise InvalidInputError("routes: the routing rule learns which route serves a query; give it a route table (--routes FILE)")
         object.__setattr__(self, "temperature", check_positive_float("temperature", self.temperature, MAX_TEMPERATURE))
+        check_int("fleet_outbox", self.fleet_outbox, 0, MAX_FLEET_OUTBOX)
         if self.rule == "routing" and self.max_steps < 1:
             raise InvalidInputError(
                 "max_steps: expected >= 1 under the routing rule (a feedback is recorded as a one-step trajectory), got 0"

@@ -69,6 +69,11 @@ class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""
 
 
+class FleetError(SonaShmError):
+    """The fleet refused this host (another configuration, a host id in use, too many hosts),
+    or fleet mode cannot run (no redis-py, a bad Redis URL, a segment without an outbox)."""
+
+
 # ----------------------------------------------------------------- exit codes of ``sona-shm``
 
 EXIT_OK = 0
@@ -80,6 +85,7 @@ EXIT_LAYOUT_MISMATCH = 5  # the segment exists with another configuration or ver
 EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
 EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
 EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
+EXIT_FLEET = 9  # the fleet refused this flusher (configuration, host id), or fleet mode cannot run here
 
 # The first matching class decides; SonaShmError catches the rest.
 _EXIT_CODES: tuple[tuple[type[SonaShmError], int], ...] = (
@@ -89,6 +95,7 @@ _EXIT_CODES: tuple[tuple[type[SonaShmError], int], ...] = (
     (EngineDestroyedError, EXIT_DESTROYED),
     (LayoutMismatchError, EXIT_LAYOUT_MISMATCH),
     (CheckpointError, EXIT_CHECKPOINT),
+    (FleetError, EXIT_FLEET),
     (InvalidInputError, EXIT_USAGE),
     (SonaShmError, EXIT_ERROR),
 )

@@ -30,7 +30,16 @@ import numpy as np
 import posix_ipc
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from .errors import CheckpointError, FlusherRunningError, InvalidInputError, LayoutMismatchError, SegmentNotFoundError
+from .config import DEFAULT_FLEET_OUTBOX
+from .errors import (
+    CheckpointError,
+    ClosedError,
+    FleetError,
+    FlusherRunningError,
+    InvalidInputError,
+    LayoutMismatchError,
+    SegmentNotFoundError,
+)
 from .lane import _speedups
 from .layout import (
     CONS_TAIL,
@@ -97,6 +106,12 @@ class Flusher:
 
     ``routes``: the engine's :class:`RouteTable` (the routing rule needs one). A new
     segment stores it (or the checkpoint's); an existing one must hold the same table.
+
+    ``fleet``: :class:`~sona_shm.fleet.FleetOptions` to learn as one host of a fleet
+    (:mod:`sona_shm.fleet`): flush points seal windows into the outbox instead of
+    applying them, and the adapter changes only by applying the fleet's stream. A new
+    segment then gets an outbox of ``fleet_outbox`` entries (default
+    :data:`~sona_shm.config.DEFAULT_FLEET_OUTBOX`); an existing one must have one.
     """
 
     def __init__(
@@ -110,8 +125,11 @@ class Flusher:
         mode: int = DEFAULT_MODE,
         checkpoint: str | None = None,
         checkpoint_interval: float = 0.0,
+        fleet: Any = None,
     ) -> None:
         check_name(name)
+        self.fleet_options = fleet
+        self.fleet: Any = None  # the FleetMember, in fleet mode
         self.name = name
         self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
         self.stop_requested = False
@@ -134,10 +152,14 @@ class Flusher:
         base = dataclasses.asdict(saved.config) if saved is not None else {}
         if config is not None and saved is None:
             base = dataclasses.asdict(config)
+        if fleet is not None and not base.get("fleet_outbox") and "fleet_outbox" not in overrides:
+            base["fleet_outbox"] = DEFAULT_FLEET_OUTBOX  # a segment created for a fleet gets an outbox
         try:
             requested: EngineConfig | InvalidInputError = EngineConfig(**{**base, **overrides})
         except InvalidInputError as exc:
             requested = exc  # only an error if the segment must be created: adopting compares the options given
+        if fleet is not None and isinstance(requested, EngineConfig) and requested.fleet_outbox == 0:
+            raise InvalidInputError("fleet_outbox: a host of a fleet needs an outbox (--fleet-outbox N >= 1, default 4096), got 0")
 
         def restore_into(layout: Layout) -> Checkpoint | None:
             """Only for a new segment, before its header is published."""
@@ -155,8 +177,14 @@ class Flusher:
             self.close()
             raise
 
+    def _mapped(self) -> Segment:
+        """The segment, while this flusher has it mapped (it is None after :meth:`close`)."""
+        if self.segment is None:
+            raise ClosedError(f"flusher of segment {self.name!r} is closed")
+        return self.segment
+
     def _setup(self) -> None:
-        seg = self.segment
+        seg = self._mapped()
         layout = self.layout = seg.layout
         self.ledger = Ledger(seg)
         self._u64, self._f64 = seg.u64, seg.f64
@@ -178,6 +206,9 @@ class Flusher:
         st = self._state[0]
         cfg = layout.config
         self.routes = read_route_table(seg)
+        # In fleet mode the record's up/down are the fleet's adapter, changed only by applying the
+        # stream; the learner computes with private copies (replica.speculate).
+        private = ("down", "up") if self.fleet_options is not None else ()
         self.learner = Learner(
             cfg.hidden_dim,
             cfg.rank,
@@ -186,11 +217,15 @@ class Flusher:
             rule=cfg.rule,
             unit=None if self.routes is None else self.routes.unit,
             temperature=cfg.temperature,
-            **{field: st[field] for field in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")},
+            **{
+                field: np.array(st[field]) if field in private else st[field]
+                for field in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")
+            },
         )
         for field in ("generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
             setattr(self.learner, field, int(st[field]))
         self._tails = st["lane_tail"]
+        self._fleet_replica = bool(st["fleet_epoch"])  # bound to a fleet: only a flusher with --fleet may learn here
         self.buffer_head = int(st["buffer_head"])
         self.buffer_dropped = int(st["buffer_dropped"])
         self.corrupt = int(st["corrupt"])
@@ -221,6 +256,16 @@ class Flusher:
                 log.info("adopted %r keeps its own state (newer than any checkpoint); %s is not read", self.name, self.checkpoint_path)
             if self.checkpoint_interval > 0:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_interval
+        self._seen_requests = [0] * layout.lanes  # fleet mode: the last flush request of each lane taken in
+        if self.fleet_options is not None:
+            from .fleet import FleetMember
+
+            self._seen_requests = [int(u64[w]) for w in self._ack_words]
+            self.fleet = FleetMember(self.fleet_options, seg, self._state, self.learner, self.routes, self.ledger, self._tails)
+            self.learner.sealer = self.fleet.seal
+            if cfg.rule == "routing":
+                self.fleet.replica.speculate(self.learner.up, self.learner.down)
+            self.fleet.start()
 
     # ----------------------------------------------------------------- the loop
 
@@ -258,11 +303,29 @@ class Flusher:
             raise error
 
     def scan(self) -> int:
-        """One pass: learn what every lane committed, flush if due, commit. Returns #learned."""
+        """One pass: learn what every lane committed, flush if due, commit. Returns #learned.
+
+        In fleet mode also: apply what the stream brought first, seal instead of applying,
+        and answer a flush request only once its lane's windows came back applied.
+        """
         u64 = self._u64
+        fleet = self.fleet
+        if fleet is None and self._fleet_replica:
+            raise FleetError(
+                f"segment {self.name!r} is a replica of a fleet: its adapter changes only through the fleet's stream, and its "
+                f"outbox may hold windows not yet published. Start its flusher with --fleet (the same --fleet-key and --host-id), "
+                f"or checkpoint it, destroy it and restore the checkpoint into a new engine to learn alone"
+            )
         # Requests are read before heads: a producer stores its heads before its request,
         # so every record it made before asking is learned in this same pass.
         requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]
+        changed = False
+        if fleet is not None:
+            for lane, request in requests:
+                if request > self._seen_requests[lane]:
+                    self._seen_requests[lane] = request
+                    fleet.request_flush(lane, request, u64[self._head_words[lane]])
+            changed = fleet.pump()  # the stream's entries and snapshots, applied to the private record
         learned = 0
         moved = False  # tails advance also past slots that fail their check: that must be committed too
         tails = self._tails
@@ -273,17 +336,22 @@ class Flusher:
             if head > tail + slots or head < tail:
                 self._corrupt_head(lane, head, tail)  # a producer publishes at most slots ahead of the committed tail
             elif head > tail:
-                learned += self._learn_lane(lane, tail, head)
-                moved = True
+                got, consumed = self._learn_lane(lane, tail, head)
+                learned += got
+                moved |= consumed
         flushed = False
-        if requests or (
-            self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
-        ):
+        due = self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
+        if (requests if fleet is None else fleet.flush_wanted()) or due:
             flushed = self._flush()
-        if moved or flushed:
+        if moved or flushed or changed:
             self._commit()
-        for lane, request in requests:
-            u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights
+        if fleet is None:
+            for lane, request in requests:
+                u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights
+        else:
+            for lane, request in fleet.after_commit():
+                u64[self._ack_words[lane]] = request  # after the commit that applied its windows back from the stream
+            fleet.write_stats()
         u64[self._w_scans] += 1
         self._f64[self._w_heartbeat] = time.time()
         return learned
@@ -308,7 +376,9 @@ class Flusher:
             tail + self.layout.lane_slots,
         )
 
-    def _learn_lane(self, lane: int, tail: int, head: int) -> int:
+    def _learn_lane(self, lane: int, tail: int, head: int) -> tuple[int, bool]:
+        """Learn the lane's slots ``[tail, head)`` (in fleet mode, as far as the outbox has room);
+        the number learned, and whether the tail moved."""
         slots = self.layout.lane_slots
         self._bad_heads.pop(lane, None)
         learned = 0
@@ -316,9 +386,115 @@ class Flusher:
         while start < head:
             first = start % slots
             count = min(head - start, slots - first)
-            learned += self._learn_slots(lane, first, count, start)
-            start += count
-        self._tails[lane] = head
+            if self.fleet is None:
+                got, consumed = self._learn_slots(lane, first, count, start), count
+            else:
+                got, consumed = self._learn_slots_fleet(lane, first, count, start)
+            learned += got
+            start += consumed
+            if consumed < count:
+                break  # the outbox is full: the rest waits in the lane
+        self._tails[lane] = start
+        return learned, start > tail
+
+    def _learn_slots_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        """:meth:`_learn_slots` in fleet mode: a window that reaches ``flush_threshold`` is sealed
+        (:meth:`FleetMember.seal`) where the engine would apply it, and a new window starts only
+        while the outbox has room. Returns the number learned and the slots consumed.
+
+        The sums are those of the engine without a fleet, bit for bit: the C learners stop
+        exactly where they would apply; the numpy path computes the block's signals at once,
+        as :meth:`_learn_slots` does, and cuts the learning at each window's last signal.
+        """
+        if _speedups is None:
+            return self._learn_numpy_fleet(lane, first, count, index)
+        layout, learner, fleet = self.layout, self.learner, self.fleet
+        learned = done = 0
+        while done < count:
+            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
+                break  # no room for a new window (or not joined yet): the rest waits in the lane
+            flat = lane * layout.lane_slots + first + done
+            block = self._slot_bytes[flat : flat + count - done]
+            width, corrupt, consumed = learn_block(learner, layout, block, index + done + 1, stop=True)
+            if learner.pending == learner.flush_threshold:
+                fleet.seal()
+            if corrupt:
+                valid = np.ones(consumed, bool)
+                valid[corrupt] = False
+                learned += self._account_slots(lane, flat, valid, width, index + done)
+            else:  # the common case, without building a mask
+                self._keep_in_buffer(flat, consumed, max(1, width))
+                learned += consumed
+            done += consumed
+        return learned, done
+
+    def _learn_numpy_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        layout, learner, fleet = self.layout, self.learner, self.fleet
+        rec = self._slots[lane, first : first + count]
+        ok = slot_checks(rec, index + 1, layout)
+        valid = rec[ok]  # the learned slots, in order
+        routing = learner.rule == "routing"
+        n_steps = valid["n_steps"].astype(np.int64)
+        route_index = valid["route_index"].astype(np.int64) - 1
+        best_index = valid["best_index"].astype(np.int64) - 1
+        signals = None
+        if not routing and len(valid):
+            w = max(1, int(n_steps.max()))
+            signals = learning_signals(valid["query"], valid["meta"]["reward"][:, :w], valid["steps"]["act"][:, :w], n_steps)
+        is_signal = ok & ((rec["route_index"] > 0) | (rec["best_index"] > 0)) if routing else ok
+        signal_at = np.flatnonzero(is_signal)  # block positions of the signals
+        learned = done = at = 0  # at: position in ``valid``
+        while done < count:
+            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
+                break  # no room for a new window (or not joined yet): the rest waits in the lane
+            need = learner.flush_threshold - learner.pending
+            ahead = signal_at[signal_at >= done]
+            cut = int(ahead[need - 1]) + 1 if len(ahead) >= need else count  # the window's last signal ends this part
+            part_ok = ok[done:cut]
+            part = slice(at, at + int(part_ok.sum()))
+            if routing:
+                learner.learn_feedback(valid["query"][part], route_index[part], best_index[part], valid["quality"][part])
+            elif signals is not None and part.stop > part.start:
+                learner.learn(signals[part], valid["quality"][part])  # seals through learner.sealer at the threshold
+            learner.count_routes(route_index[part], best_index[part], valid["quality"][part])
+            width = int(n_steps[part].max()) if part.stop > part.start else 0
+            learned += self._account_slots(lane, lane * layout.lane_slots + first + done, part_ok, width, index + done)
+            at, done = part.stop, cut
+        return learned, done
+
+    def _learn_numpy(self, rec: np.ndarray) -> int:
+        """Learn valid lane slots ``rec`` with the numpy learner; the most steps one had."""
+        learner = self.learner
+        n_steps = rec["n_steps"].astype(np.int64)
+        route_index = rec["route_index"].astype(np.int64) - 1
+        best_index = rec["best_index"].astype(np.int64) - 1
+        width = int(n_steps.max()) if len(rec) else 0
+        if learner.rule == "routing":
+            learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
+        elif len(rec):
+            w = max(1, width)
+            learner.learn(learning_signals(rec["query"], rec["meta"]["reward"][:, :w], rec["steps"]["act"][:, :w], n_steps), rec["quality"])
+        learner.count_routes(route_index, best_index, rec["quality"])
+        return width
+
+    def _account_slots(self, lane: int, flat: int, valid: np.ndarray, width: int, index: int) -> int:
+        """Count the corrupt slots among ``valid`` (lane slots from flat index ``flat``, lane index ``index``) and keep
+        the learned ones for consumers; the number learned."""
+        count = len(valid)
+        learned = int(valid.sum())
+        if learned < count:
+            # A slot inside [tail, head) always carries its stamp and the values its producer
+            # checked: this is memory written outside sona_shm.
+            bad = count - learned
+            log.error("lane %d: %d slots in [%d, %d) fail their checks; counted as corrupt, not learned", lane, bad, index, index + count)
+            self.corrupt += bad
+        if learned == count:
+            self._keep_in_buffer(flat, count, max(1, width))
+            return learned
+        # Runs of learned slots go to the buffer in order; corrupt ones are left out.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], valid.view(np.int8), [0]))))
+        for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            self._keep_in_buffer(flat + start, stop - start, max(1, width))
         return learned
 
     def _learn_slots(self, lane: int, first: int, count: int, index: int) -> int:
@@ -337,31 +513,8 @@ class Flusher:
         else:
             rec = self._slots[lane, first : first + count]
             valid = slot_checks(rec, index + 1, layout)
-            rec = rec[valid]
-            n_steps = rec["n_steps"].astype(np.int64)
-            route_index = rec["route_index"].astype(np.int64) - 1
-            best_index = rec["best_index"].astype(np.int64) - 1
-            width = int(n_steps.max()) if len(rec) else 0
-            if learner.rule == "routing":
-                learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
-            elif len(rec):
-                w = max(1, width)
-                learner.learn(
-                    learning_signals(rec["query"], rec["meta"]["reward"][:, :w], rec["steps"]["act"][:, :w], n_steps), rec["quality"]
-                )
-            learner.count_routes(route_index, best_index, rec["quality"])
-        learned = int(valid.sum())
-        if learned < count:
-            # A slot inside [tail, head) always carries its stamp and the values its producer
-            # checked: this is memory written outside sona_shm.
-            bad = count - learned
-            log.error("lane %d: %d slots in [%d, %d) fail their checks; counted as corrupt, not learned", lane, bad, index, index + count)
-            self.corrupt += bad
-        # Runs of learned slots go to the buffer in order; corrupt ones are left out.
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], valid.view(np.int8), [0]))))
-        for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            self._keep_in_buffer(flat + start, stop - start, max(1, width))
-        return learned
+            width = self._learn_numpy(rec[valid])
+        return self._account_slots(lane, flat, valid, width, index)
 
     def _keep_in_buffer(self, flat_slot: int, count: int, width: int) -> None:
         """Copy learned slots into the buffer while it has room; count the rest as dropped."""
@@ -381,6 +534,12 @@ class Flusher:
 
     def _flush(self) -> bool:
         self._last_flush_mono = time.monotonic()
+        if self.fleet is not None:
+            # A window in progress has its outbox entry (it was opened only with room): seal it.
+            if not self.learner.pending or not self.fleet.bound:
+                return False
+            self.fleet.seal()
+            return True
         generation = self.learner.generation
         self.learner.flush()
         if self.learner.generation != generation:
@@ -403,17 +562,31 @@ class Flusher:
         st["buffer_dropped"] = self.buffer_dropped
         st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
-        self.ledger.publish(self._state)
+        if self.fleet is not None:
+            self.ledger.publish(self._state, self.fleet.commit_points())
+        else:
+            self.ledger.publish(self._state)
 
     def _has_work(self) -> bool:
-        u64, tails = self._u64, self._tails
+        u64, tails, fleet = self._u64, self._tails, self.fleet
+        if fleet is not None:
+            # Requests taken in wait for the stream, and while learning is paused the lanes'
+            # backlog waits too: only news from the threads, a new request or (when learning
+            # may go on) a new record is work.
+            if fleet.has_news():
+                return True
+            learning = fleet.bound and (self.learner.pending > 0 or not fleet.paused)
+            for lane, word in enumerate(self._head_words):
+                if (learning and u64[word] > tails[lane]) or u64[self._req_words[lane]] > self._seen_requests[lane]:
+                    return True
+            return False
         for lane, word in enumerate(self._head_words):
             if u64[word] > tails[lane] or u64[self._req_words[lane]] > u64[self._ack_words[lane]]:
                 return True
         return False
 
     def _sleep(self) -> None:
-        u64 = self._u64
+        u64, bell = self._u64, self._mapped().bell
         u64[self._w_idle] = 1  # from here on producers ring the bell
         try:
             # A full fence between that store and the reads of the heads below: sem_post
@@ -421,7 +594,6 @@ class Flusher:
             # fence in the C writer's publish(), either the producer sees idle = 1 and
             # rings, or we see its head here; the pure-Python writer has no fence, and a
             # ring it misses costs at most WAKE_TIMEOUT.
-            bell = self.segment.bell
             bell.release()
             bell.acquire(0)
             if self._has_work():  # published before they could see idle = 1
@@ -439,7 +611,7 @@ class Flusher:
         # Several producers may have rung for the same wake-up; swallow the extra rings.
         while True:
             try:
-                self.segment.bell.acquire(0)
+                bell.acquire(0)
             except posix_ipc.BusyError:
                 break
 
@@ -453,7 +625,7 @@ class Flusher:
         commit = self.ledger.commit  # we are the only writer, so this is the commit of the snapshot
         if commit == self._checkpointed_commit:
             return False
-        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config, self.routes), self.segment.mode)
+        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config, self.routes), self._mapped().mode)
         self._checkpointed_commit = commit
         return True
 
@@ -467,10 +639,23 @@ class Flusher:
             log.error("%s; learning goes on, next attempt in %g s", exc, self.checkpoint_interval)
 
     def flush_now(self) -> None:
-        """Learn everything committed, apply pending gradients and publish (used at shutdown)."""
+        """Learn everything committed, apply pending gradients and publish (used at shutdown).
+
+        In fleet mode the pending window is sealed, and the flusher waits a bounded time
+        (:data:`~sona_shm.fleet.FINISH_TIMEOUT`) for its outbox to reach the stream and come back.
+        """
         self.scan()
         if self._flush():
             self._commit()
+        if self.fleet is not None:
+            self.fleet.after_commit()
+
+            def commit() -> None:
+                self._commit()
+                self.fleet.after_commit()
+
+            self.fleet.finish(commit)
+            self.fleet.stop()
 
     def shutdown(self) -> None:
         """Drain what producers committed, flush, publish, answer requests, release."""
@@ -494,6 +679,10 @@ class Flusher:
 
     def close(self) -> None:
         """Release the segment and the flusher lock without draining. Safe to call twice."""
+        fleet = self.__dict__.get("fleet")
+        if fleet is not None:
+            fleet.stop()  # its threads read the ledger: they end before it is unmapped
+            self.fleet = None
         for attr in ("_slots", "_slot_bytes", "_buffer_bytes", "_buffer_seq", "_state", "_tails", "learner"):
             self.__dict__.pop(attr, None)
         ledger = self.__dict__.pop("ledger", None)
@@ -537,22 +726,37 @@ def slot_checks(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
     return ok
 
 
-def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int) -> tuple[int, list[int]]:
+def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int, stop: bool = False) -> Any:
     """Learn consecutive lane slots (``block``: ``uint8[count, slot_bytes]``, stamped from
     ``first_seq``) with the C learner of ``learner``'s rule, in place. Returns the most
     steps a learned slot had and the indices of the slots that failed :func:`slot_checks`
-    (learned from nothing). Needs ``_speedups``."""
+    (learned from nothing). Needs ``_speedups``.
+
+    ``stop`` (fleet mode): return as soon as ``pending`` reaches the flush threshold, without
+    applying (the caller seals the window); the result then has a third item, the number
+    of slots consumed."""
     count = block.shape[0]
     head = (block, count, layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
-    tail = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward)
+    tail: tuple[Any, ...] = (
+        learner.lr,
+        learner.flush_threshold,
+        learner.pending,
+        learner.route_chosen,
+        learner.route_best,
+        learner.route_reward,
+    )
+    if stop:
+        tail += (True,)
     if learner.rule == "routing":
-        pending, flushes, width, signals, corrupt = _speedups.learn_routing(
+        result = _speedups.learn_routing(
             *head, learner.grad_up, learner.grad_down, learner.up, learner.down, learner.unit, learner.temperature, *tail
         )
     else:
-        pending, flushes, width, signals, corrupt = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
-    learner.account(count - len(corrupt), signals, pending, flushes)
-    return width, corrupt
+        result = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
+    pending, flushes, width, signals, corrupt = result[:5]
+    consumed = result[5] if stop else count
+    learner.account(consumed - len(corrupt), signals, pending, flushes)
+    return (width, corrupt, consumed) if stop else (width, corrupt)
 
 
 def _check_checkpoint_path(path: str | None) -> str | None:
@@ -662,7 +866,8 @@ def _create_or_adopt(
             raise
     else:
         try:
-            if routes is not None and not read_route_table(segment).same_as(routes):
+            table = read_route_table(segment) if routes is not None else None
+            if routes is not None and (table is None or not table.same_as(routes)):
                 raise LayoutMismatchError(
                     f"segment {name!r} exists with another route table; start the flusher without --routes to adopt it, "
                     f"or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"

@@ -13,6 +13,8 @@ Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
     0               PAGE                          header + control lines
     ledger_offset   2 * ledger_bytes              the flusher's state, double-buffered
     routes_offset   routes_bytes                  the route table (K vectors, K names); read-only
+    fleet_offset    FLEET_BYTES (0 without outbox) the fleet's control lines and identity
+    outbox_offset   fleet_outbox * entry_bytes    the fleet outbox: sealed windows (page-aligned)
     lanes_offset    lanes * 128                   lane control (one per producer lane)
     slots_offset    lanes * lane_slots * slot_bytes   lane rings of trajectory slots
     buffer_offset   capacity * slot_bytes         buffer of learned trajectories (for drain)
@@ -34,7 +36,7 @@ the magic sees a complete header)::
     52  u32 slot_bytes       stride of one slot
     56  f64 lr
     64  u64 flush_threshold
-    72  u64 ledger_offset    (ledger_bytes = (lanes_offset - ledger_offset) / 2)
+    72  u64 ledger_offset    (ledger_bytes = (routes_offset - ledger_offset) / 2)
     80  u64 lanes_offset
     88  u64 slots_offset
     96  u64 buffer_offset
@@ -43,6 +45,10 @@ the magic sees a complete header)::
     116 u32 routes           K, route vectors in the route table (0: no table)
     120 f64 temperature      the routing rule's softmax temperature
     128 u64 routes_offset    (routes_bytes = round_up(4 * K * h + 64 * K, 64))
+    136 u64 fleet_offset     (FLEET_BYTES when fleet_outbox > 0, else nothing there)
+    144 u64 outbox_offset
+    152 u32 fleet_outbox     entries of the outbox ring (0: the engine cannot join a fleet)
+    156 u32 fleet_hosts      M, hosts the applied table can hold (MAX_FLEET_HOSTS, or 0 without outbox)
 
 Control lines (64 bytes each, inside the header page; one writer per line)::
 
@@ -79,12 +85,68 @@ exactly once across any crash::
     buffer_dropped u64  learned trajectories not stored because the buffer was full
     last_flush_at f64   unix time of the last flush that changed the adapter (0: never)
     corrupt u64         published slots (and lane heads) that failed validation: counted, not learned
-    down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule)
-    grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush
+    -- the fleet (all 0 on an engine that never joined one; see "Fleet" below):
+    fleet_epoch u64     the fleet this segment is bound to (its epoch in Redis); 0: not bound
+    fleet_out_head u64  own windows sealed, ever: the seq of the last one in the outbox
+    fleet_out_tail u64  own windows retired: applied back from the stream (seq; <= out_head)
+    fleet_cursor_ms, fleet_cursor_seq u64   the stream id of the last entry applied
+    fleet_entries u64   stream entries applied (every host's, own included)
+    fleet_signals u64   signals of those entries
+    fleet_lost_entries, fleet_lost_signals u64   windows the stream lost (a failover; counted
+                        from the gaps in a host's seqs, so the same on every replica)
+    fleet_bad_entries u64   stream entries that failed validation: skipped, counted
+    fleet_resyncs u64   times this replica replaced its state by the fleet's snapshot
+    fleet_sealed_signals u64   signals this host sealed, ever (the ``cum`` of its entries)
+    fleet_applied_at f64    unix time the last applied entry was sealed (its author's clock)
+    down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule);
+                        in fleet mode the fleet's adapter: changed only by applying the stream
+    grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush (or seal)
     lane_tail u64[L]    slots of each lane learned, ever
     route_chosen u64[K] feedback whose route_index is k (the route taken)
     route_best u64[K]   feedback whose best_index is k (the route that was right)
     route_reward f64[K] summed reward of route k when taken (quality, or 1/0 against best_index)
+    fleet_host u64[M]   the applied table: a host (the first 8 bytes of blake2b(host id)), 0: free
+    fleet_host_seq u64[M]   the last seq of that host applied here
+    fleet_host_cum u64[M]   the ``cum`` of that entry (signals the host had sealed by then)
+
+The scalars come first, the arrays from the next 64-byte boundary on.
+
+Fleet (only with ``fleet_outbox > 0``; :mod:`sona_shm.fleet` runs it). Control lines at
+``fleet_offset``, written by the flusher's main thread (holding the flusher lock) at most
+every 20 ms, from its own state and what its Redis threads report; for monitors only,
+nothing depends on them across a crash::
+
+    +0   main line
+         +0  f64 lag_s         age of the oldest learning this replica knows of and has not
+                               applied (own sealed windows, entries read): 0 when caught up
+         +8  u64 paused        1 while learning waits for room in the outbox (or --fleet-lag)
+         +16 u64 pauses        times learning paused so
+         +24 f64 updated_at    unix time of the figures on this line
+         +32 u64 hosts         hosts in the applied table
+    +64  link line: the Redis threads' figures
+         +0  u64 connected     1 while Redis answers both of them
+         +8  f64 contact_at    unix time of the last answer from Redis
+         +16 u64 published     the highest own seq Redis confirmed is in the stream
+         +24 f64 error_at      unix time of the last failed call (0: none)
+    +128 identity, written before the segment is bound (``fleet_epoch`` set) and not after
+         +0  bytes[16] token   random: the lease on the host id in Redis is this segment's
+         +16 u16 host_len      +18 u16 key_len
+         +64 host id bytes[128] (UTF-8)    +192 fleet key bytes[320] (UTF-8)
+
+Outbox entry ``s`` (own sealed window ``s``, 1-based) at ``outbox_offset + ((s - 1) %
+fleet_outbox) * entry_bytes``: written by the main thread into a free entry (``s <=
+out_tail + fleet_outbox``) before the ledger commit whose ``fleet_out_head = s``
+publishes it, together with the lane tails that produced it and the zeroed gradient
+sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first bytes (as many
+as its header says: at most ``window_bytes``) are, byte for byte, the ``w`` field of the
+stream entry (:mod:`sona_shm.sealed`)::
+
+    0   4s  magic b"SFW1"   4 u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
+    16  u64 seq            24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)
+    40  f64 sealed_at      48..64 zero
+    64  f64 grad_up[up_rows, h], then f64 grad_down[down_rows, h]
+        (up_rows 1: every rank row is that one, the reference rule's case; down_rows R under
+        the routing rule, else 0; entry_bytes = round_up(64 + 8 * h * (R + R_down), 64))
 
 Lane control (128 bytes per lane at ``lanes_offset + lane * 128``)::
 
@@ -147,12 +209,12 @@ from .errors import InvalidInputError, LayoutMismatchError
 from .trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 PAGE = 4096
 LINE = 64
 LANE_CONTROL_BYTES = 128
 
-HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQ"
+HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQQQII"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)
 
 #: Byte offset of the header's ``created_at`` (read alone by monitors to tell a recreated engine apart).
@@ -168,6 +230,18 @@ CONS_TAIL, CONS_PID, CONS_DRAINED_AT = 0, 8, 16
 LANE_HEAD, LANE_DROPS, LANE_NEXT_ID, LANE_FLUSH_REQ, LANE_LAST_AT = 0, 8, 16, 24, 32
 LANE_OWNER_PID, LANE_OWNER_START, LANE_CLAIMS = 40, 48, 56
 LANE_FLUSH_ACK = 64
+
+#: The fleet region: control lines and identity (see the docstring).
+FLEET_BYTES = 512
+FLEET_MAIN_LINE, FLEET_LINK_LINE, FLEET_IDENTITY = 0, 64, 128
+FM_LAG, FM_PAUSED, FM_PAUSES, FM_UPDATED_AT, FM_HOSTS = 0, 8, 16, 24, 32
+FK_CONNECTED, FK_CONTACT_AT, FK_PUBLISHED, FK_ERROR_AT = 0, 8, 16, 24
+FI_TOKEN, FI_HOST_LEN, FI_KEY_LEN, FI_HOST, FI_KEY = 0, 16, 18, 64, 192
+FLEET_TOKEN_BYTES, FLEET_HOST_BYTES, FLEET_KEY_BYTES = 16, 128, 320
+#: Hosts a fleet's applied table holds; a fleet key refuses more (see sona_shm.fleet).
+MAX_FLEET_HOSTS = 64
+#: The header of a sealed window (outbox entry and stream field), in bytes.
+WINDOW_HEAD_BYTES = 64
 
 LOCK_FLUSHER = 0
 LOCK_DRAIN = 1
@@ -245,7 +319,12 @@ class Layout:
             }
         )
 
-        fields: list[tuple[str, Any]] = [
+        self.fleet_outbox = config.fleet_outbox
+        m = self.fleet_hosts = MAX_FLEET_HOSTS if config.fleet_outbox else 0
+        self.down_rows = r if config.rule == "routing" else 0  # a sealed window carries grad_down only when D learns
+        self.window_bytes = WINDOW_HEAD_BYTES + 8 * h * (r + self.down_rows)  # the largest sealed window
+        self.entry_bytes = _round_up(self.window_bytes, LINE)
+        scalars: list[tuple[str, Any]] = [
             ("generation", "<u8"),
             ("pending", "<u8"),
             ("trajectories_processed", "<u8"),
@@ -256,6 +335,21 @@ class Layout:
             ("buffer_dropped", "<u8"),
             ("last_flush_at", "<f8"),
             ("corrupt", "<u8"),
+            ("fleet_epoch", "<u8"),
+            ("fleet_out_head", "<u8"),
+            ("fleet_out_tail", "<u8"),
+            ("fleet_cursor_ms", "<u8"),
+            ("fleet_cursor_seq", "<u8"),
+            ("fleet_entries", "<u8"),
+            ("fleet_signals", "<u8"),
+            ("fleet_lost_entries", "<u8"),
+            ("fleet_lost_signals", "<u8"),
+            ("fleet_bad_entries", "<u8"),
+            ("fleet_resyncs", "<u8"),
+            ("fleet_sealed_signals", "<u8"),
+            ("fleet_applied_at", "<f8"),
+        ]
+        arrays: list[tuple[str, Any]] = [
             ("down", ("<f4", (r, h))),
             ("up", ("<f4", (r, h))),
             ("grad_up", ("<f8", (r, h))),
@@ -264,13 +358,17 @@ class Layout:
             ("route_chosen", ("<u8", (k,))),
             ("route_best", ("<u8", (k,))),
             ("route_reward", ("<f8", (k,))),
+            ("fleet_host", ("<u8", (m,))),
+            ("fleet_host_seq", ("<u8", (m,))),
+            ("fleet_host_cum", ("<u8", (m,))),
         ]
         offsets, at = [], 0
-        for i, (_, fmt) in enumerate(fields):
-            if i == 10:
-                at = 128  # the arrays start on their own line, after the scalars
+        for i, (_, fmt) in enumerate(scalars + arrays):
+            if i == len(scalars):
+                at = _round_up(at, LINE)  # the arrays start on their own line, after the scalars
             offsets.append(at)
             at += np.dtype(fmt).itemsize
+        fields = scalars + arrays
         self.ledger_dtype = np.dtype(
             {"names": [n for n, _ in fields], "formats": [f for _, f in fields], "offsets": offsets, "itemsize": _round_up(at, LINE)}
         )
@@ -278,7 +376,10 @@ class Layout:
         self.ledger_offset = PAGE
         self.routes_offset = self.ledger_offset + 2 * self.ledger_bytes
         self.routes_bytes = _round_up(4 * k * h + ROUTE_NAME_BYTES * k, LINE)
-        self.lanes_offset = self.routes_offset + self.routes_bytes
+        self.fleet_offset = self.routes_offset + self.routes_bytes
+        self.fleet_bytes = FLEET_BYTES if config.fleet_outbox else 0
+        self.outbox_offset = _round_up(self.fleet_offset + self.fleet_bytes, PAGE) if config.fleet_outbox else self.fleet_offset
+        self.lanes_offset = self.outbox_offset + config.fleet_outbox * self.entry_bytes
         self.slots_offset = _round_up(self.lanes_offset + config.lanes * LANE_CONTROL_BYTES, PAGE)
         self.buffer_offset = _round_up(self.slots_offset + config.lanes * config.lane_slots * self.slot_bytes, PAGE)
         self.total_bytes = _round_up(self.buffer_offset + config.capacity * self.slot_bytes, PAGE)
@@ -295,6 +396,10 @@ class Layout:
 
     def ledger_copy(self, which: int) -> int:
         return self.ledger_offset + which * self.ledger_bytes
+
+    def outbox_entry(self, seq: int) -> int:
+        """Byte offset of the outbox entry that holds own sealed window ``seq`` (1-based)."""
+        return self.outbox_offset + ((seq - 1) % self.fleet_outbox) * self.entry_bytes
 
     def pack_header(self) -> bytes:
         """The header with ``magic`` zeroed; the creator stores the magic last."""
@@ -324,6 +429,10 @@ class Layout:
             c.routes,
             c.temperature,
             self.routes_offset,
+            self.fleet_offset,
+            self.outbox_offset,
+            c.fleet_outbox,
+            self.fleet_hosts,
         )
 
     @classmethod
@@ -355,6 +464,10 @@ class Layout:
             routes,
             temperature,
             routes_off,
+            fleet_off,
+            outbox_off,
+            outbox,
+            fleet_hosts,
         ) = struct.unpack_from(HEADER_FORMAT, raw)
         if magic != MAGIC:
             raise LayoutMismatchError(
@@ -369,7 +482,7 @@ class Layout:
         try:
             if rule >= len(RULES):
                 raise InvalidInputError(f"rule: expected a code below {len(RULES)}, got {rule}")
-            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature))
+            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature, outbox))
         except InvalidInputError as exc:
             raise LayoutMismatchError(f"segment {name!r}: corrupt header ({exc})") from None
         derived = (
@@ -381,8 +494,23 @@ class Layout:
             layout.slots_offset,
             layout.buffer_offset,
             layout.routes_offset,
+            layout.fleet_offset,
+            layout.outbox_offset,
+            layout.fleet_hosts,
         )
-        stored = (header_bytes, total, slot_bytes, ledger_off, lanes_off, slots_off, buffer_off, routes_off)
+        stored = (
+            header_bytes,
+            total,
+            slot_bytes,
+            ledger_off,
+            lanes_off,
+            slots_off,
+            buffer_off,
+            routes_off,
+            fleet_off,
+            outbox_off,
+            fleet_hosts,
+        )
         if derived != stored:
             raise LayoutMismatchError(f"segment {name!r}: header offsets {stored} disagree with its dimensions {derived}")
         if size < total:
@@ -397,5 +525,7 @@ class Layout:
         """One line for humans: the size reserved and what it holds."""
         return (
             f"{self.total_bytes / 2**20:.1f} MiB reserved ({self.lanes} lanes x {self.lane_slots} slots + "
-            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot)"
+            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot"
+            + (f"; fleet outbox {self.fleet_outbox} x {self.entry_bytes} B" if self.fleet_outbox else "")
+            + ")"
         )

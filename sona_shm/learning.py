@@ -10,6 +10,7 @@ degenerate-gradient test) follow the reference's float32, left-to-right order.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +243,9 @@ class Learner:
         self.route_reward = np.zeros(k, dtype=F64) if route_reward is None else route_reward
         if down is None:
             self.down[...] = initial_down(hidden_dim, rank)
+        #: Called instead of applying at a flush when set (a fleet seals the window instead: it
+        #: takes the sums and zeroes them, see sona_shm.fleet); the weights stay as they are.
+        self.sealer: Callable[[], None] | None = None
         self.pending = 0  # signals accumulated since the last flush (the reference's update_count)
         self.generation = 0  # bumped whenever the adapter changes
         self.trajectories_processed = 0
@@ -358,9 +362,15 @@ class Learner:
         self.pending = pending
 
     def flush(self) -> bool:
-        """Apply pending gradients: ``up += grad_up * lr / pending`` (and ``down`` likewise under the routing rule). False if none."""
+        """Apply pending gradients: ``up += grad_up * lr / pending`` (and ``down`` likewise under the routing rule). False if none.
+
+        With a :attr:`sealer`, hand the window to it instead (it applies nothing here).
+        """
         if self.pending == 0:
             return False
+        if self.sealer is not None:
+            self.sealer()
+            return True
         step = self.lr / self.pending
         self.up[...] = _saturated(self.up.astype(F64) + self.grad_up * step)
         self.grad_up[...] = 0.0

@@ -24,8 +24,11 @@ READ_RETRIES = 1000
 
 #: Test-only fault hook: with ``SONA_SHM_TEST_PAUSE=publish`` in its environment a process
 #: stops itself (SIGSTOP) in its first :meth:`Ledger.publish`, after writing the inactive
-#: copy and before the commit store, so a test can SIGKILL it exactly mid-publish.
-_PAUSE_BEFORE_COMMIT = os.environ.get("SONA_SHM_TEST_PAUSE") == "publish"
+#: copy and before the commit store, so a test can SIGKILL it exactly mid-publish. With
+#: ``seal`` (or ``apply``) it stops so in the first publish whose caller names that point: a
+#: fleet flusher's first commit that seals a window (applies stream entries).
+_PAUSE_AT = os.environ.get("SONA_SHM_TEST_PAUSE", "")
+_PAUSE_BEFORE_COMMIT = _PAUSE_AT == "publish"
 
 
 class TornRead(SonaShmError):
@@ -98,13 +101,17 @@ class Ledger:
                 return record
         raise TornRead("ledger snapshot")
 
-    def publish(self, record: np.ndarray) -> int:
-        """Make ``record`` (shape ``(1,)``) current. Only the flusher calls this."""
-        global _PAUSE_BEFORE_COMMIT
+    def publish(self, record: np.ndarray, points: tuple[str, ...] = ()) -> int:
+        """Make ``record`` (shape ``(1,)``) current. Only the flusher calls this.
+
+        ``points``: what this commit does, for the test-only pause hook (``seal``, ``apply``).
+        """
+        global _PAUSE_BEFORE_COMMIT, _PAUSE_AT
         c = self._u64[self._commit]
         self.copies[(c + 1) & 1] = record[0]
-        if _PAUSE_BEFORE_COMMIT:
+        if _PAUSE_BEFORE_COMMIT or (_PAUSE_AT and _PAUSE_AT in points):
             _PAUSE_BEFORE_COMMIT = False
+            _PAUSE_AT = ""
             os.kill(os.getpid(), signal.SIGSTOP)
         self._u64[self._commit] = c + 1  # publishes the copy written above
         return c + 1

@@ -94,6 +94,48 @@ def buffer_note(stats: EngineStats) -> str | None:
     return f"buffer full: {why}; learning unaffected (dropped = learned but not kept for drain)"
 
 
+def fleet_sections(s: EngineStats, now: float) -> list[Section]:
+    """The fleet's two sections: this host's link and outbox, and what this replica applied."""
+    f = s.fleet
+    assert f is not None
+    if not s.flusher.alive:
+        link = "- (no flusher)"
+    elif f.connected:
+        link = "connected"
+    else:
+        link = f"DISCONNECTED (last answer {_ago(f.contact_at, now)})"
+    note = None
+    if f.paused:
+        note = "learning PAUSED: the outbox is full (or --fleet-lag reached); lanes fill until the stream takes it"
+    elif not f.epoch:
+        note = "not joined yet: learning waits for the fleet's state"
+    return [
+        Section(
+            "fleet link",
+            [
+                ("key", f.key or "-"),
+                ("host id", f.host_id or "-"),
+                ("redis", link),
+                ("outbox (not in stream)", f"{_count(f.outbox)} / {_count(f.outbox_capacity)}"),
+                ("own not applied back", _count(f.outstanding)),
+                ("lag", f"{f.lag_s:.2f}s"),
+            ],
+            note=note,
+        ),
+        Section(
+            "fleet replica",
+            [
+                ("applied entries", _count(f.applied_entries)),
+                ("applied signals", _count(f.applied_signals)),
+                ("hosts", _count(f.hosts)),
+                ("last applied id", f.last_applied_id or "-"),
+                ("resyncs", _count(f.resyncs)),
+                ("lost (entries/signals)", f"{_count(f.lost_entries)} / {_count(f.lost_signals)}"),
+            ],
+        ),
+    ]
+
+
 def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> View:
     """The table's content: totals, rates, the adapter, buffer, flusher, one row per live lane.
 
@@ -168,6 +210,8 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
             ],
         ),
     ]
+    if s.fleet is not None:
+        sections += fleet_sections(s, now)
     route_rows = []
     if s.routes:
         moving = {r.name: r for r in rates.routes} if rates else {}

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .errors import SegmentNotFoundError
 from .segment import check_name
-from .stats import EngineStats, LaneStats, RouteStats, read
+from .stats import EngineStats, FleetStats, LaneStats, RouteStats, read
 
 #: The content type of what :func:`exposition` returns (the text format prometheus_client writes).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -106,6 +106,28 @@ ENGINE_METRICS: tuple[_Spec, ...] = (
     _Spec("corrupt_slots", "counter", "Published slots that failed validation: counted, not learned.", lambda s: s.corrupt),
 )
 
+
+def _fleet(value: Callable[[FleetStats], float]) -> Callable[[EngineStats], float | None]:
+    return lambda s: None if s.fleet is None else value(s.fleet)
+
+
+#: Fleet series (engines whose segment has a fleet outbox; see sona_shm.fleet).
+FLEET_METRICS: tuple[_Spec, ...] = (
+    _Spec("fleet_connected", "gauge", "1 while the flusher's Redis connections answer.", _fleet(lambda f: int(f.connected))),
+    _Spec("fleet_outbox", "gauge", "Own sealed windows not yet in the fleet's stream.", _fleet(lambda f: f.outbox)),
+    _Spec("fleet_outstanding", "gauge", "Own sealed windows not yet applied back from the stream.", _fleet(lambda f: f.outstanding)),
+    _Spec("fleet_outbox_capacity", "gauge", "Entries of the fleet outbox.", _fleet(lambda f: f.outbox_capacity)),
+    _Spec("fleet_applied_entries", "counter", "Stream entries (every host's) applied here.", _fleet(lambda f: f.applied_entries)),
+    _Spec("fleet_applied_signals", "counter", "Signals of the stream entries applied here.", _fleet(lambda f: f.applied_signals)),
+    _Spec("fleet_hosts", "gauge", "Hosts whose entries this replica applied.", _fleet(lambda f: f.hosts)),
+    _Spec("fleet_lag_seconds", "gauge", "Age of the oldest own window not yet applied back (0: caught up).", _fleet(lambda f: f.lag_s)),
+    _Spec("fleet_paused", "gauge", "1 while learning waits for room in the outbox.", _fleet(lambda f: int(f.paused))),
+    _Spec("fleet_resyncs", "counter", "Times this replica loaded the fleet's snapshot after joining.", _fleet(lambda f: f.resyncs)),
+    _Spec("fleet_lost_entries", "counter", "Windows the fleet's stream lost (a Redis failover).", _fleet(lambda f: f.lost_entries)),
+    _Spec("fleet_lost_signals", "counter", "Signals of the windows the stream lost.", _fleet(lambda f: f.lost_signals)),
+    _Spec("fleet_bad_entries", "counter", "Stream entries that failed validation and were skipped.", _fleet(lambda f: f.bad_entries)),
+)
+
 #: Per-route series (engines with a route table), labelled ``route`` too.
 ROUTE_METRICS: tuple[tuple[str, str, str, Callable[[RouteStats], float | None]], ...] = (
     ("route_chosen", "counter", "Feedback naming the route as the one taken.", lambda r: r.chosen),
@@ -136,16 +158,22 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
     lanes = [_family(kind, name, text, ["engine", "lane", "pid"]) for name, kind, text, _ in LANE_METRICS]
     routes = [_family(kind, name, text, ["engine", "route"]) for name, kind, text, _ in ROUTE_METRICS]
     info = GaugeMetricFamily(PREFIX + "engine_rule", "1, labelled with the engine's learning rule.", labels=["engine", "rule"])
+    fleet = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in FLEET_METRICS]
+    fleet_info = GaugeMetricFamily(
+        PREFIX + "fleet_info", "1, labelled with the fleet key and host id of an engine in a fleet.", labels=["engine", "key", "host_id"]
+    )
     for obs in observations:
         if isinstance(obs, str):
             up.add_metric([obs], 0)
             continue
         up.add_metric([obs.name], 1)
         flusher_up.add_metric([obs.name, str(obs.flusher.pid)], int(obs.flusher.alive))
-        for spec, family in zip(ENGINE_METRICS, engine):
+        for spec, family in zip(ENGINE_METRICS + FLEET_METRICS, engine + fleet):
             value = spec.value(obs)
             if value is not None:
                 family.add_metric([obs.name], value)
+        if obs.fleet is not None:
+            fleet_info.add_metric([obs.name, obs.fleet.key, obs.fleet.host_id], 1)
         for lane in obs.live_lanes:
             labels = [obs.name, str(lane.lane), str(lane.pid)]
             for (_, _, _, value_of), family in zip(LANE_METRICS, lanes):
@@ -156,7 +184,7 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
                 value = route_value(route)
                 if value is not None:
                     family.add_metric([obs.name, route.name], value)
-    return [up, flusher_up, info, *engine, *lanes, *routes]
+    return [up, flusher_up, info, *engine, *lanes, *routes, fleet_info, *fleet]
 
 
 class EngineCollector(Collector):

@@ -176,9 +176,7 @@ def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
         raise InvalidInputError(f"{label}: expected {k} names (one per vector), got {len(names)}")
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > NAME_BYTES:
-            raise InvalidInputError(
-                f"{label}[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
-            )
+            raise InvalidInputError(f"{label}[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}")
         try:
             n.encode("utf-8")
         except UnicodeEncodeError:

@@ -37,12 +37,23 @@ from .layout import (
     CONS_PID,
     CONS_TAIL,
     CONSUMER_LINE,
+    FI_HOST,
+    FI_HOST_LEN,
+    FI_KEY,
+    FK_CONNECTED,
     FL_HEARTBEAT,
     FL_IDLE,
     FL_PID,
     FL_SCANS,
     FL_STARTED_AT,
+    FLEET_HOST_BYTES,
+    FLEET_IDENTITY,
+    FLEET_KEY_BYTES,
+    FLEET_LINK_LINE,
+    FLEET_MAIN_LINE,
     FLUSHER_LINE,
+    FM_LAG,
+    FM_PAUSED,
     HEADER_CREATED_AT,
     LANE_CLAIMS,
     LANE_DROPS,
@@ -166,6 +177,38 @@ class AdapterStats:
 
 
 @dataclass(frozen=True)
+class FleetStats:
+    """This replica of a fleet (:mod:`sona_shm.fleet`): its link to Redis, its outbox, what it applied.
+
+    ``applied_entries``/``applied_signals``, ``hosts``, ``last_applied_id`` and the
+    ``lost_*``/``bad_entries`` counts are the fleet's state as this replica holds it (the
+    same on every replica that applied the same stream); the rest is this host's.
+    """
+
+    connected: bool  # both Redis connections answer (False while no flusher runs)
+    host_id: str
+    key: str
+    outbox: int  # own sealed windows not yet in the stream
+    outstanding: int  # own sealed windows not yet applied back from the stream (outbox included)
+    outbox_capacity: int
+    applied_entries: int  # stream entries applied here, every host's
+    applied_signals: int  # their signals
+    last_applied_id: str | None  # the stream id of the last entry applied ("MS-SEQ")
+    hosts: int  # hosts whose entries were applied here
+    lag_s: float  # age of the oldest own window not yet applied back (0: caught up)
+    epoch: int  # the fleet this segment is bound to (0: not yet)
+    paused: bool  # learning waits for room in the outbox (or --fleet-lag)
+    pauses: int
+    resyncs: int  # times this replica loaded the fleet's snapshot after it was bound
+    lost_entries: int  # windows the stream lost (a Redis failover), counted from seq gaps
+    lost_signals: int
+    bad_entries: int  # stream entries that failed validation: skipped
+    sealed_signals: int  # signals this host sealed, ever
+    contact_at: float | None  # the last answer from Redis
+    error_at: float | None  # the last failed call
+
+
+@dataclass(frozen=True)
 class Rates:
     """What changed between two observations of one engine, per second over ``interval_s``."""
 
@@ -237,8 +280,7 @@ class EngineStats:
     corrupt: int = 0  # published slots that failed validation: counted, not learned
     routes: tuple[RouteStats, ...] = ()  # the route table, with feedback counts per route
     rates: Rates | None = None  # set by since(): rates need two observations
-    # A section still to come has its place here, a frozen dataclass of its own with a
-    # key of its own in as_dict(): the fleet of engines.
+    fleet: FleetStats | None = None  # None: the segment has no fleet outbox
 
     def since(self, before: EngineStats | None) -> EngineStats:
         """This observation with :attr:`rates` measured from ``before`` (None: left as it is)."""
@@ -280,6 +322,7 @@ class EngineStats:
             flusher=FlusherStats(**data["flusher"]),
             lanes=tuple(LaneStats(**lane) for lane in data["lanes"]),
             adapter=AdapterStats(adapter["up_norm"], adapter["down_norm"]),
+            fleet=FleetStats(**data["fleet"]) if data.get("fleet") else None,
             corrupt=data.get("corrupt", 0),
             routes=tuple(RouteStats(**r) for r in data.get("routes", ())),
             rates=Rates(**{**rates, "routes": tuple(RouteRate(**r) for r in rates.get("routes", ()))}) if rates else None,
@@ -325,6 +368,62 @@ _LEDGER_FIELDS: tuple[str, ...] = METRICS + (
     "down",
 )
 _LEDGER_FIELDS += ("route_chosen", "route_best", "route_reward")
+_FLEET_FIELDS = (
+    "fleet_epoch",
+    "fleet_out_head",
+    "fleet_out_tail",
+    "fleet_cursor_ms",
+    "fleet_cursor_seq",
+    "fleet_entries",
+    "fleet_signals",
+    "fleet_lost_entries",
+    "fleet_lost_signals",
+    "fleet_bad_entries",
+    "fleet_resyncs",
+    "fleet_sealed_signals",
+    "fleet_host",
+)
+
+
+def _fleet(segment: Segment, ledger: Ledger, alive: bool) -> FleetStats | None:
+    """The fleet section of an engine whose segment has an outbox (see layout.py, "Fleet")."""
+    layout = segment.layout
+    if not layout.fleet_outbox:
+        return None
+    v = dict(zip(_FLEET_FIELDS, ledger.read(*_FLEET_FIELDS)))
+    base, buf = layout.fleet_offset, segment.buf
+    main, link, ident = base + FLEET_MAIN_LINE, base + FLEET_LINK_LINE, base + FLEET_IDENTITY
+    (lag,) = struct.unpack_from("<d", buf, main + FM_LAG)
+    paused, pauses = struct.unpack_from("<QQ", buf, main + FM_PAUSED)
+    connected, contact_at, published, error_at = struct.unpack_from("<QdQd", buf, link + FK_CONNECTED)
+    host_len, key_len = struct.unpack_from("<HH", buf, ident + FI_HOST_LEN)
+    host = bytes(buf[ident + FI_HOST : ident + FI_HOST + min(host_len, FLEET_HOST_BYTES)]).decode("utf-8", "replace")
+    key = bytes(buf[ident + FI_KEY : ident + FI_KEY + min(key_len, FLEET_KEY_BYTES)]).decode("utf-8", "replace")
+    head, tail = v["fleet_out_head"], v["fleet_out_tail"]
+    cursor = (v["fleet_cursor_ms"], v["fleet_cursor_seq"])
+    return FleetStats(
+        connected=alive and bool(connected),
+        host_id=host,
+        key=key,
+        outbox=max(0, head - max(published, tail)),
+        outstanding=head - tail,
+        outbox_capacity=layout.fleet_outbox,
+        applied_entries=v["fleet_entries"],
+        applied_signals=v["fleet_signals"],
+        last_applied_id=f"{cursor[0]}-{cursor[1]}" if cursor != (0, 0) else None,
+        hosts=int(np.count_nonzero(v["fleet_host"])),
+        lag_s=lag if math.isfinite(lag) else 0.0,
+        epoch=v["fleet_epoch"],
+        paused=alive and bool(paused),
+        pauses=pauses,
+        resyncs=v["fleet_resyncs"],
+        lost_entries=v["fleet_lost_entries"],
+        lost_signals=v["fleet_lost_signals"],
+        bad_entries=v["fleet_bad_entries"],
+        sealed_signals=v["fleet_sealed_signals"],
+        contact_at=contact_at or None,
+        error_at=error_at or None,
+    )
 
 
 def collect(segment: Segment, ledger: Ledger) -> EngineStats:
@@ -418,6 +517,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
             down=down,
         ),
         corrupt=values["corrupt"],
+        fleet=_fleet(segment, ledger, held[0]),
         routes=tuple(
             RouteStats(name, c, b, r, r / c if c else None)
             for name, c, b, r in zip(
@@ -523,6 +623,7 @@ __all__ = [
     "ConfigStats",
     "EngineStats",
     "EngineSummary",
+    "FleetStats",
     "FlusherStats",
     "LaneStats",
     "Rates",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 
@@ -169,3 +171,47 @@ def engine(name):
         client.close()
     for flusher in flushers:
         flusher.close()
+
+
+@pytest.fixture
+def names():
+    """``names(k)``: ``k`` fresh engine names (a test of several engines); all removed after the test."""
+    made: list[str] = []
+
+    def make(k: int = 1) -> list[str]:
+        new = [f"{_PREFIX}{next(_counter)}" for _ in range(k)]
+        made.extend(new)
+        return new
+
+    yield make
+    for engine in made:
+        segment.unlink(engine)
+
+
+def need_redis() -> None:
+    """Skip (or, under CI=true, fail) a test that needs redis-server and redis-py when they are missing."""
+    found = (("redis-server", shutil.which("redis-server")), ("redis-py", importlib.util.find_spec("redis")))
+    missing = [what for what, ok in found if not ok]
+    if missing:
+        how = "Debian: apt-get install redis-server (./scripts/test does it as root); pip install 'sona-shm[fleet]'"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{' and '.join(missing)} missing under CI=true; {how}")
+        pytest.skip(f"{' and '.join(missing)} not installed ({how})")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test on a free loopback port (AOF, appendfsync always, in tmp_path); killed by pid after it."""
+    need_redis()
+    from children import RedisServer
+
+    server = RedisServer(str(tmp_path)).start()
+    yield server
+    server.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``): fixtures may show more when a test failed."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())

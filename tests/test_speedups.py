@@ -491,3 +491,68 @@ def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine,
     got = [(t.route_index, t.best_index) for t in client.drain()]
     expected = [(t.route_index, t.best_index) for t in feedback_trajectories(table)]
     assert got == expected + expected
+
+
+@pytest.mark.parametrize("rule", ["reference", "routing"])
+def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they_would_apply(engine, rule):
+    """stop=True (a fleet's flusher): each call returns where a window is complete, applying nothing;
+    sealing it (the window's bytes) and applying that gives the weights of the plain call, bit for bit."""
+    from sona_shm.flusher import learn_block
+    from sona_shm.learning import Learner
+    from sona_shm.routes import feedback_trajectory
+    from sona_shm.sealed import apply_window, read_window, write_window
+
+    from support import make_trajectories, route_table
+
+    table = route_table(H) if rule == "routing" else None
+    extra = dict(rule="routing", routes=table, lr=1.0) if table is not None else {}
+    flusher = engine(flush_threshold=7, lane_slots=64, **extra)
+    client = engine.attach()
+    rng = np.random.default_rng(4)
+    if table is None:
+        trajs = make_trajectories(4, 30, H)
+    else:
+        trajs = [
+            feedback_trajectory(
+                table, rng.standard_normal(H).astype(F32), route=None, reward=None, best=int(rng.integers(4)), unit_reward=True
+            )
+            for _ in range(30)
+        ]
+    for t in trajs:
+        assert client.record(t)
+    layout, base = flusher.layout, flusher.learner
+    block = flusher._slot_bytes[client.lane * layout.lane_slots : client.lane * layout.lane_slots + 30]
+
+    def copy() -> Learner:
+        arrays = {f: getattr(base, f).copy() for f in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")}
+        return Learner(H, 2, base.lr, 7, rule=base.rule, unit=base.unit, temperature=base.temperature, **arrays)
+
+    plain, sealed = copy(), copy()
+    learn_block(plain, layout, block, 1)
+    done, cuts = 0, []
+    out = np.zeros(layout.entry_bytes, np.uint8)
+    while done < 30:
+        before = (sealed.up.tobytes(), sealed.down.tobytes())
+        _, corrupt, consumed = learn_block(sealed, layout, block[done:], done + 1, stop=True)
+        assert not corrupt and (sealed.up.tobytes(), sealed.down.tobytes()) == before  # nothing applied inside a call
+        done += consumed
+        cuts.append(consumed)
+        if sealed.pending == 7:
+            size = write_window(
+                out,
+                seq=len(cuts),
+                n=7,
+                cum=7 * len(cuts),
+                sealed_at=0.0,
+                grad_up=sealed.grad_up,
+                grad_down=sealed.grad_down if table else None,
+            )
+            window = read_window(out[:size].tobytes(), hidden_dim=H, rank=2, routing=table is not None)
+            apply_window(sealed.up, sealed.down, window, sealed.lr)
+            sealed.grad_up[...] = 0.0
+            sealed.grad_down[...] = 0.0
+            sealed.pending = 0
+    assert cuts == [7, 7, 7, 7, 2]
+    assert plain.pending == sealed.pending == 2
+    for field in ("up", "down", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward"):
+        assert getattr(plain, field).tobytes() == getattr(sealed, field).tobytes(), field

@@ -43,6 +43,7 @@ TOP_KEYS = {
     "corrupt",
     "routes",
     "rates",
+    "fleet",
 }
 CONFIG_KEYS = {
     "hidden_dim",
@@ -76,6 +77,30 @@ RATE_KEYS = {
 }
 ROUTE_KEYS = {"name", "chosen", "best", "reward_sum", "mean_reward"}
 ROUTE_RATE_KEYS = {"name", "chosen_share", "mean_reward"}
+#: stats()["fleet"] of an engine with a fleet outbox (None without one); tests/integration/test_fleet_redis.py checks them live.
+FLEET_KEYS = {
+    "connected",
+    "host_id",
+    "key",
+    "outbox",
+    "outstanding",
+    "outbox_capacity",
+    "applied_entries",
+    "applied_signals",
+    "last_applied_id",
+    "hosts",
+    "lag_s",
+    "epoch",
+    "paused",
+    "pauses",
+    "resyncs",
+    "lost_entries",
+    "lost_signals",
+    "bad_entries",
+    "sealed_signals",
+    "contact_at",
+    "error_at",
+}
 
 
 def test_the_json_keys_are_the_documented_ones(engine, name):
@@ -86,7 +111,7 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     first = client.stats()
     assert set(first) == TOP_KEYS and set(first["config"]) == CONFIG_KEYS and set(first["buffer"]) == BUFFER_KEYS
     assert set(first["flusher"]) == FLUSHER_KEYS and set(first["lanes"][0]) == LANE_KEYS
-    assert set(first["adapter"]) == {"up_norm", "down_norm"} and first["rates"] is None
+    assert set(first["adapter"]) == {"up_norm", "down_norm"} and first["rates"] is None and first["fleet"] is None
     earlier = stats.read(name)
     rated = stats.read(name).since(earlier).as_dict()
     assert set(rated["rates"]) == RATE_KEYS
@@ -94,7 +119,7 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     # Every key is in the README's table of them.
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"`([a-z_]+)`", readme.split("#### The stats keys", 1)[1].split("\n#", 1)[0]))
-    keys = TOP_KEYS | CONFIG_KEYS | BUFFER_KEYS | FLUSHER_KEYS | LANE_KEYS | RATE_KEYS | ROUTE_KEYS | ROUTE_RATE_KEYS
+    keys = TOP_KEYS | CONFIG_KEYS | BUFFER_KEYS | FLUSHER_KEYS | LANE_KEYS | RATE_KEYS | ROUTE_KEYS | ROUTE_RATE_KEYS | FLEET_KEYS
     missing = (keys | {"up_norm", "down_norm"}) - documented
     assert not missing, f"keys missing from the README's stats table: {sorted(missing)}"
 
@@ -167,3 +192,15 @@ def test_list_with_no_engines(tmp_path, capsys, monkeypatch):
     assert stats.list_engines() == []
     assert main(["list"]) == EXIT_OK and "no engines on this host" in capsys.readouterr().out
     assert main(["list", "--json"]) == EXIT_OK and json.loads(capsys.readouterr().out) == []
+
+
+def test_an_engine_with_a_fleet_outbox_has_the_fleet_section(engine, name):
+    """Without Redis (never joined): the section is there, with its documented keys, not connected, epoch 0."""
+    flusher = engine(fleet_outbox=8)
+    client = engine.attach()
+    client.record(Trajectory(np.ones(H), [], 1.0))
+    flusher.scan()
+    fleet = client.stats()["fleet"]
+    assert set(fleet) == FLEET_KEYS
+    assert fleet["connected"] is False and fleet["epoch"] == 0 and fleet["outbox_capacity"] == 8 and fleet["applied_entries"] == 0
+    assert stats.EngineStats.from_dict(client.stats()).fleet == stats.read(name).fleet.__class__(**fleet)

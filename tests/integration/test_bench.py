@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from conftest import need_redis
 from support import ROOT, run
 
 
@@ -46,3 +47,23 @@ def test_bench_learning_quick_reports_every_rule(tmp_path):
     assert len(start) == 1  # every rule starts from the same unadapted router
     assert runs["routing rule, full information"]["mean"][-1] > runs["no adaptation"]["mean"][-1]
     assert "held-out routing accuracy" in done.stdout
+
+
+def test_bench_fleet_quick_reports_every_section():
+    need_redis()
+    done = run([sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--quick", "--json"], timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    t = report["throughput"]
+    assert t["without_fleet_learned_per_s"] > 0 and t["fleet_learned_per_s"] > 0 and t["fleet_applied_back_per_s"] > 0
+    assert report["record_to_applied_elsewhere"]["n"] == 30
+    for mode in ("always", "everysec"):
+        for rule in ("reference", "routing"):
+            p = report["publish"][mode][rule]
+            assert p["one_per_call_per_s"] > 0 and p["64_per_call_per_s"] > 0 and p["one_window_call"]["n"] == 128
+    assert report["publish"]["always"]["reference"]["window_bytes"] == 64 + 8 * 256  # one row: the reference rule's
+    for rule in ("reference", "routing"):
+        s = report["stream"][rule]
+        assert s["stream_bytes_per_entry"] > s["window_bytes"] and s["replay_entries_per_s"] > 0
+    outage = report["outage"]
+    assert outage["max_outbox"] > 0 and outage["applied_signals"] == outage["recorded"]  # nothing lost by the outage

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import need_redis
 from support import ROOT, popen
 
 
@@ -33,3 +34,28 @@ def test_short_soak_balances(name):
     assert proc.returncode == 0 and report["balanced"], (report["checks"], err)
     assert report["worker_kills"] >= 1 and report["flusher_restarts"] >= 1 and report["workers_spawned"] > report["worker_kills"]
     assert report["learned"] >= report["returned_true"] > 0
+
+
+@pytest.mark.guarantee("many-hosts-learn-one-adapter")
+def test_short_fleet_soak_balances(name):
+    """Three engines as one fleet: worker and flusher kills, redis-server kill -9s, and the fleet-wide accounting."""
+    need_redis()
+    proc = popen(
+        [sys.executable, str(ROOT / "scripts" / "soak.py"), "--seconds", "4", "--json", "--name", name, "--recycle-after", "500"]
+        + ["--fleet", "3", "--redis-kill-every", "1.5"],
+        deadline=300,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    report = json.loads(out)
+    assert proc.returncode == 0 and report["balanced"], (report["checks"], err[-3000:])
+    assert report["engines"] == 3 and report["redis_kills"] >= 1 and report["flusher_restarts"] >= 1
+    assert report["fleet_applied_signals"] == [report["learned"]] * 3 and report["learned"] >= report["returned_true"] > 0

@@ -1,0 +1,500 @@
+"""A fleet replica's state in the flusher's ledger record: the outbox, the applied table, the stream applied in order, snapshots.
+
+Everything here changes the flusher's *private* ledger record (and the outbox entries
+of the segment), never the published copy: the flusher commits it with everything
+else, so a window sealed, the lane tails that produced it and the zeroed sums become
+current together, and so do an applied entry, the weights it changed, the stream
+cursor and the applied table. No Redis and no thread here (:mod:`sona_shm.fleet` has
+them); the rules:
+
+- **Sealing.** Own window ``s = fleet_out_head + 1`` is written into its outbox entry;
+  ``fleet_out_head = s``. It stays until the replica applies it back from the stream,
+  which retires it (``fleet_out_tail = s``).
+- **Applying.** Stream entries come in stream order. An entry ``(host, seq, prev)`` whose
+  ``seq`` is at or below the host's row of the applied table was applied already and is
+  skipped. Otherwise ``prev`` (what Redis held as the host's last seq when it appended
+  the entry) must equal that row: if it is larger, this replica missed entries (the
+  stream was trimmed past it); if smaller, this replica applied entries the stream no
+  longer has (a failover lost writes). Either way :class:`NeedResync`. A ``seq`` more than
+  one past ``prev`` means the stream lost the windows between (the host retired them
+  before a failover dropped them): they are counted in ``fleet_lost_entries`` and, from
+  the hosts' running signal totals, ``fleet_lost_signals`` — the same on every replica.
+- **Snapshots.** The fleet's state at a stream id (the adapter as checkpoint bytes, the
+  applied table and the fleet counters) is what a new or resyncing replica loads before
+  it replays the stream after that id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import EngineConfig
+from .errors import CheckpointError, SonaShmError
+from .lane import _speedups
+from .layout import Layout
+from .routes import RouteTable
+from .sealed import BadWindow, Window, apply_window, read_window, window_length, write_window
+
+StreamId = tuple[int, int]
+ZERO_ID: StreamId = (0, 0)
+
+
+def host_key(host_id: str) -> int:
+    """The 64-bit key of a host id in the applied table (never 0, which marks a free row)."""
+    key = int.from_bytes(hashlib.blake2b(host_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return key or 1
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    """A Redis stream id ``b"MS-SEQ"`` as a pair of ints."""
+    text = raw.decode("ascii") if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+class NeedResync(SonaShmError):
+    """This replica's state is not a prefix of the stream any more; load the snapshot (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadSnapshot(SonaShmError):
+    """A snapshot in Redis that cannot be loaded (written outside sona_shm, or for another fleet shape)."""
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One stream entry as read: its id, the host that sealed it, ``seq``, ``prev`` and the window's bytes."""
+
+    id: StreamId
+    host: str
+    seq: int
+    prev: int
+    window: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The fleet's state after applying the stream up to ``cursor``.
+
+    ``checkpoint``: :class:`~sona_shm.checkpoint.Checkpoint` bytes of the adapter (no pending
+    gradients; counters are the fleet's: signals and entries applied). ``table``: host key ->
+    ``(seq, cum)`` of the last entry of that host applied.
+    """
+
+    epoch: int
+    cursor: StreamId
+    checkpoint: bytes
+    table: dict[int, tuple[int, int]]
+    entries: int
+    signals: int
+    lost_entries: int
+    lost_signals: int
+    bad_entries: int
+    written_at: float
+    by: str
+
+    def to_fields(self) -> dict[str, bytes]:
+        """The snapshot as the fields of a Redis hash."""
+        state = {
+            "table": {f"{k:016x}": [seq, cum] for k, (seq, cum) in sorted(self.table.items())},
+            "entries": self.entries,
+            "signals": self.signals,
+            "lost_entries": self.lost_entries,
+            "lost_signals": self.lost_signals,
+            "bad_entries": self.bad_entries,
+        }
+        return {
+            "epoch": str(self.epoch).encode(),
+            "id": format_id(self.cursor).encode(),
+            "checkpoint": self.checkpoint,
+            "state": json.dumps(state, sort_keys=True).encode(),
+            "written_at": repr(self.written_at).encode(),
+            "by": self.by.encode("utf-8"),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes]) -> Snapshot:
+        """Parse the fields :meth:`to_fields` wrote; :class:`BadSnapshot` if anything is off."""
+        try:
+            state = json.loads(fields[b"state"])
+            table = {int(k, 16): (int(v[0]), int(v[1])) for k, v in state["table"].items()}
+            counts = {k: int(state[k]) for k in ("entries", "signals", "lost_entries", "lost_signals", "bad_entries")}
+            written_at = float(fields.get(b"written_at", b"0"))
+            snap = cls(
+                epoch=int(fields[b"epoch"]),
+                cursor=parse_id(fields[b"id"]),
+                checkpoint=bytes(fields[b"checkpoint"]),
+                table=table,
+                written_at=written_at if math.isfinite(written_at) else 0.0,
+                by=fields.get(b"by", b"").decode("utf-8", "replace"),
+                **counts,
+            )
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise BadSnapshot(f"fleet snapshot: cannot be read ({type(exc).__name__}: {exc})") from None
+        if any(v < 0 for v in counts.values()) or any(k == 0 or s < 0 or c < 0 for k, (s, c) in table.items()):
+            raise BadSnapshot("fleet snapshot: negative counts or a zero host key")
+        return snap
+
+
+class Replica:
+    """The fleet part of the flusher's private ledger record; see the module docstring.
+
+    ``state``: the flusher's private record (shape ``(1,)``; its ``up``/``down`` are the
+    fleet's adapter). ``outbox``: ``uint8[fleet_outbox, entry_bytes]``, the segment's outbox
+    entries. ``host_id``: this host. Not thread-safe: the flusher's main thread alone uses it.
+    The positions, counters and table are kept as Python ints too (reading a field of the
+    record costs a microsecond) and written into the record as they change.
+    """
+
+    def __init__(self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None) -> None:
+        if layout.fleet_outbox == 0:
+            raise SonaShmError("replica: the segment has no fleet outbox")
+        self.layout = layout
+        self.config: EngineConfig = layout.config
+        self.routes = routes
+        self.st = state[0]
+        self.outbox = outbox
+        self._outbox64 = outbox.view(np.float64)  # the same entries, as float64 (entry_bytes is a multiple of 64)
+        self.host_id = host_id
+        self.host = host_key(host_id)
+        self.routing = self.config.rule == "routing"
+        self._keys: dict[str, int] = {}  # host id -> host_key(host id), as met in the stream
+        self._read_state()
+
+    def _read_state(self) -> None:
+        st = self.st
+        self._epoch = int(st["fleet_epoch"])
+        self._head = int(st["fleet_out_head"])
+        self._tail = int(st["fleet_out_tail"])
+        self._cursor: StreamId = (int(st["fleet_cursor_ms"]), int(st["fleet_cursor_seq"]))
+        self._sealed = int(st["fleet_sealed_signals"])
+        hosts = st["fleet_host"].tolist()
+        self._rows: dict[int, int] = {k: i for i, k in enumerate(hosts) if k}
+        self._seq: list[int] = st["fleet_host_seq"].tolist()
+        self._cum: list[int] = st["fleet_host_cum"].tolist()
+
+    # ----------------------------------------------------------------- identity and positions
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def bound(self) -> bool:
+        return self._epoch != 0
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    @property
+    def tail(self) -> int:
+        return self._tail
+
+    @property
+    def outstanding(self) -> int:
+        """Own windows sealed and not yet applied back from the stream."""
+        return self._head - self._tail
+
+    @property
+    def cursor(self) -> StreamId:
+        return self._cursor
+
+    @property
+    def hosts(self) -> int:
+        return len(self._rows)
+
+    def applied_seq(self, host: int) -> int:
+        row = self._rows.get(host)
+        return 0 if row is None else self._seq[row]
+
+    def table(self) -> dict[int, tuple[int, int]]:
+        return {k: (self._seq[i], self._cum[i]) for k, i in self._rows.items()}
+
+    def _set_positions(self, head: int, tail: int) -> None:
+        self._head, self._tail = head, tail
+        self.st["fleet_out_head"] = head
+        self.st["fleet_out_tail"] = tail
+
+    def rebase(self, last_seq: int) -> None:
+        """A segment that takes a host id over continues its sequence after ``last_seq`` (Redis's last for the host).
+
+        Only with an empty outbox (a new segment, or one that sealed nothing unpublished).
+        """
+        if self._head == self._tail and last_seq > self._head:
+            self._set_positions(last_seq, last_seq)
+
+    # ----------------------------------------------------------------- the outbox
+
+    def seal(self, grad_up: np.ndarray, grad_down: np.ndarray | None, n: int, now: float | None = None) -> bytes:
+        """Write own window ``head + 1`` into its outbox entry and make it the head; return its bytes.
+
+        The caller checked there is room (``outstanding < fleet_outbox``) and zeroes its sums.
+        """
+        if self.outstanding >= self.layout.fleet_outbox:
+            raise SonaShmError(f"replica: the outbox is full ({self.outstanding} entries); a window must not be opened without room")
+        if self._head == self._tail:
+            self.rebase(self.applied_seq(self.host))  # never a seq the fleet has seen from this host id
+        seq = self._head + 1
+        cum = self._sealed + n
+        slot = (seq - 1) % self.layout.fleet_outbox
+        size = write_window(
+            self.outbox[slot], seq=seq, n=n, cum=cum, sealed_at=time.time() if now is None else now, grad_up=grad_up, grad_down=grad_down
+        )
+        self._head, self._sealed = seq, cum
+        self.st["fleet_out_head"] = seq  # published by the flusher's next commit, with the lane tails and zeroed sums
+        self.st["fleet_sealed_signals"] = cum
+        return self.outbox[slot, :size].tobytes()
+
+    def window_bytes(self, seq: int) -> bytes:
+        """The bytes of own outstanding window ``seq`` (what the stream entry's ``w`` field carries)."""
+        if not self._tail < seq <= self._head:
+            raise SonaShmError(f"replica: window {seq} is not in the outbox ({self._tail}, {self._head}]")
+        entry = self.outbox[(seq - 1) % self.layout.fleet_outbox]
+        return entry[: window_length(entry)].tobytes()
+
+    def outstanding_windows(self) -> list[bytes]:
+        """Own windows sealed and not yet applied, oldest first (their bytes)."""
+        return [self.window_bytes(seq) for seq in range(self._tail + 1, self._head + 1)]
+
+    def oldest_outstanding_at(self) -> float | None:
+        """When the oldest own outstanding window was sealed (None: none outstanding); reads its header only."""
+        if self._head == self._tail:
+            return None
+        return float(self._outbox64[self._tail % self.layout.fleet_outbox, 5])  # sealed_at, bytes 40..48
+
+    # ----------------------------------------------------------------- applying the stream
+
+    def apply(self, entries: list[StreamEntry]) -> tuple[int, bool]:
+        """Apply ``entries`` (stream order) to the record; return ``(applied, foreign)``.
+
+        ``foreign``: an entry of another host changed the adapter. Raises
+        :class:`NeedResync` at the first entry that does not follow this replica's state;
+        the entries before it are applied (the caller commits or discards them).
+        """
+        st = self.st
+        up, down = st["up"], st["down"]
+        lr, h, rank, routing = self.config.lr, self.config.hidden_dim, self.config.rank, self.routing
+        seqs, cums, rows, keys = self._seq, self._cum, self._rows, self._keys
+        applied = signals = bad = lost_entries = lost_signals = 0
+        foreign = False
+        applied_at = None
+        cursor, tail = self._cursor, self._tail
+        try:
+            for entry in entries:
+                if entry.id <= cursor:
+                    continue  # read twice (a reconnect re-reads from the committed cursor)
+                if not entry.host:  # not an entry sona_shm wrote (see redis_log): counted, passed
+                    bad += 1
+                    cursor = entry.id
+                    continue
+                key = keys.get(entry.host)
+                if key is None:
+                    key = keys[entry.host] = host_key(entry.host)
+                row = rows.get(key)
+                last = 0 if row is None else seqs[row]
+                if entry.seq <= last:
+                    cursor = entry.id  # applied already: a publish repeated after a lost answer is refused by Redis
+                    continue
+                if entry.prev != last:
+                    if entry.prev > last:
+                        raise NeedResync(f"entries of host {entry.host!r} after seq {last} are missing here (the stream was trimmed)")
+                    raise NeedResync(
+                        f"host {entry.host!r}: this replica applied its seqs up to {last}, the stream has them only up to "
+                        f"{entry.prev} (Redis lost writes: a failover)"
+                    )
+                if row is None:
+                    row = self._new_row(key)
+                    if row is None:  # more hosts than the table holds: registration refuses them, so only a foreign writer
+                        bad += 1
+                        cursor = entry.id
+                        continue
+                done = _apply(up, down, entry.window, lr, h, rank, routing)
+                if done is None or done[0] != entry.seq:
+                    bad += 1  # every replica decides alike: the host's seq still moves on
+                    seqs[row] = entry.seq
+                    cursor = entry.id
+                    continue
+                _, n, cum, applied_at = done
+                if entry.seq > entry.prev + 1:  # the windows between were lost by Redis
+                    lost_entries += entry.seq - entry.prev - 1
+                    lost_signals += max(0, cum - n - cums[row])
+                signals += n
+                seqs[row], cums[row] = entry.seq, cum
+                cursor = entry.id
+                applied += 1
+                if key == self.host:
+                    tail = max(tail, min(entry.seq, self._head))  # own window back from the stream: retired
+                else:
+                    foreign = True
+        finally:
+            # Into the record once per batch (also when a resync interrupts it: the entries before count).
+            if cursor != self._cursor or bad:
+                self._cursor = cursor
+                st["fleet_cursor_ms"], st["fleet_cursor_seq"] = cursor
+                st["fleet_host_seq"][:] = seqs
+                st["fleet_host_cum"][:] = cums
+                st["fleet_entries"] += applied
+                st["fleet_signals"] += signals
+                st["fleet_bad_entries"] += bad
+                st["fleet_lost_entries"] += lost_entries
+                st["fleet_lost_signals"] += lost_signals
+                if applied_at is not None:
+                    st["fleet_applied_at"] = applied_at
+                if tail != self._tail:
+                    self._tail = tail
+                    st["fleet_out_tail"] = tail
+        return applied, foreign
+
+    def _new_row(self, key: int) -> int | None:
+        hosts = self.st["fleet_host"]
+        free = np.flatnonzero(hosts == 0)
+        if not len(free):
+            return None
+        row = int(free[0])
+        hosts[row] = key
+        self._seq[row] = self._cum[row] = 0
+        self._rows[key] = row
+        return row
+
+    def _decode(self, raw: bytes) -> Window:
+        return read_window(raw, hidden_dim=self.config.hidden_dim, rank=self.config.rank, routing=self.routing)
+
+    # ----------------------------------------------------------------- snapshots
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """The fleet's state as this replica holds it (its committed record must be what ``state`` holds)."""
+        st = self.st
+        entries, signals = int(st["fleet_entries"]), int(st["fleet_signals"])
+        checkpoint = Checkpoint(
+            config=self.config,
+            down=np.array(st["down"]),
+            up=np.array(st["up"]),
+            grad_up=np.zeros_like(st["grad_up"]),
+            grad_down=np.zeros_like(st["grad_down"]),
+            routes=self.routes,
+            route_chosen=np.zeros(self.config.routes, np.uint64),
+            route_best=np.zeros(self.config.routes, np.uint64),
+            route_reward=np.zeros(self.config.routes, np.float64),
+            generation=entries,
+            counters={
+                "pending": 0,
+                "trajectories_processed": signals,
+                "signals_accumulated": signals,
+                "flushes_performed": entries,
+                "updates_applied": signals,
+                "corrupt": 0,
+            },
+            last_flush_at=float(st["fleet_applied_at"]),
+        )
+        return Snapshot(
+            epoch=self.epoch,
+            cursor=self.cursor,
+            checkpoint=checkpoint.to_bytes(),
+            table=self.table(),
+            entries=entries,
+            signals=signals,
+            lost_entries=int(st["fleet_lost_entries"]),
+            lost_signals=int(st["fleet_lost_signals"]),
+            bad_entries=int(st["fleet_bad_entries"]),
+            written_at=time.time() if now is None else now,
+            by=self.host_id,
+        )
+
+    def check_snapshot(self, snap: Snapshot) -> Checkpoint:
+        """The snapshot's adapter, if it fits this engine (shape, rule, route table); :class:`BadSnapshot` if not."""
+        try:
+            checkpoint = Checkpoint.from_bytes(snap.checkpoint, "fleet snapshot")
+            checkpoint.check_fits(self.layout, "fleet snapshot", self.routes)
+        except CheckpointError as exc:
+            raise BadSnapshot(str(exc)) from None
+        if len(snap.table) > self.layout.fleet_hosts:
+            raise BadSnapshot(f"fleet snapshot: {len(snap.table)} hosts, this engine's table holds {self.layout.fleet_hosts}")
+        return checkpoint
+
+    def load(self, snap: Snapshot) -> None:
+        """Replace the fleet state by ``snap``: adapter, cursor, applied table, fleet counters, epoch.
+
+        Local state stays: lane tails, pending sums, the outbox (own windows the snapshot
+        already holds are retired), counters of this host. ``fleet_resyncs`` counts a load
+        by a replica that was bound already.
+        """
+        checkpoint = self.check_snapshot(snap)
+        st = self.st
+        if self.bound:
+            st["fleet_resyncs"] += 1
+        st["up"] = checkpoint.up
+        st["down"] = checkpoint.down
+        st["fleet_epoch"] = snap.epoch
+        st["fleet_cursor_ms"], st["fleet_cursor_seq"] = snap.cursor
+        for name in ("entries", "signals", "lost_entries", "lost_signals", "bad_entries"):
+            st[f"fleet_{name}"] = getattr(snap, name)
+        st["fleet_applied_at"] = checkpoint.last_flush_at
+        st["fleet_host"][:] = 0
+        st["fleet_host_seq"][:] = 0
+        st["fleet_host_cum"][:] = 0
+        self._read_state()
+        for key, (seq, cum) in snap.table.items():
+            row = self._new_row(key)
+            assert row is not None  # check_snapshot bounded the table
+            self._seq[row], self._cum[row] = seq, cum
+        st["fleet_host_seq"][:] = self._seq
+        st["fleet_host_cum"][:] = self._cum
+        own = self.applied_seq(self.host)
+        if own > self._head and self._head == self._tail:
+            self._set_positions(own, own)  # the fleet knows more of this host id than this segment sealed
+        self._set_positions(self._head, max(self._tail, min(own, self._head)))
+
+    # ----------------------------------------------------------------- the learner's weights
+
+    def speculate(self, up: np.ndarray, down: np.ndarray) -> None:
+        """``up``/``down`` := the fleet's adapter with this host's outstanding windows applied, in order.
+
+        The routing rule computes a window's gradients with these: what the adapter will
+        be once the stream brings those windows back, if no other host's entry comes
+        between. With one host that is exactly the adapter of a host without a fleet.
+        """
+        up[...] = self.st["up"]
+        down[...] = self.st["down"]
+        for raw in self.outstanding_windows():
+            self.apply_own(up, down, raw)
+
+    def apply_own(self, up: np.ndarray, down: np.ndarray, raw: bytes) -> None:
+        """Apply own window ``raw`` (bytes :meth:`seal` returned) to the learner's ``up``/``down``."""
+        if _apply(up, down, raw, self.config.lr, self.config.hidden_dim, self.config.rank, self.routing) is None:
+            raise SonaShmError("replica: an own outbox entry is not a window (memory written outside sona_shm?)")
+
+
+def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+    """:func:`_speedups.apply_window` in numpy: the same checks, the same bits."""
+    try:
+        window = read_window(raw, hidden_dim=h, rank=rank, routing=routing)
+    except BadWindow:
+        return None
+    apply_window(up, down, window, lr)
+    return window.seq, window.n, window.cum, window.sealed_at
+
+
+def _apply(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+    """Check and apply a window's bytes; ``(seq, n, cum, sealed_at)``, or None if they are not one (nothing changed)."""
+    if _speedups is not None:
+        return _speedups.apply_window(up, down, raw, lr, h, rank, routing)
+    return _apply_numpy(up, down, raw, lr, h, rank, routing)
+
+
+__all__ = ["NeedResync", "BadSnapshot", "Replica", "Snapshot", "StreamEntry", "StreamId", "ZERO_ID", "format_id", "host_key", "parse_id"]

@@ -1,0 +1,152 @@
+"""The replica without Redis: the outbox, applying the stream in order, what it refuses, snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sona_shm.layout import MAX_FLEET_HOSTS, EngineConfig, Layout
+from sona_shm.learning import initial_down
+from sona_shm.replica import NeedResync, Replica, Snapshot, StreamEntry, host_key
+from sona_shm.sealed import apply_window, read_window, write_window
+
+H, R, LR = 16, 2, 0.5
+LAYOUT = Layout(
+    EngineConfig(
+        hidden_dim=H, rank=R, lr=LR, flush_threshold=10, capacity=4, max_steps=2, attention_dim=4, lanes=2, lane_slots=4, fleet_outbox=4
+    )
+)
+
+
+def replica(host: str = "me", epoch: int = 7) -> Replica:
+    state = np.zeros(1, LAYOUT.ledger_dtype)
+    state[0]["down"] = initial_down(H, R)
+    state[0]["fleet_epoch"] = epoch
+    outbox = np.zeros((LAYOUT.fleet_outbox, LAYOUT.entry_bytes), np.uint8)
+    return Replica(LAYOUT, state, outbox, host, None)
+
+
+def window(seq: int, n: int = 3, cum: int | None = None, value: float = 1.0) -> bytes:
+    out = np.zeros(LAYOUT.entry_bytes, np.uint8)
+    size = write_window(
+        out, seq=seq, n=n, cum=n * seq if cum is None else cum, sealed_at=1.0, grad_up=np.full((R, H), value * seq), grad_down=None
+    )
+    return out[:size].tobytes()
+
+
+def entry(ms: int, host: str, seq: int, prev: int | None = None, **kw) -> StreamEntry:
+    return StreamEntry((ms, 0), host, seq, seq - 1 if prev is None else prev, window(seq, **kw))
+
+
+def test_sealing_fills_the_outbox_and_applying_own_windows_back_retires_them():
+    r = replica()
+    for k in range(4):
+        r.seal(np.full((R, H), float(k + 1)), None, 3)
+    assert (r.head, r.tail, r.outstanding) == (4, 0, 4)
+    with pytest.raises(Exception, match="outbox is full"):
+        r.seal(np.ones((R, H)), None, 1)
+    assert read_window(r.window_bytes(2), hidden_dim=H, rank=R, routing=False).cum == 6
+    assert r.oldest_outstanding_at() is not None
+    applied, foreign = r.apply([StreamEntry((1, i), "me", s, s - 1, r.window_bytes(s)) for i, s in enumerate((1, 2))])
+    assert (applied, foreign, r.tail, r.outstanding, r.cursor) == (2, False, 2, 2, (1, 1))
+    r.seal(np.ones((R, H)), None, 1)  # the freed entry is used again
+    assert (r.head, r.outstanding) == (5, 3)
+
+
+def test_entries_apply_in_order_once_and_the_table_follows_every_host():
+    r = replica()
+    expected_up = np.zeros((R, H), np.float32)
+    expected_down = initial_down(H, R)
+    entries = [entry(1, "a", 1), entry(2, "b", 1), entry(3, "a", 2), entry(4, "a", 2), entry(5, "b", 2)]
+    for e in entries[:4]:
+        if e.id != (4, 0):
+            apply_window(expected_up, expected_down, read_window(e.window, hidden_dim=H, rank=R, routing=False), LR)
+    assert r.apply(entries[:4]) == (3, True)  # ("a", 2) twice: the second is skipped
+    assert r.apply(entries[:4]) == (0, False)  # read twice: nothing
+    assert r.st["up"].tobytes() == expected_up.tobytes()
+    assert r.table() == {host_key("a"): (2, 6), host_key("b"): (1, 3)} and r.hosts == 2
+    assert (int(r.st["fleet_entries"]), int(r.st["fleet_signals"]), r.cursor) == (3, 9, (4, 0))
+
+
+def test_an_entry_that_does_not_follow_asks_for_a_resync():
+    r = replica()
+    r.apply([entry(1, "a", 1), entry(2, "a", 2)])
+    with pytest.raises(NeedResync, match="missing here"):
+        r.apply([entry(3, "a", 4, prev=3)])  # seq 3 of "a" was trimmed away before this replica read it
+    with pytest.raises(NeedResync, match="Redis lost writes"):
+        r.apply([entry(3, "a", 3, prev=1)])  # the stream holds "a" only up to 1: this replica applied a lost window
+
+
+def test_a_gap_a_failover_left_is_counted_alike_everywhere():
+    r = replica()
+    r.apply([entry(1, "a", 1)])  # cum 3
+    r.apply([entry(2, "a", 5, prev=1, cum=20)])  # windows 2..4 lost; 20 - 3 (this one) - 3 (up to 1) signals
+    assert (int(r.st["fleet_lost_entries"]), int(r.st["fleet_lost_signals"])) == (3, 14)
+    assert r.table()[host_key("a")] == (5, 20)
+
+
+def test_what_is_not_an_entry_is_counted_and_passed():
+    r = replica()
+    bad = StreamEntry((1, 0), "a", 1, 0, b"junk")
+    foreign = StreamEntry((2, 0), "", 0, 0, b"")
+    assert r.apply([bad, foreign, entry(3, "a", 2)]) == (1, True)
+    assert int(r.st["fleet_bad_entries"]) == 2 and r.cursor == (3, 0) and r.table()[host_key("a")] == (2, 6)
+
+
+def test_more_hosts_than_the_table_holds_are_bad_entries_alike_everywhere():
+    r = replica()
+    r.apply([entry(i + 1, f"h{i}", 1) for i in range(MAX_FLEET_HOSTS + 1)])
+    assert r.hosts == MAX_FLEET_HOSTS and int(r.st["fleet_bad_entries"]) == 1
+
+
+def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows():
+    r = replica("me")
+    for k in range(3):
+        r.seal(np.full((R, H), float(k + 1)), None, 2)
+    r.apply([StreamEntry((5, 0), "me", 1, 0, r.window_bytes(1)), entry(6, "a", 1)])
+    snap = Snapshot.from_fields({k.encode(): v for k, v in r.snapshot(now=3.0).to_fields().items()})
+    assert snap.cursor == (6, 0) and snap.entries == 2 and snap.table == r.table() and snap.epoch == 7
+    # Another segment of the same host (here: the same outbox, one more window applied elsewhere).
+    other = replica("me", epoch=0)
+    other.rebase(0)
+    for k in range(3):
+        other.seal(np.full((R, H), float(k + 1)), None, 2)
+    other.load(snap)
+    assert other.st["up"].tobytes() == r.st["up"].tobytes() and other.cursor == (6, 0) and other.tail == 1
+    assert int(other.st["fleet_resyncs"]) == 0  # joining is not a resync
+    other.load(snap)
+    assert int(other.st["fleet_resyncs"]) == 1
+
+
+def test_speculated_weights_are_the_fleet_adapter_with_own_outstanding_windows():
+    r = replica()
+    r.seal(np.full((R, H), 1.0), None, 2)
+    r.seal(np.full((R, H), 3.0), None, 4)
+    up, down = np.empty((R, H), np.float32), np.empty((R, H), np.float32)
+    r.speculate(up, down)
+    want_up, want_down = r.st["up"].copy(), r.st["down"].copy()
+    for seq in (1, 2):
+        apply_window(want_up, want_down, read_window(r.window_bytes(seq), hidden_dim=H, rank=R, routing=False), LR)
+    assert up.tobytes() == want_up.tobytes() and down.tobytes() == want_down.tobytes()
+
+
+def test_the_c_and_numpy_appliers_agree_on_every_bit_and_on_what_is_not_a_window():
+    from sona_shm.lane import _speedups
+    from sona_shm.replica import _apply_numpy
+
+    if _speedups is None:
+        pytest.skip("the C fast paths are not built")
+    rng = np.random.default_rng(5)
+    for routing in (False, True):
+        for n, scale in ((1, 1.0), (3, 1e38), (9, 1e-3)):
+            out = np.zeros(LAYOUT.entry_bytes + 8 * H * R, np.uint8)
+            grad_down = rng.standard_normal((R, H)) * scale if routing else None
+            size = write_window(out, seq=4, n=n, cum=9, sealed_at=2.0, grad_up=rng.standard_normal((R, H)) * scale, grad_down=grad_down)
+            raw = out[:size].tobytes()
+            start = (rng.standard_normal((R, H)) * 1e37).astype(np.float32), rng.standard_normal((R, H)).astype(np.float32)
+            c, py = [a.copy() for a in start], [a.copy() for a in start]
+            assert _speedups.apply_window(*c, raw, 0.7, H, R, routing) == _apply_numpy(*py, raw, 0.7, H, R, routing) == (4, n, 9, 2.0)
+            assert c[0].tobytes() == py[0].tobytes() and c[1].tobytes() == py[1].tobytes()
+            for bad in (raw[:-8], raw[:64] + np.full(size // 8 - 8, np.nan).tobytes(), b"SFW2" + raw[4:]):
+                assert _speedups.apply_window(*c, bad, 0.7, H, R, routing) is None and _apply_numpy(*py, bad, 0.7, H, R, routing) is None
+            assert _speedups.apply_window(*c, raw, 0.7, H, R, not routing) is None  # the other rule's shape
