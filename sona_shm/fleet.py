@@ -82,8 +82,8 @@ log = logging.getLogger("sona_shm.fleet")
 
 #: Longest a reader blocks on the stream (it also bounds how late it notices a resync request or a stop).
 READ_BLOCK_MS = 250
-#: Entries one read takes, and windows one publish sends.
-READ_COUNT = 512
+#: Entries one read takes (each at most redis_log.ENTRY_BYTES, unless one window is larger), and windows one publish sends.
+READ_COUNT = 128
 PUBLISH_BATCH = 256
 PUBLISH_BYTES = 1 << 20
 #: How long the publisher lets windows gather before one publish while windows keep coming
@@ -234,6 +234,7 @@ class _Publisher(_Link):
         self._first_at = 0.0  # when the oldest window waiting was offered
         self._published_at = 0.0  # when the last publish returned
         self._linger = 0.0 if member.options.lag == 0 else PUBLISH_LINGER
+        self._lingering = False  # the publisher waits out a linger: offers need not wake it
 
     def offer(self, seq: int, window: bytes) -> None:
         """Publish own window ``seq`` (committed in the outbox); called by the main thread in seq order."""
@@ -241,7 +242,8 @@ class _Publisher(_Link):
             if not self._windows:
                 self._first_at = time.monotonic()
             self._windows[seq] = window
-            self._cond.notify()
+            if not self._lingering or len(self._windows) >= PUBLISH_BATCH:
+                self._cond.notify()  # a lingering publisher wakes at the end of its linger anyway: no wake-up per window
 
     def wake(self) -> None:
         with self._cond:
@@ -290,11 +292,13 @@ class _Publisher(_Link):
         while not self.stop.is_set():
             with self._cond:
                 busy = time.monotonic() - self._published_at < self._linger
+                self._lingering = True
                 while busy and self._windows and len(self._windows) < PUBLISH_BATCH and not self.stop.is_set():
                     wait = self._first_at + self._linger - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)  # more windows may come: one call for them all
+                self._lingering = False
                 if not self._windows:
                     return
                 batch: list[tuple[int, bytes]] = []

@@ -90,8 +90,8 @@ exactly once across any crash::
     fleet_out_head u64  own windows sealed, ever: the seq of the last one in the outbox
     fleet_out_tail u64  own windows retired: applied back from the stream (seq; <= out_head)
     fleet_cursor_ms, fleet_cursor_seq u64   the stream id of the last entry applied
-    fleet_entries u64   stream entries applied (every host's, own included)
-    fleet_signals u64   signals of those entries
+    fleet_entries u64   windows applied from the stream (every host's, own included; an entry carries one or more)
+    fleet_signals u64   signals of those windows
     fleet_lost_entries, fleet_lost_signals u64   windows the stream lost (a failover; counted
                         from the gaps in a host's seqs, so the same on every replica)
     fleet_bad_entries u64   stream entries that failed validation: skipped, counted
@@ -138,8 +138,8 @@ fleet_outbox) * entry_bytes``: written by the main thread into a free entry (``s
 out_tail + fleet_outbox``) before the ledger commit whose ``fleet_out_head = s``
 publishes it, together with the lane tails that produced it and the zeroed gradient
 sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first bytes (as many
-as its header says: at most ``window_bytes``) are, byte for byte, the ``w`` field of the
-stream entry (:mod:`sona_shm.sealed`)::
+as its header says: at most ``window_bytes``) are, byte for byte, what the stream entry's
+``w`` field carries for it (one or more consecutive windows back to back; :mod:`sona_shm.sealed`)::
 
     0   4s  magic b"SFW1"   4 u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
     16  u64 seq            24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)

@@ -4,7 +4,8 @@ One fleet key ``K`` owns these keys (all with the hash tag ``{K}``, so a Redis C
 would keep them in one slot; sona_shm talks to one primary)::
 
     sona:{K}:meta      hash   config (JSON: what every host must share), epoch, created_at, protocol
-    sona:{K}:log       stream one entry per sealed window: h (host id), s (seq), p (prev), w (the window's bytes)
+    sona:{K}:log       stream entries of consecutive sealed windows of one host: h (host id), s (the first
+                       window's seq), e (the last's), p (prev), w (the windows' bytes, back to back)
     sona:{K}:seqs      hash   host key (16 hex digits) -> the last seq of that host in the stream
     sona:{K}:hosts     hash   host id -> the token of the segment registered under it
     sona:{K}:lease:ID  string the token of the live flusher of host ID, with a TTL it renews
@@ -18,10 +19,15 @@ The scripts run atomically in Redis, so a failover keeps or loses each one whole
   Refuses a host id whose lease another token holds (a live flusher) or that another
   segment registered (``taken``; a new segment may take a free one over), and a host
   beyond ``MAX_FLEET_HOSTS``. Takes the lease.
-- ``publish``: appends a host's windows ``first, first+1, ...`` only past the last seq the
-  host has in the stream, each with ``p`` = the last seq before it (so a gap is visible
-  to every reader), and only while the caller holds the host's lease (a fenced zombie
-  appends nothing). Repeating a publish whose answer was lost appends nothing.
+- ``publish``: appends a host's windows only past the last seq the host has in the
+  stream, each entry carrying consecutive windows ``s..e`` (the caller groups them: at
+  most ``ENTRY_WINDOWS`` and ``ENTRY_BYTES``, unless one window is larger; the script
+  cuts off a group's windows the stream has already), with ``p`` = the last seq before it
+  (so a gap is visible to every reader), and only while the caller holds the host's
+  lease (a fenced zombie appends nothing). Repeating a publish whose answer was lost
+  appends nothing. Many windows to an entry cut the work of Redis and of every reader
+  per window; grouping them in Python, not in Lua, matters because Redis's Lua hashes
+  every byte of every string it makes (``step = 1`` in Redis's ``deps/lua/src/lstring.c``).
 - ``snapshot``: stores a snapshot only if its stream id is newer than the newest one
   (set-if-newer) and names an entry the stream holds (a replica that applied entries a
   failover lost never offers its state), keeps the one it replaces as ``:snap:prev``,
@@ -46,6 +52,10 @@ from .errors import FleetError, SonaShmError
 from .replica import StreamEntry, StreamId, format_id, parse_id
 
 PROTOCOL = "1"
+
+#: The most windows, and bytes of windows, one stream entry carries (a larger window goes alone).
+ENTRY_WINDOWS = 32
+ENTRY_BYTES = 64 * 1024
 
 #: Seconds a host's lease lives without renewal (the fleet thread renews it every third of that).
 LEASE_TTL = 10.0
@@ -93,20 +103,28 @@ return 1
 """
 
 _PUBLISH = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {'fenced', '0'} end
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {'fenced', '0', '0'} end
 local last = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
-local first = tonumber(ARGV[4])
-local appended = 0
-for i = 5, #ARGV do
-  local seq = first + i - 5
-  if seq > last then
-    redis.call('XADD', KEYS[1], '*', 'h', ARGV[2], 's', string.format('%.0f', seq), 'p', string.format('%.0f', last), 'w', ARGV[i])
-    last = seq
-    appended = appended + 1
+local appended, entries = 0, 0
+for g = 4, #ARGV, 3 do
+  local first, raw = tonumber(ARGV[g]), ARGV[g + 2]
+  local lengths = {}
+  for length in string.gmatch(ARGV[g + 1], '%d+') do lengths[#lengths + 1] = tonumber(length) end
+  local stop = first + #lengths - 1
+  if stop > last then
+    if first <= last then
+      -- windows up to last are in the stream already (an answer was lost): cut them off
+      local skip = 0
+      for i = 1, last - first + 1 do skip = skip + lengths[i] end
+      raw, first = string.sub(raw, skip + 1), last + 1
+    end
+    redis.call('XADD', KEYS[1], '*', 'h', ARGV[2], 's', string.format('%.0f', first), 'e', string.format('%.0f', stop),
+      'p', string.format('%.0f', last), 'w', raw)
+    appended, entries, last = appended + stop - first + 1, entries + 1, stop
   end
 end
 redis.call('HSET', KEYS[2], ARGV[3], string.format('%.0f', last))
-return {'ok', string.format('%.0f', last), tostring(appended)}
+return {'ok', string.format('%.0f', last), tostring(appended), tostring(entries)}
 """
 
 _SNAPSHOT = """
@@ -305,16 +323,34 @@ class FleetLog:
 
     # ----------------------------------------------------------------- publishing
 
-    def publish(self, *, host_id: str, host_key: str, token: str, first_seq: int, windows: Sequence[bytes]) -> int | None:
+    def publish(
+        self,
+        *,
+        host_id: str,
+        host_key: str,
+        token: str,
+        first_seq: int,
+        windows: Sequence[bytes],
+        entry_windows: int = ENTRY_WINDOWS,
+        entry_bytes: int = ENTRY_BYTES,
+    ) -> int | None:
         """Append windows ``first_seq, first_seq + 1, ...`` of the host (those past its last); return its last seq in the stream.
+
+        They go in entries of at most ``entry_windows`` windows and ``entry_bytes`` bytes.
 
         None if the caller does not hold the host's lease (fenced: nothing appended; renew it first).
         """
-        answer = self._call(
-            self._publish,
-            keys=[self.k["log"], self.k["seqs"], self.lease_key(host_id)],
-            args=[token, host_id, host_key, first_seq, *windows],
-        )
+        args: list[Any] = [token, host_id, host_key]
+        start = 0
+        while start < len(windows):  # the entries, made here: a Lua string costs Redis a pass over every byte
+            stop, size = start + 1, len(windows[start])
+            while stop < len(windows) and stop - start < entry_windows and size + len(windows[stop]) <= entry_bytes:
+                size += len(windows[stop])
+                stop += 1
+            group = windows[start:stop]
+            args += [first_seq + start, ",".join(str(len(w)) for w in group), b"".join(group)]
+            start = stop
+        answer = self._call(self._publish, keys=[self.k["log"], self.k["seqs"], self.lease_key(host_id)], args=args)
         if _text(answer[0]) == "fenced":
             return None
         return int(answer[1])
@@ -396,20 +432,35 @@ def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
     out = []
     for raw_id, fields in rows:
         try:
+            seq = int(fields[b"s"])
             out.append(
                 StreamEntry(
                     id=parse_id(raw_id),
                     host=fields[b"h"].decode("utf-8", "replace"),
-                    seq=int(fields[b"s"]),
+                    seq=seq,
                     prev=int(fields[b"p"]),
-                    window=fields[b"w"],
+                    windows=fields[b"w"],
+                    last=int(fields[b"e"]),
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):
             # Not an entry sona_shm wrote: handed on without a host, so every replica counts it
             # as bad and moves past it alike.
-            out.append(StreamEntry(id=parse_id(raw_id), host="", seq=0, prev=0, window=b""))
+            out.append(StreamEntry(id=parse_id(raw_id), host="", seq=0, prev=0, windows=b"", last=0))
     return out
 
 
-__all__ = ["LEASE_TTL", "FleetError", "FleetLog", "Joined", "LinkDown", "ReadResult", "config_json", "connect", "import_redis", "keys"]
+__all__ = [
+    "ENTRY_BYTES",
+    "ENTRY_WINDOWS",
+    "LEASE_TTL",
+    "FleetError",
+    "FleetLog",
+    "Joined",
+    "LinkDown",
+    "ReadResult",
+    "config_json",
+    "connect",
+    "import_redis",
+    "keys",
+]

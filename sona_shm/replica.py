@@ -10,10 +10,11 @@ them); the rules:
 - **Sealing.** Own window ``s = fleet_out_head + 1`` is written into its outbox entry;
   ``fleet_out_head = s``. It stays until the replica applies it back from the stream,
   which retires it (``fleet_out_tail = s``).
-- **Applying.** Stream entries come in stream order. An entry ``(host, seq, prev)`` whose
-  ``seq`` is at or below the host's row of the applied table was applied already and is
-  skipped. Otherwise ``prev`` (what Redis held as the host's last seq when it appended
-  the entry) must equal that row: if it is larger, this replica missed entries (the
+- **Applying.** Stream entries come in stream order; each carries a host's consecutive
+  windows ``seq..last``, applied one after the other. An entry whose ``last`` is at or
+  below the host's row of the applied table was applied already and is skipped.
+  Otherwise ``prev`` (what Redis held as the host's last seq when it appended the entry)
+  must equal that row: if it is larger, this replica missed entries (the
   stream was trimmed past it); if smaller, this replica applied entries the stream no
   longer has (a failover lost writes). Either way :class:`NeedResync`. A ``seq`` more than
   one past ``prev`` means the stream lost the windows between (the host retired them
@@ -41,9 +42,11 @@ from .errors import CheckpointError, SonaShmError
 from .lane import _speedups
 from .layout import Layout
 from .routes import RouteTable
-from .sealed import BadWindow, Window, apply_window, read_window, window_length, write_window
+from .sealed import BadWindow, Window, apply_window, read_window, split_windows, window_length, write_window
 
 StreamId = tuple[int, int]
+#: The most windows an entry may claim to carry (``redis_log.ENTRY_WINDOWS`` is what sona_shm writes; more is not an entry of ours).
+MAX_ENTRY_WINDOWS = 4096
 ZERO_ID: StreamId = (0, 0)
 
 
@@ -78,13 +81,14 @@ class BadSnapshot(SonaShmError):
 
 @dataclass(frozen=True)
 class StreamEntry:
-    """One stream entry as read: its id, the host that sealed it, ``seq``, ``prev`` and the window's bytes."""
+    """One stream entry as read: its id, the host that sealed its windows, their seqs ``seq..last``, ``prev``, their bytes."""
 
     id: StreamId
     host: str
     seq: int
     prev: int
-    window: bytes
+    windows: bytes
+    last: int
 
 
 @dataclass(frozen=True)
@@ -308,7 +312,7 @@ class Replica:
                     key = keys[entry.host] = host_key(entry.host)
                 row = rows.get(key)
                 last = 0 if row is None else seqs[row]
-                if entry.seq <= last:
+                if entry.last <= last:
                     cursor = entry.id  # applied already: a publish repeated after a lost answer is refused by Redis
                     continue
                 if entry.prev != last:
@@ -324,24 +328,27 @@ class Replica:
                         bad += 1
                         cursor = entry.id
                         continue
-                done = _apply(up, down, entry.window, lr, h, rank, routing)
-                if done is None or done[0] != entry.seq:
-                    bad += 1  # every replica decides alike: the host's seq still moves on
-                    seqs[row] = entry.seq
-                    cursor = entry.id
-                    continue
-                _, n, cum, applied_at = done
-                if entry.seq > entry.prev + 1:  # the windows between were lost by Redis
-                    lost_entries += entry.seq - entry.prev - 1
-                    lost_signals += max(0, cum - n - cums[row])
-                signals += n
-                seqs[row], cums[row] = entry.seq, cum
+                count = entry.last - entry.seq + 1
+                parts = split_windows(entry.windows, count) if entry.seq > entry.prev and 0 < count <= MAX_ENTRY_WINDOWS else None
+                for i, raw in enumerate(parts or ()):
+                    done = _apply(up, down, raw, lr, h, rank, routing)
+                    if done is None or done[0] != entry.seq + i:
+                        break  # every replica decides alike: the windows before it count, the rest of the entry is bad
+                    _, n, cum, applied_at = done
+                    if i == 0 and entry.seq > entry.prev + 1:  # the windows between were lost by Redis
+                        lost_entries += entry.seq - entry.prev - 1
+                        lost_signals += max(0, cum - n - cums[row])
+                    signals += n
+                    seqs[row], cums[row] = entry.seq + i, cum
+                    applied += 1
+                    if key == self.host:
+                        tail = max(tail, min(entry.seq + i, self._head))  # own window back from the stream: retired
+                    else:
+                        foreign = True
+                if seqs[row] != entry.last:
+                    bad += 1  # not windows of this fleet (or not all of them): the host's seq still moves past the entry
+                    seqs[row] = entry.last
                 cursor = entry.id
-                applied += 1
-                if key == self.host:
-                    tail = max(tail, min(entry.seq, self._head))  # own window back from the stream: retired
-                else:
-                    foreign = True
         finally:
             # Into the record once per batch (also when a resync interrupts it: the entries before count).
             if cursor != self._cursor or bad:
@@ -480,7 +487,7 @@ class Replica:
             raise SonaShmError("replica: an own outbox entry is not a window (memory written outside sona_shm?)")
 
 
-def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes | memoryview, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
     """:func:`_speedups.apply_window` in numpy: the same checks, the same bits."""
     try:
         window = read_window(raw, hidden_dim=h, rank=rank, routing=routing)
@@ -490,7 +497,7 @@ def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int
     return window.seq, window.n, window.cum, window.sealed_at
 
 
-def _apply(up: np.ndarray, down: np.ndarray, raw: bytes, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
+def _apply(up: np.ndarray, down: np.ndarray, raw: bytes | memoryview, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
     """Check and apply a window's bytes; ``(seq, n, cum, sealed_at)``, or None if they are not one (nothing changed)."""
     if _speedups is not None:
         return _speedups.apply_window(up, down, raw, lr, h, rank, routing)

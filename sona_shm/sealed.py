@@ -32,6 +32,7 @@ from .layout import WINDOW_HEAD_BYTES
 WINDOW_MAGIC = b"SFW1"
 #: magic, hidden_dim, rank, up_rows, down_rows, seq, n, cum, sealed_at (then zero up to WINDOW_HEAD_BYTES).
 _HEAD = struct.Struct("<4sIIHHQQQd")
+_LENGTHS = struct.Struct("<4sIIHH")  # the head's first fields: enough to know a window's length
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -65,11 +66,14 @@ def write_window(
     ``grad_up``/``grad_down``: the flusher's ``float64[R, h]`` sums. Rows of ``grad_up``
     that are all the same bits (the reference rule's) are written once.
     """
-    if _speedups is not None and all(
-        a.flags.c_contiguous and a.flags.writeable and a.dtype == np.float64 and a.ndim == 2 for a in (grad_up, grad_down) if a is not None
-    ):
+    if _speedups is not None and _c_form(grad_up) and (grad_down is None or _c_form(grad_down)):
         return _speedups.write_window(out, grad_up, grad_down, seq, n, cum, sealed_at)  # the same bytes, in one call
     return _write_window(out, seq=seq, n=n, cum=cum, sealed_at=sealed_at, grad_up=grad_up, grad_down=grad_down)
+
+
+def _c_form(a: np.ndarray) -> bool:
+    flags = a.flags
+    return bool(flags.c_contiguous and flags.writeable and a.dtype == np.float64 and a.ndim == 2)
 
 
 def _write_window(
@@ -94,6 +98,28 @@ def window_length(raw: bytes | memoryview | np.ndarray) -> int:
     """The length of the window at the start of ``raw`` (an outbox entry), from its header."""
     _, hidden, _, up_rows, down_rows, *_ = _HEAD.unpack_from(bytes(raw[: _HEAD.size]))
     return WINDOW_HEAD_BYTES + 8 * hidden * (up_rows + down_rows)
+
+
+def split_windows(raw: bytes | memoryview, count: int) -> list[memoryview] | None:
+    """The ``count`` windows laid back to back in ``raw`` (a stream entry's ``w``), as views; None if they do not tile it.
+
+    Only the lengths are read here (from each header); :func:`read_window` (or the C
+    ``apply_window``) checks each window whole.
+    """
+    view = memoryview(raw)
+    size = len(view)
+    out = []
+    at = 0
+    for _ in range(count):
+        if size - at < WINDOW_HEAD_BYTES:
+            return None
+        _, hidden, _, up_rows, down_rows = _LENGTHS.unpack_from(view, at)
+        end = at + WINDOW_HEAD_BYTES + 8 * hidden * (up_rows + down_rows)
+        if end > size:
+            return None
+        out.append(view[at:end])
+        at = end
+    return out if at == size else None
 
 
 def read_window(raw: bytes | memoryview, *, hidden_dim: int, rank: int, routing: bool) -> Window:
@@ -140,4 +166,4 @@ def apply_window(up: np.ndarray, down: np.ndarray, window: Window, lr: float) ->
         down[...] = np.clip(down.astype(np.float64) + window.grad_down * step, -_F32_MAX, _F32_MAX)
 
 
-__all__ = ["WINDOW_MAGIC", "BadWindow", "Window", "apply_window", "read_window", "window_length", "write_window"]
+__all__ = ["WINDOW_MAGIC", "BadWindow", "Window", "apply_window", "read_window", "split_windows", "window_length", "write_window"]

@@ -191,7 +191,7 @@ class FleetStats:
     outbox: int  # own sealed windows not yet in the stream
     outstanding: int  # own sealed windows not yet applied back from the stream (outbox included)
     outbox_capacity: int
-    applied_entries: int  # stream entries applied here, every host's
+    applied_entries: int  # windows applied here from the stream, every host's (an entry carries one or more)
     applied_signals: int  # their signals
     last_applied_id: str | None  # the stream id of the last entry applied ("MS-SEQ")
     hosts: int  # hosts whose entries were applied here

@@ -35,7 +35,7 @@ def window(seq: int, n: int = 3, cum: int | None = None, value: float = 1.0) -> 
 
 
 def entry(ms: int, host: str, seq: int, prev: int | None = None, **kw) -> StreamEntry:
-    return StreamEntry((ms, 0), host, seq, seq - 1 if prev is None else prev, window(seq, **kw))
+    return StreamEntry((ms, 0), host, seq, seq - 1 if prev is None else prev, window(seq, **kw), seq)
 
 
 def test_sealing_fills_the_outbox_and_applying_own_windows_back_retires_them():
@@ -47,7 +47,7 @@ def test_sealing_fills_the_outbox_and_applying_own_windows_back_retires_them():
         r.seal(np.ones((R, H)), None, 1)
     assert read_window(r.window_bytes(2), hidden_dim=H, rank=R, routing=False).cum == 6
     assert r.oldest_outstanding_at() is not None
-    applied, foreign = r.apply([StreamEntry((1, i), "me", s, s - 1, r.window_bytes(s)) for i, s in enumerate((1, 2))])
+    applied, foreign = r.apply([StreamEntry((1, i), "me", s, s - 1, r.window_bytes(s), s) for i, s in enumerate((1, 2))])
     assert (applied, foreign, r.tail, r.outstanding, r.cursor) == (2, False, 2, 2, (1, 1))
     r.seal(np.ones((R, H)), None, 1)  # the freed entry is used again
     assert (r.head, r.outstanding) == (5, 3)
@@ -60,7 +60,7 @@ def test_entries_apply_in_order_once_and_the_table_follows_every_host():
     entries = [entry(1, "a", 1), entry(2, "b", 1), entry(3, "a", 2), entry(4, "a", 2), entry(5, "b", 2)]
     for e in entries[:4]:
         if e.id != (4, 0):
-            apply_window(expected_up, expected_down, read_window(e.window, hidden_dim=H, rank=R, routing=False), LR)
+            apply_window(expected_up, expected_down, read_window(e.windows, hidden_dim=H, rank=R, routing=False), LR)
     assert r.apply(entries[:4]) == (3, True)  # ("a", 2) twice: the second is skipped
     assert r.apply(entries[:4]) == (0, False)  # read twice: nothing
     assert r.st["up"].tobytes() == expected_up.tobytes()
@@ -85,10 +85,47 @@ def test_a_gap_a_failover_left_is_counted_alike_everywhere():
     assert r.table()[host_key("a")] == (5, 20)
 
 
+def group(ms: int, host: str, seqs: range, prev: int | None = None) -> StreamEntry:
+    """One entry carrying windows ``seqs`` (consecutive) back to back, as the publish script writes them."""
+    return StreamEntry((ms, 0), host, seqs[0], seqs[0] - 1 if prev is None else prev, b"".join(window(s) for s in seqs), seqs[-1])
+
+
+def test_an_entry_of_many_windows_applies_them_in_order_like_one_entry_each():
+    one_each, grouped = replica(), replica()
+    one_each.apply([entry(i + 1, "a", s) for i, s in enumerate(range(1, 6))] + [entry(9, "b", 1)])
+    assert grouped.apply([group(1, "a", range(1, 4)), group(2, "a", range(4, 6)), group(9, "b", range(1, 2))]) == (6, True)
+    assert grouped.st["up"].tobytes() == one_each.st["up"].tobytes()
+    assert grouped.table() == one_each.table() == {host_key("a"): (5, 15), host_key("b"): (1, 3)}
+    assert (int(grouped.st["fleet_entries"]), int(grouped.st["fleet_signals"])) == (6, 18)
+    assert grouped.apply([group(3, "a", range(1, 6))]) == (0, False)  # a repeat of windows applied already: skipped
+
+
+def test_own_windows_in_one_entry_retire_together():
+    r = replica()
+    for k in range(3):
+        r.seal(np.full((R, H), float(k + 1)), None, 2)
+    raw = b"".join(r.window_bytes(s) for s in (1, 2, 3))
+    assert r.apply([StreamEntry((1, 0), "me", 1, 0, raw, 3)]) == (3, False)
+    assert (r.tail, r.outstanding) == (3, 0)
+
+
+def test_an_entry_whose_windows_do_not_match_it_is_bad_alike_everywhere():
+    r = replica()
+    two = b"".join(window(s) for s in (1, 2))
+    cases = [
+        StreamEntry((1, 0), "a", 1, 0, two, 3),  # says three windows, carries two
+        StreamEntry((2, 0), "b", 1, 0, two + b"x", 2),  # bytes past the last window
+        StreamEntry((3, 0), "c", 1, 0, window(1) + window(3), 2),  # the second is not seq 2
+    ]
+    assert r.apply(cases) == (1, True)  # c's first window applies; the rest of each entry is bad
+    assert int(r.st["fleet_bad_entries"]) == 3
+    assert r.table() == {host_key("a"): (3, 0), host_key("b"): (2, 0), host_key("c"): (2, 3)}  # every seq moves past its entry
+
+
 def test_what_is_not_an_entry_is_counted_and_passed():
     r = replica()
-    bad = StreamEntry((1, 0), "a", 1, 0, b"junk")
-    foreign = StreamEntry((2, 0), "", 0, 0, b"")
+    bad = StreamEntry((1, 0), "a", 1, 0, b"junk", 1)
+    foreign = StreamEntry((2, 0), "", 0, 0, b"", 0)
     assert r.apply([bad, foreign, entry(3, "a", 2)]) == (1, True)
     assert int(r.st["fleet_bad_entries"]) == 2 and r.cursor == (3, 0) and r.table()[host_key("a")] == (2, 6)
 
@@ -103,7 +140,7 @@ def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows()
     r = replica("me")
     for k in range(3):
         r.seal(np.full((R, H), float(k + 1)), None, 2)
-    r.apply([StreamEntry((5, 0), "me", 1, 0, r.window_bytes(1)), entry(6, "a", 1)])
+    r.apply([StreamEntry((5, 0), "me", 1, 0, r.window_bytes(1), 1), entry(6, "a", 1)])
     snap = Snapshot.from_fields({k.encode(): v for k, v in r.snapshot(now=3.0).to_fields().items()})
     assert snap.cursor == (6, 0) and snap.entries == 2 and snap.table == r.table() and snap.epoch == 7
     # Another segment of the same host (here: the same outbox, one more window applied elsewhere).

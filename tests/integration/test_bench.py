@@ -60,10 +60,11 @@ def test_bench_fleet_quick_reports_every_section():
     for mode in ("always", "everysec"):
         for rule in ("reference", "routing"):
             p = report["publish"][mode][rule]
-            assert p["one_per_call_per_s"] > 0 and p["64_per_call_per_s"] > 0 and p["one_window_call"]["n"] == 128
+            assert p["one_per_call_per_s"] > 0 and p["64_per_call_per_s"] > 0 and p["64_per_call_one_per_entry_per_s"] > 0
+            assert p["one_window_call"]["n"] == 128
     assert report["publish"]["always"]["reference"]["window_bytes"] == 64 + 8 * 256  # one row: the reference rule's
     for rule in ("reference", "routing"):
         s = report["stream"][rule]
-        assert s["stream_bytes_per_entry"] > s["window_bytes"] and s["replay_entries_per_s"] > 0
+        assert s["stream_bytes_per_window"] > s["window_bytes"] and s["replay_windows_per_s"] > 0
     outage = report["outage"]
     assert outage["max_outbox"] > 0 and outage["applied_signals"] == outage["recorded"]  # nothing lost by the outage

@@ -31,7 +31,7 @@ from sona_shm.monitor import format_table
 from sona_shm.prometheus import exposition
 from sona_shm.replica import Snapshot
 from sona_shm.routes import feedback_trajectory
-from sona_shm.sealed import apply_window, read_window
+from sona_shm.sealed import apply_window, read_window, split_windows, write_window
 
 from children import RedisServer
 from conftest import SMALL, need_redis
@@ -108,12 +108,17 @@ def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[n
     up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
     seen: set = set()
     for _, fields in rows:
-        pair = (fields[b"h"], int(fields[b"s"]))
-        assert pair not in seen, f"{pair} is in the stream twice"
-        seen.add(pair)
-        window = read_window(fields[b"w"], hidden_dim=H, rank=2, routing=routing)
-        apply_window(up, down, window, lr)
-        signals += window.n
+        first, last = int(fields[b"s"]), int(fields[b"e"])
+        parts = split_windows(fields[b"w"], last - first + 1)
+        assert parts is not None, f"entry {fields[b'h']!r} {first}..{last}: its windows do not tile it"
+        for seq, raw in enumerate(parts, first):
+            pair = (fields[b"h"], seq)
+            assert pair not in seen, f"{pair} is in the stream twice"
+            seen.add(pair)
+            window = read_window(raw, hidden_dim=H, rank=2, routing=routing)
+            assert window.seq == seq
+            apply_window(up, down, window, lr)
+            signals += window.n
     return up, down, signals, seen
 
 
@@ -460,4 +465,36 @@ def test_the_lease_scripts_tell_taken_from_unknown(redis_server):
         assert fleet.renew("h", "b" * 32) is False  # registered to another segment
         r.close()
     finally:
+        fleet.close()
+
+
+def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_windows(redis_server):
+    """Windows past the host's last go in entries of at most entry_windows; a repeat (an answer lost) appends nothing;
+    windows after a gap are stamped with the last seq before them; a caller without the lease appends nothing."""
+    from sona_shm.redis_log import FleetLog, connect
+    from sona_shm.replica import host_key
+
+    def window(seq: int) -> bytes:
+        out = np.zeros(64 + 8 * H, np.uint8)
+        return out[: write_window(out, seq=seq, n=1, cum=seq, sealed_at=1.0, grad_up=np.full((1, H), seq, float), grad_down=None)].tobytes()
+
+    fleet = FleetLog(connect(redis_server.url, timeout=5.0), "pub")
+    r = redis_server.client()
+    try:
+        r.set("sona:{pub}:lease:h", "t" * 32)
+        who = {"host_id": "h", "host_key": f"{host_key('h'):016x}", "token": "t" * 32}
+        assert fleet.publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7
+        assert fleet.publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7  # a repeat
+        # Overlapping: grouped [6, 7, 8] [9], the script cuts 6 and 7 off the first.
+        assert fleet.publish(first_seq=6, windows=[window(s) for s in range(6, 10)], entry_windows=3, **who) == 9
+        assert fleet.publish(first_seq=12, windows=[window(12)], **who) == 12  # 10 and 11 lost: the gap shows in p
+        assert fleet.publish(first_seq=13, windows=[window(13)], token="z" * 32, host_id="h", host_key=who["host_key"]) is None
+        entries = [(int(f[b"s"]), int(f[b"e"]), int(f[b"p"]), len(f[b"w"])) for _, f in r.xrange("sona:{pub}:log")]
+        size = len(window(1))
+        assert entries == [(1, 3, 0, 3 * size), (4, 6, 3, 3 * size), (7, 7, 6, size), (8, 8, 7, size), (9, 9, 8, size), (12, 12, 9, size)]
+        assert r.hget("sona:{pub}:seqs", who["host_key"]) == b"12"
+        assert fleet.publish(first_seq=13, windows=[window(13), window(14)], entry_bytes=size, **who) == 14  # bytes bound too
+        assert [int(f[b"s"]) for _, f in r.xrange("sona:{pub}:log")][-2:] == [13, 14]
+    finally:
+        r.close()
         fleet.close()
