@@ -125,7 +125,7 @@ def fleet_sections(s: EngineStats, now: float) -> list[Section]:
         Section(
             "fleet replica",
             [
-                ("applied entries", _count(f.applied_entries)),
+                ("applied windows", _count(f.applied_entries)),
                 ("applied signals", _count(f.applied_signals)),
                 ("hosts", _count(f.hosts)),
                 ("last applied id", f.last_applied_id or "-"),
