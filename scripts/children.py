@@ -93,6 +93,16 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Pids of every live descendant of process ``pid`` (uvicorn's spawned workers, gunicorn's forked ones)."""
+    found, todo = [], [pid]
+    while todo:
+        for child in child_pids(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop_gunicorn(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     """Stop a gunicorn master like :func:`stop_process` and make sure its workers are gone too.
 

@@ -26,6 +26,7 @@ from sona_shm.segment import start_ticks
 from sona_shm.stats import read
 from sona_shm.supervise import child_setup
 
+from children import descendant_pids
 from support import ROOT, env, wait_for
 
 pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
@@ -45,25 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Pids of every live descendant of ``pid`` (uvicorn's spawned workers, gunicorn's forked ones)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(b")") + 2 :].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class Server:
@@ -116,7 +98,7 @@ def serve(name, tmp_path):
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
                     if read(name).lanes_live >= 2 and server.request("GET", "/healthz")[0] == 200:
-                        servers[-1][1].extend((pid, start_ticks(pid)) for pid in _descendants(proc.pid))
+                        servers[-1][1].extend((pid, start_ticks(pid)) for pid in descendant_pids(proc.pid))
                         return server
                 except OSError:
                     pass  # not accepting yet
@@ -127,7 +109,7 @@ def serve(name, tmp_path):
 
     yield start
     for server, known in servers:
-        workers = known + [(pid, start_ticks(pid)) for pid in _descendants(server.proc.pid)]
+        workers = known + [(pid, start_ticks(pid)) for pid in descendant_pids(server.proc.pid)]
         if server.proc.poll() is None:
             server.proc.send_signal(signal.SIGTERM)
             try:
@@ -198,7 +180,7 @@ def test_every_accepted_feedback_is_learned_once_across_a_killed_worker(procs, s
 
     first = drive(server, 400)
     workers = sorted(lane.pid for lane in read(name).lanes if lane.alive)
-    assert len(workers) == 2 and set(workers) <= set(_descendants(server.proc.pid))
+    assert len(workers) == 2 and set(workers) <= set(descendant_pids(server.proc.pid))
     victim = workers[0]
     os.kill(victim, signal.SIGKILL)  # mid-service, between requests: nothing of it is in flight
     wait_for(

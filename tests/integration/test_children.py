@@ -12,7 +12,7 @@ from sona_shm.errors import SegmentNotFoundError
 from sona_shm.segment import start_ticks, unlink
 from sona_shm.stats import read_stats
 
-from children import child_pids, fork_child, process_running
+from children import descendant_pids, fork_child, process_running
 from support import ROOT, popen, wait_for
 
 pytestmark = pytest.mark.guarantee("children-die-with-the-test-or-script-that-started-them")
@@ -20,12 +20,7 @@ pytestmark = pytest.mark.guarantee("children-die-with-the-test-or-script-that-st
 
 def descendants(pid: int) -> list[tuple[int, int]]:
     """``(pid, start ticks)`` of every live descendant of ``pid``."""
-    found, todo = [], [pid]
-    while todo:
-        for child in child_pids(todo.pop()):
-            found.append((child, start_ticks(child)))
-            todo.append(child)
-    return found
+    return [(child, start_ticks(child)) for child in descendant_pids(pid)]
 
 
 def test_a_forked_child_dies_with_its_parent(children, tmp_path):
