@@ -432,15 +432,17 @@ def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
     out = []
     for raw_id, fields in rows:
         try:
-            seq = int(fields[b"s"])
+            seq, last, prev = int(fields[b"s"]), int(fields[b"e"]), int(fields[b"p"])
+            if not (0 <= min(seq, last, prev) and max(seq, last, prev) < 1 << 64):
+                raise ValueError("a seq the applied table (u64) cannot hold")
             out.append(
                 StreamEntry(
                     id=parse_id(raw_id),
                     host=fields[b"h"].decode("utf-8", "replace"),
                     seq=seq,
-                    prev=int(fields[b"p"]),
+                    prev=prev,
                     windows=fields[b"w"],
-                    last=int(fields[b"e"]),
+                    last=last,
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):

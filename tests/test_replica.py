@@ -130,6 +130,20 @@ def test_what_is_not_an_entry_is_counted_and_passed():
     assert int(r.st["fleet_bad_entries"]) == 2 and r.cursor == (3, 0) and r.table()[host_key("a")] == (2, 6)
 
 
+def test_seqs_a_u64_cannot_hold_are_not_an_entry_of_ours_counted_bad_never_a_crash():
+    """A writer outside sona_shm may put any integer in s, e and p: the table holds u64 (an ``e`` of 2**64 raised
+    OverflowError out of apply, stopping every flusher), and a ``p`` beyond it must not make every replica resync forever."""
+    from sona_shm.redis_log import _entries
+
+    def row(ms: int, s: int, e: int, p: int) -> tuple:
+        return (f"{ms}-0".encode(), {b"h": b"a", b"s": str(s).encode(), b"e": str(e).encode(), b"p": str(p).encode(), b"w": window(1)})
+
+    rows = [row(1, 1, 2**64, 0), row(2, 1, 1, 2**64), row(3, 1, 1, -1), row(4, -1, 1, 0), row(5, 1, 1, 0)]
+    r = replica()
+    assert r.apply(_entries(rows)) == (1, True)
+    assert int(r.st["fleet_bad_entries"]) == 4 and r.cursor == (5, 0) and r.table() == {host_key("a"): (1, 3)}
+
+
 def test_more_hosts_than_the_table_holds_are_bad_entries_alike_everywhere():
     r = replica()
     r.apply([entry(i + 1, f"h{i}", 1) for i in range(MAX_FLEET_HOSTS + 1)])
