@@ -122,6 +122,16 @@ def test_an_entry_whose_windows_do_not_match_it_is_bad_alike_everywhere():
     assert r.table() == {host_key("a"): (3, 0), host_key("b"): (2, 0), host_key("c"): (2, 3)}  # every seq moves past its entry
 
 
+def test_a_window_that_is_not_the_seq_its_entry_says_changes_no_weight():
+    """Counted bad from the first window that fails: that window is not applied either (it was, with nothing in
+    ``applied`` or ``foreign`` to say the adapter changed, so the flusher did not bump the generation)."""
+    r, expected = replica(), replica()
+    expected.apply([entry(1, "c", 1)])
+    assert r.apply([StreamEntry((1, 0), "c", 1, 0, window(1) + window(3), 2), StreamEntry((2, 0), "d", 1, 0, window(2), 1)]) == (1, True)
+    assert int(r.st["fleet_bad_entries"]) == 2
+    assert r.st["up"].tobytes() == expected.st["up"].tobytes()
+
+
 def test_what_is_not_an_entry_is_counted_and_passed():
     r = replica()
     bad = StreamEntry((1, 0), "a", 1, 0, b"junk", 1)
