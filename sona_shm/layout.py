@@ -94,10 +94,10 @@ exactly once across any crash::
     fleet_signals u64   signals of those windows
     fleet_lost_entries, fleet_lost_signals u64   windows the stream lost (a failover; counted
                         from the gaps in a host's seqs, so the same on every replica)
-    fleet_bad_entries u64   stream entries that failed validation: skipped, counted
+    fleet_bad_entries u64   stream entries that failed validation: counted, skipped from the first window that failed
     fleet_resyncs u64   times this replica replaced its state by the fleet's snapshot
     fleet_sealed_signals u64   signals this host sealed, ever (the ``cum`` of its entries)
-    fleet_applied_at f64    unix time the last applied entry was sealed (its author's clock)
+    fleet_applied_at f64    unix time the last applied window was sealed (its author's clock)
     down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule);
                         in fleet mode the fleet's adapter: changed only by applying the stream
     grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush (or seal)
@@ -107,7 +107,7 @@ exactly once across any crash::
     route_reward f64[K] summed reward of route k when taken (quality, or 1/0 against best_index)
     fleet_host u64[M]   the applied table: a host (the first 8 bytes of blake2b(host id)), 0: free
     fleet_host_seq u64[M]   the last seq of that host applied here
-    fleet_host_cum u64[M]   the ``cum`` of that entry (signals the host had sealed by then)
+    fleet_host_cum u64[M]   the ``cum`` of its last window applied (signals the host had sealed by then)
 
 The scalars come first, the arrays from the next 64-byte boundary on.
 

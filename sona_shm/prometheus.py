@@ -125,7 +125,7 @@ FLEET_METRICS: tuple[_Spec, ...] = (
     _Spec("fleet_resyncs", "counter", "Times this replica loaded the fleet's snapshot after joining.", _fleet(lambda f: f.resyncs)),
     _Spec("fleet_lost_entries", "counter", "Windows the fleet's stream lost (a Redis failover).", _fleet(lambda f: f.lost_entries)),
     _Spec("fleet_lost_signals", "counter", "Signals of the windows the stream lost.", _fleet(lambda f: f.lost_signals)),
-    _Spec("fleet_bad_entries", "counter", "Stream entries that failed validation and were skipped.", _fleet(lambda f: f.bad_entries)),
+    _Spec("fleet_bad_entries", "counter", "Malformed stream entries (skipped from the bad window on).", _fleet(lambda f: f.bad_entries)),
 )
 
 #: Per-route series (engines with a route table), labelled ``route`` too.

@@ -15,7 +15,8 @@ would keep them in one slot; sona_shm talks to one primary)::
 The scripts run atomically in Redis, so a failover keeps or loses each one whole:
 
 - ``join``: creates the fleet if ``meta`` is missing (config, a fresh epoch, and the
-  joining host's state as the first snapshot); else refuses a host whose config differs.
+  joining host's state as the first snapshot); else refuses a host whose config differs,
+  and a fleet made by a sona_shm of another stream format (``PROTOCOL``).
   Refuses a host id whose lease another token holds (a live flusher) or that another
   segment registered (``taken``; a new segment may take a free one over), and a host
   beyond ``MAX_FLEET_HOSTS``. Takes the lease.
@@ -51,7 +52,8 @@ from typing import Any
 from .errors import FleetError, SonaShmError
 from .replica import StreamEntry, StreamId, format_id, parse_id
 
-PROTOCOL = "1"
+#: The stream's format (checked at join): 2 since an entry carries a run of windows (``e``); 1 carried one.
+PROTOCOL = "2"
 
 #: The most windows, and bytes of windows, one stream entry carries (a larger window goes alone).
 ENTRY_WINDOWS = 32
@@ -74,6 +76,8 @@ if redis.call('EXISTS', meta) == 0 then
   for key, row in pairs(state['table']) do redis.call('HSET', seqs, key, string.format('%.0f', row[1])) end
   created = 1
 else
+  local stored_protocol = redis.call('HGET', meta, 'protocol')
+  if stored_protocol ~= protocol then return {'protocol', stored_protocol or ''} end
   local stored = redis.call('HGET', meta, 'config')
   if stored ~= config then return {'config', stored or ''} end
 end
@@ -298,6 +302,12 @@ class FleetLog:
                 f"fleet {self.fleet_key!r} refuses this engine ({'; '.join(diffs) or 'another configuration'}); every host of "
                 "a fleet needs the same hidden_dim, rank, rule, lr, flush_threshold, temperature and route table"
             )
+        if status == "protocol":
+            raise FleetError(
+                f"fleet {self.fleet_key!r} was made by a sona_shm whose stream format is protocol {_text(answer[1]) or '?'!r}, "
+                f"this one writes and reads protocol {PROTOCOL!r}; give this engine another --fleet-key (or delete the old "
+                "fleet's keys once every host runs this version)"
+            )
         if status == "busy":
             raise FleetError(
                 f"fleet {self.fleet_key!r}: host id {host_id!r} is held by another live flusher (its lease expires in "
@@ -432,15 +442,17 @@ def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
     out = []
     for raw_id, fields in rows:
         try:
-            seq = int(fields[b"s"])
+            seq, last, prev = int(fields[b"s"]), int(fields[b"e"]), int(fields[b"p"])
+            if not (0 <= min(seq, last, prev) and max(seq, last, prev) < 1 << 64):
+                raise ValueError("a seq the applied table (u64) cannot hold")
             out.append(
                 StreamEntry(
                     id=parse_id(raw_id),
                     host=fields[b"h"].decode("utf-8", "replace"),
                     seq=seq,
-                    prev=int(fields[b"p"]),
+                    prev=prev,
                     windows=fields[b"w"],
-                    last=int(fields[b"e"]),
+                    last=last,
                 )
             )
         except (KeyError, ValueError, TypeError, AttributeError):

@@ -331,8 +331,10 @@ class Replica:
                 count = entry.last - entry.seq + 1
                 parts = split_windows(entry.windows, count) if entry.seq > entry.prev and 0 < count <= MAX_ENTRY_WINDOWS else None
                 for i, raw in enumerate(parts or ()):
+                    if int.from_bytes(raw[16:24], "little") != entry.seq + i:
+                        break  # not the seq its place says (read from its head, which split_windows saw): not applied either
                     done = _apply(up, down, raw, lr, h, rank, routing)
-                    if done is None or done[0] != entry.seq + i:
+                    if done is None:
                         break  # every replica decides alike: the windows before it count, the rest of the entry is bad
                     _, n, cum, applied_at = done
                     if i == 0 and entry.seq > entry.prev + 1:  # the windows between were lost by Redis

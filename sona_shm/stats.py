@@ -202,7 +202,7 @@ class FleetStats:
     resyncs: int  # times this replica loaded the fleet's snapshot after it was bound
     lost_entries: int  # windows the stream lost (a Redis failover), counted from seq gaps
     lost_signals: int
-    bad_entries: int  # stream entries that failed validation: skipped
+    bad_entries: int  # stream entries that failed validation: skipped from the first window that failed
     sealed_signals: int  # signals this host sealed, ever
     contact_at: float | None  # the last answer from Redis
     error_at: float | None  # the last failed call

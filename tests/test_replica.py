@@ -122,12 +122,36 @@ def test_an_entry_whose_windows_do_not_match_it_is_bad_alike_everywhere():
     assert r.table() == {host_key("a"): (3, 0), host_key("b"): (2, 0), host_key("c"): (2, 3)}  # every seq moves past its entry
 
 
+def test_a_window_that_is_not_the_seq_its_entry_says_changes_no_weight():
+    """Counted bad from the first window that fails: that window is not applied either (it was, with nothing in
+    ``applied`` or ``foreign`` to say the adapter changed, so the flusher did not bump the generation)."""
+    r, expected = replica(), replica()
+    expected.apply([entry(1, "c", 1)])
+    assert r.apply([StreamEntry((1, 0), "c", 1, 0, window(1) + window(3), 2), StreamEntry((2, 0), "d", 1, 0, window(2), 1)]) == (1, True)
+    assert int(r.st["fleet_bad_entries"]) == 2
+    assert r.st["up"].tobytes() == expected.st["up"].tobytes()
+
+
 def test_what_is_not_an_entry_is_counted_and_passed():
     r = replica()
     bad = StreamEntry((1, 0), "a", 1, 0, b"junk", 1)
     foreign = StreamEntry((2, 0), "", 0, 0, b"", 0)
     assert r.apply([bad, foreign, entry(3, "a", 2)]) == (1, True)
     assert int(r.st["fleet_bad_entries"]) == 2 and r.cursor == (3, 0) and r.table()[host_key("a")] == (2, 6)
+
+
+def test_seqs_a_u64_cannot_hold_are_not_an_entry_of_ours_counted_bad_never_a_crash():
+    """A writer outside sona_shm may put any integer in s, e and p: the table holds u64 (an ``e`` of 2**64 raised
+    OverflowError out of apply, stopping every flusher), and a ``p`` beyond it must not make every replica resync forever."""
+    from sona_shm.redis_log import _entries
+
+    def row(ms: int, s: int, e: int, p: int) -> tuple:
+        return (f"{ms}-0".encode(), {b"h": b"a", b"s": str(s).encode(), b"e": str(e).encode(), b"p": str(p).encode(), b"w": window(1)})
+
+    rows = [row(1, 1, 2**64, 0), row(2, 1, 1, 2**64), row(3, 1, 1, -1), row(4, -1, 1, 0), row(5, 1, 1, 0)]
+    r = replica()
+    assert r.apply(_entries(rows)) == (1, True)
+    assert int(r.st["fleet_bad_entries"]) == 4 and r.cursor == (5, 0) and r.table() == {host_key("a"): (1, 3)}
 
 
 def test_more_hosts_than_the_table_holds_are_bad_entries_alike_everywhere():

@@ -498,3 +498,28 @@ def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_w
     finally:
         r.close()
         fleet.close()
+
+
+def test_a_fleet_of_another_stream_protocol_is_refused(redis_server):
+    """Entries carry runs of windows (field e) since protocol 2: a fleet a build of protocol 1 made (one window an
+    entry, no e) must be refused at join, not joined to count every entry of its stream bad (and to write entries its
+    other hosts cannot read)."""
+    from sona_shm.redis_log import PROTOCOL, FleetError, FleetLog, connect
+    from sona_shm.replica import host_key
+
+    fleet = FleetLog(connect(redis_server.url, timeout=5.0), "proto")
+    r = redis_server.client()
+    try:
+        config = '{"hidden_dim": 16}'
+        who = dict(
+            config=config, new_epoch=5, host_id="h", host_key=f"{host_key('h'):016x}", max_hosts=4, takeover=False, snapshot={}, now=1.0
+        )
+        r.hset("sona:{proto}:meta", mapping={"config": config, "epoch": "3", "created_at": "1.0", "protocol": "1"})
+        with pytest.raises(FleetError, match="protocol"):
+            fleet.join(token="t" * 32, **who)
+        assert r.get("sona:{proto}:lease:h") is None  # nothing taken
+        r.hset("sona:{proto}:meta", "protocol", PROTOCOL)
+        assert fleet.join(token="t" * 32, **who).epoch == 3
+    finally:
+        r.close()
+        fleet.close()
