@@ -88,7 +88,7 @@ exactly once across any crash::
     -- the fleet (all 0 on an engine that never joined one; see "Fleet" below):
     fleet_epoch u64     the fleet this segment is bound to (its epoch in Redis); 0: not bound
     fleet_out_head u64  own windows sealed, ever: the seq of the last one in the outbox
-    fleet_out_tail u64  own windows retired: applied back from the stream (seq; <= out_head)
+    fleet_out_tail u64  own windows retired: applied back from the stream, or passed in a bad entry (seq; <= out_head)
     fleet_cursor_ms, fleet_cursor_seq u64   the stream id of the last entry applied
     fleet_entries u64   windows applied from the stream (every host's, own included; an entry carries one or more)
     fleet_signals u64   signals of those windows

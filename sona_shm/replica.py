@@ -9,7 +9,8 @@ them); the rules:
 
 - **Sealing.** Own window ``s = fleet_out_head + 1`` is written into its outbox entry;
   ``fleet_out_head = s``. It stays until the replica applies it back from the stream,
-  which retires it (``fleet_out_tail = s``).
+  which retires it (``fleet_out_tail = s``), or moves past it in an entry counted bad
+  (it never comes back then).
 - **Applying.** Stream entries come in stream order; each carries a host's consecutive
   windows ``seq..last``, applied one after the other. An entry whose ``last`` is at or
   below the host's row of the applied table was applied already and is skipped.
@@ -350,6 +351,8 @@ class Replica:
                 if seqs[row] != entry.last:
                     bad += 1  # not windows of this fleet (or not all of them): the host's seq still moves past the entry
                     seqs[row] = entry.last
+                    if key == self.host:  # own windows the fleet moved past unapplied: never coming back, so retired
+                        tail = max(tail, min(entry.last, self._head))
                 cursor = entry.id
         finally:
             # Into the record once per batch (also when a resync interrupts it: the entries before count).

@@ -109,6 +109,17 @@ def test_own_windows_in_one_entry_retire_together():
     assert (r.tail, r.outstanding) == (3, 0)
 
 
+def test_own_windows_in_an_entry_counted_bad_are_retired_not_left_outstanding():
+    """Every replica moves past a bad entry; the windows in it will never come back, so they leave the outbox."""
+    r = replica()
+    for k in range(3):
+        r.seal(np.full((R, H), float(k + 1)), None, 2)
+    raw = r.window_bytes(1) + r.window_bytes(2)[:-8] + np.float64("nan").tobytes() + r.window_bytes(3)  # window 2: a NaN
+    assert r.apply([StreamEntry((1, 0), "me", 1, 0, raw, 3)]) == (1, False)
+    assert int(r.st["fleet_bad_entries"]) == 1 and r.table()[host_key("me")][0] == 3
+    assert (r.tail, r.outstanding) == (3, 0)
+
+
 def test_an_entry_whose_windows_do_not_match_it_is_bad_alike_everywhere():
     r = replica()
     two = b"".join(window(s) for s in (1, 2))
