@@ -209,14 +209,9 @@ class Flusher:
         # In fleet mode the record's up/down are the fleet's adapter, changed only by applying the
         # stream; the learner computes with private copies (replica.speculate).
         private = ("down", "up") if self.fleet_options is not None else ()
-        self.learner = Learner(
-            cfg.hidden_dim,
-            cfg.rank,
-            cfg.lr,
-            cfg.flush_threshold,
-            rule=cfg.rule,
-            unit=None if self.routes is None else self.routes.unit,
-            temperature=cfg.temperature,
+        self.learner = Learner.for_engine(
+            cfg,
+            None if self.routes is None else self.routes.unit,
             **{
                 field: np.array(st[field]) if field in private else st[field]
                 for field in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import routing
+from .config import EngineConfig
 from .errors import InvalidInputError
 
 F32 = np.dtype(np.float32)
@@ -207,6 +208,24 @@ class Learner:
     publishes (the flusher does). Not thread-safe; the owner serialises calls.
     """
 
+    @classmethod
+    def for_engine(cls, config: EngineConfig, unit: np.ndarray | None, **arrays: np.ndarray) -> Learner:
+        """The learner of an engine of ``config`` (its shape, rule, lr, threshold and temperature).
+
+        ``unit``: the route table's unit vectors (``None`` without one); ``arrays``: the
+        state arrays to learn into (``down``, ``up``, ...), as :meth:`__init__` takes them.
+        """
+        return cls(
+            config.hidden_dim,
+            config.rank,
+            config.lr,
+            config.flush_threshold,
+            rule=config.rule,
+            unit=unit,
+            temperature=config.temperature,
+            **arrays,
+        )
+
     def __init__(
         self,
         hidden_dim: int,
@@ -371,17 +390,26 @@ class Learner:
         if self.sealer is not None:
             self.sealer()
             return True
-        step = self.lr / self.pending
-        self.up[...] = _saturated(self.up.astype(F64) + self.grad_up * step)
+        routing = self.rule == "routing"
+        apply_sums(self.up, self.down, self.grad_up, self.grad_down if routing else None, self.lr / self.pending)
         self.grad_up[...] = 0.0
-        if self.rule == "routing":
-            self.down[...] = _saturated(self.down.astype(F64) + self.grad_down * step)
+        if routing:
             self.grad_down[...] = 0.0
         self.updates_applied += self.pending
         self.flushes_performed += 1
         self.pending = 0
         self.generation += 1
         return True
+
+
+def apply_sums(up: np.ndarray, down: np.ndarray, grad_up: np.ndarray, grad_down: np.ndarray | None, step: float) -> None:
+    """A flush's arithmetic, in place: ``up = f32(clip(f64(up) + grad_up * step))`` (``down`` likewise when
+    ``grad_down`` is given), element by element with no fused multiply-add, so every caller (the learner, a
+    fleet replica applying a sealed window) and ``apply_row`` in ``_speedups.c`` agree bit for bit.
+    ``grad_up`` may have one row, applied to every row of ``up``."""
+    up[...] = _saturated(up.astype(F64) + grad_up * step)
+    if grad_down is not None:
+        down[...] = _saturated(down.astype(F64) + grad_down * step)
 
 
 def _saturated(values: np.ndarray) -> np.ndarray:

@@ -94,15 +94,7 @@ class InstantLoop:
         self.rank = config.rank
         self.capacity = config.capacity
         self.routes = table
-        self._learner = Learner(
-            self.hidden_dim,
-            self.rank,
-            config.lr,
-            config.flush_threshold,
-            rule=config.rule,
-            unit=None if table is None else table.unit,
-            temperature=config.temperature,
-        )
+        self._learner = Learner.for_engine(config, None if table is None else table.unit)
         self._buffer: deque[Trajectory] = deque()
         self._dropped = 0
         self._seen = 0

@@ -28,12 +28,12 @@ import numpy as np
 from .errors import SonaShmError
 from .lane import _speedups
 from .layout import WINDOW_HEAD_BYTES
+from .learning import apply_sums
 
 WINDOW_MAGIC = b"SFW1"
 #: magic, hidden_dim, rank, up_rows, down_rows, seq, n, cum, sealed_at (then zero up to WINDOW_HEAD_BYTES).
 _HEAD = struct.Struct("<4sIIHHQQQd")
 _LENGTHS = struct.Struct("<4sIIHH")  # the head's first fields: enough to know a window's length
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class BadWindow(SonaShmError):
@@ -160,10 +160,7 @@ def apply_window(up: np.ndarray, down: np.ndarray, window: Window, lr: float) ->
     element, no fused multiply-add, so every replica and the single-host engine agree bit
     for bit.
     """
-    step = lr / window.n
-    up[...] = np.clip(up.astype(np.float64) + window.grad_up * step, -_F32_MAX, _F32_MAX)
-    if window.grad_down is not None:
-        down[...] = np.clip(down.astype(np.float64) + window.grad_down * step, -_F32_MAX, _F32_MAX)
+    apply_sums(up, down, window.grad_up, window.grad_down, lr / window.n)
 
 
 __all__ = ["WINDOW_MAGIC", "BadWindow", "Window", "apply_window", "read_window", "split_windows", "window_length", "write_window"]
