@@ -57,6 +57,15 @@ def host(procs, server, engine: str, key: str, *extra: str, pause: str | None = 
     return proc
 
 
+def hosts(procs, server, names, count: int = 3) -> tuple[list[str], str, dict, dict]:
+    """``count`` engines as hosts of one fleet (keyed by the first), each with its flusher and a client:
+    ``(engines, key, flushers, clients)``."""
+    engines = names(count)
+    key = engines[0]
+    flushers = {e: host(procs, server, e, key) for e in engines}
+    return engines, key, flushers, {e: sona_shm.attach(e) for e in engines}
+
+
 @pytest.fixture(autouse=True)
 def _logs_on_failure(request, procs):
     """When a test here fails, show what its flushers said (they run with --quiet: warnings and errors)."""
@@ -255,10 +264,7 @@ def test_three_hosts_and_a_fourth_that_joins_late(redis_server, names, procs):
 
 
 def test_flushers_killed_at_any_point_lose_and_repeat_nothing(redis_server, names, procs):
-    engines = names(3)
-    key = engines[0]
-    flushers = {e: host(procs, redis_server, e, key) for e in engines}
-    clients = {e: sona_shm.attach(e) for e in engines}
+    engines, key, flushers, clients = hosts(procs, redis_server, names)
     committed = 0
     rng = np.random.default_rng(11)
     # Deterministic points first (test-only pause hooks: the process stops itself there), then random instants.
@@ -284,11 +290,7 @@ def test_flushers_killed_at_any_point_lose_and_repeat_nothing(redis_server, name
 
 
 def test_redis_killed_and_restarted_then_partitioned(redis_server, names, procs):
-    engines = names(3)
-    key = engines[0]
-    for engine in engines:
-        host(procs, redis_server, engine, key)
-    clients = {e: sona_shm.attach(e) for e in engines}
+    engines, key, _, clients = hosts(procs, redis_server, names)
     committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
 
     # kill -9: learning goes on into the outboxes; the restarted server replays its AOF.
@@ -375,11 +377,7 @@ def test_the_fleet_refuses_what_does_not_fit(redis_server, names, procs):
 
 def test_writes_a_failover_lost_are_counted_the_same_everywhere_and_replicas_resync(redis_server, names, procs, tmp_path):
     """A failover that lost writes, played by restarting Redis from an older copy of its data."""
-    engines = names(3)
-    key = engines[0]
-    for engine in engines:
-        host(procs, redis_server, engine, key)
-    clients = {e: sona_shm.attach(e) for e in engines}
+    engines, key, _, clients = hosts(procs, redis_server, names)
     committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
     settle(clients, engines, committed)
     aof = os.path.join(redis_server.directory, "appendonlydir")
@@ -430,11 +428,7 @@ def test_a_password_comes_in_the_url_and_a_wrong_one_is_refused(names, procs, tm
 def test_a_redis_that_lost_everything_is_made_again_from_a_host(redis_server, names, procs):
     """FLUSHALL (or a restart without persistence): the first host to notice creates the fleet again from its
     state, with a new epoch; the others load it; nothing learned since is lost, and the replicas agree."""
-    engines = names(3)
-    key = engines[0]
-    for engine in engines:
-        host(procs, redis_server, engine, key)
-    clients = {e: sona_shm.attach(e) for e in engines}
+    engines, key, _, clients = hosts(procs, redis_server, names)
     committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
     settle(clients, engines, committed)
     epoch = fleet_of(engines[0]).epoch
