@@ -523,9 +523,10 @@ class Layout:
 
     def describe_size(self) -> str:
         """One line for humans: the size reserved and what it holds."""
-        return (
-            f"{self.total_bytes / 2**20:.1f} MiB reserved ({self.lanes} lanes x {self.lane_slots} slots + "
-            f"{self.capacity} buffer slots, {self.slot_bytes} B per slot"
-            + (f"; fleet outbox {self.fleet_outbox} x {self.entry_bytes} B" if self.fleet_outbox else "")
-            + ")"
+        return f"{self.total_bytes / 2**20:.1f} MiB reserved ({self.describe_contents()})"
+
+    def describe_contents(self) -> str:
+        """What the segment's size is made of, for humans."""
+        return f"{self.lanes} lanes x {self.lane_slots} slots + {self.capacity} buffer slots, {self.slot_bytes} B per slot" + (
+            f"; fleet outbox {self.fleet_outbox} x {self.entry_bytes} B" if self.fleet_outbox else ""
         )

@@ -20,8 +20,8 @@ import os
 
 from .errors import NoSpaceError
 from .layout import PAGE, EngineConfig, Layout
+from .segment import SHM_DIR
 
-SHM_DIR = "/dev/shm"
 #: What the doorbell semaphore's file takes next to the segment (one page).
 BELL_BYTES = PAGE
 #: A suggested configuration uses at most this share of the room, so others keep some.
@@ -76,11 +76,11 @@ def check_room(layout: Layout, name: str, *, group: bool = False, room_bytes: in
     if need <= room_bytes:
         return
     cfg = layout.config
+    outbox = ", --fleet-outbox" if cfg.fleet_outbox else ""
     message = (
-        f"segment {name!r} needs {size_text(need)} ({cfg.lanes} lanes x {cfg.lane_slots} slots + {cfg.capacity} buffer slots, "
-        f"{layout.slot_bytes} B per slot; reserved whole, so that no writer can die of SIGBUS on a full {SHM_DIR}) "
-        f"but {limit}; nothing was created. Shrink it with --lane-slots or --capacity (or --lanes, --max-steps, "
-        f"--attention-dim, --hidden-dim), or give {SHM_DIR} more room (docker run --shm-size)"
+        f"segment {name!r} needs {size_text(need)} ({layout.describe_contents()}; reserved whole, so that no writer can die of "
+        f"SIGBUS on a full {SHM_DIR}) but {limit}; nothing was created. Shrink it with --lane-slots or --capacity (or --lanes, "
+        f"--max-steps, --attention-dim, --hidden-dim{outbox}), or give {SHM_DIR} more room (docker run --shm-size)"
     )
     fitting = fitting_config(cfg, int(room_bytes * SUGGESTION_SHARE) - BELL_BYTES)
     if fitting is None:
@@ -88,6 +88,8 @@ def check_room(layout: Layout, name: str, *, group: bool = False, room_bytes: in
     else:
         size = Layout(fitting).total_bytes + BELL_BYTES
         message += f". This fits ({size_text(size)}): `{command(name, fitting, group)}`"
+        if fitting.routes:
+            message += " (FILE: the route table given)"
     raise NoSpaceError(message)
 
 
@@ -111,14 +113,19 @@ def fitting_config(config: EngineConfig, budget: int) -> EngineConfig | None:
 
 
 def command(name: str, config: EngineConfig, group: bool = False) -> str:
-    """``sona-shm flusher --name NAME`` with every option in which ``config`` differs from the defaults."""
-    defaults = EngineConfig()
+    """``sona-shm flusher --name NAME`` with every option in which ``config`` differs from the defaults of its rule.
+
+    The route table is a file the caller gave: it is written ``--routes FILE``.
+    """
+    defaults = dataclasses.asdict(EngineConfig(rule=config.rule, routes=config.routes))  # lr's default is the rule's
+    defaults["rule"] = EngineConfig().rule
     options = [
         f"--{field.name.replace('_', '-')} {getattr(config, field.name)}"
         for field in dataclasses.fields(config)
-        if getattr(config, field.name) != getattr(defaults, field.name)
+        if field.name != "routes" and getattr(config, field.name) != defaults[field.name]
     ]
-    return " ".join(["sona-shm flusher --name", name, *options, *(["--group"] if group else [])])
+    routes = ["--routes FILE"] if config.routes else []
+    return " ".join(["sona-shm flusher --name", name, *options, *routes, *(["--group"] if group else [])])
 
 
 def _power_of_two_at_most(n: int) -> int:

@@ -65,7 +65,7 @@ from .layout import (
 )
 from .ledger import Ledger
 from .routes import read_route_names
-from .segment import PREFIX, Segment
+from .segment import PREFIX, SHM_DIR, Segment
 
 #: The seed's four metrics, in its order.
 METRICS = ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
@@ -366,8 +366,10 @@ _LEDGER_FIELDS: tuple[str, ...] = METRICS + (
     "lane_tail",
     "up",
     "down",
+    "route_chosen",
+    "route_best",
+    "route_reward",
 )
-_LEDGER_FIELDS += ("route_chosen", "route_best", "route_reward")
 _FLEET_FIELDS = (
     "fleet_epoch",
     "fleet_out_head",
@@ -385,12 +387,12 @@ _FLEET_FIELDS = (
 )
 
 
-def _fleet(segment: Segment, ledger: Ledger, alive: bool) -> FleetStats | None:
-    """The fleet section of an engine whose segment has an outbox (see layout.py, "Fleet")."""
+def _fleet(segment: Segment, v: Mapping[str, Any], alive: bool) -> FleetStats | None:
+    """The fleet section of an engine whose segment has an outbox (see layout.py, "Fleet"); ``v``: the ledger's
+    values, read with the rest (one commit), including :data:`_FLEET_FIELDS` when there is an outbox."""
     layout = segment.layout
     if not layout.fleet_outbox:
         return None
-    v = dict(zip(_FLEET_FIELDS, ledger.read(*_FLEET_FIELDS)))
     base, buf = layout.fleet_offset, segment.buf
     main, link, ident = base + FLEET_MAIN_LINE, base + FLEET_LINK_LINE, base + FLEET_IDENTITY
     (lag,) = struct.unpack_from("<d", buf, main + FM_LAG)
@@ -432,7 +434,8 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
     u64, f64 = segment.u64, segment.f64
     # The tail before the head: the tail never passes the head, so len is never negative.
     buffer_tail = u64[(CONSUMER_LINE + CONS_TAIL) // 8]
-    values = dict(zip(_LEDGER_FIELDS, ledger.read(*_LEDGER_FIELDS)))
+    names = _LEDGER_FIELDS + (_FLEET_FIELDS if layout.fleet_outbox else ())
+    values = dict(zip(names, ledger.read(*names)))  # one read: the fleet's figures are of the same commit as the rest
     tails = values["lane_tail"]
     held = segment.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + i for i in range(layout.lanes)])
     now = time.time()
@@ -517,7 +520,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
             down=down,
         ),
         corrupt=values["corrupt"],
-        fleet=_fleet(segment, ledger, held[0]),
+        fleet=_fleet(segment, values, held[0]),
         routes=tuple(
             RouteStats(name, c, b, r, r / c if c else None)
             for name, c, b, r in zip(
@@ -546,9 +549,6 @@ def read_stats(name: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- the engines of this host
-
-#: Where POSIX shared-memory objects appear on Linux.
-SHM_DIR = "/dev/shm"
 
 #: :attr:`EngineSummary.state` values.
 ALIVE, NOT_RUNNING, FOREIGN, UNREADABLE = "alive", "not running", "not a sona_shm segment", "unreadable"

@@ -62,6 +62,11 @@ def test_the_suggested_command_repeats_every_option_that_is_not_a_default():
     assert space.command("x", config, group=True) == (
         "sona-shm flusher --name x --hidden-dim 64 --lr 0.01 --capacity 100 --lane-slots 16 --group"
     )
+    # A routing engine: lr compared with the routing rule's default, the table as the file the caller gave.
+    routing = EngineConfig(rule="routing", routes=8, lane_slots=16, fleet_outbox=4096)
+    assert space.command("r", routing) == "sona-shm flusher --name r --lane-slots 16 --rule routing --fleet-outbox 4096 --routes FILE"
+    with pytest.raises(NoSpaceError, match=r"fleet outbox 4096 x .*--fleet-outbox\), or give .*--rule routing .*--routes FILE` \(FILE: the route table"):
+        space.check_room(Layout(routing), "r", room_bytes=48 * MiB, limit="")
     assert space.size_text(4096) == "4.0 KiB" and space.size_text(5 * 2**40) == "5.0 TiB" and space.size_text(12) == "12 B"
 
 
@@ -149,3 +154,14 @@ def test_populate_falls_back_quietly_where_the_kernel_cannot(engine, monkeypatch
     assert flusher.segment.populate(0, 4096) is False
     monkeypatch.undo()
     assert flusher.segment.populate(0, 4096) is True
+
+
+def test_the_room_is_the_smaller_of_free_shm_and_available_memory(monkeypatch):
+    """README: a segment must fit in /dev/shm's free space and in the memory available (MemAvailable + SwapFree)."""
+    monkeypatch.setattr(space, "free_bytes", lambda path=space.SHM_DIR: 8 * 2**30)
+    monkeypatch.setattr(space, "available_memory", lambda: 64 * MiB)
+    assert space.room() == (64 * MiB, "64.0 MiB of memory available (MemAvailable + SwapFree; /dev/shm has 8.0 GiB free)")
+    with pytest.raises(NoSpaceError, match="but 64.0 MiB of memory available"):
+        space.check_room(Layout(EngineConfig()), "big")
+    monkeypatch.setattr(space, "available_memory", lambda: None)  # /proc/meminfo unreadable: the file system decides
+    assert space.room() == (8 * 2**30, "/dev/shm has 8.0 GiB free")
