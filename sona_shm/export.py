@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,11 +108,12 @@ def peft_config(checkpoint: Checkpoint, module: str = DEFAULT_MODULE) -> dict[st
 
 
 def export_peft(
-    directory: str | os.PathLike[str], checkpoint: Checkpoint, *, module: str = DEFAULT_MODULE, mode: int = 0o644
+    directory: str | os.PathLike[str], checkpoint: Checkpoint, *, module: str = DEFAULT_MODULE, mode: int = 0o600
 ) -> PeftExport:
     """Write ``checkpoint``'s adapter into ``directory`` (created if missing) as a PEFT LoRA adapter.
 
-    Each file is replaced atomically; nothing is written if an argument is wrong.
+    Each file is replaced atomically, with permissions ``mode`` (the learned weights are as
+    private as the engine's); nothing is written if an argument is wrong.
     """
     check_module(module)
     if not np.isfinite(checkpoint.up).all() or not np.isfinite(checkpoint.down).all():
@@ -143,13 +145,15 @@ def export_peft(
 def export_engine(name: str, directory: str | os.PathLike[str], *, module: str = DEFAULT_MODULE) -> PeftExport:
     """Export live engine ``name``'s committed adapter to ``directory`` (see :func:`export_peft`)."""
     check_module(module)
-    return export_peft(directory, engine_checkpoint(name)[0], module=module)
+    checkpoint, mode = engine_checkpoint(name)
+    return export_peft(directory, checkpoint, module=module, mode=mode)  # as private as the segment
 
 
 def export_checkpoint(path: str, directory: str | os.PathLike[str], *, module: str = DEFAULT_MODULE) -> PeftExport:
     """Export the adapter of the checkpoint file at ``path`` (validated whole first) to ``directory``."""
     check_module(module)
-    return export_peft(directory, read_checkpoint(path), module=module)
+    checkpoint = read_checkpoint(path)
+    return export_peft(directory, checkpoint, module=module, mode=stat.S_IMODE(os.stat(path).st_mode))  # as private as the file
 
 
 __all__ = ["DEFAULT_MODULE", "PeftExport", "export_checkpoint", "export_engine", "export_peft", "peft_config", "peft_tensors"]

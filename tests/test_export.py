@@ -136,6 +136,8 @@ def test_export_from_a_checkpoint_file_equals_the_live_export(trained, name, tmp
     assert a["base_model.model.adapter.lora_B.weight"].shape == (H, 2) and a["base_model.model.adapter.lora_A.weight"].dtype == np.float32
     assert meta_a["format"] == "pt" and meta_a["sona_shm.trajectories_processed"] == "300"
     assert (tmp_path / "a" / CONFIG_FILE).read_text() == (tmp_path / "b" / CONFIG_FILE).read_text()
+    for exported in (tmp_path / "a" / ADAPTER_FILE, tmp_path / "b" / CONFIG_FILE):  # as private as the engine and its checkpoint
+        assert exported.stat().st_mode & 0o777 == 0o600
     # safetensors itself reads it
     from safetensors.numpy import load_file
 
