@@ -372,29 +372,20 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _destroy(args: argparse.Namespace) -> int:
-    from . import segment
-    from .layout import LANE_OWNER_PID, LOCK_FLUSHER, LOCK_LANE_BASE
+    from . import segment, stats
 
-    try:
-        seg = segment.Segment.open(args.name, writable=False)
-    except SegmentNotFoundError:
-        seg = None
-    except LayoutMismatchError:
-        seg = None  # not ours to read, still ours to remove
-    if seg is not None:
+    if not args.force:
         try:
-            layout = seg.layout
-            held = seg.held_locks([LOCK_FLUSHER] + [LOCK_LANE_BASE + lane for lane in range(layout.lanes)])
-            running = held[0]
-            lanes = [(lane, seg.u64[(layout.lane_control(lane) + LANE_OWNER_PID) // 8]) for lane, on in enumerate(held[1:]) if on]
-        finally:
-            seg.close()
-        if running and not args.force:
+            observed: stats.EngineStats | None = stats.read(args.name)
+        except (SegmentNotFoundError, LayoutMismatchError):
+            observed = None  # missing (said below), or not ours to read but still ours to remove
+        if observed is not None and observed.flusher.alive:
             raise FlusherRunningError(
                 f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force (it then exits {EXIT_DESTROYED})"
             )
-        if lanes and not args.force:
-            held_by = ", ".join(f"lane {lane}: pid {pid}" for lane, pid in lanes)
+        lanes = observed.live_lanes if observed is not None else ()
+        if lanes:
+            held_by = ", ".join(f"lane {lane.lane}: pid {lane.pid}" for lane in lanes)
             raise EngineInUseError(
                 f"segment {args.name!r}: {len(lanes)} producer(s) hold lanes ({held_by}); what they record into a removed "
                 "engine is never learned. Stop them first, or pass --force (their next record(), flush() or sync() then "
