@@ -64,11 +64,9 @@ from .layout import (
     FLEET_LINK_LINE,
     FLEET_MAIN_LINE,
     FLEET_TOKEN_BYTES,
-    FM_HOSTS,
     FM_LAG,
     FM_PAUSED,
     FM_PAUSES,
-    FM_UPDATED_AT,
     Layout,
 )
 from .learning import Learner
@@ -753,12 +751,10 @@ class FleetMember:
         struct.pack_into("<d", self._words, m + FM_LAG, self.lag_s)
         struct.pack_into("<Q", self._words, m + FM_PAUSED, int(self.paused))
         struct.pack_into("<Q", self._words, m + FM_PAUSES, self.pauses)
-        struct.pack_into("<Q", self._words, m + FM_HOSTS, replica.hosts)
         struct.pack_into("<Q", self._words, k + FK_CONNECTED, int(self.publisher.connected and self.reader.connected))
         struct.pack_into("<d", self._words, k + FK_CONTACT_AT, max(self.publisher.contact_at, self.reader.contact_at))
         struct.pack_into("<Q", self._words, k + FK_PUBLISHED, max(self.publisher.published, replica.tail))
         struct.pack_into("<d", self._words, k + FK_ERROR_AT, max(self.publisher.error_at, self.reader.error_at))
-        struct.pack_into("<d", self._words, m + FM_UPDATED_AT, now)  # last: the line's figures are as of then
 
     def finish(self, commit: Callable[[], None], timeout: float = FINISH_TIMEOUT) -> None:
         """At shutdown: wait (at most ``timeout``) until every own window is published and applied back.

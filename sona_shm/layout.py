@@ -121,8 +121,7 @@ nothing depends on them across a crash::
                                applied (own sealed windows, entries read): 0 when caught up
          +8  u64 paused        1 while learning waits for room in the outbox (or --fleet-lag)
          +16 u64 pauses        times learning paused so
-         +24 f64 updated_at    unix time of the figures on this line
-         +32 u64 hosts         hosts in the applied table
+         +24..64 zero          (the hosts seen are counted from the ledger's applied table)
     +64  link line: the Redis threads' figures
          +0  u64 connected     1 while Redis answers both of them
          +8  f64 contact_at    unix time of the last answer from Redis
@@ -234,7 +233,7 @@ LANE_FLUSH_ACK = 64
 #: The fleet region: control lines and identity (see the docstring).
 FLEET_BYTES = 512
 FLEET_MAIN_LINE, FLEET_LINK_LINE, FLEET_IDENTITY = 0, 64, 128
-FM_LAG, FM_PAUSED, FM_PAUSES, FM_UPDATED_AT, FM_HOSTS = 0, 8, 16, 24, 32
+FM_LAG, FM_PAUSED, FM_PAUSES = 0, 8, 16
 FK_CONNECTED, FK_CONTACT_AT, FK_PUBLISHED, FK_ERROR_AT = 0, 8, 16, 24
 FI_TOKEN, FI_HOST_LEN, FI_KEY_LEN, FI_HOST, FI_KEY = 0, 16, 18, 64, 192
 FLEET_TOKEN_BYTES, FLEET_HOST_BYTES, FLEET_KEY_BYTES = 16, 128, 320
