@@ -45,7 +45,7 @@ from .layout import (
 from .learning import F32
 from .ledger import Ledger, TornRead
 from .loop import check_vectors
-from .routes import RouteChoice, check_exploration, choose, cosine_scores, feedback_trajectory, read_route_table
+from .routes import RouteChoice, check_exploration, choose, feedback_trajectory, read_route_table
 from .segment import Segment, start_ticks, wait_until
 from .stats import EngineStats, collect
 from .trajectory import Trajectory
@@ -276,7 +276,7 @@ class Client:
         # Converts, or raises naming the field. Not scrubbed up front: the Python path rewrites
         # every value the C writer copied, and fill_slot scrubs if what it left is not finite
         # (zeroing the whole payload each time would touch every page of the slot).
-        fill_slot(self._views, writer.head, traj, scrub=False)
+        fill_slot(self._views, writer.head, traj)
         return writer.publish()
 
     def _record_when_room(self, traj: Trajectory, timeout: float) -> bool:
@@ -325,21 +325,28 @@ class Client:
 
     # ----------------------------------------------------------------- forward
 
-    def forward(self, x: Any) -> np.ndarray:
-        """``x + delta`` with the newest published adapter; ``x`` is ``[h]`` or ``[n, h]``.
-
-        Lock-free: the weights are re-read (consistently) only when their generation
-        changed, so an unchanged adapter costs no copy.
-        """
+    def _current_weights(self) -> _Weights:
+        """The newest published adapter: the cached copy, re-read (consistently) only when its generation changed."""
         if self._segment is None:
             raise self._closed()
         w = self._weights
         try:
             generation, _ = self._ledger.generation()
         except TornRead:  # the flusher outran us: keep the last good copy, as _load_weights does
-            generation = w.generation
-        if generation != w.generation:
-            w = self._load_weights()
+            return w
+        except AttributeError:
+            if self._segment is None:  # close() in another thread took the ledger away meanwhile
+                raise self._closed() from None
+            raise
+        return w if generation == w.generation else self._load_weights()
+
+    def forward(self, x: Any) -> np.ndarray:
+        """``x + delta`` with the newest published adapter; ``x`` is ``[h]`` or ``[n, h]``.
+
+        Lock-free: the weights are re-read (consistently) only when their generation
+        changed, so an unchanged adapter costs no copy.
+        """
+        w = self._current_weights()
         if _speedups is not None:
             out = _speedups.adapt(x, w.down, w.up_scaled)
             if out is not None:  # x was a finite float32 [h] or [n, h] array; anything else is handled below
@@ -372,24 +379,11 @@ class Client:
         # The defaults (the common call) need no checking; anything else is checked as InstantLoop.route checks it.
         epsilon = 0.0 if explore is _NO_EXPLORATION and sample is False and rng is None else check_exploration(explore, sample, rng)
         if not epsilon and sample is False and _speedups is not None:  # greedy: one C call
-            w = self._weights
-            try:
-                generation, _ = self._ledger.generation()
-            except TornRead:  # the flusher outran us: keep the last good copy
-                generation = w.generation
-            except AttributeError:
-                if self._segment is None:  # close() took the ledger away
-                    raise self._closed() from None
-                raise
-            if generation != w.generation:
-                w = self._load_weights()
+            w = self._current_weights()
             done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
-        adapted = self.forward(x)
-        scores = cosine_scores(adapted, table.unit)
-        greedy = np.argmax(scores, axis=-1)
-        return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
+        return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
 
     def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, timeout: float = 0.0) -> bool:
         """Record which route serves query ``x``; False if the lane is full (as :meth:`record`).

@@ -86,12 +86,12 @@ class LaneViews:
         del self.floats
 
 
-def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
+def fill_slot(views: LaneViews, head: int, traj: Any) -> None:
     """Fill lane slot ``head`` (payload and head fields, all but ``seq``) or raise.
 
     Converts what :func:`check_trajectory` converts and raises what it refuses, naming
     the field; nothing visible changes either way (the slot is unpublished). ``traj`` is
-    read once: what is checked is what is written. ``scrub``: zero the payload first.
+    read once: what is checked is what is written.
     The one-pass scan below covers whole steps, attention past ``att_len`` included, so
     it may see what an earlier writer left in this unpublished slot: the C writer giving
     up after copying part of a refused trajectory, or a writer killed or interrupted
@@ -103,8 +103,6 @@ def fill_slot(views: LaneViews, head: int, traj: Any, *, scrub: bool) -> None:
     slot = (head % layout.lane_slots) * layout.slot_bytes
     first = (slot + layout.payload_offset) >> 2
     payload = views.floats[first : first + h + layout.max_steps * (layout.step_bytes >> 2)]
-    if scrub:
-        payload[...] = 0.0
     # Everything but the NaN/Inf scan; that is done below in one pass over the slot.
     checked = views.check(traj, finite=False)
     used, meta = _copy_payload(views, first, checked)
@@ -173,7 +171,7 @@ class PyLaneWriter:
     def record(self, traj: Any) -> int:
         if self.head - self.tail >= self.views.layout.lane_slots:
             return FULL
-        fill_slot(self.views, self.head, traj, scrub=False)
+        fill_slot(self.views, self.head, traj)
         return self.publish()
 
     def publish(self) -> int:

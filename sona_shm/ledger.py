@@ -28,7 +28,6 @@ READ_RETRIES = 1000
 #: ``seal`` (or ``apply``) it stops so in the first publish whose caller names that point: a
 #: fleet flusher's first commit that seals a window (applies stream entries).
 _PAUSE_AT = os.environ.get("SONA_SHM_TEST_PAUSE", "")
-_PAUSE_BEFORE_COMMIT = _PAUSE_AT == "publish"
 
 
 class TornRead(SonaShmError):
@@ -106,11 +105,10 @@ class Ledger:
 
         ``points``: what this commit does, for the test-only pause hook (``seal``, ``apply``).
         """
-        global _PAUSE_BEFORE_COMMIT, _PAUSE_AT
+        global _PAUSE_AT
         c = self._u64[self._commit]
         self.copies[(c + 1) & 1] = record[0]
-        if _PAUSE_BEFORE_COMMIT or (_PAUSE_AT and _PAUSE_AT in points):
-            _PAUSE_BEFORE_COMMIT = False
+        if _PAUSE_AT and (_PAUSE_AT == "publish" or _PAUSE_AT in points):
             _PAUSE_AT = ""
             os.kill(os.getpid(), signal.SIGSTOP)
         self._u64[self._commit] = c + 1  # publishes the copy written above

@@ -17,7 +17,7 @@ from .checks import check_int
 from .config import EngineConfig
 from .errors import InvalidInputError
 from .learning import F32, Learner, LoopMetrics, apply_adapter, learning_signals
-from .routes import RouteChoice, RouteTable, check_exploration, choose, cosine_scores, feedback_trajectory
+from .routes import RouteChoice, RouteTable, check_exploration, choose, feedback_trajectory
 from .trajectory import CheckedTrajectory, Trajectory, as_vector, check_trajectory, to_trajectory
 
 
@@ -190,10 +190,7 @@ class InstantLoop:
         """
         table = self._table("route")
         epsilon = check_exploration(explore, sample, rng)
-        adapted = self.forward(x)
-        scores = cosine_scores(adapted, table.unit)
-        greedy = np.argmax(scores, axis=-1)
-        return choose(table, adapted, scores, greedy, epsilon=epsilon, sample=sample, temperature=self.config.temperature, rng=rng)
+        return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self.config.temperature, rng=rng)
 
     def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None) -> bool:
         """Learn which route serves ``x``: ``route=`` and ``reward=`` (bandit), or ``best=`` (full information).

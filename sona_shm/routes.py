@@ -276,15 +276,15 @@ def cosine_scores(adapted: np.ndarray, unit: np.ndarray) -> np.ndarray:
     return scores.astype(F32)
 
 
-def choose(
-    table: RouteTable, adapted: np.ndarray, scores: np.ndarray, greedy: Any, *, epsilon: float, sample: bool, temperature: float, rng: Any
-) -> RouteChoice:
-    """The :class:`RouteChoice` for ``adapted`` with ``scores`` and their argmax ``greedy``, after exploring.
+def choose(table: RouteTable, adapted: np.ndarray, *, epsilon: float, sample: bool, temperature: float, rng: Any) -> RouteChoice:
+    """The :class:`RouteChoice` for ``adapted`` (``forward(x)``): the route of the best cosine, after exploring.
 
     ``epsilon``: with this probability a route is drawn uniformly (epsilon-greedy);
     ``sample``: draw from the routing rule's softmax over ``temperature * scores``.
     ``rng``: a ``random.Random`` or ``numpy.random.Generator`` (default: ``random``).
     """
+    scores = cosine_scores(adapted, table.unit)
+    greedy = np.argmax(scores, axis=-1)
     if scores.ndim == 1:
         best = index = int(greedy)
         if epsilon or sample:
