@@ -879,8 +879,8 @@ not_a_window:
 }
 
 /* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
- *   -> (pending, flushes, width, learned, corrupt[, consumed])
+ *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward, stop)
+ *   -> (pending, flushes, width, learned, corrupt, consumed)
  * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
  * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
  * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
@@ -892,19 +892,19 @@ not_a_window:
  * Learner.count_routes does. A slot that fails flusher.slot_checks() -- its stamp, a bound,
  * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
  * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
- * ``learned``: count - len(corrupt).
+ * ``learned``: consumed - len(corrupt); ``consumed``: the slots it went through (``count``
+ * unless it stopped).
  * With ``stop`` true (the fleet's sealing mode), reaching ``flush_threshold`` applies nothing:
- * the window's sums are complete in grad_up, the call returns at once with ``pending`` ==
- * flush_threshold and ``consumed``, the slots it went through (the caller seals the window,
- * zeroes the sums and calls again for the rest). Up to that point the sums are the same,
- * bit for bit, as without ``stop``. */
+ * the window's sums are complete in grad_up, and the call returns at once with ``pending`` ==
+ * flush_threshold (the caller seals the window, zeroes the sums and calls again for the
+ * rest). Up to that point the sums are the same, bit for bit, as without ``stop``. */
 static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15 && nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 15 or 16 arguments");
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 16 arguments");
         return NULL;
     }
-    int stop = 0;
-    if (nargs == 16 && (stop = PyObject_IsTrue(args[15])) < 0) return NULL;
+    int stop = PyObject_IsTrue(args[15]);
+    if (stop < 0) return NULL;
     Batch b;
     if (parse_batch(args, 9, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -988,10 +988,8 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             Py_XDECREF(corrupt);
             if (!PyErr_Occurred()) PyErr_NoMemory();
             result = NULL;
-        } else if (nargs == 16)
+        } else
             result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
-        else
-            result = Py_BuildValue("(nlinN)", pending, flushes, width, learned, corrupt);
     }
 release:
     PyBuffer_Release(&b.block);
@@ -1134,8 +1132,8 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
 
 /* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
  *               grad_up, grad_down, up, down, unit, temperature,
- *               lr, flush_threshold, pending, route_chosen, route_best, route_reward[, stop])
- *   -> (pending, flushes, width, signals, corrupt[, consumed])
+ *               lr, flush_threshold, pending, route_chosen, route_best, route_reward, stop)
+ *   -> (pending, flushes, width, signals, corrupt, consumed)
  * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
  * the same maths as routing.gradients() in float64, expanded so that a signal costs
  * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
@@ -1146,12 +1144,12 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
  * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. ``stop``: as
  * for learn_slots (the window's G_U and G_D are complete, nothing applied, ``consumed`` returned). */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 19 && nargs != 20) {
-        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 19 or 20 arguments");
+    if (nargs != 20) {
+        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 20 arguments");
         return NULL;
     }
-    int stop = 0;
-    if (nargs == 20 && (stop = PyObject_IsTrue(args[19])) < 0) return NULL;
+    int stop = PyObject_IsTrue(args[19]);
+    if (stop < 0) return NULL;
     Batch b;
     if (parse_batch(args, 13, &b) < 0) return NULL;
     PyObject *result = NULL;
@@ -1230,10 +1228,8 @@ static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t
             Py_XDECREF(corrupt);
             if (!PyErr_Occurred()) PyErr_NoMemory();
             result = NULL;
-        } else if (nargs == 20)
+        } else
             result = Py_BuildValue("(nlinNn)", pending, flushes, width, signals, corrupt, consumed);
-        else
-            result = Py_BuildValue("(nlinN)", pending, flushes, width, signals, corrupt);
     }
     goto release;
 bad:

@@ -502,7 +502,7 @@ class Flusher:
         flat = lane * layout.lane_slots + first
         learner = self.learner
         if _speedups is not None:
-            width, corrupt = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
+            width, corrupt, _ = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
             valid = np.ones(count, bool)
             valid[corrupt] = False
         else:
@@ -721,37 +721,25 @@ def slot_checks(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
     return ok
 
 
-def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int, stop: bool = False) -> Any:
+def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int, stop: bool = False) -> tuple[int, list[int], int]:
     """Learn consecutive lane slots (``block``: ``uint8[count, slot_bytes]``, stamped from
     ``first_seq``) with the C learner of ``learner``'s rule, in place. Returns the most
-    steps a learned slot had and the indices of the slots that failed :func:`slot_checks`
-    (learned from nothing). Needs ``_speedups``.
+    steps a learned slot had, the indices of the slots that failed :func:`slot_checks`
+    (learned from nothing) and the number of slots consumed. Needs ``_speedups``.
 
     ``stop`` (fleet mode): return as soon as ``pending`` reaches the flush threshold, without
-    applying (the caller seals the window); the result then has a third item, the number
-    of slots consumed."""
-    count = block.shape[0]
-    head = (block, count, layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
-    tail: tuple[Any, ...] = (
-        learner.lr,
-        learner.flush_threshold,
-        learner.pending,
-        learner.route_chosen,
-        learner.route_best,
-        learner.route_reward,
-    )
-    if stop:
-        tail += (True,)
+    applying (the caller seals the window); fewer than ``count`` slots may then be consumed."""
+    head = (block, block.shape[0], layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
+    tail = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward, stop)
     if learner.rule == "routing":
         result = _speedups.learn_routing(
             *head, learner.grad_up, learner.grad_down, learner.up, learner.down, learner.unit, learner.temperature, *tail
         )
     else:
         result = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
-    pending, flushes, width, signals, corrupt = result[:5]
-    consumed = result[5] if stop else count
+    pending, flushes, width, signals, corrupt, consumed = result
     learner.account(consumed - len(corrupt), signals, pending, flushes)
-    return (width, corrupt, consumed) if stop else (width, corrupt)
+    return width, corrupt, consumed
 
 
 def _check_checkpoint_path(path: str | None) -> str | None:

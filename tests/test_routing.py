@@ -198,7 +198,7 @@ def test_the_c_routing_learner_learns_what_the_numpy_learner_learns():
     slots["best_index"] = np.where(rng.random(n) < 0.4, rng.integers(1, k + 1, n), 0)  # some rows neither: not signals
     raw = slots.view(np.uint8).reshape(n, layout.slot_bytes)
     c, py = (Learner(h, 2, 0.7, 37, rule="routing", unit=unit, temperature=6.0) for _ in range(2))
-    assert learn_block(c, layout, raw[:100], 1) == (0, []) and learn_block(c, layout, raw[100:], 101) == (0, [])
+    assert learn_block(c, layout, raw[:100], 1) == (0, [], 100) and learn_block(c, layout, raw[100:], 101) == (0, [], len(raw) - 100)
     ri, bi = slots["route_index"].astype(np.int64) - 1, slots["best_index"].astype(np.int64) - 1
     for part in (slice(0, 100), slice(100, n)):
         py.learn_feedback(slots["query"][part], ri[part], bi[part], slots["quality"][part])
@@ -211,7 +211,7 @@ def test_the_c_routing_learner_learns_what_the_numpy_learner_learns():
     # A slot naming a route the engine does not have is listed as corrupt and learned from nothing.
     slots["route_index"][3] = k + 1
     before = c.metrics.trajectories_processed
-    assert learn_block(c, layout, slots.view(np.uint8).reshape(n, layout.slot_bytes)[:10], 1) == (0, [3])
+    assert learn_block(c, layout, slots.view(np.uint8).reshape(n, layout.slot_bytes)[:10], 1) == (0, [3], 10)
     assert c.metrics.trajectories_processed == before + 9
 
 

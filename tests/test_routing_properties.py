@@ -125,7 +125,7 @@ def test_c_routing_learner_equals_the_numpy_learner(drawn):
     c, py = _learner(case), _learner(case)
     bounds = [0, *case["cuts"], len(raw)]
     for lo, hi in zip(bounds, bounds[1:]):
-        assert learn_block(c, layout, raw[lo:hi], lo + 1) == (0, [])
+        assert learn_block(c, layout, raw[lo:hi], lo + 1) == (0, [], hi - lo)
         part = slice(lo, hi)
         py.learn_feedback(case["query"][part], case["route_index"][part], case["best_index"][part], case["reward"][part])
         py.count_routes(case["route_index"][part], case["best_index"][part], case["reward"][part])
@@ -231,7 +231,7 @@ def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner
         case["up"][0] = -(1.0 - eps) * np.sqrt(rank) * qhat
         case.update(query=qhat[None].astype(F32), route_index=np.array([1]), best_index=np.array([2]), reward=np.array([1.0], F32))
         c, py = _learner(case), _learner(case)
-        assert learn_block(c, layout, _slots(case, layout), 1) == (0, [])
+        assert learn_block(c, layout, _slots(case, layout), 1)[:2] == (0, [])
         py.learn_feedback(case["query"], case["route_index"], case["best_index"], case["reward"])
         for learner in (c, py):
             assert learner.pending == 1 and learner.metrics.signals_accumulated == 1

@@ -244,7 +244,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
         def learn_slots(self, *args):
             result = flusher_module._speedups_real.learn_slots(*args)
             self.handled += 1
-            self.declined += len(result[-1])  # slots it found corrupt
+            self.declined += len(result[4])  # slots it found corrupt
             return result
 
     counting = Counting()
@@ -325,7 +325,7 @@ for i in range(3):
                                np.eye(2, 8, dtype=np.float32), 10.0, 1.0, 5, 0)),
         ):
             try:
-                learn(*args, *rest, *bad)
+                learn(*args, *rest, *bad, False)
             except ValueError as exc:
                 assert "inconsistent arguments" in str(exc), exc
             else:
@@ -380,9 +380,9 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
 
     def routing_args():
         return [np.zeros((2, h)), np.zeros((2, h)), up.copy(), down.copy(), unit, 10.0, 1.0, 5, 0,
-                np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]  # fmt: skip
+                np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k), False]  # fmt: skip
 
-    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3, [])
+    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3, [], 3)
     for i in range(len(routing_args())):
         args = routing_args()
         if not isinstance(args[i], np.ndarray):
@@ -395,9 +395,9 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
             assert not bad.astype(bad.dtype.newbyteorder("=")).any() or i in (2, 3, 4)  # nothing written into it
 
     def slots_args():
-        return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k)]
+        return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k), False]
 
-    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0, 3, [])
+    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0, 3, [], 3)
     for i in (0, 1, 5, 6, 7):
         for bad in (slots_args()[i].astype(slots_args()[i].dtype.newbyteorder()), _misaligned(slots_args()[i])):
             args = slots_args()
