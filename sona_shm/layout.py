@@ -375,6 +375,7 @@ class Layout:
         self.ledger_offset = PAGE
         self.routes_offset = self.ledger_offset + 2 * self.ledger_bytes
         self.routes_bytes = _round_up(4 * k * h + ROUTE_NAME_BYTES * k, LINE)
+        self.route_names_offset = self.routes_offset + 4 * k * h  # after the vectors, float32[K, h]
         self.fleet_offset = self.routes_offset + self.routes_bytes
         self.fleet_bytes = FLEET_BYTES if config.fleet_outbox else 0
         self.outbox_offset = _round_up(self.fleet_offset + self.fleet_bytes, PAGE) if config.fleet_outbox else self.fleet_offset

@@ -34,10 +34,8 @@ import numpy as np
 
 from .config import MAX_ROUTES
 from .errors import InvalidInputError, LayoutMismatchError
-from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory, as_finite_float, as_vector
-
-#: Bytes a route name may take in a segment (UTF-8, NUL-padded); the same bound as a trajectory's route.
-NAME_BYTES = ROUTE_MAX_BYTES
+from .layout import ROUTE_NAME_BYTES
+from .trajectory import F32, Step, Trajectory, as_finite_float, as_vector
 
 
 class RouteChoice(NamedTuple):
@@ -128,7 +126,7 @@ class RouteTable:
 
     def names_bytes(self) -> np.ndarray:
         """``S64[K]``: the names as stored in a segment (UTF-8, NUL-padded)."""
-        return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{NAME_BYTES}")
+        return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{ROUTE_NAME_BYTES}")
 
     @classmethod
     def from_stored(cls, vectors: np.ndarray, names: np.ndarray, where: str) -> RouteTable:
@@ -149,7 +147,7 @@ class RouteTable:
         if not k:
             return None
         vectors = np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset).copy()
-        names = np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h).copy()
+        names = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset).copy()
         return cls.from_stored(vectors, names, where)
 
     def write(self, buffer: Any, layout: Any) -> None:
@@ -158,7 +156,7 @@ class RouteTable:
         if (k, h) != self.vectors.shape:
             raise InvalidInputError(f"routes: the segment holds {k} x {h}, the table is {self.vectors.shape[0]} x {self.vectors.shape[1]}")
         np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset)[...] = self.vectors
-        np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=buffer, offset=layout.routes_offset + 4 * k * h)[...] = self.names_bytes()
+        np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset)[...] = self.names_bytes()
 
 
 def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
@@ -175,8 +173,10 @@ def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
     if len(names) != k:
         raise InvalidInputError(f"{label}: expected {k} names (one per vector), got {len(names)}")
     for i, n in enumerate(names):
-        if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > NAME_BYTES:
-            raise InvalidInputError(f"{label}[{i}]: expected a non-empty string of at most {NAME_BYTES} UTF-8 bytes without NUL, got {n!r}")
+        if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > ROUTE_NAME_BYTES:
+            raise InvalidInputError(
+                f"{label}[{i}]: expected a non-empty string of at most {ROUTE_NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
+            )
         try:
             n.encode("utf-8")
         except UnicodeEncodeError:
@@ -237,8 +237,8 @@ def read_route_table(segment: Any) -> RouteTable | None:
 def read_route_names(segment: Any) -> tuple[str, ...]:
     """The route names of a mapped segment, without validating or copying the vectors (for monitors)."""
     layout = segment.layout
-    k, h = layout.routes, layout.hidden_dim
-    raw = np.ndarray((k,), dtype=f"S{NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.routes_offset + 4 * k * h)
+    k = layout.routes
+    raw = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.route_names_offset)
     return tuple(bytes(n).rstrip(b"\0").decode("utf-8", "replace") for n in raw.tolist())
 
 
