@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,57 @@ def assert_same_trajectory(got: Trajectory, expected: Trajectory) -> None:
         assert g.reward == f32(e.reward)
         assert np.array_equal(g.activations, np.asarray(e.activations, f32))
         assert np.array_equal(g.attention, np.asarray(() if e.attention is None else e.attention, f32))
+
+
+def app_feedback(hidden_dim: int, **changes: object) -> dict:
+    """A valid ``POST /feedback`` body for the example apps (router_app, fastapi_app), with ``changes`` on top."""
+    body = {
+        "embedding": list(np.linspace(-1, 1, hidden_dim)),
+        "steps": [{"activations": [0.5] * hidden_dim, "attention": [0.25] * 4, "reward": 0.8}],
+        "quality": 0.9,
+        "route": "code",
+        "latency_us": 1500,
+    }
+    body.update(changes)
+    return body
+
+
+def app_feedback_body(i: int, hidden_dim: int, good: np.ndarray, shuffle: bool = False) -> bytes:
+    """Feedback ``i`` as JSON bytes: a good step along ``good`` and a bad one against it (in random order if ``shuffle``)."""
+    rng = np.random.default_rng(i)
+    ok = {
+        "activations": (good + 0.3 * rng.standard_normal(hidden_dim)).tolist(),
+        "attention": rng.random(8).tolist(),
+        "reward": 1 + rng.random(),
+    }
+    bad = {"activations": (-good + 0.3 * rng.standard_normal(hidden_dim)).tolist(), "reward": float(rng.random()) - 1}
+    steps = [bad, ok] if shuffle and rng.random() >= 0.5 else [ok, bad]
+    body = {"embedding": rng.standard_normal(hidden_dim).tolist(), "steps": steps, "quality": 0.5 + rng.random() / 2, "route": "code"}
+    return json.dumps(body).encode()
+
+
+def fan_out(request: Callable[[int], str], count: int, *, threads: int, start: int = 0) -> Counter:
+    """Requests ``start .. start + count - 1`` spread over ``threads`` client threads: ``request(i)`` makes request ``i``,
+    asserts its answer and returns what to count it as. Any failure fails the caller; returns the counts."""
+    totals: Counter = Counter()
+    failures: list[str] = []
+    guard = threading.Lock()
+
+    def work(k: int) -> None:
+        mine: Counter = Counter()
+        try:
+            for i in range(start + k, start + count, threads):
+                mine[request(i)] += 1
+        except Exception as exc:  # reported by the main thread
+            failures.append(f"client thread {k}: {exc!r}")
+        with guard:
+            totals.update(mine)
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(600)
+    assert not failures, failures[:3]
+    assert sum(totals.values()) == count
+    return totals

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import sona_shm.gunicorn as hooks
 from sona_shm.prometheus import CONTENT_TYPE
 
-from support import ROOT, route_table
+from support import ROOT, app_feedback, route_table
 
 sys.path.insert(0, str(ROOT / "examples"))
 import fastapi_app  # noqa: E402 - examples/ is not a package
@@ -44,15 +44,7 @@ def wsgi(method: str, path: str, raw: bytes) -> tuple[int, dict]:
 
 
 def feedback(**changes: object) -> dict:
-    body = {
-        "embedding": list(np.linspace(-1, 1, H)),
-        "steps": [{"activations": [0.5] * H, "attention": [0.25] * 4, "reward": 0.8}],
-        "quality": 0.9,
-        "route": "code",
-        "latency_us": 1500,
-    }
-    body.update(changes)
-    return body
+    return app_feedback(H, **changes)
 
 
 def test_route_and_feedback_answer_like_router_app(served):

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ from sona_shm.stats import read
 from sona_shm.supervise import child_setup
 
 from children import descendant_pids
-from support import ROOT, env, wait_for
+from support import ROOT, app_feedback_body, env, fan_out, wait_for
 
 pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
 
@@ -126,48 +125,26 @@ def serve(name, tmp_path):
 
 
 def feedback_body(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    good = {"activations": (GOOD + 0.3 * rng.standard_normal(H)).tolist(), "attention": rng.random(8).tolist(), "reward": 1 + rng.random()}
-    bad = {"activations": (-GOOD + 0.3 * rng.standard_normal(H)).tolist(), "reward": float(rng.random()) - 1}
-    body = {"embedding": rng.standard_normal(H).tolist(), "steps": [good, bad], "quality": 0.5 + rng.random() / 2, "route": "code"}
-    return json.dumps(body).encode()
+    return app_feedback_body(i, H, GOOD)
 
 
 def drive(server: Server, count: int, *, start: int = 0, threads: int = 2) -> Counter:
     """``count`` requests: feedback mostly, some routes, some malformed; anything unexpected fails the test."""
-    totals: Counter = Counter()
-    failures: list[str] = []
-    guard = threading.Lock()
 
-    def work(k: int) -> None:
-        mine: Counter = Counter()
-        try:
-            for i in range(start + k, start + count, threads):
-                if i % 10 == 0:
-                    status, answer = server.request("POST", "/route" if i % 20 else "/feedback", MALFORMED[i // 10 % len(MALFORMED)])
-                    assert status == 400 and answer["error"], (status, answer)
-                    mine["malformed"] += 1
-                elif i % 10 == 1:
-                    status, answer = server.request("POST", "/route", json.dumps({"embedding": [0.5] * H}).encode())
-                    assert status == 200 and len(answer["embedding"]) == H, (status, answer)
-                    mine["routed"] += 1
-                else:
-                    status, answer = server.request("POST", "/feedback", feedback_body(i))
-                    assert status == 200, (status, answer)
-                    mine["accepted" if answer["accepted"] else "refused"] += 1
-        except Exception as exc:  # reported by the main thread
-            failures.append(f"client thread {k}: {exc!r}")
-        with guard:
-            totals.update(mine)
+    def request(i: int) -> str:
+        if i % 10 == 0:
+            status, answer = server.request("POST", "/route" if i % 20 else "/feedback", MALFORMED[i // 10 % len(MALFORMED)])
+            assert status == 400 and answer["error"], (status, answer)
+            return "malformed"
+        if i % 10 == 1:
+            status, answer = server.request("POST", "/route", json.dumps({"embedding": [0.5] * H}).encode())
+            assert status == 200 and len(answer["embedding"]) == H, (status, answer)
+            return "routed"
+        status, answer = server.request("POST", "/feedback", feedback_body(i))
+        assert status == 200, (status, answer)
+        return "accepted" if answer["accepted"] else "refused"
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(600)
-    assert not failures, failures[:3]
-    assert sum(totals.values()) == count
-    return totals
+    return fan_out(request, count, threads=threads, start=start)
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])

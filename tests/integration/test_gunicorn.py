@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sona_shm.segment import Segment, start_ticks
 from sona_shm.stats import read_stats
 
 from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving
-from support import ROOT, env, run, wait_for
+from support import ROOT, app_feedback_body, env, fan_out, run, wait_for
 
 pytestmark = pytest.mark.guarantee("under-gunicorn-and-uvicorn")
 
@@ -111,12 +110,7 @@ GOOD = np.random.default_rng(7).standard_normal(H)
 
 def feedback_body(i: int) -> bytes:
     """Feedback ``i``: a good step along GOOD and a bad one against it, in random order."""
-    rng = np.random.default_rng(i)
-    good = {"activations": (GOOD + 0.3 * rng.standard_normal(H)).tolist(), "attention": rng.random(8).tolist(), "reward": 1 + rng.random()}
-    bad = {"activations": (-GOOD + 0.3 * rng.standard_normal(H)).tolist(), "reward": float(rng.random()) - 1}
-    steps = [good, bad] if rng.random() < 0.5 else [bad, good]
-    body = {"embedding": rng.standard_normal(H).tolist(), "steps": steps, "quality": 0.5 + rng.random() / 2, "route": "code"}
-    return json.dumps(body).encode()
+    return app_feedback_body(i, H, GOOD, shuffle=True)
 
 
 def drive(server: Server, count: int, *, threads: int = 4, start: int = 0) -> Counter:
@@ -125,38 +119,20 @@ def drive(server: Server, count: int, *, threads: int = 4, start: int = 0) -> Co
     Returns how many feedbacks were accepted and refused (lane full), routes answered
     and malformed bodies refused with a 400. Anything else fails the test.
     """
-    totals: Counter = Counter()
-    failures: list[str] = []
-    guard = threading.Lock()
 
-    def work(k: int) -> None:
-        mine: Counter = Counter()
-        try:
-            for i in range(start + k, start + count, threads):
-                if i % 20 == 0:
-                    status, answer = server.request("POST", "/feedback" if i % 40 else "/route", MALFORMED[i // 20 % len(MALFORMED)])
-                    assert status == 400 and answer["error"], (status, answer)
-                    mine["malformed"] += 1
-                elif i % 20 in (1, 2):
-                    assert server.route(np.random.default_rng(i).standard_normal(H).astype(np.float32)).shape == (H,)
-                    mine["routed"] += 1
-                else:
-                    status, answer = server.request("POST", "/feedback", feedback_body(i))
-                    assert status == 200, (status, answer)
-                    mine["accepted" if answer["accepted"] else "refused"] += 1
-        except Exception as exc:  # reported by the main thread
-            failures.append(f"client thread {k}: {exc!r}")
-        with guard:
-            totals.update(mine)
+    def request(i: int) -> str:
+        if i % 20 == 0:
+            status, answer = server.request("POST", "/feedback" if i % 40 else "/route", MALFORMED[i // 20 % len(MALFORMED)])
+            assert status == 400 and answer["error"], (status, answer)
+            return "malformed"
+        if i % 20 in (1, 2):
+            assert server.route(np.random.default_rng(i).standard_normal(H).astype(np.float32)).shape == (H,)
+            return "routed"
+        status, answer = server.request("POST", "/feedback", feedback_body(i))
+        assert status == 200, (status, answer)
+        return "accepted" if answer["accepted"] else "refused"
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(600)
-    assert not failures, failures[:3]
-    assert sum(totals.values()) == count
-    return totals
+    return fan_out(request, count, threads=threads, start=start)
 
 
 def monitor_json(name: str) -> dict:
