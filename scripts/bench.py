@@ -49,11 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from sona_shm import Step, Trajectory, segment
-from sona_shm.client import attach
-from sona_shm.flusher import WAKE_TIMEOUT
-from sona_shm.layout import EngineConfig
-from sona_shm.learning import Learner
+from sona_shm import Step, Trajectory
+from sona_shm.engine.client import attach
+from sona_shm.engine.flusher import WAKE_TIMEOUT
+from sona_shm.learn.learner import Learner
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
 from sona_shm.stats import read_stats
 from sona_shm.supervise import die_with_parent, set_deadline, start_flusher, stop_process
 
@@ -401,10 +402,10 @@ def run_learning(seconds: float) -> dict[str, float]:
     """The flusher's learning of one batch of lane slots (what Flusher._learn_slots runs:
     the C learner when built, else numpy), in-process, on slot-shaped data: the reference
     rule on T1/T4 trajectories, and the routing rule on feedback (K = 8 routes)."""
-    from sona_shm import lane
-    from sona_shm.flusher import learn_block
-    from sona_shm.layout import Layout
-    from sona_shm.learning import learning_signals
+    from sona_shm.engine.flusher import learn_block
+    from sona_shm.learn.learner import learning_signals
+    from sona_shm.shm import lane
+    from sona_shm.shm.layout import Layout
 
     results = {}
     speedups = lane._speedups
@@ -652,7 +653,7 @@ def _cpu_name() -> str:
 
 
 def _c_paths() -> bool:
-    from sona_shm import client
+    from sona_shm.engine import client
 
     return client._speedups is not None
 

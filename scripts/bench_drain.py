@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 import sona_shm
-from sona_shm import segment
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
 
 COUNT = 10_000
 

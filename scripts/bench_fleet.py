@@ -50,15 +50,15 @@ from typing import Any
 import numpy as np
 from bench import CHILD_DEADLINE, HIDDEN_DIM, RANK, child_start, make_pool, pct
 
-from sona_shm import segment
-from sona_shm.client import attach
-from sona_shm.fleet import READ_COUNT
-from sona_shm.layout import EngineConfig, Layout
-from sona_shm.ledger import Ledger
-from sona_shm.redis_log import FleetLog, connect
-from sona_shm.replica import Replica, host_key
-from sona_shm.sealed import write_window
-from sona_shm.segment import Segment
+from sona_shm.engine.client import attach
+from sona_shm.fleet.member import READ_COUNT
+from sona_shm.fleet.replica import Replica, host_key
+from sona_shm.fleet.stream import FleetLog, connect
+from sona_shm.fleet.window import write_window
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig, Layout
+from sona_shm.shm.ledger import Ledger
+from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
@@ -106,7 +106,7 @@ def redis(directory: str, appendfsync: str = "always") -> RedisServer:
 
 def feedback_pool(seed: int, routes: str) -> list:
     """Full-information feedback on the routes of file ``routes`` (what a routing engine learns from)."""
-    from sona_shm.routes import feedback_trajectory, load_routes
+    from sona_shm.learn.routes import feedback_trajectory, load_routes
 
     table = load_routes(routes)
     rng = np.random.default_rng(seed)

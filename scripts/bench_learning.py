@@ -250,7 +250,7 @@ def offline_fit(train_x: np.ndarray, train_y: np.ndarray, routes: np.ndarray, te
 def _adam_path(x_np: np.ndarray, y_np: np.ndarray, routes: np.ndarray, temperature: float, stops: tuple[int, ...]) -> list:
     import torch
 
-    from sona_shm.learning import initial_down
+    from sona_shm.learn.learner import initial_down
 
     torch.manual_seed(0)
     x = torch.tensor(x_np / np.linalg.norm(x_np, axis=1, keepdims=True), dtype=torch.float64)

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from sona_shm.segment import start_ticks
+from sona_shm.shm.segment import start_ticks
 from sona_shm.supervise import child_setup, die_with_parent, set_deadline, stop_process
 
 #: Seconds a forked worker or a gunicorn may live unless told otherwise.

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from router_task import RouterTask  # noqa: E402 - after the path is set
 
-from sona_shm import segment  # noqa: E402
 from sona_shm.monitor import format_table, watch  # noqa: E402
+from sona_shm.shm import segment  # noqa: E402
 from sona_shm.stats import read_stats  # noqa: E402
 from sona_shm.supervise import start_flusher, stop_process  # noqa: E402
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import machine  # noqa: F401 - first: refuses a CPU whose memory order the engine does not get (see there)
-from .client import Client, attach
-from .consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
+from .engine.client import Client, attach
+from .engine.consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
 from .errors import (
     CheckpointError,
     ClosedError,
@@ -21,8 +21,8 @@ from .errors import (
     SonaShmError,
     UntrustedSegmentError,
 )
-from .learning import LoopMetrics
-from .loop import InstantLoop
+from .learn.learner import LoopMetrics
+from .learn.loop import InstantLoop
 from .trajectory import Step, Trajectory
 
 __version__ = "0.1.0"

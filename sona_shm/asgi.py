@@ -37,10 +37,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .checks import check_timeout
-from .client import Client, attach
+from .engine.client import Client, attach
 from .errors import ClosedError
 from .gunicorn import ENV_NAME, attach_timeout, engine_name
-from .segment import check_name
+from .shm.segment import check_name
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -64,7 +64,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 def _given_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """The engine options given on the command line, and the route table (or None)."""
-    from .routes import load_routes
+    from .learn.routes import load_routes
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in _CONFIG_OPTIONS if getattr(args, dest) is not None}
     routes = None
@@ -205,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _flusher(args: argparse.Namespace) -> int:
-    from .flusher import Flusher
-    from .segment import DEFAULT_MODE, GROUP_MODE
+    from .engine.flusher import Flusher
+    from .shm.segment import DEFAULT_MODE, GROUP_MODE
 
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -271,8 +271,8 @@ def _fleet_options(args: argparse.Namespace) -> Any:
         if extra:
             raise InvalidInputError(f"{extra[0]}: needs --fleet URL")
         return None
-    from .fleet import DEFAULT_SNAPSHOT_INTERVAL, FleetOptions, default_host_id
-    from .redis_log import import_redis
+    from .fleet.member import DEFAULT_SNAPSHOT_INTERVAL, FleetOptions, default_host_id
+    from .fleet.stream import import_redis
 
     options = FleetOptions(
         url=args.fleet,
@@ -360,8 +360,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from .flusher import Flusher
-    from .segment import DEFAULT_MODE, GROUP_MODE
+    from .engine.flusher import Flusher
+    from .shm.segment import DEFAULT_MODE, GROUP_MODE
 
     given, routes = _given_config(args)
     flusher = Flusher(args.name, config_overrides=given, routes=routes, mode=GROUP_MODE if args.group else DEFAULT_MODE)
@@ -372,7 +372,8 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _destroy(args: argparse.Namespace) -> int:
-    from . import segment, stats
+    from . import stats
+    from .shm import segment
 
     if not args.force:
         try:
@@ -399,7 +400,7 @@ def _destroy(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    from .consumer import drain_to_file
+    from .engine.consumer import drain_to_file
 
     if args.max is not None and args.max < 0:
         raise InvalidInputError(f"--max: expected N >= 0, got {args.max}")
@@ -410,7 +411,7 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint import checkpoint_segment
+    from .store.checkpoint import checkpoint_segment
 
     saved = checkpoint_segment(args.name, args.out)
     print(
@@ -437,7 +438,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from .checkpoint import restore
+    from .store.checkpoint import restore
 
     generation = restore(args.name, args.source)
     print(f"sona-shm: restored segment {args.name!r} from {args.source}; weights generation is now {generation}")

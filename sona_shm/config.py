@@ -56,7 +56,7 @@ class EngineConfig:
     :class:`~sona_shm.routes.RouteTable`); the routing rule needs one.
     ``temperature`` is the routing rule's softmax temperature. ``fleet_outbox``: entries
     of the segment's fleet outbox (0: the engine cannot join a fleet; see
-    :mod:`sona_shm.fleet`); it shapes this host's segment only, never what is learned.
+    :mod:`sona_shm.fleet.member`); it shapes this host's segment only, never what is learned.
     """
 
     hidden_dim: int = 256

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from . import segment
-from .client import attach
+from .engine.client import attach
 from .monitor import format_table
+from .shm import segment
 from .supervise import die_with_parent, set_deadline, start_flusher, stop_process
 from .trajectory import Step, Trajectory
 

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import Checkpoint, engine_checkpoint, read_checkpoint
 from .errors import CheckpointError, InvalidInputError
-from .tensorfile import encode, write_atomic
+from .store.checkpoint import Checkpoint, engine_checkpoint, read_checkpoint
+from .store.tensorfile import encode, write_atomic
 
 #: The target module an export names unless told otherwise.
 DEFAULT_MODULE = "adapter"

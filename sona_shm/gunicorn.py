@@ -57,9 +57,9 @@ import time
 from typing import Any, NamedTuple
 
 from .checks import check_timeout
-from .client import Client, attach
+from .engine.client import Client, attach
 from .errors import InvalidInputError, SonaShmError
-from .segment import check_name
+from .shm.segment import check_name
 from .stats import LaneStats, read
 
 ENV_NAME = "SONA_SHM_NAME"

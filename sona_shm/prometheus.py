@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(f"sona_shm.prometheus needs prometheus_client: pip install 'sona-shm[prometheus]' ({exc})") from exc
 
 from .errors import SegmentNotFoundError
-from .segment import check_name
+from .shm.segment import check_name
 from .stats import EngineStats, FleetStats, LaneStats, RouteStats, read
 
 #: The content type of what :func:`exposition` returns (the text format prometheus_client writes).
@@ -111,7 +111,7 @@ def _fleet(value: Callable[[FleetStats], float]) -> Callable[[EngineStats], floa
     return lambda s: None if s.fleet is None else value(s.fleet)
 
 
-#: Fleet series (engines whose segment has a fleet outbox; see sona_shm.fleet).
+#: Fleet series (engines whose segment has a fleet outbox; see sona_shm.fleet.member).
 FLEET_METRICS: tuple[_Spec, ...] = (
     _Spec("fleet_connected", "gauge", "1 while the flusher's Redis connections answer.", _fleet(lambda f: int(f.connected))),
     _Spec("fleet_outbox", "gauge", "Own sealed windows not yet in the fleet's stream.", _fleet(lambda f: f.outbox)),

@@ -8,7 +8,7 @@ renders it; nothing else reads the counters.
 
 How it reads: totals are sums of one-writer words (the pattern of prometheus_client's
 multiprocess mode); the flusher's figures and the adapter come from one consistent
-ledger read (the seqcount latch of :mod:`sona_shm.ledger`); liveness comes from the
+ledger read (the seqcount latch of :mod:`sona_shm.shm.ledger`); liveness comes from the
 kernel's lock table (who holds the flusher lock and each lane lock), so a pid recycled
 by the OS never looks alive. Lane words are read one by one while producers write
 them, so two lanes' figures may be a few records apart, never torn.
@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError
-from .layout import (
+from .learn.routes import read_route_names
+from .shm.layout import (
     CONS_DRAINED_AT,
     CONS_PID,
     CONS_TAIL,
@@ -63,9 +64,8 @@ from .layout import (
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
 )
-from .ledger import Ledger
-from .routes import read_route_names
-from .segment import PREFIX, SHM_DIR, Segment
+from .shm.ledger import Ledger
+from .shm.segment import PREFIX, SHM_DIR, Segment
 
 #: The seed's four metrics, in its order.
 METRICS = ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
@@ -178,7 +178,7 @@ class AdapterStats:
 
 @dataclass(frozen=True)
 class FleetStats:
-    """This replica of a fleet (:mod:`sona_shm.fleet`): its link to Redis, its outbox, what it applied.
+    """This replica of a fleet (:mod:`sona_shm.fleet.member`): its link to Redis, its outbox, what it applied.
 
     ``applied_entries``/``applied_signals``, ``hosts``, ``last_applied_id`` and the
     ``lost_*``/``bad_entries`` counts are the fleet's state as this replica holds it (the

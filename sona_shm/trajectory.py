@@ -61,7 +61,7 @@ class Trajectory:
     assigned by ``record()``/``on_trajectory()`` when left ``None``.
 
     ``route_index`` and ``best_index`` make the trajectory a *feedback* about the
-    engine's route table (see :mod:`sona_shm.routes`; ``feedback()`` fills them): the
+    engine's route table (see :mod:`sona_shm.learn.routes`; ``feedback()`` fills them): the
     index of the route taken, and of the route that was right. Both ``None`` for an
     ordinary trajectory.
     """

@@ -11,11 +11,11 @@ import subprocess
 
 import pytest
 
-from sona_shm import segment
-from sona_shm.client import attach
+from sona_shm.engine.client import attach
+from sona_shm.engine.flusher import Flusher
 from sona_shm.errors import SegmentNotFoundError
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
 from sona_shm.stats import read_stats
 
 from support import env, popen, python_cmd, wait_for

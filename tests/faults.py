@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sona_shm import Trajectory
-from sona_shm import lane as lane_module
-from sona_shm.client import attach
-from sona_shm.layout import LOCK_LANE_BASE
-from sona_shm.segment import Segment
+from sona_shm.engine.client import attach
+from sona_shm.shm import lane as lane_module
+from sona_shm.shm.layout import LOCK_LANE_BASE
+from sona_shm.shm.segment import Segment
 
 from children import fork_child
 from support import make_trajectories
@@ -152,7 +152,7 @@ def learned(name: str) -> list[tuple[int, np.void]]:
     seg = Segment.open(name, writable=False)
     try:
         layout = seg.layout
-        from sona_shm.ledger import Ledger
+        from sona_shm.shm.ledger import Ledger
 
         ledger = Ledger(seg)
         head, dropped = ledger.read("buffer_head", "buffer_dropped")

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from sona_shm import Step, Trajectory
-from sona_shm.client import attach
+from sona_shm.engine.client import attach
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from sona_shm.client import attach
+from sona_shm.engine.client import attach
 
 from children import fork_child
 from support import make_trajectories

@@ -68,8 +68,8 @@ ROUTE_NAMES = ("code", "math", "chat", "search")
 
 
 def route_table(hidden_dim: int, seed: int = 20240611):
-    """A fixed table of 4 named unit routes (``sona_shm.routes.RouteTable``)."""
-    from sona_shm.routes import RouteTable
+    """A fixed table of 4 named unit routes (``sona_shm.learn.routes.RouteTable``)."""
+    from sona_shm.learn.routes import RouteTable
 
     raw = np.random.default_rng(seed).standard_normal((len(ROUTE_NAMES), hidden_dim))
     return RouteTable.build((raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32), ROUTE_NAMES)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
-from sona_shm.layout import LANE_CONTROL_BYTES
+from sona_shm.shm.layout import LANE_CONTROL_BYTES
 
 from conftest import SMALL
 from support import run
@@ -267,9 +267,11 @@ def test_finite_input_never_makes_the_weights_non_finite(engine):
 WARNINGS_SCRIPT = """
 import sys
 import numpy as np
-from sona_shm import InstantLoop, Step, Trajectory, attach, lane, client
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
+from sona_shm import InstantLoop, Step, Trajectory, attach
+from sona_shm.shm import lane
+from sona_shm.engine import client
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm.layout import EngineConfig
 if sys.argv[2] == "python":
     lane._speedups = client._speedups = None
 name, big = sys.argv[1], np.full(16, 2**64 - 1, np.uint64)
@@ -328,8 +330,8 @@ def malformed_feedback(draw) -> tuple[Trajectory, str]:
 
 
 def test_feedback_trajectories_are_refused_alike_by_both_writers_and_the_loop(engine, monkeypatch):
-    from sona_shm import lane as lane_module
-    from sona_shm.routes import RouteTable
+    from sona_shm.learn.routes import RouteTable
+    from sona_shm.shm import lane as lane_module
 
     table = RouteTable.build(np.random.default_rng(15).standard_normal((K, H)), ["a", "b", "c", "d"])
     flusher = engine(routes=table, rule="routing")

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sona_shm import InstantLoop, segment
-from sona_shm.checkpoint import DOWN, GRAD_DOWN, GRAD_UP, UP_T, Checkpoint, checkpoint_segment, read_checkpoint, restore
+from sona_shm import InstantLoop
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_FLUSHER_RUNNING, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
+from sona_shm.engine.flusher import Flusher
 from sona_shm.errors import CheckpointError, FlusherRunningError, InvalidInputError
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
-from sona_shm.learning import initial_down
+from sona_shm.learn.learner import initial_down
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
+from sona_shm.store.checkpoint import DOWN, GRAD_DOWN, GRAD_UP, UP_T, Checkpoint, checkpoint_segment, read_checkpoint, restore
 
 from conftest import SMALL
 from support import make_trajectories
@@ -144,7 +145,7 @@ def good_checkpoint(tmp_path, **changes) -> str:
         0.0,
     )
     tensors = {DOWN: ckpt.down, UP_T: ckpt.up.T, GRAD_UP: ckpt.grad_up, GRAD_DOWN: ckpt.grad_down}
-    from sona_shm.tensorfile import decode, encode
+    from sona_shm.store.tensorfile import decode, encode
 
     _, meta = decode(ckpt.to_bytes(), "x")
     for key, value in changes.items():

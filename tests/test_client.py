@@ -18,12 +18,12 @@ from sona_shm import (
     Step,
     Trajectory,
 )
-from sona_shm import client as client_module
-from sona_shm import flusher as flusher_module
-from sona_shm import lane as lane_module
-from sona_shm.client import attach
-from sona_shm.layout import LANE_HEAD, LOCK_LANE_BASE
-from sona_shm.segment import Segment
+from sona_shm.engine import client as client_module
+from sona_shm.engine import flusher as flusher_module
+from sona_shm.engine.client import attach
+from sona_shm.shm import lane as lane_module
+from sona_shm.shm.layout import LANE_HEAD, LOCK_LANE_BASE
+from sona_shm.shm.segment import Segment
 from sona_shm.supervise import set_deadline
 
 from children import fork_child
@@ -181,7 +181,7 @@ def test_stale_non_finite_values_in_the_head_slot_do_not_refuse_a_valid_trajecto
 
 
 def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypatch):
-    from sona_shm.ledger import Ledger, TornRead
+    from sona_shm.shm.ledger import Ledger, TornRead
 
     flusher = engine(lane_slots=4)
     client = engine.attach()
@@ -207,7 +207,7 @@ def test_a_torn_read_while_claiming_leaves_no_half_claimed_lane(engine, monkeypa
 
 
 def test_forward_keeps_its_last_weights_when_the_generation_read_is_torn(engine, monkeypatch):
-    from sona_shm.ledger import Ledger, TornRead
+    from sona_shm.shm.ledger import Ledger, TornRead
 
     flusher = engine(flush_threshold=1)
     client = engine.attach()

@@ -22,7 +22,7 @@ from sona_shm import (
     drain_to_file,
     open_consumer,
 )
-from sona_shm.layout import LOCK_DRAIN
+from sona_shm.shm.layout import LOCK_DRAIN
 
 from children import fork_child
 from conftest import SMALL

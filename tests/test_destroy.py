@@ -9,7 +9,7 @@ import pytest
 
 from sona_shm import EngineDestroyedError, Step, Trajectory
 from sona_shm.cli import EXIT_DESTROYED, EXIT_FLUSHER_RUNNING, EXIT_OK, main
-from sona_shm.client import DESTROYED_CHECK_EVERY
+from sona_shm.engine.client import DESTROYED_CHECK_EVERY
 
 from children import fork_child
 from conftest import SMALL

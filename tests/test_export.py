@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from sona_shm import Step, Trajectory
-from sona_shm.checkpoint import checkpoint_segment
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
 from sona_shm.export import ADAPTER_FILE, CONFIG_FILE, export_engine
-from sona_shm.tensorfile import decode
+from sona_shm.store.checkpoint import checkpoint_segment
+from sona_shm.store.tensorfile import decode
 
 H = 16
 INSTALL_HINT = "pip install torch==2.13.0 peft (a CPU torch; `./scripts/test` installs both through the test extra)"

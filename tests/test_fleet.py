@@ -10,9 +10,9 @@ import pytest
 
 from sona_shm import Trajectory, stats
 from sona_shm.config import DEFAULT_FLEET_OUTBOX
+from sona_shm.engine.flusher import Flusher
 from sona_shm.errors import InvalidInputError
-from sona_shm.fleet import FleetOptions, default_host_id
-from sona_shm.flusher import Flusher
+from sona_shm.fleet.member import FleetOptions, default_host_id
 
 from conftest import SMALL
 from support import wait_for
@@ -52,7 +52,7 @@ def test_the_default_host_id_is_stable_and_differs_by_engine():
 def test_a_flusher_whose_redis_never_answers_starts_and_waits_to_learn(name, caplog):
     """Redis unreachable at the first start: the engine exists (workers attach and record), but it learns
     nothing until it holds the fleet's state, since its configuration was never compared with the fleet's."""
-    from sona_shm.client import attach
+    from sona_shm.engine.client import attach
 
     config = {k: v for k, v in SMALL.items()}
     flusher = Flusher(name, config_overrides=config, fleet=FleetOptions(url=NOWHERE, key=name, host_id="h1"))
@@ -95,7 +95,7 @@ def test_single_host_users_never_import_redis():
     """redis-py is the fleet extra's: nothing else imports it (the flusher, the CLI and the monitor load it only for --fleet)."""
     from support import python_cmd, run
 
-    modules = "sona_shm, sona_shm.flusher, sona_shm.cli, sona_shm.stats, sona_shm.monitor, sona_shm.prometheus"
+    modules = "sona_shm, sona_shm.engine.flusher, sona_shm.cli, sona_shm.stats, sona_shm.monitor, sona_shm.prometheus"
     code = f"import sys, {modules}; print('redis' in sys.modules)"
     done = run(python_cmd("-c", code), timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from sona_shm import FlusherRunningError, InvalidInputError, LayoutMismatchError, Step, Trajectory, segment
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig, Layout
+from sona_shm import FlusherRunningError, InvalidInputError, LayoutMismatchError, Step, Trajectory
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig, Layout
 
 from conftest import SMALL
 from support import make_trajectories

@@ -6,7 +6,7 @@ import pytest
 
 import sona_shm.gunicorn as hooks
 from sona_shm import SegmentNotFoundError
-from sona_shm.client import attach as real_attach
+from sona_shm.engine.client import attach as real_attach
 
 H = 16
 
@@ -69,11 +69,11 @@ def test_another_engine_name_is_not_held_back_by_an_old_failure(watched, monkeyp
     with pytest.raises(SegmentNotFoundError):
         hooks.client()
     other = f"{name}-b"
-    from sona_shm import segment
+    from sona_shm.shm import segment
 
     try:
-        from sona_shm.flusher import Flusher
-        from sona_shm.layout import EngineConfig
+        from sona_shm.engine.flusher import Flusher
+        from sona_shm.shm.layout import EngineConfig
 
         flusher = Flusher(other, config=EngineConfig(hidden_dim=H, lanes=2, lane_slots=4, capacity=4))
         monkeypatch.setenv(hooks.ENV_NAME, other)

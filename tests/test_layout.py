@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from sona_shm import InvalidInputError, LayoutMismatchError
-from sona_shm.layout import HEADER_FORMAT, LAYOUT_VERSION, MAGIC, PAGE, EngineConfig, Layout
+from sona_shm.shm.layout import HEADER_FORMAT, LAYOUT_VERSION, MAGIC, PAGE, EngineConfig, Layout
 
 
 def test_documented_slot_offsets():

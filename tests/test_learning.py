@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sona_shm.learning import Learner, apply_adapter, initial_down, learning_signals
+from sona_shm.learn.learner import Learner, apply_adapter, initial_down, learning_signals
 
 F32 = np.float32
 

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from sona_shm.ledger import Ledger
-from sona_shm.segment import Segment
+from sona_shm.shm.ledger import Ledger
+from sona_shm.shm.segment import Segment
 from sona_shm.supervise import die_with_parent, set_deadline
 
 

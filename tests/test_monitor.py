@@ -212,7 +212,7 @@ def test_rates_are_not_measured_across_a_recreated_engine(engine, name):
     flusher = engine()
     before = stats.read(name)
     flusher.close()
-    from sona_shm import segment
+    from sona_shm.shm import segment
 
     segment.unlink(name)
     engine()

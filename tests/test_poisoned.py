@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop, Step, Trajectory
-from sona_shm import flusher as flusher_module
-from sona_shm.layout import LANE_HEAD
-from sona_shm.routes import RouteTable
+from sona_shm.engine import flusher as flusher_module
+from sona_shm.learn.routes import RouteTable
+from sona_shm.shm.layout import LANE_HEAD
 
 from conftest import SMALL
 

@@ -11,9 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import REGISTRY
 
-from sona_shm import Step, Trajectory, segment
+from sona_shm import Step, Trajectory
 from sona_shm.cli import EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, main
 from sona_shm.prometheus import ENGINE_METRICS, FLEET_METRICS, LANE_METRICS, ROUTE_METRICS, EngineCollector, exposition
+from sona_shm.shm import segment
 from sona_shm.stats import read
 
 from conftest import SMALL

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sona_shm.layout import MAX_FLEET_HOSTS, EngineConfig, Layout
-from sona_shm.learning import initial_down
-from sona_shm.replica import NeedResync, Replica, Snapshot, StreamEntry, host_key
-from sona_shm.sealed import apply_window, read_window, write_window
+from sona_shm.fleet.replica import NeedResync, Replica, Snapshot, StreamEntry, host_key
+from sona_shm.fleet.window import apply_window, read_window, write_window
+from sona_shm.learn.learner import initial_down
+from sona_shm.shm.layout import MAX_FLEET_HOSTS, EngineConfig, Layout
 
 H, R, LR = 16, 2, 0.5
 LAYOUT = Layout(
@@ -154,7 +154,7 @@ def test_what_is_not_an_entry_is_counted_and_passed():
 def test_seqs_a_u64_cannot_hold_are_not_an_entry_of_ours_counted_bad_never_a_crash():
     """A writer outside sona_shm may put any integer in s, e and p: the table holds u64 (an ``e`` of 2**64 raised
     OverflowError out of apply, stopping every flusher), and a ``p`` beyond it must not make every replica resync forever."""
-    from sona_shm.redis_log import _entries
+    from sona_shm.fleet.stream import _entries
 
     def row(ms: int, s: int, e: int, p: int) -> tuple:
         return (f"{ms}-0".encode(), {b"h": b"a", b"s": str(s).encode(), b"e": str(e).encode(), b"p": str(p).encode(), b"w": window(1)})
@@ -203,8 +203,8 @@ def test_speculated_weights_are_the_fleet_adapter_with_own_outstanding_windows()
 
 
 def test_the_c_and_numpy_appliers_agree_on_every_bit_and_on_what_is_not_a_window():
-    from sona_shm.lane import _speedups
-    from sona_shm.replica import _apply_numpy
+    from sona_shm.fleet.replica import _apply_numpy
+    from sona_shm.shm.lane import _speedups
 
     if _speedups is None:
         pytest.skip("the C fast paths are not built")

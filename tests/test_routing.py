@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
-from sona_shm import routing as routing_module
 from sona_shm.config import MAX_ROUTES
-from sona_shm.learning import Learner
-from sona_shm.routes import RouteTable, load_routes
+from sona_shm.learn import routing as routing_module
+from sona_shm.learn.learner import Learner
+from sona_shm.learn.routes import RouteTable, load_routes
 
 F32 = np.float32
 SMALL_LR = 0.01  # conftest.SMALL["lr"]
@@ -179,9 +179,9 @@ def test_gradient_is_bounded_and_zero_queries_teach_nothing():
 
 def test_the_c_routing_learner_learns_what_the_numpy_learner_learns():
     from sona_shm.config import EngineConfig
-    from sona_shm.flusher import learn_block
-    from sona_shm.lane import _speedups
-    from sona_shm.layout import Layout
+    from sona_shm.engine.flusher import learn_block
+    from sona_shm.shm.lane import _speedups
+    from sona_shm.shm.layout import Layout
 
     if _speedups is None:
         pytest.skip("the C extension is not built (SONA_SHM_PURE_PYTHON or no compiler)")
@@ -381,7 +381,7 @@ def test_client_route_and_feedback_learn_through_the_flusher(engine):
 
 
 def test_client_route_uses_the_same_choice_on_both_paths(engine, monkeypatch):
-    from sona_shm import client as client_module
+    from sona_shm.engine import client as client_module
 
     task, table, flusher, client = routing_engine(engine)
     for xi, yi in zip(*task.sample(40)):
@@ -500,7 +500,7 @@ def test_cli_creates_a_routing_engine_and_refuses_bad_route_tables(name, tmp_pat
     path = str(tmp_path / "r.safetensors")
     assert main(["checkpoint", "--name", name, "--out", path]) == EXIT_OK
     assert main(["restore", "--name", name, "--from", path]) == EXIT_OK
-    from sona_shm import segment
+    from sona_shm.shm import segment
 
     segment.unlink(name)
     assert run(*base, "--routes", other)[0] == EXIT_OK  # reference rule, other table
@@ -509,9 +509,9 @@ def test_cli_creates_a_routing_engine_and_refuses_bad_route_tables(name, tmp_pat
 
 
 def test_checkpoint_of_a_routing_engine_restores_everything(engine, name, tmp_path):
-    from sona_shm import segment
-    from sona_shm.checkpoint import read_checkpoint
-    from sona_shm.flusher import Flusher
+    from sona_shm.engine.flusher import Flusher
+    from sona_shm.shm import segment
+    from sona_shm.store.checkpoint import read_checkpoint
 
     task, table, flusher, client = routing_engine(engine, flush_threshold=7)
     for xi, yi in zip(*task.sample(30)):
@@ -615,7 +615,7 @@ def test_client_and_loop_route_accept_and_refuse_the_same_exploration_arguments(
 def test_route_depends_on_the_direction_of_the_query_only(engine, monkeypatch):
     """Scores are cosines: a query scaled by 1e20 or 1e-25 (float32 |f|^2 overflows or underflows)
     scores and routes as the query itself does, on the C path, the Python path and InstantLoop."""
-    from sona_shm import client as client_module
+    from sona_shm.engine import client as client_module
 
     task, table, flusher, client = routing_engine(engine)
     for xi, yi in zip(*task.sample(40)):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sona_shm.layout import WINDOW_HEAD_BYTES
-from sona_shm.learning import Learner
-from sona_shm.sealed import BadWindow, apply_window, read_window, window_length, write_window
+from sona_shm.fleet.window import BadWindow, apply_window, read_window, window_length, write_window
+from sona_shm.learn.learner import Learner
+from sona_shm.shm.layout import WINDOW_HEAD_BYTES
 
 H, R = 16, 2
 
@@ -82,8 +82,8 @@ def test_what_is_not_a_window_of_this_fleet_is_refused(damage, why):
 
 
 def test_the_c_and_numpy_encoders_write_the_same_bytes():
-    from sona_shm.lane import _speedups
-    from sona_shm.sealed import _write_window
+    from sona_shm.fleet.window import _write_window
+    from sona_shm.shm.lane import _speedups
 
     if _speedups is None:
         pytest.skip("the C fast paths are not built")

@@ -8,10 +8,11 @@ import threading
 
 import pytest
 
-from sona_shm import InvalidInputError, SegmentNotFoundError, segment
-from sona_shm.client import attach
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
+from sona_shm import InvalidInputError, SegmentNotFoundError
+from sona_shm.engine.client import attach
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
 
 from conftest import SMALL
 

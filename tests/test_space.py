@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from sona_shm import NoSpaceError, segment, space
+from sona_shm import NoSpaceError
 from sona_shm.cli import EXIT_ERROR, EXIT_OK
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig, Layout
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm import segment, space
+from sona_shm.shm.layout import EngineConfig, Layout
 
 from conftest import SMALL
 from support import run

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sona_shm import Step, Trajectory
-from sona_shm import client as client_module
-from sona_shm import lane as lane_module
+from sona_shm.engine import client as client_module
+from sona_shm.shm import lane as lane_module
 
 from conftest import SMALL
 
@@ -223,7 +223,7 @@ def test_adapt_takes_batches_and_strided_rows(engine):
 def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch):
     """Mixed step counts, short activations, degenerate and overflowing signals, flushes
     falling inside batches: both learners end with the same weights and gradients."""
-    from sona_shm import flusher as flusher_module
+    from sona_shm.engine import flusher as flusher_module
 
     from support import load_vectors, make_trajectories, scenario_trajectory
 
@@ -262,7 +262,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
         states.append((learner.up.copy(), learner.grad_up.copy(), learner.pending, learner.metrics, learner.generation))
         client.close()
         flusher.close()
-        from sona_shm import segment
+        from sona_shm.shm import segment
 
         segment.unlink(client.name)
     assert counting.handled > len(batches) and counting.declined == 0
@@ -276,7 +276,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
 def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, monkeypatch, caplog):
     """learn_slots hands a batch with a bad stamp back (None, nothing changed); the numpy
     path learns the valid slots and logs the bad one, as it does without the extension."""
-    from sona_shm import flusher as flusher_module
+    from sona_shm.engine import flusher as flusher_module
 
     rng = np.random.default_rng(9)
     trajs = [
@@ -295,7 +295,7 @@ def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, m
         states.append((flusher.learner.up.copy(), flusher.learner.metrics, flusher.buffer_head))
         client.close()
         flusher.close()
-        from sona_shm import segment
+        from sona_shm.shm import segment
 
         segment.unlink(client.name)
     (up_c, *rest_c), (up_py, *rest_py) = states
@@ -311,7 +311,7 @@ def test_the_learners_refuse_malformed_arrays_without_crashing():
 
     script = """
 import numpy as np
-from sona_shm.lane import _speedups as S
+from sona_shm.shm.lane import _speedups as S
 block = np.zeros((1, 4096), np.uint8)
 args = (block, 1, 8, 1, 128, 64, 1)
 counts = (np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.zeros(2))
@@ -350,7 +350,7 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
     array of another byte order (dtype '>f4' is NPY_FLOAT32 too) or misaligned is refused, not
     read as garbage or written in the wrong byte order."""
     from sona_shm.config import EngineConfig
-    from sona_shm.layout import Layout
+    from sona_shm.shm.layout import Layout
 
     speedups = lane_module._speedups
     rng = np.random.default_rng(11)
@@ -408,7 +408,7 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
 
 def feedback_trajectories(table) -> list[Trajectory]:
     """Feedback on a 4-route engine: as feedback() encodes it, and recorded by hand."""
-    from sona_shm.routes import feedback_trajectory
+    from sona_shm.learn.routes import feedback_trajectory
 
     rng = np.random.default_rng(12)
     vec = lambda n: rng.standard_normal(n).astype(F32)  # noqa: E731
@@ -458,7 +458,7 @@ def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine,
     and refuse the same feedback trajectories: the C writer hands them back, the Python path
     raises naming the field, and nothing is published."""
     from sona_shm.errors import InvalidInputError
-    from sona_shm.routes import RouteTable
+    from sona_shm.learn.routes import RouteTable
 
     table = RouteTable.build(np.random.default_rng(13).standard_normal((4, H)), ["a", "b", "c", "d"])
     flusher = engine(routes=table, rule="routing", lane_slots=64)
@@ -497,10 +497,10 @@ def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine,
 def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they_would_apply(engine, rule):
     """stop=True (a fleet's flusher): each call returns where a window is complete, applying nothing;
     sealing it (the window's bytes) and applying that gives the weights of the plain call, bit for bit."""
-    from sona_shm.flusher import learn_block
-    from sona_shm.learning import Learner
-    from sona_shm.routes import feedback_trajectory
-    from sona_shm.sealed import apply_window, read_window, write_window
+    from sona_shm.engine.flusher import learn_block
+    from sona_shm.fleet.window import apply_window, read_window, write_window
+    from sona_shm.learn.learner import Learner
+    from sona_shm.learn.routes import feedback_trajectory
 
     from support import make_trajectories, route_table
 

@@ -10,9 +10,10 @@ import numpy as np
 import posix_ipc
 import pytest
 
-from sona_shm import Trajectory, segment, stats
+from sona_shm import Trajectory, stats
 from sona_shm.cli import EXIT_OK, main
 from sona_shm.errors import SegmentNotFoundError
+from sona_shm.shm import segment
 from sona_shm.stats import ALIVE, FOREIGN, NOT_RUNNING, UNREADABLE, EngineStats
 
 from support import ROOT

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
 from sona_shm.errors import CheckpointError
-from sona_shm.tensorfile import decode, encode, read_file, write_atomic
+from sona_shm.store.tensorfile import decode, encode, read_file, write_atomic
 
 TENSORS = {
     "a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sona_shm.segment import start_ticks
+from sona_shm.shm.segment import start_ticks
 from sona_shm.stats import read
 from sona_shm.supervise import child_setup
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from sona_shm.errors import SegmentNotFoundError
-from sona_shm.segment import start_ticks, unlink
+from sona_shm.shm.segment import start_ticks, unlink
 from sona_shm.stats import read_stats
 
 from children import descendant_pids, fork_child, process_running

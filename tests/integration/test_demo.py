@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from sona_shm.segment import start_ticks
+from sona_shm.shm.segment import start_ticks
 
 from support import ROOT, popen, run
 

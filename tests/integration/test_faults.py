@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop
-from sona_shm.client import attach
-from sona_shm.flusher import Flusher
-from sona_shm.layout import (
+from sona_shm.engine.client import attach
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm.layout import (
     FL_IDLE,
     FLUSHER_LINE,
     LANE_CLAIMS,
@@ -30,8 +30,8 @@ from sona_shm.layout import (
     LOCK_LANE_BASE,
     EngineConfig,
 )
-from sona_shm.ledger import Ledger
-from sona_shm.segment import Segment, process_alive, start_ticks
+from sona_shm.shm.ledger import Ledger
+from sona_shm.shm.segment import Segment, process_alive, start_ticks
 from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 

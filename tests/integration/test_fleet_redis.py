@@ -20,18 +20,19 @@ import numpy as np
 import pytest
 
 import sona_shm
-from sona_shm import flusher as flusher_module
 from sona_shm import stats
-from sona_shm.checkpoint import Checkpoint
 from sona_shm.cli import EXIT_FLEET, EXIT_USAGE
-from sona_shm.fleet import FleetOptions
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
+from sona_shm.engine import flusher as flusher_module
+from sona_shm.engine.flusher import Flusher
+from sona_shm.fleet.member import FleetOptions
+from sona_shm.fleet.replica import Snapshot
+from sona_shm.fleet.window import apply_window, read_window, split_windows, write_window
+from sona_shm.learn.routes import feedback_trajectory
 from sona_shm.monitor import format_table
 from sona_shm.prometheus import exposition
-from sona_shm.replica import Snapshot
-from sona_shm.routes import feedback_trajectory
-from sona_shm.sealed import apply_window, read_window, split_windows, write_window
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
+from sona_shm.store.checkpoint import Checkpoint
 
 from children import RedisServer
 from conftest import SMALL, need_redis
@@ -357,11 +358,11 @@ def test_the_fleet_refuses_what_does_not_fit(redis_server, names, procs):
     # Another configuration than the fleet's.
     done = run([*base, *FLAGS[:4], "--lr", "0.5", *FLAGS[6:], "--host-id", other], timeout=60)
     assert done.returncode == EXIT_FLEET and "refuses this engine (lr: the fleet's is 0.01, this engine's 0.5)" in done.stderr
-    sona_shm.segment.unlink(other)
+    segment.unlink(other)
     # A host id a live flusher holds.
     done = run([*base, *FLAGS, "--host-id", first], timeout=60)
     assert done.returncode == EXIT_FLEET and f"host id {first!r} is held by another live flusher" in done.stderr
-    sona_shm.segment.unlink(other)
+    segment.unlink(other)
     # A segment made without an outbox.
     done = run(python_cmd("-m", "sona_shm", "create", "--name", plain, *FLAGS[:-2]), timeout=60)
     assert done.returncode == 0
@@ -447,7 +448,7 @@ def test_a_redis_that_lost_everything_is_made_again_from_a_host(redis_server, na
 def test_the_lease_scripts_tell_taken_from_unknown(redis_server):
     """renew(): True for the holder, False when another engine holds or registered the host id, None when the
     fleet does not know the host id (made again after Redis lost it: join anew, not a conflict)."""
-    from sona_shm.redis_log import FleetLog, connect
+    from sona_shm.fleet.stream import FleetLog, connect
 
     fleet = FleetLog(connect(redis_server.url, timeout=5.0), "lease")
     try:
@@ -465,8 +466,8 @@ def test_the_lease_scripts_tell_taken_from_unknown(redis_server):
 def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_windows(redis_server):
     """Windows past the host's last go in entries of at most entry_windows; a repeat (an answer lost) appends nothing;
     windows after a gap are stamped with the last seq before them; a caller without the lease appends nothing."""
-    from sona_shm.redis_log import FleetLog, connect
-    from sona_shm.replica import host_key
+    from sona_shm.fleet.replica import host_key
+    from sona_shm.fleet.stream import FleetLog, connect
 
     def window(seq: int) -> bytes:
         out = np.zeros(64 + 8 * H, np.uint8)
@@ -498,8 +499,8 @@ def test_a_fleet_of_another_stream_protocol_is_refused(redis_server):
     """Entries carry runs of windows (field e) since protocol 2: a fleet a build of protocol 1 made (one window an
     entry, no e) must be refused at join, not joined to count every entry of its stream bad (and to write entries its
     other hosts cannot read)."""
-    from sona_shm.redis_log import PROTOCOL, FleetError, FleetLog, connect
-    from sona_shm.replica import host_key
+    from sona_shm.fleet.replica import host_key
+    from sona_shm.fleet.stream import PROTOCOL, FleetError, FleetLog, connect
 
     fleet = FleetLog(connect(redis_server.url, timeout=5.0), "proto")
     r = redis_server.client()

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sona_shm.ledger import Ledger
-from sona_shm.segment import Segment, start_ticks
+from sona_shm.shm.ledger import Ledger
+from sona_shm.shm.segment import Segment, start_ticks
 from sona_shm.stats import read_stats
 
 from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from sona_shm import LayoutMismatchError
-from sona_shm.checkpoint import read_checkpoint
 from sona_shm.cli import EXIT_CHECKPOINT, EXIT_LAYOUT_MISMATCH, EXIT_OK
-from sona_shm.client import attach
-from sona_shm.layout import LAYOUT_VERSION
-from sona_shm.segment import Segment
+from sona_shm.engine.client import attach
+from sona_shm.shm.layout import LAYOUT_VERSION
+from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
+from sona_shm.store.checkpoint import read_checkpoint
 from sona_shm.supervise import stop_process
 
 from support import make_trajectories, run, wait_for

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop, Step, Trajectory
-from sona_shm.client import attach
+from sona_shm.engine.client import attach
 from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 

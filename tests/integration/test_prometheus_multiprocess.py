@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sona_shm.segment import start_ticks
+from sona_shm.shm.segment import start_ticks
 from sona_shm.stats import read
 
 from children import child_pids, listening_socket, process_running, start_gunicorn, stop_gunicorn, wait_until_serving

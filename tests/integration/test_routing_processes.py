@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop
-from sona_shm.client import attach
-from sona_shm.consumer import open_consumer
-from sona_shm.ledger import Ledger
-from sona_shm.routes import RouteTable, feedback_trajectory
-from sona_shm.segment import Segment
+from sona_shm.engine.client import attach
+from sona_shm.engine.consumer import open_consumer
+from sona_shm.learn.routes import RouteTable, feedback_trajectory
+from sona_shm.shm.ledger import Ledger
+from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
 

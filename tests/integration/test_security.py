@@ -10,12 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from sona_shm import SonaShmError, Trajectory, UntrustedSegmentError, open_consumer, segment
+from sona_shm import SonaShmError, Trajectory, UntrustedSegmentError, open_consumer
 from sona_shm.cli import EXIT_LAYOUT_MISMATCH
-from sona_shm.client import attach
-from sona_shm.flusher import Flusher
-from sona_shm.layout import EngineConfig
-from sona_shm.segment import DEFAULT_MODE, GROUP_MODE
+from sona_shm.engine.client import attach
+from sona_shm.engine.flusher import Flusher
+from sona_shm.shm import segment
+from sona_shm.shm.layout import EngineConfig
+from sona_shm.shm.segment import DEFAULT_MODE, GROUP_MODE
 from sona_shm.supervise import die_with_parent, set_deadline
 
 from children import fork_child

@@ -6,7 +6,7 @@ a consumer. A consumer (Loop B: pattern extraction, base-LoRA training, an expor
 takes them out, oldest first, either as :class:`~sona_shm.Trajectory` objects or as one
 :class:`TrajectoryBatch` of numpy arrays.
 
-The protocol (layout in :mod:`sona_shm.layout`, "CONSUMER_LINE"):
+The protocol (layout in :mod:`sona_shm.shm.layout`, "CONSUMER_LINE"):
 
 1. Take the drain lock, an OFD lock on byte ``LOCK_DRAIN`` of the segment file. It
    makes consumers take turns, so no trajectory is handed out twice; the kernel drops
@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int, check_timeout
-from .errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
-from .layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
-from .ledger import Ledger, TornRead
-from .segment import Segment, wait_until
-from .trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
+from ..checks import check_int, check_timeout
+from ..errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
+from ..shm.layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
+from ..shm.ledger import Ledger, TornRead
+from ..shm.segment import Segment, wait_until
+from ..trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
 
 log = logging.getLogger("sona_shm.consumer")
 

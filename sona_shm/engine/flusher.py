@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 import posix_ipc
 
-from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from .config import DEFAULT_FLEET_OUTBOX
-from .errors import (
+from ..config import DEFAULT_FLEET_OUTBOX
+from ..errors import (
     CheckpointError,
     ClosedError,
     FleetError,
@@ -40,8 +39,10 @@ from .errors import (
     LayoutMismatchError,
     SegmentNotFoundError,
 )
-from .lane import _speedups
-from .layout import (
+from ..learn.learner import Learner, initial_down, learning_signals
+from ..learn.routes import RouteTable, read_route_table
+from ..shm.lane import _speedups
+from ..shm.layout import (
     CONS_TAIL,
     CONSUMER_LINE,
     FL_HEARTBEAT,
@@ -60,10 +61,8 @@ from .layout import (
     EngineConfig,
     Layout,
 )
-from .learning import Learner, initial_down, learning_signals
-from .ledger import Ledger
-from .routes import RouteTable, read_route_table
-from .segment import (
+from ..shm.ledger import Ledger
+from ..shm.segment import (
     DEFAULT_MODE,
     GROUP_MODE,
     Segment,
@@ -77,8 +76,9 @@ from .segment import (
     try_lock_fd,
     unlink_created,
 )
-from .space import check_room
-from .trajectory import ROUTE_MAX_BYTES
+from ..shm.space import check_room
+from ..store.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from ..trajectory import ROUTE_MAX_BYTES
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -108,7 +108,7 @@ class Flusher:
     segment stores it (or the checkpoint's); an existing one must hold the same table.
 
     ``fleet``: :class:`~sona_shm.fleet.FleetOptions` to learn as one host of a fleet
-    (:mod:`sona_shm.fleet`): flush points seal windows into the outbox instead of
+    (:mod:`sona_shm.fleet.member`): flush points seal windows into the outbox instead of
     applying them, and the adapter changes only by applying the fleet's stream. A new
     segment then gets an outbox of ``fleet_outbox`` entries (default
     :data:`~sona_shm.config.DEFAULT_FLEET_OUTBOX`); an existing one must have one.
@@ -253,7 +253,7 @@ class Flusher:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_interval
         self._seen_requests = [0] * layout.lanes  # fleet mode: the last flush request of each lane taken in
         if self.fleet_options is not None:
-            from .fleet import FleetMember
+            from ..fleet.member import FleetMember
 
             self._seen_requests = [int(u64[w]) for w in self._ack_words]
             self.fleet = FleetMember(self.fleet_options, seg, self._state, self.learner, self.routes, self.ledger, self._tails)

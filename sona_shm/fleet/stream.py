@@ -38,7 +38,7 @@ The scripts run atomically in Redis, so a failover keeps or loses each one whole
 The client is redis-py with short timeouts and **no retries**: redis-py 6 and later
 retry a failed command by default (redis-py 8: 10 times, exponential back-off up to 1 s),
 which would block a caller through an outage; here every call fails fast and the
-caller (:mod:`sona_shm.fleet`'s threads) decides when to try again. redis-py is imported
+caller (:mod:`sona_shm.fleet.member`'s threads) decides when to try again. redis-py is imported
 only here, and only when a fleet is used (``pip install 'sona-shm[fleet]'``).
 """
 
@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FleetError, SonaShmError
+from ..errors import FleetError, SonaShmError
 from .replica import StreamEntry, StreamId, format_id, parse_id
 
 #: The stream's format (checked at join): 2 since an entry carries a run of windows (``e``); 1 carried one.

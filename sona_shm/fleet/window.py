@@ -11,7 +11,7 @@ every window with :func:`apply_window`, the arithmetic of
 so replicas that apply the same windows in the same order hold the same bits, and a
 single host holds the bits it would have held without a fleet.
 
-The byte form (``WINDOW_HEAD_BYTES`` of header, then the rows; :mod:`sona_shm.layout`,
+The byte form (``WINDOW_HEAD_BYTES`` of header, then the rows; :mod:`sona_shm.shm.layout`,
 "Outbox entry", writes it down) is the same in the outbox entry and in the stream
 entry's ``w`` field, so publishing copies bytes and nothing is re-encoded. Under the
 reference rule every rank row of ``G_U`` is the same signal sum; such a window carries
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SonaShmError
-from .lane import _speedups
-from .layout import WINDOW_HEAD_BYTES
-from .learning import apply_sums
+from ..errors import SonaShmError
+from ..learn.learner import apply_sums
+from ..shm.lane import _speedups
+from ..shm.layout import WINDOW_HEAD_BYTES
 
 WINDOW_MAGIC = b"SFW1"
 #: magic, hidden_dim, rank, up_rows, down_rows, seq, n, cum, sealed_at (then zero up to WINDOW_HEAD_BYTES).

@@ -2,7 +2,7 @@
 
 A checkpoint is what the ledger holds apart from lane and buffer positions: the adapter,
 the pending gradients, the counters and per-route counts, plus the engine's
-configuration and route table. It is a safetensors file (:mod:`sona_shm.tensorfile`)
+configuration and route table. It is a safetensors file (:mod:`sona_shm.store.tensorfile`)
 that standard tools read::
 
     base_model.model.layers.0.self_attn.micro_lora_A.weight  F32 [rank, hidden_dim]  down
@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import EngineConfig
-from .errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError
-from .layout import LOCK_FLUSHER, Layout
-from .ledger import Ledger
-from .routes import RouteTable, read_route_table
-from .segment import Segment
+from ..config import EngineConfig
+from ..errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError
+from ..learn.routes import RouteTable, read_route_table
+from ..shm.layout import LOCK_FLUSHER, Layout
+from ..shm.ledger import Ledger
+from ..shm.segment import Segment
 from .tensorfile import decode, encode, read_file, write_atomic
 
 FORMAT = "sona_shm.adapter"

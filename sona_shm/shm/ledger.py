@@ -1,6 +1,6 @@
 """The flusher's state in shared memory, published whole by one word (a seqcount latch).
 
-Layout and protocol are in :mod:`sona_shm.layout` ("Ledger copy"). In short: two copies,
+Layout and protocol are in :mod:`sona_shm.shm.layout` ("Ledger copy"). In short: two copies,
 the flusher writes the one not current and then stores ``commit + 1``; readers read
 ``commit``, the copy ``commit & 1``, then ``commit`` again. No reader ever waits for the
 writer and a writer killed at any instant leaves the current copy intact.
@@ -13,7 +13,7 @@ import signal
 
 import numpy as np
 
-from .errors import SonaShmError
+from ..errors import SonaShmError
 from .layout import COMMIT_LINE
 from .segment import Segment
 

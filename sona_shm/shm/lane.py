@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from ..learn.learner import F32
+from ..learn.routes import RouteChoice
+from ..trajectory import CheckedTrajectory, Step, Trajectory, all_finite, check_finite, check_trajectory
 from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID, Layout
-from .learning import F32
-from .routes import RouteChoice
 from .segment import Segment
-from .trajectory import CheckedTrajectory, Step, Trajectory, all_finite, check_finite, check_trajectory
 
 PUBLISHED = 1  #: the slot is published
 PUBLISHED_RING = 2  #: the slot is published and the flusher sleeps: ring its doorbell
@@ -40,7 +40,7 @@ _HEAD_FORMATS = ["<QQfHHHHI" + "fHH" * n for n in range(1025)]
 _speedups: Any = None
 if not os.environ.get("SONA_SHM_PURE_PYTHON"):
     try:
-        from . import _speedups  # type: ignore[attr-defined,no-redef]  # a C module mypy cannot see
+        from .. import _speedups  # type: ignore[attr-defined,no-redef]  # a C module mypy cannot see
 
         _speedups.set_types(Trajectory, Step, RouteChoice)
     except ImportError:  # pragma: no cover - depends on the build

@@ -32,10 +32,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import MAX_ROUTES
-from .errors import InvalidInputError, LayoutMismatchError
-from .layout import ROUTE_NAME_BYTES
-from .trajectory import F32, Step, Trajectory, as_finite_float, as_vector
+from ..config import MAX_ROUTES
+from ..errors import InvalidInputError, LayoutMismatchError
+from ..shm.layout import ROUTE_NAME_BYTES
+from ..trajectory import F32, Step, Trajectory, as_finite_float, as_vector
 
 
 class RouteChoice(NamedTuple):

@@ -1,10 +1,10 @@
 """A flusher in a fleet: many hosts learn one adapter through one Redis stream.
 
 Each host's flusher learns its own lanes as always, but a flush point *seals* the
-window (:mod:`sona_shm.sealed`) into the segment's outbox instead of applying it; a
-publisher thread appends the outbox to the fleet's stream (:mod:`sona_shm.redis_log`),
+window (:mod:`sona_shm.fleet.window`) into the segment's outbox instead of applying it; a
+publisher thread appends the outbox to the fleet's stream (:mod:`sona_shm.fleet.stream`),
 a reader thread reads the stream back, and the flusher's main loop applies every
-entry, its own included, in stream order (:mod:`sona_shm.replica`). So every replica
+entry, its own included, in stream order (:mod:`sona_shm.fleet.replica`). So every replica
 holds the same adapter, bit for bit, and every window is applied once.
 
 Threads and who writes what:
@@ -47,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .layout import (
+from ..errors import InvalidInputError
+from ..learn.learner import Learner
+from ..learn.routes import RouteTable
+from ..shm.layout import (
     FI_HOST,
     FI_HOST_LEN,
     FI_KEY,
@@ -69,12 +71,10 @@ from .layout import (
     FM_PAUSES,
     Layout,
 )
-from .learning import Learner
-from .ledger import Ledger
-from .redis_log import LEASE_TTL, FleetError, FleetLog, Joined, LinkDown, config_json, connect
+from ..shm.ledger import Ledger
+from ..shm.segment import Segment
 from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
-from .routes import RouteTable
-from .segment import Segment
+from .stream import LEASE_TTL, FleetError, FleetLog, Joined, LinkDown, config_json, connect
 
 log = logging.getLogger("sona_shm.fleet")
 

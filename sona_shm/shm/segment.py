@@ -1,6 +1,6 @@
 """Create, open, map and remove one segment; its doorbell; its advisory locks.
 
-The layout itself is in :mod:`sona_shm.layout`. This module is the only one that
+The layout itself is in :mod:`sona_shm.shm.layout`. This module is the only one that
 talks to ``posix_ipc``, ``mmap`` and ``fcntl``.
 
 Why ``posix_ipc`` and not ``multiprocessing.shared_memory``: before Python 3.13 the
@@ -39,8 +39,8 @@ from collections.abc import Callable
 
 import posix_ipc
 
-from .checks import check_timeout
-from .errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
+from ..checks import check_timeout
+from ..errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

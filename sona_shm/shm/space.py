@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .errors import NoSpaceError
+from ..errors import NoSpaceError
 from .layout import PAGE, EngineConfig, Layout
 from .segment import SHM_DIR
 

@@ -4,7 +4,7 @@ Everything here changes the flusher's *private* ledger record (and the outbox en
 of the segment), never the published copy: the flusher commits it with everything
 else, so a window sealed, the lane tails that produced it and the zeroed sums become
 current together, and so do an applied entry, the weights it changed, the stream
-cursor and the applied table. No Redis and no thread here (:mod:`sona_shm.fleet` has
+cursor and the applied table. No Redis and no thread here (:mod:`sona_shm.fleet.member` has
 them); the rules:
 
 - **Sealing.** Own window ``s = fleet_out_head + 1`` is written into its outbox entry;
@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .config import EngineConfig
-from .errors import CheckpointError, SonaShmError
-from .lane import _speedups
-from .layout import Layout
-from .routes import RouteTable
-from .sealed import BadWindow, Window, apply_window, read_window, split_windows, window_length, write_window
+from ..config import EngineConfig
+from ..errors import CheckpointError, SonaShmError
+from ..learn.routes import RouteTable
+from ..shm.lane import _speedups
+from ..shm.layout import Layout
+from ..store.checkpoint import Checkpoint
+from .window import BadWindow, Window, apply_window, read_window, split_windows, window_length, write_window
 
 StreamId = tuple[int, int]
 #: The most windows an entry may claim to carry (``redis_log.ENTRY_WINDOWS`` is what sona_shm writes; more is not an entry of ours).

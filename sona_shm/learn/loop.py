@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int
-from .config import EngineConfig
-from .errors import InvalidInputError
-from .learning import F32, Learner, LoopMetrics, apply_adapter, learning_signals
+from ..checks import check_int
+from ..config import EngineConfig
+from ..errors import InvalidInputError
+from ..trajectory import CheckedTrajectory, Trajectory, as_vector, check_trajectory, to_trajectory
+from .learner import F32, Learner, LoopMetrics, apply_adapter, learning_signals
 from .routes import RouteChoice, RouteTable, check_exploration, choose, feedback_trajectory
-from .trajectory import CheckedTrajectory, Trajectory, as_vector, check_trajectory, to_trajectory
 
 
 def check_vectors(x: Any, hidden_dim: int) -> np.ndarray:
@@ -54,7 +54,7 @@ class InstantLoop:
 
     ``rule``: ``"reference"`` (the seed's bit-exact rule, the default) or
     ``"routing"`` (learns which route serves a query, from :meth:`feedback`; see
-    :mod:`sona_shm.routing`). ``routes``: ``float32[K, hidden_dim]`` route vectors with
+    :mod:`sona_shm.learn.routing`). ``routes``: ``float32[K, hidden_dim]`` route vectors with
     ``route_names`` (default ``route0…``); the routing rule needs them, and
     :meth:`route`/:meth:`feedback` use them under either rule. ``lr`` defaults by rule
     (0.002 reference, 1.0 routing); ``temperature`` is the routing rule's.
@@ -196,7 +196,7 @@ class InstantLoop:
         """Learn which route serves ``x``: ``route=`` and ``reward=`` (bandit), or ``best=`` (full information).
 
         Routes are given by index or name. Recorded as a trajectory (see
-        :mod:`sona_shm.routes`); returns True like :meth:`Client.feedback`.
+        :mod:`sona_shm.learn.routes`); returns True like :meth:`Client.feedback`.
         """
         table = self._table("feedback")
         self.on_trajectory(feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing"))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 #: The reference implementation's limit on the JSON header.
 MAX_HEADER_BYTES = 100_000_000

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import EngineConfig
+from ..errors import InvalidInputError
 from . import routing
-from .config import EngineConfig
-from .errors import InvalidInputError
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
@@ -201,7 +201,7 @@ class Learner:
     ``float64[rank, hidden_dim]``. Under the ``reference`` rule only ``up`` learns and
     every rank row of ``grad_up`` receives the same signal (:meth:`learn`); under the
     ``routing`` rule both learn from feedback (:meth:`learn_feedback`,
-    :mod:`sona_shm.routing`). ``unit``: the engine's unit route vectors
+    :mod:`sona_shm.learn.routing`). ``unit``: the engine's unit route vectors
     (``float32[K, h]``) or ``None``; ``route_chosen``/``route_best`` (``uint64[K]``) and
     ``route_reward`` (``float64[K]``) count feedback per route (:meth:`count_routes`).
     The arrays are updated in place, so they may be views into a record the owner
@@ -263,7 +263,7 @@ class Learner:
         if down is None:
             self.down[...] = initial_down(hidden_dim, rank)
         #: Called instead of applying at a flush when set (a fleet seals the window instead: it
-        #: takes the sums and zeroes them, see sona_shm.fleet); the weights stay as they are.
+        #: takes the sums and zeroes them, see sona_shm.fleet.member); the weights stay as they are.
         self.sealer: Callable[[], None] | None = None
         self.pending = 0  # signals accumulated since the last flush (the reference's update_count)
         self.generation = 0  # bumped whenever the adapter changes

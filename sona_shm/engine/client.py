@@ -24,12 +24,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import lane as lane_module
-from .checks import check_timeout
-from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
-from .errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
-from .lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
-from .layout import (
+from ..checks import check_timeout
+from ..errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
+from ..learn.learner import F32
+from ..learn.loop import check_vectors
+from ..learn.routes import RouteChoice, check_exploration, choose, feedback_trajectory, read_route_table
+from ..shm import lane as lane_module
+from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
+from ..shm.layout import (
     FLUSHER_LINE,
     LANE_CLAIMS,
     LANE_DROPS,
@@ -42,13 +44,11 @@ from .layout import (
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
 )
-from .learning import F32
-from .ledger import Ledger, TornRead
-from .loop import check_vectors
-from .routes import RouteChoice, check_exploration, choose, feedback_trajectory, read_route_table
-from .segment import Segment, start_ticks, wait_until
-from .stats import EngineStats, collect
-from .trajectory import Trajectory
+from ..shm.ledger import Ledger, TornRead
+from ..shm.segment import Segment, start_ticks, wait_until
+from ..stats import EngineStats, collect
+from ..trajectory import Trajectory
+from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
 
 log = logging.getLogger("sona_shm.client")
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -391,7 +391,7 @@ class Client:
         Bandit: ``route=`` (the route served, by index or name) and ``reward=`` (how
         well it did; in [0, 1] under the routing rule). Full information: ``best=`` (the
         route that was right), optionally with ``route=`` (the one served). Recorded as a
-        trajectory (encoding in :mod:`sona_shm.routes`), so drain returns it. Bad input
+        trajectory (encoding in :mod:`sona_shm.learn.routes`), so drain returns it. Bad input
         raises :class:`InvalidInputError` naming the argument, and nothing is written.
         """
         table = self.routes

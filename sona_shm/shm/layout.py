@@ -111,7 +111,7 @@ exactly once across any crash::
 
 The scalars come first, the arrays from the next 64-byte boundary on.
 
-Fleet (only with ``fleet_outbox > 0``; :mod:`sona_shm.fleet` runs it). Control lines at
+Fleet (only with ``fleet_outbox > 0``; :mod:`sona_shm.fleet.member` runs it). Control lines at
 ``fleet_offset``, written by the flusher's main thread (holding the flusher lock) at most
 every 20 ms, from its own state and what its Redis threads report; for monitors only,
 nothing depends on them across a crash::
@@ -138,7 +138,7 @@ out_tail + fleet_outbox``) before the ledger commit whose ``fleet_out_head = s``
 publishes it, together with the lane tails that produced it and the zeroed gradient
 sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first bytes (as many
 as its header says: at most ``window_bytes``) are, byte for byte, what the stream entry's
-``w`` field carries for it (one or more consecutive windows back to back; :mod:`sona_shm.sealed`)::
+``w`` field carries for it (one or more consecutive windows back to back; :mod:`sona_shm.fleet.window`)::
 
     0   4s  magic b"SFW1"   4 u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
     16  u64 seq            24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)
@@ -203,9 +203,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import RULES, EngineConfig
-from .errors import InvalidInputError, LayoutMismatchError
-from .trajectory import ROUTE_MAX_BYTES
+from ..config import RULES, EngineConfig
+from ..errors import InvalidInputError, LayoutMismatchError
+from ..trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
 LAYOUT_VERSION = 3
@@ -237,7 +237,7 @@ FM_LAG, FM_PAUSED, FM_PAUSES = 0, 8, 16
 FK_CONNECTED, FK_CONTACT_AT, FK_PUBLISHED, FK_ERROR_AT = 0, 8, 16, 24
 FI_TOKEN, FI_HOST_LEN, FI_KEY_LEN, FI_HOST, FI_KEY = 0, 16, 18, 64, 192
 FLEET_TOKEN_BYTES, FLEET_HOST_BYTES, FLEET_KEY_BYTES = 16, 128, 320
-#: Hosts a fleet's applied table holds; a fleet key refuses more (see sona_shm.fleet).
+#: Hosts a fleet's applied table holds; a fleet key refuses more (see sona_shm.fleet.member).
 MAX_FLEET_HOSTS = 64
 #: The header of a sealed window (outbox entry and stream field), in bytes.
 WINDOW_HEAD_BYTES = 64
