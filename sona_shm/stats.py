@@ -34,35 +34,12 @@ import numpy as np
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError
 from .learn.routes import read_route_names
 from .shm.layout import (
-    CONS_DRAINED_AT,
-    CONS_PID,
-    CONS_TAIL,
-    CONSUMER_LINE,
-    FI_HOST,
-    FI_HOST_LEN,
-    FI_KEY,
-    FK_CONNECTED,
-    FL_HEARTBEAT,
-    FL_IDLE,
-    FL_PID,
-    FL_SCANS,
-    FL_STARTED_AT,
-    FLEET_HOST_BYTES,
-    FLEET_IDENTITY,
-    FLEET_KEY_BYTES,
-    FLEET_LINK_LINE,
-    FLEET_MAIN_LINE,
-    FLUSHER_LINE,
-    FM_LAG,
-    FM_PAUSED,
+    CONSUMER_WORDS,
+    FLUSHER_WORDS,
     HEADER_CREATED_AT,
-    LANE_CLAIMS,
-    LANE_DROPS,
-    LANE_HEAD,
-    LANE_LAST_AT,
-    LANE_OWNER_PID,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
+    read_fleet_identity,
 )
 from .shm.ledger import Ledger
 from .shm.segment import PREFIX, SHM_DIR, Segment
@@ -393,14 +370,11 @@ def _fleet(segment: Segment, v: Mapping[str, Any], alive: bool) -> FleetStats | 
     layout = segment.layout
     if not layout.fleet_outbox:
         return None
-    base, buf = layout.fleet_offset, segment.buf
-    main, link, ident = base + FLEET_MAIN_LINE, base + FLEET_LINK_LINE, base + FLEET_IDENTITY
-    (lag,) = struct.unpack_from("<d", buf, main + FM_LAG)
-    paused, pauses = struct.unpack_from("<QQ", buf, main + FM_PAUSED)
-    connected, contact_at, published, error_at = struct.unpack_from("<QdQd", buf, link + FK_CONNECTED)
-    host_len, key_len = struct.unpack_from("<HH", buf, ident + FI_HOST_LEN)
-    host = bytes(buf[ident + FI_HOST : ident + FI_HOST + min(host_len, FLEET_HOST_BYTES)]).decode("utf-8", "replace")
-    key = bytes(buf[ident + FI_KEY : ident + FI_KEY + min(key_len, FLEET_KEY_BYTES)]).decode("utf-8", "replace")
+    words, u64, f64 = layout.fleet_words, segment.u64, segment.f64
+    assert words is not None  # a segment with an outbox has the fleet region
+    lag, paused, pauses = f64[words.lag_s], u64[words.paused], u64[words.pauses]
+    connected, contact_at, published, error_at = u64[words.connected], f64[words.contact_at], u64[words.published], f64[words.error_at]
+    host, key = read_fleet_identity(segment.buf, layout)
     head, tail = v["fleet_out_head"], v["fleet_out_tail"]
     cursor = (v["fleet_cursor_ms"], v["fleet_cursor_seq"])
     return FleetStats(
@@ -433,7 +407,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
     layout = segment.layout
     u64, f64 = segment.u64, segment.f64
     # The tail before the head: the tail never passes the head, so len is never negative.
-    buffer_tail = u64[(CONSUMER_LINE + CONS_TAIL) // 8]
+    buffer_tail = u64[CONSUMER_WORDS.tail]
     names = _LEDGER_FIELDS + (_FLEET_FIELDS if layout.fleet_outbox else ())
     values = dict(zip(names, ledger.read(*names)))  # one read: the fleet's figures are of the same commit as the rest
     tails = values["lane_tail"]
@@ -442,28 +416,28 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
 
     lanes = []
     for lane in range(layout.lanes):
-        ctl = layout.lane_control(lane) // 8
-        claims = u64[ctl + LANE_CLAIMS // 8]
+        words = layout.lane_words[lane]
+        claims = u64[words.claims]
         if not claims:
             continue
-        head = u64[ctl + LANE_HEAD // 8]
+        head = u64[words.head]
         tail = int(tails[lane])
         lanes.append(
             LaneStats(
                 lane=lane,
-                pid=u64[ctl + LANE_OWNER_PID // 8],
+                pid=u64[words.owner_pid],
                 alive=held[1 + lane],
                 records=head,
                 learned=tail,
                 backlog=head - tail,
-                drops=u64[ctl + LANE_DROPS // 8],
+                drops=u64[words.drops],
                 claims=claims,
-                last_record_at=f64[ctl + LANE_LAST_AT // 8] or None,
+                last_record_at=f64[words.last_record_at] or None,
             )
         )
 
-    fl = FLUSHER_LINE // 8
-    heartbeat = f64[fl + FL_HEARTBEAT // 8]
+    fl = FLUSHER_WORDS
+    heartbeat = f64[fl.heartbeat]
     seen = values["trajectories_processed"]
     cfg = layout.config
     up, down = values["up"], values["down"]
@@ -500,17 +474,17 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
             success_rate=1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
             capacity=cfg.capacity,
             drained=buffer_tail,
-            drained_at=f64[(CONSUMER_LINE + CONS_DRAINED_AT) // 8] or None,
-            consumer_pid=u64[(CONSUMER_LINE + CONS_PID) // 8] or None,
+            drained_at=f64[CONSUMER_WORDS.drained_at] or None,
+            consumer_pid=u64[CONSUMER_WORDS.pid] or None,
         ),
         flusher=FlusherStats(
-            pid=u64[fl + FL_PID // 8],
+            pid=u64[fl.pid],
             alive=held[0],
             heartbeat_at=heartbeat or None,
             heartbeat_age_s=(now - heartbeat) if heartbeat else None,
-            started_at=f64[fl + FL_STARTED_AT // 8] or None,
-            idle=bool(u64[fl + FL_IDLE // 8]),
-            scans=u64[fl + FL_SCANS // 8],
+            started_at=f64[fl.started_at] or None,
+            idle=bool(u64[fl.idle]),
+            scans=u64[fl.scans],
         ),
         lanes=tuple(lanes),
         adapter=AdapterStats(

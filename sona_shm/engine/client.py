@@ -32,15 +32,7 @@ from ..learn.routes import RouteChoice, check_exploration, choose, feedback_traj
 from ..shm import lane as lane_module
 from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
 from ..shm.layout import (
-    FLUSHER_LINE,
-    LANE_CLAIMS,
-    LANE_DROPS,
-    LANE_FLUSH_ACK,
-    LANE_FLUSH_REQ,
-    LANE_HEAD,
-    LANE_NEXT_ID,
-    LANE_OWNER_PID,
-    LANE_OWNER_START,
+    FLUSHER_WORDS,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
 )
@@ -141,9 +133,9 @@ class Client:
         except BaseException:
             seg.unlock(LOCK_LANE_BASE + lane)
             raise
-        ctl = layout.lane_control(lane) // 8
+        words = layout.lane_words[lane]
         u64 = self._u64
-        head = u64[ctl + LANE_HEAD // 8]
+        head = u64[words.head]
         if not tail <= head <= tail + layout.lane_slots:
             # Written outside sona_shm (a previous owner publishes at most lane_slots past the
             # committed tail): the flusher counts it as corrupt and learns nothing of the lane
@@ -156,13 +148,13 @@ class Client:
                 tail,
                 tail + layout.lane_slots,
             )
-            u64[ctl + LANE_HEAD // 8] = tail  # publishes nothing: the flusher's tail is already there
-        u64[ctl + LANE_OWNER_PID // 8] = pid
-        u64[ctl + LANE_OWNER_START // 8] = start_ticks(pid)
-        u64[ctl + LANE_CLAIMS // 8] += 1
-        self._ctl = ctl
-        self._w_drops = ctl + LANE_DROPS // 8
-        self._w_next_id = ctl + LANE_NEXT_ID // 8
+            u64[words.head] = tail  # publishes nothing: the flusher's tail is already there
+        u64[words.owner_pid] = pid
+        u64[words.owner_start_ticks] = start_ticks(pid)
+        u64[words.claims] += 1
+        self._words = words
+        self._w_drops = words.drops
+        self._w_next_id = words.next_id
         self._views = LaneViews(seg, lane, self._where)
         writer = make_writer(seg, self._views)
         writer.tail = tail  # committed tail <= head, read before the writer read the head
@@ -448,10 +440,10 @@ class Client:
         with self._lock:
             self._check_open()
             self._ensure_lane()
-            word = self._ctl + LANE_FLUSH_REQ // 8
+            word = self._words.flush_request
             request = self._u64[word] + 1
             self._u64[word] = request  # after our records' heads, so the flusher sees them first
-            ack = self._ctl + LANE_FLUSH_ACK // 8
+            ack = self._words.flush_ack
             self._open_segment().ring()
 
         def answered() -> bool:
@@ -473,7 +465,7 @@ class Client:
         with self._lock:
             self._check_open()
             alive = self._open_segment().is_locked(LOCK_FLUSHER)
-            pid = self._u64[FLUSHER_LINE // 8]
+            pid = self._u64[FLUSHER_WORDS.pid]
         state = f"its flusher (pid {pid}) is alive but busy" if alive else "no flusher is running"
         return f"{what}() on segment {self.name!r} timed out after {timeout} s: {state}; start `sona-shm flusher --name {self.name}`"
 

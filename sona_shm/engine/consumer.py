@@ -43,7 +43,7 @@ import numpy as np
 
 from ..checks import check_int, check_timeout
 from ..errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
-from ..shm.layout import CONS_DRAINED_AT, CONS_PID, CONS_TAIL, CONSUMER_LINE, LOCK_DRAIN
+from ..shm.layout import CONSUMER_WORDS, LOCK_DRAIN
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, wait_until
 from ..trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
@@ -153,8 +153,7 @@ class Consumer:
             self._ledger = Ledger(seg)
             self._slots = np.ndarray((layout.capacity,), dtype=layout.slot_dtype, buffer=seg.numpy_buffer(), offset=layout.buffer_offset)
             self._u64, self._f64 = seg.u64, seg.f64
-            line = CONSUMER_LINE // 8
-            self._w_tail, self._w_pid, self._w_at = line + CONS_TAIL // 8, line + CONS_PID // 8, line + CONS_DRAINED_AT // 8
+            self._w_tail, self._w_pid, self._w_at = CONSUMER_WORDS.tail, CONSUMER_WORDS.pid, CONSUMER_WORDS.drained_at
             self._lock = threading.Lock()  # an OFD lock does not exclude threads sharing its descriptor
             self._holder: int | None = None
         except BaseException:
@@ -337,7 +336,7 @@ class Consumer:
 
 def buffer_stats(segment: Segment, ledger: Ledger) -> tuple[int, int, float]:
     """``(len, dropped, success_rate)`` of a segment's buffer, read without a lock."""
-    tail = segment.u64[(CONSUMER_LINE + CONS_TAIL) // 8]  # before the head: len is never negative
+    tail = segment.u64[CONSUMER_WORDS.tail]  # before the head: len is never negative
     head, dropped, seen = ledger.read("buffer_head", "buffer_dropped", "trajectories_processed")
     return head - tail, dropped, 1.0 if seen == 0 else (seen - dropped) / seen
 

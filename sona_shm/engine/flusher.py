@@ -43,19 +43,11 @@ from ..learn.learner import Learner, initial_down, learning_signals
 from ..learn.routes import RouteTable, read_route_table
 from ..shm.lane import _speedups
 from ..shm.layout import (
-    CONS_TAIL,
-    CONSUMER_LINE,
-    FL_HEARTBEAT,
-    FL_IDLE,
+    CONSUMER_WORDS,
     FL_PID,
-    FL_SCANS,
-    FL_START,
-    FL_STARTED_AT,
     FLUSHER_LINE,
+    FLUSHER_WORDS,
     HEADER_BYTES,
-    LANE_FLUSH_ACK,
-    LANE_FLUSH_REQ,
-    LANE_HEAD,
     LOCK_FLUSHER,
     MAGIC,
     EngineConfig,
@@ -194,12 +186,12 @@ class Flusher:
         self._slot_bytes = np.ndarray((L * N, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.slots_offset)
         self._buffer_bytes = np.ndarray((C, layout.slot_bytes), dtype=np.uint8, buffer=buf, offset=layout.buffer_offset)
         self._buffer_seq = np.ndarray((C,), dtype=np.uint64, buffer=buf, offset=layout.buffer_offset, strides=(layout.slot_bytes,))
-        self._head_words = [layout.lane_control(i) // 8 + LANE_HEAD // 8 for i in range(L)]
-        self._req_words = [layout.lane_control(i) // 8 + LANE_FLUSH_REQ // 8 for i in range(L)]
-        self._ack_words = [layout.lane_control(i) // 8 + LANE_FLUSH_ACK // 8 for i in range(L)]
-        self._consumer_tail = (CONSUMER_LINE + CONS_TAIL) // 8
-        fl = FLUSHER_LINE // 8
-        self._w_heartbeat, self._w_idle, self._w_scans = fl + FL_HEARTBEAT // 8, fl + FL_IDLE // 8, fl + FL_SCANS // 8
+        self._head_words = [w.head for w in layout.lane_words]
+        self._req_words = [w.flush_request for w in layout.lane_words]
+        self._ack_words = [w.flush_ack for w in layout.lane_words]
+        self._consumer_tail = CONSUMER_WORDS.tail
+        fl = FLUSHER_WORDS
+        self._w_heartbeat, self._w_idle, self._w_scans = fl.heartbeat, fl.idle, fl.scans
 
         # The private state: one ledger record, with the learner's arrays as views into it.
         self._state = self.ledger.snapshot()
@@ -230,9 +222,9 @@ class Flusher:
 
         pid = os.getpid()
         u64, f64 = self._u64, self._f64
-        u64[fl + FL_PID // 8] = pid
-        u64[fl + FL_START // 8] = start_ticks(pid)
-        f64[fl + FL_STARTED_AT // 8] = time.time()
+        u64[fl.pid] = pid
+        u64[fl.start_ticks] = start_ticks(pid)
+        f64[fl.started_at] = time.time()
         u64[self._w_idle] = 0
         f64[self._w_heartbeat] = time.time()
         log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())

@@ -38,7 +38,6 @@ import queue
 import secrets
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,25 +50,13 @@ from ..errors import InvalidInputError
 from ..learn.learner import Learner
 from ..learn.routes import RouteTable
 from ..shm.layout import (
-    FI_HOST,
-    FI_HOST_LEN,
-    FI_KEY,
-    FI_KEY_LEN,
-    FI_TOKEN,
-    FK_CONNECTED,
-    FK_CONTACT_AT,
-    FK_ERROR_AT,
-    FK_PUBLISHED,
     FLEET_HOST_BYTES,
-    FLEET_IDENTITY,
     FLEET_KEY_BYTES,
-    FLEET_LINK_LINE,
-    FLEET_MAIN_LINE,
     FLEET_TOKEN_BYTES,
-    FM_LAG,
-    FM_PAUSED,
-    FM_PAUSES,
     Layout,
+    fleet_token,
+    read_fleet_identity,
+    write_fleet_identity,
 )
 from ..shm.ledger import Ledger
 from ..shm.segment import Segment
@@ -465,8 +452,8 @@ class FleetMember:
         self._tails = tails  # the flusher's lane tails (a view into its private record)
         buf = segment.numpy_buffer()
         self._outbox = np.ndarray((layout.fleet_outbox, layout.entry_bytes), np.uint8, buffer=buf, offset=layout.outbox_offset)
-        self._region = np.ndarray((layout.fleet_bytes,), np.uint8, buffer=buf, offset=layout.fleet_offset)
-        self._words = self._region.data  # the same bytes, as a memoryview for struct
+        assert layout.fleet_words is not None  # an outbox comes with the fleet region
+        self._fleet_words = layout.fleet_words
         self.replica = Replica(layout, state, self._outbox, options.host_id, routes)
         self.config_json = config_json(layout.config, routes)
         self.host_key_hex = f"{host_key(options.host_id):016x}"
@@ -493,28 +480,17 @@ class FleetMember:
 
     def _identity(self) -> str:
         """The segment's token (made once), and its host id and key, checked against a bound segment's."""
-        region, at = self._region, FLEET_IDENTITY
-        token = bytes(region[at + FI_TOKEN : at + FI_TOKEN + FLEET_TOKEN_BYTES])
-        if token == bytes(FLEET_TOKEN_BYTES):
-            token = secrets.token_bytes(FLEET_TOKEN_BYTES)
-            region[at + FI_TOKEN : at + FI_TOKEN + FLEET_TOKEN_BYTES] = np.frombuffer(token, np.uint8)
-        host, key = self.options.host_id.encode(), self.options.key.encode()
+        buf = self.segment.buf
+        token = fleet_token(buf, self.layout, secrets.token_bytes(FLEET_TOKEN_BYTES))
         if self.replica.bound:
-            (host_len,) = struct.unpack_from("<H", self._words, at + FI_HOST_LEN)
-            (key_len,) = struct.unpack_from("<H", self._words, at + FI_KEY_LEN)
-            bound_host = bytes(region[at + FI_HOST : at + FI_HOST + host_len]).decode("utf-8", "replace")
-            bound_key = bytes(region[at + FI_KEY : at + FI_KEY + key_len]).decode("utf-8", "replace")
+            bound_host, bound_key = read_fleet_identity(buf, self.layout)
             if (bound_host, bound_key) != (self.options.host_id, self.options.key):
                 raise FleetError(
                     f"segment {self.segment.name!r} is a replica of fleet {bound_key!r} as host {bound_host!r}; start it with "
                     f"--fleet-key {bound_key} --host-id {bound_host}, or destroy it to join another fleet"
                 )
         else:
-            region[at + FI_HOST : at + FI_HOST + FLEET_HOST_BYTES] = 0
-            region[at + FI_KEY : at + FI_KEY + FLEET_KEY_BYTES] = 0
-            region[at + FI_HOST : at + FI_HOST + len(host)] = np.frombuffer(host, np.uint8)
-            region[at + FI_KEY : at + FI_KEY + len(key)] = np.frombuffer(key, np.uint8)
-            struct.pack_into("<HH", self._words, at + FI_HOST_LEN, len(host), len(key))
+            write_fleet_identity(buf, self.layout, self.options.host_id, self.options.key)
         return token.hex()
 
     # ----------------------------------------------------------------- starting and stopping
@@ -747,14 +723,14 @@ class FleetMember:
         replica = self.replica
         oldest = replica.oldest_outstanding_at()
         self.lag_s = max(0.0, now - oldest) if oldest is not None else 0.0
-        m, k = FLEET_MAIN_LINE, FLEET_LINK_LINE
-        struct.pack_into("<d", self._words, m + FM_LAG, self.lag_s)
-        struct.pack_into("<Q", self._words, m + FM_PAUSED, int(self.paused))
-        struct.pack_into("<Q", self._words, m + FM_PAUSES, self.pauses)
-        struct.pack_into("<Q", self._words, k + FK_CONNECTED, int(self.publisher.connected and self.reader.connected))
-        struct.pack_into("<d", self._words, k + FK_CONTACT_AT, max(self.publisher.contact_at, self.reader.contact_at))
-        struct.pack_into("<Q", self._words, k + FK_PUBLISHED, max(self.publisher.published, replica.tail))
-        struct.pack_into("<d", self._words, k + FK_ERROR_AT, max(self.publisher.error_at, self.reader.error_at))
+        words, u64, f64 = self._fleet_words, self.segment.u64, self.segment.f64
+        f64[words.lag_s] = self.lag_s
+        u64[words.paused] = int(self.paused)
+        u64[words.pauses] = self.pauses
+        u64[words.connected] = int(self.publisher.connected and self.reader.connected)
+        f64[words.contact_at] = max(self.publisher.contact_at, self.reader.contact_at)
+        u64[words.published] = max(self.publisher.published, replica.tail)
+        f64[words.error_at] = max(self.publisher.error_at, self.reader.error_at)
 
     def finish(self, commit: Callable[[], None], timeout: float = FINISH_TIMEOUT) -> None:
         """At shutdown: wait (at most ``timeout``) until every own window is published and applied back.

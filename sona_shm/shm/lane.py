@@ -24,7 +24,7 @@ import numpy as np
 from ..learn.learner import F32
 from ..learn.routes import RouteChoice
 from ..trajectory import CheckedTrajectory, Step, Trajectory, all_finite, check_finite, check_trajectory
-from .layout import FL_IDLE, FLUSHER_LINE, LANE_HEAD, LANE_LAST_AT, LANE_NEXT_ID, Layout
+from .layout import FLUSHER_WORDS, Layout
 from .segment import Segment
 
 PUBLISHED = 1  #: the slot is published
@@ -57,11 +57,11 @@ class LaneViews:
         self.where = where
         self.u64, self.f64, self.buf = segment.u64, segment.f64, segment.buf
         self.slot0 = layout.lane_slot(lane, 0)
-        ctl = layout.lane_control(lane)
-        self.head_word = (ctl + LANE_HEAD) // 8
-        self.next_id_word = (ctl + LANE_NEXT_ID) // 8
-        self.last_at_word = (ctl + LANE_LAST_AT) // 8
-        self.idle_word = (FLUSHER_LINE + FL_IDLE) // 8
+        words = layout.lane_words[lane]
+        self.head_word = words.head
+        self.next_id_word = words.next_id
+        self.last_at_word = words.last_record_at
+        self.idle_word = FLUSHER_WORDS.idle
         self.floats = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=segment.numpy_buffer(), offset=self.slot0)
         self.words: Any = self.floats.data  # a memoryview: its slice stores cost half of numpy's
         self.zeros: Any = np.zeros(layout.hidden_dim, dtype=F32).data

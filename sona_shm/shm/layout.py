@@ -199,6 +199,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -245,6 +246,81 @@ WINDOW_HEAD_BYTES = 64
 LOCK_FLUSHER = 0
 LOCK_DRAIN = 1
 LOCK_LANE_BASE = 64
+
+
+# Word indexes: where each control field is as an index into the segment's 8-byte word views
+# (``Segment.u64`` and ``Segment.f64``: index = byte offset // 8). The layout builds them once,
+# from the byte offsets above; every role reads and writes the control lines through these.
+
+
+@dataclass(frozen=True, slots=True)
+class FlusherWords:
+    """``FLUSHER_LINE``: written by the flusher holding the flusher lock."""
+
+    pid: int
+    start_ticks: int
+    heartbeat: int  # f64
+    idle: int
+    started_at: int  # f64
+    scans: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerWords:
+    """``CONSUMER_LINE``: written by the consumer holding the drain lock."""
+
+    tail: int
+    pid: int
+    drained_at: int  # f64
+
+
+@dataclass(frozen=True, slots=True)
+class LaneWords:
+    """One lane's control: the producer line (its owner writes it) and ``flush_ack`` (the flusher's)."""
+
+    head: int
+    drops: int
+    next_id: int
+    flush_request: int
+    last_record_at: int  # f64
+    owner_pid: int
+    owner_start_ticks: int
+    claims: int
+    flush_ack: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetWords:
+    """The fleet region's main line (the flusher's main thread) and link line (its figures of the Redis threads)."""
+
+    lag_s: int  # f64
+    paused: int
+    pauses: int
+    connected: int
+    contact_at: int  # f64
+    published: int
+    error_at: int  # f64
+
+
+def _words(cls: Any, line: int, offsets: tuple[int, ...]) -> Any:
+    return cls(*((line + offset) // 8 for offset in offsets))
+
+
+#: The commit word of the ledger latch.
+COMMIT_WORD = COMMIT_LINE // 8
+FLUSHER_WORDS: FlusherWords = _words(FlusherWords, FLUSHER_LINE, (FL_PID, FL_START, FL_HEARTBEAT, FL_IDLE, FL_STARTED_AT, FL_SCANS))
+CONSUMER_WORDS: ConsumerWords = _words(ConsumerWords, CONSUMER_LINE, (CONS_TAIL, CONS_PID, CONS_DRAINED_AT))
+_LANE_FIELDS = (
+    LANE_HEAD,
+    LANE_DROPS,
+    LANE_NEXT_ID,
+    LANE_FLUSH_REQ,
+    LANE_LAST_AT,
+    LANE_OWNER_PID,
+    LANE_OWNER_START,
+    LANE_CLAIMS,
+    LANE_FLUSH_ACK,
+)
 
 SLOT_HEAD_BYTES = 40
 #: Bytes of one route name in the route table (UTF-8, NUL-padded), the bound of a trajectory's route.
@@ -383,6 +459,21 @@ class Layout:
         self.slots_offset = _round_up(self.lanes_offset + config.lanes * LANE_CONTROL_BYTES, PAGE)
         self.buffer_offset = _round_up(self.slots_offset + config.lanes * config.lane_slots * self.slot_bytes, PAGE)
         self.total_bytes = _round_up(self.buffer_offset + config.capacity * self.slot_bytes, PAGE)
+        #: Word indexes of every lane's control fields (``lane_words[lane].head``, ...).
+        self.lane_words: tuple[LaneWords, ...] = tuple(_words(LaneWords, self.lane_control(i), _LANE_FIELDS) for i in range(config.lanes))
+        #: Word indexes of the fleet region's lines (None without a fleet outbox).
+        self.fleet_words: FleetWords | None = None
+        if config.fleet_outbox:
+            main, link = self.fleet_offset + FLEET_MAIN_LINE, self.fleet_offset + FLEET_LINK_LINE
+            self.fleet_words = FleetWords(
+                *(w // 8 for w in (main + FM_LAG, main + FM_PAUSED, main + FM_PAUSES)),
+                *(w // 8 for w in (link + FK_CONNECTED, link + FK_CONTACT_AT, link + FK_PUBLISHED, link + FK_ERROR_AT)),
+            )
+        fields = self.ledger_dtype.fields
+        assert fields is not None  # a structured dtype
+        #: Word index of each ledger copy's ``generation`` and of its ``lane_tail[0]`` (the fields readers take one at a time).
+        self.generation_words = tuple(self.ledger_copy(i) // 8 + fields["generation"][1] // 8 for i in (0, 1))
+        self.lane_tail_words = tuple(self.ledger_copy(i) // 8 + fields["lane_tail"][1] // 8 for i in (0, 1))
 
     def prefix_bytes(self, n_steps: int) -> int:
         """Bytes at the start of a slot that a trajectory with ``n_steps`` steps uses."""
@@ -530,3 +621,33 @@ class Layout:
         return f"{self.lanes} lanes x {self.lane_slots} slots + {self.capacity} buffer slots, {self.slot_bytes} B per slot" + (
             f"; fleet outbox {self.fleet_outbox} x {self.entry_bytes} B" if self.fleet_outbox else ""
         )
+
+
+def read_fleet_identity(buf: Any, layout: Layout) -> tuple[str, str]:
+    """``(host id, fleet key)`` stored in the fleet region's identity (``""`` when not written yet)."""
+    at = layout.fleet_offset + FLEET_IDENTITY
+    host_len, key_len = struct.unpack_from("<HH", buf, at + FI_HOST_LEN)
+    host = bytes(buf[at + FI_HOST : at + FI_HOST + min(host_len, FLEET_HOST_BYTES)]).decode("utf-8", "replace")
+    key = bytes(buf[at + FI_KEY : at + FI_KEY + min(key_len, FLEET_KEY_BYTES)]).decode("utf-8", "replace")
+    return host, key
+
+
+def write_fleet_identity(buf: Any, layout: Layout, host: str, key: str) -> None:
+    """Store the host id and fleet key in the fleet region's identity (only before the segment is bound to a fleet)."""
+    at = layout.fleet_offset + FLEET_IDENTITY
+    host_bytes, key_bytes = host.encode("utf-8"), key.encode("utf-8")
+    buf[at + FI_HOST : at + FI_HOST + FLEET_HOST_BYTES] = bytes(FLEET_HOST_BYTES)
+    buf[at + FI_KEY : at + FI_KEY + FLEET_KEY_BYTES] = bytes(FLEET_KEY_BYTES)
+    buf[at + FI_HOST : at + FI_HOST + len(host_bytes)] = host_bytes
+    buf[at + FI_KEY : at + FI_KEY + len(key_bytes)] = key_bytes
+    struct.pack_into("<HH", buf, at + FI_HOST_LEN, len(host_bytes), len(key_bytes))
+
+
+def fleet_token(buf: Any, layout: Layout, new: bytes) -> bytes:
+    """The segment's fleet token (its lease on a host id is this token's); ``new`` is stored first if there is none yet."""
+    at = layout.fleet_offset + FLEET_IDENTITY + FI_TOKEN
+    token = bytes(buf[at : at + FLEET_TOKEN_BYTES])
+    if token == bytes(FLEET_TOKEN_BYTES):
+        buf[at : at + FLEET_TOKEN_BYTES] = new
+        token = new
+    return token

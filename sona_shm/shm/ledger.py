@@ -14,7 +14,7 @@ import signal
 import numpy as np
 
 from ..errors import SonaShmError
-from .layout import COMMIT_LINE
+from .layout import COMMIT_WORD
 from .segment import Segment
 
 #: Reader retries before giving up on a consistent read. A retry means the flusher
@@ -40,15 +40,13 @@ class Ledger:
     def __init__(self, segment: Segment) -> None:
         layout = segment.layout
         self._u64 = segment.u64
-        self._commit = COMMIT_LINE // 8
+        self._commit = COMMIT_WORD
         self.copies = np.ndarray((2,), dtype=layout.ledger_dtype, buffer=segment.numpy_buffer(), offset=layout.ledger_offset)
         # Word indexes of fields the hot paths read one at a time.
-        base = [layout.ledger_copy(i) // 8 for i in (0, 1)]
-        self._generation = base  # ``generation`` is the first field
-        fields, names = layout.ledger_dtype.fields, layout.ledger_dtype.names
-        assert fields is not None and names is not None  # a structured dtype
-        tail_off = fields["lane_tail"][1] // 8
-        self._tail = [b + tail_off for b in base]
+        self._generation = layout.generation_words
+        self._tail = layout.lane_tail_words
+        names = layout.ledger_dtype.names
+        assert names is not None  # a structured dtype
         # Field views of each copy, made once: a read must be short to fit between commits.
         # Scalars stay shape-(1,) views (indexing one would copy it); arrays drop that axis.
         dtype = layout.ledger_dtype
