@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import machine  # noqa: F401 - first: refuses a CPU whose memory order the engine does not get (see there)
 from .engine.client import Client, attach
-from .engine.consumer import Consumer, TrajectoryBatch, drain_to_file, open_consumer
+from .engine.consumer import Consumer, drain_to_file, open_consumer
 from .errors import (
     CheckpointError,
     ClosedError,
@@ -23,7 +23,7 @@ from .errors import (
 )
 from .learn.learner import LoopMetrics
 from .learn.loop import InstantLoop
-from .trajectory import Step, Trajectory
+from .trajectory import RouteChoice, Step, Trajectory, TrajectoryBatch
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "LoopMetrics",
     "NoFreeLaneError",
     "NoSpaceError",
+    "RouteChoice",
     "SegmentNotFoundError",
     "SonaShmError",
     "Step",

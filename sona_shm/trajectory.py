@@ -1,4 +1,4 @@
-"""Trajectories as users build them, and the one validator every entry point uses.
+"""The values that cross the API — trajectories, batches of them, route choices — and the one validator of each.
 
 A :class:`Trajectory` is what one request leaves behind: the query embedding, a few
 :class:`Step` s (activations, attention weights, reward) and a final quality. Arrays
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -358,3 +358,119 @@ def to_trajectory(checked: CheckedTrajectory, id: int) -> Trajectory:
         route_index=checked.route_index,
         best_index=checked.best_index,
     )
+
+
+def check_vectors(x: Any, hidden_dim: int) -> np.ndarray:
+    """``x`` as finite ``float32[hidden_dim]`` or ``float32[n, hidden_dim]``, or raise."""
+    if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1:
+        return as_vector(x, "x", length=hidden_dim, what="hidden_dim")
+    try:
+        arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
+    except (ValueError, TypeError, OverflowError):  # ragged nesting and the like
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf" or arr.ndim not in (1, 2):
+        got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if arr is not None else repr(x)
+        raise InvalidInputError(f"x: expected float32[{hidden_dim}] or float32[n, {hidden_dim}], got {got}")
+    if arr.ndim == 1:
+        return as_vector(arr, "x", length=hidden_dim, what="hidden_dim")
+    if arr.shape[1] != hidden_dim:
+        raise InvalidInputError(f"x: expected float32[n, {hidden_dim}], got shape {arr.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = np.ascontiguousarray(arr, dtype=F32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        row, col = map(int, np.argwhere(~finite)[0])
+        raise InvalidInputError(f"x: expected finite values within float32 range, got a non-finite value at [{row}, {col}]")
+    return arr
+
+
+class RouteChoice(NamedTuple):
+    """What :meth:`Client.route` / :meth:`InstantLoop.route` chose.
+
+    For one vector: ``index`` (int), ``name`` (str), ``scores`` (``float32[K]``, the
+    cosine of the adapted query with every route), ``adapted`` (``float32[h]``, what
+    ``forward(x)`` returns), ``explored`` (bool: exploration picked ``index`` instead of
+    the best-scoring route). For a batch of ``n``: ``int64[n]``, a list of ``n`` names,
+    ``float32[n, K]``, ``float32[n, h]`` and ``bool[n]``.
+    """
+
+    index: Any
+    name: Any
+    scores: np.ndarray
+    adapted: np.ndarray
+    explored: Any
+
+
+#: TrajectoryBatch arrays that files written by earlier versions lack.
+_ADDED_LATER = ("route_index", "best_index")
+
+
+@dataclass(frozen=True)
+class TrajectoryBatch:
+    """``k`` drained trajectories as arrays, oldest first; padding is zero.
+
+    ``S`` is the engine's ``max_steps``, ``h`` its ``hidden_dim``, ``A`` its
+    ``attention_dim``, so batches of one engine stack with ``np.concatenate``.
+    :meth:`save` writes an ``.npz`` that ``np.load`` reads without pickle.
+    """
+
+    traj_id: np.ndarray  # uint64[k]
+    query: np.ndarray  # float32[k, h]
+    quality: np.ndarray  # float32[k]
+    latency_us: np.ndarray  # uint64[k]
+    route: np.ndarray  # str[k] ('' when the trajectory had none)
+    n_steps: np.ndarray  # int32[k]
+    rewards: np.ndarray  # float32[k, S], zero past n_steps
+    act_len: np.ndarray  # int32[k, S], zero past n_steps
+    activations: np.ndarray  # float32[k, S, h], zero past act_len and n_steps
+    att_len: np.ndarray  # int32[k, S], zero past n_steps
+    attention: np.ndarray  # float32[k, S, A], zero past att_len and n_steps
+    route_index: np.ndarray  # int32[k], the route taken of a feedback; -1 for none
+    best_index: np.ndarray  # int32[k], the route that was right of a feedback; -1 for none
+
+    def __len__(self) -> int:
+        return int(self.traj_id.shape[0])
+
+    def trajectories(self) -> list[Trajectory]:
+        """The batch as :class:`Trajectory` objects (arrays are views into the batch)."""
+        n_steps, act_len, att_len = self.n_steps.tolist(), self.act_len.tolist(), self.att_len.tolist()
+        rewards, quality = self.rewards.tolist(), self.quality.tolist()
+        ids, latency, route = self.traj_id.tolist(), self.latency_us.tolist(), self.route.tolist()
+        route_index, best_index = self.route_index.tolist(), self.best_index.tolist()
+        act, att, query = self.activations, self.attention, self.query
+        return [
+            Trajectory(
+                query[i],
+                [Step(act[i, s, : act_len[i][s]], att[i, s, : att_len[i][s]], rewards[i][s]) for s in range(n_steps[i])],
+                quality[i],
+                latency[i],
+                route[i] or None,
+                ids[i],
+                None if route_index[i] < 0 else route_index[i],
+                None if best_index[i] < 0 else best_index[i],
+            )
+            for i in range(len(ids))
+        ]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Field name to array, in declaration order (what :meth:`save` writes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, file: Any) -> None:
+        """Write the arrays as an uncompressed ``.npz`` to a path or binary file object."""
+        arrays: dict[str, Any] = self.arrays()  # keyword arrays; savez's own keywords are not among the names
+        np.savez(file, **arrays)
+
+    @classmethod
+    def load(cls, file: Any) -> TrajectoryBatch:
+        """Read what :meth:`save` (or ``sona-shm drain``) wrote."""
+        with np.load(file, allow_pickle=False) as data:
+            names = [f.name for f in fields(cls)]
+            missing = [n for n in names if n not in data.files and n not in _ADDED_LATER]
+            if missing:
+                raise InvalidInputError(f"file: expected a sona_shm trajectory batch with arrays {names}, missing {missing}")
+            arrays = {n: data[n] for n in names if n in data.files}
+            k = len(arrays["traj_id"])
+            for n in _ADDED_LATER:  # files written before feedback existed hold none
+                arrays.setdefault(n, np.full(k, -1, np.int32))
+            return cls(**arrays)

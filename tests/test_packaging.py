@@ -63,5 +63,5 @@ def test_public_signatures_are_typed_for_mypy(tmp_path):
     assert (
         revealed[0].startswith("numpy.ndarray[") and revealed[1] in ("bool", "builtins.bool") and revealed[2] in ("float", "builtins.float")
     )
-    assert revealed[3] == "sona_shm.stats.Rates | None" and revealed[4] == "sona_shm.engine.consumer.TrajectoryBatch"
+    assert revealed[3] == "sona_shm.stats.Rates | None" and revealed[4] == "sona_shm.trajectory.TrajectoryBatch"
     assert "error" not in done.stdout, done.stdout

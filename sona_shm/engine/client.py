@@ -24,12 +24,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import native
 from ..checks import check_timeout
 from ..errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from ..learn.learner import F32
-from ..learn.loop import check_vectors
-from ..learn.routes import RouteChoice, check_exploration, choose, feedback_trajectory, read_route_table
-from ..shm import lane as lane_module
+from ..learn.routes import check_exploration, choose, feedback_trajectory, read_route_table
 from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
 from ..shm.layout import (
     FLUSHER_WORDS,
@@ -39,8 +38,8 @@ from ..shm.layout import (
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, start_ticks, wait_until
 from ..stats import EngineStats, collect
-from ..trajectory import Trajectory
-from .consumer import DRAIN_TIMEOUT, Consumer, TrajectoryBatch, buffer_stats
+from ..trajectory import RouteChoice, Trajectory, TrajectoryBatch, check_vectors
+from .consumer import DRAIN_TIMEOUT, Consumer, buffer_stats
 
 log = logging.getLogger("sona_shm.client")
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -55,7 +54,7 @@ CLOSE_WAIT = 10.0
 DESTROYED_CHECK_EVERY = 256
 
 # The C fast path of a one-vector forward() (see lane.py for record()), or None.
-_speedups: Any = lane_module._speedups
+_speedups = native.speedups
 
 
 class _Weights(NamedTuple):

@@ -36,8 +36,6 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
-from typing import Any
 
 import numpy as np
 
@@ -46,7 +44,7 @@ from ..errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmE
 from ..shm.layout import CONSUMER_WORDS, LOCK_DRAIN
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, wait_until
-from ..trajectory import F32, ROUTE_MAX_BYTES, Step, Trajectory
+from ..trajectory import F32, ROUTE_MAX_BYTES, Trajectory, TrajectoryBatch
 
 log = logging.getLogger("sona_shm.consumer")
 
@@ -56,79 +54,6 @@ DRAIN_TIMEOUT = 5.0
 MAX_N = 2**62
 
 _consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
-#: TrajectoryBatch arrays that files written by earlier versions lack.
-_ADDED_LATER = ("route_index", "best_index")
-
-
-@dataclass(frozen=True)
-class TrajectoryBatch:
-    """``k`` drained trajectories as arrays, oldest first; padding is zero.
-
-    ``S`` is the engine's ``max_steps``, ``h`` its ``hidden_dim``, ``A`` its
-    ``attention_dim``, so batches of one engine stack with ``np.concatenate``.
-    :meth:`save` writes an ``.npz`` that ``np.load`` reads without pickle.
-    """
-
-    traj_id: np.ndarray  # uint64[k]
-    query: np.ndarray  # float32[k, h]
-    quality: np.ndarray  # float32[k]
-    latency_us: np.ndarray  # uint64[k]
-    route: np.ndarray  # str[k] ('' when the trajectory had none)
-    n_steps: np.ndarray  # int32[k]
-    rewards: np.ndarray  # float32[k, S], zero past n_steps
-    act_len: np.ndarray  # int32[k, S], zero past n_steps
-    activations: np.ndarray  # float32[k, S, h], zero past act_len and n_steps
-    att_len: np.ndarray  # int32[k, S], zero past n_steps
-    attention: np.ndarray  # float32[k, S, A], zero past att_len and n_steps
-    route_index: np.ndarray  # int32[k], the route taken of a feedback; -1 for none
-    best_index: np.ndarray  # int32[k], the route that was right of a feedback; -1 for none
-
-    def __len__(self) -> int:
-        return int(self.traj_id.shape[0])
-
-    def trajectories(self) -> list[Trajectory]:
-        """The batch as :class:`Trajectory` objects (arrays are views into the batch)."""
-        n_steps, act_len, att_len = self.n_steps.tolist(), self.act_len.tolist(), self.att_len.tolist()
-        rewards, quality = self.rewards.tolist(), self.quality.tolist()
-        ids, latency, route = self.traj_id.tolist(), self.latency_us.tolist(), self.route.tolist()
-        route_index, best_index = self.route_index.tolist(), self.best_index.tolist()
-        act, att, query = self.activations, self.attention, self.query
-        return [
-            Trajectory(
-                query[i],
-                [Step(act[i, s, : act_len[i][s]], att[i, s, : att_len[i][s]], rewards[i][s]) for s in range(n_steps[i])],
-                quality[i],
-                latency[i],
-                route[i] or None,
-                ids[i],
-                None if route_index[i] < 0 else route_index[i],
-                None if best_index[i] < 0 else best_index[i],
-            )
-            for i in range(len(ids))
-        ]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Field name to array, in declaration order (what :meth:`save` writes)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def save(self, file: Any) -> None:
-        """Write the arrays as an uncompressed ``.npz`` to a path or binary file object."""
-        arrays: dict[str, Any] = self.arrays()  # keyword arrays; savez's own keywords are not among the names
-        np.savez(file, **arrays)
-
-    @classmethod
-    def load(cls, file: Any) -> TrajectoryBatch:
-        """Read what :meth:`save` (or ``sona-shm drain``) wrote."""
-        with np.load(file, allow_pickle=False) as data:
-            names = [f.name for f in fields(cls)]
-            missing = [n for n in names if n not in data.files and n not in _ADDED_LATER]
-            if missing:
-                raise InvalidInputError(f"file: expected a sona_shm trajectory batch with arrays {names}, missing {missing}")
-            arrays = {n: data[n] for n in names if n in data.files}
-            k = len(arrays["traj_id"])
-            for n in _ADDED_LATER:  # files written before feedback existed hold none
-                arrays.setdefault(n, np.full(k, -1, np.int32))
-            return cls(**arrays)
 
 
 def open_consumer(name: str, *, timeout: float = 0.0) -> Consumer:

@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..learn.learner import Learner, initial_down, learning_signals
 from ..learn.routes import RouteTable, read_route_table
-from ..shm.lane import _speedups
+from ..native import speedups as _speedups
 from ..shm.layout import (
     CONSUMER_WORDS,
     FL_PID,

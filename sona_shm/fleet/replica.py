@@ -40,7 +40,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..errors import CheckpointError, SonaShmError
 from ..learn.routes import RouteTable
-from ..shm.lane import _speedups
+from ..native import speedups as _speedups
 from ..shm.layout import Layout
 from ..store.checkpoint import Checkpoint
 from .window import BadWindow, Window, apply_window, read_window, split_windows, window_length, write_window

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import SonaShmError
 from ..learn.learner import apply_sums
-from ..shm.lane import _speedups
+from ..native import speedups as _speedups
 from ..shm.layout import WINDOW_HEAD_BYTES
 
 WINDOW_MAGIC = b"SFW1"

@@ -16,33 +16,9 @@ import numpy as np
 from ..checks import check_int
 from ..config import EngineConfig
 from ..errors import InvalidInputError
-from ..trajectory import CheckedTrajectory, Trajectory, as_vector, check_trajectory, to_trajectory
+from ..trajectory import CheckedTrajectory, RouteChoice, Trajectory, check_trajectory, check_vectors, to_trajectory
 from .learner import F32, Learner, LoopMetrics, apply_adapter, learning_signals
-from .routes import RouteChoice, RouteTable, check_exploration, choose, feedback_trajectory
-
-
-def check_vectors(x: Any, hidden_dim: int) -> np.ndarray:
-    """``x`` as finite ``float32[hidden_dim]`` or ``float32[n, hidden_dim]``, or raise."""
-    if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1:
-        return as_vector(x, "x", length=hidden_dim, what="hidden_dim")
-    try:
-        arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
-    except (ValueError, TypeError, OverflowError):  # ragged nesting and the like
-        arr = None
-    if arr is None or arr.dtype.kind not in "iuf" or arr.ndim not in (1, 2):
-        got = f"an array of dtype {arr.dtype} and shape {arr.shape}" if arr is not None else repr(x)
-        raise InvalidInputError(f"x: expected float32[{hidden_dim}] or float32[n, {hidden_dim}], got {got}")
-    if arr.ndim == 1:
-        return as_vector(arr, "x", length=hidden_dim, what="hidden_dim")
-    if arr.shape[1] != hidden_dim:
-        raise InvalidInputError(f"x: expected float32[n, {hidden_dim}], got shape {arr.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        arr = np.ascontiguousarray(arr, dtype=F32)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        row, col = map(int, np.argwhere(~finite)[0])
-        raise InvalidInputError(f"x: expected finite values within float32 range, got a non-finite value at [{row}, {col}]")
-    return arr
+from .routes import RouteTable, check_exploration, choose, feedback_trajectory
 
 
 class InstantLoop:

@@ -28,31 +28,14 @@ import os
 import random
 import zipfile
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from ..config import MAX_ROUTES
 from ..errors import InvalidInputError, LayoutMismatchError
 from ..shm.layout import ROUTE_NAME_BYTES
-from ..trajectory import F32, Step, Trajectory, as_finite_float, as_vector
-
-
-class RouteChoice(NamedTuple):
-    """What :meth:`Client.route` / :meth:`InstantLoop.route` chose.
-
-    For one vector: ``index`` (int), ``name`` (str), ``scores`` (``float32[K]``, the
-    cosine of the adapted query with every route), ``adapted`` (``float32[h]``, what
-    ``forward(x)`` returns), ``explored`` (bool: exploration picked ``index`` instead of
-    the best-scoring route). For a batch of ``n``: ``int64[n]``, a list of ``n`` names,
-    ``float32[n, K]``, ``float32[n, h]`` and ``bool[n]``.
-    """
-
-    index: Any
-    name: Any
-    scores: np.ndarray
-    adapted: np.ndarray
-    explored: Any
+from ..trajectory import F32, RouteChoice, Step, Trajectory, as_finite_float, as_vector
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,6 @@ is this lane's published count, ``tail`` the committed tail the owner last read.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from typing import Any
@@ -22,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..learn.learner import F32
-from ..learn.routes import RouteChoice
-from ..trajectory import CheckedTrajectory, Step, Trajectory, all_finite, check_finite, check_trajectory
+from ..native import speedups as _speedups
+from ..trajectory import CheckedTrajectory, all_finite, check_finite, check_trajectory
 from .layout import FLUSHER_WORDS, Layout
 from .segment import Segment
 
@@ -34,17 +33,6 @@ NOT_HANDLED = -1  #: (C writer only) not the common form; fill with fill_slot(),
 
 #: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
 _HEAD_FORMATS = ["<QQfHHHHI" + "fHH" * n for n in range(1025)]
-
-# The C twin, unless it was not built (no compiler at install time) or is disabled with
-# SONA_SHM_PURE_PYTHON=1; both give byte-identical slots (tests/test_speedups.py).
-_speedups: Any = None
-if not os.environ.get("SONA_SHM_PURE_PYTHON"):
-    try:
-        from .. import _speedups  # type: ignore[attr-defined,no-redef]  # a C module mypy cannot see
-
-        _speedups.set_types(Trajectory, Step, RouteChoice)
-    except ImportError:  # pragma: no cover - depends on the build
-        _speedups = None
 
 
 class LaneViews:
