@@ -402,8 +402,7 @@ def run_learning(seconds: float) -> dict[str, float]:
     """The flusher's learning of one batch of lane slots (what Flusher._learn_slots runs:
     the C learner when built, else numpy), in-process, on slot-shaped data: the reference
     rule on T1/T4 trajectories, and the routing rule on feedback (K = 8 routes)."""
-    from sona_shm.engine.flusher import learn_block
-    from sona_shm.learn.learner import learning_signals
+    from sona_shm.learn.learner import learn_block, learning_signals
     from sona_shm.shm import lane
     from sona_shm.shm.layout import Layout
 

@@ -1,20 +1,32 @@
-/* Optional C fast paths for the two per-request calls of a producer.
+/* The C twin of sona_shm's hot paths, optional: sona_shm/native.py loads it (or, without a C
+ * compiler at install time, runs the Python twins, with the same results). Its interface is
+ * declared in _speedups.pyi, which mypy.stubtest checks against this module in CI.
  *
- * LaneWriter.record() writes a trajectory that is already in the common form (float32
- * numpy arrays, Python floats and ints) into a lane slot, checking everything
- * check_trajectory() checks, and publishes it in the order lane.PyLaneWriter does;
- * adapt() applies the adapter to one float32 vector. Both hand back -1 / None -- never
- * raise -- for anything else, and the caller then takes the pure-Python path, which
- * converts what it can and raises the precise error otherwise. So this file never
- * decides on its own what is valid: it accepts a subset of what the Python path
- * accepts, with byte-identical slots (tests/test_speedups.py checks both). The
- * layout is documented in layout.py.
+ *   Geometry            a segment's slot and lane geometry (shm/layout.py builds it: Layout.geometry),
+ *                       checked once when it is made; every call below that reads slots takes one.
+ *   LaneWriter          the producer's side of one lane (shm/lane.py's PyLaneWriter is its twin):
+ *                       record() writes a trajectory in the common form into the head slot and
+ *                       publishes it; anything else is handed back (-1) to the Python path.
+ *   adapt, route        forward() of one float32 vector; route()'s greedy choice (cosines, argmax).
+ *   learn_slots         the reference rule over a block of lane slots (learn/learner.py's numpy twin).
+ *   learn_routing       the routing rule over a block of lane slots (learn/routing.py's numpy twin).
+ *   write_window,       a sealed fleet window's bytes, and applying them (fleet/window.py's twins).
+ *   apply_window
+ *   set_types           registers the Trajectory, Step and RouteChoice classes (sona_shm/native.py).
  *
- * Why C at all: a record() in Python pays ~16k instructions of interpreter and ~5k per
- * numpy call for ~2 KB of copying; here the whole call is a few hundred instructions.
+ * The byte offsets it uses are defined once below and exported as module constants;
+ * tests/test_speedups.py compares them with shm/layout.py, where the layout is written down.
+ * Nothing here decides on its own what is valid: the C paths accept a subset of what the Python
+ * paths accept (None / -1: take the Python path, which converts or raises the precise error),
+ * and the tests compare the bytes written and the weights learned both ways.
+ *
+ * Why C at all: a record() in Python pays ~16k instructions of interpreter and ~5k per numpy
+ * call for ~2 KB of copying; here the whole call is a few hundred instructions. The learners
+ * touch no Python object while they run, so they release the GIL for batches.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 #include <math.h>
@@ -23,11 +35,25 @@
 #include <time.h>
 
 #define FLT_MAX_D 3.4028234663852886e38
-#define ROUTE_MAX_BYTES 64
-#define SLOT_HEAD_BYTES 40
-#define SLOT_ROUTE_INDEX 32 /* u16: route_index + 1, 0 for none (layout.py, "Slot") */
-#define SLOT_BEST_INDEX 34  /* u16: best_index + 1, 0 for none */
-#define MAX_ROUTES_C 256    /* config.MAX_ROUTES */
+/* The layout (shm/layout.py is the one place it is written down; these must equal it, and
+ * tests/test_speedups.py checks that they do through the module constants of the same names). */
+#define ROUTE_MAX_BYTES 64     /* trajectory.ROUTE_MAX_BYTES */
+#define SLOT_HEAD_BYTES 40     /* the slot's fixed head; then max_steps * (f32 reward, u16 act_len, u16 att_len) */
+#define SLOT_TRAJ_ID 8         /* u64 */
+#define SLOT_LATENCY_US 16     /* u64 */
+#define SLOT_QUALITY 24        /* f32 */
+#define SLOT_N_STEPS 28        /* u16 */
+#define SLOT_ROUTE_LEN 30      /* u16 */
+#define SLOT_ROUTE_INDEX 32    /* u16: route_index + 1, 0 for none */
+#define SLOT_BEST_INDEX 34     /* u16: best_index + 1, 0 for none */
+#define LANE_CONTROL_BYTES 128 /* per lane, at lanes_offset + lane * LANE_CONTROL_BYTES */
+#define LANE_HEAD 0            /* u64, in the lane's producer line */
+#define LANE_NEXT_ID 16        /* u64 */
+#define LANE_LAST_AT 32        /* f64 */
+#define FLUSHER_LINE 1024      /* the flusher's control line */
+#define FL_IDLE 24             /* u64: 1 while the flusher sleeps on its doorbell */
+#define WINDOW_HEAD_BYTES 64   /* a sealed window's header */
+#define MAX_ROUTES_C 256       /* config.MAX_ROUTES */
 
 /* The routing learner's per-signal loop and route()'s scores are dot products and updates of
  * length h: with AVX2 (x86-64-v3) they run about twice as fast as with the SSE2 every x86-64
@@ -139,14 +165,108 @@ static Py_ssize_t fill_steps(char *slot, PyObject *steps, Py_ssize_t hidden, Py_
     return n;
 }
 
-/* LaneWriter(segment, slot0, ring_slots, slot_bytes, hidden_dim, max_steps, attention_dim,
- *            payload_offset, route_offset, step_bytes, head_offset, next_id_offset,
- *            last_at_offset, idle_offset, lanes, lane, n_routes, unit_reward)
+/* payload_off + 4 * hidden + max_steps * step_bytes (the bytes of a slot a trajectory may
+ * use), or -1 if a term is negative or the sum overflows. */
+static Py_ssize_t slot_span(Py_ssize_t payload_off, Py_ssize_t hidden, Py_ssize_t max_steps, Py_ssize_t step_bytes) {
+    Py_ssize_t query, steps, span;
+    if (payload_off < 0 || hidden < 0 || max_steps < 0 || step_bytes < 0 || __builtin_mul_overflow(hidden, (Py_ssize_t)4, &query) ||
+        __builtin_mul_overflow(max_steps, step_bytes, &steps) || __builtin_add_overflow(payload_off, query, &span) ||
+        __builtin_add_overflow(span, steps, &span))
+        return -1;
+    return span;
+}
+
+/* Geometry(*, hidden_dim, rank, max_steps, attention_dim, lanes, lane_slots, slot_bytes,
+ *          payload_offset, route_offset, step_bytes, routes, lanes_offset, slots_offset, unit_reward)
+ * A segment's slot and lane geometry, built by shm/layout.py (Layout.geometry) and checked
+ * once here, so the calls that take it (LaneWriter, learn_slots, learn_routing) need not.
+ * ``routes``: K, the route table's length (0: none); ``unit_reward``: the routing rule's
+ * bandit rewards must lie in [0, 1]. Read-only attributes of the same names. */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t hidden, rank, max_steps, att_dim, lanes, lane_slots, slot_bytes, payload_off, route_off, step_bytes, n_routes;
+    Py_ssize_t lanes_off, slots_off;
+    int unit_reward;
+} Geometry;
+
+static PyTypeObject GeometryType;
+
+static int Geometry_init(Geometry *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"hidden_dim", "rank", "max_steps", "attention_dim", "lanes", "lane_slots", "slot_bytes",
+                             "payload_offset", "route_offset", "step_bytes", "routes", "lanes_offset", "slots_offset",
+                             "unit_reward", NULL};
+    Geometry g;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$nnnnnnnnnnnnnp", kwlist, &g.hidden, &g.rank, &g.max_steps, &g.att_dim,
+                                     &g.lanes, &g.lane_slots, &g.slot_bytes, &g.payload_off, &g.route_off, &g.step_bytes,
+                                     &g.n_routes, &g.lanes_off, &g.slots_off, &g.unit_reward))
+        return -1;
+    if (PyTuple_GET_SIZE(args) != 0 || kwds == NULL || PyDict_GET_SIZE(kwds) != 14) {
+        PyErr_SetString(PyExc_TypeError, "Geometry() takes its 14 fields as keyword arguments");
+        return -1;
+    }
+    Py_ssize_t span = slot_span(g.payload_off, g.hidden, g.max_steps, g.step_bytes);
+    /* Lengths are stored as uint16 (act_len <= hidden, att_len <= attention_dim, n_steps <=
+     * max_steps), so each is bounded by 0xFFFF; 4 * (hidden + att_dim) cannot overflow then. */
+    int ok = g.hidden >= 1 && g.hidden <= 0xFFFF && g.rank >= 1 && g.rank <= 2 && g.max_steps >= 0 && g.max_steps <= 0xFFFF &&
+             g.att_dim >= 0 && g.att_dim <= 0xFFFF && span >= 0 && g.step_bytes >= 4 * (g.hidden + g.att_dim) &&
+             g.route_off >= SLOT_HEAD_BYTES + 8 * g.max_steps && g.route_off <= g.payload_off - ROUTE_MAX_BYTES && span <= g.slot_bytes &&
+             g.slot_bytes % 8 == 0 && g.lanes >= 1 && g.lane_slots >= 1 && g.n_routes >= 0 && g.n_routes <= MAX_ROUTES_C &&
+             g.lanes_off >= 0 && g.lanes_off % 8 == 0 && g.slots_off >= 0 && g.slots_off % 8 == 0;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "Geometry: inconsistent slot geometry");
+        return -1;
+    }
+    self->hidden = g.hidden, self->rank = g.rank, self->max_steps = g.max_steps, self->att_dim = g.att_dim;
+    self->lanes = g.lanes, self->lane_slots = g.lane_slots, self->slot_bytes = g.slot_bytes, self->payload_off = g.payload_off;
+    self->route_off = g.route_off, self->step_bytes = g.step_bytes, self->n_routes = g.n_routes;
+    self->lanes_off = g.lanes_off, self->slots_off = g.slots_off, self->unit_reward = g.unit_reward;
+    return 0;
+}
+
+static PyMemberDef Geometry_members[] = {
+    {"hidden_dim", T_PYSSIZET, offsetof(Geometry, hidden), READONLY, NULL},
+    {"rank", T_PYSSIZET, offsetof(Geometry, rank), READONLY, NULL},
+    {"max_steps", T_PYSSIZET, offsetof(Geometry, max_steps), READONLY, NULL},
+    {"attention_dim", T_PYSSIZET, offsetof(Geometry, att_dim), READONLY, NULL},
+    {"lanes", T_PYSSIZET, offsetof(Geometry, lanes), READONLY, NULL},
+    {"lane_slots", T_PYSSIZET, offsetof(Geometry, lane_slots), READONLY, NULL},
+    {"slot_bytes", T_PYSSIZET, offsetof(Geometry, slot_bytes), READONLY, NULL},
+    {"payload_offset", T_PYSSIZET, offsetof(Geometry, payload_off), READONLY, NULL},
+    {"route_offset", T_PYSSIZET, offsetof(Geometry, route_off), READONLY, NULL},
+    {"step_bytes", T_PYSSIZET, offsetof(Geometry, step_bytes), READONLY, NULL},
+    {"routes", T_PYSSIZET, offsetof(Geometry, n_routes), READONLY, NULL},
+    {"lanes_offset", T_PYSSIZET, offsetof(Geometry, lanes_off), READONLY, NULL},
+    {"slots_offset", T_PYSSIZET, offsetof(Geometry, slots_off), READONLY, NULL},
+    {"unit_reward", T_BOOL, offsetof(Geometry, unit_reward), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject GeometryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sona_shm._speedups.Geometry",
+    .tp_basicsize = sizeof(Geometry),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Geometry(*, hidden_dim, rank, max_steps, attention_dim, lanes, lane_slots, slot_bytes, payload_offset, route_offset, "
+              "step_bytes, routes, lanes_offset, slots_offset, unit_reward)\n--\n\n"
+              "A segment's slot and lane geometry, checked once (shm/layout.py builds it).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Geometry_init,
+    .tp_members = Geometry_members,
+};
+
+static Geometry *as_geometry(PyObject *obj) {
+    if (Py_TYPE(obj) != &GeometryType) {
+        PyErr_SetString(PyExc_TypeError, "expected a sona_shm._speedups.Geometry");
+        return NULL;
+    }
+    return (Geometry *)obj;
+}
+
+/* LaneWriter(segment, geometry, lane)
  * The producer's side of one lane (layout.py, "Lane control" and "Slot"): the C twin of
- * lane.PyLaneWriter, with the same methods and the same publication order. Offsets are
- * bytes into ``segment`` (a writable buffer over the whole mapping, held until
- * close()); they are checked once here. ``head`` starts at the lane's published head,
- * ``tail`` at 0 (the owner sets the committed tail). */
+ * lane.PyLaneWriter, with the same methods and the same publication order. ``segment`` is a
+ * writable buffer over the whole mapping (held until close()); the lane's ring, control line
+ * and the flusher's idle word are found from ``geometry`` and checked against it once here.
+ * ``head`` starts at the lane's published head, ``tail`` at 0 (the owner sets the committed tail). */
 typedef struct {
     PyObject_HEAD
     Py_buffer seg;
@@ -159,66 +279,43 @@ typedef struct {
     uint64_t lanes, lane, head, tail;
 } LaneWriter;
 
-/* payload_off + 4 * hidden + max_steps * step_bytes (the bytes of a slot a trajectory may
- * use), or -1 if a term is negative or the sum overflows. */
-static Py_ssize_t slot_span(Py_ssize_t payload_off, Py_ssize_t hidden, Py_ssize_t max_steps, Py_ssize_t step_bytes) {
-    Py_ssize_t query, steps, span;
-    if (payload_off < 0 || hidden < 0 || max_steps < 0 || step_bytes < 0 || __builtin_mul_overflow(hidden, (Py_ssize_t)4, &query) ||
-        __builtin_mul_overflow(max_steps, step_bytes, &steps) || __builtin_add_overflow(payload_off, query, &span) ||
-        __builtin_add_overflow(span, steps, &span))
-        return -1;
-    return span;
-}
-
 static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
     /* Parsed into locals and checked before anything of ``self`` changes: a failed
      * (re-)initialisation leaves the writer as it was. */
-    PyObject *seg;
-    Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
-    Py_ssize_t head_off, next_id_off, last_at_off, idle_off, lanes, lane, n_routes;
-    int unit_reward;
-    if (!PyArg_ParseTuple(args, "Onnnnnnnnnnnnnnnnp", &seg, &slot0, &ring_slots, &slot_bytes, &hidden, &max_steps, &att_dim,
-                          &payload_off, &route_off, &step_bytes, &head_off, &next_id_off, &last_at_off, &idle_off, &lanes, &lane,
-                          &n_routes, &unit_reward))
-        return -1;
+    PyObject *seg, *geometry;
+    Py_ssize_t lane;
+    if (!PyArg_ParseTuple(args, "OO!n", &seg, &GeometryType, &geometry, &lane)) return -1;
+    Geometry *g = (Geometry *)geometry;
     Py_buffer view;
     if (PyObject_GetBuffer(seg, &view, PyBUF_WRITABLE) < 0) return -1;
-    Py_ssize_t len = view.len;
-    Py_ssize_t span = slot_span(payload_off, hidden, max_steps, step_bytes);
-    /* Lengths are stored as uint16 (act_len <= hidden, att_len <= attention_dim, n_steps <=
-     * max_steps), so each is bounded by 0xFFFF; 4 * (hidden + att_dim) cannot overflow then. */
-    int ok = hidden >= 1 && hidden <= 0xFFFF && max_steps >= 0 && max_steps <= 0xFFFF && att_dim >= 0 && att_dim <= 0xFFFF &&
-             span >= 0 && step_bytes >= 4 * (hidden + att_dim) && route_off >= SLOT_HEAD_BYTES + 8 * max_steps &&
-             route_off <= payload_off - ROUTE_MAX_BYTES && span <= slot_bytes && slot_bytes % 8 == 0 && ring_slots >= 1 &&
-             slot0 >= 0 && slot0 % 8 == 0 && ring_slots <= len / slot_bytes && slot0 <= len - ring_slots * slot_bytes &&
-             lanes >= 1 && lane >= 0 && lane < lanes && n_routes >= 0 && n_routes < 0xFFFF;
-    Py_ssize_t words[4] = {head_off, next_id_off, last_at_off, idle_off};
-    for (int i = 0; i < 4; i++) ok = ok && words[i] >= 0 && words[i] % 8 == 0 && words[i] <= len - 8;
+    Py_ssize_t len = view.len, ring = g->lane_slots * g->slot_bytes, control = g->lanes_off + lane * LANE_CONTROL_BYTES;
+    int ok = lane >= 0 && lane < g->lanes && g->slots_off + (lane + 1) * ring <= len && control + LANE_CONTROL_BYTES <= len &&
+             FLUSHER_LINE + FL_IDLE + 8 <= len;
     if (!ok) {
         PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "LaneWriter: inconsistent lane geometry");
+        PyErr_SetString(PyExc_ValueError, "LaneWriter: the lane does not fit the segment");
         return -1;
     }
     if (self->has_seg) PyBuffer_Release(&self->seg);
     self->seg = view;
     self->has_seg = 1;
-    self->slot0 = slot0;
-    self->ring_slots = ring_slots;
-    self->slot_bytes = slot_bytes;
-    self->hidden = hidden;
-    self->max_steps = max_steps;
-    self->att_dim = att_dim;
-    self->payload_off = payload_off;
-    self->route_off = route_off;
-    self->step_bytes = step_bytes;
-    self->n_routes = n_routes;
-    self->unit_reward = unit_reward;
+    self->slot0 = g->slots_off + lane * ring;
+    self->ring_slots = g->lane_slots;
+    self->slot_bytes = g->slot_bytes;
+    self->hidden = g->hidden;
+    self->max_steps = g->max_steps;
+    self->att_dim = g->att_dim;
+    self->payload_off = g->payload_off;
+    self->route_off = g->route_off;
+    self->step_bytes = g->step_bytes;
+    self->n_routes = g->n_routes;
+    self->unit_reward = g->unit_reward;
     char *base = (char *)view.buf;
-    self->head_word = (uint64_t *)(base + head_off);
-    self->next_id_word = (uint64_t *)(base + next_id_off);
-    self->last_at_word = (double *)(base + last_at_off);
-    self->idle_word = (uint64_t *)(base + idle_off);
-    self->lanes = (uint64_t)lanes;
+    self->head_word = (uint64_t *)(base + control + LANE_HEAD);
+    self->next_id_word = (uint64_t *)(base + control + LANE_NEXT_ID);
+    self->last_at_word = (double *)(base + control + LANE_LAST_AT);
+    self->idle_word = (uint64_t *)(base + FLUSHER_LINE + FL_IDLE);
+    self->lanes = (uint64_t)g->lanes;
     self->lane = (uint64_t)lane;
     self->head = __atomic_load_n(self->head_word, __ATOMIC_ACQUIRE); /* a previous owner's last publish */
     self->tail = 0;
@@ -297,11 +394,11 @@ static int fill(LaneWriter *self, PyObject *traj) {
     }
     float q32 = (float)qual;
     uint16_t ns = (uint16_t)n, rl = (uint16_t)route_len;
-    memcpy(slot + 8, &tid, 8);
-    memcpy(slot + 16, &lat, 8);
-    memcpy(slot + 24, &q32, 4);
-    memcpy(slot + 28, &ns, 2);
-    memcpy(slot + 30, &rl, 2);
+    memcpy(slot + SLOT_TRAJ_ID, &tid, 8);
+    memcpy(slot + SLOT_LATENCY_US, &lat, 8);
+    memcpy(slot + SLOT_QUALITY, &q32, 4);
+    memcpy(slot + SLOT_N_STEPS, &ns, 2);
+    memcpy(slot + SLOT_ROUTE_LEN, &rl, 2);
     uint32_t zero = 0;
     memcpy(slot + SLOT_ROUTE_INDEX, &route_index, 2);
     memcpy(slot + SLOT_BEST_INDEX, &best_index, 2);
@@ -387,10 +484,10 @@ static PyGetSetDef LaneWriter_getset[] = {
 };
 
 static PyMethodDef LaneWriter_methods[] = {
-    {"record", (PyCFunction)LaneWriter_record, METH_O, "record(traj) -> 1, 2 (ring), 0 (full) or -1 (Python path)."},
-    {"fill", (PyCFunction)LaneWriter_fill, METH_O, "fill(traj) -> 0, or -1 (Python path); does not publish."},
-    {"publish", (PyCFunction)LaneWriter_publish, METH_NOARGS, "Publish the filled head slot -> 1, or 2 (ring)."},
-    {"close", (PyCFunction)LaneWriter_close, METH_NOARGS, "Release the segment buffer."},
+    {"record", (PyCFunction)LaneWriter_record, METH_O, "record($self, traj, /)\n--\n\n1, 2 (ring), 0 (full) or -1 (Python path)."},
+    {"fill", (PyCFunction)LaneWriter_fill, METH_O, "fill($self, traj, /)\n--\n\n0, or -1 (Python path); does not publish."},
+    {"publish", (PyCFunction)LaneWriter_publish, METH_NOARGS, "publish($self, /)\n--\n\nPublish the filled head slot: 1, or 2 (ring)."},
+    {"close", (PyCFunction)LaneWriter_close, METH_NOARGS, "close($self, /)\n--\n\nRelease the segment buffer."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -398,7 +495,7 @@ static PyTypeObject LaneWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sona_shm._speedups.LaneWriter",
     .tp_basicsize = sizeof(LaneWriter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The producer's side of one lane: fills, stamps and publishes its slots.",
+    .tp_doc = "LaneWriter(segment, geometry, lane, /)\n--\n\nThe producer's side of one lane: fills, stamps and publishes its slots.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)LaneWriter_init,
     .tp_dealloc = (destructor)LaneWriter_dealloc,
@@ -578,14 +675,17 @@ static int signal_f32(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_
     return 0; /* not reached: pass 1 always returns */
 }
 
-/* The arguments both learners share, parsed and checked once. */
+/* What both learners take, parsed and checked once: the block of slots with its geometry,
+ * and the learner's state (learn/learner.py's Learner: its attributes of these names). */
 typedef struct {
     Py_buffer block;
     const char *base;
     Py_ssize_t count, slot_bytes, hidden, max_steps, payload_off, step_bytes, threshold, pending, n_routes;
     unsigned long long first_seq;
     double lr;
-    PyArrayObject *chosen, *best, *reward; /* per-route counts: uint64[K], uint64[K], float64[K] */
+    PyObject *chosen, *best, *reward; /* per-route counts: uint64[K], uint64[K], float64[K] (new references) */
+    PyObject *grad_up, *up, *grad_down, *down, *unit; /* float64/float32[R, h]; unit float32[K, h] (new references) */
+    double temperature;
 } Batch;
 
 static int f64_matrix(PyObject *obj, npy_intp rows, npy_intp cols, int type) {
@@ -602,46 +702,81 @@ static int vector_of(PyObject *obj, npy_intp n, int type) {
            PyArray_DIM(a, 0) == n;
 }
 
-/* args[0..6]: block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq;
- * args[at..at+4]: lr, flush_threshold, pending, route_chosen, route_best, route_reward (K = their length). */
-static int parse_batch(PyObject *const *args, Py_ssize_t at, Batch *b) {
-    Py_ssize_t *ints[] = {&b->count, &b->hidden, &b->max_steps, &b->payload_off, &b->step_bytes};
-    for (int k = 0; k < 5; k++) {
-        *ints[k] = PyLong_AsSsize_t(args[1 + k]);
-        if (*ints[k] == -1 && PyErr_Occurred()) return -1;
+static void batch_release(Batch *b) {
+    if (b->block.obj != NULL) PyBuffer_Release(&b->block);
+    Py_CLEAR(b->chosen);
+    Py_CLEAR(b->best);
+    Py_CLEAR(b->reward);
+    Py_CLEAR(b->grad_up);
+    Py_CLEAR(b->up);
+    Py_CLEAR(b->grad_down);
+    Py_CLEAR(b->down);
+    Py_CLEAR(b->unit);
+}
+
+static PyObject *learner_attr(PyObject *learner, const char *name) { return PyObject_GetAttrString(learner, name); }
+
+/* args: block (count whole slots of geometry), geometry, first_seq, learner, stop. Reads the
+ * learner's lr, flush_threshold, pending, route_chosen, route_best, route_reward, grad_up and up
+ * (and, with ``routing``, grad_down, down, unit and temperature). On failure everything taken
+ * is released and -1 returned with an exception set. */
+static int batch_open(PyObject *const *args, Py_ssize_t nargs, const char *name, int routing, Batch *b, int *stop) {
+    memset(b, 0, sizeof(Batch));
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 5 arguments (block, geometry, first_seq, learner, stop)", name);
+        return -1;
     }
-    b->first_seq = PyLong_AsUnsignedLongLong(args[6]);
+    Geometry *g = as_geometry(args[1]);
+    if (g == NULL) return -1;
+    PyObject *learner = args[3];
+    b->hidden = g->hidden, b->max_steps = g->max_steps, b->payload_off = g->payload_off, b->step_bytes = g->step_bytes;
+    b->slot_bytes = g->slot_bytes;
+    b->first_seq = PyLong_AsUnsignedLongLong(args[2]);
     if (b->first_seq == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    b->lr = PyFloat_AsDouble(args[at]);
-    if (b->lr == -1.0 && PyErr_Occurred()) return -1;
-    b->threshold = PyLong_AsSsize_t(args[at + 1]);
-    if (b->threshold == -1 && PyErr_Occurred()) return -1;
-    b->pending = PyLong_AsSsize_t(args[at + 2]);
-    if (b->pending == -1 && PyErr_Occurred()) return -1;
-    /* The length of route_chosen, read only from a 1-D array: a 0-d one has no shape (NULL). */
-    b->n_routes = PyArray_Check(args[at + 3]) && PyArray_NDIM((PyArrayObject *)args[at + 3]) == 1
-                      ? PyArray_DIM((PyArrayObject *)args[at + 3], 0)
-                      : -1;
-    if (b->hidden < 1 || b->count < 0 || b->max_steps < 0 || b->max_steps > 0xFFFF || b->threshold < 1 || b->pending < 0 ||
-        b->pending >= b->threshold || slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes) < 0 ||
-        b->step_bytes < 4 * b->hidden || b->payload_off < SLOT_HEAD_BYTES + 8 * b->max_steps || b->n_routes < 0 ||
-        b->n_routes >= 0xFFFF || !vector_of(args[at + 3], b->n_routes, NPY_UINT64) || !vector_of(args[at + 4], b->n_routes, NPY_UINT64) ||
-        !vector_of(args[at + 5], b->n_routes, NPY_FLOAT64)) {
-        PyErr_SetString(PyExc_ValueError, "learner: inconsistent arguments");
-        return -1;
+    if ((*stop = PyObject_IsTrue(args[4])) < 0) return -1;
+    PyObject *lr = learner_attr(learner, "lr"), *threshold = lr ? learner_attr(learner, "flush_threshold") : NULL;
+    PyObject *pending = threshold ? learner_attr(learner, "pending") : NULL;
+    if (pending != NULL) {
+        b->lr = PyFloat_AsDouble(lr);
+        b->threshold = PyLong_AsSsize_t(threshold);
+        b->pending = PyLong_AsSsize_t(pending);
     }
-    b->chosen = (PyArrayObject *)args[at + 3];
-    b->best = (PyArrayObject *)args[at + 4];
-    b->reward = (PyArrayObject *)args[at + 5];
-    if (PyObject_GetBuffer(args[0], &b->block, PyBUF_SIMPLE) < 0) return -1;
+    Py_XDECREF(lr);
+    Py_XDECREF(threshold);
+    Py_XDECREF(pending);
+    if (pending == NULL || PyErr_Occurred()) return -1;
+    if (!(b->chosen = learner_attr(learner, "route_chosen")) || !(b->best = learner_attr(learner, "route_best")) ||
+        !(b->reward = learner_attr(learner, "route_reward")) || !(b->grad_up = learner_attr(learner, "grad_up")) ||
+        !(b->up = learner_attr(learner, "up")))
+        goto fail;
+    if (routing) {
+        PyObject *tau;
+        if (!(b->grad_down = learner_attr(learner, "grad_down")) || !(b->down = learner_attr(learner, "down")) ||
+            !(b->unit = learner_attr(learner, "unit")) || !(tau = learner_attr(learner, "temperature")))
+            goto fail;
+        b->temperature = PyFloat_AsDouble(tau);
+        Py_DECREF(tau);
+        if (PyErr_Occurred()) goto fail;
+    }
+    /* The length of route_chosen, read only from a 1-D array: a 0-d one has no shape (NULL). */
+    b->n_routes = PyArray_Check(b->chosen) && PyArray_NDIM((PyArrayObject *)b->chosen) == 1 ? PyArray_DIM((PyArrayObject *)b->chosen, 0) : -1;
+    if (b->threshold < 1 || b->pending < 0 || b->pending >= b->threshold || b->n_routes < 0 || b->n_routes > g->n_routes ||
+        !vector_of(b->chosen, b->n_routes, NPY_UINT64) || !vector_of(b->best, b->n_routes, NPY_UINT64) ||
+        !vector_of(b->reward, b->n_routes, NPY_FLOAT64)) {
+        PyErr_Format(PyExc_ValueError, "%s(): the learner's counters or per-route counts do not fit the geometry", name);
+        goto fail;
+    }
+    if (PyObject_GetBuffer(args[0], &b->block, PyBUF_SIMPLE) < 0) goto fail;
     b->base = (const char *)b->block.buf;
-    b->slot_bytes = b->count ? b->block.len / b->count : 0;
-    if (b->count && (b->block.len % b->count || b->slot_bytes < slot_span(b->payload_off, b->hidden, b->max_steps, b->step_bytes))) {
-        PyBuffer_Release(&b->block);
-        PyErr_SetString(PyExc_ValueError, "learner: block is not count whole slots");
-        return -1;
+    b->count = b->block.len / b->slot_bytes;
+    if (b->block.len % b->slot_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s(): block is not whole slots", name);
+        goto fail;
     }
     return 0;
+fail:
+    batch_release(b);
+    return -1;
 }
 
 typedef struct {
@@ -653,8 +788,8 @@ typedef struct {
 static SlotHead slot_head(const char *slot) {
     SlotHead h;
     uint16_t ri, bi;
-    memcpy(&h.n_steps, slot + 28, 2);
-    memcpy(&h.quality, slot + 24, 4);
+    memcpy(&h.n_steps, slot + SLOT_N_STEPS, 2);
+    memcpy(&h.quality, slot + SLOT_QUALITY, 4);
     memcpy(&ri, slot + SLOT_ROUTE_INDEX, 2);
     memcpy(&bi, slot + SLOT_BEST_INDEX, 2);
     h.route = (int)ri - 1;
@@ -662,7 +797,7 @@ static SlotHead slot_head(const char *slot) {
     return h;
 }
 
-/* The checks of flusher.slot_checks() that need no computing: slot k of the batch carries
+/* The checks of slots.check() that need no computing: slot k of the batch carries
  * its stamp, a step count, route length and step lengths within their bounds, route indices
  * below K, and a finite quality and rewards. (Whether the values a rule learns from are
  * finite is seen while learning: see the learners.) */
@@ -670,7 +805,7 @@ static int slot_ok(const Batch *b, const char *slot, Py_ssize_t k) {
     uint64_t seq;
     uint16_t route_len;
     memcpy(&seq, slot, 8);
-    memcpy(&route_len, slot + 30, 2);
+    memcpy(&route_len, slot + SLOT_ROUTE_LEN, 2);
     SlotHead h = slot_head(slot);
     if (seq != b->first_seq + (uint64_t)k || h.n_steps > b->max_steps || route_len > ROUTE_MAX_BYTES || h.route >= b->n_routes ||
         h.best >= b->n_routes || !isfinite(h.quality))
@@ -722,10 +857,10 @@ static PyObject *marks_list(Marks *m) {
 /* Learner.count_routes for one slot. */
 static void count_route(const Batch *b, SlotHead h) {
     if (h.route >= 0) {
-        ((uint64_t *)PyArray_DATA(b->chosen))[h.route] += 1;
-        ((double *)PyArray_DATA(b->reward))[h.route] += h.best >= 0 ? (double)(h.route == h.best) : (double)h.quality;
+        ((uint64_t *)PyArray_DATA((PyArrayObject *)b->chosen))[h.route] += 1;
+        ((double *)PyArray_DATA((PyArrayObject *)b->reward))[h.route] += h.best >= 0 ? (double)(h.route == h.best) : (double)h.quality;
     }
-    if (h.best >= 0) ((uint64_t *)PyArray_DATA(b->best))[h.best] += 1;
+    if (h.best >= 0) ((uint64_t *)PyArray_DATA((PyArrayObject *)b->best))[h.best] += 1;
 }
 
 /* x[i] = saturate(x[i] + g[i] * step) in float32, g[i] = 0: one row of Learner.flush(). */
@@ -773,7 +908,7 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     int same = rank > 1;
     for (npy_intp r = 1; same && r < rank; r++) same = memcmp(G, G + r * h, (size_t)h * sizeof(double)) == 0;
     uint16_t up_rows = same ? 1 : (uint16_t)rank, down_rows = gd ? (uint16_t)rank : 0;
-    Py_ssize_t size = 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows);
+    Py_ssize_t size = WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)(up_rows + down_rows);
     Py_buffer out;
     if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (out.len < size) {
@@ -783,7 +918,7 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     char *o = (char *)out.buf;
     uint32_t hidden32 = (uint32_t)h, rank32 = (uint32_t)rank;
-    memset(o, 0, 64);
+    memset(o, 0, WINDOW_HEAD_BYTES);
     memcpy(o, "SFW1", 4);
     memcpy(o + 4, &hidden32, 4);
     memcpy(o + 8, &rank32, 4);
@@ -793,8 +928,8 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     memcpy(o + 24, &n, 8);
     memcpy(o + 32, &cum, 8);
     memcpy(o + 40, &sealed_at, 8);
-    memcpy(o + 64, G, (size_t)(8 * h * up_rows));
-    if (gd) memcpy(o + 64 + 8 * h * up_rows, PyArray_DATA(gd), (size_t)(8 * h * down_rows));
+    memcpy(o + WINDOW_HEAD_BYTES, G, (size_t)(8 * h * up_rows));
+    if (gd) memcpy(o + WINDOW_HEAD_BYTES + 8 * h * up_rows, PyArray_DATA(gd), (size_t)(8 * h * down_rows));
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(size);
 }
@@ -829,7 +964,7 @@ static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint16_t up_rows, down_rows;
     uint64_t seq, n, cum;
     double sealed_at;
-    if (w.len < 64 || memcmp(raw, "SFW1", 4) != 0) goto not_a_window;
+    if (w.len < WINDOW_HEAD_BYTES || memcmp(raw, "SFW1", 4) != 0) goto not_a_window;
     memcpy(&hidden, raw + 4, 4);
     memcpy(&r, raw + 8, 4);
     memcpy(&up_rows, raw + 12, 2);
@@ -839,10 +974,10 @@ static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     memcpy(&cum, raw + 32, 8);
     memcpy(&sealed_at, raw + 40, 8);
     if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || (up_rows != 1 && up_rows != rank) || down_rows != (routing ? rank : 0) ||
-        w.len != 64 + 8 * h * (Py_ssize_t)(up_rows + down_rows) || n < 1 || cum < n || !isfinite(sealed_at))
+        w.len != WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)(up_rows + down_rows) || n < 1 || cum < n || !isfinite(sealed_at))
         goto not_a_window;
     {
-        const char *g = raw + 64;
+        const char *g = raw + WINDOW_HEAD_BYTES;
         Py_ssize_t values = h * (up_rows + down_rows);
         for (Py_ssize_t i = 0; i < values; i++) {
             double v;
@@ -878,18 +1013,17 @@ not_a_window:
     Py_RETURN_NONE;
 }
 
-/* learn_slots(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *             grad_up, up, lr, flush_threshold, pending, route_chosen, route_best, route_reward, stop)
- *   -> (pending, flushes, width, learned, corrupt, consumed)
- * The reference rule. Learns ``count`` consecutive slots of ``block`` (a buffer of count *
- * slot_bytes, slot i stamped first_seq + i) as Learner.learn(learning_signals(...)) does, up
+/* learn_slots(block, geometry, first_seq, learner, stop) -> (pending, flushes, width, learned, corrupt, consumed)
+ * The reference rule. Learns the consecutive slots of ``block`` (a buffer of whole slots of
+ * ``geometry``, slot i stamped first_seq + i) into ``learner``'s arrays (learn/learner.py's
+ * Learner: grad_up, up, route counts; lr, flush_threshold and pending read from it) as Learner.learn(learning_signals(...)) does, up
  * to float32 rounding (norms and sums are added in another order; a REINFORCE norm within
  * rounding of the 1e-8 threshold may take the other branch -- as it may between any two
  * implementations of the reference's float32 arithmetic): each signal times its quality is
  * added to every row of grad_up (float64[R, h], in place), and every time ``pending`` reaches
  * ``flush_threshold`` the rows are applied, ``up += grad_up * lr / pending`` (float32[R, h],
  * saturated at the float32 limit), and the sums reset. Feedback is counted per route as
- * Learner.count_routes does. A slot that fails flusher.slot_checks() -- its stamp, a bound,
+ * Learner.count_routes does. A slot that fails slots.check() -- its stamp, a bound,
  * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
  * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
  * ``learned``: consumed - len(corrupt); ``consumed``: the slots it went through (``count``
@@ -899,24 +1033,19 @@ not_a_window:
  * flush_threshold (the caller seals the window, zeroes the sums and calls again for the
  * rest). Up to that point the sums are the same, bit for bit, as without ``stop``. */
 static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 16) {
-        PyErr_SetString(PyExc_TypeError, "learn_slots() takes 16 arguments");
-        return NULL;
-    }
-    int stop = PyObject_IsTrue(args[15]);
-    if (stop < 0) return NULL;
     Batch b;
-    if (parse_batch(args, 9, &b) < 0) return NULL;
+    int stop;
+    if (batch_open(args, nargs, "learn_slots", 0, &b, &stop) < 0) return NULL;
     PyObject *result = NULL;
     npy_intp h = b.hidden;
-    if (!f64_matrix(args[7], -1, h, NPY_FLOAT64) || !f64_matrix(args[8], PyArray_DIM((PyArrayObject *)args[7], 0), h, NPY_FLOAT32)) {
+    if (!f64_matrix(b.grad_up, -1, h, NPY_FLOAT64) || !f64_matrix(b.up, PyArray_DIM((PyArrayObject *)b.grad_up, 0), h, NPY_FLOAT32)) {
         PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable, native, aligned, C-contiguous float64/float32[R, h]");
         goto release;
     }
     Marks marks = {NULL, 0, 0};
     int width = 0;
     {
-        PyArrayObject *grad = (PyArrayObject *)args[7], *up = (PyArrayObject *)args[8];
+        PyArrayObject *grad = (PyArrayObject *)b.grad_up, *up = (PyArrayObject *)b.up;
         npy_intp rank = PyArray_DIM(grad, 0);
         double *G = (double *)PyArray_DATA(grad);
         float *U = (float *)PyArray_DATA(up);
@@ -992,7 +1121,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
     }
 release:
-    PyBuffer_Release(&b.block);
+    batch_release(&b);
     return result;
 }
 
@@ -1130,47 +1259,38 @@ WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head
     return 0;
 }
 
-/* learn_routing(block, count, hidden_dim, max_steps, payload_offset, step_bytes, first_seq,
- *               grad_up, grad_down, up, down, unit, temperature,
- *               lr, flush_threshold, pending, route_chosen, route_best, route_reward, stop)
- *   -> (pending, flushes, width, signals, corrupt, consumed)
- * The routing rule: Learner.learn_feedback + count_routes over ``count`` consecutive slots,
+/* learn_routing(block, geometry, first_seq, learner, stop) -> (pending, flushes, width, signals, corrupt, consumed)
+ * The routing rule: Learner.learn_feedback + count_routes over the consecutive slots of ``block``
+ * (learner: grad_up, grad_down, up, down, unit, temperature besides what learn_slots reads),
  * the same maths as routing.gradients() in float64, expanded so that a signal costs
  * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
  * added in another order than numpy's. grad_up/grad_down: float64[R, h]; up/down:
  * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
  * best_index is not a signal. Flushes apply both U and D (Learner.flush). A slot that fails
- * flusher.slot_checks() (its stamp, a bound, a feedback's query not finite or a bandit
+ * slots.check() (its stamp, a bound, a feedback's query not finite or a bandit
  * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. ``stop``: as
  * for learn_slots (the window's G_U and G_D are complete, nothing applied, ``consumed`` returned). */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 20) {
-        PyErr_SetString(PyExc_TypeError, "learn_routing() takes 20 arguments");
-        return NULL;
-    }
-    int stop = PyObject_IsTrue(args[19]);
-    if (stop < 0) return NULL;
     Batch b;
-    if (parse_batch(args, 13, &b) < 0) return NULL;
+    int stop;
+    if (batch_open(args, nargs, "learn_routing", 1, &b, &stop) < 0) return NULL;
     PyObject *result = NULL;
     npy_intp h = b.hidden, K = b.n_routes;
-    double tau = PyFloat_AsDouble(args[12]);
-    if (tau == -1.0 && PyErr_Occurred()) goto release;
-    if (!f64_matrix(args[7], -1, h, NPY_FLOAT64)) goto bad;
-    npy_intp rank = PyArray_DIM((PyArrayObject *)args[7], 0);
-    if (rank < 1 || rank > 2 || !f64_matrix(args[8], rank, h, NPY_FLOAT64) || !f64_matrix(args[9], rank, h, NPY_FLOAT32) ||
-        !f64_matrix(args[10], rank, h, NPY_FLOAT32) || !PyArray_Check(args[11]) || PyArray_TYPE((PyArrayObject *)args[11]) != NPY_FLOAT32 ||
-        PyArray_NDIM((PyArrayObject *)args[11]) != 2 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)args[11]) ||
-        !native((PyArrayObject *)args[11]) ||
-        PyArray_DIM((PyArrayObject *)args[11], 0) != K || PyArray_DIM((PyArrayObject *)args[11], 1) != h || K < 2 || K > MAX_ROUTES_C ||
-        !(tau > 0))
+    double tau = b.temperature;
+    if (!f64_matrix(b.grad_up, -1, h, NPY_FLOAT64)) goto bad;
+    npy_intp rank = PyArray_DIM((PyArrayObject *)b.grad_up, 0);
+    PyArrayObject *unit = PyArray_Check(b.unit) ? (PyArrayObject *)b.unit : NULL;
+    if (rank < 1 || rank > 2 || !f64_matrix(b.grad_down, rank, h, NPY_FLOAT64) || !f64_matrix(b.up, rank, h, NPY_FLOAT32) ||
+        !f64_matrix(b.down, rank, h, NPY_FLOAT32) || unit == NULL || PyArray_TYPE(unit) != NPY_FLOAT32 || PyArray_NDIM(unit) != 2 ||
+        !PyArray_IS_C_CONTIGUOUS(unit) || !native(unit) || PyArray_DIM(unit, 0) != K || PyArray_DIM(unit, 1) != h || K < 2 ||
+        K > MAX_ROUTES_C || !(tau > 0))
         goto bad;
     Marks marks = {NULL, 0, 0};
     int width = 0;
     {
-        double *GU = (double *)PyArray_DATA((PyArrayObject *)args[7]), *GD = (double *)PyArray_DATA((PyArrayObject *)args[8]);
-        float *U32 = (float *)PyArray_DATA((PyArrayObject *)args[9]), *D32 = (float *)PyArray_DATA((PyArrayObject *)args[10]);
-        const float *V32 = (const float *)PyArray_DATA((PyArrayObject *)args[11]);
+        double *GU = (double *)PyArray_DATA((PyArrayObject *)b.grad_up), *GD = (double *)PyArray_DATA((PyArrayObject *)b.grad_down);
+        float *U32 = (float *)PyArray_DATA((PyArrayObject *)b.up), *D32 = (float *)PyArray_DATA((PyArrayObject *)b.down);
+        const float *V32 = (const float *)PyArray_DATA(unit);
         Window *w = PyMem_Calloc(1, sizeof(Window));
         double *mem = PyMem_Malloc((size_t)(2 * rank * h + K * h + h) * sizeof(double));
         if (!w || !mem) {
@@ -1237,7 +1357,7 @@ bad:
                     "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h] "
                     "(native, aligned, C-contiguous), temperature > 0");
 release:
-    PyBuffer_Release(&b.block);
+    batch_release(&b);
     return result;
 }
 
@@ -1348,7 +1468,7 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     return choice;
 }
 
-/* set_types(Trajectory, Step, RouteChoice): the exact classes fill_slot accepts (instances of
+/* set_types(Trajectory, Step, RouteChoice): the exact classes LaneWriter.record accepts (instances of
  * subclasses take the Python path), and the class route() returns (a tuple subclass). */
 static PyObject *set_types(PyObject *self, PyObject *args) {
     PyObject *t, *s, *c;
@@ -1364,19 +1484,25 @@ static PyObject *set_types(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"set_types", set_types, METH_VARARGS, "Register the Trajectory, Step and RouteChoice classes."},
+    {"set_types", set_types, METH_VARARGS,
+     "set_types($module, trajectory, step, route_choice, /)\n--\n\nRegister the Trajectory, Step and RouteChoice classes."},
     {"learn_slots", (PyCFunction)(void (*)(void))learn_slots, METH_FASTCALL,
-     "Reference rule: learn consecutive lane slots into grad_up/up, flushing at the threshold; None: take the numpy path."},
+     "learn_slots($module, block, geometry, first_seq, learner, stop, /)\n--\n\n"
+     "Reference rule: learn consecutive lane slots into the learner's grad_up/up, flushing at the threshold."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
-     "Routing rule: learn consecutive lane slots into grad_up/grad_down, flushing U and D at the threshold; None: numpy path."},
+     "learn_routing($module, block, geometry, first_seq, learner, stop, /)\n--\n\n"
+     "Routing rule: learn consecutive lane slots into the learner's grad_up/grad_down, flushing U and D at the threshold."},
     {"write_window", (PyCFunction)(void (*)(void))write_window, METH_FASTCALL,
-     "Encode a sealed window into a buffer (sealed.write_window's bytes); its length."},
+     "write_window($module, out, grad_up, grad_down, seq, n, cum, sealed_at, /)\n--\n\n"
+     "Encode a sealed window into a buffer (fleet/window.py's bytes); its length."},
     {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
-     "Apply a sealed window's bytes to up/down (sealed.apply_window's arithmetic); None: not a window of this shape."},
+     "apply_window($module, up, down, window, lr, hidden_dim, rank, routing, /)\n--\n\n"
+     "Apply a sealed window's bytes to up/down (fleet/window.py's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
+     "route($module, x, down, up_scaled, unit, names, /)\n--\n\n"
      "The greedy RouteChoice for one finite float32 vector; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,
-     "x + adapter(x) for one finite float32 vector; None: take the Python path."},
+     "adapt($module, x, down, up_scaled, /)\n--\n\nx + adapter(x) for finite float32 [h] or [n, h]; None: take the Python path."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1397,12 +1523,33 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_activations, "activations");
     INTERN(s_attention, "attention");
     INTERN(s_reward, "reward");
-    if (PyType_Ready(&LaneWriterType) < 0) return NULL;
+    if (PyType_Ready(&LaneWriterType) < 0 || PyType_Ready(&GeometryType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "LaneWriter", (PyObject *)&LaneWriterType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+    if (PyModule_AddObjectRef(m, "LaneWriter", (PyObject *)&LaneWriterType) < 0 ||
+        PyModule_AddObjectRef(m, "Geometry", (PyObject *)&GeometryType) < 0)
+        goto fail;
+#define CONSTANT(name) \
+    if (PyModule_AddIntConstant(m, #name, name) < 0) goto fail
+    CONSTANT(ROUTE_MAX_BYTES);
+    CONSTANT(SLOT_HEAD_BYTES);
+    CONSTANT(SLOT_TRAJ_ID);
+    CONSTANT(SLOT_LATENCY_US);
+    CONSTANT(SLOT_QUALITY);
+    CONSTANT(SLOT_N_STEPS);
+    CONSTANT(SLOT_ROUTE_LEN);
+    CONSTANT(SLOT_ROUTE_INDEX);
+    CONSTANT(SLOT_BEST_INDEX);
+    CONSTANT(LANE_CONTROL_BYTES);
+    CONSTANT(LANE_HEAD);
+    CONSTANT(LANE_NEXT_ID);
+    CONSTANT(LANE_LAST_AT);
+    CONSTANT(FLUSHER_LINE);
+    CONSTANT(FL_IDLE);
+    CONSTANT(WINDOW_HEAD_BYTES);
+    if (PyModule_AddIntConstant(m, "MAX_ROUTES", MAX_ROUTES_C) < 0) goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

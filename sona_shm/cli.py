@@ -360,41 +360,19 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    from .engine.flusher import Flusher
+    from .engine.provision import create
     from .shm.segment import DEFAULT_MODE, GROUP_MODE
 
     given, routes = _given_config(args)
-    flusher = Flusher(args.name, config_overrides=given, routes=routes, mode=GROUP_MODE if args.group else DEFAULT_MODE)
-    created = flusher.created
-    flusher.close()
+    created = create(args.name, config_overrides=given, routes=routes, mode=GROUP_MODE if args.group else DEFAULT_MODE)
     print(f"sona-shm: segment {args.name!r} {'created' if created else 'already exists; left as it is'}")
     return EXIT_OK
 
 
 def _destroy(args: argparse.Namespace) -> int:
-    from . import stats
-    from .shm import segment
+    from .engine.provision import destroy
 
-    if not args.force:
-        try:
-            observed: stats.EngineStats | None = stats.read(args.name)
-        except (SegmentNotFoundError, LayoutMismatchError):
-            observed = None  # missing (said below), or not ours to read but still ours to remove
-        if observed is not None and observed.flusher.alive:
-            raise FlusherRunningError(
-                f"segment {args.name!r} has a live flusher; stop it first (SIGTERM) or pass --force (it then exits {EXIT_DESTROYED})"
-            )
-        lanes = observed.live_lanes if observed is not None else ()
-        if lanes:
-            held_by = ", ".join(f"lane {lane.lane}: pid {lane.pid}" for lane in lanes)
-            raise EngineInUseError(
-                f"segment {args.name!r}: {len(lanes)} producer(s) hold lanes ({held_by}); what they record into a removed "
-                "engine is never learned. Stop them first, or pass --force (their next record(), flush() or sync() then "
-                "raises EngineDestroyedError)"
-            )
-    removed = segment.unlink(args.name)
-    if not removed:
-        raise SegmentNotFoundError(f"segment {args.name!r} does not exist")
+    removed = destroy(args.name, force=args.force)
     print(f"sona-shm: removed {', '.join(removed)}")
     return EXIT_OK
 

@@ -8,27 +8,36 @@ is declared in ``_speedups.pyi`` (checked against the built module by ``mypy.stu
 in CI) and its layout constants are compared with :mod:`sona_shm.shm.layout` by
 ``tests/test_speedups.py``.
 
-Every caller asks ``native.speedups is not None`` and otherwise runs the Python twin;
-nothing else imports ``_speedups``.
+Every caller asks ``speedups is not None`` and otherwise runs the Python twin; nothing
+else imports ``_speedups``. (Modules bind it as their own ``_speedups`` so that a test can
+switch one path to Python without the others.)
 """
 
 from __future__ import annotations
 
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .trajectory import RouteChoice, Step, Trajectory
 
-#: What the hot paths run on: ``"C"`` or ``"Python"`` (and why), for ``--version``, stats and logs.
-IMPLEMENTATION = "Python (SONA_SHM_PURE_PYTHON=1)"
 
-if os.environ.get("SONA_SHM_PURE_PYTHON"):
-    speedups = None
-else:
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("SONA_SHM_PURE_PYTHON"):
+        return None, "Python (SONA_SHM_PURE_PYTHON=1)"
     try:
-        from . import _speedups as speedups
+        from . import _speedups
     except ImportError:  # pragma: no cover - depends on the build
-        speedups = None  # type: ignore[assignment]
-        IMPLEMENTATION = "Python (the C extension was not built: no C compiler at install time)"
-    else:
-        speedups.set_types(Trajectory, Step, RouteChoice)  # the classes the C paths build and recognise
-        IMPLEMENTATION = "C"
+        return None, "Python (the C extension was not built: no C compiler at install time)"
+    _speedups.set_types(Trajectory, Step, RouteChoice)  # the classes the C paths build and recognise
+    return _speedups, "C"
+
+
+_loaded, _implementation = _load()
+#: What the hot paths run on: ``"C"``, or ``"Python (why)"``; for ``--version``, stats and the flusher's log.
+IMPLEMENTATION: str = _implementation
+
+if TYPE_CHECKING:
+    from . import _speedups as speedups  # typed by _speedups.pyi; None at run time without the C module
+else:
+    speedups = _loaded

@@ -115,7 +115,7 @@ def test_drain_refusals_and_their_exit_codes(capsys, engine, name, tmp_path):
 @pytest.mark.guarantee("committed-means-learned-once")
 def test_sigterm_right_after_the_flusher_took_its_lock_is_a_clean_stop(children, name):
     """A supervisor sees a live flusher once the lock is taken; a SIGTERM from then on must mean exit 0."""
-    from sona_shm.engine import flusher as flusher_module
+    from sona_shm.engine import provision as flusher_module
 
     from children import fork_child
 

@@ -62,7 +62,7 @@ def test_a_flusher_dying_before_its_commit_loses_and_repeats_nothing(engine, nam
     for t in batch2:
         client.record(t)
 
-    def killed(record):
+    def killed(record, points=()):
         raise SystemExit("killed between learning and committing")
 
     monkeypatch.setattr(first.ledger, "publish", killed)

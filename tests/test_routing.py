@@ -179,7 +179,7 @@ def test_gradient_is_bounded_and_zero_queries_teach_nothing():
 
 def test_the_c_routing_learner_learns_what_the_numpy_learner_learns():
     from sona_shm.config import EngineConfig
-    from sona_shm.engine.flusher import learn_block
+    from sona_shm.learn.learner import learn_block
     from sona_shm.shm.lane import _speedups
     from sona_shm.shm.layout import Layout
 

@@ -116,7 +116,7 @@ def test_c_routing_learner_equals_the_numpy_learner(drawn):
     sums (1e-8: a query the adapter maps near zero amplifies rounding by 1/|f|^2); once a
     flush rounds U and D to float32, a last-bit difference there may carry into the next
     window's gradients (1e-5 then: a wrong U, D or window is O(1) off)."""
-    from sona_shm.engine.flusher import learn_block
+    from sona_shm.learn.learner import learn_block
 
     flushes, case = drawn
     _speedups()
@@ -213,7 +213,7 @@ def test_loss_slopes_are_bounded_by_one(k, n, seed, temperature):
 @pytest.mark.parametrize("rank", [1, 2])
 def test_a_query_mapped_below_the_minimum_norm_teaches_nothing_on_either_learner(rank):
     """|f(q^)| < 1e-6: no gradient (the signal still counts), in numpy and in C alike; just above it, a clipped one."""
-    from sona_shm.engine.flusher import learn_block
+    from sona_shm.learn.learner import learn_block
 
     _speedups()
     h, k = 16, 3

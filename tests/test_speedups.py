@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 
 import numpy as np
 import pytest
@@ -167,20 +168,34 @@ def test_a_handed_back_trajectory_writes_only_the_prefix_it_uses(engine):
         del rest
 
 
-def test_lane_writer_geometry_is_checked_without_overflow_and_a_failed_init_changes_nothing():
-    mem = bytearray(4096 + 64)
-    good = [mem, 0, 1, 4096, H, 1, A, 128, 48, 4 * (H + A), 4096, 4104, 4112, 4120, 1, 0, 0, False]
-    writer = lane_module._speedups.LaneWriter(*good)
-    for i, value in [(6, 2**62), (4, 2**62), (9, 2**61), (7, 2**62), (8, 2**62), (4, 65536), (16, -1), (16, 65535)]:
-        bad = list(good)
-        bad[i] = value
-        with pytest.raises(ValueError, match="inconsistent lane geometry"):
-            lane_module._speedups.LaneWriter(*bad)
-    bad = list(good)
-    bad[1], bad[15] = 1 << 40, "not an int"  # slot0 parsed, then the parse fails
+def _geometry(**change):
+    fields = dict(
+        hidden_dim=H, rank=2, max_steps=1, attention_dim=A, lanes=1, lane_slots=1, slot_bytes=4096, payload_offset=128,
+        route_offset=48, step_bytes=4 * (H + A), routes=0, lanes_offset=1200, slots_offset=4096, unit_reward=False,
+    )  # fmt: skip
+    return lane_module._speedups.Geometry(**{**fields, **change})
+
+
+def test_the_geometry_is_checked_once_without_overflow_and_a_failed_lane_writer_init_changes_nothing():
+    """The C twin takes the segment's geometry as one object (Layout.geometry), checked when it is made."""
+    mem = bytearray(4096 + 4096)
+    good = _geometry()
+    assert good.hidden_dim == H and good.slot_bytes == 4096 and good.unit_reward is False
+    writer = lane_module._speedups.LaneWriter(mem, good, 0)
+    for field, value in [("attention_dim", 2**62), ("hidden_dim", 2**62), ("step_bytes", 2**61), ("payload_offset", 2**62),
+                         ("route_offset", 2**62), ("hidden_dim", 65536), ("routes", -1), ("routes", 65535), ("rank", 3)]:  # fmt: skip
+        with pytest.raises(ValueError, match="inconsistent slot geometry"):
+            _geometry(**{field: value})
+    with pytest.raises(TypeError, match="keyword"):
+        lane_module._speedups.Geometry()
+    for lane in (1, -1):  # the lane does not fit the segment (or the geometry)
+        with pytest.raises(ValueError, match="does not fit"):
+            lane_module._speedups.LaneWriter(mem, good, lane)
+    with pytest.raises(ValueError, match="does not fit"):
+        writer.__init__(bytearray(100), good, 0)
     with pytest.raises(TypeError):
-        writer.__init__(*bad)
-    assert writer.slot_offset == 0 and writer.record(Trajectory(np.ones(H, F32), [], 1.0)) == lane_module.PUBLISHED
+        writer.__init__(mem, "not a geometry", 0)
+    assert writer.slot_offset == 4096 and writer.record(Trajectory(np.ones(H, F32), [], 1.0)) == lane_module.PUBLISHED
 
 
 def trained(engine, seed: int):
@@ -224,6 +239,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
     """Mixed step counts, short activations, degenerate and overflowing signals, flushes
     falling inside batches: both learners end with the same weights and gradients."""
     from sona_shm.engine import flusher as flusher_module
+    from sona_shm.learn import learner as learner_module
 
     from support import load_vectors, make_trajectories, scenario_trajectory
 
@@ -251,7 +267,8 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
     monkeypatch.setattr(flusher_module, "_speedups_real", flusher_module._speedups, raising=False)
     states = []
     for speedups in (counting, None):
-        monkeypatch.setattr(flusher_module, "_speedups", speedups)
+        monkeypatch.setattr(flusher_module, "_speedups", speedups)  # which path the flusher takes
+        monkeypatch.setattr(learner_module, "_speedups", speedups or flusher_module._speedups_real)  # what the learner calls
         flusher = engine(flush_threshold=7, lane_slots=64)
         client = engine.attach()
         for batch in batches:
@@ -304,30 +321,34 @@ def test_a_slot_failing_its_stamp_sends_the_batch_to_the_numpy_learner(engine, m
 
 
 def test_the_learners_refuse_malformed_arrays_without_crashing():
-    """learn_slots/learn_routing check their arrays before reading a dimension: a 0-d array
+    """learn_slots/learn_routing check the learner's arrays before reading a dimension: a 0-d array
     (whose shape pointer numpy leaves NULL) where a per-route count is due is a ValueError,
     not a segfault. Run in a child, so that a crash fails this test and not the run."""
     from support import python_cmd, run
 
     script = """
+import types
 import numpy as np
 from sona_shm.shm.lane import _speedups as S
+geometry = S.Geometry(hidden_dim=8, rank=1, max_steps=1, attention_dim=0, lanes=1, lane_slots=1, slot_bytes=4096,
+                      payload_offset=128, route_offset=48, step_bytes=64, routes=2, lanes_offset=1200, slots_offset=4096,
+                      unit_reward=True)
 block = np.zeros((1, 4096), np.uint8)
-args = (block, 1, 8, 1, 128, 64, 1)
 counts = (np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.zeros(2))
 for i in range(3):
     for zero_d in (np.zeros((), np.uint64), np.zeros(())):
         bad = list(counts)
         bad[i] = zero_d
-        for learn, rest in (
-            (S.learn_slots, (np.zeros((1, 8)), np.zeros((1, 8), np.float32), 0.1, 5, 0)),
-            (S.learn_routing, (np.zeros((1, 8)), np.zeros((1, 8)), np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32),
-                               np.eye(2, 8, dtype=np.float32), 10.0, 1.0, 5, 0)),
-        ):
+        learner = types.SimpleNamespace(
+            lr=0.1, flush_threshold=5, pending=0, route_chosen=bad[0], route_best=bad[1], route_reward=bad[2],
+            grad_up=np.zeros((1, 8)), up=np.zeros((1, 8), np.float32), grad_down=np.zeros((1, 8)),
+            down=np.zeros((1, 8), np.float32), unit=np.eye(2, 8, dtype=np.float32), temperature=10.0,
+        )
+        for learn in (S.learn_slots, S.learn_routing):
             try:
-                learn(*args, *rest, *bad, False)
+                learn(block, geometry, 1, learner, False)
             except ValueError as exc:
-                assert "inconsistent arguments" in str(exc), exc
+                assert "do not fit the geometry" in str(exc), exc
             else:
                 raise AssertionError("accepted a 0-d count array")
 print("refused")
@@ -376,34 +397,27 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
     slots["query"] = rng.standard_normal((3, h))
     slots["best_index"] = 1
     raw = slots.view(np.uint8).reshape(3, layout.slot_bytes)
-    head = (raw, 3, h, 1, layout.payload_offset, layout.step_bytes, 1)
+    fields = ("grad_up", "grad_down", "up", "down", "unit", "route_chosen", "route_best", "route_reward")
 
-    def routing_args():
-        return [np.zeros((2, h)), np.zeros((2, h)), up.copy(), down.copy(), unit, 10.0, 1.0, 5, 0,
-                np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k), False]  # fmt: skip
+    def learner(**change):
+        arrays = dict(grad_up=np.zeros((2, h)), grad_down=np.zeros((2, h)), up=up.copy(), down=down.copy(), unit=unit,
+                      route_chosen=np.zeros(k, np.uint64), route_best=np.zeros(k, np.uint64), route_reward=np.zeros(k))  # fmt: skip
+        return types.SimpleNamespace(lr=1.0, flush_threshold=5, pending=0, temperature=10.0, **{**arrays, **change})
 
-    assert speedups.learn_routing(*head, *routing_args()) == (3, 0, 0, 3, [], 3)
-    for i in range(len(routing_args())):
-        args = routing_args()
-        if not isinstance(args[i], np.ndarray):
-            continue
-        for bad in (args[i].astype(args[i].dtype.newbyteorder()), _misaligned(args[i])):
-            args = routing_args()
-            args[i] = bad
+    assert speedups.learn_routing(raw, layout.geometry, 1, learner(), False) == (3, 0, 0, 3, [], 3)
+    for field in fields:
+        value = getattr(learner(), field)
+        for bad in (value.astype(value.dtype.newbyteorder()), _misaligned(value)):
             with pytest.raises(ValueError):
-                speedups.learn_routing(*head, *args)
-            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or i in (2, 3, 4)  # nothing written into it
+                speedups.learn_routing(raw, layout.geometry, 1, learner(**{field: bad}), False)
+            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or field in ("up", "down", "unit")  # nothing written into it
 
-    def slots_args():
-        return [np.zeros((2, h)), up.copy(), 0.1, 5, 0, np.zeros(k, np.uint64), np.zeros(k, np.uint64), np.zeros(k), False]
-
-    assert speedups.learn_slots(*head, *slots_args()) == (3, 0, 0, 3, [], 3)
-    for i in (0, 1, 5, 6, 7):
-        for bad in (slots_args()[i].astype(slots_args()[i].dtype.newbyteorder()), _misaligned(slots_args()[i])):
-            args = slots_args()
-            args[i] = bad
+    assert speedups.learn_slots(raw, layout.geometry, 1, learner(), False) == (3, 0, 0, 3, [], 3)
+    for field in ("grad_up", "up", "route_chosen", "route_best", "route_reward"):
+        value = getattr(learner(), field)
+        for bad in (value.astype(value.dtype.newbyteorder()), _misaligned(value)):
             with pytest.raises(ValueError):
-                speedups.learn_slots(*head, *args)
+                speedups.learn_slots(raw, layout.geometry, 1, learner(**{field: bad}), False)
 
 
 def feedback_trajectories(table) -> list[Trajectory]:
@@ -497,9 +511,8 @@ def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine,
 def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they_would_apply(engine, rule):
     """stop=True (a fleet's flusher): each call returns where a window is complete, applying nothing;
     sealing it (the window's bytes) and applying that gives the weights of the plain call, bit for bit."""
-    from sona_shm.engine.flusher import learn_block
     from sona_shm.fleet.window import apply_window, read_window, write_window
-    from sona_shm.learn.learner import Learner
+    from sona_shm.learn.learner import Learner, learn_block
     from sona_shm.learn.routes import feedback_trajectory
 
     from support import make_trajectories, route_table
@@ -556,3 +569,35 @@ def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they
     assert plain.pending == sealed.pending == 2
     for field in ("up", "down", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward"):
         assert getattr(plain, field).tobytes() == getattr(sealed, field).tobytes(), field
+
+
+def test_the_c_module_compiles_in_the_layout_that_layout_py_writes_down():
+    """The byte offsets _speedups.c uses are its module constants; each is the layout's (shm/layout.py)."""
+    from sona_shm.config import MAX_ROUTES, EngineConfig
+    from sona_shm.shm import layout as L
+    from sona_shm.trajectory import ROUTE_MAX_BYTES
+
+    S = lane_module._speedups
+    if S is None:
+        pytest.skip("the C extension is not built (SONA_SHM_PURE_PYTHON or no compiler)")
+    fields = L.Layout(EngineConfig(routes=2)).slot_dtype.fields
+    assert fields is not None
+    slot = {
+        name: fields[name][1] for name in ("traj_id", "latency_us", "quality", "n_steps", "route_len", "route_index", "best_index", "meta")
+    }
+    assert (S.SLOT_TRAJ_ID, S.SLOT_LATENCY_US, S.SLOT_QUALITY, S.SLOT_N_STEPS, S.SLOT_ROUTE_LEN) == (
+        slot["traj_id"],
+        slot["latency_us"],
+        slot["quality"],
+        slot["n_steps"],
+        slot["route_len"],
+    )
+    assert (S.SLOT_ROUTE_INDEX, S.SLOT_BEST_INDEX, S.SLOT_HEAD_BYTES) == (slot["route_index"], slot["best_index"], slot["meta"])
+    assert S.SLOT_HEAD_BYTES == L.SLOT_HEAD_BYTES and S.ROUTE_MAX_BYTES == ROUTE_MAX_BYTES == L.ROUTE_NAME_BYTES
+    assert (S.LANE_CONTROL_BYTES, S.LANE_HEAD, S.LANE_NEXT_ID, S.LANE_LAST_AT) == (
+        L.LANE_CONTROL_BYTES,
+        L.LANE_HEAD,
+        L.LANE_NEXT_ID,
+        L.LANE_LAST_AT,
+    )
+    assert (S.FLUSHER_LINE, S.FL_IDLE, S.WINDOW_HEAD_BYTES, S.MAX_ROUTES) == (L.FLUSHER_LINE, L.FL_IDLE, L.WINDOW_HEAD_BYTES, MAX_ROUTES)

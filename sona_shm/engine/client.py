@@ -29,7 +29,7 @@ from ..checks import check_timeout
 from ..errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from ..learn.learner import F32
 from ..learn.routes import check_exploration, choose, feedback_trajectory, read_route_table
-from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, LaneViews, fill_slot, make_writer
+from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, make_writer
 from ..shm.layout import (
     FLUSHER_WORDS,
     LOCK_FLUSHER,
@@ -37,6 +37,7 @@ from ..shm.layout import (
 )
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, start_ticks, wait_until
+from ..shm.slots import LaneViews, encode
 from ..stats import EngineStats, collect
 from ..trajectory import RouteChoice, Trajectory, TrajectoryBatch, check_vectors
 from .consumer import DRAIN_TIMEOUT, Consumer, buffer_stats
@@ -265,9 +266,9 @@ class Client:
             if status != NOT_HANDLED:
                 return status
         # Converts, or raises naming the field. Not scrubbed up front: the Python path rewrites
-        # every value the C writer copied, and fill_slot scrubs if what it left is not finite
+        # every value the C writer copied, and encode scrubs if what it left is not finite
         # (zeroing the whole payload each time would touch every page of the slot).
-        fill_slot(self._views, writer.head, traj)
+        encode(self._views, writer.head, traj)
         return writer.publish()
 
     def _record_when_room(self, traj: Trajectory, timeout: float) -> bool:

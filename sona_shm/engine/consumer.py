@@ -41,10 +41,11 @@ import numpy as np
 
 from ..checks import check_int, check_timeout
 from ..errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
+from ..shm import slots
 from ..shm.layout import CONSUMER_WORDS, LOCK_DRAIN
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, wait_until
-from ..trajectory import F32, ROUTE_MAX_BYTES, Trajectory, TrajectoryBatch
+from ..trajectory import Trajectory, TrajectoryBatch
 
 log = logging.getLogger("sona_shm.consumer")
 
@@ -173,57 +174,18 @@ class Consumer:
         return head
 
     def _copy(self, start: int, end: int) -> TrajectoryBatch:
-        """Private copies of buffer slots ``[start, end)``, padding zeroed.
+        """Private copies of buffer slots ``[start, end)``, padding zeroed (:func:`sona_shm.shm.slots.decode`).
 
-        Only the steps each trajectory has are read (a slot's unused tail may never have
-        been written). A slot that fails its checks is logged and skipped rather than
-        raised: it would otherwise sit at the tail and fail every drain after this one.
+        A slot that fails its checks is logged and skipped rather than raised: it would
+        otherwise sit at the tail and fail every drain after this one.
         """
-        layout = self.layout
-        S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
         index = np.arange(start, end, dtype=np.uint64)
-        pos = (index % np.uint64(max(layout.capacity, 1))).astype(np.intp)
-        slots = self._slots
-        n_steps = slots["n_steps"][pos].astype(np.int32)
-        route_len = slots["route_len"][pos].astype(np.int32)
-        ok = (slots["seq"][pos] == index + np.uint64(1)) & (n_steps <= S) & (route_len <= ROUTE_MAX_BYTES)
-        n_steps[~ok] = 0
-        k = len(pos)
-        rows, steps = np.nonzero(np.arange(S) < n_steps[:, None])  # every (trajectory, step) it has
-        src = pos[rows]
-        meta = slots["meta"]
-        rewards = np.zeros((k, S), F32)
-        act_len = np.zeros((k, S), np.int32)
-        att_len = np.zeros((k, S), np.int32)
-        rewards[rows, steps] = meta["reward"][src, steps]
-        act_len[rows, steps] = meta["act_len"][src, steps]
-        att_len[rows, steps] = meta["att_len"][src, steps]
-        ok &= ((act_len <= h) & (att_len <= A)).all(axis=1)
-        activations = np.zeros((k, S, h), F32)
-        attention = np.zeros((k, S, A), F32)
-        activations[rows, steps] = slots["steps"]["act"][src, steps]  # zero-padded past act_len by the producer
-        attention[rows, steps] = slots["steps"]["att"][src, steps]
-        attention[np.arange(A) >= att_len[:, :, None]] = 0.0  # past att_len a slot holds stale values
-        raw_route = slots["route"][pos].view(np.uint8)
-        routes = [raw_route[i, :n].tobytes().decode("utf-8", "replace") for i, n in enumerate(route_len.tolist()) if ok[i]]
+        pos = (index % np.uint64(max(self.layout.capacity, 1))).astype(np.intp)
+        batch, ok = slots.decode(self._slots, pos, start + 1, self.layout)
         if not ok.all():
             bad = index[~ok]
             log.error("segment %r: %d buffer slots fail their checks (first index %d); skipped", self.name, len(bad), int(bad[0]))
-        return TrajectoryBatch(
-            traj_id=slots["traj_id"][pos][ok],
-            query=slots["query"][pos][ok],
-            quality=slots["quality"][pos][ok],
-            latency_us=slots["latency_us"][pos][ok],
-            route=np.array(routes, dtype=f"<U{ROUTE_MAX_BYTES}"),
-            n_steps=n_steps[ok],
-            rewards=rewards[ok],
-            act_len=act_len[ok],
-            activations=activations[ok],
-            att_len=att_len[ok],
-            attention=attention[ok],
-            route_index=slots["route_index"][pos][ok].astype(np.int32) - 1,
-            best_index=slots["best_index"][pos][ok].astype(np.int32) - 1,
-        )
+        return batch
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -1,13 +1,19 @@
 """The flusher: the one process per engine that learns from every committed trajectory.
 
-It creates the segment (or adopts one left by an earlier flusher), then loops: read
-the lanes' flush requests, learn every slot between each lane's tail and head in
-vectorised batches, flush at every ``flush_threshold`` signals (and on the interval
-timer and on request), copy learned trajectories into the buffer for consumers, and
-publish everything — weights, gradients, counters and lane tails — in one ledger
+It opens its engine (:mod:`sona_shm.engine.provision` creates or adopts the segment), then
+loops: read the lanes' flush requests, learn every slot between each lane's tail and head
+in vectorised batches, close a window every ``flush_threshold`` signals (and on the
+interval timer and on request), copy learned trajectories into the buffer for consumers,
+and publish everything — weights, gradients, counters and lane tails — in one ledger
 commit. Because the tails are committed together with the gradients they produced, a
 flusher killed at any instant leaves a state where each trajectory is either fully
 learned or not at all; the next flusher picks up from there.
+
+What becomes of a closed window and when a flush request is answered is the flusher's
+*mode* (:mod:`sona_shm.engine.modes`): alone, the learner applies it; in a fleet it is
+sealed for every host (:mod:`sona_shm.fleet`). The loop below is the same for both, with
+one learning path per implementation: the C learners read the slots where they lie, the
+numpy path checks and decodes them first (:mod:`sona_shm.shm.slots`).
 
 With nothing to do it announces that it is idle, looks once more, and sleeps on the
 doorbell with a timeout (``WAKE_TIMEOUT``): a producer that publishes into an idle
@@ -18,59 +24,27 @@ pure-Python path has no fence, and a ring it misses costs at most that timeout.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import posix_ipc
 
-from ..config import DEFAULT_FLEET_OUTBOX
-from ..errors import (
-    CheckpointError,
-    ClosedError,
-    FleetError,
-    FlusherRunningError,
-    InvalidInputError,
-    LayoutMismatchError,
-    SegmentNotFoundError,
-)
-from ..learn.learner import Learner, initial_down, learning_signals
+from ..checks import check_timeout
+from ..config import EngineConfig
+from ..errors import CheckpointError, ClosedError, InvalidInputError
 from ..learn.routes import RouteTable, read_route_table
 from ..native import speedups as _speedups
-from ..shm.layout import (
-    CONSUMER_WORDS,
-    FL_PID,
-    FLUSHER_LINE,
-    FLUSHER_WORDS,
-    HEADER_BYTES,
-    LOCK_FLUSHER,
-    MAGIC,
-    EngineConfig,
-    Layout,
-)
-from ..shm.ledger import Ledger
-from ..shm.segment import (
-    DEFAULT_MODE,
-    GROUP_MODE,
-    Segment,
-    check_name,
-    check_timeout,
-    create_bell,
-    create_fd,
-    open_fd,
-    reserve,
-    start_ticks,
-    try_lock_fd,
-    unlink_created,
-)
-from ..shm.space import check_room
-from ..store.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from ..trajectory import ROUTE_MAX_BYTES
+from ..shm import slots
+from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS
+from ..shm.ledger import Ledger, learner_over, store_learner
+from ..shm.segment import DEFAULT_MODE, Segment, start_ticks
+from ..store.checkpoint import Checkpoint, write_checkpoint
+from .modes import SOLO, ModeContext, ModeFactory
+from .provision import EngineSpec, open_engine
 
 log = logging.getLogger("sona_shm.flusher")
 
@@ -83,7 +57,7 @@ DESTROYED_CHECK_INTERVAL = 0.1
 
 
 class Flusher:
-    """Owns one segment's learning; see the module docstring.
+    """Owns one engine's learning; see the module docstring.
 
     ``config``: the :class:`EngineConfig` fields to create the segment with. When the
     segment already exists, only the fields in ``config_overrides`` are compared with
@@ -98,12 +72,11 @@ class Flusher:
 
     ``routes``: the engine's :class:`RouteTable` (the routing rule needs one). A new
     segment stores it (or the checkpoint's); an existing one must hold the same table.
+    ``mode``: the segment's file mode (0600, or 0660 for a ``--group`` engine).
 
-    ``fleet``: :class:`~sona_shm.fleet.FleetOptions` to learn as one host of a fleet
-    (:mod:`sona_shm.fleet.member`): flush points seal windows into the outbox instead of
-    applying them, and the adapter changes only by applying the fleet's stream. A new
-    segment then gets an outbox of ``fleet_outbox`` entries (default
-    :data:`~sona_shm.config.DEFAULT_FLEET_OUTBOX`); an existing one must have one.
+    ``fleet``: what makes this flusher one host of a fleet —
+    :class:`~sona_shm.fleet.member.FleetOptions` (any :class:`~sona_shm.engine.modes.ModeFactory`);
+    None: the engine learns alone (:data:`~sona_shm.engine.modes.SOLO`).
     """
 
     def __init__(
@@ -117,54 +90,23 @@ class Flusher:
         mode: int = DEFAULT_MODE,
         checkpoint: str | None = None,
         checkpoint_interval: float = 0.0,
-        fleet: Any = None,
+        fleet: ModeFactory | None = None,
     ) -> None:
-        check_name(name)
-        self.fleet_options = fleet
-        self.fleet: Any = None  # the FleetMember, in fleet mode
         self.name = name
-        self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
-        self.stop_requested = False
-        self.created = False
-        self.restored = False
         self.segment: Segment | None = None
-        self.checkpoint_path = _check_checkpoint_path(checkpoint)
+        self.mode: Any = None  # the Mode, once started
+        self.stop_requested = False
+        self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
         self.checkpoint_interval = check_timeout(checkpoint_interval, "checkpoint_interval")
-        if config is not None:
-            overrides = dict(config_overrides) if config_overrides is not None else dataclasses.asdict(config)
-        else:
-            overrides = dict(config_overrides or {})
-        if routes is not None:
-            overrides["routes"] = len(routes)
-        saved, problem = _load_checkpoint(self.checkpoint_path)
-        if saved is not None and saved.routes is not None and routes is not None and not saved.routes.same_as(routes):
-            problem = CheckpointError(f"checkpoint {self.checkpoint_path}: its route table differs from --routes; nothing restored")
-        table = routes if routes is not None else saved.routes if saved is not None else None
-        # A new segment is the checkpoint's engine (if any) with the options given on top.
-        base = dataclasses.asdict(saved.config) if saved is not None else {}
-        if config is not None and saved is None:
-            base = dataclasses.asdict(config)
-        if fleet is not None and not base.get("fleet_outbox") and "fleet_outbox" not in overrides:
-            base["fleet_outbox"] = DEFAULT_FLEET_OUTBOX  # a segment created for a fleet gets an outbox
+        factory = fleet if fleet is not None else SOLO
+        spec = EngineSpec.resolve(
+            name, config=config, config_overrides=config_overrides, routes=routes, checkpoint=checkpoint, outbox=factory is not SOLO
+        )
+        self.checkpoint_path = spec.checkpoint_path
+        opened = open_engine(spec, mode)
+        self.segment, self.created, self.restored = opened.segment, opened.created, opened.restored
         try:
-            requested: EngineConfig | InvalidInputError = EngineConfig(**{**base, **overrides})
-        except InvalidInputError as exc:
-            requested = exc  # only an error if the segment must be created: adopting compares the options given
-        if fleet is not None and isinstance(requested, EngineConfig) and requested.fleet_outbox == 0:
-            raise InvalidInputError("fleet_outbox: a host of a fleet needs an outbox (--fleet-outbox N >= 1, default 4096), got 0")
-
-        def restore_into(layout: Layout) -> Checkpoint | None:
-            """Only for a new segment, before its header is published."""
-            if problem is not None:
-                raise problem
-            if saved is not None:
-                saved.check_fits(layout, f"checkpoint {self.checkpoint_path}")
-            return saved
-
-        self.segment, self.created = _create_or_adopt(name, requested, overrides, table, mode, restore_into)
-        self.restored = self.created and saved is not None
-        try:
-            self._setup()
+            self._setup(factory)
         except BaseException:
             self.close()
             raise
@@ -175,7 +117,7 @@ class Flusher:
             raise ClosedError(f"flusher of segment {self.name!r} is closed")
         return self.segment
 
-    def _setup(self) -> None:
+    def _setup(self, factory: ModeFactory) -> None:
         seg = self._mapped()
         layout = self.layout = seg.layout
         self.ledger = Ledger(seg)
@@ -189,44 +131,32 @@ class Flusher:
         self._head_words = [w.head for w in layout.lane_words]
         self._req_words = [w.flush_request for w in layout.lane_words]
         self._ack_words = [w.flush_ack for w in layout.lane_words]
-        self._consumer_tail = CONSUMER_WORDS.tail
-        fl = FLUSHER_WORDS
-        self._w_heartbeat, self._w_idle, self._w_scans = fl.heartbeat, fl.idle, fl.scans
 
         # The private state: one ledger record, with the learner's arrays as views into it.
         self._state = self.ledger.snapshot()
         st = self._state[0]
-        cfg = layout.config
         self.routes = read_route_table(seg)
-        # In fleet mode the record's up/down are the fleet's adapter, changed only by applying the
-        # stream; the learner computes with private copies (replica.speculate).
-        private = ("down", "up") if self.fleet_options is not None else ()
-        self.learner = Learner.for_engine(
-            cfg,
-            None if self.routes is None else self.routes.unit,
-            **{
-                field: np.array(st[field]) if field in private else st[field]
-                for field in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")
-            },
-        )
-        for field in ("generation", "pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
-            setattr(self.learner, field, int(st[field]))
+        unit = None if self.routes is None else self.routes.unit
+        self.learner = learner_over(self._state, layout.config, unit, weights=factory.learner_publishes)
+        self._learner_publishes = factory.learner_publishes
         self._tails = st["lane_tail"]
-        self._fleet_replica = bool(st["fleet_epoch"])  # bound to a fleet: only a flusher with --fleet may learn here
+        self._committed_generation = int(st["generation"])
         self.buffer_head = int(st["buffer_head"])
         self.buffer_dropped = int(st["buffer_dropped"])
         self.corrupt = int(st["corrupt"])
         self._bad_heads: dict[int, int] = {}  # lane -> the corrupt head last counted
         self.last_flush_at = float(st["last_flush_at"])
         self._last_flush_mono = time.monotonic()
+        u64, f64 = self._u64, self._f64
+        self._seen_requests = [int(u64[w]) for w in self._ack_words]  # the last flush request of each lane taken in
 
         pid = os.getpid()
-        u64, f64 = self._u64, self._f64
+        fl = FLUSHER_WORDS
         u64[fl.pid] = pid
         u64[fl.start_ticks] = start_ticks(pid)
         f64[fl.started_at] = time.time()
-        u64[self._w_idle] = 0
-        f64[self._w_heartbeat] = time.time()
+        u64[fl.idle] = 0
+        f64[fl.heartbeat] = time.time()
         log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())
         self._checkpointed_commit: int | None = None
         self._next_checkpoint = math.inf
@@ -236,23 +166,14 @@ class Flusher:
                     "restored %r from %s: generation %d, %d trajectories processed",
                     self.name,
                     self.checkpoint_path,
-                    self.learner.generation,
+                    self._committed_generation,
                     self.learner.trajectories_processed,
                 )
             elif not self.created:
                 log.info("adopted %r keeps its own state (newer than any checkpoint); %s is not read", self.name, self.checkpoint_path)
             if self.checkpoint_interval > 0:
                 self._next_checkpoint = time.monotonic() + self.checkpoint_interval
-        self._seen_requests = [0] * layout.lanes  # fleet mode: the last flush request of each lane taken in
-        if self.fleet_options is not None:
-            from ..fleet.member import FleetMember
-
-            self._seen_requests = [int(u64[w]) for w in self._ack_words]
-            self.fleet = FleetMember(self.fleet_options, seg, self._state, self.learner, self.routes, self.ledger, self._tails)
-            self.learner.sealer = self.fleet.seal
-            if cfg.rule == "routing":
-                self.fleet.replica.speculate(self.learner.up, self.learner.down)
-            self.fleet.start()
+        self.mode = factory.start_mode(ModeContext(seg, self.ledger, self._state, self._tails, self.learner, self.routes))
 
     # ----------------------------------------------------------------- the loop
 
@@ -290,37 +211,28 @@ class Flusher:
             raise error
 
     def scan(self) -> int:
-        """One pass: learn what every lane committed, flush if due, commit. Returns #learned.
-
-        In fleet mode also: apply what the stream brought first, seal instead of applying,
-        and answer a flush request only once its lane's windows came back applied.
-        """
-        u64 = self._u64
-        fleet = self.fleet
-        if fleet is None and self._fleet_replica:
-            raise FleetError(
-                f"segment {self.name!r} is a replica of a fleet: its adapter changes only through the fleet's stream, and its "
-                f"outbox may hold windows not yet published. Start its flusher with --fleet (the same --fleet-key and --host-id), "
-                f"or checkpoint it, destroy it and restore the checkpoint into a new engine to learn alone"
-            )
+        """One pass: take flush requests, let the mode bring in what it has, learn what every lane
+        committed, flush if due, commit, answer requests. Returns the number learned."""
+        u64, mode = self._u64, self.mode
         # Requests are read before heads: a producer stores its heads before its request,
         # so every record it made before asking is learned in this same pass.
-        requests = [(lane, u64[w]) for lane, w in enumerate(self._req_words) if u64[w] > u64[self._ack_words[lane]]]
-        changed = False
-        if fleet is not None:
-            for lane, request in requests:
-                if request > self._seen_requests[lane]:
-                    self._seen_requests[lane] = request
-                    fleet.request_flush(lane, request, u64[self._head_words[lane]])
-            changed = fleet.pump()  # the stream's entries and snapshots, applied to the private record
+        requests = []
+        for lane, word in enumerate(self._req_words):
+            request = u64[word]
+            if request > self._seen_requests[lane]:
+                self._seen_requests[lane] = request
+                requests.append((lane, request, u64[self._head_words[lane]]))
+        if requests:
+            mode.take_requests(requests)
+        changed = mode.pump()
         learned = 0
         moved = False  # tails advance also past slots that fail their check: that must be committed too
         tails = self._tails
-        slots = self.layout.lane_slots
+        slots_per_lane = self.layout.lane_slots
         for lane, word in enumerate(self._head_words):
             head = u64[word]
             tail = int(tails[lane])
-            if head > tail + slots or head < tail:
+            if head > tail + slots_per_lane or head < tail:
                 self._corrupt_head(lane, head, tail)  # a producer publishes at most slots ahead of the committed tail
             elif head > tail:
                 got, consumed = self._learn_lane(lane, tail, head)
@@ -328,19 +240,14 @@ class Flusher:
                 moved |= consumed
         flushed = False
         due = self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
-        if (requests if fleet is None else fleet.flush_wanted()) or due:
+        if mode.flush_due() or due:
             flushed = self._flush()
         if moved or flushed or changed:
             self._commit()
-        if fleet is None:
-            for lane, request in requests:
-                u64[self._ack_words[lane]] = request  # after the commit: the requester now sees the weights
-        else:
-            for lane, request in fleet.after_commit():
-                u64[self._ack_words[lane]] = request  # after the commit that applied its windows back from the stream
-            fleet.write_stats()
-        u64[self._w_scans] += 1
-        self._f64[self._w_heartbeat] = time.time()
+        for lane, request in mode.answered():
+            u64[self._ack_words[lane]] = request  # after the commit: the requester now sees what it asked for
+        u64[FLUSHER_WORDS.scans] += 1
+        self._f64[FLUSHER_WORDS.heartbeat] = time.time()
         return learned
 
     def _corrupt_head(self, lane: int, head: int, tail: int) -> None:
@@ -364,105 +271,67 @@ class Flusher:
         )
 
     def _learn_lane(self, lane: int, tail: int, head: int) -> tuple[int, bool]:
-        """Learn the lane's slots ``[tail, head)`` (in fleet mode, as far as the outbox has room);
-        the number learned, and whether the tail moved."""
-        slots = self.layout.lane_slots
+        """Learn the lane's slots ``[tail, head)`` as far as the mode lets windows open; the number
+        learned, and whether the tail moved."""
+        n_slots = self.layout.lane_slots
         self._bad_heads.pop(lane, None)
         learned = 0
         start = tail
         while start < head:
-            first = start % slots
-            count = min(head - start, slots - first)
-            if self.fleet is None:
-                got, consumed = self._learn_slots(lane, first, count, start), count
-            else:
-                got, consumed = self._learn_slots_fleet(lane, first, count, start)
+            first = start % n_slots
+            count = min(head - start, n_slots - first)
+            run = self._learn_run_c if _speedups is not None else self._learn_run_numpy
+            got, consumed = run(lane, first, count, start)
             learned += got
             start += consumed
             if consumed < count:
-                break  # the outbox is full: the rest waits in the lane
+                break  # the mode lets no new window open: the rest waits in the lane
         self._tails[lane] = start
         return learned, start > tail
 
-    def _learn_slots_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
-        """:meth:`_learn_slots` in fleet mode: a window that reaches ``flush_threshold`` is sealed
-        (:meth:`FleetMember.seal`) where the engine would apply it, and a new window starts only
-        while the outbox has room. Returns the number learned and the slots consumed.
-
-        The sums are those of the engine without a fleet, bit for bit: the C learners stop
-        exactly where they would apply; the numpy path computes the block's signals at once,
-        as :meth:`_learn_slots` does, and cuts the learning at each window's last signal.
-        """
-        if _speedups is None:
-            return self._learn_numpy_fleet(lane, first, count, index)
-        layout, learner, fleet = self.layout, self.learner, self.fleet
+    def _learn_run_c(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        """Learn ``count`` contiguous slots of ``lane`` from ring slot ``first`` (lane index ``index``) with the C
+        learner, where they lie; the number learned and the slots consumed."""
+        layout, learner, mode = self.layout, self.learner, self.mode
+        flat = lane * layout.lane_slots + first
         learned = done = 0
         while done < count:
-            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
-                break  # no room for a new window (or not joined yet): the rest waits in the lane
-            flat = lane * layout.lane_slots + first + done
-            block = self._slot_bytes[flat : flat + count - done]
-            width, corrupt, consumed = learn_block(learner, layout, block, index + done + 1, stop=True)
-            if learner.pending == learner.flush_threshold:
-                fleet.seal()
-            if corrupt:
-                valid = np.ones(consumed, bool)
-                valid[corrupt] = False
-                learned += self._account_slots(lane, flat, valid, width, index + done)
-            else:  # the common case, without building a mask
-                self._keep_in_buffer(flat, consumed, max(1, width))
-                learned += consumed
+            if not mode.may_learn(learner.pending > 0):
+                break
+            block = self._slot_bytes[flat + done : flat + count]
+            width, corrupt, consumed = learner.learn_slots(block, layout.geometry, index + done + 1, stop=mode.takes_windows)
+            if learner.window_full:
+                mode.on_window(learner.close_window())
+            valid = np.ones(consumed, bool)
+            valid[corrupt] = False
+            learned += self._account_slots(lane, flat + done, valid, width, index + done)
             done += consumed
         return learned, done
 
-    def _learn_numpy_fleet(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
-        layout, learner, fleet = self.layout, self.learner, self.fleet
+    def _learn_run_numpy(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        """:meth:`_learn_run_c` with the numpy learner: the slots are checked and decoded once, then learned
+        window by window (the same sums: the learner cuts its batches where a one-by-one replay would)."""
+        layout, learner, mode = self.layout, self.learner, self.mode
+        flat = lane * layout.lane_slots + first
         rec = self._slots[lane, first : first + count]
-        ok = slot_checks(rec, index + 1, layout)
-        valid = rec[ok]  # the learned slots, in order
-        routing = learner.rule == "routing"
-        n_steps = valid["n_steps"].astype(np.int64)
-        route_index = valid["route_index"].astype(np.int64) - 1
-        best_index = valid["best_index"].astype(np.int64) - 1
-        signals = None
-        if not routing and len(valid):
-            w = max(1, int(n_steps.max()))
-            signals = learning_signals(valid["query"], valid["meta"]["reward"][:, :w], valid["steps"]["act"][:, :w], n_steps)
-        is_signal = ok & ((rec["route_index"] > 0) | (rec["best_index"] > 0)) if routing else ok
-        signal_at = np.flatnonzero(is_signal)  # block positions of the signals
-        learned = done = at = 0  # at: position in ``valid``
+        ok = slots.check(rec, index + 1, layout)
+        at_slot = np.flatnonzero(ok)  # the block position of every learnable row
+        rows = slots.learning_rows(learner, rec[ok])
+        n_steps = rec["n_steps"]
+        learned = done = at = 0  # at: the next row
         while done < count:
-            if not (fleet.may_open_window() if learner.pending == 0 else fleet.bound):
-                break  # no room for a new window (or not joined yet): the rest waits in the lane
-            need = learner.flush_threshold - learner.pending
-            ahead = signal_at[signal_at >= done]
-            cut = int(ahead[need - 1]) + 1 if len(ahead) >= need else count  # the window's last signal ends this part
-            part_ok = ok[done:cut]
-            part = slice(at, at + int(part_ok.sum()))
-            if routing:
-                learner.learn_feedback(valid["query"][part], route_index[part], best_index[part], valid["quality"][part])
-            elif signals is not None and part.stop > part.start:
-                learner.learn(signals[part], valid["quality"][part])  # seals through learner.sealer at the threshold
-            learner.count_routes(route_index[part], best_index[part], valid["quality"][part])
-            width = int(n_steps[part].max()) if part.stop > part.start else 0
-            learned += self._account_slots(lane, lane * layout.lane_slots + first + done, part_ok, width, index + done)
-            at, done = part.stop, cut
+            if not mode.may_learn(learner.pending > 0):
+                break
+            taken = learner.learn_rows(rows, at, stop=mode.takes_windows)
+            if learner.window_full:
+                mode.on_window(learner.close_window())
+            end = count if at + taken == len(rows) else int(at_slot[at + taken - 1]) + 1  # a full window ends at its last signal
+            part = ok[done:end]
+            width = int(n_steps[done:end][part].max()) if part.any() else 0
+            learned += self._account_slots(lane, flat + done, part, width, index + done)
+            at += taken
+            done = end
         return learned, done
-
-    def _learn_numpy(self, rec: np.ndarray) -> int:
-        """Learn valid lane slots ``rec`` with the numpy learner; the most steps one had."""
-        learner = self.learner
-        n_steps = rec["n_steps"].astype(np.int64)
-        route_index = rec["route_index"].astype(np.int64) - 1
-        best_index = rec["best_index"].astype(np.int64) - 1
-        width = int(n_steps.max()) if len(rec) else 0
-        if learner.rule == "routing":
-            learner.learn_feedback(rec["query"], route_index, best_index, rec["quality"])
-        elif len(rec):
-            w = max(1, width)
-            learner.learn(learning_signals(rec["query"], rec["meta"]["reward"][:, :w], rec["steps"]["act"][:, :w], n_steps), rec["quality"])
-        learner.count_routes(route_index, best_index, rec["quality"])
-        return width
 
     def _account_slots(self, lane: int, flat: int, valid: np.ndarray, width: int, index: int) -> int:
         """Count the corrupt slots among ``valid`` (lane slots from flat index ``flat``, lane index ``index``) and keep
@@ -484,29 +353,10 @@ class Flusher:
             self._keep_in_buffer(flat + start, stop - start, max(1, width))
         return learned
 
-    def _learn_slots(self, lane: int, first: int, count: int, index: int) -> int:
-        """Learn ``count`` contiguous slots of ``lane`` starting at ring slot ``first``; the number learned.
-
-        A slot that fails :func:`slot_checks` is counted as corrupt and neither learned nor
-        kept for consumers.
-        """
-        layout = self.layout
-        flat = lane * layout.lane_slots + first
-        learner = self.learner
-        if _speedups is not None:
-            width, corrupt, _ = learn_block(learner, layout, self._slot_bytes[flat : flat + count], index + 1)
-            valid = np.ones(count, bool)
-            valid[corrupt] = False
-        else:
-            rec = self._slots[lane, first : first + count]
-            valid = slot_checks(rec, index + 1, layout)
-            width = self._learn_numpy(rec[valid])
-        return self._account_slots(lane, flat, valid, width, index)
-
     def _keep_in_buffer(self, flat_slot: int, count: int, width: int) -> None:
         """Copy learned slots into the buffer while it has room; count the rest as dropped."""
         capacity = self.layout.capacity
-        room = capacity - (self.buffer_head - self._u64[self._consumer_tail])
+        room = capacity - (self.buffer_head - self._u64[CONSUMER_WORDS.tail])
         take = max(0, min(count, room))
         prefix = self.layout.prefix_bytes(width)
         done = 0
@@ -520,61 +370,41 @@ class Flusher:
         self.buffer_dropped += count - take
 
     def _flush(self) -> bool:
+        """A flush point: close the open window (if any, and if the mode lets it) and hand it to the mode."""
         self._last_flush_mono = time.monotonic()
-        if self.fleet is not None:
-            # A window in progress has its outbox entry (it was opened only with room): seal it.
-            if not self.learner.pending or not self.fleet.bound:
-                return False
-            self.fleet.seal()
-            return True
-        generation = self.learner.generation
-        self.learner.flush()
-        if self.learner.generation != generation:
-            self.last_flush_at = time.time()
-            return True
-        return False
+        if not self.learner.pending or not self.mode.may_learn(True):
+            return False
+        self.mode.on_window(self.learner.close_window())
+        return True
 
     def _commit(self) -> None:
+        """Publish the private record: the learner's state, the mode's, the flusher's positions and counts."""
         st = self._state[0]
-        learner = self.learner
-        if learner.generation != st["generation"]:
-            self.last_flush_at = time.time()  # threshold flushes inside learn() change the weights too
-        st["generation"] = learner.generation
-        st["pending"] = learner.pending
-        st["trajectories_processed"] = learner.trajectories_processed
-        st["signals_accumulated"] = learner.signals_accumulated
-        st["flushes_performed"] = learner.flushes_performed
-        st["updates_applied"] = learner.updates_applied
+        store_learner(self._state, self.learner, weights=self._learner_publishes)
+        generation = int(st["generation"])
+        if generation != self._committed_generation:
+            self.last_flush_at = time.time()  # the adapter changed (a flush, or windows from elsewhere)
+            self._committed_generation = generation
         st["buffer_head"] = self.buffer_head
         st["buffer_dropped"] = self.buffer_dropped
         st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
-        if self.fleet is not None:
-            self.ledger.publish(self._state, self.fleet.commit_points())
-        else:
-            self.ledger.publish(self._state)
+        self.ledger.publish(self._state, self.mode.commit_points())
 
     def _has_work(self) -> bool:
-        u64, tails, fleet = self._u64, self._tails, self.fleet
-        if fleet is not None:
-            # Requests taken in wait for the stream, and while learning is paused the lanes'
-            # backlog waits too: only news from the threads, a new request or (when learning
-            # may go on) a new record is work.
-            if fleet.has_news():
-                return True
-            learning = fleet.bound and (self.learner.pending > 0 or not fleet.paused)
-            for lane, word in enumerate(self._head_words):
-                if (learning and u64[word] > tails[lane]) or u64[self._req_words[lane]] > self._seen_requests[lane]:
-                    return True
-            return False
+        u64, tails, mode = self._u64, self._tails, self.mode
+        if mode.has_news():
+            return True
+        # A lane's backlog is work only while learning may go on (a fleet host may be paused).
+        learning = mode.may_learn(self.learner.pending > 0)
         for lane, word in enumerate(self._head_words):
-            if u64[word] > tails[lane] or u64[self._req_words[lane]] > u64[self._ack_words[lane]]:
+            if (learning and u64[word] > tails[lane]) or u64[self._req_words[lane]] > self._seen_requests[lane]:
                 return True
         return False
 
     def _sleep(self) -> None:
         u64, bell = self._u64, self._mapped().bell
-        u64[self._w_idle] = 1  # from here on producers ring the bell
+        u64[FLUSHER_WORDS.idle] = 1  # from here on producers ring the bell
         try:
             # A full fence between that store and the reads of the heads below: sem_post
             # and sem_trywait are atomic read-modify-writes (locked instructions). With the
@@ -594,7 +424,7 @@ class Flusher:
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 pass
         finally:
-            u64[self._w_idle] = 0
+            u64[FLUSHER_WORDS.idle] = 0
         # Several producers may have rung for the same wake-up; swallow the extra rings.
         while True:
             try:
@@ -626,23 +456,20 @@ class Flusher:
             log.error("%s; learning goes on, next attempt in %g s", exc, self.checkpoint_interval)
 
     def flush_now(self) -> None:
-        """Learn everything committed, apply pending gradients and publish (used at shutdown).
-
-        In fleet mode the pending window is sealed, and the flusher waits a bounded time
-        (:data:`~sona_shm.fleet.FINISH_TIMEOUT`) for its outbox to reach the stream and come back.
-        """
+        """Learn everything committed, close the open window and publish (used at shutdown); then let the
+        mode finish what is in flight (a fleet host waits, bounded, for its windows to come back)."""
         self.scan()
         if self._flush():
             self._commit()
-        if self.fleet is not None:
-            self.fleet.after_commit()
+        self.mode.answered()
 
-            def commit() -> None:
-                self._commit()
-                self.fleet.after_commit()
+        def commit() -> None:
+            self._commit()
+            for lane, request in self.mode.answered():
+                self._u64[self._ack_words[lane]] = request
 
-            self.fleet.finish(commit)
-            self.fleet.stop()
+        self.mode.finish(commit)
+        self.mode.stop()
 
     def shutdown(self) -> None:
         """Drain what producers committed, flush, publish, answer requests, release."""
@@ -666,10 +493,10 @@ class Flusher:
 
     def close(self) -> None:
         """Release the segment and the flusher lock without draining. Safe to call twice."""
-        fleet = self.__dict__.get("fleet")
-        if fleet is not None:
-            fleet.stop()  # its threads read the ledger: they end before it is unmapped
-            self.fleet = None
+        mode = self.__dict__.get("mode")
+        if mode is not None:
+            mode.stop()  # a fleet's threads read the ledger: they end before it is unmapped
+            self.mode = None
         for attr in ("_slots", "_slot_bytes", "_buffer_bytes", "_buffer_seq", "_state", "_tails", "learner"):
             self.__dict__.pop(attr, None)
         ledger = self.__dict__.pop("ledger", None)
@@ -680,196 +507,3 @@ class Flusher:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
-
-
-def slot_checks(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
-    """Which of the lane slots ``rec`` (stamped from ``first_seq``) may be learned: ``bool[n]``.
-
-    A slot is corrupt if its stamp, step count, route length, step lengths or route
-    indices are out of bounds, its quality or a step's reward is not finite, or a value the
-    engine's rule learns from is NaN or infinite: under the reference rule the activations
-    of its steps (or its query, without steps); under the routing rule a feedback's query,
-    and a bandit reward outside [0, 1]. Producers never publish such a slot; the C learners
-    make the same checks (``_speedups.learn_slots``/``learn_routing``).
-    """
-    n = len(rec)
-    n_steps = rec["n_steps"].astype(np.int64)
-    route_index = rec["route_index"].astype(np.int64) - 1
-    best_index = rec["best_index"].astype(np.int64) - 1
-    S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
-    ok = (rec["seq"] == np.arange(first_seq, first_seq + n, dtype=np.uint64)) & (n_steps <= S) & (rec["route_len"] <= ROUTE_MAX_BYTES)
-    ok &= (route_index < layout.routes) & (best_index < layout.routes) & np.isfinite(rec["quality"])
-    in_use = np.arange(S) < np.minimum(n_steps, S)[:, None]  # [n, S]: the steps each slot has
-    meta = rec["meta"]
-    step_ok = (meta["act_len"] <= h) & (meta["att_len"] <= A) & np.isfinite(meta["reward"])
-    ok &= (step_ok | ~in_use).all(axis=1)
-    if layout.config.rule == "routing":
-        feedback = (route_index >= 0) | (best_index >= 0)
-        quality = rec["quality"]
-        ok &= ~feedback | (np.isfinite(rec["query"]).all(axis=1) & ((best_index >= 0) | ((quality >= 0) & (quality <= 1))))
-    else:
-        acts_ok = np.isfinite(rec["steps"]["act"]).all(axis=2) | ~in_use  # [n, S]
-        ok &= np.where(n_steps == 0, np.isfinite(rec["query"]).all(axis=1), acts_ok.all(axis=1))
-    return ok
-
-
-def learn_block(learner: Learner, layout: Layout, block: np.ndarray, first_seq: int, stop: bool = False) -> tuple[int, list[int], int]:
-    """Learn consecutive lane slots (``block``: ``uint8[count, slot_bytes]``, stamped from
-    ``first_seq``) with the C learner of ``learner``'s rule, in place. Returns the most
-    steps a learned slot had, the indices of the slots that failed :func:`slot_checks`
-    (learned from nothing) and the number of slots consumed. Needs ``_speedups``.
-
-    ``stop`` (fleet mode): return as soon as ``pending`` reaches the flush threshold, without
-    applying (the caller seals the window); fewer than ``count`` slots may then be consumed."""
-    head = (block, block.shape[0], layout.hidden_dim, layout.max_steps, layout.payload_offset, layout.step_bytes, first_seq)
-    tail = (learner.lr, learner.flush_threshold, learner.pending, learner.route_chosen, learner.route_best, learner.route_reward, stop)
-    if learner.rule == "routing":
-        result = _speedups.learn_routing(
-            *head, learner.grad_up, learner.grad_down, learner.up, learner.down, learner.unit, learner.temperature, *tail
-        )
-    else:
-        result = _speedups.learn_slots(*head, learner.grad_up, learner.up, *tail)
-    pending, flushes, width, signals, corrupt, consumed = result
-    learner.account(consumed - len(corrupt), signals, pending, flushes)
-    return width, corrupt, consumed
-
-
-def _check_checkpoint_path(path: str | None) -> str | None:
-    if path is None:
-        return None
-    if not isinstance(path, str) or not path:
-        raise InvalidInputError(f"checkpoint: expected a file path, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InvalidInputError(f"checkpoint: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise InvalidInputError(f"checkpoint: {path} is a directory; give a file path")
-    return path
-
-
-def _load_checkpoint(path: str | None) -> tuple[Checkpoint | None, CheckpointError | None]:
-    """The checkpoint at ``path`` or why it cannot be restored (raised only if a new segment needs it)."""
-    if path is None or not os.path.exists(path):
-        return None, None
-    try:
-        return read_checkpoint(path), None
-    except CheckpointError as exc:
-        return None, exc
-
-
-def _create_or_adopt(
-    name: str,
-    requested: EngineConfig | InvalidInputError,
-    overrides: dict[str, Any],
-    routes: RouteTable | None,
-    mode: int,
-    restore_into: Callable[[Layout], Checkpoint | None] | None = None,
-) -> tuple[Segment, bool]:
-    """Create segment ``name`` or adopt the existing one; hold the flusher lock on return.
-
-    ``requested``: the configuration of a new segment, or why the options given do not
-    make one (raised only if the segment does not exist). A new segment gets the route
-    table ``routes`` and the state ``restore_into(layout)`` returns (if any) before its
-    header is published; if that raises, the segment is removed again — no worker can
-    have attached to it — and the error propagates.
-    """
-    config_error = requested if isinstance(requested, InvalidInputError) else None
-    layout = None if isinstance(requested, InvalidInputError) else Layout(requested)
-    try:
-        fd = open_fd(name, writable=True, engine_mode=mode)  # only our own user's object, never wider than mode
-        created = False
-    except SegmentNotFoundError:
-        if config_error is not None:
-            raise config_error from None  # the options given do not make an engine to create
-        assert layout is not None
-        check_room(layout, name, group=mode == GROUP_MODE)  # before anything is created
-        try:
-            fd = create_fd(name, layout.total_bytes, mode)  # O_EXCL, reserved whole: no SIGBUS on a full /dev/shm
-            created = True
-        except FileExistsError:  # another creator was quicker
-            fd = open_fd(name, writable=True, engine_mode=mode)
-            created = False
-    try:
-        if not try_lock_fd(fd, LOCK_FLUSHER):
-            pid = int.from_bytes(os.pread(fd, 8, FLUSHER_LINE + FL_PID), "little") if os.fstat(fd).st_size > FLUSHER_LINE else 0
-            raise FlusherRunningError(
-                f"segment {name!r} already has a live flusher (pid {pid}); stop it first (SIGTERM) or use another --name"
-            )
-        raw = os.pread(fd, HEADER_BYTES, 0)
-        # Zero magic: a creator died before finishing. Any other magic that is not ours is
-        # another program's (or another version's) object: refused below, never overwritten.
-        fresh = created or len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8
-        if fresh:
-            if config_error is not None or layout is None:
-                raise config_error or InvalidInputError("config: no engine configuration")  # re-initialising needs one
-            if not created:
-                log.warning("segment %r was never completed (its creator died); initialising it again", name)
-                os.ftruncate(fd, 0)  # back to all zeros
-                reserve(fd, layout.total_bytes, name)
-        else:
-            existing = Layout.from_header(raw, name, os.fstat(fd).st_size)
-            differences = existing.differences(overrides)
-            if differences:
-                diffs = "; ".join(differences)
-                raise LayoutMismatchError(
-                    f"segment {name!r} exists with another configuration ({diffs}); start the flusher without "
-                    f"those options to adopt it, or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
-                )
-            layout = existing
-            # An older sona_shm only sized the segment: reserve what it left sparse, or refuse.
-            reserve(fd, layout.total_bytes, name)
-        segment = Segment(name, fd, layout, writable=True)  # owns fd from here on
-        # What the flusher writes — the ledger copies and, above all, the buffer, where each
-        # learned trajectory would otherwise land on a page touched for the first time — is
-        # faulted in now, once, rather than one page per trajectory (Segment.populate). A new
-        # segment is populated before its magic is published, so no producer waits for it.
-        segment.populate(layout.ledger_offset, layout.lanes_offset - layout.ledger_offset)
-        segment.populate(layout.buffer_offset, layout.total_bytes - layout.buffer_offset)
-    except BaseException:
-        if created:
-            unlink_created(name, fd)  # nobody can have attached: its header has no magic
-        os.close(fd)
-        raise
-    if fresh:
-        try:
-            _initialise(segment, mode, routes, restore_into(segment.layout) if restore_into else None)
-        except BaseException:
-            # No worker can have attached (no magic). The doorbell is not removed: if it
-            # exists it was there before (create_bell is the last step that can fail).
-            unlink_created(name, segment.fileno())
-            segment.close()
-            raise
-    else:
-        try:
-            table = read_route_table(segment) if routes is not None else None
-            if routes is not None and (table is None or not table.same_as(routes)):
-                raise LayoutMismatchError(
-                    f"segment {name!r} exists with another route table; start the flusher without --routes to adopt it, "
-                    f"or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
-                )
-            create_bell(name, mode)  # kept if it exists; recreated if someone removed it
-        except BaseException:
-            segment.close()
-            raise
-    return segment, fresh
-
-
-def _initialise(segment: Segment, mode: int, routes: RouteTable | None, checkpoint: Checkpoint | None = None) -> None:
-    """Write header, route table, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
-    layout = segment.layout
-    if (routes is None) != (layout.routes == 0):
-        raise InvalidInputError(
-            f"routes: the engine's configuration says {layout.routes} routes, but {'no' if routes is None else 'a'} table was given"
-        )
-    segment.buf[: len(layout.pack_header())] = layout.pack_header()
-    if routes is not None:
-        routes.write(segment.numpy_buffer(), layout)
-    record = np.zeros(1, dtype=layout.ledger_dtype)
-    record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
-    if checkpoint is not None:
-        checkpoint.apply(record[0], checkpoint.generation)  # no worker has seen this segment: keep its generation
-    ledger = Ledger(segment)
-    ledger.copies[0] = record[0]
-    ledger.close()
-    create_bell(segment.name, mode)
-    segment.buf[:8] = MAGIC  # publishes the header: attach() accepts the segment from now on

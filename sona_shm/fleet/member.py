@@ -11,7 +11,7 @@ Threads and who writes what:
 
 - the **main thread** (the flusher's loop) alone writes the ledger and the outbox. It
   hands sealed windows to the publisher (after the commit that sealed them) and takes
-  stream entries, snapshots and link events from one queue (:meth:`FleetMember.pump`);
+  stream entries, snapshots and link events from one queue (:meth:`FleetMode.pump`);
 - the **publisher thread** joins the fleet, renews the host's lease, publishes the
   outbox in batches and writes snapshots, read from the *committed* ledger through the
   latch (so it never reads what the main thread is writing);
@@ -42,12 +42,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ..engine.modes import ModeContext
 from ..errors import InvalidInputError
-from ..learn.learner import Learner
+from ..learn.learner import Window
 from ..learn.routes import RouteTable
 from ..shm.layout import (
     FLEET_HOST_BYTES,
@@ -58,8 +59,6 @@ from ..shm.layout import (
     read_fleet_identity,
     write_fleet_identity,
 )
-from ..shm.ledger import Ledger
-from ..shm.segment import Segment
 from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
 from .stream import LEASE_TTL, FleetError, FleetLog, Joined, LinkDown, config_json, connect
 
@@ -110,6 +109,13 @@ class FleetOptions:
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
     timeout: float = DEFAULT_TIMEOUT
 
+    #: A fleet host's learner computes at private weights; the published adapter is the fleet's (:class:`FleetMode`).
+    learner_publishes: ClassVar[bool] = False
+
+    def start_mode(self, context: ModeContext) -> FleetMode:
+        """The flusher's mode as a host of this fleet (a :class:`~sona_shm.engine.modes.ModeFactory`)."""
+        return FleetMode(self, context)
+
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("redis://", "rediss://", "unix://")):
             shown = _safe_url(self.url) if isinstance(self.url, str) else self.url
@@ -152,7 +158,7 @@ def default_host_id(engine: str) -> str:
 class _Link(threading.Thread):
     """What both Redis threads share: a connection that is re-made after a failure, with back-off."""
 
-    def __init__(self, name: str, member: FleetMember, read_timeout: float | None = None) -> None:
+    def __init__(self, name: str, member: FleetMode, read_timeout: float | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.member = member
         self.options = member.options
@@ -207,7 +213,7 @@ class _Link(threading.Thread):
 class _Publisher(_Link):
     """Joins the fleet, renews the lease, appends the outbox, writes snapshots."""
 
-    def __init__(self, member: FleetMember) -> None:
+    def __init__(self, member: FleetMode) -> None:
         super().__init__("sona-fleet-publisher", member)
         self._cond = threading.Condition()
         self._windows: dict[int, bytes] = {}  # seq -> window not yet confirmed in the stream
@@ -324,7 +330,7 @@ class _Publisher(_Link):
 class _Reader(_Link):
     """Reads the stream after the last entry handed over; fetches the snapshot when the replica must resync."""
 
-    def __init__(self, member: FleetMember, cursor: StreamId, epoch: int) -> None:
+    def __init__(self, member: FleetMode, cursor: StreamId, epoch: int) -> None:
         super().__init__("sona-fleet-reader", member, read_timeout=member.options.timeout + READ_BLOCK_MS / 1000)
         self.cursor = cursor
         self.epoch = epoch
@@ -423,20 +429,27 @@ def _safe_url(url: str) -> str:
 # ----------------------------------------------------------------- the member (main thread)
 
 
-class FleetMember:
-    """The fleet side of one flusher; its main loop calls :meth:`pump`, :meth:`may_open_window`,
-    :meth:`seal`, :meth:`after_commit` and :meth:`write_stats`. See the module docstring."""
+class FleetMode:
+    """A flusher's mode as one host of a fleet (:mod:`sona_shm.engine.modes`; the module docstring says how).
 
-    def __init__(
-        self,
-        options: FleetOptions,
-        segment: Segment,
-        state: np.ndarray,
-        learner: Learner,
-        routes: RouteTable | None,
-        ledger: Ledger,
-        tails: np.ndarray,
-    ) -> None:
+    Every window the learner closes is sealed into the outbox (:meth:`on_window`); the
+    fleet's adapter — this record's ``up``/``down`` and ``generation`` — changes only by
+    applying the stream (:meth:`pump`), and the learner computes at that adapter with this
+    host's own windows in flight applied (the routing rule's gradients depend on it). A
+    flush request is answered once its lane's windows came back from the stream.
+    """
+
+    takes_windows = True
+
+    def __init__(self, options: FleetOptions, context: ModeContext) -> None:
+        segment, state, learner, routes, ledger, tails = (
+            context.segment,
+            context.record,
+            context.learner,
+            context.routes,
+            context.ledger,
+            context.tails,
+        )
         layout: Layout = segment.layout
         if layout.fleet_outbox == 0:
             raise FleetError(
@@ -449,7 +462,7 @@ class FleetMember:
         self.learner = learner
         self.routes = routes
         self.ledger = ledger
-        self._tails = tails  # the flusher's lane tails (a view into its private record)
+        self._tails = tails  # the flusher's lane tails (read only: whether a flush request's records are learned)
         buf = segment.numpy_buffer()
         self._outbox = np.ndarray((layout.fleet_outbox, layout.entry_bytes), np.uint8, buffer=buf, offset=layout.outbox_offset)
         assert layout.fleet_words is not None  # an outbox comes with the fleet region
@@ -475,6 +488,9 @@ class FleetMember:
         self.reader = _Reader(self, self.replica.cursor, self.replica.epoch)
         if self.replica.bound:
             self.publisher.snapshots_allowed.set()
+        if layout.config.rule == "routing":
+            self._speculate()
+        self.start()
 
     # ----------------------------------------------------------------- identity
 
@@ -634,9 +650,9 @@ class FleetMember:
             elif kind == "fatal":
                 raise message[1]
         if weights:
-            self.learner.generation += 1
+            replica.bump_generation()
         if foreign and self.layout.config.rule == "routing":
-            replica.speculate(self.learner.up, self.learner.down)
+            self._speculate()
         return changed
 
     def commit_points(self) -> tuple[str, ...]:
@@ -646,9 +662,18 @@ class FleetMember:
         self._committed_head, self._committed_cursor = replica.head, replica.cursor
         return points
 
-    def may_open_window(self) -> bool:
-        """Whether a new window may start learning: the segment is bound and the outbox has room (and ``--fleet-lag`` allows)."""
+    def _speculate(self) -> None:
+        """The learner computes at the fleet's adapter with this host's windows in flight applied (see Replica.speculate)."""
+        up, down = np.empty_like(self.learner.up), np.empty_like(self.learner.down)
+        self.replica.speculate(up, down)
+        self.learner.set_weights(up, down)
+
+    def may_learn(self, window_open: bool) -> bool:
+        """Whether learning may go on: once bound, a window open may fill; a new one opens only while the outbox has
+        room (and ``--fleet-lag`` allows)."""
         replica = self.replica
+        if window_open:
+            return replica.bound
         full = replica.outstanding >= self.layout.fleet_outbox
         ok = replica.bound and not full and replica.outstanding <= self.lag
         if ok == self.paused:
@@ -671,31 +696,25 @@ class FleetMember:
                 self._full_since = None
         return ok
 
-    def seal(self) -> None:
-        """Seal the learner's window (its pending signals) into the outbox; the caller commits."""
-        learner = self.learner
-        n = learner.pending
-        routing = learner.rule == "routing"
-        raw = self.replica.seal(learner.grad_up, learner.grad_down if routing else None, n)
+    def on_window(self, window: Window) -> None:
+        """Seal a window the learner closed into the outbox; the flusher's next commit publishes it."""
+        raw = self.replica.seal(window.grad_up, window.grad_down, window.n)
         self._sealed[self.replica.head] = raw  # handed to the publisher after the commit
-        if routing:  # the next window's gradients see this one applied (replica.speculate)
-            self.replica.apply_own(learner.up, learner.down, raw)
-            learner.grad_down.fill(0.0)
-        learner.grad_up.fill(0.0)
-        learner.updates_applied += n
-        learner.flushes_performed += 1
-        learner.pending = 0
+        if window.grad_down is not None:  # routing: the next window's gradients see this one applied (replica.speculated)
+            self.learner.apply(window)
 
-    def request_flush(self, lane: int, request: int, head: int) -> None:
-        """A producer's flush(): answered once what its lane committed up to ``head`` is applied from the stream."""
-        self._acks.append([lane, request, head, -1])
+    def take_requests(self, requests: list[tuple[int, int, int]]) -> None:
+        """Producers' flush() calls: each answered once what its lane committed up to its head is applied from the stream."""
+        self._acks.extend([lane, request, head, -1] for lane, request, head in requests)
 
-    def flush_wanted(self) -> bool:
+    def flush_due(self) -> bool:
         """A flush request waits for its lane's records to be sealed: seal the partial window now."""
         return self.learner.pending > 0 and any(a[3] < 0 and int(self._tails[a[0]]) >= a[2] for a in self._acks)
 
-    def after_commit(self) -> list[tuple[int, int]]:
-        """After a commit: hand new windows to the publisher; return the flush requests now answered ``(lane, request)``."""
+    def answered(self) -> list[tuple[int, int]]:
+        """After a scan (and its commit): hand new windows to the publisher, write the fleet's control lines; the flush
+        requests now answered ``(lane, request)``."""
+        self.write_stats()
         replica = self.replica
         for seq in range(max(self._offered, replica.tail) + 1, replica.head + 1):
             raw = self._sealed.pop(seq, None)
@@ -735,7 +754,7 @@ class FleetMember:
     def finish(self, commit: Callable[[], None], timeout: float = FINISH_TIMEOUT) -> None:
         """At shutdown: wait (at most ``timeout``) until every own window is published and applied back.
 
-        ``commit``: the flusher's commit (with its after-commit work), called whenever the record changed.
+        ``commit``: the flusher's commit (and what follows it), called whenever the record changed.
         """
         deadline = time.monotonic() + timeout
         while self.replica.outstanding and time.monotonic() < deadline and self.replica.bound:
@@ -775,4 +794,4 @@ def snapshot_of(record: np.void, layout: Layout, routes: RouteTable | None, host
     return Replica(layout, state, dummy, host_id, routes).snapshot()
 
 
-__all__ = ["DEFAULT_SNAPSHOT_INTERVAL", "FleetError", "FleetMember", "FleetOptions", "default_host_id", "snapshot_of"]
+__all__ = ["DEFAULT_SNAPSHOT_INTERVAL", "FleetError", "FleetMode", "FleetOptions", "default_host_id", "snapshot_of"]

@@ -159,11 +159,13 @@ class Snapshot:
 class Replica:
     """The fleet part of the flusher's private ledger record; see the module docstring.
 
-    ``state``: the flusher's private record (shape ``(1,)``; its ``up``/``down`` are the
-    fleet's adapter). ``outbox``: ``uint8[fleet_outbox, entry_bytes]``, the segment's outbox
-    entries. ``host_id``: this host. Not thread-safe: the flusher's main thread alone uses it.
-    The positions, counters and table are kept as Python ints too (reading a field of the
-    record costs a microsecond) and written into the record as they change.
+    ``state``: the flusher's private ledger record (shape ``(1,)``). The replica writes only
+    what it owns there: every ``fleet_`` field, and the fleet's adapter (``up``, ``down``)
+    and its ``generation`` (the host's learner computes at private weights). ``outbox``:
+    ``uint8[fleet_outbox, entry_bytes]``, the segment's outbox entries. ``host_id``: this
+    host. Not thread-safe: the flusher's main thread alone uses it. The positions, counters
+    and table are kept as Python ints too (reading a field of the record costs a
+    microsecond) and written into the record as they change.
     """
 
     def __init__(self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None) -> None:
@@ -471,6 +473,12 @@ class Replica:
         if own > self._head and self._head == self._tail:
             self._set_positions(own, own)  # the fleet knows more of this host id than this segment sealed
         self._set_positions(self._head, max(self._tail, min(own, self._head)))
+
+    # ----------------------------------------------------------------- the record
+
+    def bump_generation(self) -> None:
+        """The fleet's adapter changed (windows applied, a snapshot loaded): workers reload it."""
+        self.st["generation"] += 1
 
     # ----------------------------------------------------------------- the learner's weights
 

@@ -1,16 +1,27 @@
-"""The numerics of SONA Loop A: micro-LoRA init, learning signals, accumulation, forward.
+"""The learner: Loop A's whole mutable state and the one place it changes.
 
-Everything here is vectorised over a batch of trajectories and shared by the
-in-process :class:`~sona_shm.loop.InstantLoop` and the cross-process flusher, so there
-is one implementation of the maths. ``docs/SEMANTICS.md`` is the specification;
-the places where float32 rounding order matters (the mean baseline and the
-degenerate-gradient test) follow the reference's float32, left-to-right order.
+A :class:`Learner` holds the adapter (``down``, ``up``), the gradient sums of the open
+*window* (the signals since the last flush), the seed's counters and per-route feedback
+counts. It learns batches of rows (:meth:`Learner.learn_rows`, numpy) or of lane slots
+(:meth:`Learner.learn_slots`, the C twin) under the engine's rule — the reference rule
+(:mod:`sona_shm.learn.reference`) or the routing rule (:mod:`sona_shm.learn.routing`) —
+and every ``flush_threshold`` signals the window closes:
+
+- by default the learner applies it itself (a *flush*: ``up += lr * G_U / n``, and ``down``
+  under the routing rule), as the seed does;
+- with ``stop=True`` it stops where the window is full (:attr:`Learner.window_full`) and the
+  caller takes it (:meth:`Learner.close_window`) to do something else with it — a fleet
+  seals it for every host to apply (:mod:`sona_shm.fleet`), a solo flusher applies it
+  (:meth:`Learner.apply`).
+
+Either way the sums are the same, bit for bit, and so is what applying them gives: the
+arithmetic of a window is :func:`apply_sums` (and ``apply_row`` in ``_speedups.c``).
+Nothing outside this class writes its counters or weights; the flusher maps them to and
+from its ledger record in one place (:func:`sona_shm.shm.ledger.learner_over`).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,170 +29,11 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import InvalidInputError
+from ..native import speedups as _speedups
 from . import routing
+from .reference import F32, F64, initial_down, learning_signals
 
-F32 = np.dtype(np.float32)
-F64 = np.dtype(np.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
-
-# Finite inputs near the float32 limit can overflow the float32 arithmetic below; the
-# rows concerned are detected and redone in float64 (_repair_overflow, Learner.learn), so
-# numpy's warnings about it would only be noise. A filter costs nothing per call, unlike
-# an np.errstate() block (~5 µs per batch here).
-warnings.filterwarnings("ignore", r"(overflow|invalid value) encountered", RuntimeWarning, __name__)
-
-#: A REINFORCE gradient at or below this L2 norm is degenerate (SEMANTICS.md §3).
-DEGENERATE_NORM = 1e-8
-
-
-def initial_down(hidden_dim: int, rank: int) -> np.ndarray:
-    """The reference's deterministic ``down``: ``float32[rank, hidden_dim]``.
-
-    Entry ``k`` of the flat array is ``((k * 0.618034) mod 1 - 0.5) * 0.02`` with every
-    operation rounded to float32.
-    """
-    k = np.arange(rank * hidden_dim, dtype=F32)
-    v = np.fmod(k * np.float32(0.618034), np.float32(1.0))
-    v = (v - np.float32(0.5)) * np.float32(0.02)
-    return v.astype(F32).reshape(rank, hidden_dim)
-
-
-def learning_signals(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray, n_steps: np.ndarray) -> np.ndarray:
-    """REINFORCE-with-mean-baseline signals of a batch: ``float32[N, hidden_dim]``.
-
-    ``query``: ``float32[N, h]``; ``rewards``: ``float32[N, S]``; ``activations``:
-    ``float32[N, S, h]`` (shorter activations zero-padded); ``n_steps``: ``int[N]``,
-    each ``<= S``. Entries at steps ``>= n_steps[i]`` are ignored whatever they hold.
-
-    Zero-step rows: the query itself, not normalised. Other rows: ``g = Σ (r - mean r)
-    · act``, divided by ``‖g‖`` when ``‖g‖ > 1e-8``; otherwise ``g = Σ r · act`` under
-    the same rule (the published binary's fallback).
-    """
-    g, scale = signal_parts(query, rewards, activations, n_steps)
-    g *= scale[:, None]
-    return g
-
-
-def signal_parts(query: np.ndarray, rewards: np.ndarray, activations: np.ndarray, n_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The signals of :func:`learning_signals` as ``g * scale[:, None]``, not multiplied out.
-
-    ``g``: a new ``float32[N, h]``; ``scale``: ``float32[N]`` (``1/‖g‖`` or 1). The C
-    learner (``_speedups.learn_slots``) computes the same per slot, in the same order.
-    """
-    n_rows, hidden = query.shape
-    n_steps = np.asarray(n_steps)
-    single = n_steps == 1
-    if n_rows and single.all():
-        # One step: baseline = reward, so every advantage is exactly 0 and the
-        # reference always takes the fallback, reward * activations. Computed directly:
-        # it is the common case (one model call per request), in one pass.
-        g = np.multiply(np.asarray(rewards[:, 0], dtype=F32)[:, None], activations[:, 0], dtype=F32)
-        norm = _row_norms(g)
-        scale = _inverse_norms(norm)
-        _repair_overflow(g, scale, norm, rewards[:, :1], activations[:, :1], n_steps)
-        return g, scale
-    g = np.empty((n_rows, hidden), dtype=F32)
-    scale = np.ones(n_rows, dtype=F32)
-    if n_rows == 0:
-        return g, scale
-    zero = n_steps == 0
-    if zero.any():
-        g[zero] = query[zero]
-    rows: Any
-    if single.any():
-        rows = np.flatnonzero(single)
-        g1 = np.multiply(np.asarray(rewards[rows, 0], dtype=F32)[:, None], activations[rows, 0], dtype=F32)
-        norm1 = _row_norms(g1)
-        scale1 = _inverse_norms(norm1)
-        _repair_overflow(g1, scale1, norm1, rewards[rows, :1], activations[rows, :1], n_steps[rows])
-        g[rows] = g1
-        scale[rows] = scale1
-    multi = n_steps > 1
-    if not multi.any():
-        return g, scale
-    rows = slice(None) if multi.all() else np.flatnonzero(multi)
-    n = n_steps[rows]
-    width = int(n.max())
-    r = np.asarray(rewards[rows, :width], dtype=F32)
-    act = np.asarray(activations[rows, :width], dtype=F32)
-    mask = np.arange(width) < n[:, None]
-    if not mask.all():
-        # Steps past a row's count may hold anything (stale slots); zero them so that
-        # neither the sums nor a stray non-finite value can leak into the signal.
-        r = np.where(mask, r, np.float32(0))
-        act = np.where(mask[:, :, None], act, np.float32(0))
-
-    # The reference sums rewards left to right in float32; a float64 mean would hide
-    # residuals like 0.2f + 0.9f that decide which branch below is taken.
-    total = r[:, 0].copy()
-    for s in range(1, width):
-        total += r[:, s]
-    baseline = total / n.astype(F32)
-    adv = np.where(mask, r - baseline[:, None], np.float32(0))
-    gm = _weighted_step_sum(adv, act)
-    norm = _row_norms(gm)
-    degenerate = norm <= DEGENERATE_NORM
-    if degenerate.any():
-        fallback = _weighted_step_sum(r[degenerate], act[degenerate])
-        gm[degenerate] = fallback
-        norm[degenerate] = _row_norms(fallback)
-    scale_m = _inverse_norms(norm)
-    _repair_overflow(gm, scale_m, norm, r, act, n)
-    g[rows] = gm
-    scale[rows] = scale_m
-    return g, scale
-
-
-def _repair_overflow(g: np.ndarray, scale: np.ndarray, norm: np.ndarray, r: np.ndarray, act: np.ndarray, n: np.ndarray) -> None:
-    """Redo in float64, in place, the rows whose float32 sums overflowed (``norm`` not finite).
-
-    Finite inputs near the float32 limit overflow the reference's float32 arithmetic,
-    which then yields NaN; float64 cannot overflow here, so no finite trajectory puts
-    NaN/Inf into the gradient. The redone rows come back normalised (``scale`` 1).
-    """
-    overflowed = ~np.isfinite(norm)
-    if overflowed.any():
-        width = r.shape[1]
-        mask = np.arange(width) < n[overflowed, None]
-        g[overflowed] = _signals_f64(np.asarray(r[overflowed], dtype=F32), np.asarray(act[overflowed], dtype=F32), mask, n[overflowed])
-        scale[overflowed] = 1.0
-
-
-def _inverse_norms(norm: np.ndarray) -> np.ndarray:
-    """``1/norm`` where the norm exceeds ``DEGENERATE_NORM``, else 1 (left as it is)."""
-    return np.where(norm > DEGENERATE_NORM, np.float32(1) / np.maximum(norm, np.float32(DEGENERATE_NORM)), np.float32(1))
-
-
-def _signals_f64(r: np.ndarray, act: np.ndarray, mask: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """:func:`learning_signals` of stepped rows in float64 (for rows whose float32 sums overflow)."""
-    r64 = np.where(mask, r.astype(F64), 0.0)
-    act64 = act.astype(F64)
-    adv = np.where(mask, r64 - (r64.sum(axis=1) / n)[:, None], 0.0)
-    g = np.einsum("ks,ksh->kh", adv, act64)
-    norm = np.sqrt(np.einsum("kh,kh->k", g, g))
-    degenerate = norm <= DEGENERATE_NORM
-    if degenerate.any():
-        g[degenerate] = np.einsum("ks,ksh->kh", r64[degenerate], act64[degenerate])
-        norm[degenerate] = np.sqrt(np.einsum("kh,kh->k", g[degenerate], g[degenerate]))
-    big = norm > DEGENERATE_NORM
-    g[big] /= norm[big, None]
-    return g.astype(F32)
-
-
-def _weighted_step_sum(weights: np.ndarray, act: np.ndarray) -> np.ndarray:
-    """``Σ_s weights[:, s] * act[:, s]`` in float32, steps added left to right.
-
-    A batched ``(1, S) @ (S, h)`` product: numpy's loop for it adds the ``S`` products
-    of each output in step order, as the reference does, at a quarter of the cost of
-    one multiply-add pass per step.
-    """
-    return (weights[:, None, :] @ act)[:, 0]
-
-
-def _row_norms(g: np.ndarray) -> np.ndarray:
-    """L2 norm of each row, in float32 like the reference (and ~40x faster than a
-    float64 copy here: numpy's float32->float64 cast runs at ~9 ns per element)."""
-    return np.sqrt(np.einsum("ij,ij->i", g, g))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,18 +46,50 @@ class LoopMetrics:
     updates_applied: int
 
 
+@dataclass(frozen=True)
+class Window:
+    """What one closed window learned: the gradient sums of its ``n`` signals.
+
+    ``grad_up``: ``float64[R, h]``; ``grad_down``: ``float64[R, h]`` under the routing rule,
+    else None. Applying it (:meth:`Learner.apply`) is a flush.
+    """
+
+    grad_up: np.ndarray
+    grad_down: np.ndarray | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A batch of learnable rows, prepared once (:meth:`Learner.rows`) and learned in order (:meth:`Learner.learn_rows`).
+
+    ``quality``: ``float32[n]`` (a bandit feedback's reward); ``route_index``/``best_index``:
+    ``int64[n]``, -1 for none; ``signals``: the reference rule's ``float32[n, h]`` (else None);
+    ``query``: the routing rule's ``float32[n, h]`` (else None); ``is_signal``: ``bool[n]``.
+    """
+
+    quality: np.ndarray
+    route_index: np.ndarray
+    best_index: np.ndarray
+    signals: np.ndarray | None
+    query: np.ndarray | None
+    is_signal: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.quality.shape[0])
+
+
 class Learner:
-    """Loop A's whole mutable state: the adapter, the gradient sums, counters, per-route counts.
+    """Loop A's state: the adapter, the open window's gradient sums, counters, per-route counts.
 
     ``down``, ``up``: ``float32[rank, hidden_dim]``; ``grad_up``, ``grad_down``:
     ``float64[rank, hidden_dim]``. Under the ``reference`` rule only ``up`` learns and
-    every rank row of ``grad_up`` receives the same signal (:meth:`learn`); under the
-    ``routing`` rule both learn from feedback (:meth:`learn_feedback`,
-    :mod:`sona_shm.learn.routing`). ``unit``: the engine's unit route vectors
-    (``float32[K, h]``) or ``None``; ``route_chosen``/``route_best`` (``uint64[K]``) and
-    ``route_reward`` (``float64[K]``) count feedback per route (:meth:`count_routes`).
-    The arrays are updated in place, so they may be views into a record the owner
-    publishes (the flusher does). Not thread-safe; the owner serialises calls.
+    every rank row of ``grad_up`` receives the same signal; under the ``routing`` rule both
+    learn from feedback. ``unit``: the engine's unit route vectors (``float32[K, h]``) or
+    ``None``; ``route_chosen``/``route_best`` (``uint64[K]``) and ``route_reward``
+    (``float64[K]``) count feedback per route. The arrays are updated in place, so they may
+    be views into a record the owner publishes (the flusher's are). Not thread-safe; the
+    owner serialises calls.
     """
 
     @classmethod
@@ -262,15 +146,12 @@ class Learner:
         self.route_reward = np.zeros(k, dtype=F64) if route_reward is None else route_reward
         if down is None:
             self.down[...] = initial_down(hidden_dim, rank)
-        #: Called instead of applying at a flush when set (a fleet seals the window instead: it
-        #: takes the sums and zeroes them, see sona_shm.fleet.member); the weights stay as they are.
-        self.sealer: Callable[[], None] | None = None
-        self.pending = 0  # signals accumulated since the last flush (the reference's update_count)
-        self.generation = 0  # bumped whenever the adapter changes
+        self.pending = 0  # signals in the open window (the reference's update_count)
+        self.generation = 0  # bumped whenever this learner's adapter changes
         self.trajectories_processed = 0
         self.signals_accumulated = 0
-        self.flushes_performed = 0
-        self.updates_applied = 0
+        self.flushes_performed = 0  # windows closed
+        self.updates_applied = 0  # signals of the windows closed
 
     @property
     def scale(self) -> float:
@@ -280,60 +161,97 @@ class Learner:
     def metrics(self) -> LoopMetrics:
         return LoopMetrics(self.trajectories_processed, self.signals_accumulated, self.flushes_performed, self.updates_applied)
 
-    def learn(self, signals: np.ndarray, quality: np.ndarray) -> int:
-        """Reference rule: accumulate ``signals[i] * quality[i]`` in order, flushing at every threshold.
+    @property
+    def window_full(self) -> bool:
+        """The open window holds ``flush_threshold`` signals (only a call with ``stop=True`` leaves it so)."""
+        return self.pending >= self.flush_threshold
 
-        The batch is cut exactly where a one-by-one replay would have flushed, so the
-        result equals feeding the trajectories singly. Returns the number of flushes.
+    # ----------------------------------------------------------------- learning
+
+    def rows(
+        self,
+        query: np.ndarray,
+        quality: np.ndarray,
+        route_index: np.ndarray,
+        best_index: np.ndarray,
+        rewards: np.ndarray | None = None,
+        activations: np.ndarray | None = None,
+        n_steps: np.ndarray | None = None,
+    ) -> Rows:
+        """Prepare validated rows for :meth:`learn_rows`: the reference rule's signals are computed here, once.
+
+        ``query``: ``float32[n, h]``; ``quality``: ``[n]``; ``route_index``/``best_index``:
+        ``int[n]`` (-1: none); the reference rule also needs ``rewards`` (``float32[n, S]``),
+        ``activations`` (``float32[n, S, h]``) and ``n_steps`` (``int[n]``) — see
+        :func:`~sona_shm.learn.reference.learning_signals`.
         """
-        n = signals.shape[0]
-        if n == 0:
-            return 0
-        quality = np.asarray(quality, dtype=F32)
-        flushes = 0
-        start = 0
-        while start < n:
-            take = min(self.flush_threshold - self.pending, n - start)
-            # Σ quality_i * signal_i over the chunk as one float32 BLAS product; the
-            # running accumulator is float64 so long runs between flushes stay exact.
-            chunk = quality[start : start + take] @ signals[start : start + take]
-            if not np.isfinite(chunk).all():  # float32 overflow of huge finite inputs: redo exactly
-                chunk = quality[start : start + take].astype(F64) @ signals[start : start + take].astype(F64)
-            self.grad_up += chunk
-            self.pending += take
-            start += take
-            if self.pending >= self.flush_threshold:
-                self.flush()
-                flushes += 1
-        self.trajectories_processed += n
-        self.signals_accumulated += n
-        return flushes
-
-    def learn_feedback(self, query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> int:
-        """Routing rule: learn a batch of trajectories in order; only feedback rows are signals.
-
-        ``query``: ``float32[n, h]``; ``route_index``/``best_index``: ``int[n]``, -1 for
-        none (a row with neither is an ordinary trajectory: processed, not a signal);
-        ``reward``: ``[n]`` (the bandit reward, a trajectory's quality). Gradients are
-        cut at every flush as in :meth:`learn`. Returns the number of flushes.
-        """
-        unit = self.unit
-        if unit is None:
-            raise InvalidInputError("learn_feedback(): this learner has no route table (unit=None)")
         route_index = np.asarray(route_index, dtype=np.int64)
         best_index = np.asarray(best_index, dtype=np.int64)
-        n = route_index.shape[0]
-        rows = np.flatnonzero((route_index >= 0) | (best_index >= 0))
-        flushes = 0
-        start = 0
-        while start < len(rows):
-            take = min(self.flush_threshold - self.pending, len(rows) - start)
-            chunk = rows[start : start + take]
+        quality = np.asarray(quality, dtype=F32)
+        if self.rule == "routing":
+            if self.unit is None:
+                raise InvalidInputError("learn_feedback(): this learner has no route table (unit=None)")
+            return Rows(quality, route_index, best_index, None, query, (route_index >= 0) | (best_index >= 0))
+        assert rewards is not None and activations is not None and n_steps is not None  # the reference rule's inputs
+        signals = learning_signals(query, rewards, activations, n_steps) if len(quality) else np.zeros((0, self.hidden_dim), F32)
+        return Rows(quality, route_index, best_index, signals, None, np.ones(len(quality), bool))
+
+    def learn_rows(self, rows: Rows, start: int = 0, *, stop: bool = False) -> int:
+        """Learn ``rows[start:]`` in order; the number of rows consumed.
+
+        Every ``flush_threshold`` signals the window closes: applied here (the batch is cut
+        exactly where a one-by-one replay would flush, so the result equals feeding the rows
+        singly), or with ``stop`` left full for the caller, returning at once after its last
+        signal. Feedback is counted per route for the rows consumed.
+        """
+        consumed = self._learn(rows, start, stop)
+        end = start + consumed
+        self.count_routes(rows.route_index[start:end], rows.best_index[start:end], rows.quality[start:end])
+        return consumed
+
+    def _learn(self, rows: Rows, start: int, stop: bool) -> int:
+        """:meth:`learn_rows` without the per-route counts."""
+        if len(rows) - start <= 0:
+            return 0
+        consumed, signals = self._learn_signals(rows, start, stop) if self.rule == "reference" else self._learn_feedback(rows, start, stop)
+        self.trajectories_processed += consumed
+        self.signals_accumulated += signals
+        return consumed
+
+    def _learn_signals(self, rows: Rows, start: int, stop: bool) -> tuple[int, int]:
+        """Reference rule: accumulate ``signals[i] * quality[i]``; ``(rows consumed, signals)`` (every row is one)."""
+        signals, quality = rows.signals, rows.quality
+        assert signals is not None
+        n = len(rows)
+        at = start
+        while at < n and not (stop and self.window_full):
+            take = min(self.flush_threshold - self.pending, n - at)
+            # Σ quality_i * signal_i over the chunk as one float32 BLAS product; the
+            # running accumulator is float64 so long runs between flushes stay exact.
+            chunk = quality[at : at + take] @ signals[at : at + take]
+            if not np.isfinite(chunk).all():  # float32 overflow of huge finite inputs: redo exactly
+                chunk = quality[at : at + take].astype(F64) @ signals[at : at + take].astype(F64)
+            self.grad_up += chunk
+            self.pending += take
+            at += take
+            if self.window_full and not stop:
+                self.flush()
+        return at - start, at - start
+
+    def _learn_feedback(self, rows: Rows, start: int, stop: bool) -> tuple[int, int]:
+        """Routing rule: only feedback rows are signals; ``(rows consumed, signals)``."""
+        unit, query = self.unit, rows.query
+        assert unit is not None and query is not None
+        at_signal = start + np.flatnonzero(rows.is_signal[start:])
+        taken = 0
+        while taken < len(at_signal) and not (stop and self.window_full):
+            take = min(self.flush_threshold - self.pending, len(at_signal) - taken)
+            chunk = at_signal[taken : taken + take]
             gu, gd = routing.gradients(
                 query[chunk],
-                route_index[chunk],
-                best_index[chunk],
-                np.asarray(reward)[chunk],
+                rows.route_index[chunk],
+                rows.best_index[chunk],
+                rows.quality[chunk],
                 self.down,
                 self.up,
                 unit,
@@ -342,13 +260,54 @@ class Learner:
             self.grad_up += gu
             self.grad_down += gd
             self.pending += take
-            start += take
-            if self.pending >= self.flush_threshold:
+            taken += take
+            if self.window_full and not stop:
                 self.flush()
-                flushes += 1
-        self.trajectories_processed += n
-        self.signals_accumulated += len(rows)
-        return flushes
+        if stop and self.window_full and taken < len(at_signal):
+            return int(at_signal[taken - 1]) + 1 - start, taken  # up to the window's last signal; the rest waits
+        return len(rows) - start, taken
+
+    def learn(self, signals: np.ndarray, quality: np.ndarray) -> int:
+        """Reference rule: learn ready-made ``signals`` (``float32[n, h]``) times ``quality``; the number of flushes.
+
+        Like :meth:`learn_feedback` it counts nothing per route."""
+        n = len(quality)
+        none = np.full(n, -1, np.int64)
+        before = self.flushes_performed
+        self._learn(Rows(np.asarray(quality, dtype=F32), none, none, signals, None, np.ones(n, bool)), 0, False)
+        return self.flushes_performed - before
+
+    def learn_feedback(self, query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> int:
+        """Routing rule: learn a batch of trajectories in order (only feedback rows are signals); the number of flushes.
+
+        ``query``: ``float32[n, h]``; ``route_index``/``best_index``: ``int[n]``, -1 for
+        none (a row with neither is an ordinary trajectory: processed, not a signal);
+        ``reward``: ``[n]`` (the bandit reward, a trajectory's quality). Unlike
+        :meth:`learn_rows` this counts nothing per route (:meth:`count_routes` does).
+        """
+        before = self.flushes_performed
+        self._learn(self.rows(query, reward, route_index, best_index), 0, False)
+        return self.flushes_performed - before
+
+    def learn_slots(self, block: np.ndarray, geometry: Any, first_seq: int, *, stop: bool = False) -> tuple[int, list[int], int]:
+        """Learn consecutive lane slots with the C twin of the rule, in place; needs the C module.
+
+        ``block``: ``uint8[count, slot_bytes]``, slot ``i`` stamped ``first_seq + i``;
+        ``geometry``: the segment's (``Layout.geometry``). Returns the most steps a learned slot
+        had, the indices of the slots that failed their checks (learned from nothing, see
+        :func:`sona_shm.shm.slots.check`) and the number of slots consumed (``count`` unless
+        ``stop`` made it return at a full window).
+        """
+        assert _speedups is not None
+        learn = _speedups.learn_routing if self.rule == "routing" else _speedups.learn_slots
+        pending, flushes, width, signals, corrupt, consumed = learn(block, geometry, first_seq, self, stop)
+        self.trajectories_processed += consumed - len(corrupt)
+        self.signals_accumulated += signals
+        self.updates_applied += flushes * self.flush_threshold  # a threshold flush applies exactly that many
+        self.flushes_performed += flushes
+        self.generation += flushes
+        self.pending = pending
+        return width, corrupt, consumed
 
     def count_routes(self, route_index: np.ndarray, best_index: np.ndarray, quality: np.ndarray) -> None:
         """Count a batch's feedback per route: taken, right, and the reward of the route taken.
@@ -371,39 +330,41 @@ class Learner:
         if right.any():
             np.add.at(self.route_best, best_index[right], np.uint64(1))
 
-    def account(self, learned: int, signals: int, pending: int, flushes: int) -> None:
-        """Count a batch that ``_speedups`` learned into this learner's arrays."""
-        self.trajectories_processed += learned
-        self.signals_accumulated += signals
-        self.updates_applied += flushes * self.flush_threshold  # a threshold flush applies exactly that many
-        self.flushes_performed += flushes
-        self.generation += flushes
-        self.pending = pending
+    # ----------------------------------------------------------------- windows
 
-    def flush(self) -> bool:
-        """Apply pending gradients: ``up += grad_up * lr / pending`` (and ``down`` likewise under the routing rule). False if none.
-
-        With a :attr:`sealer`, hand the window to it instead (it applies nothing here).
-        """
-        if self.pending == 0:
-            return False
-        if self.sealer is not None:
-            self.sealer()
-            return True
-        routing = self.rule == "routing"
-        apply_sums(self.up, self.down, self.grad_up, self.grad_down if routing else None, self.lr / self.pending)
+    def close_window(self) -> Window:
+        """Take the open window's sums (zeroing them) and count it; the caller applies or seals it."""
+        n = self.pending
+        routing_rule = self.rule == "routing"
+        window = Window(self.grad_up.copy(), self.grad_down.copy() if routing_rule else None, n)
         self.grad_up[...] = 0.0
-        if routing:
+        if routing_rule:
             self.grad_down[...] = 0.0
-        self.updates_applied += self.pending
+        self.updates_applied += n
         self.flushes_performed += 1
         self.pending = 0
+        return window
+
+    def apply(self, window: Window) -> None:
+        """Apply a closed window to this learner's adapter (a flush's arithmetic, :func:`apply_sums`)."""
+        apply_sums(self.up, self.down, window.grad_up, window.grad_down, self.lr / window.n)
         self.generation += 1
+
+    def flush(self) -> bool:
+        """Close and apply the open window: ``up += grad_up * lr / pending`` (``down`` too under the routing rule). False if empty."""
+        if self.pending == 0:
+            return False
+        self.apply(self.close_window())
         return True
+
+    def set_weights(self, up: np.ndarray, down: np.ndarray) -> None:
+        """Learn from now on at this adapter (a fleet's: the stream's, with this host's windows in flight applied)."""
+        self.up[...] = up
+        self.down[...] = down
 
 
 def apply_sums(up: np.ndarray, down: np.ndarray, grad_up: np.ndarray, grad_down: np.ndarray | None, step: float) -> None:
-    """A flush's arithmetic, in place: ``up = f32(clip(f64(up) + grad_up * step))`` (``down`` likewise when
+    """A window's arithmetic, in place: ``up = f32(clip(f64(up) + grad_up * step))`` (``down`` likewise when
     ``grad_down`` is given), element by element with no fused multiply-add, so every caller (the learner, a
     fleet replica applying a sealed window) and ``apply_row`` in ``_speedups.c`` agree bit for bit.
     ``grad_up`` may have one row, applied to every row of ``up``."""
@@ -421,3 +382,23 @@ def _saturated(values: np.ndarray) -> np.ndarray:
 def apply_adapter(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:
     """``x + Σ_r (down_r · x) * scale * up_r`` for ``float32[h]`` or ``float32[n, h]``."""
     return x + (x @ down.T) @ up_scaled
+
+
+def learn_block(learner: Learner, layout: Any, block: np.ndarray, first_seq: int, stop: bool = False) -> tuple[int, list[int], int]:
+    """:meth:`Learner.learn_slots` with the geometry of ``layout`` (a :class:`~sona_shm.shm.layout.Layout`)."""
+    return learner.learn_slots(block, layout.geometry, first_seq, stop=stop)
+
+
+__all__ = [
+    "F32",
+    "F64",
+    "Learner",
+    "LoopMetrics",
+    "Rows",
+    "Window",
+    "apply_adapter",
+    "apply_sums",
+    "initial_down",
+    "learn_block",
+    "learning_signals",
+]

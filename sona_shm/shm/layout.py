@@ -196,6 +196,7 @@ and a recycled pid never inherits a lane)::
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections.abc import Mapping
@@ -206,6 +207,7 @@ import numpy as np
 
 from ..config import RULES, EngineConfig
 from ..errors import InvalidInputError, LayoutMismatchError
+from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
@@ -469,11 +471,33 @@ class Layout:
                 *(w // 8 for w in (main + FM_LAG, main + FM_PAUSED, main + FM_PAUSES)),
                 *(w // 8 for w in (link + FK_CONNECTED, link + FK_CONTACT_AT, link + FK_PUBLISHED, link + FK_ERROR_AT)),
             )
-        fields = self.ledger_dtype.fields
-        assert fields is not None  # a structured dtype
+        ledger_fields = self.ledger_dtype.fields
+        assert ledger_fields is not None  # a structured dtype
         #: Word index of each ledger copy's ``generation`` and of its ``lane_tail[0]`` (the fields readers take one at a time).
-        self.generation_words = tuple(self.ledger_copy(i) // 8 + fields["generation"][1] // 8 for i in (0, 1))
-        self.lane_tail_words = tuple(self.ledger_copy(i) // 8 + fields["lane_tail"][1] // 8 for i in (0, 1))
+        self.generation_words = tuple(self.ledger_copy(i) // 8 + ledger_fields["generation"][1] // 8 for i in (0, 1))
+        self.lane_tail_words = tuple(self.ledger_copy(i) // 8 + ledger_fields["lane_tail"][1] // 8 for i in (0, 1))
+
+    @functools.cached_property
+    def geometry(self) -> Any:
+        """The slot and lane geometry as the C twin takes it (``_speedups.Geometry``), or None without the C module."""
+        if _speedups is None:
+            return None
+        return _speedups.Geometry(
+            hidden_dim=self.hidden_dim,
+            rank=self.rank,
+            max_steps=self.max_steps,
+            attention_dim=self.attention_dim,
+            lanes=self.lanes,
+            lane_slots=self.lane_slots,
+            slot_bytes=self.slot_bytes,
+            payload_offset=self.payload_offset,
+            route_offset=self.route_offset,
+            step_bytes=self.step_bytes,
+            routes=self.routes,
+            lanes_offset=self.lanes_offset,
+            slots_offset=self.slots_offset,
+            unit_reward=self.config.rule == "routing",
+        )
 
     def prefix_bytes(self, n_steps: int) -> int:
         """Bytes at the start of a slot that a trajectory with ``n_steps`` steps uses."""

@@ -13,7 +13,9 @@ import signal
 
 import numpy as np
 
+from ..config import EngineConfig
 from ..errors import SonaShmError
+from ..learn.learner import Learner
 from .layout import COMMIT_WORD
 from .segment import Segment
 
@@ -115,3 +117,38 @@ class Ledger:
     def close(self) -> None:
         self.__dict__.pop("_fields", None)
         self.__dict__.pop("copies", None)
+
+
+# ----------------------------------------------------------------- the learner's state in a record
+
+#: The learner's arrays in a ledger record (``down``/``up`` are its weights: see :func:`learner_over`).
+LEARNER_ARRAYS = ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")
+#: The learner's counters in a ledger record (``generation`` goes with the weights).
+LEARNER_COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
+
+
+def learner_over(record: np.ndarray, config: EngineConfig, unit: np.ndarray | None, *, weights: bool) -> Learner:
+    """The :class:`~sona_shm.learn.learner.Learner` of a private ledger ``record`` (shape ``(1,)``), learning into it.
+
+    Its arrays are views into the record, so what it learns is in the record without a copy;
+    its counters are read from it and written back by :func:`store_learner`. ``weights``:
+    the learner's ``up``/``down`` are the record's — the engine publishes what it learns
+    (a solo engine) — or else private copies that start as the record's (a fleet host, whose
+    published adapter is the fleet's).
+    """
+    st = record[0]
+    arrays = {name: st[name] if weights or name not in ("down", "up") else np.array(st[name]) for name in LEARNER_ARRAYS}
+    learner = Learner.for_engine(config, unit, **arrays)
+    for name in (*LEARNER_COUNTERS, "generation"):
+        setattr(learner, name, int(st[name]))
+    return learner
+
+
+def store_learner(record: np.ndarray, learner: Learner, *, weights: bool) -> None:
+    """Write the learner's counters into ``record`` (its arrays are views there already: :func:`learner_over`);
+    with ``weights``, also its ``generation`` — the version of the adapter the record publishes."""
+    st = record[0]
+    for name in LEARNER_COUNTERS:
+        st[name] = getattr(learner, name)
+    if weights:
+        st["generation"] = learner.generation

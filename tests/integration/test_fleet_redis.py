@@ -193,7 +193,7 @@ def test_one_host_with_the_fleet_is_bit_identical_to_the_engine_without(redis_se
     fleet = Flusher(fleet_name, config=config, routes=table, fleet=options)
     clients = [sona_shm.attach(plain_name), sona_shm.attach(fleet_name)]
     try:
-        wait_for(lambda: fleet.scan() >= 0 and fleet.fleet.bound, what="the fleet host to join")
+        wait_for(lambda: fleet.scan() >= 0 and fleet.mode.bound, what="the fleet host to join")
         trajectories = _feedback(table, 7, 700) if table is not None else make_trajectories(7, 700, H, max_steps=4, attention_dim=8)
         rng = np.random.default_rng(3)
         at = 0
@@ -208,8 +208,8 @@ def test_one_host_with_the_fleet_is_bit_identical_to_the_engine_without(redis_se
         plain.flush_now()
         fleet._flush()
         fleet._commit()
-        fleet.fleet.after_commit()
-        wait_for(lambda: fleet.scan() >= 0 and fleet.fleet.replica.outstanding == 0, what="every window to come back")
+        fleet.mode.answered()
+        wait_for(lambda: fleet.scan() >= 0 and fleet.mode.replica.outstanding == 0, what="every window to come back")
         a, b = stats.read(plain_name), stats.read(fleet_name)
         assert (b.fleet.pauses == 0) == (lag is None)  # with --fleet-lag, learning waits for its windows: same bits
         assert a.trajectories_processed == b.trajectories_processed == len(trajectories)
