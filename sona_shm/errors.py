@@ -69,9 +69,20 @@ class CheckpointError(SonaShmError):
     """A checkpoint cannot be read or written, is corrupt, or does not fit the engine; nothing was changed."""
 
 
+class TornRead(SonaShmError):
+    """A consistent read of an engine's state failed: the flusher committed every time, ``READ_RETRIES``
+    times in a row, while this process copied it (a reader paused for long, say). Readers that can keep
+    their last good copy do; elsewhere it is raised: try again."""
+
+
 class FleetError(SonaShmError):
     """The fleet refused this host (another configuration, a host id in use, too many hosts),
     or fleet mode cannot run (no redis-py, a bad Redis URL, a segment without an outbox)."""
+
+
+class InternalSignal(Exception):
+    """Base class of the conditions sona_shm raises and handles inside itself (a fleet's link to Redis
+    down, a window or snapshot that is not one, a replica that must resync); never a user's error."""
 
 
 # ----------------------------------------------------------------- exit codes of ``sona-shm``

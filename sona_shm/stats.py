@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError
-from .learn.routes import read_route_names
 from .shm.layout import (
     CONSUMER_WORDS,
     FLUSHER_WORDS,
@@ -40,6 +39,7 @@ from .shm.layout import (
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
     read_fleet_identity,
+    read_route_names,
 )
 from .shm.ledger import Ledger
 from .shm.segment import PREFIX, SHM_DIR, Segment

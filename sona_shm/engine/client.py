@@ -28,12 +28,13 @@ from .. import native
 from ..checks import check_timeout
 from ..errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from ..learn.learner import F32
-from ..learn.routes import check_exploration, choose, feedback_trajectory, read_route_table
+from ..learn.routes import check_exploration, choose, feedback_trajectory
 from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, make_writer
 from ..shm.layout import (
     FLUSHER_WORDS,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
+    read_route_table,
 )
 from ..shm.ledger import Ledger, TornRead
 from ..shm.segment import Segment, start_ticks, wait_until

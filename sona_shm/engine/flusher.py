@@ -36,10 +36,10 @@ import posix_ipc
 from ..checks import check_timeout
 from ..config import EngineConfig
 from ..errors import CheckpointError, ClosedError, InvalidInputError
-from ..learn.routes import RouteTable, read_route_table
+from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..shm import slots
-from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS
+from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS, read_route_table
 from ..shm.ledger import Ledger, learner_over, store_learner
 from ..shm.segment import DEFAULT_MODE, Segment, start_ticks
 from ..store.checkpoint import Checkpoint, write_checkpoint

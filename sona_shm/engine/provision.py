@@ -39,9 +39,9 @@ from ..errors import (
     SegmentNotFoundError,
 )
 from ..learn.learner import initial_down
-from ..learn.routes import RouteTable, read_route_table
+from ..learn.routes import RouteTable
 from ..shm import segment as segment_module
-from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout
+from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout, read_route_table, write_route_table
 from ..shm.ledger import Ledger
 from ..shm.segment import (
     DEFAULT_MODE,
@@ -320,7 +320,7 @@ def _initialise(segment: Segment, mode: int, routes: RouteTable | None, checkpoi
         )
     segment.buf[: len(layout.pack_header())] = layout.pack_header()
     if routes is not None:
-        routes.write(segment.numpy_buffer(), layout)
+        write_route_table(segment.numpy_buffer(), layout, routes)
     record = np.zeros(1, dtype=layout.ledger_dtype)
     record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
     if checkpoint is not None:

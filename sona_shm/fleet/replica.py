@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import CheckpointError, SonaShmError
+from ..errors import CheckpointError, InternalSignal, SonaShmError
 from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..shm.layout import Layout
@@ -68,7 +68,7 @@ def format_id(stream_id: StreamId) -> str:
     return f"{stream_id[0]}-{stream_id[1]}"
 
 
-class NeedResync(SonaShmError):
+class NeedResync(InternalSignal):
     """This replica's state is not a prefix of the stream any more; load the snapshot (``reason`` says why)."""
 
     def __init__(self, reason: str) -> None:
@@ -76,7 +76,7 @@ class NeedResync(SonaShmError):
         self.reason = reason
 
 
-class BadSnapshot(SonaShmError):
+class BadSnapshot(InternalSignal):
     """A snapshot in Redis that cannot be loaded (written outside sona_shm, or for another fleet shape)."""
 
 

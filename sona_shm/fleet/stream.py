@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import FleetError, SonaShmError
+from ..errors import FleetError, InternalSignal
 from .replica import StreamEntry, StreamId, format_id, parse_id
 
 #: The stream's format (checked at join): 2 since an entry carries a run of windows (``e``); 1 carried one.
@@ -155,7 +155,7 @@ return 'ok'
 """
 
 
-class LinkDown(SonaShmError):
+class LinkDown(InternalSignal):
     """Redis did not answer (connection refused or lost, timeout): try again later."""
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import SonaShmError
+from ..errors import InternalSignal
 from ..learn.learner import apply_sums
 from ..native import speedups as _speedups
 from ..shm.layout import WINDOW_HEAD_BYTES
@@ -36,7 +36,7 @@ _HEAD = struct.Struct("<4sIIHHQQQd")
 _LENGTHS = struct.Struct("<4sIIHH")  # the head's first fields: enough to know a window's length
 
 
-class BadWindow(SonaShmError):
+class BadWindow(InternalSignal):
     """Bytes that are not a sealed window of this fleet's shape (written outside sona_shm)."""
 
 

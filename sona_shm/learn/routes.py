@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..config import MAX_ROUTES
-from ..errors import InvalidInputError, LayoutMismatchError
-from ..shm.layout import ROUTE_NAME_BYTES
-from ..trajectory import F32, RouteChoice, Step, Trajectory, as_finite_float, as_vector
+from ..errors import InvalidInputError
+from ..trajectory import F32, ROUTE_MAX_BYTES, RouteChoice, Step, Trajectory, as_finite_float, as_vector
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +108,7 @@ class RouteTable:
 
     def names_bytes(self) -> np.ndarray:
         """``S64[K]``: the names as stored in a segment (UTF-8, NUL-padded)."""
-        return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{ROUTE_NAME_BYTES}")
+        return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{ROUTE_MAX_BYTES}")
 
     @classmethod
     def from_stored(cls, vectors: np.ndarray, names: np.ndarray, where: str) -> RouteTable:
@@ -119,27 +118,6 @@ class RouteTable:
         except UnicodeDecodeError:
             raise InvalidInputError(f"{where}: route names are not UTF-8") from None
         return cls.build(np.array(vectors), decoded, where=where)
-
-    @classmethod
-    def read(cls, buffer: Any, layout: Any, where: str) -> RouteTable | None:
-        """The table stored in a mapped segment (``layout.py``, "Route table"), or None if it has none.
-
-        The arrays are private copies: no view keeps the mapping alive.
-        """
-        k, h = layout.routes, layout.hidden_dim
-        if not k:
-            return None
-        vectors = np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset).copy()
-        names = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset).copy()
-        return cls.from_stored(vectors, names, where)
-
-    def write(self, buffer: Any, layout: Any) -> None:
-        """Store the table into a new segment's route-table region (only its creator, before the magic)."""
-        k, h = layout.routes, layout.hidden_dim
-        if (k, h) != self.vectors.shape:
-            raise InvalidInputError(f"routes: the segment holds {k} x {h}, the table is {self.vectors.shape[0]} x {self.vectors.shape[1]}")
-        np.ndarray((k, h), dtype=F32, buffer=buffer, offset=layout.routes_offset)[...] = self.vectors
-        np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset)[...] = self.names_bytes()
 
 
 def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
@@ -156,9 +134,9 @@ def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
     if len(names) != k:
         raise InvalidInputError(f"{label}: expected {k} names (one per vector), got {len(names)}")
     for i, n in enumerate(names):
-        if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > ROUTE_NAME_BYTES:
+        if not isinstance(n, str) or not n or "\0" in n or len(n.encode("utf-8", "surrogatepass")) > ROUTE_MAX_BYTES:
             raise InvalidInputError(
-                f"{label}[{i}]: expected a non-empty string of at most {ROUTE_NAME_BYTES} UTF-8 bytes without NUL, got {n!r}"
+                f"{label}[{i}]: expected a non-empty string of at most {ROUTE_MAX_BYTES} UTF-8 bytes without NUL, got {n!r}"
             )
         try:
             n.encode("utf-8")
@@ -203,26 +181,6 @@ def _npz_member(data: Any, member: str, where: str) -> np.ndarray:
         raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InvalidInputError(f"{where} {member}: cannot be read: {exc}") from None
-
-
-def read_route_table(segment: Any) -> RouteTable | None:
-    """The route table of a mapped :class:`~sona_shm.segment.Segment` (None if it has none).
-
-    A table that fails validation can only come from memory corruption (the region is
-    written once, by the creator): it is a :class:`LayoutMismatchError`.
-    """
-    try:
-        return RouteTable.read(segment.numpy_buffer(), segment.layout, f"segment {segment.name!r}")
-    except InvalidInputError as exc:
-        raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
-
-
-def read_route_names(segment: Any) -> tuple[str, ...]:
-    """The route names of a mapped segment, without validating or copying the vectors (for monitors)."""
-    layout = segment.layout
-    k = layout.routes
-    raw = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.route_names_offset)
-    return tuple(bytes(n).rstrip(b"\0").decode("utf-8", "replace") for n in raw.tolist())
 
 
 # ----------------------------------------------------------------- choosing

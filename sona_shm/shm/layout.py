@@ -207,6 +207,7 @@ import numpy as np
 
 from ..config import RULES, EngineConfig
 from ..errors import InvalidInputError, LayoutMismatchError
+from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
 
@@ -675,3 +676,37 @@ def fleet_token(buf: Any, layout: Layout, new: bytes) -> bytes:
         buf[at : at + FLEET_TOKEN_BYTES] = new
         token = new
     return token
+
+
+def read_route_table(segment: Any) -> RouteTable | None:
+    """The route table of a mapped segment ("Route table" above), or None if it has none; private copies.
+
+    A table that fails validation can only come from memory corruption (the region is
+    written once, by the creator): it is a :class:`LayoutMismatchError`.
+    """
+    layout, buffer, where = segment.layout, segment.numpy_buffer(), f"segment {segment.name!r}"
+    k, h = layout.routes, layout.hidden_dim
+    if not k:
+        return None
+    vectors = np.ndarray((k, h), dtype=np.float32, buffer=buffer, offset=layout.routes_offset).copy()
+    names = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset).copy()
+    try:
+        return RouteTable.from_stored(vectors, names, where)
+    except InvalidInputError as exc:
+        raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
+
+
+def read_route_names(segment: Any) -> tuple[str, ...]:
+    """The route names of a mapped segment, without validating or copying the vectors (for monitors)."""
+    layout = segment.layout
+    raw = np.ndarray((layout.routes,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.route_names_offset)
+    return tuple(bytes(n).rstrip(b"\0").decode("utf-8", "replace") for n in raw.tolist())
+
+
+def write_route_table(buffer: Any, layout: Layout, table: RouteTable) -> None:
+    """Store ``table`` into a new segment's route-table region (only its creator, before the magic)."""
+    k, h = layout.routes, layout.hidden_dim
+    if (k, h) != table.vectors.shape:
+        raise InvalidInputError(f"routes: the segment holds {k} x {h}, the table is {table.vectors.shape[0]} x {table.vectors.shape[1]}")
+    np.ndarray((k, h), dtype=np.float32, buffer=buffer, offset=layout.routes_offset)[...] = table.vectors
+    np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset)[...] = table.names_bytes()

@@ -14,7 +14,7 @@ import signal
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import SonaShmError
+from ..errors import TornRead
 from ..learn.learner import Learner
 from .layout import COMMIT_WORD
 from .segment import Segment
@@ -30,10 +30,6 @@ READ_RETRIES = 1000
 #: ``seal`` (or ``apply``) it stops so in the first publish whose caller names that point: a
 #: fleet flusher's first commit that seals a window (applies stream entries).
 _PAUSE_AT = os.environ.get("SONA_SHM_TEST_PAUSE", "")
-
-
-class TornRead(SonaShmError):
-    """The flusher kept committing faster than a reader could copy; keep the last good copy."""
 
 
 class Ledger:

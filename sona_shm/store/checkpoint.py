@@ -42,8 +42,8 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError
-from ..learn.routes import RouteTable, read_route_table
-from ..shm.layout import LOCK_FLUSHER, Layout
+from ..learn.routes import RouteTable
+from ..shm.layout import LOCK_FLUSHER, Layout, read_route_table
 from ..shm.ledger import Ledger
 from ..shm.segment import Segment
 from .tensorfile import decode, encode, read_file, write_atomic

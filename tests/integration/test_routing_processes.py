@@ -17,7 +17,8 @@ import pytest
 from sona_shm import InstantLoop
 from sona_shm.engine.client import attach
 from sona_shm.engine.consumer import open_consumer
-from sona_shm.learn.routes import RouteTable, feedback_trajectory
+from sona_shm.learn.routes import feedback_trajectory
+from sona_shm.shm.layout import read_route_table
 from sona_shm.shm.ledger import Ledger
 from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
@@ -111,7 +112,7 @@ def replay(name: str, trajectories, lr: float, threshold: int) -> None:
     ledger = Ledger(seg)
     try:
         up, down, grad_up, grad_down, pending = ledger.read("up", "down", "grad_up", "grad_down", "pending")
-        table = RouteTable.read(seg.numpy_buffer(), seg.layout, name)
+        table = read_route_table(seg)
     finally:
         ledger.close()
         seg.close()
