@@ -22,6 +22,7 @@ from its ledger record in one place (:func:`sona_shm.shm.ledger.learner_over`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,10 @@ from . import routing
 from .reference import F32, F64, initial_down, learning_signals
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+# A chunk's float32 sum of huge finite signals may overflow; it is detected and redone in
+# float64 (_learn_signals), so numpy's warning would only be noise (see reference.py).
+warnings.filterwarnings("ignore", r"(overflow|invalid value) encountered", RuntimeWarning, __name__)
 
 
 @dataclass(frozen=True, slots=True)
