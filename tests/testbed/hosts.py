@@ -172,6 +172,19 @@ def _kill_ns_processes(path: Path, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def missing_requirements() -> list[str]:
+    """What this machine lacks for a testbed (empty: nothing), each with how to get it."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (namespaces, mounts and TUN devices need CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+    if not os.path.exists("/dev/net/tun"):
+        missing.append("/dev/net/tun (the kernel's tun module)")
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("awk", "mawk")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (Debian: apt-get install {package})")
+    return missing
+
+
 class Host:
     """One host of a :class:`Testbed`: its own network stack (``addr`` on TUN device ``tb0``) and its own ``/dev/shm``.
 
