@@ -16,11 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
-from children import process_running
-from conftest import PROCESS_DEADLINE
-from sona_shm.segment import start_ticks
-from support import env, popen, wait_for
 from testbed import (
     EchoServer,
     RedisOptions,
@@ -33,6 +28,12 @@ from testbed import (
     tcp_round_trips,
 )
 from testbed.hosts import NETNS_DIR, STATE_DIR
+
+from sona_shm.segment import start_ticks
+
+from children import process_running
+from conftest import PROCESS_DEADLINE
+from support import env, popen, wait_for
 
 PREFIX = "sonatest"
 
@@ -62,7 +63,11 @@ def topology(tb):
     def make(**options) -> RedisTopology:
         hosts = {name: tb.add_host(name) for name in ("ra", "rb", "s1", "s2", "s3", "app")}
         topo = RedisTopology(
-            tb, primary=hosts["ra"], replicas=[hosts["rb"]], sentinels=[hosts["s1"], hosts["s2"], hosts["s3"]], options=RedisOptions(**options)
+            tb,
+            primary=hosts["ra"],
+            replicas=[hosts["rb"]],
+            sentinels=[hosts["s1"], hosts["s2"], hosts["s3"]],
+            options=RedisOptions(**options),
         )
         made.append(topo)
         return topo.start()
@@ -76,7 +81,9 @@ def netns_of(name: str) -> list[str]:
     return sorted(e for e in os.listdir(NETNS_DIR) if e.startswith(f"{name}-")) if NETNS_DIR.is_dir() else []
 
 
-SHM_WRITE = "import _posixshmem, os, sys; fd = _posixshmem.shm_open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o600); os.write(fd, sys.argv[2].encode())"
+SHM_WRITE = (
+    "import _posixshmem, os, sys; fd = _posixshmem.shm_open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o600); os.write(fd, sys.argv[2].encode())"
+)
 SHM_READ = "import _posixshmem, os, sys; fd = _posixshmem.shm_open(sys.argv[1], os.O_RDONLY, 0); print(os.read(fd, 64).decode())"
 
 
@@ -98,8 +105,8 @@ def test_hosts_have_their_own_network(tb):
     assert (a.addr, b.addr) == ("10.200.0.1", "10.200.0.2")
     shown = a.exec(["ip", "-o", "-4", "addr", "show"]).stdout
     assert "10.200.0.1/16" in shown and "10.200.0.2" not in shown
-    assert all(rtt is not None for rtt in ping(a, b.addr, count=3))
-    assert all(rtt is not None for rtt in ping(b, a.addr, count=3))
+    assert None not in ping(a, b.addr, count=3, timeout=10)
+    assert None not in ping(b, a.addr, count=3, timeout=10)
     stats = tb.statistics()
     assert stats.pair("a", "b").forwarded >= 3 and stats.pair("b", "a").forwarded >= 3
     assert not os.path.exists("/sys/class/net/tb0")  # the TUN devices live in the hosts only
@@ -109,17 +116,20 @@ def test_hosts_have_their_own_network(tb):
 def test_the_configured_delay_is_a_lower_bound_of_ping_and_tcp_round_trips(tb, delay):
     a, b, c = tb.add_host("a"), tb.add_host("b"), tb.add_host("c")
     tb.set_delay(a, b, delay)
-    rtts = ping(a, b.addr, count=10)
-    assert None not in rtts
+    rtts = ping(a, b.addr, count=10, timeout=10)
+    assert None not in rtts  # the links lose nothing
     assert min(rtts) >= 2 * delay
     tcp = tcp_round_trips(a, b, count=20)
     assert min(tcp) >= 2 * delay
     # One way only: b -> a has no delay now, a -> b still has.
     tb.set_delay(b, a, 0.0, both_ways=False)
-    assert min(r for r in ping(a, b.addr, count=5) if r is not None) >= delay
-    # Other pairs keep the default (none), and the default applies to pairs without their own.
+    one_way = ping(a, b.addr, count=5, timeout=10)
+    assert None not in one_way and min(one_way) >= delay
+    # The default applies to every pair without a delay of its own.
     tb.set_default_delay(delay)
-    assert min(r for r in ping(a, c.addr, count=5) if r is not None) >= 2 * delay
+    other = ping(a, c.addr, count=5, timeout=10)
+    assert None not in other and min(other) >= 2 * delay
+    assert tb.statistics().write_errors == 0
 
 
 def test_a_partition_drops_traffic_between_its_sides_and_heal_restores_it(tb):
@@ -131,7 +141,7 @@ def test_a_partition_drops_traffic_between_its_sides_and_heal_restores_it(tb):
         tb.partition([a], [b])
         assert ping(a, b.addr, count=3, timeout=0.3) == [None, None, None]
         assert ping(b, a.addr, count=2, timeout=0.3) == [None, None]
-        assert None not in ping(a, c.addr, count=2) and None not in ping(c, b.addr, count=2)  # not on either side
+        assert None not in ping(a, c.addr, count=2, timeout=10) and None not in ping(c, b.addr, count=2, timeout=10)  # on neither side
         with pytest.raises(OSError):  # no new connection (timeout: the SYN is dropped, not refused)
             a.connect(echo.addr, echo.port, timeout=0.5).close()
         established.sendall(b"during")  # TCP retransmits it until the partition heals
@@ -260,7 +270,7 @@ def test_a_testbed_left_by_a_killed_run_is_removed_by_the_next_run():
         proc.wait()
         assert netns_of(name) == [f"{name}-a"]  # left behind, with a process in it
         assert process_running(int(orphan), orphan_ticks)
-        assert clean_stale(prefix) == [name]
+        assert name in clean_stale(prefix)
         assert netns_of(name) == []
         assert not (STATE_DIR / name).exists()
         assert not process_running(int(orphan), orphan_ticks)

@@ -134,7 +134,9 @@ def _open_tun() -> int:
 def _run(argv: list[str], *, input: str | None = None, timeout: float = 30.0) -> str:
     """A short set-up command of the root namespace; its stdout, or TestbedError with its stderr."""
     try:
-        done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, preexec_fn=child_setup(deadline=timeout + 10))
+        done = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, preexec_fn=child_setup(deadline=timeout + 10)
+        )
     except FileNotFoundError as exc:
         raise TestbedError(f"{argv[0]} is not installed (Debian: iproute2, util-linux)") from exc
     if done.returncode != 0:
@@ -249,16 +251,16 @@ class Host:
         self.testbed._procs.append(proc)
         return proc
 
-    def exec(self, argv: Sequence[str], *, timeout: float = 60.0, check: bool = True, input: str | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
+    def exec(
+        self, argv: Sequence[str], *, timeout: float = 60.0, check: bool = True, input: str | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess:
         """Run a short command in this host to its end: its exit code and output (text).
 
         ``check``: raise :class:`TestbedError` (with its stderr) when it exits non-zero.
         The command is killed after ``timeout`` seconds (and TimeoutError raised).
         """
-        proc = self.run(
-            argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            deadline=timeout + 10, **kwargs,
-        )  # fmt: skip
+        stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+        proc = self.run(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, deadline=timeout + 10, **kwargs)
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -367,13 +369,22 @@ class Testbed:
     (removed when the testbed starts). ``deadline``: seconds the forwarder and every process
     started in a host may live. ``shm_size``: each host's ``/dev/shm`` (a tmpfs; a limit, not
     reserved). ``mtu``: of every TUN device. ``delay``: the one-way delay of every pair not
-    given one of its own (seconds). Needs root, ``/dev/net/tun``, ``ip`` and ``unshare``.
+    given one of its own (seconds). ``realtime``: run the forwarder under ``SCHED_FIFO``, so that a
+    loaded machine delays its packets less (the delay stays a lower bound either way). Needs
+    root, ``/dev/net/tun``, ``ip`` and ``unshare``.
     """
 
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, prefix: str = "sonatb", *, deadline: float | None = DEFAULT_DEADLINE, shm_size: str = "1g", mtu: int = 1500, delay: float = 0.0
+        self,
+        prefix: str = "sonatb",
+        *,
+        deadline: float | None = DEFAULT_DEADLINE,
+        shm_size: str = "1g",
+        mtu: int = 1500,
+        delay: float = 0.0,
+        realtime: bool = False,
     ) -> None:
         if not _PREFIX.match(prefix):
             raise ValueError(f"prefix: expected 1-12 lowercase letters and digits, starting with a letter; got {prefix!r}")
@@ -386,6 +397,7 @@ class Testbed:
         self.shm_size = shm_size
         self.mtu = mtu
         self.default_delay = delay
+        self.realtime = realtime
         self.hosts: dict[str, Host] = {}
         self.links: Links | None = None
         self._procs: list[subprocess.Popen] = []
@@ -410,7 +422,7 @@ class Testbed:
             self.directory.mkdir(parents=True)
             (self.directory / "owner").write_text(json.dumps({"pid": os.getpid(), "ticks": start_ticks(os.getpid())}))
             _mount_private(self.directory)
-            self.links = Links(deadline=self.deadline)
+            self.links = Links(deadline=self.deadline, realtime=self.realtime)
             if self.default_delay:
                 self.links.set_delay(None, None, self.default_delay)
         except BaseException:

@@ -55,14 +55,15 @@ class Links:
 
     The forwarder dies with this process (``PR_SET_PDEATHSIG``), after ``deadline`` seconds
     (SIGALRM), and when the control socket closes. Every method waits for the forwarder's
-    answer: a delay or partition is in force when the call returns. Thread-safe.
+    answer: a delay or partition is in force when the call returns. Thread-safe. ``realtime``:
+    the forwarder runs under ``SCHED_FIFO`` (see ``forwarder.py``).
     """
 
-    def __init__(self, *, deadline: float | None) -> None:
+    def __init__(self, *, deadline: float | None, realtime: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, str(FORWARDER), str(theirs.fileno())],
+                [sys.executable, str(FORWARDER), *(["--realtime"] if realtime else []), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 preexec_fn=child_setup(deadline=deadline),

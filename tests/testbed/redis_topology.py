@@ -26,6 +26,7 @@ from .hosts import Host, Testbed
 
 T = TypeVar("T")
 
+
 def _unreachable() -> tuple[type[BaseException], ...]:
     """redis-py's errors for "no answer": the node is down, stopped, cut off or still loading."""
     import redis
@@ -35,7 +36,11 @@ def _unreachable() -> tuple[type[BaseException], ...]:
 
 def missing_redis() -> list[str]:
     """What this machine lacks for a :class:`RedisTopology` (empty: nothing), each with how to get it."""
-    missing = [f"{tool} (Debian: apt-get install {tool}; ./scripts/test does it as root)" for tool in ("redis-server", "redis-sentinel") if shutil.which(tool) is None]
+    missing = [
+        f"{tool} (Debian: apt-get install {tool}; ./scripts/test does it as root)"
+        for tool in ("redis-server", "redis-sentinel")
+        if shutil.which(tool) is None
+    ]
     if importlib.util.find_spec("redis") is None:
         missing.append("redis-py (pip install 'sona-shm[fleet]')")
     return missing
@@ -78,10 +83,10 @@ class RedisOptions:
     def __post_init__(self) -> None:
         if self.appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync: expected 'always', 'everysec' or 'no', got {self.appendfsync!r}")
-        if self.min_replicas_to_write < 0 or self.min_replicas_max_lag < 1:
-            raise ValueError(
-                f"min_replicas_to_write >= 0 and min_replicas_max_lag >= 1 expected, got {self.min_replicas_to_write}, {self.min_replicas_max_lag}"
-            )
+        if self.min_replicas_to_write < 0:
+            raise ValueError(f"min_replicas_to_write: expected >= 0, got {self.min_replicas_to_write}")
+        if self.min_replicas_max_lag < 1:
+            raise ValueError(f"min_replicas_max_lag: expected >= 1 (seconds), got {self.min_replicas_max_lag}")
 
     def server_lines(self) -> list[str]:
         lines = [
@@ -155,7 +160,9 @@ class RedisNode:
     Sentinel rewrote in the file is kept) act on the process by pid.
     """
 
-    def __init__(self, host: Host, port: int, directory: Path, lines: Sequence[str], *, sentinel: bool = False, password: str | None = None) -> None:
+    def __init__(
+        self, host: Host, port: int, directory: Path, lines: Sequence[str], *, sentinel: bool = False, password: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.directory = directory
@@ -311,7 +318,7 @@ class RedisTopology:
         self.servers: list[RedisNode] = []
         self.sentinels: list[RedisNode] = []
         try:
-            base = options.server_lines() + ["save \"\"", "repl-diskless-sync-delay 0", "replica-serve-stale-data yes"]
+            base = options.server_lines() + ['save ""', "repl-diskless-sync-delay 0", "replica-serve-stale-data yes"]
             self.servers.append(RedisNode(primary, port, self.directory / f"server-{primary.name}", base, password=options.password))
             for host in replicas:
                 lines = [*base, f"replicaof {primary.addr} {port}"]
@@ -414,7 +421,12 @@ class RedisTopology:
 
         def synced() -> bool:
             role = node.role()
-            return role is not None and role[0] == "slave" and (role[1], int(role[2])) == (primary.addr, primary.port) and role[3] == "connected"
+            return (
+                role is not None
+                and role[0] == "slave"
+                and (role[1], int(role[2])) == (primary.addr, primary.port)
+                and role[3] == "connected"
+            )
 
         wait_until(synced, timeout, f"{node!r} to replicate {primary!r} (ROLE now: {node.role()})")
 
