@@ -238,9 +238,11 @@ def test_teardown_leaves_no_namespace_mount_file_or_process():
             forwarder = (inner.links.proc.pid, start_ticks(inner.links.proc.pid))
             assert netns_of(inner.name) == [f"{inner.name}-a", f"{inner.name}-b"]
             assert (STATE_DIR / inner.name / "a.mnt").exists()
+            data = inner.tmpdir("data")
             raise RuntimeError("the test failed")
     assert netns_of(inner.name) == []
     assert not (STATE_DIR / inner.name).exists()
+    assert not data.exists()
     assert not any(process_running(pid, ticks) for pid, ticks in [*hosts_pids, forwarder])
     mounts = open("/proc/self/mountinfo").read()
     assert inner.name not in mounts
@@ -254,7 +256,8 @@ from testbed import Testbed
 tb = Testbed(sys.argv[1]).start()
 host = tb.add_host("a")
 orphan = host.exec(["sh", "-c", "sleep 120 > /dev/null 2>&1 & echo $!"]).stdout.strip()
-print(tb.name, orphan, flush=True)
+data = tb.tmpdir("redis")
+print(tb.name, orphan, data, flush=True)
 time.sleep(600)
 """
 
@@ -264,15 +267,17 @@ def test_a_testbed_left_by_a_killed_run_is_removed_by_the_next_run():
     prefix = "sonastale"
     proc = popen([sys.executable, "-c", KILLED_RUN, prefix], deadline=PROCESS_DEADLINE, stdout=subprocess.PIPE, text=True, env=env())
     try:
-        name, orphan = proc.stdout.readline().split()
+        name, orphan, data = proc.stdout.readline().split()
         orphan_ticks = start_ticks(int(orphan))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert netns_of(name) == [f"{name}-a"]  # left behind, with a process in it
         assert process_running(int(orphan), orphan_ticks)
+        assert os.path.isdir(data)
         assert name in clean_stale(prefix)
         assert netns_of(name) == []
         assert not (STATE_DIR / name).exists()
+        assert not os.path.exists(data)
         assert not process_running(int(orphan), orphan_ticks)
         assert clean_stale(prefix) == []
     finally:

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -308,7 +309,8 @@ def _pid_of(name: str) -> int:
 
 
 def _remove(name: str) -> list[str]:
-    """Remove testbed ``name``: kill its hosts' processes, delete its namespaces, mounts and files. What failed."""
+    """Remove testbed ``name``: kill its hosts' processes, delete its namespaces, mounts, files and
+    temporary directories. What failed."""
     problems = []
     if NETNS_DIR.is_dir():
         for entry in sorted(NETNS_DIR.iterdir()):
@@ -331,6 +333,8 @@ def _remove(name: str) -> list[str]:
             shutil.rmtree(directory)
         except OSError as exc:
             problems.append(f"{directory}: {exc}")
+    for data in Path(tempfile.gettempdir()).glob(f"{name}-*"):  # Testbed.tmpdir
+        shutil.rmtree(data, ignore_errors=True)
     with contextlib.suppress(OSError):
         STATE_DIR.rmdir()  # only if no other testbed is there
     return problems
@@ -340,13 +344,13 @@ def clean_stale(prefix: str) -> list[str]:
     """Remove every testbed named ``prefix`` whose process is gone (killed before its teardown); their names.
 
     A testbed is stale when the process in its ``owner`` file (pid and start time) no longer
-    runs, or, for namespaces without a directory, when the pid in its name does not.
+    runs, or, for namespaces or temporary directories without it, when the pid in its name does not.
     """
     if not _PREFIX.match(prefix):
         raise ValueError(f"prefix: expected 1-12 lowercase letters and digits, starting with a letter; got {prefix!r}")
     pattern = re.compile(rf"({re.escape(prefix)}-\d+-\d+)(?:-|\Z)")
     names: set[str] = set()
-    for where in (STATE_DIR, NETNS_DIR):
+    for where in (STATE_DIR, NETNS_DIR, Path(tempfile.gettempdir())):
         if where.is_dir():
             names.update(m.group(1) for entry in where.iterdir() if (m := pattern.match(entry.name)))
     cleaned = []
@@ -462,6 +466,11 @@ class Testbed:
             input=f"link set lo up\naddr add {host.addr}/{SUBNET_BITS} dev {TUN}\nlink set {TUN} mtu {self.mtu} up\n",
         )
         return host
+
+    def tmpdir(self, label: str) -> Path:
+        """A new directory ``TMP/TESTBED-LABEL-XXXX`` (data of the hosts' servers); removed with the testbed,
+        and by :func:`clean_stale` when a killed run left it."""
+        return Path(tempfile.mkdtemp(prefix=f"{self.name}-{label}-"))
 
     def host(self, name: str) -> Host:
         return self.hosts[name]

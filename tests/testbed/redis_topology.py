@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -314,7 +313,7 @@ class RedisTopology:
         self.options = options
         self.master_name = master_name
         self.quorum = quorum
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{testbed.name}-redis-"))
+        self.directory = testbed.tmpdir("redis")
         self.servers: list[RedisNode] = []
         self.sentinels: list[RedisNode] = []
         try:
