@@ -10,6 +10,7 @@ conditions with generous timeouts.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,12 +29,13 @@ from testbed import (
     tcp_round_trips,
 )
 from testbed.hosts import NETNS_DIR, STATE_DIR
+from testbed.redis_topology import client as redis_client
 
 from sona_shm.segment import start_ticks
 
 from children import process_running
 from conftest import PROCESS_DEADLINE
-from support import env, popen, wait_for
+from support import ROOT, env, popen, wait_for
 
 PREFIX = "sonatest"
 
@@ -213,10 +215,23 @@ def test_a_split_brain_promotes_the_replica_and_the_old_primary_loses_or_refuses
     assert topo.primary() is replica
 
 
-def test_pause_and_resume_a_server(tb, topology):
+def test_the_options_reach_every_server_and_a_paused_server_answers_again_when_resumed(tb, topology):
     import redis
 
-    topo = topology()
+    topo = topology(appendfsync="everysec", maxmemory="64mb", maxmemory_policy="noeviction", min_replicas_to_write=1, password="tb-secret")
+    for node in topo.servers:
+        c = node.client()
+        assert c.config_get("appendonly")["appendonly"] == "yes"
+        assert c.config_get("appendfsync")["appendfsync"] == "everysec"
+        assert c.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
+        assert c.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert c.config_get("min-replicas-to-write")["min-replicas-to-write"] == "1"
+        c.close()
+    primary = topo.servers[0]
+    anonymous = redis_client(primary.host, primary.addr, primary.port, via=tb.host("app"))
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.get("x")
+    anonymous.close()
     replica = topo.servers[1]
     replica.pause()
     c = replica.client(via=tb.host("app"), timeout=0.5)
@@ -303,3 +318,50 @@ def test_a_host_name_is_checked(tb):
     tb.add_host("a")
     with pytest.raises(ValueError, match="exists"):
         tb.add_host("a")
+
+
+#: The engine of both hosts below (the small engine of test_fleet_redis.py), as flusher options.
+FLEET_FLAGS = [
+    "--hidden-dim", "16", "--rank", "2", "--lr", "0.01", "--flush-threshold", "10", "--capacity", "64", "--max-steps", "4",
+    "--attention-dim", "8", "--lanes", "4", "--lane-slots", "64", "--fleet-outbox", "64",
+]  # fmt: skip
+
+
+def host_stats(host, engine: str) -> dict | None:
+    """``sona-shm stats --json`` of ``engine`` as host ``host`` sees it (None: no such segment there)."""
+    done = host.exec([sys.executable, "-m", "sona_shm", "stats", "--name", engine, "--json"], check=False, env=env())
+    return json.loads(done.stdout) if done.returncode in (0, 6) else None
+
+
+def test_two_hosts_with_one_engine_name_learn_one_adapter_through_redis_across_the_links(tb):
+    """What the fleet scripts will do: one segment name in each host (their /dev/shm are their own), one
+    flusher per host, one Redis in a third host, every byte between them over 1 ms links."""
+    _need(missing_redis())
+    tb.set_default_delay(0.001)
+    a, b, r = tb.add_host("a"), tb.add_host("b"), tb.add_host("r")
+    redis_server = RedisTopology(tb, primary=r, replicas=[], sentinels=[]).start()
+    engine = f"{tb.name}-router"
+    try:
+        for host in (a, b):
+            host.run(
+                [sys.executable, "-m", "sona_shm", "flusher", "--name", engine, "--quiet", *FLEET_FLAGS,
+                 "--fleet", redis_server.servers[0].url, "--fleet-key", "testbed", "--host-id", host.name],
+                env=env(), stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        for host in (a, b):
+            wait_for(lambda host=host: (s := host_stats(host, engine)) and s["fleet"]["epoch"] != 0, 60, f"{host.name} to join the fleet")
+        assert not os.path.exists(f"/dev/shm/sona_shm.{engine}")  # the segments are the hosts'
+        for host, seed in ((a, 1), (b, 2)):
+            host.exec([sys.executable, str(ROOT / "tests" / "producer.py"), engine, "--seed", str(seed), "--count", "40"], env=env())
+            host.exec([sys.executable, "-c", f"import sona_shm; sona_shm.attach({engine!r}).flush(timeout=60)"], env=env())
+
+        def settled() -> list[dict] | None:
+            views = [host_stats(h, engine) for h in (a, b)]
+            return views if all(v["fleet"]["applied_signals"] == 80 for v in views) else None
+
+        views = wait_for(settled, 60, "both hosts to apply the 80 trajectories of both")
+        assert [v["fleet"]["hosts"] for v in views] == [2, 2]
+        assert views[0]["adapter"] == views[1]["adapter"] and views[0]["adapter"]["up_norm"] > 0
+        assert tb.statistics().pair("a", "r").forwarded > 0 and tb.statistics().pair("b", "r").forwarded > 0
+    finally:
+        redis_server.close()

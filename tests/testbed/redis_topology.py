@@ -286,7 +286,8 @@ class RedisTopology:
     """A Redis primary, its replicas and Sentinels monitoring it, in hosts of one testbed.
 
     ``primary``/``replicas``/``sentinels``: the hosts (a host may hold one server and one
-    Sentinel: they listen on ``port`` and ``sentinel_port``). ``quorum``: Sentinels that must
+    Sentinel: they listen on ``port`` and ``sentinel_port``; no replicas and no Sentinels: a
+    lone server). ``quorum``: Sentinels that must
     agree the primary is down; ``down_after_ms`` and ``failover_timeout_ms`` are short, so a
     failover takes a few seconds. ``options``: the servers' settings (:class:`RedisOptions`).
     Data and configs live in a temporary directory that :meth:`close` removes.
@@ -307,7 +308,7 @@ class RedisTopology:
         port: int = 6379,
         sentinel_port: int = 26379,
     ) -> None:
-        if not 1 <= quorum <= len(sentinels):
+        if sentinels and not 1 <= quorum <= len(sentinels):
             raise ValueError(f"quorum: expected 1..{len(sentinels)} (the Sentinels), got {quorum}")
         self.testbed = testbed
         self.options = options
