@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import json
@@ -90,7 +91,7 @@ def _umount(path: Path) -> None:
     """Detach the mount at ``path`` (lazily: nothing may use it any more); a path that is no mount is left alone."""
     if _libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
+        if err not in (errno.EINVAL, errno.ENOENT):  # not a mount point; gone
             raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
@@ -423,7 +424,13 @@ class Testbed:
         self._started = True
         try:
             clean_stale(self.prefix)
-            self.directory.mkdir(parents=True)
+            for attempt in range(3):
+                try:
+                    self.directory.mkdir(parents=True)
+                    break
+                except FileNotFoundError:  # another run removed the empty STATE_DIR between our two mkdirs
+                    if attempt == 2:
+                        raise
             (self.directory / "owner").write_text(json.dumps({"pid": os.getpid(), "ticks": start_ticks(os.getpid())}))
             _mount_private(self.directory)
             self.links = Links(deadline=self.deadline, realtime=self.realtime)
