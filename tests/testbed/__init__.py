@@ -30,12 +30,15 @@ How it is built
   needs only ``/dev/net/tun``; it also makes partitions one lookup and counts every packet
   (:meth:`Testbed.statistics`). The configured delay is a *lower bound*: a packet is never
   written before ``read time + delay``; what it adds on top is the forwarder's own latency.
-  Measured on the 2-core VM, MTU 1500, while another test suite ran (``python
-  tests/testbed/measure.py``): ping RTT medians 0.36 / 2.2 / 40.6 ms for one-way delays of
-  0.1 / 1 / 20 ms (p99 up to +5 ms under that load, +0.1 ms when idle; ``realtime=True`` runs
-  the forwarder under ``SCHED_FIFO`` and keeps p99 at 0.42 / 2.35 ms), TCP request/response
-  alike; one TCP connection carries 30–70 MB/s at MTU 1500 (~30 k packets/s of Python), 160–220
-  MB/s at MTU 9000, 650 MB/s at 65000.
+  Measured with ``python tests/testbed/measure.py`` on the 2-core VM, MTU 1500, while another
+  test suite kept the load average at 4–4.5: ping RTT medians 0.36 / 2.21 / 40.61 ms for
+  one-way delays of 0.1 / 1 / 20 ms (minimums 0.32 / 2.16 / 40.48), TCP request/response
+  0.39 / 2.25 / 40.77 ms; p99 up to +10 ms under that load. ``realtime=True`` runs the
+  forwarder under ``SCHED_FIFO``: p99 0.41 ms at 0.1 ms, 2.7 ms (TCP) at 1 ms, but a forwarder
+  busy 100 % (bulk transfers) is then paused 50 ms a second by the kernel's real-time
+  throttling. One TCP connection carries 25–35 MB/s at MTU 1500 (65–70 MB/s with
+  ``realtime``): the forwarder's Python loop moves ~30 k packets/s; 130–150 MB/s at MTU 9000,
+  ~650 MB/s at 65000 (``mtu=``).
 - **Redis** (:mod:`testbed.redis_topology`): :class:`RedisTopology` starts a primary, replicas
   (``replicaof``) and Sentinels (quorum 2, ``down-after-milliseconds`` 1000,
   ``failover-timeout`` 4000: a failover takes 2–3 s) in chosen hosts, from config files in a
@@ -44,7 +47,9 @@ How it is built
   (:meth:`RedisNode.kill`, :meth:`~RedisNode.pause`/:meth:`~RedisNode.resume`,
   :meth:`~RedisNode.restart` from the AOF) or on the links (:meth:`RedisTopology.split_brain`);
   waits poll conditions (:meth:`~RedisTopology.wait_failover`,
-  :meth:`~RedisTopology.wait_replica_of`), never sleep a fixed time.
+  :meth:`~RedisTopology.wait_replica_of`), never sleep a fixed time. An old primary started
+  again after a failover is made a replica by the Sentinels ~10 s later (they ask a server
+  for its role every 10 s). No replicas and no Sentinels: a lone server.
 - **Teardown** (:meth:`Testbed.close`, also on an exception in the ``with`` block): every
   process in every host's network namespace is SIGKILLed by pid (also ones that no one waits
   for), the forwarder stopped, the namespaces deleted, the mounts detached and the files
@@ -86,7 +91,7 @@ From a script
     with Testbed("sonabench", deadline=3600) as tb:
         hosts = [tb.add_host(f"h{i}") for i in range(3)]
         redis_host = tb.add_host("redis")
-        with RedisTopology(tb, primary=redis_host, replicas=[], sentinels=[...]) as topo:
+        with RedisTopology(tb, primary=redis_host, replicas=[], sentinels=[]) as topo:  # a lone server
             url = topo.servers[0].url               # redis://10.200.0.4:6379/0, reachable from the hosts
             procs = [h.run([...flusher..., "--fleet", url], env=env) for h in hosts]
 
