@@ -34,3 +34,11 @@ ensure_redis() {  # the fleet tests run a real redis-server; Debian's redis-serv
       || echo "scripts: could not install redis-server; the fleet tests are skipped (fail under CI=true)" >&2
   fi
 }
+
+ensure_sentinel() {  # the testbed's failover tests run three redis-sentinel processes; Debian's redis-sentinel package has it
+  if ! command -v redis-sentinel >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts: installing redis-sentinel (apt-get install redis-sentinel)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-sentinel; } >/dev/null 2>&1 \
+      || echo "scripts: could not install redis-sentinel; the testbed's Sentinel tests are skipped (fail under CI=true)" >&2
+  fi
+}
