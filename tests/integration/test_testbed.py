@@ -17,6 +17,12 @@ import subprocess
 import sys
 
 import pytest
+
+from sona_shm.shm.segment import start_ticks
+
+from children import process_running
+from conftest import PROCESS_DEADLINE
+from support import ROOT, env, popen, wait_for
 from testbed import (
     EchoServer,
     RedisOptions,
@@ -30,12 +36,6 @@ from testbed import (
 )
 from testbed.hosts import NETNS_DIR, STATE_DIR
 from testbed.redis_topology import client as redis_client
-
-from sona_shm.segment import start_ticks
-
-from children import process_running
-from conftest import PROCESS_DEADLINE
-from support import ROOT, env, popen, wait_for
 
 PREFIX = "sonatest"
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sona_shm.segment import start_ticks
+from sona_shm.shm.segment import start_ticks
 from sona_shm.supervise import child_setup
 
 from .links import Links, LinkStats
