@@ -46,6 +46,7 @@
 #define SLOT_ROUTE_LEN 30      /* u16 */
 #define SLOT_ROUTE_INDEX 32    /* u16: route_index + 1, 0 for none */
 #define SLOT_BEST_INDEX 34     /* u16: best_index + 1, 0 for none */
+#define SLOT_PROBABILITY 36    /* f32: the probability the route taken was chosen with, in (0, 1]; 0: not recorded */
 #define LANE_CONTROL_BYTES 128 /* per lane, at lanes_offset + lane * LANE_CONTROL_BYTES */
 #define LANE_HEAD 0            /* u64, in the lane's producer line */
 #define LANE_NEXT_ID 16        /* u64 */
@@ -67,7 +68,7 @@
 #endif
 
 static PyTypeObject *trajectory_type, *step_type, *route_choice_type; /* set once by set_types() */
-static PyObject *s_query, *s_steps, *s_quality, *s_latency_us, *s_route, *s_id, *s_route_index, *s_best_index;
+static PyObject *s_query, *s_steps, *s_quality, *s_latency_us, *s_route, *s_id, *s_route_index, *s_best_index, *s_probability;
 static PyObject *s_activations, *s_attention, *s_reward;
 
 /* A 1-D native float32 ndarray of at most max_len items (exactly exact_len if >= 0). */
@@ -350,7 +351,7 @@ static char *head_slot(LaneWriter *self) {
 static int fill(LaneWriter *self, PyObject *traj) {
     int result = -1;
     PyObject *query = NULL, *steps = NULL, *quality = NULL, *latency = NULL, *route = NULL, *tid_obj = NULL;
-    PyObject *ri_obj = NULL, *bi_obj = NULL;
+    PyObject *ri_obj = NULL, *bi_obj = NULL, *p_obj = NULL;
     Py_ssize_t hidden = self->hidden, payload_off = self->payload_off, route_off = self->route_off;
     char *slot = head_slot(self);
 
@@ -358,7 +359,8 @@ static int fill(LaneWriter *self, PyObject *traj) {
     if (!(query = PyObject_GetAttr(traj, s_query)) || !(steps = PyObject_GetAttr(traj, s_steps)) ||
         !(quality = PyObject_GetAttr(traj, s_quality)) || !(latency = PyObject_GetAttr(traj, s_latency_us)) ||
         !(route = PyObject_GetAttr(traj, s_route)) || !(tid_obj = PyObject_GetAttr(traj, s_id)) ||
-        !(ri_obj = PyObject_GetAttr(traj, s_route_index)) || !(bi_obj = PyObject_GetAttr(traj, s_best_index))) {
+        !(ri_obj = PyObject_GetAttr(traj, s_route_index)) || !(bi_obj = PyObject_GetAttr(traj, s_best_index)) ||
+        !(p_obj = PyObject_GetAttr(traj, s_probability))) {
         PyErr_Clear();
         goto done;
     }
@@ -374,6 +376,8 @@ static int fill(LaneWriter *self, PyObject *traj) {
     uint16_t route_index = 0, best_index = 0; /* index + 1; 0: none */
     if (get_route_index(ri_obj, self->n_routes, &route_index) < 0 || get_route_index(bi_obj, self->n_routes, &best_index) < 0) goto done;
     if (self->unit_reward && route_index && !best_index && !(qual >= 0.0 && qual <= 1.0)) goto done; /* the Python path names it */
+    double prob = 0.0; /* not recorded */
+    if (p_obj != Py_None && (get_float(p_obj, &prob) < 0 || !(prob > 0.0 && prob <= 1.0))) goto done;
     if (tid_obj == Py_None) {
         next_id = __atomic_load_n(self->next_id_word, __ATOMIC_RELAXED); /* only this lane's owner writes it */
         tid = next_id * self->lanes + self->lane;
@@ -399,10 +403,10 @@ static int fill(LaneWriter *self, PyObject *traj) {
     memcpy(slot + SLOT_QUALITY, &q32, 4);
     memcpy(slot + SLOT_N_STEPS, &ns, 2);
     memcpy(slot + SLOT_ROUTE_LEN, &rl, 2);
-    uint32_t zero = 0;
+    float p32 = (float)prob;
     memcpy(slot + SLOT_ROUTE_INDEX, &route_index, 2);
     memcpy(slot + SLOT_BEST_INDEX, &best_index, 2);
-    memcpy(slot + 36, &zero, 4);
+    memcpy(slot + SLOT_PROBABILITY, &p32, 4);
     if (use_next_id) __atomic_store_n(self->next_id_word, next_id + 1, __ATOMIC_RELAXED);
     result = 0;
 
@@ -415,6 +419,7 @@ done:
     Py_XDECREF(tid_obj);
     Py_XDECREF(ri_obj);
     Py_XDECREF(bi_obj);
+    Py_XDECREF(p_obj);
     return result;
 }
 
@@ -807,8 +812,10 @@ static int slot_ok(const Batch *b, const char *slot, Py_ssize_t k) {
     memcpy(&seq, slot, 8);
     memcpy(&route_len, slot + SLOT_ROUTE_LEN, 2);
     SlotHead h = slot_head(slot);
+    float prob;
+    memcpy(&prob, slot + SLOT_PROBABILITY, 4);
     if (seq != b->first_seq + (uint64_t)k || h.n_steps > b->max_steps || route_len > ROUTE_MAX_BYTES || h.route >= b->n_routes ||
-        h.best >= b->n_routes || !isfinite(h.quality))
+        h.best >= b->n_routes || !isfinite(h.quality) || !(prob == 0.0f || (prob > 0.0f && prob <= 1.0f)))
         return 0;
     Py_ssize_t att_dim = b->step_bytes / 4 - b->hidden;
     for (int s = 0; s < h.n_steps; s++) {
@@ -1451,11 +1458,13 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     npy_intp best = score_routes((const float *)PyArray_DATA((PyArrayObject *)adapted), (const float *)PyArray_DATA(v), K, h,
                                  (float *)PyArray_DATA((PyArrayObject *)scores));
     /* What tuple.__new__(RouteChoice, fields) does (tuple_subtype_new): allocate the subclass
-     * instance with room for 5 items, then fill it; RouteChoice has no fields of its own. */
+     * instance with room for its 6 items, then fill it; RouteChoice has no fields of its own. */
     PyObject *index = PyLong_FromSsize_t(best);
-    PyObject *choice = index ? route_choice_type->tp_alloc(route_choice_type, 5) : NULL;
+    PyObject *one = index ? PyFloat_FromDouble(1.0) : NULL; /* greedy: chosen with probability 1 */
+    PyObject *choice = one ? route_choice_type->tp_alloc(route_choice_type, 6) : NULL;
     if (choice == NULL) {
         Py_XDECREF(index);
+        Py_XDECREF(one);
         Py_DECREF(scores);
         Py_DECREF(adapted);
         return NULL;
@@ -1465,6 +1474,7 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyTuple_SET_ITEM(choice, 2, scores);
     PyTuple_SET_ITEM(choice, 3, adapted);
     PyTuple_SET_ITEM(choice, 4, Py_NewRef(Py_False));
+    PyTuple_SET_ITEM(choice, 5, one);
     return choice;
 }
 
@@ -1520,6 +1530,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_id, "id");
     INTERN(s_route_index, "route_index");
     INTERN(s_best_index, "best_index");
+    INTERN(s_probability, "probability");
     INTERN(s_activations, "activations");
     INTERN(s_attention, "attention");
     INTERN(s_reward, "reward");
@@ -1540,6 +1551,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     CONSTANT(SLOT_ROUTE_LEN);
     CONSTANT(SLOT_ROUTE_INDEX);
     CONSTANT(SLOT_BEST_INDEX);
+    CONSTANT(SLOT_PROBABILITY);
     CONSTANT(LANE_CONTROL_BYTES);
     CONSTANT(LANE_HEAD);
     CONSTANT(LANE_NEXT_ID);

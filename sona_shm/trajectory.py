@@ -63,7 +63,9 @@ class Trajectory:
     ``route_index`` and ``best_index`` make the trajectory a *feedback* about the
     engine's route table (see :mod:`sona_shm.learn.routes`; ``feedback()`` fills them): the
     index of the route taken, and of the route that was right. Both ``None`` for an
-    ordinary trajectory.
+    ordinary trajectory. ``probability``: the probability with which the route taken was
+    chosen (``RouteChoice.probability``), in (0, 1]; what off-policy evaluation weighs a
+    logged decision by. None: not recorded.
     """
 
     query: Any
@@ -74,6 +76,7 @@ class Trajectory:
     id: int | None = None
     route_index: int | None = None
     best_index: int | None = None
+    probability: float | None = None
 
 
 class CheckedTrajectory(NamedTuple):
@@ -89,6 +92,7 @@ class CheckedTrajectory(NamedTuple):
     id: int | None
     route_index: int | None
     best_index: int | None
+    probability: float  # 0.0: not recorded
 
 
 def _describe(value: Any) -> str:
@@ -291,7 +295,18 @@ def check_trajectory(
                 "quality: expected the reward of a bandit feedback in [0, 1] under the routing rule "
                 f"(1: the route served well), got {quality!r}"
             )
-    return CheckedTrajectory(query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid, route_index, best_index)
+    probability = traj.probability
+    if probability is None:
+        probability = 0.0
+    elif type(probability) is not float or not 0.0 < probability <= 1.0:
+        probability = as_finite_float(probability, "probability")
+        if not 0.0 < probability <= 1.0:
+            raise InvalidInputError(
+                f"probability: expected the probability the route taken was chosen with, in (0, 1], got {traj.probability!r}"
+            )
+    return CheckedTrajectory(
+        query, tuple(acts), tuple(atts), tuple(rewards), quality, latency, route_bytes, tid, route_index, best_index, probability
+    )
 
 
 def _route_index(value: Any, name: str, routes: int, where: str) -> int | None:
@@ -357,6 +372,7 @@ def to_trajectory(checked: CheckedTrajectory, id: int) -> Trajectory:
         id=id,
         route_index=checked.route_index,
         best_index=checked.best_index,
+        probability=checked.probability or None,
     )
 
 
@@ -390,8 +406,10 @@ class RouteChoice(NamedTuple):
     For one vector: ``index`` (int), ``name`` (str), ``scores`` (``float32[K]``, the
     cosine of the adapted query with every route), ``adapted`` (``float32[h]``, what
     ``forward(x)`` returns), ``explored`` (bool: exploration picked ``index`` instead of
-    the best-scoring route). For a batch of ``n``: ``int64[n]``, a list of ``n`` names,
-    ``float32[n, K]``, ``float32[n, h]`` and ``bool[n]``.
+    the best-scoring route) and ``probability`` (float: the probability with which
+    ``index`` was chosen — 1.0 for a greedy choice; pass it to ``feedback(...,
+    probability=)`` to log it). For a batch of ``n``: ``int64[n]``, a list of ``n`` names,
+    ``float32[n, K]``, ``float32[n, h]``, ``bool[n]`` and ``float64[n]``.
     """
 
     index: Any
@@ -399,10 +417,11 @@ class RouteChoice(NamedTuple):
     scores: np.ndarray
     adapted: np.ndarray
     explored: Any
+    probability: Any
 
 
 #: TrajectoryBatch arrays that files written by earlier versions lack.
-_ADDED_LATER = ("route_index", "best_index")
+_ADDED_LATER = {"route_index": -1, "best_index": -1, "probability": np.nan}
 
 
 @dataclass(frozen=True)
@@ -427,6 +446,7 @@ class TrajectoryBatch:
     attention: np.ndarray  # float32[k, S, A], zero past att_len and n_steps
     route_index: np.ndarray  # int32[k], the route taken of a feedback; -1 for none
     best_index: np.ndarray  # int32[k], the route that was right of a feedback; -1 for none
+    probability: np.ndarray  # float32[k], the probability the route taken was chosen with; NaN: not recorded
 
     def __len__(self) -> int:
         return int(self.traj_id.shape[0])
@@ -436,7 +456,7 @@ class TrajectoryBatch:
         n_steps, act_len, att_len = self.n_steps.tolist(), self.act_len.tolist(), self.att_len.tolist()
         rewards, quality = self.rewards.tolist(), self.quality.tolist()
         ids, latency, route = self.traj_id.tolist(), self.latency_us.tolist(), self.route.tolist()
-        route_index, best_index = self.route_index.tolist(), self.best_index.tolist()
+        route_index, best_index, probability = self.route_index.tolist(), self.best_index.tolist(), self.probability.tolist()
         act, att, query = self.activations, self.attention, self.query
         return [
             Trajectory(
@@ -448,6 +468,7 @@ class TrajectoryBatch:
                 ids[i],
                 None if route_index[i] < 0 else route_index[i],
                 None if best_index[i] < 0 else best_index[i],
+                None if probability[i] != probability[i] else probability[i],  # NaN: not recorded
             )
             for i in range(len(ids))
         ]
@@ -471,6 +492,6 @@ class TrajectoryBatch:
                 raise InvalidInputError(f"file: expected a sona_shm trajectory batch with arrays {names}, missing {missing}")
             arrays = {n: data[n] for n in names if n in data.files}
             k = len(arrays["traj_id"])
-            for n in _ADDED_LATER:  # files written before feedback existed hold none
-                arrays.setdefault(n, np.full(k, -1, np.int32))
+            for n, none in _ADDED_LATER.items():  # files written before feedback (or propensities) existed hold none
+                arrays.setdefault(n, np.full(k, none, np.int32 if n.endswith("_index") else np.float32))
             return cls(**arrays)

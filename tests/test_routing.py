@@ -648,3 +648,90 @@ def test_instant_loop_names_route_names_in_its_errors():
         with pytest.raises(InvalidInputError) as info:
             InstantLoop(8, 2, routes=v, route_names=names)
         assert str(info.value).startswith(fragment), str(info.value)
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_feedback_probability_is_recorded_drained_and_refused_outside_zero_one(engine, monkeypatch, path):
+    """feedback(..., probability=p) keeps p (float32) in the slot, drain returns it (NaN where none was
+    recorded), and a probability outside (0, 1] is refused before anything is written, on both writer paths."""
+    from sona_shm.shm import lane as lane_module
+
+    if path == "python":
+        monkeypatch.setattr(lane_module, "_speedups", None)
+    elif lane_module._speedups is None:
+        pytest.skip("the C extension is not built")
+    task, table, flusher, client = routing_engine(engine, capacity=16)
+    x = task.sample(3)[0]
+    head = client._writer.head
+    for bad in (0.0, -0.5, 1.5, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(InvalidInputError, match="probability"):
+            client.feedback(x[0], route=1, reward=1.0, probability=bad)
+    with pytest.raises(InvalidInputError, match="probability: the probability of the route taken needs route="):
+        client.feedback(x[0], best=2, probability=0.5)
+    assert client._writer.head == head
+    assert client.feedback(x[0], route="math", reward=0.25, probability=0.05)
+    assert client.feedback(x[1], best="chat", route=0, probability=1.0)
+    assert client.feedback(x[2], best=3)
+    flusher.scan()
+    batch = client.drain_arrays()
+    assert batch.probability.dtype == np.float32 and batch.probability[:2].tolist() == [np.float32(0.05), 1.0]
+    assert np.isnan(batch.probability[2])
+    assert [t.probability for t in batch.trajectories()] == [pytest.approx(0.05), 1.0, None]
+
+
+def test_route_choice_probability_is_the_chance_of_the_route_served():
+    """Greedy: 1. Epsilon-greedy: 1 - eps + eps/K for the best route, eps/K for another. Sampling: the softmax
+    of the route drawn. The same in a batch."""
+    import random
+
+    task = Task(3)
+    loop = InstantLoop(32, rule="routing", routes=task.routes)
+    x, _ = task.sample(200)
+    assert loop.route(x[0]).probability == 1.0
+    rng = random.Random(5)
+    seen = set()
+    for q in x:
+        choice = loop.route(q, explore=0.2, rng=rng)
+        expected = 0.2 / 4 + (0.8 if not choice.explored or choice.index == int(np.argmax(choice.scores)) else 0.0)
+        assert choice.probability == pytest.approx(expected)
+        seen.add(round(choice.probability, 6))
+    assert seen == {round(0.85, 6), round(0.05, 6)}
+    for q in x[:20]:
+        choice = loop.route(q, sample=True, rng=rng)
+        z = 10.0 * choice.scores.astype(np.float64)
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert choice.probability == pytest.approx(p[choice.index])
+    batch = loop.route(x[:50], explore=0.2, rng=rng)
+    assert batch.probability.shape == (50,) and set(np.round(batch.probability, 6)) <= {round(0.85, 6), round(0.05, 6)}
+
+
+def test_a_batch_file_written_before_propensities_reads_with_nan(tmp_path):
+    from sona_shm import TrajectoryBatch
+
+    loop = InstantLoop(16, capacity=4)
+    loop.on_trajectory(Trajectory(np.ones(16, np.float32), [], 1.0))
+    arrays = {k: v for k, v in TrajectoryBatch(**_batch_fields(loop)).arrays().items() if k != "probability"}
+    np.savez(tmp_path / "old.npz", **arrays)
+    batch = TrajectoryBatch.load(tmp_path / "old.npz")
+    assert batch.probability.dtype == np.float32 and np.isnan(batch.probability).all()
+
+
+def _batch_fields(loop) -> dict:
+    """The arrays of a one-trajectory batch, as a drain of the loop's buffer would give them."""
+    [t] = loop.drain()
+    return dict(
+        traj_id=np.array([t.id], np.uint64),
+        query=t.query[None],
+        quality=np.array([t.quality], np.float32),
+        latency_us=np.zeros(1, np.uint64),
+        route=np.array([""], "<U64"),
+        n_steps=np.zeros(1, np.int32),
+        rewards=np.zeros((1, 1), np.float32),
+        act_len=np.zeros((1, 1), np.int32),
+        activations=np.zeros((1, 1, 16), np.float32),
+        att_len=np.zeros((1, 1), np.int32),
+        attention=np.zeros((1, 1, 0), np.float32),
+        route_index=np.full(1, -1, np.int32),
+        best_index=np.full(1, -1, np.int32),
+        probability=np.full(1, np.nan, np.float32),
+    )

@@ -432,6 +432,8 @@ def feedback_trajectories(table) -> list[Trajectory]:
         feedback_trajectory(table, vec(H), route=0, reward=1.0, best=None, unit_reward=True),
         feedback_trajectory(table, vec(H), route=None, reward=None, best="c", unit_reward=True),
         feedback_trajectory(table, vec(H), route=0, reward=None, best=2, unit_reward=True),
+        feedback_trajectory(table, vec(H), route=2, reward=0.5, best=None, unit_reward=True, probability=0.3),
+        feedback_trajectory(table, vec(H), route=1, reward=None, best=1, unit_reward=True, probability=1.0),
     ]
     made = [dataclasses.replace(t, id=30 + i) for i, t in enumerate(made)]  # ids from the lane differ between the two passes
     return made + [
@@ -455,6 +457,9 @@ def refused_feedback() -> list[tuple[Trajectory, str]]:
         (Trajectory(x, [], -1e-30, route_index=1), "quality: expected the reward of a bandit feedback in [0, 1]"),
         (Trajectory(x, [], 1.0000001, route_index=2), "quality: expected the reward of a bandit feedback in [0, 1]"),
         (Trajectory(x, [], float("nan"), route_index=1), "quality: expected a finite number"),
+        (Trajectory(x, [], 0.5, route_index=1, probability=0.0), "probability: expected the probability"),
+        (Trajectory(x, [], 0.5, route_index=1, probability=1.0000001), "probability: expected the probability"),
+        (Trajectory(x, [], 0.5, route_index=1, probability=float("nan")), "probability: expected a finite number"),
     ]
 
 

@@ -378,19 +378,25 @@ class Client:
                 return done
         return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
 
-    def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, timeout: float = 0.0) -> bool:
+    def feedback(
+        self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, probability: Any = None, timeout: float = 0.0
+    ) -> bool:
         """Record which route serves query ``x``; False if the lane is full (as :meth:`record`).
 
         Bandit: ``route=`` (the route served, by index or name) and ``reward=`` (how
         well it did; in [0, 1] under the routing rule). Full information: ``best=`` (the
-        route that was right), optionally with ``route=`` (the one served). Recorded as a
-        trajectory (encoding in :mod:`sona_shm.learn.routes`), so drain returns it. Bad input
-        raises :class:`InvalidInputError` naming the argument, and nothing is written.
+        route that was right), optionally with ``route=`` (the one served). ``probability``:
+        the probability the route served was chosen with (``RouteChoice.probability``), kept
+        for off-policy evaluation. Recorded as a trajectory (encoding in
+        :mod:`sona_shm.learn.routes`), so drain returns it. Bad input raises
+        :class:`InvalidInputError` naming the argument, and nothing is written.
         """
         table = self.routes
         if table is None:
             raise self._no_table("feedback")
-        traj = feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing")
+        traj = feedback_trajectory(
+            table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing", probability=probability
+        )
         return self.record(traj, timeout=timeout)
 
     def _no_table(self, what: str) -> InvalidInputError:

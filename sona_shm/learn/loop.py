@@ -168,14 +168,18 @@ class InstantLoop:
         epsilon = check_exploration(explore, sample, rng)
         return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self.config.temperature, rng=rng)
 
-    def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None) -> bool:
+    def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, probability: Any = None) -> bool:
         """Learn which route serves ``x``: ``route=`` and ``reward=`` (bandit), or ``best=`` (full information).
 
-        Routes are given by index or name. Recorded as a trajectory (see
+        Routes are given by index or name; ``probability``: the route served was chosen with
+        it (``RouteChoice.probability``). Recorded as a trajectory (see
         :mod:`sona_shm.learn.routes`); returns True like :meth:`Client.feedback`.
         """
         table = self._table("feedback")
-        self.on_trajectory(feedback_trajectory(table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing"))
+        traj = feedback_trajectory(
+            table, x, route=route, reward=reward, best=best, unit_reward=self.rule == "routing", probability=probability
+        )
+        self.on_trajectory(traj)
         return True
 
     def _table(self, what: str) -> RouteTable:

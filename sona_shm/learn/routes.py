@@ -227,43 +227,49 @@ def choose(table: RouteTable, adapted: np.ndarray, *, epsilon: float, sample: bo
     scores = cosine_scores(adapted, table.unit)
     greedy = np.argmax(scores, axis=-1)
     if scores.ndim == 1:
-        best = index = int(greedy)
-        if epsilon or sample:
-            index = _explore_one(scores, index, epsilon, sample, temperature, rng)
-        return RouteChoice(index, table.names[index], scores, adapted, index != best)
+        best = int(greedy)
+        index, probability = _explore_one(scores, best, epsilon, sample, temperature, rng) if epsilon or sample else (best, 1.0)
+        return RouteChoice(index, table.names[index], scores, adapted, index != best, probability)
     bests = np.asarray(greedy, dtype=np.int64)
-    indices = bests
+    indices, probabilities = bests, np.ones(len(bests))
     if epsilon or sample:
         picks = [_explore_one(scores[i], int(g), epsilon, sample, temperature, rng) for i, g in enumerate(bests.tolist())]
-        indices = np.array(picks, np.int64)
-    return RouteChoice(indices, [table.names[i] for i in indices.tolist()], scores, adapted, indices != bests)
+        indices = np.array([i for i, _ in picks], np.int64)
+        probabilities = np.array([p for _, p in picks])
+    return RouteChoice(indices, [table.names[i] for i in indices.tolist()], scores, adapted, indices != bests, probabilities)
 
 
 def _uniform(rng: Any) -> float:
     return (rng or random).random()
 
 
-def _explore_one(scores: np.ndarray, greedy: int, epsilon: float, sample: bool, temperature: float, rng: Any) -> int:
+def _explore_one(scores: np.ndarray, greedy: int, epsilon: float, sample: bool, temperature: float, rng: Any) -> tuple[int, float]:
+    """A route drawn by epsilon-greedy or from the softmax, and the probability it had of being drawn."""
     k = scores.shape[0]
     if sample:
         z = [temperature * float(s) for s in scores.tolist()]
         top = max(z)
         weights = [math.exp(v - top) for v in z]
-        u = _uniform(rng) * sum(weights)
+        total = sum(weights)
+        u = _uniform(rng) * total
         for i, w in enumerate(weights):
             u -= w
             if u < 0:
-                return i
-        return k - 1
+                return i, w / total
+        return k - 1, weights[-1] / total
     if _uniform(rng) < epsilon:
-        return min(int(_uniform(rng) * k), k - 1)
-    return greedy
+        index = min(int(_uniform(rng) * k), k - 1)
+    else:
+        index = greedy
+    return index, epsilon / k + (1.0 - epsilon if index == greedy else 0.0)
 
 
 # ----------------------------------------------------------------- feedback
 
 
-def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: Any, best: Any, unit_reward: bool) -> Trajectory:
+def feedback_trajectory(
+    table: RouteTable, query: Any, *, route: Any, reward: Any, best: Any, unit_reward: bool, probability: Any = None
+) -> Trajectory:
     """The trajectory that records one feedback (module docstring); raises naming a bad argument.
 
     ``unit_reward``: the engine learns with the routing rule, whose bandit reward is in [0, 1].
@@ -280,7 +286,7 @@ def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: An
             raise InvalidInputError(
                 f"reward: expected a number in [0, 1] under the routing rule (1: the route served well), got {reward!r}"
             )
-        return Trajectory(query, [Step(table.vectors[a], None, r)], r, route=table.names[a], route_index=a)
+        return Trajectory(query, [Step(table.vectors[a], None, r)], r, route=table.names[a], route_index=a, probability=probability)
     if reward is not None:
         raise InvalidInputError(
             f"reward: a full-information feedback (best=) carries no reward, got reward={reward!r}; "
@@ -289,4 +295,8 @@ def feedback_trajectory(table: RouteTable, query: Any, *, route: Any, reward: An
     y = table.index(best, "best")
     taken = None if route is None else table.index(route, "route")
     name = table.names[y if taken is None else taken]
-    return Trajectory(query, [Step(table.vectors[y], None, 1.0)], 1.0, route=name, route_index=taken, best_index=y)
+    if probability is not None and taken is None:
+        raise InvalidInputError(
+            f"probability: the probability of the route taken needs route= (the route served), got probability={probability!r}"
+        )
+    return Trajectory(query, [Step(table.vectors[y], None, 1.0)], 1.0, route=name, route_index=taken, best_index=y, probability=probability)

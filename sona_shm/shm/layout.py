@@ -166,7 +166,8 @@ N) * slot_bytes``, buffer slot ``j`` at ``buffer_offset + (j % C) * slot_bytes``
                         buffer slots: buffer index + 1
     8   u64 traj_id     16 u64 latency_us     24 f32 quality
     28  u16 n_steps     30 u16 route_len
-    32  u16 route_index + 1 (0: none)   34 u16 best_index + 1 (0: none)   36 u32 zero
+    32  u16 route_index + 1 (0: none)   34 u16 best_index + 1 (0: none)
+    36  f32 probability (the route taken was chosen with it, in (0, 1]; 0: not recorded)
     40  S * (f32 reward, u16 act_len, u16 att_len)
     40 + 8S             route bytes[64] (UTF-8)
     payload_offset = round_up(104 + 8S, 64):
@@ -360,6 +361,7 @@ class Layout:
                     "route_len",
                     "route_index",
                     "best_index",
+                    "probability",
                     "meta",
                     "route",
                     "query",
@@ -374,6 +376,7 @@ class Layout:
                     "<u2",
                     "<u2",
                     "<u2",
+                    "<f4",
                     (np.dtype([("reward", "<f4"), ("act_len", "<u2"), ("att_len", "<u2")]), (s,)),
                     (np.dtype("S1"), (ROUTE_MAX_BYTES,)),
                     ("<f4", (h,)),
@@ -388,6 +391,7 @@ class Layout:
                     30,
                     32,
                     34,
+                    36,
                     SLOT_HEAD_BYTES,
                     self.route_offset,
                     self.payload_offset,

@@ -22,7 +22,7 @@ from .layout import FLUSHER_WORDS, Layout
 from .segment import Segment
 
 #: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
-_HEAD_FORMATS = ["<QQfHHHHI" + "fHH" * n for n in range(1025)]
+_HEAD_FORMATS = ["<QQfHHHHf" + "fHH" * n for n in range(1025)]
 
 
 class LaneViews:
@@ -105,7 +105,9 @@ def encode(views: LaneViews, head: int, traj: Any) -> None:
     n = len(checked.rewards)
     ri = 0 if checked.route_index is None else checked.route_index + 1
     bi = 0 if checked.best_index is None else checked.best_index + 1
-    struct.pack_into(_HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), ri, bi, 0, *meta)
+    struct.pack_into(
+        _HEAD_FORMATS[n], buf, base + 8, tid, checked.latency_us, checked.quality, n, len(route), ri, bi, checked.probability, *meta
+    )
 
 
 def _copy_payload(views: LaneViews, first: int, checked: CheckedTrajectory) -> tuple[int, list]:
@@ -148,7 +150,9 @@ def check(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
     best_index = rec["best_index"].astype(np.int64) - 1
     S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
     ok = _head_ok(rec["seq"], first_seq, n_steps, rec["route_len"], layout)
+    probability = rec["probability"]
     ok &= (route_index < layout.routes) & (best_index < layout.routes) & np.isfinite(rec["quality"])
+    ok &= (probability == 0) | ((probability > 0) & (probability <= 1))  # 0: not recorded
     in_use = np.arange(S) < np.minimum(n_steps, S)[:, None]  # [n, S]: the steps each slot has
     meta = rec["meta"]
     step_ok = (meta["act_len"] <= h) & (meta["att_len"] <= A) & np.isfinite(meta["reward"])
@@ -209,6 +213,7 @@ def decode(ring: np.ndarray, pos: np.ndarray, first_seq: int, layout: Layout) ->
     activations[rows, steps] = ring["steps"]["act"][src, steps]  # zero-padded past act_len by the producer
     attention[rows, steps] = ring["steps"]["att"][src, steps]
     attention[np.arange(A) >= att_len[:, :, None]] = 0.0  # past att_len a slot holds stale values
+    probability = ring["probability"][pos][ok]
     raw_route = ring["route"][pos].view(np.uint8)
     routes = [raw_route[i, :n].tobytes().decode("utf-8", "replace") for i, n in enumerate(route_len.tolist()) if ok[i]]
     batch = TrajectoryBatch(
@@ -225,5 +230,6 @@ def decode(ring: np.ndarray, pos: np.ndarray, first_seq: int, layout: Layout) ->
         attention=attention[ok],
         route_index=ring["route_index"][pos][ok].astype(np.int32) - 1,
         best_index=ring["best_index"][pos][ok].astype(np.int32) - 1,
+        probability=np.where(probability > 0, probability, np.float32(np.nan)),
     )
     return batch, ok
