@@ -31,7 +31,7 @@ import router_requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
-from router_requests import HTTPProblem, check_length
+from router_requests import BodyBuffer, HTTPProblem, check_length
 from starlette.exceptions import HTTPException
 
 import sona_shm.asgi
@@ -45,8 +45,12 @@ _metrics: CollectorRegistry | None = None
 
 
 async def _body(request: Request) -> bytes:
+    """The body, Content-Length or chunked, never more than MAX_BODY read (``request.body()`` would read it all first)."""
     check_length(request.headers.get("content-length"))
-    return await request.body()
+    body = BodyBuffer()
+    async for data in request.stream():
+        body.add(data)  # a 413 the moment it passes the limit: the rest of the body is never read
+    return body.value()
 
 
 @app.post("/route")

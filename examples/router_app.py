@@ -45,9 +45,7 @@ _REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413
 
 
 def _body(environ: dict[str, Any]) -> bytes:
-    router_requests.check_length(environ.get("CONTENT_LENGTH"))
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    return environ["wsgi.input"].read(length) if length > 0 else b""
+    return router_requests.read_wsgi_body(environ)  # Content-Length or chunked, never more than MAX_BODY read
 
 
 # ----------------------------------------------------------------- endpoints
