@@ -43,7 +43,7 @@ READ_STEP = 64 << 10
 
 
 class HTTPProblem(Exception):
-    """A request the app refuses: ``status`` (400, 413; 503 when the engine cannot serve it) and a message."""
+    """A request the app refuses: ``status`` (400, 413; 501: /metrics without prometheus_client; 503: the engine cannot serve it)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -103,6 +103,14 @@ def read_wsgi_body(environ: dict[str, Any]) -> bytes:
     while data := stream.read(min(READ_STEP, MAX_BODY + 1 - body.size)):
         body.add(data)  # raises at MAX_BODY + 1 bytes read: the rest stays unread
     return body.value()
+
+
+def no_metrics(exc: ImportError) -> str:
+    """The answer to ``GET /metrics`` in a server installed without the prometheus extra."""
+    return (
+        f"metrics: prometheus_client is not installed in this server's environment ({exc}); "
+        "pip install 'sona-shm[prometheus]' (from a clone: pip install '.[prometheus]') and restart the server"
+    )
 
 
 def _reject_constant(token: str) -> Any:
