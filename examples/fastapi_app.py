@@ -15,7 +15,8 @@ router_app.py)::
     POST /flush     -> {"flushed": true} once the flusher learned what is committed (awaits engine.flush())
     GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h, "rule": ..., "routes": [...]}
     GET  /stats     -> the engine's stats, as ``sona-shm stats --json`` prints them
-    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape
+    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape; needs the
+                       prometheus extra (without it, a 501 that says what to install)
 
 Each worker process attaches in the app's lifespan (``sona_shm.asgi.Engine``): a
 missing engine fails the worker's startup with the reason. A malformed request gets a
@@ -30,23 +31,34 @@ from typing import Any
 import router_requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, generate_latest
-from router_requests import HTTPProblem, check_length
+from router_requests import BodyBuffer, HTTPProblem, check_length
 from starlette.exceptions import HTTPException
 
 import sona_shm.asgi
 from sona_shm import InvalidInputError, SonaShmError
-from sona_shm.prometheus import CONTENT_TYPE, EngineCollector
+
+try:  # /metrics only: the app serves without the prometheus extra (pip install '.[fastapi]' is enough)
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sona_shm.prometheus import CONTENT_TYPE, EngineCollector
+except ImportError as exc:
+    _NO_METRICS: str | None = router_requests.no_metrics(exc)
+else:
+    _NO_METRICS = None
 
 engine = sona_shm.asgi.Engine()  # the engine named by SONA_SHM_NAME, attached by the lifespan
 app = FastAPI(title="sona_shm router", lifespan=engine.lifespan)
 
-_metrics: CollectorRegistry | None = None
+_metrics: Any = None  # this worker's CollectorRegistry, made on the first scrape
 
 
 async def _body(request: Request) -> bytes:
+    """The body, Content-Length or chunked, never more than MAX_BODY read (``request.body()`` would read it all first)."""
     check_length(request.headers.get("content-length"))
-    return await request.body()
+    body = BodyBuffer()
+    async for data in request.stream():
+        body.add(data)  # a 413 the moment it passes the limit: the rest of the body is never read
+    return body.value()
 
 
 @app.post("/route")
@@ -78,6 +90,8 @@ async def stats() -> dict[str, Any]:
 @app.get("/metrics")
 async def metrics() -> Response:
     global _metrics
+    if _NO_METRICS is not None:
+        raise HTTPProblem(_NO_METRICS, 501)
     if _metrics is None:
         _metrics = CollectorRegistry()  # this worker's registry: add the app's own metrics here too
         _metrics.register(EngineCollector(engine.client.name))

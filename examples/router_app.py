@@ -18,7 +18,8 @@ in ``router_requests.py``, which ``fastapi_app.py`` shares)::
     GET  /healthz   -> {"ok": true, "engine": "router", "pid": 123, "lane": 4, "hidden_dim": h,
                         "rule": "routing", "routes": ["code", ...]}
     GET  /stats     -> the monitor's stats, as ``sona-shm stats --json`` prints them
-    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape
+    GET  /metrics   -> the engine's metrics (sona_shm.prometheus.EngineCollector), for a scrape; needs the
+                       prometheus extra (without it, a 501 that says what to install)
 
 A malformed request (bad JSON, NaN, a missing or unknown field, a vector of the wrong
 length, an unknown route) gets a 400 whose ``error`` names the field, what was expected
@@ -33,21 +34,33 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import router_requests
-from prometheus_client import CollectorRegistry, generate_latest
 from router_requests import HTTPProblem
 
 import sona_shm.gunicorn
 from sona_shm import InvalidInputError, SonaShmError
-from sona_shm.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
-from sona_shm.prometheus import EngineCollector
 
-_REASONS = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large", 503: "Service Unavailable"}
+try:  # /metrics only: the app serves without the prometheus extra (pip install '.[gunicorn]' is enough)
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sona_shm.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+    from sona_shm.prometheus import EngineCollector
+except ImportError as exc:
+    _NO_METRICS: str | None = router_requests.no_metrics(exc)
+else:
+    _NO_METRICS = None
+
+_REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
 
 
 def _body(environ: dict[str, Any]) -> bytes:
-    router_requests.check_length(environ.get("CONTENT_LENGTH"))
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    return environ["wsgi.input"].read(length) if length > 0 else b""
+    return router_requests.read_wsgi_body(environ)  # Content-Length or chunked, never more than MAX_BODY read
 
 
 # ----------------------------------------------------------------- endpoints
@@ -70,10 +83,12 @@ def stats(environ: dict[str, Any]) -> dict[str, Any]:
 
 
 #: This worker's metrics registry per engine: the engine's EngineCollector (add the app's own metrics to it).
-_registries: dict[str, CollectorRegistry] = {}
+_registries: dict[str, Any] = {}
 
 
 def metrics(environ: dict[str, Any]) -> str:
+    if _NO_METRICS is not None:
+        raise HTTPProblem(_NO_METRICS, 501)
     name = sona_shm.gunicorn.client().name  # a 503 when the engine is not there
     registry = _registries.get(name)
     if registry is None:

@@ -38,10 +38,12 @@ from sona_shm.trajectory import as_vector
 
 #: Largest request body accepted (8 steps of 256 + 64 numbers as JSON is ~60 KB).
 MAX_BODY = 4 << 20
+#: Bytes asked for in one read of a body of unknown length (chunked).
+READ_STEP = 64 << 10
 
 
 class HTTPProblem(Exception):
-    """A request the app refuses: ``status`` (400, 413; 503 when the engine cannot serve it) and a message."""
+    """A request the app refuses: ``status`` (400, 413; 501: /metrics without prometheus_client; 503: the engine cannot serve it)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -49,13 +51,66 @@ class HTTPProblem(Exception):
 
 
 def check_length(content_length: str | None) -> None:
-    """Refuse a body larger than :data:`MAX_BODY` before reading it."""
+    """Refuse a body whose Content-Length is larger than :data:`MAX_BODY` before reading it."""
     try:
         length = int(content_length or 0)
     except ValueError:
         raise HTTPProblem(f"Content-Length: expected an integer, got {content_length!r}") from None
     if length > MAX_BODY:
         raise HTTPProblem(f"body: expected at most {MAX_BODY} bytes, got {length}", 413)
+
+
+class BodyBuffer:
+    """A request body gathered as it arrives, refused (413) the moment it passes :data:`MAX_BODY`.
+
+    For bodies of unknown length (``Transfer-Encoding: chunked``): ``Content-Length``
+    cannot be checked before reading, so reading stops at the limit instead, and the
+    rest of an oversized body is never read (nor held in memory).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_BODY:
+            raise HTTPProblem(f"body: expected at most {MAX_BODY} bytes, got more (a chunked body, not read past the limit)", 413)
+        self.parts.append(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def read_wsgi_body(environ: dict[str, Any]) -> bytes:
+    """The body of a WSGI request, at most :data:`MAX_BODY` bytes read whatever the client sends (else a 413).
+
+    With ``Content-Length``, exactly that many bytes (refused before reading if it is
+    too large). Without it, a chunked body (or any body the server marks as terminated,
+    PEP 3333's ``wsgi.input_terminated``) is read up to the limit and one byte more;
+    otherwise there is no body.
+    """
+    stream = environ["wsgi.input"]
+    content_length = environ.get("CONTENT_LENGTH")
+    if content_length:
+        check_length(content_length)
+        length = int(content_length)
+        return stream.read(length) if length > 0 else b""
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not (chunked or environ.get("wsgi.input_terminated")):
+        return b""  # no length and no end marker: reading could wait for bytes that never come
+    body = BodyBuffer()
+    while data := stream.read(min(READ_STEP, MAX_BODY + 1 - body.size)):
+        body.add(data)  # raises at MAX_BODY + 1 bytes read: the rest stays unread
+    return body.value()
+
+
+def no_metrics(exc: ImportError) -> str:
+    """The answer to ``GET /metrics`` in a server installed without the prometheus extra."""
+    return (
+        f"metrics: prometheus_client is not installed in this server's environment ({exc}); "
+        "pip install 'sona-shm[prometheus]' (from a clone: pip install '.[prometheus]') and restart the server"
+    )
 
 
 def _reject_constant(token: str) -> Any:

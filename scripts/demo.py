@@ -28,6 +28,7 @@ import http.client
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sock = listening_socket()
             port = sock.getsockname()[1]
-            environment = {**os.environ, "SONA_SHM_NAME": name, "XDG_RUNTIME_DIR": scratch, "PYTHONPATH": str(ROOT)}
+            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            environment = {**os.environ, "SONA_SHM_NAME": name, "XDG_RUNTIME_DIR": scratch, "PYTHONPATH": path}
             with open(logs / "gunicorn.log", "w") as log:
                 try:
                     server = start_gunicorn(
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 wait_until_serving(port, server, timeout=60)
             except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{exc}\n{(logs / 'gunicorn.log').read_text()}") from None
+                raise DemoError(explain_gunicorn_failure(str(exc), (logs / "gunicorn.log").read_text(errors="replace"))) from None
             deadline = time.monotonic() + 60
             while read_stats(name)["lanes_live"] < args.workers and time.monotonic() < deadline:
                 time.sleep(0.05)  # every worker attaches in post_fork; wait for the last to boot
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\nsona-shm demo: interrupted; stopping everything", file=sys.stderr)
             return 130
+        except DemoError as exc:
+            print(f"sona-shm demo: {exc}", file=sys.stderr)
+            return 1
         finally:
             if traffic is not None:
                 traffic.join()  # idempotent: the clients stop before the server does
@@ -262,6 +267,55 @@ def main(argv: list[str] | None = None) -> int:
                 codes.append(f"flusher exit {stop_process(flusher)} (SIGTERM: drained and flushed)")
             removed = segment.unlink(name)
             print(f"sona-shm demo: stopped ({', '.join(codes) or 'nothing started'}); removed {', '.join(removed) or 'nothing'}")
+
+
+class DemoError(Exception):
+    """A failure the demo explains itself (printed without a traceback of the demo's own)."""
+
+
+#: The last line of a Python traceback: the exception and its message.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b.*$")
+
+
+def boot_failure(log: str) -> tuple[str | None, list[str]]:
+    """The cause of a worker's failed boot in a gunicorn log, and the first worker's traceback (lines).
+
+    The cause is sona_shm's own "cannot attach" line when there is one, else the last
+    line of the first traceback (``ModuleNotFoundError: No module named 'x'``); None if
+    the log shows neither. Every worker prints the same traceback: one is enough.
+    """
+    lines = log.splitlines()
+    traceback: list[str] = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            for j in range(i + 1, len(lines)):
+                if _EXCEPTION_LINE.match(lines[j]):
+                    traceback = lines[i : j + 1]
+                    break
+            break
+    for line in lines:
+        if "sona_shm: worker" in line and "cannot attach:" in line:
+            return line.split("cannot attach:", 1)[1].strip(), traceback
+    return (traceback[-1] if traceback else None), traceback
+
+
+def explain_gunicorn_failure(what: str, log: str) -> str:
+    """The message for a gunicorn that did not serve: the cause first, then one traceback, not the whole log."""
+    cause, traceback = boot_failure(log)
+    if cause is None:
+        return f"{what}; gunicorn's log:\n{log}"
+    lines = [f"gunicorn's workers failed to boot: {cause}"]
+    missing = re.match(r"ModuleNotFoundError: No module named '([\w.]+)'", cause)
+    if missing:
+        lines.append(
+            f"  the module {missing.group(1)!r} is not installed in {sys.prefix} (the environment the demo runs gunicorn from); "
+            f"the demo installs sona_shm with the extras gunicorn,monitor (scripts/demo): install what is missing there"
+        )
+    lines.append(f"  ({what})")
+    if traceback:
+        lines.append(f"the first worker's traceback ({len(log.splitlines())} lines of gunicorn's log in all):")
+        lines.extend("  " + line for line in traceback)
+    return "\n".join(lines)
 
 
 class _InterruptOnce:

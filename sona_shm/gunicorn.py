@@ -25,7 +25,14 @@ What each hook does and why:
 
 - ``post_fork`` (worker): attach and claim a lane, so a misconfigured engine fails the
   worker's boot loudly (gunicorn then stops with "Worker failed to boot") instead of
-  failing requests one by one.
+  failing requests one by one. One wait is not a misconfiguration: a reload
+  (``kill -HUP``) forks the whole new generation of workers *before* it tells the old
+  one to stop, so for a moment the master has up to twice its workers. A worker forked
+  while the master has more workers than it keeps (the surplus it is about to stop)
+  that finds every lane held waits for one of them to free a lane, for up to gunicorn's
+  ``graceful_timeout`` (the time an old worker is given to finish), heartbeating so the
+  master does not time it out; only then does it fail to boot. Any other worker (first
+  start, a replacement, ``TTIN``) that finds no lane fails at once, as before.
 - :func:`client` also attaches lazily on first use, so the app works under any server,
   and with ``preload_app = True``: a client attached in the master while importing the
   app is inherited by every worker, and each worker claims its own lane on first use.
@@ -58,7 +65,7 @@ from typing import Any, NamedTuple
 
 from .checks import check_timeout
 from .engine.client import Client, attach
-from .errors import InvalidInputError, SonaShmError
+from .errors import InvalidInputError, NoFreeLaneError, SonaShmError
 from .shm.segment import check_name
 from .stats import LaneStats, read
 
@@ -176,13 +183,71 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker, right after the fork: attach and claim a lane, or fail the boot with the reason."""
+    """Worker, right after the fork: attach and claim a lane (during a reload, waiting for one the
+    old generation frees), or fail the boot with the reason."""
     try:
-        lane = client().lane  # claims the lane now (an inherited client would claim it on first use)
+        lane = _claim_lane(server, worker)
     except SonaShmError as exc:
         server.log.error("sona_shm: worker %s cannot attach: %s", os.getpid(), exc)
         raise
     server.log.info("sona_shm: worker %s attached to engine %r, lane %d", os.getpid(), engine_name(), lane)
+
+
+def _claim_lane(server: Any, worker: Any) -> int:
+    """``client().lane`` (which claims the lane now); while the master is replacing workers, wait for a free one.
+
+    The wait is bounded by gunicorn's ``graceful_timeout``: an old worker told to stop
+    exits within it (gthread waits that long for its requests, sync finishes the one it
+    serves), and its lane is free the moment it is dead.
+    """
+    global _failure
+    try:
+        return client().lane
+    except NoFreeLaneError:
+        surplus = retiring_workers(server)
+        if not surplus:
+            raise  # nobody is about to leave: too few lanes for the workers (and other producers)
+    grace = float(getattr(getattr(server, "cfg", None), "graceful_timeout", 0) or 0)
+    server.log.info(
+        "sona_shm: worker %s waits up to %g s (graceful_timeout) for a lane of engine %r: all are held, and the master is "
+        "stopping %d worker(s) of the previous generation (a reload)",
+        os.getpid(),
+        grace,
+        engine_name(),
+        surplus,
+    )
+    deadline = time.monotonic() + grace
+    delay = 0.005
+    while True:
+        notify = getattr(worker, "notify", None)
+        if notify is not None:
+            notify()  # the heartbeat: this worker is booting, not stuck (the master times out silent workers)
+        remaining = deadline - time.monotonic()
+        time.sleep(max(0.0, min(delay, remaining)))  # polling a kernel lock table: nothing to wake us when a lane frees
+        delay = min(delay * 2, 0.1)
+        _failure = None  # retried on this wait's clock, not client()'s back-off
+        try:
+            return client().lane
+        except NoFreeLaneError as exc:
+            if remaining <= 0:
+                raise NoFreeLaneError(
+                    f"{exc} (waited {grace:g} s, gunicorn's graceful_timeout, for the {surplus} worker(s) being replaced to free "
+                    "one: the lanes must cover the workers plus every other producer)"
+                ) from None
+
+
+def retiring_workers(server: Any) -> int:
+    """How many workers the master (``server``, as this worker was forked from it) had beyond those it keeps.
+
+    A reload forks the new generation before stopping the old one: the old workers are
+    then the surplus the master is about to stop. Read in the worker, from the master's
+    memory as it was at the fork (this worker itself is not in ``WORKERS`` yet).
+    """
+    workers = getattr(server, "WORKERS", None)
+    keeps = getattr(server, "num_workers", None)
+    if not isinstance(workers, dict) or not isinstance(keeps, int):
+        return 0
+    return max(0, len(workers) + 1 - keeps)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError
+from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, UntrustedSegmentError
 from .shm.layout import (
     CONSUMER_WORDS,
     FLUSHER_WORDS,
@@ -541,7 +541,7 @@ class EngineSummary:
     lanes: int | None = None
     lanes_live: int | None = None
     trajectories_processed: int | None = None
-    reason: str | None = None  # why FOREIGN or UNREADABLE
+    reason: str | None = None  # why FOREIGN (read, and not an engine) or UNREADABLE (not read: refused, permission, half-created)
 
     def as_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -550,7 +550,9 @@ class EngineSummary:
 def list_engines(directory: str | None = None) -> list[EngineSummary]:
     """Every ``sona_shm.*`` segment in ``directory`` (doorbell semaphores skipped), by name.
 
-    Each is opened read-only like :func:`read` (no lock taken, nothing written).
+    Each is opened read-only like :func:`read` (no lock taken, nothing written, and never
+    a wait: a FIFO or another user's object at an engine's name is listed as
+    :data:`UNREADABLE` with the reason, without being read).
     """
     prefix = PREFIX.lstrip("/")
     try:
@@ -564,7 +566,7 @@ def list_engines(directory: str | None = None) -> list[EngineSummary]:
             continue
         name = entry[len(prefix) :]
         try:
-            size = os.stat(os.path.join(directory or SHM_DIR, entry)).st_size
+            size = os.lstat(os.path.join(directory or SHM_DIR, entry)).st_size  # lstat: a symlink squatting a name is listed too
         except OSError:
             continue  # removed meanwhile
         out.append(_summary(name, size))
@@ -574,6 +576,8 @@ def list_engines(directory: str | None = None) -> list[EngineSummary]:
 def _summary(name: str, size: int) -> EngineSummary:
     try:
         stats = read(name)
+    except UntrustedSegmentError as exc:  # not a regular file of ours (a FIFO, another user's): refused unread
+        return EngineSummary(name, UNREADABLE, size, reason=str(exc))
     except LayoutMismatchError as exc:
         return EngineSummary(name, FOREIGN, size, reason=str(exc))
     except (SonaShmError, OSError) as exc:  # permission denied, half-created, torn reads, a bad name

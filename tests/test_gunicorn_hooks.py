@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 from gunicorn.config import Config
 
 import sona_shm.gunicorn as hooks
-from sona_shm import InvalidInputError, SegmentNotFoundError, Trajectory
+from sona_shm import InvalidInputError, NoFreeLaneError, SegmentNotFoundError, Trajectory
 
 from children import fork_child
+from support import wait_for
 
 H = 16
 
@@ -150,3 +152,69 @@ def test_child_exit_without_an_engine_warns_and_carries_on(server, name):
     hooks.child_exit(server, SimpleNamespace(pid=12345))
     [(level, line)] = server.log.lines
     assert level == "warning" and f"cannot inspect engine {name!r} after worker 12345 exited" in line
+
+
+def reloading(server: SimpleNamespace, *, keeps: int, forked: int, graceful_timeout: float) -> SimpleNamespace:
+    """``server`` as a master that keeps ``keeps`` workers and had ``forked`` others when it forked this one."""
+    server.WORKERS = {pid: SimpleNamespace(pid=pid) for pid in range(1000, 1000 + forked)}
+    server.num_workers = keeps
+    server.cfg = SimpleNamespace(graceful_timeout=graceful_timeout)
+    return server
+
+
+class Worker(SimpleNamespace):
+    def notify(self) -> None:
+        self.beats = getattr(self, "beats", 0) + 1
+
+
+def test_retiring_workers_is_the_surplus_of_the_master_at_the_fork(server):
+    assert hooks.retiring_workers(server) == 0  # not a gunicorn Arbiter: no surplus known
+    assert hooks.retiring_workers(reloading(server, keeps=4, forked=3, graceful_timeout=30)) == 0  # the 4th of a first start
+    assert hooks.retiring_workers(reloading(server, keeps=4, forked=4, graceful_timeout=30)) == 1  # a reload's first new worker
+    assert hooks.retiring_workers(reloading(server, keeps=4, forked=7, graceful_timeout=30)) == 4  # its last
+
+
+def test_post_fork_without_a_free_lane_fails_at_once_outside_a_reload(engine, server, name):
+    engine(hidden_dim=H, lanes=1)
+    holder = engine.attach()
+    with pytest.raises(NoFreeLaneError, match="all 1 lanes are held by live processes"):
+        hooks.post_fork(reloading(server, keeps=2, forked=1, graceful_timeout=30), Worker(pid=os.getpid()))
+    assert [level for level, _ in server.log.lines] == ["error"]
+    holder.close()
+
+
+def test_post_fork_during_a_reload_waits_for_the_lane_an_old_worker_frees(engine, server, name):
+    engine(hidden_dim=H, lanes=1)
+    old_worker = engine.attach()  # the previous generation's worker holds the only lane
+    waiting = threading.Event()
+
+    def old_worker_exits() -> None:  # once the new worker says it waits (the master has just told the old one to stop)
+        wait_for(lambda: any("waits up to" in line for _, line in server.log.lines), what="the new worker to wait")
+        waiting.set()
+        old_worker.close()
+
+    exiting = threading.Thread(target=old_worker_exits)
+    exiting.start()
+    worker = Worker(pid=os.getpid())
+    try:
+        hooks.post_fork(reloading(server, keeps=1, forked=1, graceful_timeout=30), worker)
+    finally:
+        exiting.join(60)
+    assert waiting.is_set() and worker.beats >= 1  # it heartbeats while it waits
+    assert server.log.lines == [
+        (
+            "info",
+            f"sona_shm: worker {os.getpid()} waits up to 30 s (graceful_timeout) for a lane of engine {name!r}: all are held, and "
+            "the master is stopping 1 worker(s) of the previous generation (a reload)",
+        ),
+        ("info", f"sona_shm: worker {os.getpid()} attached to engine {name!r}, lane 0"),
+    ]
+
+
+def test_post_fork_during_a_reload_gives_up_after_the_graceful_timeout(engine, server, name):
+    engine(hidden_dim=H, lanes=1)
+    holder = engine.attach()  # an old worker that never exits
+    with pytest.raises(NoFreeLaneError, match=r"waited 0 s, gunicorn's graceful_timeout, for the 1 worker\(s\) being replaced"):
+        hooks.post_fork(reloading(server, keeps=1, forked=1, graceful_timeout=0), Worker(pid=os.getpid()))
+    assert server.log.lines[-1][0] == "error" and "the lanes must cover the workers plus every other producer" in server.log.lines[-1][1]
+    holder.close()

@@ -189,6 +189,47 @@ def test_a_body_too_large_is_refused_before_it_is_read(served):
     assert seen["status"].startswith("413") and "body: expected at most" in json.loads(payload)["error"]
 
 
+class Endless(io.RawIOBase):
+    """A body that never ends (a chunked flood), counting what the app read of it."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        assert 0 < size <= 1 << 20, f"read({size}): a body of unknown length must be read in bounded steps"
+        self.read_bytes += size
+        return b" " * size
+
+
+def chunked(body: io.RawIOBase) -> dict:
+    """The environ of a chunked POST /feedback: no CONTENT_LENGTH (as gunicorn passes it)."""
+    return {"REQUEST_METHOD": "POST", "PATH_INFO": "/feedback", "HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input": body}
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(served):
+    body = Endless()
+    seen = {}
+    payload = b"".join(router_app.app(chunked(body), lambda status, headers: seen.update(status=status)))
+    assert seen["status"].startswith("413")
+    assert json.loads(payload)["error"] == (
+        f"body: expected at most {router_app.router_requests.MAX_BODY} bytes, got more (a chunked body, not read past the limit)"
+    )
+    assert body.read_bytes == router_app.router_requests.MAX_BODY + 1
+
+
+def test_a_chunked_body_within_the_limit_is_read_to_its_end(served):
+    seen = {}
+    stream = io.BytesIO(json.dumps(feedback()).encode())
+    payload = b"".join(router_app.app(chunked(stream), lambda status, headers: seen.update(status=status)))
+    assert seen["status"] == "200 OK" and json.loads(payload) == {"accepted": True}
+    environ = {**chunked(io.BytesIO(json.dumps(feedback()).encode())), "HTTP_TRANSFER_ENCODING": ""}
+    payload = b"".join(router_app.app(environ, lambda status, headers: seen.update(status=status)))  # no length, no end marker
+    assert seen["status"].startswith("400") and json.loads(payload)["error"] == "body: expected a JSON object, got an empty body"
+    environ["wsgi.input_terminated"] = True  # PEP 3333: the server marks the end (gunicorn does, for every request)
+    payload = b"".join(router_app.app(environ, lambda status, headers: seen.update(status=status)))
+    assert seen["status"] == "200 OK" and json.loads(payload) == {"accepted": True}
+
+
 def test_no_engine_is_a_503_that_says_why(monkeypatch, name):
     monkeypatch.setenv(hooks.ENV_NAME, name)
     monkeypatch.setenv(hooks.ENV_ATTACH_TIMEOUT, "0")

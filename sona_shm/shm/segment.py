@@ -94,8 +94,10 @@ def check_object(st: os.stat_result, path: str, name: str, *, engine_mode: int |
     perm = stat.S_IMODE(st.st_mode)
     remove = f"its owner (or root) can remove it with `sona-shm destroy --name {name}`"
     if not stat.S_ISREG(st.st_mode):
-        kind = stat.filemode(st.st_mode)
-        raise UntrustedSegmentError(f"{path}: expected a regular file, got {kind}; not a sona_shm engine, nothing was used")
+        raise UntrustedSegmentError(
+            f"{path}: expected a regular file, got {file_kind(st.st_mode)} ({stat.filemode(st.st_mode)}); "
+            f"not a sona_shm engine, nothing was used; {remove}"
+        )
     allowed = GROUP_MODE if engine_mode is None else engine_mode
     if perm & ~allowed:
         hint = ""
@@ -114,6 +116,22 @@ def check_object(st: os.stat_result, path: str, name: str, *, engine_mode: int |
         + ("" if engine_mode is not None else " or a group engine (0660) of one of its groups")
         + f": another user's object, not this engine; nothing was used; {remove}"
     )
+
+
+def file_kind(mode: int) -> str:
+    """What kind of file ``mode`` (``st_mode``) is, in words: "a FIFO (named pipe)", "a directory", ..."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a file of unknown type"
 
 
 def start_ticks(pid: int) -> int:
@@ -382,24 +400,33 @@ def is_locked_fd(fd: int, byte: int) -> bool:
 
 
 def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int:
-    """A private, close-on-exec descriptor of segment ``name``, after :func:`check_object` accepted it."""
+    """A private, close-on-exec descriptor of segment ``name``, after :func:`check_object` accepted it.
+
+    Opened the way ``shm_open`` opens it (``O_NOFOLLOW | O_CLOEXEC`` in /dev/shm), plus
+    ``O_NONBLOCK``: anyone may put a FIFO at an engine's name, and a plain read-only
+    ``open()`` of a FIFO waits for a writer forever (``sona-shm list``, ``stats``, a
+    Prometheus scrape would hang). With ``O_NONBLOCK`` the open returns at once, the
+    file type is checked on the descriptor (no race with a replacement of the name),
+    and blocking mode is restored only once it is known to be a regular file.
+    """
+    path = segment_file(name)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        shm = posix_ipc.SharedMemory(segment_path(name), read_only=not writable)
-    except posix_ipc.ExistentialError:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
         raise SegmentNotFoundError(
             f"segment {name!r} does not exist; start `sona-shm flusher --name {name}` (or `sona-shm create`) first"
         ) from None
-    except posix_ipc.PermissionsError:
+    except PermissionError:
         if engine_mode is not None:  # the flusher: say whose it is
             with contextlib.suppress(OSError):
-                check_object(os.stat(segment_file(name)), segment_file(name), name, engine_mode=engine_mode)
+                check_object(os.stat(path), path, name, engine_mode=engine_mode)
         raise SegmentNotFoundError(f"segment {name!r}: permission denied (it belongs to another user or group)") from None
-    except (posix_ipc.Error, OSError) as exc:  # a symlink (shm_open does not follow it: ELOOP), a directory, ...
-        raise UntrustedSegmentError(f"{segment_file(name)}: cannot be opened as a segment ({exc}); nothing was used") from None
-    fd = os.dup(shm.fd)  # os.dup gives a non-inheritable (close-on-exec) descriptor
-    shm.close_fd()
+    except OSError as exc:  # a symlink (O_NOFOLLOW: ELOOP), a directory opened for writing (EISDIR), ...
+        raise UntrustedSegmentError(f"{path}: cannot be opened as a segment ({exc.strerror or exc}); nothing was used") from None
     try:
-        check_object(os.fstat(fd), segment_file(name), name, engine_mode=engine_mode)
+        check_object(os.fstat(fd), path, name, engine_mode=engine_mode)
+        os.set_blocking(fd, True)  # a regular file: O_NONBLOCK changed nothing, but leave no surprise behind
     except BaseException:
         os.close(fd)
         raise

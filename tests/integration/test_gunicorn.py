@@ -14,12 +14,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sona_shm.engine.client import attach
 from sona_shm.shm.ledger import Ledger
 from sona_shm.shm.segment import Segment, start_ticks
 from sona_shm.stats import read_stats
@@ -243,3 +245,91 @@ def test_preload_app_master_holds_no_lane(procs, serve, name):
     learned_exactly(name, counts["accepted"], counts["refused"])
     lanes = read_stats(name)["lanes"]
     assert server.proc.pid not in [lane["pid"] for lane in lanes if lane["alive"]]
+
+
+class Load:
+    """Client threads sending feedback without pause until stopped; every answer is counted, any other outcome recorded."""
+
+    def __init__(self, server: Server, threads: int) -> None:
+        self.server = server
+        self.stop = threading.Event()
+        self.counts: Counter = Counter()
+        self.errors: list[str] = []
+        self._guard = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(k, threads)) for k in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, k: int, step: int) -> None:
+        i = 100_000 + k  # bodies other tests do not send
+        while not self.stop.is_set():
+            try:
+                status, answer = self.server.request("POST", "/feedback", feedback_body(i))
+                outcome = ("accepted" if answer["accepted"] else "refused") if status == 200 else f"status {status}: {answer}"
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset: the server stopped serving
+                outcome = f"{type(exc).__name__}: {exc}"
+            with self._guard:
+                if outcome in ("accepted", "refused"):
+                    self.counts[outcome] += 1
+                else:
+                    self.errors.append(outcome)
+            i += step
+
+    def accepted(self) -> int:
+        with self._guard:
+            return self.counts["accepted"]
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in self._threads)
+
+
+@pytest.mark.guarantee("a-reload-never-stops-gunicorn")
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_a_reload_under_load_with_workers_at_75_percent_of_the_lanes_keeps_serving(procs, serve, name, worker_class):
+    """``kill -HUP`` forks 6 new workers while the 6 old ones hold 6 of the 8 lanes and another producer the other 2.
+
+    Lanes = workers + other producers, the README's rule: each new worker must wait for a
+    lane an old one frees. Before the fix they failed to boot and gunicorn exited 3 in the
+    middle of the traffic.
+    """
+    procs.flusher(name, *FLUSHER, "--lanes", "8")
+    threads = ("--threads", "2") if worker_class == "gthread" else ()
+    server = serve("--worker-class", worker_class, "--workers", "6", *threads, "--graceful-timeout", "60")
+    wait_for(lambda: read_stats(name)["lanes_live"] == 6, what="six attached workers")
+    old = set(child_pids(server.proc.pid))
+    assert len(old) == 6
+    others = [attach(name), attach(name)]  # another producer's two lanes (a consumer job, a batch scorer)
+
+    load = Load(server, threads=4)
+    try:
+        wait_for(lambda: load.accepted() >= 200 or load.errors, timeout=120, what="traffic before the reload")
+        os.kill(server.proc.pid, signal.SIGHUP)  # the routine reload
+
+        def replaced() -> bool:
+            live = {lane["pid"] for lane in read_stats(name)["lanes"] if lane["alive"]} - {os.getpid()}
+            workers = set(child_pids(server.proc.pid))
+            return (len(live) == 6 and not live & old and live == workers) or server.proc.poll() is not None or bool(load.errors)
+
+        wait_for(replaced, timeout=180, what="the new generation of workers holding the lanes")
+        after = load.accepted()
+        wait_for(lambda: load.accepted() >= after + 200 or load.errors, timeout=120, what="traffic after the reload")
+    finally:
+        load.join()
+        for other in others:
+            other.close()
+
+    log = server.log()
+    assert server.proc.poll() is None, f"gunicorn exited with {server.proc.returncode}\n{log}"
+    assert not load.errors, load.errors[:5]
+    assert "Worker failed to boot" not in log and "cannot attach" not in log
+    waited = re.findall(r"sona_shm: worker \d+ waits up to 60 s \(graceful_timeout\) for a lane", log)
+    assert waited, log  # the case of the bug: some new workers found every lane held
+    assert len(re.findall(r"sona_shm: worker \d+ attached to engine", log)) == 12  # 6 at start, 6 after the reload
+    stats = learned_exactly(name, load.counts["accepted"], load.counts["refused"])
+    print(
+        f"{worker_class}: {load.counts['accepted']} feedbacks accepted, {load.counts['refused']} refused (lane full), "
+        f"{stats['trajectories_processed']} learned; {len(waited)} new workers waited for a lane; no request failed"
+    )
