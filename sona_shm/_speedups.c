@@ -33,6 +33,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 #define FLT_MAX_D 3.4028234663852886e38
 /* The layout (shm/layout.py is the one place it is written down; these must equal it, and
@@ -506,6 +508,116 @@ static PyTypeObject LaneWriterType = {
     .tp_dealloc = (destructor)LaneWriter_dealloc,
     .tp_methods = LaneWriter_methods,
     .tp_getset = LaneWriter_getset,
+};
+
+/* Descriptor(path, flags, /) or Descriptor.dup(fd, /)
+ * An open file descriptor owned by an object from the instant the kernel returns it: the open
+ * (or dup) happens in C and the number is stored before control returns to Python, where a
+ * signal handler (KeyboardInterrupt, a time limit) may raise at any bytecode. The number is
+ * closed exactly once -- by close(), which may be called any number of times, or when the
+ * object is collected -- so an interruption can neither leak it nor close it twice (the
+ * second os.close() of a number could close another file that got it meanwhile). */
+typedef struct {
+    PyObject_HEAD
+    int fd; /* -1: closed */
+} Descriptor;
+
+static PyTypeObject DescriptorType;
+
+static int Descriptor_init(Descriptor *self, PyObject *args, PyObject *kwds) {
+    PyObject *path;
+    int flags;
+    if (!PyArg_ParseTuple(args, "O&i", PyUnicode_FSConverter, &path, &flags)) return -1;
+    if (self->fd >= 0) {
+        Py_DECREF(path);
+        PyErr_SetString(PyExc_ValueError, "Descriptor: already open");
+        return -1;
+    }
+    int fd;
+    Py_BEGIN_ALLOW_THREADS fd = open(PyBytes_AS_STRING(path), flags | O_CLOEXEC);
+    Py_END_ALLOW_THREADS if (fd < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        Py_DECREF(path);
+        return -1;
+    }
+    Py_DECREF(path);
+    self->fd = fd;
+    return 0;
+}
+
+static PyObject *Descriptor_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Descriptor *self = (Descriptor *)type->tp_alloc(type, 0);
+    if (self != NULL) self->fd = -1;
+    return (PyObject *)self;
+}
+
+static void close_descriptor(Descriptor *self) {
+    int fd = self->fd;
+    self->fd = -1;
+    if (fd >= 0) close(fd);
+}
+
+static void Descriptor_dealloc(Descriptor *self) {
+    close_descriptor(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Descriptor_close(Descriptor *self, PyObject *unused) {
+    close_descriptor(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Descriptor_fileno(Descriptor *self, PyObject *unused) {
+    if (self->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "Descriptor is closed");
+        return NULL;
+    }
+    return PyLong_FromLong(self->fd);
+}
+
+static PyObject *Descriptor_dup(PyTypeObject *type, PyObject *arg) {
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    if (value < 0 || value > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Descriptor.dup(): expected a file descriptor");
+        return NULL;
+    }
+    int fd = (int)value;
+    Descriptor *self = (Descriptor *)Descriptor_new(type, NULL, NULL);
+    if (self == NULL) return NULL;
+    self->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (self->fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *Descriptor_get_closed(Descriptor *self, void *closure) { return PyBool_FromLong(self->fd < 0); }
+
+static PyMethodDef Descriptor_methods[] = {
+    {"close", (PyCFunction)Descriptor_close, METH_NOARGS, "close($self, /)\n--\n\nClose the descriptor (again: nothing)."},
+    {"fileno", (PyCFunction)Descriptor_fileno, METH_NOARGS, "fileno($self, /)\n--\n\nThe descriptor's number (ValueError once closed)."},
+    {"dup", (PyCFunction)Descriptor_dup, METH_O | METH_CLASS, "dup($type, fd, /)\n--\n\nA new Descriptor of a close-on-exec duplicate of fd."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Descriptor_getset[] = {
+    {"closed", (getter)Descriptor_get_closed, NULL, "True once closed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DescriptorType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sona_shm._speedups.Descriptor",
+    .tp_basicsize = sizeof(Descriptor),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Descriptor(path, flags, /)\n--\n\nAn open file descriptor owned from the instant it is opened; closed exactly once.",
+    .tp_new = Descriptor_new,
+    .tp_init = (initproc)Descriptor_init,
+    .tp_dealloc = (destructor)Descriptor_dealloc,
+    .tp_methods = Descriptor_methods,
+    .tp_getset = Descriptor_getset,
 };
 
 /* Eight interleaved partial sums (lane j adds elements j, j + 8, ...) in two 4-float vectors
@@ -1534,11 +1646,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     INTERN(s_activations, "activations");
     INTERN(s_attention, "attention");
     INTERN(s_reward, "reward");
-    if (PyType_Ready(&LaneWriterType) < 0 || PyType_Ready(&GeometryType) < 0) return NULL;
+    if (PyType_Ready(&LaneWriterType) < 0 || PyType_Ready(&GeometryType) < 0 || PyType_Ready(&DescriptorType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "LaneWriter", (PyObject *)&LaneWriterType) < 0 ||
-        PyModule_AddObjectRef(m, "Geometry", (PyObject *)&GeometryType) < 0)
+        PyModule_AddObjectRef(m, "Geometry", (PyObject *)&GeometryType) < 0 ||
+        PyModule_AddObjectRef(m, "Descriptor", (PyObject *)&DescriptorType) < 0)
         goto fail;
 #define CONSTANT(name) \
     if (PyModule_AddIntConstant(m, #name, name) < 0) goto fail

@@ -105,6 +105,9 @@ def main() -> int:
     probe.close()
     counts["lanes_held"] = sum(held)
     counts["fds_leaked"] = len(os.listdir("/proc/self/fd")) - fds_before
+    from sona_shm import native
+
+    counts["c"] = native.speedups is not None
     print(json.dumps(counts))
     return 0
 

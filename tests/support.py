@@ -138,6 +138,7 @@ def batch_from_trajectories(trajs: list[Trajectory], layout: Any) -> TrajectoryB
         attention=np.zeros((k, S, A), np.float32),
         route_index=np.array([-1 if t.route_index is None else t.route_index for t in trajs], np.int32),
         best_index=np.array([-1 if t.best_index is None else t.best_index for t in trajs], np.int32),
+        probability=np.array([np.nan if t.probability is None else t.probability for t in trajs], np.float32),
     )
     for i, t in enumerate(trajs):
         batch.query[i] = t.query

@@ -161,10 +161,7 @@ def test_zero_capacity_keeps_nothing(engine):
 @pytest.mark.guarantee("leftovers-are-recognised")
 def test_incomplete_segment_is_initialised_again(name):
     layout = Layout(EngineConfig(**SMALL))
-    fd = segment.create_fd(name, layout.total_bytes, 0o600)  # a creator that died before the magic
-    import os
-
-    os.close(fd)
+    segment.create_fd(name, layout.total_bytes, 0o600).close()  # a creator that died before the magic
     with pytest.raises(segment.SegmentNotFoundError, match="never finished"):
         segment.Segment.open(name)
     flusher = Flusher(name, config=EngineConfig(**SMALL))

@@ -54,6 +54,9 @@ CLOSE_WAIT = 10.0
 #: record() asks whether the engine was destroyed once every this many records (and on
 #: every slow path): one fstat, ~0.5 µs, so ~2 ns a record.
 DESTROYED_CHECK_EVERY = 256
+#: The note an exception that interrupted record() (or feedback()) carries when the trajectory was
+#: committed before it: it will be learned, although the call did not return True.
+COMMITTED_NOTE = "sona_shm: record() was interrupted after it committed the trajectory; it will be learned"
 
 # The C fast path of a one-vector forward() (see lane.py for record()), or None.
 _speedups = native.speedups
@@ -231,25 +234,33 @@ class Client:
         """
         if timeout and not (type(timeout) is float and 0.0 < timeout < _INF):  # NaN would make the wait endless
             check_timeout(timeout)
-        with self._lock:
-            writer = self._writer
-            if writer is None:
-                self._ensure_lane()
+        writer = None
+        head = 0
+        try:  # around the lock too: an interruption may come in its release, after the publish
+            with self._lock:
                 writer = self._writer
-            self._countdown -= 1
-            if not self._countdown:
-                self._check_destroyed()
-            status = writer.record(traj)  # the whole call, in C for the common form
-            if status <= 0:
-                status = self._record_slow(writer, traj, status)
-            if status == PUBLISHED_RING:
-                self._open_segment().ring()  # the flusher sleeps: wake it (rare under load)
-            if status != FULL:
-                return True
-            if timeout <= 0:
-                self._u64[self._w_drops] += 1
-                return False
-            self._open_segment().ring()  # the flusher may be asleep on work it has not seen
+                if writer is None:
+                    self._ensure_lane()
+                    writer = self._writer
+                head = writer.head
+                self._countdown -= 1
+                if not self._countdown:
+                    self._check_destroyed()
+                status = writer.record(traj)  # the whole call, in C for the common form
+                if status <= 0:
+                    status = self._record_slow(writer, traj, status)
+                if status == PUBLISHED_RING:
+                    self._open_segment().ring()  # the flusher sleeps: wake it (rare under load)
+                if status != FULL:
+                    return True
+                if timeout <= 0:
+                    self._u64[self._w_drops] += 1
+                    return False
+                self._open_segment().ring()  # the flusher may be asleep on work it has not seen
+        except BaseException as exc:  # an interruption (KeyboardInterrupt, a time limit) may come after the publish
+            if writer is not None and writer.head != head:
+                exc.add_note(COMMITTED_NOTE)
+            raise
         return self._record_when_room(traj, timeout)
 
     def _record_slow(self, writer: Any, traj: Trajectory, status: int) -> int:
@@ -284,21 +295,29 @@ class Client:
         while True:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.005)
-            with self._lock:
-                writer = self._writer
-                if writer is None:  # closed, or the lane was given back meanwhile
-                    self._ensure_lane()
+            writer = None
+            head = 0
+            try:
+                with self._lock:
                     writer = self._writer
-                status = writer.record(traj)
-                if status <= 0:
-                    status = self._record_slow(writer, traj, status)
-                if status == PUBLISHED_RING:
-                    self._open_segment().ring()
-                if status != FULL:
-                    return True
-                if time.monotonic() >= deadline:
-                    self._u64[self._w_drops] += 1
-                    return False
+                    if writer is None:  # closed, or the lane was given back meanwhile
+                        self._ensure_lane()
+                        writer = self._writer
+                    head = writer.head
+                    status = writer.record(traj)
+                    if status <= 0:
+                        status = self._record_slow(writer, traj, status)
+                    if status == PUBLISHED_RING:
+                        self._open_segment().ring()
+                    if status != FULL:
+                        return True
+                    if time.monotonic() >= deadline:
+                        self._u64[self._w_drops] += 1
+                        return False
+            except BaseException as exc:
+                if writer is not None and writer.head != head:
+                    exc.add_note(COMMITTED_NOTE)
+                raise
 
     def _check(self, traj: Trajectory) -> None:
         self._views.check(traj)

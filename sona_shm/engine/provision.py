@@ -233,7 +233,7 @@ def _create_or_adopt(
     config_error = requested if isinstance(requested, InvalidInputError) else None
     layout = None if isinstance(requested, InvalidInputError) else Layout(requested)
     try:
-        fd = open_fd(name, writable=True, engine_mode=mode)  # only our own user's object, never wider than mode
+        file = open_fd(name, writable=True, engine_mode=mode)  # only our own user's object, never wider than mode
         created = False
     except SegmentNotFoundError:
         if config_error is not None:
@@ -241,12 +241,13 @@ def _create_or_adopt(
         assert layout is not None
         check_room(layout, name, group=mode == GROUP_MODE)  # before anything is created
         try:
-            fd = create_fd(name, layout.total_bytes, mode)  # O_EXCL, reserved whole: no SIGBUS on a full /dev/shm
+            file = create_fd(name, layout.total_bytes, mode)  # O_EXCL, reserved whole: no SIGBUS on a full /dev/shm
             created = True
         except FileExistsError:  # another creator was quicker
-            fd = open_fd(name, writable=True, engine_mode=mode)
+            file = open_fd(name, writable=True, engine_mode=mode)
             created = False
     try:
+        fd = file.fileno()
         if not try_lock_fd(fd, LOCK_FLUSHER):
             pid = int.from_bytes(os.pread(fd, 8, FLUSHER_LINE + FL_PID), "little") if os.fstat(fd).st_size > FLUSHER_LINE else 0
             raise FlusherRunningError(
@@ -275,7 +276,7 @@ def _create_or_adopt(
             layout = existing
             # An older sona_shm only sized the segment: reserve what it left sparse, or refuse.
             reserve(fd, layout.total_bytes, name)
-        segment = Segment(name, fd, layout, writable=True)  # owns fd from here on
+        segment = Segment(name, file, layout, writable=True)  # closes the file with itself
         # What the flusher writes — the ledger copies and, above all, the buffer, where each
         # learned trajectory would otherwise land on a page touched for the first time — is
         # faulted in now, once, rather than one page per trajectory (Segment.populate). A new
@@ -283,9 +284,9 @@ def _create_or_adopt(
         segment.populate(layout.ledger_offset, layout.lanes_offset - layout.ledger_offset)
         segment.populate(layout.buffer_offset, layout.total_bytes - layout.buffer_offset)
     except BaseException:
-        if created:
-            unlink_created(name, fd)  # nobody can have attached: its header has no magic
-        os.close(fd)
+        if created and not file.closed:
+            unlink_created(name, file.fileno())  # nobody can have attached: its header has no magic
+        file.close()  # the segment's too, if it was made: closed once either way
         raise
     if fresh:
         try:

@@ -36,11 +36,13 @@ import stat
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import posix_ipc
 
 from ..checks import check_timeout
 from ..errors import EngineDestroyedError, InvalidInputError, NoSpaceError, SegmentNotFoundError, UntrustedSegmentError
+from ..native import speedups as _speedups
 from .layout import HEADER_BYTES, Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -153,6 +155,53 @@ def process_alive(pid: int, ticks: int) -> bool:
     return pid > 0 and ticks != 0 and start_ticks(pid) == ticks
 
 
+#: A segment's descriptor after fork(), until the child opens its own (Segment.reopen_fd).
+_FORKED: Any = object()
+
+
+class PyDescriptor:
+    """:class:`Descriptor` without the C module: ``os.open``'s number is stored one bytecode after the kernel
+    returned it, so a signal handler raising exactly there (a KeyboardInterrupt) would lose it. Everything
+    else is the same: closed exactly once, by :meth:`close` (any number of calls) or when collected."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, path: str, flags: int, /) -> None:
+        self._fd = -1
+        self._fd = os.open(path, flags | os.O_CLOEXEC)
+
+    @classmethod
+    def dup(cls, fd: int, /) -> PyDescriptor:
+        new = cls.__new__(cls)
+        new._fd = -1
+        new._fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        return new
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("Descriptor is closed")
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1  # taken before it is closed: two stores, no call between, so no signal either
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def __del__(self) -> None:
+        self.close()
+
+
+#: An open descriptor owned by an object from the moment it is opened, closed exactly once — by ``close()``
+#: (callable any number of times) or when the object is collected — so an interruption can neither leak it
+#: nor close its number twice (which could close another file that got the number). The C twin opens it in
+#: C, where no Python signal handler can run between the kernel's answer and the object holding it.
+Descriptor: Any = _speedups.Descriptor if _speedups is not None else PyDescriptor
+
+
 class Segment:
     """A mapped segment: the layout, a ``memoryview`` of every byte, and its locks.
 
@@ -161,18 +210,20 @@ class Segment:
     writes one aligned word (~15 ns, against ~30 ns through numpy).
     """
 
-    def __init__(self, name: str, fd: int, layout: Layout, writable: bool) -> None:
-        """Map segment ``name`` through ``fd``, which this object owns once the constructor returns
-        (if it raises, ``fd`` is still the caller's to close)."""
+    def __init__(self, name: str, file: Any, layout: Layout, writable: bool) -> None:
+        """Map segment ``name`` through ``file`` (a :data:`Descriptor`), which this object closes with itself
+        once the constructor returned (if it raises, the caller closes it). A caller that also closes it on an
+        error path closes nothing twice."""
         self.name = name
         self.layout = layout
         self.writable = writable
-        self._fd = fd
+        self._file: Any = file  # None: closed; FORKED: a fork child's, until reopen_fd()
         self._mmap: mmap.mmap | None = None
         self._bell: posix_ipc.Semaphore | None = None
-        st = os.fstat(fd)
-        self._inode = (st.st_dev, st.st_ino)  # the object mapped: reopen_fd() must find this one
         try:
+            fd = file.fileno()
+            st = os.fstat(fd)
+            self._inode = (st.st_dev, st.st_ino)  # the object mapped: reopen_fd() must find this one
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             # mmap.mmap keeps a dup() of the descriptor it maps, and a dup shares the open
             # file description and so its locks: mapping ``fd`` itself would keep a lane
@@ -180,20 +231,20 @@ class Segment:
             # long as the mapping lives. Map through a second description of the same
             # file (reopened via /proc, so an unlinked-and-recreated name cannot swap
             # it) that never holds a lock. (Python 3.13's trackfd=False would do too.)
-            map_fd = os.open(f"/proc/self/fd/{fd}", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            map_file = Descriptor(f"/proc/self/fd/{fd}", os.O_RDWR if writable else os.O_RDONLY)
             try:
-                self._mmap = mmap.mmap(map_fd, layout.total_bytes, mmap.MAP_SHARED, prot)
+                self._mmap = mmap.mmap(map_file.fileno(), layout.total_bytes, mmap.MAP_SHARED, prot)
             except OSError as exc:
                 if exc.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EOVERFLOW):
                     raise
                 raise NoSpaceError(f"segment {name!r}: cannot map its {layout.total_bytes} bytes ({exc.strerror})") from None
             finally:
-                os.close(map_fd)
+                map_file.close()
             self.buf = memoryview(self._mmap)
             self.u64 = self.buf.cast("Q")
             self.f64 = self.buf.cast("d")
         except BaseException:
-            self._fd = -1  # still the caller's: closing it here too was a double close (EBADF)
+            self._file = None  # still the caller's to close (it may unlink the name through it first)
             self.close()
             raise
 
@@ -225,21 +276,27 @@ class Segment:
 
     @classmethod
     def _open_once(cls, name: str, writable: bool) -> Segment:
-        fd = open_fd(name, writable=writable)
+        file = open_fd(name, writable=writable)
         try:
+            fd = file.fileno()
             size = os.fstat(fd).st_size
             raw = os.pread(fd, HEADER_BYTES, 0) if size >= HEADER_BYTES else b""
             if len(raw) < HEADER_BYTES or raw[:8] == b"\0" * 8:
                 raise _Incomplete(name)
             layout = Layout.from_header(raw, name, size)
-            return cls(name, fd, layout, writable)
+            return cls(name, file, layout, writable)
         except BaseException:
-            os.close(fd)
+            file.close()
             raise
 
     def fileno(self) -> int:
         """The descriptor that holds this process's locks (-1 when closed, -2 after a fork until reopened)."""
-        return self._fd
+        file = self._file
+        return -1 if file is None else -2 if file is _FORKED else file.fileno()
+
+    @property
+    def _fd(self) -> int:
+        return self.fileno()
 
     @property
     def mode(self) -> int:
@@ -265,11 +322,11 @@ class Segment:
         Probes through a fresh read-only descriptor (a lock query never reports the
         asker's own locks), takes no lock and changes nothing.
         """
-        fd = open_fd(self.name, writable=False)
+        probe = open_fd(self.name, writable=False)
         try:
-            return [is_locked_fd(fd, b) for b in bytes_]
+            return [is_locked_fd(probe.fileno(), b) for b in bytes_]
         finally:
-            os.close(fd)
+            probe.close()
 
     def forget_inherited_fd(self) -> None:
         """Close a descriptor inherited through ``fork()``; call :meth:`reopen_fd` before locking.
@@ -278,9 +335,9 @@ class Segment:
         parent's locks; the child must not hold it, or a dead parent's lane would stay
         locked for as long as the child lives. The mapping stays valid.
         """
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -2  # "needs reopening", distinct from closed (-1)
+        file, self._file = self._file, _FORKED  # "needs reopening", distinct from closed; taken first: see close()
+        if file is not None and file is not _FORKED:
+            file.close()
 
     def reopen_fd(self) -> None:
         """Open this process's own descriptor after :meth:`forget_inherited_fd`.
@@ -288,16 +345,16 @@ class Segment:
         Raises :class:`EngineDestroyedError` if the name no longer leads to the object
         this process maps (removed, and maybe created anew).
         """
-        if self._fd == -2:
+        if self._file is _FORKED:
             try:
-                fd = open_fd(self.name, writable=self.writable)
+                file = open_fd(self.name, writable=self.writable)
             except SegmentNotFoundError:
                 raise self.destroyed_error() from None
-            st = os.fstat(fd)
+            st = os.fstat(file.fileno())
             if (st.st_dev, st.st_ino) != self._inode:
-                os.close(fd)
+                file.close()
                 raise self.destroyed_error()
-            self._fd = fd
+            self._file = file
 
     def destroyed(self) -> bool:
         """True once the segment was removed (``sona-shm destroy``): its file has no name left.
@@ -329,27 +386,29 @@ class Segment:
     # ----------------------------------------------------------------- closing
 
     def close(self) -> None:
-        """Unmap and close. Safe to call twice and after a failed constructor."""
+        """Unmap and close. Safe to call twice, after a failed constructor, and after a close() an exception
+        (a KeyboardInterrupt, say) interrupted: each resource is taken out of the object before it is
+        released, so none is released twice (a second ``os.close`` could close another file that got the number)."""
         for attr in ("f64", "u64", "buf"):
             view = self.__dict__.pop(attr, None)
             if view is not None:
                 view.release()
-        if self._mmap is not None:
+        mapping, self._mmap = self.__dict__.get("_mmap"), None
+        if mapping is not None:
             try:
-                self._mmap.close()
+                mapping.close()
             except BufferError:
                 pass  # a numpy view still refers to it; the mapping goes with the last view
-            self._mmap = None
-        if self._bell is not None:
-            self._bell.close()
-            self._bell = None
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -1
+        bell, self._bell = self.__dict__.get("_bell"), None
+        if bell is not None:
+            bell.close()
+        file, self._file = self.__dict__.get("_file"), None
+        if file is not None and file is not _FORKED:
+            file.close()  # drops this process's locks (a lane's); a lost Segment's file closes itself when collected
 
     @property
     def closed(self) -> bool:
-        return self._fd == -1
+        return self._file is None
 
     def populate(self, offset: int, length: int) -> bool:
         """Fault in bytes ``[offset, offset + length)`` of the mapping for writing, now; False if the kernel cannot.
@@ -399,8 +458,8 @@ def is_locked_fd(fd: int, byte: int) -> bool:
     return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
 
 
-def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int:
-    """A private, close-on-exec descriptor of segment ``name``, after :func:`check_object` accepted it.
+def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> Any:
+    """A private, close-on-exec :data:`Descriptor` of segment ``name``, after :func:`check_object` accepted it.
 
     Opened the way ``shm_open`` opens it (``O_NOFOLLOW | O_CLOEXEC`` in /dev/shm), plus
     ``O_NONBLOCK``: anyone may put a FIFO at an engine's name, and a plain read-only
@@ -412,7 +471,7 @@ def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int
     path = segment_file(name)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags)
+        file = Descriptor(path, flags)
     except FileNotFoundError:
         raise SegmentNotFoundError(
             f"segment {name!r} does not exist; start `sona-shm flusher --name {name}` (or `sona-shm create`) first"
@@ -425,12 +484,12 @@ def open_fd(name: str, *, writable: bool, engine_mode: int | None = None) -> int
     except OSError as exc:  # a symlink (O_NOFOLLOW: ELOOP), a directory opened for writing (EISDIR), ...
         raise UntrustedSegmentError(f"{path}: cannot be opened as a segment ({exc.strerror or exc}); nothing was used") from None
     try:
-        check_object(os.fstat(fd), path, name, engine_mode=engine_mode)
-        os.set_blocking(fd, True)  # a regular file: O_NONBLOCK changed nothing, but leave no surprise behind
+        check_object(os.fstat(file.fileno()), path, name, engine_mode=engine_mode)
+        os.set_blocking(file.fileno(), True)  # a regular file: O_NONBLOCK changed nothing, but leave no surprise behind
     except BaseException:
-        os.close(fd)
+        file.close()
         raise
-    return fd
+    return file
 
 
 def open_bell(name: str, *, engine_mode: int | None = None) -> posix_ipc.Semaphore:
@@ -454,7 +513,7 @@ def open_bell(name: str, *, engine_mode: int | None = None) -> posix_ipc.Semapho
     return bell
 
 
-def create_fd(name: str, size: int, mode: int) -> int:
+def create_fd(name: str, size: int, mode: int) -> Any:
     """Create segment ``name`` of ``size`` zero bytes with exactly ``mode``, its backing reserved.
 
     FileExistsError if it exists (``O_EXCL``: an object someone else put there is never
@@ -465,16 +524,18 @@ def create_fd(name: str, size: int, mode: int) -> int:
         shm = posix_ipc.SharedMemory(segment_path(name), posix_ipc.O_CREX, mode=mode, size=0)
     except posix_ipc.ExistentialError:
         raise FileExistsError(segment_path(name)) from None
-    fd = os.dup(shm.fd)
-    shm.close_fd()
     try:
-        os.fchmod(fd, mode)  # shm_open applied the umask
-        reserve(fd, size, name)
+        file = Descriptor.dup(shm.fd)
+    finally:
+        shm.close_fd()
+    try:
+        os.fchmod(file.fileno(), mode)  # shm_open applied the umask
+        reserve(file.fileno(), size, name)
     except BaseException:
-        unlink_created(name, fd)
-        os.close(fd)
+        unlink_created(name, file.fileno())
+        file.close()
         raise
-    return fd
+    return file
 
 
 def reserve(fd: int, size: int, name: str) -> None:
