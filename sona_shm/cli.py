@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .checks import check_timeout
+from .checks import check_int, check_timeout
 from .config import EngineConfig
 from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts and tests name them from here
     EXIT_CHECKPOINT,
@@ -20,6 +20,7 @@ from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts an
     EXIT_ERROR,
     EXIT_FLEET,
     EXIT_FLUSHER_RUNNING,
+    EXIT_INTERRUPTED,
     EXIT_LAYOUT_MISMATCH,
     EXIT_NOT_FOUND,
     EXIT_NOT_RUNNING,
@@ -33,6 +34,9 @@ from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts an
     SonaShmError,
     exit_code,
 )
+
+#: The demo's producers each hold a lane of its engine (32 lanes), beside its own client.
+DEMO_MAX_PRODUCERS = 31
 
 _CONFIG_OPTIONS = (
     ("--hidden-dim", "hidden_dim", int, "embedding width h (default 256)"),
@@ -164,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, metavar="PATH")
 
     p = sub.add_parser("demo", help="flusher + producer processes on a scratch engine, then the stats")
-    p.add_argument("--producers", type=int, default=4)
-    p.add_argument("--trajectories", type=int, default=20_000, help="per producer")
+    p.add_argument("--producers", type=int, default=4, help=f"producer processes, 1 to {DEMO_MAX_PRODUCERS} (default 4)")
+    p.add_argument("--trajectories", type=int, default=20_000, help="per producer, 1 to 10,000,000 (default 20000)")
     p.add_argument("--name", default=None, help="engine name (default: a fresh scratch name)")
     return parser
 
@@ -202,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SonaShmError as exc:
         print(f"sona-shm: {exc}", file=sys.stderr)
         return exit_code(exc)
+    except KeyboardInterrupt:  # a command that does not handle it (the flusher and --watch do): no traceback
+        print("sona-shm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _flusher(args: argparse.Namespace) -> int:
@@ -383,7 +390,12 @@ def _drain(args: argparse.Namespace) -> int:
     if args.max is not None and args.max < 0:
         raise InvalidInputError(f"--max: expected N >= 0, got {args.max}")
     check_timeout(args.timeout, "--timeout")
-    drained = drain_to_file(args.name, args.out, n=args.max, timeout=args.timeout)
+    try:
+        drained = drain_to_file(args.name, args.out, n=args.max, timeout=args.timeout)
+    except SonaShmError:
+        raise  # (SegmentNotFoundError is a FileNotFoundError too: it keeps its own exit code)
+    except OSError as exc:  # a full disk, a read-only or special file system (/proc), permissions: nothing left the buffer
+        raise SonaShmError(f"out: cannot write {args.out!r} ({exc.strerror or exc}); nothing was drained") from None
     print(f"sona-shm: drained {drained} trajectories from {args.name!r} into {args.out}")
     return EXIT_OK
 
@@ -426,6 +438,8 @@ def _restore(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_int("--producers", args.producers, 1, DEMO_MAX_PRODUCERS)
+    check_int("--trajectories", args.trajectories, 1, 10_000_000)
     return run_demo(producers=args.producers, trajectories=args.trajectories, name=args.name)
 
 

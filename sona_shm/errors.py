@@ -97,6 +97,7 @@ EXIT_NOT_RUNNING = 6  # the monitor found no live flusher
 EXIT_CHECKPOINT = 7  # a checkpoint could not be read, restored or written; nothing was changed
 EXIT_DESTROYED = 8  # the flusher's engine was destroyed under it (destroy --force); it stopped learning
 EXIT_FLEET = 9  # the fleet refused this flusher (configuration, host id), or fleet mode cannot run here
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) before the command could start, or one it does not handle (the shell's 128 + 2)
 
 # The first matching class decides; SonaShmError catches the rest.
 _EXIT_CODES: tuple[tuple[type[SonaShmError], int], ...] = (

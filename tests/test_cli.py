@@ -140,3 +140,82 @@ def test_a_refused_flusher_leaves_the_callers_signal_handlers_as_they_were(capsy
     assert run(capsys, "flusher", "--name", name, "--rank", "3")[0] == EXIT_USAGE
     assert run(capsys, "flusher", "--name", name, "--capacity", str(2**31 - 1), "--lanes", "4096")[0] == EXIT_ERROR  # no room
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_corrupt_or_foreign_routes_file_is_a_clear_error(capsys, name, tmp_path):
+    """A truncated .npz (BadZipFile) or a Python file given as --routes: exit 2 naming the file, no traceback."""
+    good = tmp_path / "routes.npz"
+    np.savez(good, vectors=np.eye(3, 8, dtype=np.float32))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    script = tmp_path / "routes.py"
+    script.write_text("routes = [[1, 0], [0, 1]]\n")
+    for path in (truncated, script):
+        for command in ("create", "flusher"):
+            code, _, err = run(capsys, command, "--name", name, "--rule", "routing", "--routes", str(path))
+            assert code == EXIT_USAGE and f"routes file {path}: expected a .npy" in err and "Traceback" not in err
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["demo", "--producers", "100000"], "--producers: expected an integer in [1, 31], got 100000"),
+        (["demo", "--producers", "0"], "--producers: expected an integer in [1, 31], got 0"),
+        (["demo", "--trajectories", "-5"], "--trajectories: expected an integer in [1, 10000000], got -5"),
+    ],
+)
+def test_demo_counts_are_bounded(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_USAGE and fragment in err
+
+
+def test_drain_into_a_file_system_that_refuses_it_is_a_clear_error_and_drains_nothing(capsys, engine, name):
+    flusher = engine(capacity=8)
+    client = engine.attach()
+    client.record(Trajectory(np.ones(16, np.float32), [], 1.0))
+    flusher.scan()
+    code, _, err = run(capsys, "drain", "--name", name, "--out", "/proc/sona-shm-drain.npz")
+    assert code == EXIT_ERROR and "out: cannot write '/proc/sona-shm-drain.npz'" in err and "nothing was drained" in err
+    assert "Traceback" not in err and client.buffer_stats()[0] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_drain_onto_a_full_disk_is_a_clear_error_and_drains_nothing(engine, name, tmp_path):
+    """A real full file system (a 64 KiB tmpfs in a private mount namespace): exit 1, and the trajectories stay."""
+    from support import python_cmd
+    from support import run as run_cmd
+
+    flusher = engine(capacity=64, max_steps=1)
+    client = engine.attach()
+    for _ in range(32):
+        client.record(Trajectory(np.ones(16, np.float32), [], 1.0))
+    flusher.scan()
+    mount = tmp_path / "full"
+    mount.mkdir()
+    script = f"mount -t tmpfs -o size=64k tmpfs {mount} && dd if=/dev/zero of={mount}/filler bs=4k count=16 2>/dev/null; " + " ".join(
+        python_cmd("-m", "sona_shm", "drain", "--name", name, "--out", f"{mount}/out.npz")
+    )
+    done = run_cmd(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=120)
+    assert done.returncode == EXIT_ERROR, (done.returncode, done.stderr)
+    assert "No space left on device" in done.stderr and "nothing was drained" in done.stderr and "Traceback" not in done.stderr
+    assert client.buffer_stats()[0] == 32  # still in the buffer
+
+
+def test_sigint_while_the_command_starts_is_a_quiet_exit(children, name):
+    """Ctrl-C while sona-shm imports what it needs (SONA_SHM_TEST_PAUSE=start stops it right there): exit 130, no
+    traceback; later the flusher's own handling takes over (a test above). (An interrupt before any code of
+    sona_shm runs, while the interpreter itself starts, is the interpreter's.)"""
+    import subprocess
+
+    from support import env, popen, python_cmd
+
+    command = python_cmd("-m", "sona_shm", "flusher", "--name", name, "--hidden-dim", "8", "--lanes", "2", "--capacity", "8")
+    proc = popen(command, deadline=120, env={**env(), "SONA_SHM_TEST_PAUSE": "start"}, stderr=subprocess.PIPE, text=True)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # stopped itself where the start is interrupted
+    assert os.WIFSTOPPED(status), status
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "", (proc.returncode, err)
+    assert not os.path.exists(f"/dev/shm/sona_shm.{name}")

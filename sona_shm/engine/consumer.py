@@ -246,25 +246,31 @@ def drain_to_file(name: str, path: str | os.PathLike[str], *, n: int | None = No
     if n is not None:
         check_int("n", n, 0, MAX_N)
     with open_consumer(name) as consumer, consumer.draining(n, timeout=timeout) as batch:
-        # Hidden, so a job that globs *.npz never picks up a half-written file.
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                batch.save(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(temp, out)  # atomic, and unlike rename it refuses to replace a file
+            _write_durably(batch, out, directory)
         except FileExistsError:
             raise InvalidInputError(f"out: expected a new file, {out!r} appeared while draining; nothing was drained") from None
-        finally:
-            with suppress(FileNotFoundError):
-                os.unlink(temp)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new name is durable before the trajectories leave the buffer
-        finally:
-            os.close(dir_fd)
         return len(batch)
+
+
+def _write_durably(batch: TrajectoryBatch, out: str, directory: str) -> None:
+    """Write ``batch`` to ``out`` atomically and durably: a hidden temporary file, fsync, link, fsync of the directory."""
+    # Hidden, so a job that globs *.npz never picks up a half-written file.
+    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            batch.save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temp, out)  # atomic, and unlike rename it refuses to replace a file
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(temp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the new name is durable before the trajectories leave the buffer
+    finally:
+        os.close(dir_fd)
 
 
 def _after_fork_in_child() -> None:

@@ -157,8 +157,11 @@ def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
         raise InvalidInputError(f"routes: expected an existing .npy or .npz file, got {path!r}")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(
+            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got one numpy cannot read ({exc}); "
+            f"write it with sona_shm.RouteTable(...).save() or numpy.savez"
+        ) from None
     if isinstance(data, np.ndarray):
         return RouteTable.build(data, None, hidden_dim=hidden_dim, where=where)
     with data:

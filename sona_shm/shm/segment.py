@@ -104,7 +104,11 @@ def check_object(st: os.stat_result, path: str, name: str, *, engine_mode: int |
     if perm & ~allowed:
         hint = ""
         if engine_mode == DEFAULT_MODE and perm == GROUP_MODE:
-            hint = "; start the flusher with --group to adopt a group engine"
+            hint = (
+                "; start the flusher with --group to adopt a group engine"
+                if st.st_uid == euid
+                else f"; it is a group engine of uid {st.st_uid}: only a flusher running as that user may adopt it"
+            )
         raise UntrustedSegmentError(
             f"{path}: mode {perm:04o} allows more than an engine's {allowed:04o} (0600, or 0660 with --group), so other "
             f"users may read or write it; nothing was used{hint or '; ' + remove}"
