@@ -17,13 +17,20 @@ from .errors import InvalidInputError
 
 #: The learning rules: the seed's bit-exact REINFORCE rule, and ours for routing.
 RULES = ("reference", "routing")
-#: Learning rate when none is given, by rule (the reference's own default; ours, see routing.py).
-DEFAULT_LR = {"reference": 0.002, "routing": 1.0}
+#: Learning rate when none is given, by rule: the reference's own default; under the routing rule the step
+#: of the learned route vectors (learn/routing.py; measured in BENCHMARKS.md, "Learning").
+DEFAULT_LR = {"reference": 0.002, "routing": 0.03}
 #: Softmax temperature of the routing rule (scores are cosines, so logits span [-tau, tau]).
 DEFAULT_TEMPERATURE = 10.0
 MAX_TEMPERATURE = 1000.0
 #: Most routes a route table may hold (each costs K*h floats in route() and the learner).
 MAX_ROUTES = 256
+
+
+def default_max_routes(routes: int) -> int:
+    """Rows reserved for a table of ``routes`` routes when ``--max-routes`` is not given: room to add as many
+    again, and at least 16 (capped at :data:`MAX_ROUTES`; 0 without a table)."""
+    return 0 if routes == 0 else min(MAX_ROUTES, routes + max(16, routes))
 #: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``).
 #: A sealed window takes one; at 1,000 signals/s and the default flush threshold (10
 #: windows/s) 4096 entries ride out ~7 minutes without Redis; at h=256, rank 2 they take
@@ -54,7 +61,11 @@ class EngineConfig:
     ``lr`` defaults by ``rule`` (:data:`DEFAULT_LR`). ``routes`` is the number of
     vectors in the engine's route table (0: none; the table itself is given apart, see
     :class:`~sona_shm.routes.RouteTable`); the routing rule needs one.
-    ``temperature`` is the routing rule's softmax temperature. ``fleet_outbox``: entries
+    ``temperature`` is the routing rule's softmax temperature. ``max_routes``: the rows
+    reserved for routes, so routes can be added at run time (0: the default,
+    :func:`default_max_routes`). ``adapter_lr``: the routing rule's step of the adapter
+    (``U``, ``D``); 0 (the default) keeps ``forward()`` the identity-based start and learns
+    the route table alone (BENCHMARKS.md says why). ``fleet_outbox``: entries
     of the segment's fleet outbox (0: the engine cannot join a fleet; see
     :mod:`sona_shm.fleet.member`); it shapes this host's segment only, never what is learned.
     """
@@ -72,6 +83,8 @@ class EngineConfig:
     routes: int = 0
     temperature: float = DEFAULT_TEMPERATURE
     fleet_outbox: int = 0
+    max_routes: int = 0
+    adapter_lr: float = 0.0
 
     @classmethod
     def check_fields(cls, given: dict[str, Any]) -> None:
@@ -103,6 +116,19 @@ class EngineConfig:
             raise InvalidInputError("routes: the routing rule learns which route serves a query; give it a route table (--routes FILE)")
         object.__setattr__(self, "temperature", check_positive_float("temperature", self.temperature, MAX_TEMPERATURE))
         check_int("fleet_outbox", self.fleet_outbox, 0, MAX_FLEET_OUTBOX)
+        check_int("max_routes", self.max_routes, 0, MAX_ROUTES)
+        if self.max_routes == 0:
+            object.__setattr__(self, "max_routes", default_max_routes(self.routes))  # frozen: resolved once, here
+        elif self.max_routes < self.routes:
+            raise InvalidInputError(f"max_routes: expected at least the table's {self.routes} routes (and at most {MAX_ROUTES}), got {self.max_routes}")
+        elif self.routes == 0:
+            raise InvalidInputError(f"max_routes: an engine without a route table reserves none (give --routes FILE), got {self.max_routes}")
+        adapter_lr = self.adapter_lr
+        if isinstance(adapter_lr, bool) or not isinstance(adapter_lr, (int, float)) or not (0.0 <= adapter_lr < math.inf):
+            raise InvalidInputError(f"adapter_lr: expected a finite number >= 0, got {adapter_lr!r}")
+        if adapter_lr and self.rule != "routing":
+            raise InvalidInputError(f"adapter_lr: only the routing rule has one (the reference rule's step is lr), got {adapter_lr!r}")
+        object.__setattr__(self, "adapter_lr", float(adapter_lr))
         if self.rule == "routing" and self.max_steps < 1:
             raise InvalidInputError(
                 "max_steps: expected >= 1 under the routing rule (a feedback is recorded as a one-step trajectory), got 0"

@@ -1,11 +1,13 @@
 """The learner: Loop A's whole mutable state and the one place it changes.
 
-A :class:`Learner` holds the adapter (``down``, ``up``), the gradient sums of the open
-*window* (the signals since the last flush), the seed's counters and per-route feedback
-counts. It learns batches of rows (:meth:`Learner.learn_rows`, numpy) or of lane slots
-(:meth:`Learner.learn_slots`, the C twin) under the engine's rule — the reference rule
-(:mod:`sona_shm.learn.reference`) or the routing rule (:mod:`sona_shm.learn.routing`) —
-and every ``flush_threshold`` signals the window closes:
+A :class:`Learner` holds the published adapter (``down``, ``up``) and route table
+(``route_vectors``, ``route_bias``, ``route_state``), what the open *window* learned (the
+reference rule's gradient sums ``grad_up``; the routing rule's working copy ``work_*`` and
+its centre), the seed's counters and per-route feedback counts. It learns batches of rows
+(:meth:`Learner.learn_rows`, numpy) or of lane slots (:meth:`Learner.learn_slots`, the C
+twin) under the engine's rule — the reference rule (:mod:`sona_shm.learn.reference`) or the
+routing rule (:mod:`sona_shm.learn.routing`) — and every window (``flush_threshold``
+signals; under the routing rule a window that grows up to it) closes:
 
 - by default the learner applies it itself (a *flush*: ``up += lr * G_U / n``, and ``down``
   under the routing rule), as the seed does;
@@ -14,8 +16,9 @@ and every ``flush_threshold`` signals the window closes:
   seals it for every host to apply (:mod:`sona_shm.fleet`), a solo flusher applies it
   (:meth:`Learner.apply`).
 
-Either way the sums are the same, bit for bit, and so is what applying them gives: the
-arithmetic of a window is :func:`apply_sums` (and ``apply_row`` in ``_speedups.c``).
+Either way what a window carries is the same, bit for bit, and so is what applying it gives:
+the reference rule's :func:`apply_sums` (``apply_row`` in ``_speedups.c``), the routing rule's
+:func:`apply_deltas`.
 Nothing outside this class writes its counters or weights; the flusher maps them to and
 from its ledger record in one place (:func:`sona_shm.shm.ledger.learner_over`).
 """
@@ -33,8 +36,27 @@ from ..errors import InvalidInputError
 from ..native import speedups as _speedups
 from . import routing
 from .reference import F32, F64, initial_down, learning_signals
+from .routes import ACTIVE, RETIRED
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+#: The state arrays of a learner (views of a ledger record's fields of the same names, or private).
+STATE_ARRAYS = (
+    "down",
+    "up",
+    "grad_up",
+    "route_chosen",
+    "route_best",
+    "route_reward",
+    "route_vectors",
+    "route_bias",
+    "route_state",
+    "work_up",
+    "work_down",
+    "work_vectors",
+    "work_bias",
+    "route_centre",
+)
 
 # A chunk's float32 sum of huge finite signals may overflow; it is detected and redone in
 # float64 (_learn_signals), so numpy's warning would only be noise (see reference.py).
@@ -53,14 +75,29 @@ class LoopMetrics:
 
 @dataclass(frozen=True)
 class Window:
-    """What one closed window learned: the gradient sums of its ``n`` signals.
+    """What one closed window of the reference rule learned: the gradient sums of its ``n`` signals.
 
-    ``grad_up``: ``float64[R, h]``; ``grad_down``: ``float64[R, h]`` under the routing rule,
-    else None. Applying it (:meth:`Learner.apply`) is a flush.
+    ``grad_up``: ``float64[R, h]``. Applying it (:meth:`Learner.apply`) is a flush: ``up += lr * grad_up / n``.
     """
 
     grad_up: np.ndarray
-    grad_down: np.ndarray | None
+    n: int
+
+
+@dataclass(frozen=True)
+class DeltaWindow:
+    """What one closed window of the routing rule learned: float32 deltas, ``working - published``.
+
+    ``up``, ``down``: ``float32[R, h]`` (None while the adapter does not learn); ``bias``:
+    ``float32[max_routes]``; ``rows``: ``int64[m]`` the route rows it touched, ``vectors``:
+    ``float32[m, h]`` their deltas; ``n``: its signals. Applying it (:func:`apply_deltas`) adds them.
+    """
+
+    up: np.ndarray | None
+    down: np.ndarray | None
+    bias: np.ndarray
+    rows: np.ndarray
+    vectors: np.ndarray
     n: int
 
 
@@ -85,24 +122,28 @@ class Rows:
 
 
 class Learner:
-    """Loop A's state: the adapter, the open window's gradient sums, counters, per-route counts.
+    """Loop A's state: the published adapter and route table, the open window, counters, per-route counts.
 
-    ``down``, ``up``: ``float32[rank, hidden_dim]``; ``grad_up``, ``grad_down``:
-    ``float64[rank, hidden_dim]``. Under the ``reference`` rule only ``up`` learns and
-    every rank row of ``grad_up`` receives the same signal; under the ``routing`` rule both
-    learn from feedback. ``unit``: the engine's unit route vectors (``float32[K, h]``) or
-    ``None``; ``route_chosen``/``route_best`` (``uint64[K]``) and ``route_reward``
-    (``float64[K]``) count feedback per route. The arrays are updated in place, so they may
-    be views into a record the owner publishes (the flusher's are). Not thread-safe; the
-    owner serialises calls.
+    ``down``, ``up``: ``float32[rank, hidden_dim]``. Under the ``reference`` rule only ``up``
+    learns, from the window's sums ``grad_up`` (``float64[rank, hidden_dim]``, every rank row
+    the same signal). Under the ``routing`` rule the route table learns — ``route_vectors``
+    (``float32[max_routes, h]``) and ``route_bias`` (``float32[max_routes]``), and the adapter
+    with ``adapter_lr`` — one feedback at a time on the working copy (``work_up``,
+    ``work_down``, ``work_vectors``, ``work_bias``, and the centre ``route_centre``), published
+    by windows. ``route_state`` (``uint8[max_routes]``: free, active, retired) and
+    ``routes_used`` say which rows hold routes; ``route_chosen``/``route_best`` (``uint64``)
+    and ``route_reward`` (``float64``) count feedback per route. The arrays are updated in
+    place, so they may be views into a record the owner publishes (the flusher's are). Not
+    thread-safe; the owner serialises calls.
     """
 
     @classmethod
-    def for_engine(cls, config: EngineConfig, unit: np.ndarray | None, **arrays: np.ndarray) -> Learner:
-        """The learner of an engine of ``config`` (its shape, rule, lr, threshold and temperature).
+    def for_engine(cls, config: EngineConfig, unit: np.ndarray | None, **arrays: Any) -> Learner:
+        """The learner of an engine of ``config`` (its shape, rule, learning rates, threshold, temperature, route rows).
 
-        ``unit``: the route table's unit vectors (``None`` without one); ``arrays``: the
-        state arrays to learn into (``down``, ``up``, ...), as :meth:`__init__` takes them.
+        ``unit``: the route table's unit vectors, the published route table's start (``None``
+        without one, or when ``arrays`` hold the table); ``arrays``: the state arrays to learn
+        into (``down``, ``up``, ...), as :meth:`__init__` takes them.
         """
         return cls(
             config.hidden_dim,
@@ -112,6 +153,8 @@ class Learner:
             rule=config.rule,
             unit=unit,
             temperature=config.temperature,
+            adapter_lr=config.adapter_lr,
+            max_routes=config.max_routes,
             **arrays,
         )
 
@@ -125,32 +168,65 @@ class Learner:
         rule: str = "reference",
         unit: np.ndarray | None = None,
         temperature: float = 10.0,
-        down: np.ndarray | None = None,
-        up: np.ndarray | None = None,
-        grad_up: np.ndarray | None = None,
-        grad_down: np.ndarray | None = None,
-        route_chosen: np.ndarray | None = None,
-        route_best: np.ndarray | None = None,
-        route_reward: np.ndarray | None = None,
+        adapter_lr: float = 0.0,
+        max_routes: int | None = None,
+        routes_used: int | None = None,
+        **arrays: np.ndarray,
     ) -> None:
+        """``arrays``: the state to learn into (views of a record, say), by field name (:data:`STATE_ARRAYS`);
+        missing ones start fresh: the reference's ``down``, zero ``up`` and sums, the route table's ``unit`` rows."""
+        unknown = sorted(set(arrays) - set(STATE_ARRAYS))
+        if unknown:
+            raise TypeError(f"Learner(): unknown state arrays {unknown}")
         self.hidden_dim = hidden_dim
         self.rank = rank
         self.lr = lr
         self.flush_threshold = flush_threshold
         self.rule = rule
-        self.unit = unit
         self.temperature = temperature
-        shape = (rank, hidden_dim)
+        self.adapter_lr = adapter_lr
         k = 0 if unit is None else unit.shape[0]
-        self.down = np.empty(shape, dtype=F32) if down is None else down
-        self.up = np.zeros(shape, dtype=F32) if up is None else up
-        self.grad_up = np.zeros(shape, dtype=F64) if grad_up is None else grad_up
-        self.grad_down = np.zeros(shape, dtype=F64) if grad_down is None else grad_down
-        self.route_chosen = np.zeros(k, dtype=np.uint64) if route_chosen is None else route_chosen
-        self.route_best = np.zeros(k, dtype=np.uint64) if route_best is None else route_best
-        self.route_reward = np.zeros(k, dtype=F64) if route_reward is None else route_reward
-        if down is None:
-            self.down[...] = initial_down(hidden_dim, rank)
+        km = k if max_routes is None else max_routes
+        routing_rule = rule == "routing"
+        kw, hw = (km, hidden_dim) if routing_rule else (0, 0)
+        fresh = {
+            "down": lambda: initial_down(hidden_dim, rank),
+            "up": lambda: np.zeros((rank, hidden_dim), F32),
+            "grad_up": lambda: np.zeros((rank, hidden_dim), F64),
+            "route_chosen": lambda: np.zeros(km, np.uint64),
+            "route_best": lambda: np.zeros(km, np.uint64),
+            "route_reward": lambda: np.zeros(km, F64),
+            "route_vectors": lambda: np.zeros((km, hidden_dim), F32),
+            "route_bias": lambda: np.zeros(km, F32),
+            "route_state": lambda: np.zeros(km, np.uint8),
+            "work_up": lambda: np.zeros((rank if routing_rule else 0, hidden_dim), F32),
+            "work_down": lambda: np.zeros((rank if routing_rule else 0, hidden_dim), F32),
+            "work_vectors": lambda: np.zeros((kw, hidden_dim), F32),
+            "work_bias": lambda: np.zeros(kw, F32),
+            "route_centre": lambda: np.zeros(hw, F64),
+        }
+        for name, make in fresh.items():
+            setattr(self, name, arrays[name] if name in arrays else make())
+        self.down: np.ndarray
+        self.up: np.ndarray
+        self.grad_up: np.ndarray
+        self.route_chosen: np.ndarray
+        self.route_best: np.ndarray
+        self.route_reward: np.ndarray
+        self.route_vectors: np.ndarray
+        self.route_bias: np.ndarray
+        self.route_state: np.ndarray
+        self.work_up: np.ndarray
+        self.work_down: np.ndarray
+        self.work_vectors: np.ndarray
+        self.work_bias: np.ndarray
+        self.route_centre: np.ndarray
+        if unit is not None and "route_vectors" not in arrays:  # a new table: the cosine router's start
+            self.route_vectors[:k] = unit
+            self.route_state[:k] = ACTIVE
+        self.routes_used = k if routes_used is None else routes_used
+        if routing_rule and not ({"work_up", "work_vectors"} & set(arrays)):
+            self._reset_working()
         self.pending = 0  # signals in the open window (the reference's update_count)
         self.generation = 0  # bumped whenever this learner's adapter changes
         self.trajectories_processed = 0
@@ -167,9 +243,29 @@ class Learner:
         return LoopMetrics(self.trajectories_processed, self.signals_accumulated, self.flushes_performed, self.updates_applied)
 
     @property
+    def unit(self) -> np.ndarray | None:
+        """``float32[K, h]``: the published route vectors of the routes in use (None without a table)."""
+        return self.route_vectors[: self.routes_used] if self.routes_used else None
+
+    @property
+    def window_size(self) -> int:
+        """Signals in the open window when it closes: ``flush_threshold``, or under the routing rule a window that
+        grows with the signals before it (:func:`sona_shm.learn.routing.window_size`)."""
+        if self.rule == "routing":
+            return routing.window_size(self.signals_accumulated - self.pending, self.flush_threshold)
+        return self.flush_threshold
+
+    @property
     def window_full(self) -> bool:
-        """The open window holds ``flush_threshold`` signals (only a call with ``stop=True`` leaves it so)."""
-        return self.pending >= self.flush_threshold
+        """The open window holds :attr:`window_size` signals (only a call with ``stop=True`` leaves it so)."""
+        return self.pending >= self.window_size
+
+    def _reset_working(self) -> None:
+        """The routing rule's working copy := the published state (after a window, or a new state)."""
+        self.work_up[...] = self.up
+        self.work_down[...] = self.down
+        self.work_vectors[...] = self.route_vectors
+        self.work_bias[...] = self.route_bias
 
     # ----------------------------------------------------------------- learning
 
@@ -194,9 +290,9 @@ class Learner:
         best_index = np.asarray(best_index, dtype=np.int64)
         quality = np.asarray(quality, dtype=F32)
         if self.rule == "routing":
-            if self.unit is None:
-                raise InvalidInputError("learn_feedback(): this learner has no route table (unit=None)")
-            return Rows(quality, route_index, best_index, None, query, (route_index >= 0) | (best_index >= 0))
+            if not self.routes_used:
+                raise InvalidInputError("learn_feedback(): this learner has no route table")
+            return Rows(quality, route_index, best_index, None, np.asarray(query, dtype=F32), (route_index >= 0) | (best_index >= 0))
         assert rewards is not None and activations is not None and n_steps is not None  # the reference rule's inputs
         signals = learning_signals(query, rewards, activations, n_steps) if len(quality) else np.zeros((0, self.hidden_dim), F32)
         return Rows(quality, route_index, best_index, signals, None, np.ones(len(quality), bool))
@@ -218,13 +314,12 @@ class Learner:
         """:meth:`learn_rows` without the per-route counts."""
         if len(rows) - start <= 0:
             return 0
-        consumed, signals = self._learn_signals(rows, start, stop) if self.rule == "reference" else self._learn_feedback(rows, start, stop)
+        consumed = self._learn_signals(rows, start, stop) if self.rule == "reference" else self._learn_feedback(rows, start, stop)
         self.trajectories_processed += consumed
-        self.signals_accumulated += signals
         return consumed
 
-    def _learn_signals(self, rows: Rows, start: int, stop: bool) -> tuple[int, int]:
-        """Reference rule: accumulate ``signals[i] * quality[i]``; ``(rows consumed, signals)`` (every row is one)."""
+    def _learn_signals(self, rows: Rows, start: int, stop: bool) -> int:
+        """Reference rule: accumulate ``signals[i] * quality[i]`` (every row is a signal); the rows consumed."""
         signals, quality = rows.signals, rows.quality
         assert signals is not None
         n = len(rows)
@@ -238,39 +333,60 @@ class Learner:
                 chunk = quality[at : at + take].astype(F64) @ signals[at : at + take].astype(F64)
             self.grad_up += chunk
             self.pending += take
+            self.signals_accumulated += take
             at += take
             if self.window_full and not stop:
                 self.flush()
-        return at - start, at - start
+        return at - start
 
-    def _learn_feedback(self, rows: Rows, start: int, stop: bool) -> tuple[int, int]:
-        """Routing rule: only feedback rows are signals; ``(rows consumed, signals)``."""
-        unit, query = self.unit, rows.query
-        assert unit is not None and query is not None
-        at_signal = start + np.flatnonzero(rows.is_signal[start:])
-        taken = 0
-        while taken < len(at_signal) and not (stop and self.window_full):
-            take = min(self.flush_threshold - self.pending, len(at_signal) - taken)
-            chunk = at_signal[taken : taken + take]
-            gu, gd = routing.gradients(
-                query[chunk],
-                rows.route_index[chunk],
-                rows.best_index[chunk],
-                rows.quality[chunk],
-                self.down,
-                self.up,
-                unit,
-                self.temperature,
+    def _learn_feedback(self, rows: Rows, start: int, stop: bool) -> int:
+        """Routing rule: one feedback at a time on the working copy (:func:`sona_shm.learn.routing.step`);
+        only feedback rows are signals. The rows consumed: all, or with ``stop`` up to a full window's last signal."""
+        query = rows.query
+        assert query is not None
+        if _speedups is not None and _c_rows(query, rows):
+            consumed, self.pending, flushes, applied, signals = _speedups.learn_routing_rows(
+                query, rows.route_index, rows.best_index, rows.quality, start, self, stop
             )
-            self.grad_up += gu
-            self.grad_down += gd
-            self.pending += take
-            taken += take
-            if self.window_full and not stop:
+            self._count_windows(flushes, applied, signals)
+            return consumed
+        active = self.route_state[: self.routes_used] == ACTIVE
+        for i in range(start, len(rows)):
+            if not rows.is_signal[i]:
+                continue
+            self.pending += 1
+            self.signals_accumulated += 1
+            route, best = int(rows.route_index[i]), int(rows.best_index[i])
+            if (route < 0 or active[route]) and (best < 0 or active[best]):  # one on a retired route teaches nothing
+                k = self.routes_used
+                routing.step(
+                    self.work_up,
+                    self.work_down,
+                    self.work_vectors[:k],
+                    self.work_bias[:k],
+                    self.route_centre,
+                    active,
+                    query[i],
+                    route,
+                    best,
+                    float(rows.quality[i]),
+                    n=self.signals_accumulated,
+                    lr=self.lr,
+                    adapter_lr=self.adapter_lr,
+                    temperature=self.temperature,
+                )
+            if self.window_full:
+                if stop:
+                    return i + 1 - start  # up to the window's last signal; the rest waits
                 self.flush()
-        if stop and self.window_full and taken < len(at_signal):
-            return int(at_signal[taken - 1]) + 1 - start, taken  # up to the window's last signal; the rest waits
-        return len(rows) - start, taken
+        return len(rows) - start
+
+    def _count_windows(self, flushes: int, applied: int, signals: int) -> None:
+        """Count windows the C learner closed and applied itself, and the signals it learned."""
+        self.signals_accumulated += signals
+        self.updates_applied += applied
+        self.flushes_performed += flushes
+        self.generation += flushes
 
     def learn(self, signals: np.ndarray, quality: np.ndarray) -> int:
         """Reference rule: learn ready-made ``signals`` (``float32[n, h]``) times ``quality``; the number of flushes.
@@ -305,12 +421,9 @@ class Learner:
         """
         assert _speedups is not None
         learn = _speedups.learn_routing if self.rule == "routing" else _speedups.learn_slots
-        pending, flushes, width, signals, corrupt, consumed = learn(block, geometry, first_seq, self, stop)
+        pending, flushes, applied, width, signals, corrupt, consumed = learn(block, geometry, first_seq, self, stop)
         self.trajectories_processed += consumed - len(corrupt)
-        self.signals_accumulated += signals
-        self.updates_applied += flushes * self.flush_threshold  # a threshold flush applies exactly that many
-        self.flushes_performed += flushes
-        self.generation += flushes
+        self._count_windows(flushes, applied, signals)
         self.pending = pending
         return width, corrupt, consumed
 
@@ -337,35 +450,102 @@ class Learner:
 
     # ----------------------------------------------------------------- windows
 
-    def close_window(self) -> Window:
-        """Take the open window's sums (zeroing them) and count it; the caller applies or seals it."""
+    def close_window(self) -> Window | DeltaWindow:
+        """Take the open window (the reference rule's sums, zeroed; the routing rule's deltas ``working -
+        published``) and count it; the caller applies or seals it."""
         n = self.pending
-        routing_rule = self.rule == "routing"
-        window = Window(self.grad_up.copy(), self.grad_down.copy() if routing_rule else None, n)
-        self.grad_up[...] = 0.0
-        if routing_rule:
-            self.grad_down[...] = 0.0
         self.updates_applied += n
         self.flushes_performed += 1
         self.pending = 0
-        return window
+        if self.rule == "reference":
+            window = Window(self.grad_up.copy(), n)
+            self.grad_up[...] = 0.0
+            return window
+        k = self.routes_used
+        rows = np.flatnonzero((self.work_vectors[:k] != self.route_vectors[:k]).any(axis=1))
+        learns_adapter = bool(self.adapter_lr) or not (np.array_equal(self.work_up, self.up) and np.array_equal(self.work_down, self.down))
+        return DeltaWindow(
+            _delta(self.work_up, self.up) if learns_adapter else None,
+            _delta(self.work_down, self.down) if learns_adapter else None,
+            _delta(self.work_bias, self.route_bias),
+            rows,
+            _delta(self.work_vectors[rows], self.route_vectors[rows]),
+            n,
+        )
 
-    def apply(self, window: Window) -> None:
-        """Apply a closed window to this learner's adapter (a flush's arithmetic, :func:`apply_sums`)."""
-        apply_sums(self.up, self.down, window.grad_up, window.grad_down, self.lr / window.n)
+    def apply(self, window: Window | DeltaWindow) -> None:
+        """Apply a closed window to this learner's published state (a flush); the routing rule's working copy
+        becomes the new published state."""
+        if isinstance(window, Window):
+            apply_sums(self.up, self.down, window.grad_up, None, self.lr / window.n)
+        else:
+            apply_deltas(self.up, self.down, self.route_vectors, self.route_bias, window)
+            self._reset_working()
         self.generation += 1
 
     def flush(self) -> bool:
-        """Close and apply the open window: ``up += grad_up * lr / pending`` (``down`` too under the routing rule). False if empty."""
+        """Close and apply the open window (the reference rule: ``up += grad_up * lr / pending``). False if empty."""
         if self.pending == 0:
             return False
         self.apply(self.close_window())
         return True
 
-    def set_weights(self, up: np.ndarray, down: np.ndarray) -> None:
-        """Learn from now on at this adapter (a fleet's: the stream's, with this host's windows in flight applied)."""
+    # ----------------------------------------------------------------- the route table
+
+    def add_route(self, unit: np.ndarray) -> int:
+        """Start route ``routes_used`` at unit vector ``unit`` (``float32[h]``) with bias 0: published and working
+        alike, so nothing of the open window changes; its index. The caller checked there is a free row."""
+        k = self.routes_used
+        for table in (self.route_vectors, self.work_vectors):
+            if len(table):
+                table[k] = unit
+        for bias in (self.route_bias, self.work_bias):
+            if len(bias):
+                bias[k] = 0.0
+        self.route_chosen[k] = self.route_best[k] = 0
+        self.route_reward[k] = 0.0
+        self.route_state[k] = ACTIVE
+        self.routes_used = k + 1
+        self.generation += 1  # the published table changed: workers reload it
+        return k
+
+    def retire_route(self, index: int) -> None:
+        """Route ``index`` is never chosen or learned again; its row and counts stay."""
+        self.route_state[index] = RETIRED
+        self.generation += 1
+
+    def set_weights(self, up: np.ndarray, down: np.ndarray, vectors: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        """Learn from now on at this published state (a fleet's: the stream's, with this host's windows in flight
+        applied). The routing rule's open window moves along: its working copy keeps what it learned on top."""
+        if self.rule == "routing":
+            assert vectors is not None and bias is not None
+            for work, old, new in ((self.work_up, self.up, up), (self.work_down, self.down, down)):
+                work[...] = (work.astype(F64) + (new.astype(F64) - old.astype(F64))).astype(F32)
+            k = len(vectors)
+            moved = vectors.astype(F64) - self.route_vectors[:k].astype(F64)
+            self.work_vectors[:k] = (self.work_vectors[:k].astype(F64) + moved).astype(F32)
+            self.work_bias[:k] = (self.work_bias[:k].astype(F64) + (bias.astype(F64) - self.route_bias[:k].astype(F64))).astype(F32)
+            self.route_vectors[:k] = vectors
+            self.route_bias[:k] = bias
         self.up[...] = up
         self.down[...] = down
+
+
+def _delta(work: np.ndarray, published: np.ndarray) -> np.ndarray:
+    """``float32(work - published)`` (computed in float64): what a routing window carries."""
+    return (work.astype(F64) - published.astype(F64)).astype(F32)
+
+
+def apply_deltas(up: np.ndarray, down: np.ndarray, vectors: np.ndarray, bias: np.ndarray, window: DeltaWindow) -> None:
+    """A routing window's arithmetic, in place: every published value ``x = f32(clip(f64(x) + f64(delta)))``, the one
+    every replica of a fleet applies too (``apply_routing_window`` in ``_speedups.c`` gives the same bits)."""
+    if window.up is not None and window.down is not None:
+        up[...] = _saturated(up.astype(F64) + window.up.astype(F64))
+        down[...] = _saturated(down.astype(F64) + window.down.astype(F64))
+    k = len(window.bias)
+    bias[:k] = _saturated(bias[:k].astype(F64) + window.bias.astype(F64))
+    if len(window.rows):
+        vectors[window.rows] = _saturated(vectors[window.rows].astype(F64) + window.vectors.astype(F64))
 
 
 def apply_sums(up: np.ndarray, down: np.ndarray, grad_up: np.ndarray, grad_down: np.ndarray | None, step: float) -> None:
@@ -387,6 +567,20 @@ def _saturated(values: np.ndarray) -> np.ndarray:
 def apply_adapter(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:
     """``x + Σ_r (down_r · x) * scale * up_r`` for ``float32[h]`` or ``float32[n, h]``."""
     return x + (x @ down.T) @ up_scaled
+
+
+def _c_rows(query: np.ndarray, rows: Rows) -> bool:
+    """Whether the C twin takes these rows as they are (C-contiguous native arrays of the expected dtypes)."""
+    return bool(
+        query.dtype == F32
+        and query.flags.c_contiguous
+        and rows.route_index.dtype == np.int64
+        and rows.best_index.dtype == np.int64
+        and rows.quality.dtype == F32
+        and rows.route_index.flags.c_contiguous
+        and rows.best_index.flags.c_contiguous
+        and rows.quality.flags.c_contiguous
+    )
 
 
 def learn_block(learner: Learner, layout: Any, block: np.ndarray, first_seq: int, stop: bool = False) -> tuple[int, list[int], int]:

@@ -17,8 +17,9 @@ from ..checks import check_int
 from ..config import EngineConfig
 from ..errors import InvalidInputError
 from ..trajectory import CheckedTrajectory, RouteChoice, Trajectory, check_trajectory, check_vectors, to_trajectory
-from .learner import F32, Learner, LoopMetrics, apply_adapter, learning_signals
-from .routes import RouteTable, check_exploration, choose, feedback_trajectory
+from .learner import F32, Learner, LoopMetrics, learning_signals
+from .routes import ACTIVE, Router, RouteTable, adapt, check_exploration, choose, feedback_trajectory
+from .routing import BETA
 
 
 class InstantLoop:
@@ -48,6 +49,8 @@ class InstantLoop:
         routes: Any = None,
         route_names: Any = None,
         temperature: float = 10.0,
+        max_routes: int = 0,
+        adapter_lr: float = 0.0,
     ) -> None:
         table = None
         if routes is not None:
@@ -64,6 +67,8 @@ class InstantLoop:
             rule=rule,
             routes=0 if table is None else len(table),
             temperature=temperature,
+            max_routes=max_routes,
+            adapter_lr=adapter_lr,
         )
         self.config = config
         self.hidden_dim = config.hidden_dim
@@ -107,15 +112,47 @@ class InstantLoop:
         """A copy of the projection rows, ``float32[rank, hidden_dim]`` (learned under the routing rule only)."""
         return self._learner.down.copy()
 
-    def route_stats(self) -> dict[str, dict[str, float | int]]:
-        """Per route name: ``chosen`` (feedback on it as the route taken), ``best`` (as the right one), ``reward_sum``."""
+    def route_stats(self) -> dict[str, dict[str, Any]]:
+        """Per route name: ``chosen`` (feedback on it as the route taken), ``best`` (as the right one), ``reward_sum``,
+        ``retired`` and ``drift`` (how far its learned vector moved from its start, L2)."""
         if self.routes is None:
             return {}
         learner = self._learner
+        k = len(self.routes)
+        drift = np.linalg.norm(learner.route_vectors[:k].astype(np.float64) - self.routes.unit.astype(np.float64), axis=1)
         return {
-            name: {"chosen": int(c), "best": int(b), "reward_sum": float(r)}
-            for name, c, b, r in zip(self.routes.names, learner.route_chosen, learner.route_best, learner.route_reward)
+            name: {"chosen": int(c), "best": int(b), "reward_sum": float(r), "retired": bool(t), "drift": float(d)}
+            for name, c, b, r, t, d in zip(
+                self.routes.names, learner.route_chosen, learner.route_best, learner.route_reward, self.routes.active_flags(), drift
+            )
         }
+
+    # ----------------------------------------------------------------- changing the route table
+
+    def add_route(self, name: str, vector: Any) -> int:
+        """Add route ``name`` (its vector ``float[h]``, e.g. the mean of example embeddings); its index.
+
+        It starts where a route of the table given at creation starts (its unit vector, bias 0)
+        and what was learned for the other routes stays. Refused, changing nothing, for a name
+        in use, another width or a table already at ``max_routes``.
+        """
+        table = self._table("add_route")
+        new = table.added(name, vector, self.config.max_routes)
+        index = self._learner.add_route(new.unit[-1])
+        self.routes = new
+        return index
+
+    def rename_route(self, which: Any, name: str) -> None:
+        """Rename route ``which`` (index or name); its learning and counts stay."""
+        self.routes = self._table("rename_route").renamed(which, name)
+
+    def retire_route(self, which: Any) -> None:
+        """Retire route ``which``: it is never chosen or learned again; it keeps its index and counts."""
+        table = self._table("retire_route")
+        index = table.index(which, "route")
+        new = table.retired_route(which)
+        self._learner.retire_route(index)
+        self.routes = new
 
     def next_id(self) -> int:
         tid = self._next_id
@@ -152,21 +189,38 @@ class InstantLoop:
         return self._learner.flush()
 
     def forward(self, x: Any) -> np.ndarray:
-        """``x + delta`` for one vector ``[hidden_dim]`` or a batch ``[n, hidden_dim]``."""
+        """``x + delta`` for one vector ``[hidden_dim]`` or a batch ``[n, hidden_dim]`` (saturated at the float32 limit)."""
         arr = check_vectors(x, self.hidden_dim)
         learner = self._learner
-        return apply_adapter(arr, learner.down, learner.up * np.float32(learner.scale))
+        return adapt(arr, learner.down, learner.up * np.float32(learner.scale))
 
-    def route(self, x: Any, *, explore: float = 0.0, sample: bool = False, rng: Any = None) -> RouteChoice:
-        """Choose a route for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)`` with the routes.
+    def route(self, x: Any, *, explore: Any = 0.0, sample: bool = False, rng: Any = None, gamma: Any = None) -> RouteChoice:
+        """Choose a route for ``x`` (``[h]`` or ``[n, h]``): the best score of ``forward(x)`` with the learned routes.
 
-        ``explore``: probability of a uniformly drawn route instead (epsilon-greedy);
-        ``sample``: draw from the routing rule's softmax instead. Either way, give
-        :meth:`feedback` the route returned (``choice.index``), the one actually served.
+        ``explore``: a probability (epsilon-greedy), ``"softmax"`` or ``"squarecb"`` (SquareCB, with
+        ``gamma``; the exploration measured best for bandit feedback); ``sample=True`` is
+        ``explore="softmax"``. Give :meth:`feedback` the route returned (``choice.index``), the
+        one actually served, and its ``choice.probability``. ``rng``: a ``random.Random`` or
+        numpy ``Generator`` for the draws (default: the C path's own generator, or ``random``).
         """
-        table = self._table("route")
-        epsilon = check_exploration(explore, sample, rng)
-        return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self.config.temperature, rng=rng)
+        self._table("route")
+        mode, parameter = check_exploration(explore, sample, rng, gamma)
+        return choose(self._router(), x, mode=mode, parameter=parameter, rng=rng)
+
+    def _router(self) -> Router:
+        """The published adapter and route table, as choosing reads them."""
+        learner, table = self._learner, self.routes
+        assert table is not None
+        k = len(table)
+        return Router(
+            learner.down,
+            learner.up * np.float32(learner.scale),
+            learner.route_vectors[:k],
+            learner.route_bias[:k] * np.float32(BETA / self.config.temperature),
+            (learner.route_state[:k] == ACTIVE).astype(np.uint8),
+            table.names,
+            self.config.temperature,
+        )
 
     def feedback(self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, probability: Any = None) -> bool:
         """Learn which route serves ``x``: ``route=`` and ``reward=`` (bandit), or ``best=`` (full information).

@@ -1,11 +1,29 @@
-"""An engine's route table, choosing a route for a query, and feedback as trajectories.
+"""Route tables, choosing a route for a query, and feedback as trajectories.
 
 A *route table* is ``K`` named route vectors (``float32[K, hidden_dim]``, 2 <= K <=
-:data:`~sona_shm.config.MAX_ROUTES`) fixed when the engine is created: the
-destinations a router sends queries to (models, tools, prompts), each represented by
-an embedding. :func:`choose` scores the adapted query against every route by cosine
-and picks the best (optionally exploring); the scores depend on the direction of the
-adapted query only.
+:data:`~sona_shm.config.MAX_ROUTES`): the destinations a router sends queries to (models,
+tools, prompts), each represented by an embedding — typically the mean embedding of a few
+example queries (:meth:`RouteTable.from_examples`). An engine keeps its table in the
+ledger: routes can be added, renamed and retired while it runs (a retired route keeps its
+index and statistics and is never chosen again), up to the ``max_routes`` it reserved.
+
+Choosing (:func:`choose`): a query ``x`` is adapted (``f = forward(x)``, normalised first,
+so no finite input overflows), and every active route gets the score ``s_k = f^ . v_k +
+(beta / tau) b_k`` with the learned route vectors ``v_k`` and biases ``b_k`` of the routing
+rule (:mod:`sona_shm.learn.routing`); at the start ``v_k`` is the unit route vector and
+``b_k = 0``, so ``s_k`` is the cosine of ``f`` with route ``k`` — the plain cosine router,
+which the reference rule keeps. The greedy choice is the best score; scores within
+:data:`TIE` of the best are a tie, won by the lowest index (so the C and Python paths agree
+to the last bit). Exploration, for bandit feedback (which only says how the route served did):
+
+- ``explore=eps``: epsilon-greedy (a uniformly drawn active route with probability eps);
+- ``explore="softmax"``: draw from ``softmax(tau * s)``;
+- ``explore="squarecb"``: SquareCB (Foster & Rakhlin) over the rule's softmax ``p``: route
+  ``k`` other than the best gets ``1 / (K + gamma (p_best - p_k))``, the best the rest;
+  little exploration where the router is sure, more where it is not.
+
+Every choice reports the probability with which it was made (``RouteChoice.probability``),
+which ``feedback(..., probability=)`` records for off-policy evaluation.
 
 A *feedback* is recorded as an ordinary trajectory (:func:`feedback_trajectory`), so it
 travels through the lanes, is learned by the flusher and comes back from ``drain``:
@@ -27,24 +45,34 @@ import math
 import os
 import random
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..config import MAX_ROUTES
 from ..errors import InvalidInputError
-from ..trajectory import F32, ROUTE_MAX_BYTES, RouteChoice, Step, Trajectory, as_finite_float, as_vector
+from ..trajectory import F32, ROUTE_MAX_BYTES, RouteChoice, Step, Trajectory, as_finite_float, as_vector, check_vectors
+
+#: A route's state in an engine's table (the ledger's ``route_state``): a free row, an active route, a retired one.
+FREE, ACTIVE, RETIRED = 0, 1, 2
+#: Scores within this of the best are a tie, won by the lowest index (both paths compute in float64).
+TIE = 1e-9
+#: SquareCB's gamma when none is given (BENCHMARKS.md, "Learning": exploration measured against epsilon-greedy and softmax).
+DEFAULT_GAMMA = 1000.0
+F64 = np.dtype(np.float64)
 
 
 @dataclass(frozen=True, eq=False)
 class RouteTable:
     """``vectors``: ``float32[K, h]`` (read-only, as given); ``names``: K unique names;
-    ``unit``: the vectors scaled to unit length (what scores and the routing rule use)."""
+    ``unit``: the vectors scaled to unit length (the routing rule's start, the cosine router's
+    routes); ``retired``: K flags (a retired route keeps its index and is never chosen)."""
 
     vectors: np.ndarray
     names: tuple[str, ...]
     unit: np.ndarray
+    retired: tuple[bool, ...] = ()
 
     @classmethod
     def build(
@@ -57,51 +85,79 @@ class RouteTable:
         64 UTF-8 bytes without NUL. ``where`` names the vectors in errors, ``names_where``
         the names (default ``"{where} names"``).
         """
-        try:
-            arr = np.asarray(vectors)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputError(f"{where}: expected a K x hidden_dim array of numbers, got {type(vectors).__name__} ({exc})") from None
-        if arr.dtype.kind not in "iuf" or arr.ndim != 2:
-            raise InvalidInputError(
-                f"{where}: expected a K x hidden_dim array of real numbers, got dtype {arr.dtype} and shape {arr.shape}"
-            )
-        k, h = arr.shape
+        v = _check_vectors(vectors, where, hidden_dim)
+        k = v.shape[0]
         if not 2 <= k <= MAX_ROUTES:
             raise InvalidInputError(f"{where}: expected 2 to {MAX_ROUTES} route vectors, got {k}")
-        if hidden_dim is not None and h != hidden_dim:
-            raise InvalidInputError(f"{where}: expected vectors of hidden_dim {hidden_dim} values, got {h}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            v = np.array(arr, dtype=F32, order="C")
-        finite = np.isfinite(v)
-        if not finite.all():
-            row, col = (int(i) for i in np.argwhere(~finite)[0])
-            raise InvalidInputError(f"{where}: expected finite values within float32 range, got {arr[row, col]!r} at [{row}, {col}]")
-        norms = np.linalg.norm(v.astype(np.float64), axis=1)
-        if not (norms > 0).all():
-            raise InvalidInputError(f"{where}: expected non-zero vectors, vector {int(np.flatnonzero(norms <= 0)[0])} is all zeros")
         if names is None:
             names = [f"route{i}" for i in range(k)]
         names = _check_names(names, k, names_where or f"{where} names")
+        return cls._of(v, names, (False,) * k)
+
+    @classmethod
+    def _of(cls, v: np.ndarray, names: tuple[str, ...], retired: tuple[bool, ...]) -> RouteTable:
         v.flags.writeable = False
-        unit = (v.astype(np.float64) / norms[:, None]).astype(F32)
+        unit = (v.astype(F64) / np.linalg.norm(v.astype(F64), axis=1)[:, None]).astype(F32)
         unit.flags.writeable = False
-        return cls(v, names, unit)
+        return cls(v, names, unit, retired)
+
+    @classmethod
+    def from_examples(cls, examples: Any, *, where: str = "examples") -> RouteTable:
+        """A table from example embeddings: ``{name: float[n_i, h]}`` (or ``[(name, embeddings), ...]``); each
+        route is the mean of its examples' unit vectors — the few-shot way a semantic router is set up."""
+        items = list(examples.items()) if isinstance(examples, dict) else list(examples) if examples is not None else []
+        if not items:
+            raise InvalidInputError(f"{where}: expected routes with example embeddings ({{name: float[n, h]}}), got none")
+        names, means = [], []
+        for i, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise InvalidInputError(f"{where}[{i}]: expected (name, embeddings), got {item!r}")
+            name, emb = item
+            e = np.asarray(emb, dtype=F64) if not isinstance(emb, np.ndarray) else emb.astype(F64)
+            if e.ndim == 1:
+                e = e[None]
+            if e.ndim != 2 or not len(e):
+                raise InvalidInputError(f"{where}[{name!r}]: expected one or more embeddings (n x h), got shape {e.shape}")
+            if not np.isfinite(e).all():
+                raise InvalidInputError(f"{where}[{name!r}]: expected finite values")
+            norms = np.linalg.norm(e, axis=1)
+            if not (norms > 0).all():
+                raise InvalidInputError(f"{where}[{name!r}]: expected non-zero embeddings, example {int(np.argmin(norms))} is all zeros")
+            names.append(name)
+            means.append((e / norms[:, None]).mean(axis=0))
+        widths = {m.shape[0] for m in means}
+        if len(widths) != 1:
+            raise InvalidInputError(f"{where}: expected embeddings of one width, got widths {sorted(widths)}")
+        return cls.build(np.array(means), names, where=where)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the table as an ``.npz`` (``vectors``, ``names``) that ``--routes`` and :func:`load_routes` read."""
+        np.savez(path, vectors=self.vectors, names=np.array(self.names))
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def active(self) -> np.ndarray:
+        """``bool[K]``: the routes that may be chosen and learned (not retired)."""
+        return ~np.array(self.retired or (False,) * len(self.names), dtype=bool)
+
     def index(self, which: Any, argument: str) -> int:
-        """The index of a route given by index or name; raise naming ``argument``."""
+        """The index of a route given by index or name; raise naming ``argument`` (also for a retired route)."""
         if isinstance(which, str):
             try:
-                return self.names.index(which)
+                found = self.names.index(which)
             except ValueError:
                 raise InvalidInputError(
                     f"{argument}: expected a route name ({', '.join(map(repr, self.names))}) or index, got {which!r}"
                 ) from None
-        if isinstance(which, (bool, np.bool_)) or not isinstance(which, (int, np.integer)) or not 0 <= which < len(self.names):
+        elif isinstance(which, (bool, np.bool_)) or not isinstance(which, (int, np.integer)) or not 0 <= which < len(self.names):
             raise InvalidInputError(f"{argument}: expected a route index in [0, {len(self.names) - 1}] or a route name, got {which!r}")
-        return int(which)
+        else:
+            found = int(which)
+        if self.retired and self.retired[found]:
+            raise InvalidInputError(f"{argument}: route {self.names[found]!r} is retired (it is never chosen or learned any more)")
+        return found
 
     def same_as(self, other: RouteTable) -> bool:
         return self.names == other.names and np.array_equal(self.vectors, other.vectors)
@@ -111,13 +167,72 @@ class RouteTable:
         return np.array([n.encode("utf-8") for n in self.names], dtype=f"S{ROUTE_MAX_BYTES}")
 
     @classmethod
-    def from_stored(cls, vectors: np.ndarray, names: np.ndarray, where: str) -> RouteTable:
-        """A table read back from a segment or checkpoint (``names`` as :meth:`names_bytes`)."""
+    def from_stored(cls, vectors: np.ndarray, names: np.ndarray, where: str, states: np.ndarray | None = None) -> RouteTable:
+        """A table read back from a segment or checkpoint (``names`` as :meth:`names_bytes`; ``states``: FREE/ACTIVE/RETIRED)."""
         try:
             decoded = [bytes(n).rstrip(b"\0").decode("utf-8") for n in names]
         except UnicodeDecodeError:
             raise InvalidInputError(f"{where}: route names are not UTF-8") from None
-        return cls.build(np.array(vectors), decoded, where=where)
+        v = _check_vectors(vectors, where, None)
+        names_checked = _check_names(decoded, len(decoded), f"{where} names")
+        retired = (False,) * len(decoded) if states is None else tuple(bool(s == RETIRED) for s in np.asarray(states).tolist())
+        return cls._of(v, names_checked, retired)
+
+    # ----------------------------------------------------------------- changes (an engine applies them between flushes)
+
+    def added(self, name: Any, vector: Any, max_routes: int) -> RouteTable:
+        """The table with route ``name`` of ``vector`` appended; refused naming what is wrong (duplicate, width, room)."""
+        if len(self.names) >= max_routes:
+            raise InvalidInputError(
+                f"routes add: the engine reserved {max_routes} routes and has them all; create it with a larger --max-routes"
+            )
+        v = _check_vectors(np.asarray(vector)[None] if np.ndim(vector) == 1 else vector, "vector", self.vectors.shape[1])
+        if v.shape[0] != 1:
+            raise InvalidInputError(f"vector: expected one vector of {self.vectors.shape[1]} values, got shape {v.shape}")
+        names = _check_names([*self.names, name], len(self.names) + 1, "name")
+        return RouteTable._of(np.concatenate([self.vectors, v]), names, (*self.active_flags(), False))
+
+    def renamed(self, which: Any, name: Any) -> RouteTable:
+        """The table with route ``which`` (index or name; retired ones too) renamed to ``name``."""
+        i = replace(self, retired=()).index(which, "route")
+        names = list(self.names)
+        names[i] = name
+        return replace(self, names=_check_names(names, len(names), "name"))
+
+    def retired_route(self, which: Any) -> RouteTable:
+        """The table with route ``which`` retired (an active one: at least one route must stay active)."""
+        i = self.index(which, "route")
+        flags = list(self.active_flags())
+        flags[i] = True
+        if all(flags):
+            raise InvalidInputError(f"route: {self.names[i]!r} is the last active route; add another before retiring it")
+        return replace(self, retired=tuple(flags))
+
+    def active_flags(self) -> tuple[bool, ...]:
+        """The retired flags, one per route (``retired`` itself may be empty: none retired)."""
+        return self.retired or (False,) * len(self.names)
+
+
+def _check_vectors(vectors: Any, where: str, hidden_dim: int | None) -> np.ndarray:
+    """``vectors`` as a private ``float32[K, h]`` of finite, non-zero rows, or raise naming ``where``."""
+    try:
+        arr = np.asarray(vectors)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{where}: expected a K x hidden_dim array of numbers, got {type(vectors).__name__} ({exc})") from None
+    if arr.dtype.kind not in "iuf" or arr.ndim != 2:
+        raise InvalidInputError(f"{where}: expected a K x hidden_dim array of real numbers, got dtype {arr.dtype} and shape {arr.shape}")
+    if hidden_dim is not None and arr.shape[1] != hidden_dim:
+        raise InvalidInputError(f"{where}: expected vectors of hidden_dim {hidden_dim} values, got {arr.shape[1]}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = np.array(arr, dtype=F32, order="C")
+    finite = np.isfinite(v)
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise InvalidInputError(f"{where}: expected finite values within float32 range, got {arr[row, col]!r} at [{row}, {col}]")
+    norms = np.linalg.norm(v.astype(F64), axis=1)
+    if not (norms > 0).all():
+        raise InvalidInputError(f"{where}: expected non-zero vectors, vector {int(np.flatnonzero(norms <= 0)[0])} is all zeros")
+    return v
 
 
 def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
@@ -189,82 +304,152 @@ def _npz_member(data: Any, member: str, where: str) -> np.ndarray:
 # ----------------------------------------------------------------- choosing
 
 
-def check_exploration(explore: Any, sample: Any, rng: Any) -> float:
-    """The exploration probability ``explore`` as a float (None: 0), or raise naming what is wrong.
+@dataclass(frozen=True)
+class Router:
+    """What choosing a route reads, one consistent snapshot: the adapter and the published route table.
 
-    ``sample`` must be a bool, not both may explore, and ``rng`` must be None or have a
-    ``random()`` method (``random.Random``, ``numpy.random.Generator``).
+    ``down``, ``up_scaled``: ``float32[R, h]`` (``up * 1/sqrt(R)``); ``vectors``: ``float32[K, h]`` (the
+    learned ``v_k``); ``bias``: ``float32[K]`` (``(beta / tau) b_k``: added to the score); ``active``:
+    ``uint8[K]`` (1: may be chosen); ``names``: K names; ``temperature``: tau.
     """
-    epsilon = 0.0 if explore is None else explore
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
-        raise InvalidInputError(f"explore: expected a probability in [0, 1] (epsilon-greedy), got {explore!r}")
+
+    down: np.ndarray
+    up_scaled: np.ndarray
+    vectors: np.ndarray
+    bias: np.ndarray
+    active: np.ndarray
+    names: tuple[str, ...]
+    temperature: float
+
+
+def check_exploration(explore: Any, sample: Any, rng: Any, gamma: Any = None) -> tuple[str, float]:
+    """``(mode, parameter)`` of an exploration: ``("greedy", 0)``, ``("epsilon", eps)``, ``("softmax", 0)`` or
+    ``("squarecb", gamma)``; raise naming what is wrong.
+
+    ``explore``: 0/None (greedy), a probability (epsilon-greedy), ``"softmax"`` or ``"squarecb"``;
+    ``sample=True`` is ``explore="softmax"``; ``gamma``: SquareCB's (default :data:`DEFAULT_GAMMA`);
+    ``rng``: None or something with a ``random()`` method (``random.Random``, a numpy Generator).
+    """
     if not isinstance(sample, bool):
         raise InvalidInputError(f"sample: expected True or False, got {sample!r}")
-    if sample and epsilon:
-        raise InvalidInputError("explore, sample: choose one way to explore (epsilon-greedy or sampling from the softmax), got both")
     if rng is not None and not callable(getattr(rng, "random", None)):
         raise InvalidInputError(f"rng: expected None, a random.Random or a numpy Generator, got {rng!r}")
-    return float(epsilon)
+    if gamma is not None and (
+        explore != "squarecb" or isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf
+    ):
+        raise InvalidInputError(f"gamma: expected a finite number > 0, with explore='squarecb', got {gamma!r}")
+    if isinstance(explore, str):
+        if explore not in ("softmax", "squarecb"):
+            raise InvalidInputError(f"explore: expected a probability (epsilon-greedy), 'softmax' or 'squarecb', got {explore!r}")
+        if sample:
+            raise InvalidInputError(f"explore, sample: choose one way to explore, got explore={explore!r} and sample=True")
+        return explore, float(DEFAULT_GAMMA if gamma is None else gamma) if explore == "squarecb" else 0.0
+    epsilon = 0.0 if explore is None else explore
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= epsilon <= 1.0:
+        raise InvalidInputError(f"explore: expected a probability in [0, 1] (epsilon-greedy), 'softmax' or 'squarecb', got {explore!r}")
+    if sample and epsilon:
+        raise InvalidInputError("explore, sample: choose one way to explore (epsilon-greedy or sampling from the softmax), got both")
+    if sample:
+        return "softmax", 0.0
+    return ("epsilon", float(epsilon)) if epsilon else ("greedy", 0.0)
 
 
-def cosine_scores(adapted: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Cosines of ``float32[h]`` / ``float32[n, h]`` with every unit route: ``float32[K]`` / ``[n, K]`` (0 for a zero vector).
+def adapt(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:
+    """``forward(x)`` for finite ``float32[h]`` / ``[n, h]`` (checked): ``x + (x @ down.T) @ up_scaled``, computed in
+    float64 and saturated at the float32 limit, so no finite input gives NaN or an infinity."""
+    out = x.astype(F64) + (x.astype(F64) @ down.astype(F64).T) @ up_scaled.astype(F64)
+    return np.clip(out, -_F32_MAX, _F32_MAX).astype(F32)
 
-    Norms are float64: in float32, ``|f|^2`` overflows above ``|f| ~ 1.8e19`` (and underflows
-    below ~1e-23), which would score such a vector 0 against every route.
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def scores(x: np.ndarray, router: Router) -> np.ndarray:
+    """``float64[K]`` / ``[n, K]``: each route's score for finite queries ``x`` (retired routes: -inf).
+
+    The query is normalised before anything else (so no finite input overflows), then adapted
+    (``f = q^ + (q^ @ down.T) @ up_scaled``) and normalised again: ``s_k = f^ . v_k + bias_k``. A zero query, or
+    one the adapter maps to zero, scores ``bias_k`` alone.
     """
-    dots = adapted @ unit.T
-    norms = np.linalg.norm(adapted.astype(np.float64), axis=-1, keepdims=adapted.ndim > 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scores = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), 0)
-    return scores.astype(F32)
+    q = x.astype(F64)
+    q = _unit(q)
+    f = _unit(q + (q @ router.down.astype(F64).T) @ router.up_scaled.astype(F64))
+    s = f @ router.vectors.astype(F64).T + router.bias.astype(F64)
+    return np.where(router.active.astype(bool), s, -np.inf)
 
 
-def choose(table: RouteTable, adapted: np.ndarray, *, epsilon: float, sample: bool, temperature: float, rng: Any) -> RouteChoice:
-    """The :class:`RouteChoice` for ``adapted`` (``forward(x)``): the route of the best cosine, after exploring.
+def _unit(v: np.ndarray) -> np.ndarray:
+    """Rows of ``v`` scaled to unit length without overflow (by their largest magnitude first); zero rows stay zero."""
+    top = np.max(np.abs(v), axis=-1, keepdims=True)
+    v = v / np.where(top > 0, top, 1.0)
+    n = np.sqrt(np.sum(v * v, axis=-1, keepdims=True))
+    return v / np.where(n > 0, n, 1.0)
 
-    ``epsilon``: with this probability a route is drawn uniformly (epsilon-greedy);
-    ``sample``: draw from the routing rule's softmax over ``temperature * scores``.
-    ``rng``: a ``random.Random`` or ``numpy.random.Generator`` (default: ``random``).
+
+def best_of(s: np.ndarray) -> np.ndarray:
+    """The greedy choice of scores ``s`` (``[K]`` or ``[n, K]``): the lowest index within :data:`TIE` of the best."""
+    top = np.max(s, axis=-1, keepdims=True)
+    return np.argmax(s >= top - TIE, axis=-1)
+
+
+def policy(s: np.ndarray, best: int, mode: str, parameter: float, temperature: float) -> np.ndarray:
+    """``float64[K]``: the probability of choosing each route under an exploration (retired routes: 0)."""
+    active = np.isfinite(s)
+    k = int(active.sum())
+    if mode == "greedy" or k == 1:
+        pi = np.zeros(len(s))
+        pi[best] = 1.0
+        return pi
+    if mode == "epsilon":
+        pi = np.where(active, parameter / k, 0.0)
+        pi[best] += 1.0 - parameter
+        return pi
+    z = np.where(active, temperature * s, -np.inf)
+    e = np.exp(z - z[best])
+    p = e / e.sum()
+    if mode == "softmax":
+        return p
+    pi = np.where(active, 1.0 / (k + parameter * (p[best] - p)), 0.0)  # squarecb
+    pi[best] = 0.0
+    pi[best] = 1.0 - pi.sum()
+    return pi
+
+
+def choose(router: Router, x: Any, *, mode: str = "greedy", parameter: float = 0.0, rng: Any = None) -> RouteChoice:
+    """The :class:`RouteChoice` for ``x`` (``[h]`` or ``[n, h]``): the best score, after exploring (module docstring).
+
+    ``rng``: a ``random.Random`` or ``numpy.random.Generator`` for the draws (default: ``random``).
     """
-    scores = cosine_scores(adapted, table.unit)
-    greedy = np.argmax(scores, axis=-1)
-    if scores.ndim == 1:
+    arr = check_vectors(x, router.down.shape[1])
+    adapted = adapt(arr, router.down, router.up_scaled)
+    s = scores(arr, router)
+    shown = np.where(np.isfinite(s), s, -np.inf).astype(F32)
+    greedy = best_of(s)
+    if s.ndim == 1:
         best = int(greedy)
-        index, probability = _explore_one(scores, best, epsilon, sample, temperature, rng) if epsilon or sample else (best, 1.0)
-        return RouteChoice(index, table.names[index], scores, adapted, index != best, probability)
+        index, probability = best, 1.0
+        if mode != "greedy":
+            pi = policy(s, best, mode, parameter, router.temperature)
+            index = _draw(pi, rng)
+            probability = float(pi[index])
+        return RouteChoice(index, router.names[index], shown, adapted, index != best, probability)
     bests = np.asarray(greedy, dtype=np.int64)
     indices, probabilities = bests, np.ones(len(bests))
-    if epsilon or sample:
-        picks = [_explore_one(scores[i], int(g), epsilon, sample, temperature, rng) for i, g in enumerate(bests.tolist())]
-        indices = np.array([i for i, _ in picks], np.int64)
-        probabilities = np.array([p for _, p in picks])
-    return RouteChoice(indices, [table.names[i] for i in indices.tolist()], scores, adapted, indices != bests, probabilities)
+    if mode != "greedy":
+        pis = [policy(s[i], int(b), mode, parameter, router.temperature) for i, b in enumerate(bests.tolist())]
+        indices = np.array([_draw(pi, rng) for pi in pis], np.int64)
+        probabilities = np.array([pi[i] for pi, i in zip(pis, indices.tolist())])
+    return RouteChoice(indices, [router.names[i] for i in indices.tolist()], shown, adapted, indices != bests, probabilities)
 
 
-def _uniform(rng: Any) -> float:
-    return (rng or random).random()
-
-
-def _explore_one(scores: np.ndarray, greedy: int, epsilon: float, sample: bool, temperature: float, rng: Any) -> tuple[int, float]:
-    """A route drawn by epsilon-greedy or from the softmax, and the probability it had of being drawn."""
-    k = scores.shape[0]
-    if sample:
-        z = [temperature * float(s) for s in scores.tolist()]
-        top = max(z)
-        weights = [math.exp(v - top) for v in z]
-        total = sum(weights)
-        u = _uniform(rng) * total
-        for i, w in enumerate(weights):
-            u -= w
-            if u < 0:
-                return i, w / total
-        return k - 1, weights[-1] / total
-    if _uniform(rng) < epsilon:
-        index = min(int(_uniform(rng) * k), k - 1)
-    else:
-        index = greedy
-    return index, epsilon / k + (1.0 - epsilon if index == greedy else 0.0)
+def _draw(pi: np.ndarray, rng: Any) -> int:
+    """A route drawn from probabilities ``pi`` (one uniform number from ``rng``)."""
+    u = (rng or random).random() * float(pi.sum())
+    for i, w in enumerate(pi.tolist()):
+        u -= w
+        if u < 0 and w > 0:
+            return i
+    return int(np.flatnonzero(pi > 0)[-1])
 
 
 # ----------------------------------------------------------------- feedback

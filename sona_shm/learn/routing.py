@@ -1,42 +1,60 @@
-"""The routing rule's maths: bounded softmax losses over the route table, and their gradients.
+"""The routing rule's maths: a learned route table on the adapted query, one feedback at a time.
 
-The adapter is the reference's: ``f(q) = q + s * sum_r (d_r . q) u_r`` with ``s =
-1/sqrt(R)``, but here both ``U`` (``up``) and ``D`` (``down``) learn, each rank row
-with its own gradient. Scores are cosines, ``z_k = tau * v_k . f / |f|`` over the unit
-route vectors ``v_k``, and ``p = softmax(z)``. ``f`` is linear in ``q``, so the scores
-depend only on the query's direction: signals are computed for ``q / |q|``, which keeps
-every gradient independent of the query's scale.
+State (an engine's ledger holds it twice: as *published*, what workers route with, and as the
+learner's *working* copy, which every feedback moves; a window publishes the difference):
 
-For each feedback, with ``c = dL/dz`` of a bounded loss:
+- the adapter ``U`` (``up``), ``D`` (``down``), ``float32[R, h]``: ``forward(x) = x + s sum_r
+  (d_r . x) u_r`` with ``s = 1/sqrt(R)``, as the reference rule's;
+- the route vectors ``V``, ``float32[K, h]``, starting at the unit rows of the route table,
+  and a bias per route ``b``, ``float32[K]``, starting at 0.
 
-- full information (``best`` = y): maximise ``log p_y``: ``c = e_y - p``;
-- bandit (route ``a`` taken, reward ``r`` in [0, 1]): ``c = r (e_a - p) - (1 - r) p_a
-  (e_a - u)``, where ``u`` is uniform over the other routes (``u_a = 0``, ``u_k = 1/(K -
-  1)``). The first term raises ``log p_a`` as far as the route served well; the second
-  is the gradient of ``(1 - r) p_a (mean_{k != a} z_k - z_a)`` with ``p_a`` held fixed:
-  it lowers the route taken against all others alike, as far as it failed and for as
-  long as it is likely. Both are bounded (``|c| <= 2``). Unlike REINFORCE's ``(r -
-  b)(e_a - p)``, the push away from a wrong route does not vanish when the router is
-  confidently wrong (``e_a - p -> 0`` as ``p_a -> 1``); and unlike a cross-entropy on
-  ``1 - p_a``, which pushes toward the router's own second choice, it favours no other
-  route, so a wrong guess is not reinforced. That is why it learns from greedy bandit
-  feedback (BENCHMARKS.md, "Learning").
+Scores: ``q^ = q/|q|``, ``f = q^ + s sum_r (d_r . q^) u_r``, ``f^ = f/|f|`` and ``z_k = tau
+f^ . v_k + BETA b_k``, ``p = softmax(z)`` over the active routes. At the start ``z_k`` is
+``tau`` times the cosine of the query with route ``k``: the learner starts as the cosine
+router. A feedback is a loss slope ``c = dL/dz`` of a bounded objective ``L`` (maximised):
 
-Then ``g = dL/df = (tau / |f|) (I - f^ f^T) sum_k c_k v_k`` and, with ``U`` and ``D``
-as they were at the last flush, ``G_U[r] += s (d_r . q) g`` and ``G_D[r] += s (u_r .
-g) q``. Every ``flush_threshold`` signals ``U += lr G_U / n`` and ``D += lr G_D / n``
-(:meth:`sona_shm.learning.Learner.flush`). A query that is zero, or that the adapter
-maps to (almost) zero, teaches nothing (its signal still counts).
+- full information (``best = y``): ``L = log p_y``, ``c = e_y - p``;
+- bandit (route ``a`` served, reward ``r`` in [0, 1]): ``L = r log p_a + (1 - r) log(1 -
+  sigma(z_a - OFFSET))``, ``c = r (e_a - p) - (1 - r) sigma(z_a - OFFSET) e_a``: a route
+  that served well is raised against all others; one that failed is pushed down alone, as
+  hard as it still looks likely to be right (not in proportion to ``p_a``, which with many
+  routes is small even for the top one), favouring no other route.
 
-Cosine scores do not depend on the length of ``f``, so the exact gradient grows as
-``tau / |f|`` when the adapter maps a query close to zero: one such feedback could move
-the adapter by thousands. The factor is capped at ``tau / GRADIENT_FLOOR`` (the gradient
-is clipped, never turned around): for every query whose ``|f|`` is at least
-``GRADIENT_FLOOR`` — all of them at the start, where ``f = q/|q|`` — the gradient is the
-exact one.
+``|c_k| <= 2``; entries below :data:`SPARSE` are dropped, so a feedback touches a few route
+rows, not all ``K``. With everything at the learner's working state, each kept row moves
+(``eta`` = the engine's ``lr``):
 
-Everything is computed in float64 from the float32 state; ``_speedups.learn_routing``
-is the C twin, equal up to the order of float64 sums.
+    n += 1;  mu += (f^ - mu) / min(n, CENTRE);  x = f^ - mu
+    dv_k = eta tau c_k (x - pi_k (x . v^_k) v^_k),   pi_k = PROTECT if c_k < 0 else 0
+    db_k = BIAS_LR BETA c_k - (tau / BETA) mu . dv_k
+
+the SGD step of the centred parametrisation ``z_k = tau v_k . (f^ - mu) + c'_k`` stored as
+``(V, b)`` (``BETA b_k = c'_k - tau v_k . mu``, so workers keep scoring ``tau f^ . v_k + BETA
+b_k``); a push-down loses ``PROTECT`` of its component along the route's own direction, so a
+failure on another intent's query does not lower the route for its own queries. With ``mu =
+0`` and ``PROTECT = 0`` it is exactly the gradient: ``dL/dv_k = tau c_k f^``, ``dL/db_k = BETA
+c_k`` (``tests/test_routing.py`` checks every parameter against finite differences). The
+adapter learns only with ``adapter_lr > 0`` (default 0: measured to help nothing and to hurt
+bandit learning above 0.01, BENCHMARKS.md):
+
+    g = (tau / max(|f|, GRADIENT_FLOOR)) (I - f^ f^T) sum_k c_k v_k        (= dL/df, clipped)
+    dU_r = adapter_lr s (d_r . q^) g,   dD_r = adapter_lr s (u_r . g) q^
+
+A zero query, or one the adapter maps to (almost) zero, teaches nothing (the signal counts).
+Every quantity is bounded: ``|x| <= 2``, ``|dv_k| <= 4 eta tau``, so no single feedback moves
+the table far.
+
+Windows: the learner moves its working copy at every feedback and publishes a *window* —
+``working - published`` (the rows of ``V`` it touched, every bias, the adapter when it learns),
+as float32 deltas — every :func:`window_size` feedbacks: 1 at first, growing by one every
+:data:`GROWTH` feedbacks up to ``flush_threshold``, so a new engine learns from its first
+feedbacks and a busy one publishes (and, in a fleet, ships) a window per ``flush_threshold``.
+Publishing is ``P = f32(f64(P) + f64(delta))`` and the working copy becomes ``P``: the one
+arithmetic a fleet's replicas apply too.
+
+``_speedups.learn_routing`` (lane slots) and ``_speedups.learn_routing_rows`` (arrays, for
+``InstantLoop``) are the C twins of :func:`step`, equal up to float rounding (they sum in
+float32 where this sums in float64).
 """
 
 from __future__ import annotations
@@ -44,120 +62,137 @@ from __future__ import annotations
 import numpy as np
 
 F64 = np.dtype(np.float64)
+F32 = np.dtype(np.float32)
 
-#: |f(q/|q|)| below this: the adapter maps the query to (almost) zero; no gradient.
-MIN_ADAPTED_NORM = 1e-6
-#: The gradient's factor tau/|f| is taken at |f| = max(|f|, GRADIENT_FLOOR): a clip (module docstring).
+#: The bias's scale in the score (``z_k = tau f^ . v_k + BETA b_k``).
+BETA = 1.0
+#: A failed route is pushed down as hard as ``sigmoid(z_a - OFFSET)`` (its logit against this offset).
+OFFSET = 3.0
+#: The bias's step.
+BIAS_LR = 0.1
+#: ``mu`` is the running mean of ``f^`` over about this many feedbacks.
+CENTRE = 1000
+#: A push-down keeps this share less of its component along the route's own direction.
+PROTECT = 0.5
+#: Loss slopes below this are dropped (the rows they would touch are left alone).
+SPARSE = 0.01
+#: A window grows by one feedback every this many feedbacks (up to ``flush_threshold``).
+GROWTH = 20
+#: The adapter gradient's factor tau/|f| is taken at ``|f| >= GRADIENT_FLOOR``: a clip.
 GRADIENT_FLOOR = 0.1
+#: ``|f(q^)|`` below this: the adapter maps the query to (almost) zero; no gradient.
+MIN_ADAPTED_NORM = 1e-6
 
 
-def gradients(
-    query: np.ndarray,
-    route_index: np.ndarray,
-    best_index: np.ndarray,
-    reward: np.ndarray,
-    down: np.ndarray,
-    up: np.ndarray,
-    unit: np.ndarray,
-    temperature: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Gradient sums ``(G_U, G_D)``, ``float64[R, h]`` each, of a batch of feedback signals.
-
-    ``query``: ``float32[n, h]``; ``route_index``/``best_index``: ``int[n]`` (-1: none;
-    every row has ``best_index >= 0`` or ``route_index >= 0``); ``reward``: ``[n]``, read
-    for bandit rows (``best_index < 0``), in [0, 1]; ``down``/``up``: ``float32[R, h]``
-    as at the last flush; ``unit``: ``float32[K, h]`` unit route vectors.
-    """
-    s = 1.0 / np.sqrt(down.shape[0])
-    q, kappa, fn, fhat, z, live = _forward(query, down, up, unit, temperature)
-    c = _loss_slopes(z, np.asarray(route_index), np.asarray(best_index), np.asarray(reward, dtype=F64))
-    c[~live] = 0.0
-    w = c @ unit.astype(F64)  # [n, h]: sum_k c_k v_k
-    g = (temperature / np.maximum(fn, GRADIENT_FLOOR))[:, None] * (w - fhat * np.einsum("ij,ij->i", fhat, w)[:, None])
-    grad_up = s * (kappa.T @ g)
-    grad_down = s * ((g @ up.astype(F64).T).T @ q)
-    return grad_up, grad_down
+def window_size(signals_before: int, flush_threshold: int) -> int:
+    """Feedbacks in the window that opens after ``signals_before`` feedbacks: ``min(flush_threshold, max(1,
+    signals_before // GROWTH))``."""
+    return min(flush_threshold, max(1, signals_before // GROWTH))
 
 
-def _forward(query: np.ndarray, down: np.ndarray, up: np.ndarray, unit: np.ndarray, temperature: float) -> tuple[np.ndarray, ...]:
-    """For each query, in float64: ``q/|q|``, ``d_r . q`` (``[n, R]``), ``|f|``, ``f/|f|`` and the logits ``z`` (``[n, K]``),
-    with ``live``: False where the query is zero or the adapter maps it to (almost) zero (then ``|f|`` is 1)."""
-    s = 1.0 / np.sqrt(down.shape[0])
-    q = np.asarray(query, dtype=F64)
-    qn = np.sqrt(np.einsum("ij,ij->i", q, q))
-    live = qn > 0
-    q = q / np.where(live, qn, 1.0)[:, None]
-    kappa = q @ down.astype(F64).T  # [n, R]: d_r . q
-    f = q + s * (kappa @ up.astype(F64))
-    fn = np.sqrt(np.einsum("ij,ij->i", f, f))
-    live &= fn > MIN_ADAPTED_NORM
-    fn = np.where(live, fn, 1.0)
-    fhat = f / fn[:, None]
-    z = temperature * (fhat @ unit.astype(F64).T)  # [n, K]
-    return q, kappa, fn, fhat, z, live
-
-
-def _loss_slopes(z: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, reward: np.ndarray) -> np.ndarray:
-    """``c = dL/dz`` per row (see the module docstring)."""
-    n, k = z.shape
-    rows = np.arange(n)
-    p = _softmax(z)
-    full = best_index >= 0
-    target = np.where(full, best_index, route_index)
-    e = np.zeros_like(p)
-    e[rows, target] = 1.0
-    toward = e - p  # e_t - p
-    c = np.where(full[:, None], toward, 0.0)
-    bandit = ~full
-    if bandit.any():
-        a = target[bandit]
-        pa = p[bandit, a]
-        uniform = np.full((len(a), k), 1.0 / (k - 1))
-        uniform[np.arange(len(a)), a] = 0.0  # the other routes, alike
-        away = e[bandit] - uniform
-        r = reward[bandit][:, None]
-        c[bandit] = r * toward[bandit] - (1.0 - r) * pa[:, None] * away
+def slopes(z: np.ndarray, route: int, best: int, reward: float) -> np.ndarray:
+    """``c = dL/dz`` of one feedback (``z``: ``float64[K]``, -inf for routes that are not active), sparsified."""
+    e = np.exp(z - np.max(z))
+    p = e / e.sum()
+    if best >= 0:
+        c = -p
+        c[best] += 1.0
+    else:
+        c = -reward * p
+        c[route] += reward - (1.0 - reward) / (1.0 + np.exp(-(z[route] - OFFSET)))
+    c[np.abs(c) < SPARSE] = 0.0
     return c
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    top = z.max(axis=1, keepdims=True)
-    ez = np.exp(z - top)
-    return ez / ez.sum(axis=1, keepdims=True)
+def step(
+    up: np.ndarray,
+    down: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    centre: np.ndarray,
+    active: np.ndarray,
+    query: np.ndarray,
+    route: int,
+    best: int,
+    reward: float,
+    *,
+    n: int,
+    lr: float,
+    adapter_lr: float,
+    temperature: float,
+) -> bool:
+    """One feedback, in place, on the working state (module docstring); True if it moved anything.
+
+    ``up``, ``down``: ``float32[R, h]``; ``vectors``: ``float32[K, h]``; ``bias``: ``float32[K]``;
+    ``centre``: ``float64[h]`` (``mu``); ``active``: ``bool[K]``; ``query``: ``float32[h]``;
+    ``route``/``best``: the route served / the right route (-1: none); ``n``: feedbacks learned,
+    this one included.
+    """
+    q = query.astype(F64)
+    top = np.max(np.abs(q))
+    if not top > 0:
+        return False
+    q = q / top
+    q = q / np.sqrt(q @ q)
+    rank = up.shape[0]
+    s = 1.0 / np.sqrt(rank)
+    U, D = up.astype(F64), down.astype(F64)
+    kappa = D @ q
+    f = q + s * (kappa @ U)
+    fn = float(np.sqrt(f @ f))
+    if fn <= MIN_ADAPTED_NORM:
+        return False
+    fh = f / fn
+    V = vectors.astype(F64)
+    z = np.where(active, temperature * (V @ fh) + BETA * bias.astype(F64), -np.inf)
+    c = slopes(z, route, best, reward)
+    c[~active] = 0.0
+    rows = np.flatnonzero(c)
+    if not len(rows):
+        return False
+    cr = c[rows]
+    Vr = V[rows]
+    if adapter_lr:
+        w = cr @ Vr
+        g = (temperature / max(fn, GRADIENT_FLOOR)) * (w - fh * (fh @ w))
+        dU = s * np.outer(kappa, g)
+        dD = s * np.outer(U @ g, q)
+        up[...] = (U + adapter_lr * dU).astype(F32)
+        down[...] = (D + adapter_lr * dD).astype(F32)
+    centre += (fh - centre) / min(n, CENTRE)
+    x = fh - centre
+    dV = temperature * cr[:, None] * x[None, :]
+    pushed = cr < 0
+    if pushed.any():
+        own = Vr[pushed] / np.sqrt(np.einsum("ij,ij->i", Vr[pushed], Vr[pushed]))[:, None]
+        dV[pushed] -= PROTECT * np.einsum("ij,ij->i", dV[pushed], own)[:, None] * own
+    dV *= lr
+    db = BIAS_LR * BETA * cr - (temperature / BETA) * (dV @ centre)
+    vectors[rows] = (Vr + dV).astype(F32)
+    bias[rows] = (bias[rows].astype(F64) + db).astype(F32)
+    return True
 
 
 def loss(
     query: np.ndarray,
-    route_index: np.ndarray,
-    best_index: np.ndarray,
-    reward: np.ndarray,
-    down: np.ndarray,
     up: np.ndarray,
-    unit: np.ndarray,
-    temperature: float,
-    held_pa: np.ndarray | None = None,
+    down: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    route: int,
+    best: int,
+    reward: float,
+    tau: float,
 ) -> float:
-    """The summed objective whose gradient (w.r.t. U and D, ascending) :func:`gradients` returns; for tests.
-
-    ``sum_full log p_y + sum_bandit (r log p_a + (1 - r) p_a (mean_{k != a} z_k - z_a))``,
-    with the bandit rows' ``p_a`` held at ``held_pa`` (their values where the gradient is
-    taken; computed here when None).
-    """
-    z = _forward(query, np.asarray(down), np.asarray(up), np.asarray(unit), temperature)[4]
-    logp = z - z.max(axis=1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    total = 0.0
-    for i in range(len(z)):
-        if best_index[i] >= 0:
-            total += logp[i, best_index[i]]
-        else:
-            a = route_index[i]
-            pa = np.exp(logp[i, a]) if held_pa is None else held_pa[i]
-            others = (z[i].sum() - z[i, a]) / (z.shape[1] - 1)
-            total += reward[i] * logp[i, a] + (1 - reward[i]) * pa * (others - z[i, a])
-    return float(total)
-
-
-def route_probabilities(query: np.ndarray, down: np.ndarray, up: np.ndarray, unit: np.ndarray, temperature: float) -> np.ndarray:
-    """``p = softmax(z)`` per query: ``float64[n, K]`` (for tests and monitors)."""
-    return _softmax(_forward(query, down, up, unit, temperature)[4])
+    """The objective ``L`` of one feedback at a state (float64 arrays); :func:`step`'s moves ascend it (for tests)."""
+    q = np.asarray(query, F64)
+    q = q / np.sqrt(q @ q)
+    s = 1.0 / np.sqrt(up.shape[0])
+    f = q + s * ((down @ q) @ up)
+    fh = f / np.sqrt(f @ f)
+    z = tau * (vectors @ fh) + BETA * bias
+    logp = z - z.max()
+    logp = logp - np.log(np.exp(logp).sum())
+    if best >= 0:
+        return float(logp[best])
+    return float(reward * logp[route] + (1 - reward) * np.log(1 - 1 / (1 + np.exp(-(z[route] - OFFSET)))))

@@ -213,12 +213,12 @@ from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 PAGE = 4096
 LINE = 64
 LANE_CONTROL_BYTES = 128
 
-HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQQQII"
+HEADER_FORMAT = "<8sIIQIIIIIIIIdQQQQQdIIdQQQIIdI4x"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)
 
 #: Byte offset of the header's ``created_at`` (read alone by monitors to tell a recreated engine apart).
@@ -342,6 +342,9 @@ class Layout:
         self.config = config
         h, r, s, a = config.hidden_dim, config.rank, config.max_steps, config.attention_dim
         k = config.routes
+        km = self.max_routes = config.max_routes  # rows of the route table: its K routes and room for more
+        routing = config.rule == "routing"
+        kw, hw = (km, h) if routing else (0, 0)  # the routing rule's working state; none under the reference rule
         self.hidden_dim, self.rank, self.max_steps, self.attention_dim = h, r, s, a
         self.lanes, self.lane_slots, self.capacity, self.routes = config.lanes, config.lane_slots, config.capacity, k
 
@@ -403,8 +406,12 @@ class Layout:
 
         self.fleet_outbox = config.fleet_outbox
         m = self.fleet_hosts = MAX_FLEET_HOSTS if config.fleet_outbox else 0
-        self.down_rows = r if config.rule == "routing" else 0  # a sealed window carries grad_down only when D learns
-        self.window_bytes = WINDOW_HEAD_BYTES + 8 * h * (r + self.down_rows)  # the largest sealed window
+        # The largest sealed window (fleet/window.py): the reference rule's f64 sums of up, or the routing rule's f32
+        # deltas of the adapter (when it learns), of every bias and of every route row.
+        if routing:
+            self.window_bytes = WINDOW_HEAD_BYTES + 4 * (2 * r * h + km + km + km * h)
+        else:
+            self.window_bytes = WINDOW_HEAD_BYTES + 8 * h * r
         self.entry_bytes = _round_up(self.window_bytes, LINE)
         scalars: list[tuple[str, Any]] = [
             ("generation", "<u8"),
@@ -430,6 +437,9 @@ class Layout:
             ("fleet_resyncs", "<u8"),
             ("fleet_sealed_signals", "<u8"),
             ("fleet_applied_at", "<f8"),
+            ("routes_used", "<u8"),
+            ("routes_version", "<u8"),
+            ("route_request", "<u8"),
         ]
         arrays: list[tuple[str, Any]] = [
             ("down", ("<f4", (r, h))),
@@ -437,9 +447,18 @@ class Layout:
             ("grad_up", ("<f8", (r, h))),
             ("grad_down", ("<f8", (r, h))),
             ("lane_tail", ("<u8", (config.lanes,))),
-            ("route_chosen", ("<u8", (k,))),
-            ("route_best", ("<u8", (k,))),
-            ("route_reward", ("<f8", (k,))),
+            ("route_chosen", ("<u8", (km,))),
+            ("route_best", ("<u8", (km,))),
+            ("route_reward", ("<f8", (km,))),
+            ("route_vectors", ("<f4", (km, h))),
+            ("route_bias", ("<f4", (km,))),
+            ("route_state", ("u1", (km,))),
+            ("route_names", (f"S{ROUTE_NAME_BYTES}", (km,))),
+            ("work_up", ("<f4", (r if routing else 0, h))),
+            ("work_down", ("<f4", (r if routing else 0, h))),
+            ("work_vectors", ("<f4", (kw, h))),
+            ("work_bias", ("<f4", (kw,))),
+            ("route_centre", ("<f8", (hw,))),
             ("fleet_host", ("<u8", (m,))),
             ("fleet_host_seq", ("<u8", (m,))),
             ("fleet_host_cum", ("<u8", (m,))),
@@ -457,9 +476,10 @@ class Layout:
         self.ledger_bytes = self.ledger_dtype.itemsize
         self.ledger_offset = PAGE
         self.routes_offset = self.ledger_offset + 2 * self.ledger_bytes
-        self.routes_bytes = _round_up(4 * k * h + ROUTE_NAME_BYTES * k, LINE)
-        self.route_names_offset = self.routes_offset + 4 * k * h  # after the vectors, float32[K, h]
-        self.fleet_offset = self.routes_offset + self.routes_bytes
+        self.routes_bytes = _round_up(4 * km * h, LINE)
+        self.admin_offset = self.routes_offset + self.routes_bytes
+        self.admin_bytes = _round_up(ADMIN_VECTOR + 4 * h, LINE) if km else 0
+        self.fleet_offset = self.admin_offset + self.admin_bytes
         self.fleet_bytes = FLEET_BYTES if config.fleet_outbox else 0
         self.outbox_offset = _round_up(self.fleet_offset + self.fleet_bytes, PAGE) if config.fleet_outbox else self.fleet_offset
         self.lanes_offset = self.outbox_offset + config.fleet_outbox * self.entry_bytes
@@ -553,6 +573,8 @@ class Layout:
             self.outbox_offset,
             c.fleet_outbox,
             self.fleet_hosts,
+            c.adapter_lr,
+            c.max_routes,
         )
 
     @classmethod
@@ -588,6 +610,8 @@ class Layout:
             outbox_off,
             outbox,
             fleet_hosts,
+            adapter_lr,
+            max_routes,
         ) = struct.unpack_from(HEADER_FORMAT, raw)
         if magic != MAGIC:
             raise LayoutMismatchError(
@@ -602,7 +626,10 @@ class Layout:
         try:
             if rule >= len(RULES):
                 raise InvalidInputError(f"rule: expected a code below {len(RULES)}, got {rule}")
-            layout = cls(EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature, outbox))
+            config = EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature, outbox, max_routes, adapter_lr)
+            if config.max_routes != max_routes:
+                raise InvalidInputError(f"max_routes: expected {config.max_routes} for {routes} routes, got {max_routes}")
+            layout = cls(config)
         except InvalidInputError as exc:
             raise LayoutMismatchError(f"segment {name!r}: corrupt header ({exc})") from None
         derived = (
@@ -683,34 +710,35 @@ def fleet_token(buf: Any, layout: Layout, new: bytes) -> bytes:
 
 
 def read_route_table(segment: Any) -> RouteTable | None:
-    """The route table of a mapped segment ("Route table" above), or None if it has none; private copies.
+    """The route table of a mapped segment as the committed ledger has it (names and states in the ledger,
+    the vectors as given at creation in the route region), or None if it has none; private copies.
 
-    A table that fails validation can only come from memory corruption (the region is
-    written once, by the creator): it is a :class:`LayoutMismatchError`.
+    A table that fails validation can only come from memory corruption: it is a :class:`LayoutMismatchError`.
     """
-    layout, buffer, where = segment.layout, segment.numpy_buffer(), f"segment {segment.name!r}"
-    k, h = layout.routes, layout.hidden_dim
-    if not k:
+    from .ledger import Ledger  # the ledger's reader (a module of this layer that imports this one)
+
+    layout = segment.layout
+    if not layout.max_routes:
         return None
-    vectors = np.ndarray((k, h), dtype=np.float32, buffer=buffer, offset=layout.routes_offset).copy()
-    names = np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset).copy()
+    ledger = Ledger(segment)
     try:
-        return RouteTable.from_stored(vectors, names, where)
+        used, names, states = ledger.read("routes_used", "route_names", "route_state")
+    finally:
+        ledger.close()
+    vectors = np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=segment.numpy_buffer(), offset=layout.routes_offset)
+    try:
+        return RouteTable.from_stored(np.array(vectors[:used]), names[:used], f"segment {segment.name!r}", states[:used])
     except InvalidInputError as exc:
         raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
 
 
-def read_route_names(segment: Any) -> tuple[str, ...]:
-    """The route names of a mapped segment, without validating or copying the vectors (for monitors)."""
+def initial_vectors(segment: Any) -> np.ndarray:
+    """``float32[max_routes, h]``: a view of the route region — each route's vector as it was given (for drift)."""
     layout = segment.layout
-    raw = np.ndarray((layout.routes,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=segment.numpy_buffer(), offset=layout.route_names_offset)
-    return tuple(bytes(n).rstrip(b"\0").decode("utf-8", "replace") for n in raw.tolist())
+    return np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=segment.numpy_buffer(), offset=layout.routes_offset)
 
 
-def write_route_table(buffer: Any, layout: Layout, table: RouteTable) -> None:
-    """Store ``table`` into a new segment's route-table region (only its creator, before the magic)."""
-    k, h = layout.routes, layout.hidden_dim
-    if (k, h) != table.vectors.shape:
-        raise InvalidInputError(f"routes: the segment holds {k} x {h}, the table is {table.vectors.shape[0]} x {table.vectors.shape[1]}")
-    np.ndarray((k, h), dtype=np.float32, buffer=buffer, offset=layout.routes_offset)[...] = table.vectors
-    np.ndarray((k,), dtype=f"S{ROUTE_NAME_BYTES}", buffer=buffer, offset=layout.route_names_offset)[...] = table.names_bytes()
+def write_initial_vector(buffer: Any, layout: Layout, index: int, vector: np.ndarray) -> None:
+    """Store route ``index``'s vector as given into the route region: by the creator before the magic, or by the
+    flusher before the commit that adds the route (readers read a row only once the ledger says it is in use)."""
+    np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=buffer, offset=layout.routes_offset)[index] = vector
