@@ -463,7 +463,7 @@ class Learner:
             return window
         k = self.routes_used
         rows = np.flatnonzero((self.work_vectors[:k] != self.route_vectors[:k]).any(axis=1))
-        learns_adapter = bool(self.adapter_lr) or not (np.array_equal(self.work_up, self.up) and np.array_equal(self.work_down, self.down))
+        learns_adapter = self.adapter_lr > 0
         return DeltaWindow(
             _delta(self.work_up, self.up) if learns_adapter else None,
             _delta(self.work_down, self.down) if learns_adapter else None,

@@ -19,7 +19,6 @@ from ..errors import InvalidInputError
 from ..trajectory import CheckedTrajectory, RouteChoice, Trajectory, check_trajectory, check_vectors, to_trajectory
 from .learner import F32, Learner, LoopMetrics, learning_signals
 from .routes import ACTIVE, Router, RouteTable, adapt, check_exploration, choose, feedback_trajectory
-from .routing import BETA
 
 
 class InstantLoop:
@@ -216,7 +215,7 @@ class InstantLoop:
             learner.down,
             learner.up * np.float32(learner.scale),
             learner.route_vectors[:k],
-            learner.route_bias[:k] * np.float32(BETA / self.config.temperature),
+            learner.route_bias[:k],
             (learner.route_state[:k] == ACTIVE).astype(np.uint8),
             table.names,
             self.config.temperature,

@@ -53,6 +53,7 @@ import numpy as np
 from ..config import MAX_ROUTES
 from ..errors import InvalidInputError
 from ..trajectory import F32, ROUTE_MAX_BYTES, RouteChoice, Step, Trajectory, as_finite_float, as_vector, check_vectors
+from .routing import BETA
 
 #: A route's state in an engine's table (the ledger's ``route_state``): a free row, an active route, a retired one.
 FREE, ACTIVE, RETIRED = 0, 1, 2
@@ -309,7 +310,7 @@ class Router:
     """What choosing a route reads, one consistent snapshot: the adapter and the published route table.
 
     ``down``, ``up_scaled``: ``float32[R, h]`` (``up * 1/sqrt(R)``); ``vectors``: ``float32[K, h]`` (the
-    learned ``v_k``); ``bias``: ``float32[K]`` (``(beta / tau) b_k``: added to the score); ``active``:
+    learned ``v_k``); ``bias``: ``float32[K]`` (the learned ``b_k``; the score adds ``(BETA / tau) b_k``); ``active``:
     ``uint8[K]`` (1: may be chosen); ``names``: K names; ``temperature``: tau.
     """
 
@@ -368,13 +369,13 @@ def scores(x: np.ndarray, router: Router) -> np.ndarray:
     """``float64[K]`` / ``[n, K]``: each route's score for finite queries ``x`` (retired routes: -inf).
 
     The query is normalised before anything else (so no finite input overflows), then adapted
-    (``f = q^ + (q^ @ down.T) @ up_scaled``) and normalised again: ``s_k = f^ . v_k + bias_k``. A zero query, or
+    (``f = q^ + (q^ @ down.T) @ up_scaled``) and normalised again: ``s_k = f^ . v_k + (BETA / tau) b_k``. A zero query, or
     one the adapter maps to zero, scores ``bias_k`` alone.
     """
     q = x.astype(F64)
     q = _unit(q)
     f = _unit(q + (q @ router.down.astype(F64).T) @ router.up_scaled.astype(F64))
-    s = f @ router.vectors.astype(F64).T + router.bias.astype(F64)
+    s = f @ router.vectors.astype(F64).T + router.bias.astype(F64) * (BETA / router.temperature)
     return np.where(router.active.astype(bool), s, -np.inf)
 
 
