@@ -32,14 +32,15 @@ from typing import Any
 import numpy as np
 
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, UntrustedSegmentError
+from .learn.routes import RETIRED
 from .shm.layout import (
     CONSUMER_WORDS,
     FLUSHER_WORDS,
     HEADER_CREATED_AT,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
+    given_vectors,
     read_fleet_identity,
-    read_route_names,
 )
 from .shm.ledger import Ledger
 from .shm.segment import PREFIX, SHM_DIR, Segment
@@ -67,8 +68,10 @@ class ConfigStats:
     lane_slots: int
     segment_bytes: int
     rule: str = "reference"  # the learning rule (config.RULES)
-    routes: int = 0  # routes in the route table
+    routes: int = 0  # routes in the route table at creation
     temperature: float = 10.0  # the routing rule's
+    max_routes: int = 0  # rows reserved for routes (the table can grow to this many)
+    adapter_lr: float = 0.0  # the routing rule's step of the adapter
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ class RouteStats:
     best: int  # feedback naming it as the right one (best_index)
     reward_sum: float  # summed reward when taken: the bandit reward, or 1/0 against best_index
     mean_reward: float | None  # reward_sum / chosen (None: never taken)
+    retired: bool = False  # never chosen or learned again
+    drift: float = 0.0  # how far its published learned vector moved from its start (L2; the start is a unit vector)
+    bias: float = 0.0  # its published learned bias
 
 
 @dataclass(frozen=True)
@@ -307,9 +313,11 @@ class EngineStats:
 
 
 def _route_rates(before: tuple[RouteStats, ...], after: tuple[RouteStats, ...]) -> tuple[RouteRate, ...]:
-    if [r.name for r in before] != [r.name for r in after]:
-        return ()
-    taken = [max(0, a.chosen - b.chosen) for a, b in zip(after, before)]
+    """Each route's share and mean reward between two observations (a route added or renamed meanwhile counts from 0)."""
+    earlier = {r.name: r for r in before}
+    zero = RouteStats("", 0, 0, 0.0, None)
+    pairs = [(a, earlier.get(a.name, zero)) for a in after]
+    taken = [max(0, a.chosen - b.chosen) for a, b in pairs]
     total = sum(taken)
     return tuple(
         RouteRate(
@@ -317,7 +325,7 @@ def _route_rates(before: tuple[RouteStats, ...], after: tuple[RouteStats, ...]) 
             n / total if total else None,
             (a.reward_sum - b.reward_sum) / n if n else None,
         )
-        for a, b, n in zip(after, before, taken)
+        for (a, b), n in zip(pairs, taken)
     )
 
 
@@ -346,6 +354,11 @@ _LEDGER_FIELDS: tuple[str, ...] = METRICS + (
     "route_chosen",
     "route_best",
     "route_reward",
+    "routes_used",
+    "route_names",
+    "route_state",
+    "route_vectors",
+    "route_bias",
 )
 _FLEET_FIELDS = (
     "fleet_epoch",
@@ -459,6 +472,8 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
             rule=cfg.rule,
             routes=cfg.routes,
             temperature=cfg.temperature,
+            max_routes=cfg.max_routes,
+            adapter_lr=cfg.adapter_lr,
         ),
         **{m: values[m] for m in METRICS},
         pending_signals=values["pending"],
@@ -495,12 +510,29 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         ),
         corrupt=values["corrupt"],
         fleet=_fleet(segment, values, held[0]),
-        routes=tuple(
-            RouteStats(name, c, b, r, r / c if c else None)
-            for name, c, b, r in zip(
-                read_route_names(segment), values["route_chosen"].tolist(), values["route_best"].tolist(), values["route_reward"].tolist()
-            )
-        ),
+        routes=_routes(segment, values),
+    )
+
+
+def _routes(segment: Segment, values: dict[str, Any]) -> tuple[RouteStats, ...]:
+    """Each route in use, as the one ledger read ``values`` has it (names decoded leniently: this is for people)."""
+    used = int(values["routes_used"])
+    if not used:
+        return ()
+    given = given_vectors(segment.numpy_buffer(), segment.layout)[:used].astype(np.float64)
+    start = given / np.maximum(np.linalg.norm(given, axis=1), np.finfo(np.float64).tiny)[:, None]
+    drift = np.linalg.norm(values["route_vectors"][:used].astype(np.float64) - start, axis=1)
+    return tuple(
+        RouteStats(bytes(name).rstrip(b"\0").decode("utf-8", "replace"), c, b, r, r / c if c else None, state == RETIRED, d, bias)
+        for name, c, b, r, state, d, bias in zip(
+            values["route_names"][:used].tolist(),
+            values["route_chosen"][:used].tolist(),
+            values["route_best"][:used].tolist(),
+            values["route_reward"][:used].tolist(),
+            values["route_state"][:used].tolist(),
+            drift.tolist(),
+            values["route_bias"][:used].tolist(),
+        )
     )
 
 

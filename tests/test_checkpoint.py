@@ -75,7 +75,7 @@ def test_checkpoint_holds_the_committed_state_under_peft_names(engine, name, tmp
 
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata()
-    assert meta["format"] == "sona_shm.adapter" and meta["format_version"] == "2" and meta["rule"] == "reference"
+    assert meta["format"] == "sona_shm.adapter" and meta["format_version"] == "3" and meta["rule"] == "reference"
     assert (meta["hidden_dim"], meta["rank"], meta["lr"], meta["flush_threshold"]) == ("16", "2", "0.01", "10")
     assert meta["generation"] == "1" and meta["pending"] == "5" and float(meta["scaling"]) == pytest.approx(2**-0.5)
     # The adapter a PEFT user rebuilds from the file is the one the engine applies.
@@ -132,19 +132,13 @@ def good_checkpoint(tmp_path, **changes) -> str:
     down = initial_down(H, R)
     ckpt = Checkpoint(
         EngineConfig(**SMALL),
-        down,
-        np.full((R, H), 0.5, np.float32),
-        np.zeros((R, H)),
-        np.zeros((R, H)),
         None,
-        np.zeros(0, np.uint64),
-        np.zeros(0, np.uint64),
-        np.zeros(0),
+        {"down": down, "up": np.full((R, H), 0.5, np.float32), "grad_up": np.zeros((R, H))},
         3,
         {"pending": 0, "trajectories_processed": 7, "signals_accumulated": 7, "flushes_performed": 1, "updates_applied": 7, "corrupt": 0},
         0.0,
     )
-    tensors = {DOWN: ckpt.down, UP_T: ckpt.up.T, GRAD_UP: ckpt.grad_up, GRAD_DOWN: ckpt.grad_down}
+    tensors = {DOWN: ckpt.down, UP_T: ckpt.up.T, GRAD_UP: ckpt.arrays["grad_up"]}
     from sona_shm.store.tensorfile import decode, encode
 
     _, meta = decode(ckpt.to_bytes(), "x")
@@ -165,7 +159,7 @@ def good_checkpoint(tmp_path, **changes) -> str:
     "changes, fragment",
     [
         ({"format": "peft"}, "not a sona_shm adapter checkpoint"),
-        ({"format_version": "3"}, "checkpoint format version '3'"),
+        ({"format_version": "4"}, "checkpoint format version '4'"),
         ({"hidden_dim": None}, "metadata 'hidden_dim' is missing"),
         ({"hidden_dim": "x"}, "metadata 'hidden_dim': expected an integer"),
         ({"rank": "3"}, "invalid engine configuration in its metadata (rank: expected 1 or 2"),
@@ -174,8 +168,9 @@ def good_checkpoint(tmp_path, **changes) -> str:
         ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**62)"),
         ({"corrupt": str(2**62)}, "metadata 'corrupt': expected an integer in [0, 2**62)"),
         ({"rule": "sgd"}, "invalid engine configuration in its metadata (rule: expected one of"),
-        ({"routes": "3"}, "missing ['sona.route_best', 'sona.route_chosen', 'sona.route_reward', 'sona.routes']"),
-        ({GRAD_DOWN: None}, "missing ['sona.grad_down']"),
+        ({"routes": "3"}, "metadata 'route_names': expected at least 3 names (its 'routes'), got 0"),
+        ({"routes": "2", "route_names": '["a", "b"]'}, "missing ['sona.route_best', 'sona.route_bias', 'sona.route_chosen', 'sona.route_reward'"),
+        ({GRAD_DOWN: np.zeros((R, H))}, "unexpected ['sona.grad_down']"),
         ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**62)"),
         ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**62), got '18446744073709551615'"),
         ({"generation": str(2**62)}, "metadata 'generation': expected an integer in [0, 2**62)"),

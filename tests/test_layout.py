@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from sona_shm import InvalidInputError, LayoutMismatchError
+from sona_shm.config import DEFAULT_LR
 from sona_shm.shm.layout import HEADER_FORMAT, LAYOUT_VERSION, MAGIC, PAGE, EngineConfig, Layout
 
 
@@ -59,12 +60,17 @@ def test_header_round_trip(config):
 
 def test_route_table_region_sits_between_ledger_and_lanes():
     layout = Layout(EngineConfig(hidden_dim=10, routes=3, lanes=2))
+    assert layout.max_routes == 19  # 3 routes and room for 16 more (config.default_max_routes)
     assert layout.routes_offset == layout.ledger_offset + 2 * layout.ledger_bytes
-    assert layout.routes_bytes >= 3 * 10 * 4 + 3 * 64 and layout.routes_bytes % 64 == 0
-    assert layout.lanes_offset == layout.routes_offset + layout.routes_bytes
-    assert layout.ledger_dtype["route_chosen"].shape == (3,) and layout.ledger_dtype["grad_down"].shape == (2, 10)
+    assert layout.routes_bytes >= 19 * 10 * 4 and layout.routes_bytes % 64 == 0
+    assert layout.admin_offset == layout.routes_offset + layout.routes_bytes and layout.admin_bytes >= 384 + 4 * 10
+    assert layout.lanes_offset == layout.admin_offset + layout.admin_bytes
+    assert layout.ledger_dtype["route_chosen"].shape == (19,) and layout.ledger_dtype["route_vectors"].shape == (19, 10)
+    assert layout.ledger_dtype["work_vectors"].shape == (0, 10)  # the reference rule has no working copy
+    routing = Layout(EngineConfig(hidden_dim=10, routes=3, lanes=2, rule="routing", max_routes=5))
+    assert routing.ledger_dtype["work_vectors"].shape == (5, 10) and routing.ledger_dtype["route_centre"].shape == (10,)
     none = Layout(EngineConfig(hidden_dim=10, lanes=2))
-    assert none.routes_bytes == 0 and none.ledger_dtype["route_reward"].shape == (0,)
+    assert none.routes_bytes == 0 and none.admin_bytes == 0 and none.ledger_dtype["route_reward"].shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +110,7 @@ def test_bad_engine_config(field, value):
 def test_routing_rule_needs_routes_and_defaults_its_own_lr():
     with pytest.raises(InvalidInputError, match="routes: the routing rule"):
         EngineConfig(rule="routing")
-    assert EngineConfig(rule="routing", routes=4).lr == 1.0 and EngineConfig().lr == 0.002
+    assert EngineConfig(rule="routing", routes=4).lr == DEFAULT_LR["routing"] != DEFAULT_LR["reference"] == EngineConfig().lr == 0.002
     assert EngineConfig(rule="routing", routes=4, lr=0.5).lr == 0.5
 
 

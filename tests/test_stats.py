@@ -60,6 +60,8 @@ CONFIG_KEYS = {
     "rule",
     "routes",
     "temperature",
+    "max_routes",
+    "adapter_lr",
 }
 BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid"}
 FLUSHER_KEYS = {"pid", "alive", "heartbeat_at", "heartbeat_age_s", "started_at", "idle", "scans"}
@@ -76,7 +78,7 @@ RATE_KEYS = {
     "down_change_norm",
     "routes",
 }
-ROUTE_KEYS = {"name", "chosen", "best", "reward_sum", "mean_reward"}
+ROUTE_KEYS = {"name", "chosen", "best", "reward_sum", "mean_reward", "retired", "drift", "bias"}
 ROUTE_RATE_KEYS = {"name", "chosen_share", "mean_reward"}
 #: stats()["fleet"] of an engine with a fleet outbox (None without one); tests/integration/test_fleet_redis.py checks them live.
 FLEET_KEYS = {

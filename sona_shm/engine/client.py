@@ -28,19 +28,19 @@ from .. import native
 from ..checks import check_timeout
 from ..errors import ClosedError, FlusherTimeoutError, InvalidInputError, LayoutMismatchError, NoFreeLaneError
 from ..learn.learner import F32
-from ..learn.routes import check_exploration, choose, feedback_trajectory
+from ..learn.routes import ACTIVE, MODES, Router, RouteTable, adapt, check_exploration, choose, feedback_trajectory
 from ..shm.lane import FULL, NOT_HANDLED, PUBLISHED_RING, make_writer
 from ..shm.layout import (
     FLUSHER_WORDS,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
-    read_route_table,
 )
-from ..shm.ledger import Ledger, TornRead
+from ..shm.ledger import Ledger, TornRead, read_route_table
 from ..shm.segment import Segment, start_ticks, wait_until
 from ..shm.slots import LaneViews, encode
 from ..stats import EngineStats, collect
 from ..trajectory import RouteChoice, Trajectory, TrajectoryBatch, check_vectors
+from . import routes as route_changes
 from .consumer import DRAIN_TIMEOUT, Consumer, buffer_stats
 
 log = logging.getLogger("sona_shm.client")
@@ -67,6 +67,9 @@ class _Weights(NamedTuple):
     down: np.ndarray  # float32[R, h], C-contiguous
     down_t: np.ndarray  # float32[h, R], down transposed for x @ down_t
     up_scaled: np.ndarray  # float32[R, h], up * scale, C-contiguous
+    routes_version: int
+    table: RouteTable | None  # names, vectors as given, retirements (for feedback)
+    router: Router | None  # what route() reads: the adapter and the published learned route table
 
 
 def attach(name: str, *, timeout: float = 0.0, hidden_dim: int | None = None, rank: int | None = None) -> Client:
@@ -103,12 +106,10 @@ class Client:
             self._ring_slots = layout.lane_slots
             self._ledger = Ledger(seg)
             self._u64 = seg.u64
-            #: the engine's :class:`RouteTable` (None if it has none); read-only, fixed at creation
-            self.routes = read_route_table(seg)
             self.rule = layout.config.rule
             self._temperature = layout.config.temperature
             rows = np.zeros((layout.rank, layout.hidden_dim), F32)
-            self._weights = _Weights(-1, rows, rows.T, rows)  # generation -1: loaded on first use
+            self._weights = _Weights(-1, rows, rows.T, rows, -1, None, None)  # generation -1: loaded on first use
             self._claim()
         except BaseException:
             self.close()
@@ -363,39 +364,44 @@ class Client:
             out = _speedups.adapt(x, w.down, w.up_scaled)
             if out is not None:  # x was a finite float32 [h] or [n, h] array; anything else is handled below
                 return out
-        if type(x) is np.ndarray and x.dtype == F32 and x.ndim == 1 and x.shape[0] == self.hidden_dim:
-            coeff = x @ w.down_t
-            # A NaN/Inf anywhere in x makes the projection non-finite (inf*0 is NaN);
-            # only then pay for the exact check, which also catches mere overflow.
-            if not math.isfinite(sum(coeff.tolist())):
-                x = check_vectors(x, self.hidden_dim)
-            return x + coeff @ w.up_scaled
-        arr = check_vectors(x, self.hidden_dim)
-        return arr + (arr @ w.down_t) @ w.up_scaled
+        return adapt(check_vectors(x, self.hidden_dim), w.down, w.up_scaled)
 
     # ----------------------------------------------------------------- routing
 
-    def route(self, x: Any, *, explore: float = _NO_EXPLORATION, sample: bool = False, rng: Any = None) -> RouteChoice:
-        """Choose one of the engine's routes for ``x`` (``[h]`` or ``[n, h]``): the best cosine of ``forward(x)``.
+    @property
+    def routes(self) -> RouteTable | None:
+        """The engine's :class:`RouteTable` as it is now (routes added, renamed, retired included); None without one."""
+        return self._current_weights().table
 
-        Lock-free like :meth:`forward`. ``explore``: the probability of serving a
-        uniformly drawn route instead (epsilon-greedy); ``sample``: draw from the routing
-        rule's softmax over the scores instead. Exploring lets bandit feedback reach
-        routes the router would not pick yet; either way, give :meth:`feedback` the route
-        actually served (``choice.index``). ``rng``: a ``random.Random`` or numpy
-        ``Generator`` for the draws (default: the ``random`` module).
+    def route(self, x: Any, *, explore: Any = _NO_EXPLORATION, sample: bool = False, rng: Any = None, gamma: Any = None) -> RouteChoice:
+        """Choose one of the engine's routes for ``x`` (``[h]`` or ``[n, h]``): the best score of ``forward(x)``
+        against the learned route table (:mod:`sona_shm.learn.routes`).
+
+        Lock-free like :meth:`forward`. ``explore``: a probability (epsilon-greedy: serve a
+        uniformly drawn route that often), ``"softmax"`` (draw from the rule's softmax) or
+        ``"squarecb"`` (SquareCB with ``gamma``: explores where the router is unsure, the
+        exploration measured best for bandit feedback); ``sample=True`` is ``explore="softmax"``.
+        Give :meth:`feedback` the route actually served (``choice.index``) and its
+        ``choice.probability``. ``rng``: a ``random.Random`` or numpy ``Generator`` for the draws
+        (default: the C path's own generator, reseeded in every forked process, or ``random``).
         """
-        table = self.routes
-        if table is None:
+        w = self._current_weights()
+        router = w.router
+        if router is None:
             raise self._no_table("route")
         # The defaults (the common call) need no checking; anything else is checked as InstantLoop.route checks it.
-        epsilon = 0.0 if explore is _NO_EXPLORATION and sample is False and rng is None else check_exploration(explore, sample, rng)
-        if not epsilon and sample is False and _speedups is not None:  # greedy: one C call
-            w = self._current_weights()
-            done = _speedups.route(x, w.down, w.up_scaled, table.unit, table.names)
+        if explore is _NO_EXPLORATION and sample is False and rng is None and gamma is None:
+            mode, parameter = "greedy", 0.0
+        else:
+            mode, parameter = check_exploration(explore, sample, rng, gamma)
+        if _speedups is not None:  # one C call for one vector
+            u = -1.0 if rng is None or mode == "greedy" else float(rng.random())
+            done = _speedups.route(
+                x, router.down, router.up_scaled, router.vectors, router.bias, router.active, router.names, MODES[mode], parameter, router.temperature, u
+            )
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
-        return choose(table, self.forward(x), epsilon=epsilon, sample=sample, temperature=self._temperature, rng=rng)
+        return choose(router, x, mode=mode, parameter=parameter, rng=rng)
 
     def feedback(
         self, x: Any, *, route: Any = None, reward: Any = None, best: Any = None, probability: Any = None, timeout: float = 0.0
@@ -407,7 +413,8 @@ class Client:
         route that was right), optionally with ``route=`` (the one served). ``probability``:
         the probability the route served was chosen with (``RouteChoice.probability``), kept
         for off-policy evaluation. Recorded as a trajectory (encoding in
-        :mod:`sona_shm.learn.routes`), so drain returns it. Bad input raises
+        :mod:`sona_shm.learn.routes`), so drain returns it. A feedback on a route retired
+        meanwhile is recorded and counted, and teaches nothing. Bad input raises
         :class:`InvalidInputError` naming the argument, and nothing is written.
         """
         table = self.routes
@@ -418,18 +425,62 @@ class Client:
         )
         return self.record(traj, timeout=timeout)
 
+    # ----------------------------------------------------------------- changing the routes
+
+    def add_route(self, name: str, vector: Any, *, timeout: float = route_changes.DEFAULT_TIMEOUT) -> int:
+        """Add route ``name`` with ``vector`` (``float[h]``, e.g. :meth:`RouteTable.from_examples`' mean of its
+        examples' embeddings) to the engine's table; its index. Applied by the flusher between two scans (or
+        here when none runs); every worker routes with it from its next :meth:`route`. Refused (nothing
+        written) for a name in use, another width, or a table at its ``max_routes``."""
+        return route_changes.change(self._open_segment(), "add", name=name, vector=vector, timeout=timeout)
+
+    def rename_route(self, route: Any, name: str, *, timeout: float = route_changes.DEFAULT_TIMEOUT) -> int:
+        """Rename ``route`` (index or name); what it learned and its counts stay. Its index."""
+        return route_changes.change(self._open_segment(), "rename", route=route, name=name, timeout=timeout)
+
+    def retire_route(self, route: Any, *, timeout: float = route_changes.DEFAULT_TIMEOUT) -> int:
+        """Retire ``route`` (index or name): never chosen or learned again; its index, learned state and counts
+        stay. Its index."""
+        return route_changes.change(self._open_segment(), "retire", route=route, timeout=timeout)
+
     def _no_table(self, what: str) -> InvalidInputError:
         return InvalidInputError(
             f"{what}(): engine {self.name!r} has no route table; create it with `sona-shm flusher --name {self.name} --routes FILE`"
         )
 
     def _load_weights(self) -> _Weights:
+        """Read the published adapter and route table (consistently) and cache them by generation."""
+        old, layout = self._weights, self.layout
         try:
-            generation, down, up = self._ledger.read("generation", "down", "up")
+            if not layout.max_routes:
+                generation, down, up = self._ledger.read("generation", "down", "up")
+                fields: tuple = ()
+            else:
+                generation, down, up, *fields = self._ledger.read(
+                    "generation", "down", "up", "routes_used", "routes_version", "route_vectors", "route_bias", "route_state"
+                )
         except TornRead:
-            return self._weights  # the flusher outran us; the last good copy is still consistent
-        scale = np.float32(1.0 / math.sqrt(self.layout.rank))
-        w = _Weights(generation, down, np.ascontiguousarray(down.T), up * scale)
+            return old  # the flusher outran us; the last good copy is still consistent
+        scale = np.float32(1.0 / math.sqrt(layout.rank))
+        up_scaled = up * scale
+        table, router, version = None, None, -1
+        if fields:
+            used, version, vectors, bias, state = fields
+            table = old.table
+            if version != old.routes_version or table is None or len(table) != used:
+                table = read_route_table(self._open_segment())  # names changed (rarely): read them with the table
+                if table is None or len(table) != used:
+                    return old  # a route change committed meanwhile: the next call reads both again
+            router = Router(
+                down,
+                up_scaled,
+                np.ascontiguousarray(vectors[:used]),
+                np.ascontiguousarray(bias[:used]),
+                (state[:used] == ACTIVE).astype(np.uint8),
+                table.names,
+                self._temperature,
+            )
+        w = _Weights(generation, down, np.ascontiguousarray(down.T), up_scaled, version, table, router)
         self._weights = w  # one reference store: other threads see the old or the new tuple
         return w
 

@@ -39,10 +39,12 @@ from ..errors import CheckpointError, ClosedError, InvalidInputError
 from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..shm import slots
-from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS, read_route_table
-from ..shm.ledger import Ledger, learner_over, store_learner
+from ..shm.admin import Mailbox
+from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS
+from ..shm.ledger import Ledger, learner_over, route_table_of, store_learner
 from ..shm.segment import DEFAULT_MODE, Segment, start_ticks
 from ..store.checkpoint import Checkpoint, write_checkpoint
+from . import routes as route_changes
 from .modes import SOLO, ModeContext, ModeFactory
 from .provision import EngineSpec, open_engine
 
@@ -135,10 +137,10 @@ class Flusher:
         # The private state: one ledger record, with the learner's arrays as views into it.
         self._state = self.ledger.snapshot()
         st = self._state[0]
-        self.routes = read_route_table(seg)
-        unit = None if self.routes is None else self.routes.unit
-        self.learner = learner_over(self._state, layout.config, unit, weights=factory.learner_publishes)
+        self.routes = route_table_of(seg, st)
+        self.learner = learner_over(self._state, layout.config, weights=factory.learner_publishes)
         self._learner_publishes = factory.learner_publishes
+        self._mailbox = Mailbox(seg) if layout.max_routes else None
         self._tails = st["lane_tail"]
         self._committed_generation = int(st["generation"])
         self.buffer_head = int(st["buffer_head"])
@@ -224,6 +226,9 @@ class Flusher:
                 requests.append((lane, request, u64[self._head_words[lane]]))
         if requests:
             mode.take_requests(requests)
+        mailbox = self._mailbox
+        if mailbox is not None and mailbox.request > mailbox.answered:
+            self._change_routes(mailbox)
         changed = mode.pump()
         learned = 0
         moved = False  # tails advance also past slots that fail their check: that must be committed too
@@ -249,6 +254,23 @@ class Flusher:
         u64[FLUSHER_WORDS.scans] += 1
         self._f64[FLUSHER_WORDS.heartbeat] = time.time()
         return learned
+
+    def _change_routes(self, mailbox: Mailbox) -> None:
+        """Apply the open route-change request (:mod:`sona_shm.engine.routes`): commit, then answer it."""
+        request = mailbox.open_request()
+        assert request is not None
+        if not self._learner_publishes:  # a fleet host: its table is the fleet's
+            mailbox.answer(request.id, False, 0, route_changes.FLEET_REFUSAL.format(name=self.name))
+            return
+        try:
+            index, self.routes = route_changes.apply(request, self.learner, self._state[0], self._mapped())
+        except InvalidInputError as exc:
+            mailbox.answer(request.id, False, 0, str(exc))
+            log.warning("route change %d (%s) refused: %s", request.id, request.op, exc)
+            return
+        self._commit()
+        mailbox.answer(request.id, True, index, "")
+        log.info("route %d %r: %s (request %d)", index, self.routes.names[index], request.op, request.id)
 
     def _corrupt_head(self, lane: int, head: int, tail: int) -> None:
         """A lane head outside ``[tail, tail + lane_slots]``: not a stall, memory written outside sona_shm.
@@ -314,7 +336,7 @@ class Flusher:
         layout, learner, mode = self.layout, self.learner, self.mode
         flat = lane * layout.lane_slots + first
         rec = self._slots[lane, first : first + count]
-        ok = slots.check(rec, index + 1, layout)
+        ok = slots.check(rec, index + 1, layout, learner.routes_used)
         at_slot = np.flatnonzero(ok)  # the block position of every learnable row
         rows = slots.learning_rows(learner, rec[ok])
         n_steps = rec["n_steps"]
@@ -502,6 +524,9 @@ class Flusher:
         ledger = self.__dict__.pop("ledger", None)
         if ledger is not None:
             ledger.close()
+        mailbox = self.__dict__.pop("_mailbox", None)
+        if mailbox is not None:
+            mailbox.close()
         self.__dict__.pop("_u64", None)
         self.__dict__.pop("_f64", None)
         if self.segment is not None:

@@ -38,11 +38,11 @@ from ..errors import (
     LayoutMismatchError,
     SegmentNotFoundError,
 )
-from ..learn.learner import initial_down
-from ..learn.routes import RouteTable
+from ..learn.learner import STATE_ARRAYS, Learner
+from ..learn.routes import RETIRED, RouteTable
 from ..shm import segment as segment_module
-from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout, read_route_table, write_route_table
-from ..shm.ledger import Ledger
+from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout, given_vectors
+from ..shm.ledger import Ledger, read_route_table
 from ..shm.segment import (
     DEFAULT_MODE,
     GROUP_MODE,
@@ -105,9 +105,9 @@ class EngineSpec:
         if routes is not None:
             given["routes"] = len(routes)
         saved = load_checkpoint(path)
-        if isinstance(saved, Checkpoint) and saved.routes is not None and routes is not None and not saved.routes.same_as(routes):
-            saved = CheckpointError(f"checkpoint {path}: its route table differs from --routes; nothing restored")
-        table = routes if routes is not None else saved.routes if isinstance(saved, Checkpoint) else None
+        if isinstance(saved, Checkpoint) and saved.routes is not None and routes is not None and not saved.routes.starts_with(routes):
+            saved = CheckpointError(f"checkpoint {path}: its route table does not start with --routes' routes; nothing restored")
+        table = saved.routes if isinstance(saved, Checkpoint) and saved.routes is not None else routes
         # A new segment is the checkpoint's engine (if any) with the options given on top.
         base = dataclasses.asdict(saved.config) if isinstance(saved, Checkpoint) else {}
         if config is not None and not isinstance(saved, Checkpoint):
@@ -300,7 +300,8 @@ def _create_or_adopt(
     else:
         try:
             table = read_route_table(segment) if routes is not None else None
-            if routes is not None and (table is None or not table.same_as(routes)):
+            # Routes may have been added, renamed or retired since: the table given must be the one it was created with.
+            if routes is not None and (table is None or segment.layout.routes != len(routes) or not table.starts_with(routes)):
                 raise LayoutMismatchError(
                     f"segment {name!r} exists with another route table; start the flusher without --routes to adopt it, "
                     f"or remove it with `sona-shm destroy --name {name}` (its learned state is lost)"
@@ -313,17 +314,29 @@ def _create_or_adopt(
 
 
 def _initialise(segment: Segment, mode: int, routes: RouteTable | None, checkpoint: Checkpoint | None = None) -> None:
-    """Write header, route table, first ledger copy and doorbell of a zeroed segment; the magic goes last."""
+    """Write header, route table, first ledger copy and doorbell of a zeroed segment; the magic goes last.
+
+    The first ledger copy is a fresh learner's state over ``routes`` (the cosine router's start), then the
+    checkpoint's learned state on top."""
     layout = segment.layout
-    if (routes is None) != (layout.routes == 0):
+    if (routes is None) != (layout.max_routes == 0):
         raise InvalidInputError(
             f"routes: the engine's configuration says {layout.routes} routes, but {'no' if routes is None else 'a'} table was given"
         )
+    if routes is not None and len(routes) > layout.max_routes:
+        raise InvalidInputError(f"routes: the table has {len(routes)} routes, the engine reserves {layout.max_routes} (--max-routes)")
     segment.buf[: len(layout.pack_header())] = layout.pack_header()
-    if routes is not None:
-        write_route_table(segment.numpy_buffer(), layout, routes)
     record = np.zeros(1, dtype=layout.ledger_dtype)
-    record[0]["down"] = initial_down(layout.hidden_dim, layout.rank)
+    st = record[0]
+    fresh = Learner.for_engine(layout.config, None if routes is None else routes.unit)
+    for name in STATE_ARRAYS:
+        st[name] = getattr(fresh, name)
+    if routes is not None:
+        k = len(routes)
+        given_vectors(segment.numpy_buffer(), layout)[:k] = routes.vectors
+        st["routes_used"] = k
+        st["route_names"][:k] = routes.names_bytes()
+        st["route_state"][:k][np.array(routes.retired_flags(), bool)] = RETIRED
     if checkpoint is not None:
         checkpoint.apply(record[0], checkpoint.generation)  # no worker has seen this segment: keep its generation
     ledger = Ledger(segment)

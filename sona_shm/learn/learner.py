@@ -138,7 +138,7 @@ class Learner:
     """
 
     @classmethod
-    def for_engine(cls, config: EngineConfig, unit: np.ndarray | None, **arrays: Any) -> Learner:
+    def for_engine(cls, config: EngineConfig, unit: np.ndarray | None = None, **arrays: Any) -> Learner:
         """The learner of an engine of ``config`` (its shape, rule, learning rates, threshold, temperature, route rows).
 
         ``unit``: the route table's unit vectors, the published route table's start (``None``

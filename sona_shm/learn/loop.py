@@ -122,7 +122,7 @@ class InstantLoop:
         return {
             name: {"chosen": int(c), "best": int(b), "reward_sum": float(r), "retired": bool(t), "drift": float(d)}
             for name, c, b, r, t, d in zip(
-                self.routes.names, learner.route_chosen, learner.route_best, learner.route_reward, self.routes.active_flags(), drift
+                self.routes.names, learner.route_chosen, learner.route_best, learner.route_reward, self.routes.retired_flags(), drift
             )
         }
 

@@ -59,6 +59,8 @@ from .routing import BETA
 FREE, ACTIVE, RETIRED = 0, 1, 2
 #: Scores within this of the best are a tie, won by the lowest index (both paths compute in float64).
 TIE = 1e-9
+#: The explorations by name, and their codes in the C twin's ``route()``.
+MODES = {"greedy": 0, "epsilon": 1, "softmax": 2, "squarecb": 3}
 #: SquareCB's gamma when none is given (BENCHMARKS.md, "Learning": exploration measured against epsilon-greedy and softmax).
 DEFAULT_GAMMA = 1000.0
 F64 = np.dtype(np.float64)
@@ -144,7 +146,7 @@ class RouteTable:
         return ~np.array(self.retired or (False,) * len(self.names), dtype=bool)
 
     def index(self, which: Any, argument: str) -> int:
-        """The index of a route given by index or name; raise naming ``argument`` (also for a retired route)."""
+        """The index of a route given by index or name (a retired one too); raise naming ``argument``."""
         if isinstance(which, str):
             try:
                 found = self.names.index(which)
@@ -156,12 +158,13 @@ class RouteTable:
             raise InvalidInputError(f"{argument}: expected a route index in [0, {len(self.names) - 1}] or a route name, got {which!r}")
         else:
             found = int(which)
-        if self.retired and self.retired[found]:
-            raise InvalidInputError(f"{argument}: route {self.names[found]!r} is retired (it is never chosen or learned any more)")
         return found
 
-    def same_as(self, other: RouteTable) -> bool:
-        return self.names == other.names and np.array_equal(self.vectors, other.vectors)
+    def starts_with(self, other: RouteTable) -> bool:
+        """Whether this table's first routes are ``other``'s vectors as given (routes added, renamed or retired since
+        keep a table "the same": only the vectors a route was created with identify it)."""
+        k = len(other)
+        return len(self) >= k and np.array_equal(self.vectors[:k], other.vectors)
 
     def names_bytes(self) -> np.ndarray:
         """``S64[K]``: the names as stored in a segment (UTF-8, NUL-padded)."""
@@ -191,11 +194,11 @@ class RouteTable:
         if v.shape[0] != 1:
             raise InvalidInputError(f"vector: expected one vector of {self.vectors.shape[1]} values, got shape {v.shape}")
         names = _check_names([*self.names, name], len(self.names) + 1, "name")
-        return RouteTable._of(np.concatenate([self.vectors, v]), names, (*self.active_flags(), False))
+        return RouteTable._of(np.concatenate([self.vectors, v]), names, (*self.retired_flags(), False))
 
     def renamed(self, which: Any, name: Any) -> RouteTable:
         """The table with route ``which`` (index or name; retired ones too) renamed to ``name``."""
-        i = replace(self, retired=()).index(which, "route")
+        i = self.index(which, "route")
         names = list(self.names)
         names[i] = name
         return replace(self, names=_check_names(names, len(names), "name"))
@@ -203,14 +206,16 @@ class RouteTable:
     def retired_route(self, which: Any) -> RouteTable:
         """The table with route ``which`` retired (an active one: at least one route must stay active)."""
         i = self.index(which, "route")
-        flags = list(self.active_flags())
+        flags = list(self.retired_flags())
+        if flags[i]:
+            raise InvalidInputError(f"route: {self.names[i]!r} is retired already")
         flags[i] = True
         if all(flags):
             raise InvalidInputError(f"route: {self.names[i]!r} is the last active route; add another before retiring it")
         return replace(self, retired=tuple(flags))
 
-    def active_flags(self) -> tuple[bool, ...]:
-        """The retired flags, one per route (``retired`` itself may be empty: none retired)."""
+    def retired_flags(self) -> tuple[bool, ...]:
+        """One flag per route, True for a retired one (``retired`` itself may be empty: none retired)."""
         return self.retired or (False,) * len(self.names)
 
 

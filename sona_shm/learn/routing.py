@@ -41,8 +41,8 @@ bandit learning above 0.01, BENCHMARKS.md):
     dU_r = adapter_lr s (d_r . q^) g,   dD_r = adapter_lr s (u_r . g) q^
 
 A zero query, or one the adapter maps to (almost) zero, teaches nothing (the signal counts).
-Every quantity is bounded: ``|x| <= 2``, ``|dv_k| <= 4 eta tau``, so no single feedback moves
-the table far.
+Every quantity is bounded: ``|c_k| <= 1``, ``|x| <= 2``, ``|dv_k| <= 2 eta tau``, so no single feedback
+moves the table far (``tests/test_routing_properties.py``).
 
 Windows: the learner moves its working copy at every feedback and publishes a *window* —
 ``working - published`` (the rows of ``V`` it touched, every bias, the adapter when it learns),
@@ -109,7 +109,7 @@ def step(
     down: np.ndarray,
     vectors: np.ndarray,
     bias: np.ndarray,
-    centre: np.ndarray,
+    centre: np.ndarray | None,
     active: np.ndarray,
     query: np.ndarray,
     route: int,
@@ -123,8 +123,9 @@ def step(
 ) -> bool:
     """One feedback, in place, on the working state (module docstring); True if it moved anything.
 
-    ``up``, ``down``: ``float32[R, h]``; ``vectors``: ``float32[K, h]``; ``bias``: ``float32[K]``;
-    ``centre``: ``float64[h]`` (``mu``); ``active``: ``bool[K]``; ``query``: ``float32[h]``;
+    ``up``, ``down``: ``float32[R, h]``; ``vectors``: ``float32[K, h]``; ``bias``: ``float32[K]``
+    (float64 arrays are stepped in float64: the tests' exact gradient); ``centre``: ``float64[h]``
+    (``mu``; None: no centring, ``mu = 0``); ``active``: ``bool[K]``; ``query``: ``float32[h]``;
     ``route``/``best``: the route served / the right route (-1: none); ``n``: feedbacks learned,
     this one included.
     """
@@ -157,19 +158,22 @@ def step(
         g = (temperature / max(fn, GRADIENT_FLOOR)) * (w - fh * (fh @ w))
         dU = s * np.outer(kappa, g)
         dD = s * np.outer(U @ g, q)
-        up[...] = (U + adapter_lr * dU).astype(F32)
-        down[...] = (D + adapter_lr * dD).astype(F32)
-    centre += (fh - centre) / min(n, CENTRE)
-    x = fh - centre
+        up[...] = (U + adapter_lr * dU).astype(up.dtype)
+        down[...] = (D + adapter_lr * dD).astype(down.dtype)
+    if centre is not None:
+        centre += (fh - centre) / min(n, CENTRE)
+        x = fh - centre
+    else:
+        x = fh
     dV = temperature * cr[:, None] * x[None, :]
     pushed = cr < 0
     if pushed.any():
         own = Vr[pushed] / np.sqrt(np.einsum("ij,ij->i", Vr[pushed], Vr[pushed]))[:, None]
         dV[pushed] -= PROTECT * np.einsum("ij,ij->i", dV[pushed], own)[:, None] * own
     dV *= lr
-    db = BIAS_LR * BETA * cr - (temperature / BETA) * (dV @ centre)
-    vectors[rows] = (Vr + dV).astype(F32)
-    bias[rows] = (bias[rows].astype(F64) + db).astype(F32)
+    db = BIAS_LR * BETA * cr - (temperature / BETA) * (dV @ centre if centre is not None else 0.0)
+    vectors[rows] = (Vr + dV).astype(vectors.dtype)
+    bias[rows] = (bias[rows].astype(F64) + db).astype(bias.dtype)
     return True
 
 
@@ -195,4 +199,4 @@ def loss(
     logp = logp - np.log(np.exp(logp).sum())
     if best >= 0:
         return float(logp[best])
-    return float(reward * logp[route] + (1 - reward) * np.log(1 - 1 / (1 + np.exp(-(z[route] - OFFSET)))))
+    return float(reward * logp[route] - (1 - reward) * np.logaddexp(0.0, z[route] - OFFSET))  # log(1 - sigmoid(t)) = -softplus(t)

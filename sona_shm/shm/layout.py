@@ -12,7 +12,8 @@ Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
     offset          size                          region
     0               PAGE                          header + control lines
     ledger_offset   2 * ledger_bytes              the flusher's state, double-buffered
-    routes_offset   routes_bytes                  the route table (K vectors, K names); read-only
+    routes_offset   routes_bytes                  the route vectors as given (max_routes rows)
+    admin_offset    admin_bytes (0 without routes) the route-change mailbox
     fleet_offset    FLEET_BYTES (0 without outbox) the fleet's control lines and identity
     outbox_offset   fleet_outbox * entry_bytes    the fleet outbox: sealed windows (page-aligned)
     lanes_offset    lanes * 128                   lane control (one per producer lane)
@@ -42,13 +43,15 @@ the magic sees a complete header)::
     96  u64 buffer_offset
     104 f64 created_at       unix time
     112 u32 rule             0 reference, 1 routing (config.RULES)
-    116 u32 routes           K, route vectors in the route table (0: no table)
+    116 u32 routes           K, routes in the table the engine was created with (0: no table)
     120 f64 temperature      the routing rule's softmax temperature
-    128 u64 routes_offset    (routes_bytes = round_up(4 * K * h + 64 * K, 64))
+    128 u64 routes_offset    (routes_bytes = round_up(4 * Km * h, 64))
     136 u64 fleet_offset     (FLEET_BYTES when fleet_outbox > 0, else nothing there)
     144 u64 outbox_offset
     152 u32 fleet_outbox     entries of the outbox ring (0: the engine cannot join a fleet)
     156 u32 fleet_hosts      M, hosts the applied table can hold (MAX_FLEET_HOSTS, or 0 without outbox)
+    160 f64 adapter_lr       the routing rule's step of the adapter (0: it does not learn)
+    168 u32 max_routes       Km, rows reserved for routes (K and room to add more; 0 without a table)
 
 Control lines (64 bytes each, inside the header page; one writer per line)::
 
@@ -100,11 +103,26 @@ exactly once across any crash::
     fleet_applied_at f64    unix time the last applied window was sealed (its author's clock)
     down f32[R, h], up f32[R, h]   the adapter (``down`` learns only under the routing rule);
                         in fleet mode the fleet's adapter: changed only by applying the stream
-    grad_up f64[R, h], grad_down f64[R, h]   gradient sums since the last flush (or seal)
+    routes_used u64     rows of the route table in use (routes ever added: K at creation, then
+                        one more per ``routes add``); rows below it hold a route, active or retired
+    routes_version u64  bumped whenever a route's name or state changes (workers reload names)
+    route_request u64   the last route-change request applied (see "Route-change mailbox")
+    down f32[R, h], up f32[R, h]   the published adapter (``down`` learns only under the routing rule
+                        with ``adapter_lr``); in fleet mode the fleet's: changed only by applying the stream
+    grad_up f64[R, h]   the reference rule's gradient sums since the last flush (or seal)
     lane_tail u64[L]    slots of each lane learned, ever
-    route_chosen u64[K] feedback whose route_index is k (the route taken)
-    route_best u64[K]   feedback whose best_index is k (the route that was right)
-    route_reward f64[K] summed reward of route k when taken (quality, or 1/0 against best_index)
+    route_chosen u64[Km] feedback whose route_index is k (the route taken)
+    route_best u64[Km]  feedback whose best_index is k (the route that was right)
+    route_reward f64[Km] summed reward of route k when taken (quality, or 1/0 against best_index)
+    route_vectors f32[Km, h]  the published route vectors route() scores with: the unit vectors of the
+                        table as given, then (routing rule) as learned; in fleet mode the fleet's
+    route_bias f32[Km]  the published per-route bias (routing rule; 0 under the reference rule)
+    route_state u8[Km]  0 free row, 1 active route, 2 retired route (never chosen or learned again)
+    route_names S64[Km] route names, UTF-8, NUL-padded
+    -- the routing rule's working copy (0 rows under the reference rule; learn/routing.py):
+    work_up, work_down f32[R, h], work_vectors f32[Km, h], work_bias f32[Km]
+                        the state every feedback moves; a window publishes ``working - published``
+    route_centre f64[h] the running mean of the adapted queries the rule centres on
     fleet_host u64[M]   the applied table: a host (the first 8 bytes of blake2b(host id)), 0: free
     fleet_host_seq u64[M]   the last seq of that host applied here
     fleet_host_cum u64[M]   the ``cum`` of its last window applied (signals the host had sealed by then)
@@ -174,11 +192,31 @@ N) * slot_bytes``, buffer slot ``j`` at ``buffer_offset + (j % C) * slot_bytes``
         query f32[h], then S * (activations f32[h] (zero-padded past act_len),
                                 attention f32[A] (valid up to att_len))
 
-Route table (at ``routes_offset``, written by the creator before the magic, never
-after)::
+Route vectors as given (at ``routes_offset``): ``f32[Km, h]``, row ``k`` the vector route
+``k`` was created with (the table's, or ``routes add``'s) — what a feedback's step carries
+and what a route's drift is measured from. Row ``k`` is written once, before the commit
+that raises ``routes_used`` past ``k`` (by the creator before the magic, or by the
+flusher), and never after; readers read only rows below a committed ``routes_used``.
 
-    vectors f32[K, h]   the route vectors as given
-    names   S64[K]      route names, UTF-8, NUL-padded
+Route-change mailbox (at ``admin_offset``, ``admin_bytes``; only with a route table). One
+request at a time: the requester holds the admin lock from writing a request until it has
+its answer (or gives up waiting)::
+
+    +0   u64 request      bumped by the requester after writing the fields below
+    +8   u64 answered     the flusher: the last request answered (the reply fields are its)
+    +16  u32 op           1 add, 2 rename, 3 retire
+    +20  u32 route        the route changed (rename, retire): its index
+    +24  u32 status       the reply: 1 done, 2 refused (the message says why)
+    +28  u32 index        the reply: the route's index
+    +32  S64 name         add: the new route's name; rename: its new name
+    +96  S256 message     the reply: why a request was refused
+    +384 f32[h] vector    add: the new route's vector as given
+
+The flusher applies a request between two scans: it validates it against the committed
+table, writes the route's vector (add), changes its learner and record and commits with
+``route_request = request``; then it writes the reply and ``answered``. A flusher killed
+in between leaves ``route_request == request > answered``: the next one answers "done"
+without applying it twice.
 
 Only the prefix a trajectory uses is ever written or copied (``prefix_bytes(n_steps)``),
 and slots of a page or more are page-aligned: at h=256 a one-step trajectory touches one
@@ -192,6 +230,7 @@ and a recycled pid never inherits a lane)::
 
     byte 0            the flusher lock (exactly one flusher per segment)
     byte 1            the drain lock (its holder owns the consumer line)
+    byte 2            the admin lock (its holder owns the route-change mailbox's request)
     byte 64 + lane    the lane lock (its holder owns the lane's producer line)
 """
 
@@ -208,7 +247,6 @@ import numpy as np
 
 from ..config import RULES, EngineConfig
 from ..errors import InvalidInputError, LayoutMismatchError
-from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
 
@@ -247,8 +285,16 @@ MAX_FLEET_HOSTS = 64
 #: The header of a sealed window (outbox entry and stream field), in bytes.
 WINDOW_HEAD_BYTES = 64
 
+#: The route-change mailbox (see the docstring): field offsets, operations and reply states.
+ADMIN_REQUEST, ADMIN_ANSWERED, ADMIN_OP, ADMIN_ROUTE, ADMIN_STATUS, ADMIN_INDEX = 0, 8, 16, 20, 24, 28
+ADMIN_NAME, ADMIN_MESSAGE, ADMIN_VECTOR = 32, 96, 384
+ADMIN_MESSAGE_BYTES = 256
+OP_ADD, OP_RENAME, OP_RETIRE = 1, 2, 3
+STATUS_DONE, STATUS_REFUSED = 1, 2
+
 LOCK_FLUSHER = 0
 LOCK_DRAIN = 1
+LOCK_ADMIN = 2
 LOCK_LANE_BASE = 64
 
 
@@ -442,18 +488,16 @@ class Layout:
             ("route_request", "<u8"),
         ]
         arrays: list[tuple[str, Any]] = [
+            ("route_names", (f"S{ROUTE_NAME_BYTES}", (km,))),  # first: the arrays start on a line, and so do its names
             ("down", ("<f4", (r, h))),
             ("up", ("<f4", (r, h))),
             ("grad_up", ("<f8", (r, h))),
-            ("grad_down", ("<f8", (r, h))),
             ("lane_tail", ("<u8", (config.lanes,))),
             ("route_chosen", ("<u8", (km,))),
             ("route_best", ("<u8", (km,))),
             ("route_reward", ("<f8", (km,))),
             ("route_vectors", ("<f4", (km, h))),
             ("route_bias", ("<f4", (km,))),
-            ("route_state", ("u1", (km,))),
-            ("route_names", (f"S{ROUTE_NAME_BYTES}", (km,))),
             ("work_up", ("<f4", (r if routing else 0, h))),
             ("work_down", ("<f4", (r if routing else 0, h))),
             ("work_vectors", ("<f4", (kw, h))),
@@ -462,6 +506,7 @@ class Layout:
             ("fleet_host", ("<u8", (m,))),
             ("fleet_host_seq", ("<u8", (m,))),
             ("fleet_host_cum", ("<u8", (m,))),
+            ("route_state", ("u1", (km,))),  # last: bytes need no alignment
         ]
         offsets, at = [], 0
         for i, (_, fmt) in enumerate(scalars + arrays):
@@ -501,6 +546,9 @@ class Layout:
         #: Word index of each ledger copy's ``generation`` and of its ``lane_tail[0]`` (the fields readers take one at a time).
         self.generation_words = tuple(self.ledger_copy(i) // 8 + ledger_fields["generation"][1] // 8 for i in (0, 1))
         self.lane_tail_words = tuple(self.ledger_copy(i) // 8 + ledger_fields["lane_tail"][1] // 8 for i in (0, 1))
+        #: ... and of its ``routes_used``, which only grows: a producer reads it alone (of either copy: any value read is
+        #: one the engine had once, so a route index below it names a route) to refuse a route index above it.
+        self.routes_used_words = tuple(self.ledger_copy(i) // 8 + ledger_fields["routes_used"][1] // 8 for i in (0, 1))
 
     @functools.cached_property
     def geometry(self) -> Any:
@@ -518,7 +566,7 @@ class Layout:
             payload_offset=self.payload_offset,
             route_offset=self.route_offset,
             step_bytes=self.step_bytes,
-            routes=self.routes,
+            routes=self.max_routes,
             lanes_offset=self.lanes_offset,
             slots_offset=self.slots_offset,
             unit_reward=self.config.rule == "routing",
@@ -709,36 +757,7 @@ def fleet_token(buf: Any, layout: Layout, new: bytes) -> bytes:
     return token
 
 
-def read_route_table(segment: Any) -> RouteTable | None:
-    """The route table of a mapped segment as the committed ledger has it (names and states in the ledger,
-    the vectors as given at creation in the route region), or None if it has none; private copies.
-
-    A table that fails validation can only come from memory corruption: it is a :class:`LayoutMismatchError`.
-    """
-    from .ledger import Ledger  # the ledger's reader (a module of this layer that imports this one)
-
-    layout = segment.layout
-    if not layout.max_routes:
-        return None
-    ledger = Ledger(segment)
-    try:
-        used, names, states = ledger.read("routes_used", "route_names", "route_state")
-    finally:
-        ledger.close()
-    vectors = np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=segment.numpy_buffer(), offset=layout.routes_offset)
-    try:
-        return RouteTable.from_stored(np.array(vectors[:used]), names[:used], f"segment {segment.name!r}", states[:used])
-    except InvalidInputError as exc:
-        raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None
-
-
-def initial_vectors(segment: Any) -> np.ndarray:
-    """``float32[max_routes, h]``: a view of the route region — each route's vector as it was given (for drift)."""
-    layout = segment.layout
-    return np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=segment.numpy_buffer(), offset=layout.routes_offset)
-
-
-def write_initial_vector(buffer: Any, layout: Layout, index: int, vector: np.ndarray) -> None:
-    """Store route ``index``'s vector as given into the route region: by the creator before the magic, or by the
-    flusher before the commit that adds the route (readers read a row only once the ledger says it is in use)."""
-    np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=buffer, offset=layout.routes_offset)[index] = vector
+def given_vectors(buffer: Any, layout: Layout) -> np.ndarray:
+    """``float32[max_routes, h]``: a view of the route region of a segment's ``buffer`` — each route's vector as
+    it was given (see "Route vectors as given": row ``k`` is written once, before ``routes_used`` passes ``k``)."""
+    return np.ndarray((layout.max_routes, layout.hidden_dim), dtype=np.float32, buffer=buffer, offset=layout.routes_offset)

@@ -14,9 +14,10 @@ import signal
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import TornRead
-from ..learn.learner import Learner
-from .layout import COMMIT_WORD
+from ..errors import InvalidInputError, LayoutMismatchError, TornRead
+from ..learn.learner import STATE_ARRAYS, Learner
+from ..learn.routes import RouteTable
+from .layout import COMMIT_WORD, given_vectors
 from .segment import Segment
 
 #: Reader retries before giving up on a consistent read. A retry means the flusher
@@ -117,24 +118,24 @@ class Ledger:
 
 # ----------------------------------------------------------------- the learner's state in a record
 
-#: The learner's arrays in a ledger record (``down``/``up`` are its weights: see :func:`learner_over`).
-LEARNER_ARRAYS = ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")
+#: The published state a learner learns into only when it publishes its own (a solo engine); a fleet host's are the fleet's.
+PUBLISHED_ARRAYS = ("down", "up", "route_vectors", "route_bias")
 #: The learner's counters in a ledger record (``generation`` goes with the weights).
-LEARNER_COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied")
+LEARNER_COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied", "routes_used")
 
 
-def learner_over(record: np.ndarray, config: EngineConfig, unit: np.ndarray | None, *, weights: bool) -> Learner:
+def learner_over(record: np.ndarray, config: EngineConfig, *, weights: bool) -> Learner:
     """The :class:`~sona_shm.learn.learner.Learner` of a private ledger ``record`` (shape ``(1,)``), learning into it.
 
-    Its arrays are views into the record, so what it learns is in the record without a copy;
-    its counters are read from it and written back by :func:`store_learner`. ``weights``:
-    the learner's ``up``/``down`` are the record's — the engine publishes what it learns
-    (a solo engine) — or else private copies that start as the record's (a fleet host, whose
-    published adapter is the fleet's).
+    Its arrays (:data:`~sona_shm.learn.learner.STATE_ARRAYS`) are views into the record, so what it learns is in
+    the record without a copy; its counters are read from it and written back by :func:`store_learner`.
+    ``weights``: the learner's published arrays (:data:`PUBLISHED_ARRAYS`) are the record's — the engine
+    publishes what it learns (a solo engine) — or else private copies that start as the record's (a fleet host,
+    whose published adapter and route table are the fleet's).
     """
     st = record[0]
-    arrays = {name: st[name] if weights or name not in ("down", "up") else np.array(st[name]) for name in LEARNER_ARRAYS}
-    learner = Learner.for_engine(config, unit, **arrays)
+    arrays = {name: st[name] if weights or name not in PUBLISHED_ARRAYS else np.array(st[name]) for name in STATE_ARRAYS}
+    learner = Learner.for_engine(config, **arrays)
     for name in (*LEARNER_COUNTERS, "generation"):
         setattr(learner, name, int(st[name]))
     return learner
@@ -148,3 +149,34 @@ def store_learner(record: np.ndarray, learner: Learner, *, weights: bool) -> Non
         st[name] = getattr(learner, name)
     if weights:
         st["generation"] = learner.generation
+
+
+def read_route_table(segment: Segment) -> RouteTable | None:
+    """The route table of a mapped segment as its committed ledger has it (:func:`route_table_of` the current copy)."""
+    if not segment.layout.max_routes:
+        return None
+    ledger = Ledger(segment)
+    try:
+        used, names, states = ledger.read("routes_used", "route_names", "route_state")
+    finally:
+        ledger.close()
+    return _table(segment, used, names, states)
+
+
+def route_table_of(segment: Segment, record: np.void) -> RouteTable | None:
+    """The route table a ledger ``record`` of ``segment`` has — names and states from the record, each route's
+    vector as given from the route region — or None if it has none; private copies.
+
+    A table that fails validation can only come from memory corruption: it is a :class:`LayoutMismatchError`.
+    """
+    if not segment.layout.max_routes:
+        return None
+    return _table(segment, int(record["routes_used"]), record["route_names"], record["route_state"])
+
+
+def _table(segment: Segment, used: int, names: np.ndarray, states: np.ndarray) -> RouteTable:
+    vectors = np.array(given_vectors(segment.numpy_buffer(), segment.layout)[:used])
+    try:
+        return RouteTable.from_stored(vectors, names[:used], f"segment {segment.name!r}", states[:used])
+    except InvalidInputError as exc:
+        raise LayoutMismatchError(f"{exc}: its route table is corrupt; remove it with `sona-shm destroy --name {segment.name}`") from None

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..learn.learner import Learner, Rows
 from ..trajectory import F32, ROUTE_MAX_BYTES, CheckedTrajectory, TrajectoryBatch, all_finite, check_finite, check_trajectory
-from .layout import FLUSHER_WORDS, Layout
+from .layout import COMMIT_WORD, FLUSHER_WORDS, Layout
 from .segment import Segment
 
 #: struct formats of a slot's head from ``traj_id`` on, by step count (layout.py, "Slot").
@@ -43,6 +43,11 @@ class LaneViews:
         self.floats = np.ndarray((layout.lane_slots * layout.slot_bytes) // 4, dtype=F32, buffer=segment.numpy_buffer(), offset=self.slot0)
         self.words: Any = self.floats.data  # a memoryview: its slice stores cost half of numpy's
         self.zeros: Any = np.zeros(layout.hidden_dim, dtype=F32).data
+        self.used_words = layout.routes_used_words
+
+    def routes_used(self) -> int:
+        """The routes the engine has now (read alone; see ``Layout.routes_used_words``)."""
+        return int(self.u64[self.used_words[self.u64[COMMIT_WORD] & 1]])
 
     def check(self, traj: Any, *, finite: bool = True) -> CheckedTrajectory:
         """:func:`check_trajectory` against this engine (its bounds, route table and rule)."""
@@ -54,7 +59,7 @@ class LaneViews:
             attention_dim=layout.attention_dim,
             where=self.where,
             finite=finite,
-            routes=layout.routes,
+            routes=self.routes_used(),
             unit_reward=layout.config.rule == "routing",
         )
 
@@ -135,8 +140,9 @@ def _copy_payload(views: LaneViews, first: int, checked: CheckedTrajectory) -> t
     return at - first, meta
 
 
-def check(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
-    """Which of the lane slots ``rec`` (stamped from ``first_seq``) may be learned: ``bool[n]``.
+def check(rec: np.ndarray, first_seq: int, layout: Layout, routes: int) -> np.ndarray:
+    """Which of the lane slots ``rec`` (stamped from ``first_seq``) may be learned: ``bool[n]``; ``routes``: the
+    routes in use (a route index at or above it names no route).
 
     A slot is corrupt if its stamp, step count, route length, step lengths or route
     indices are out of bounds, its quality or a step's reward is not finite, or a value the
@@ -151,7 +157,7 @@ def check(rec: np.ndarray, first_seq: int, layout: Layout) -> np.ndarray:
     S, h, A = layout.max_steps, layout.hidden_dim, layout.attention_dim
     ok = _head_ok(rec["seq"], first_seq, n_steps, rec["route_len"], layout)
     probability = rec["probability"]
-    ok &= (route_index < layout.routes) & (best_index < layout.routes) & np.isfinite(rec["quality"])
+    ok &= (route_index < routes) & (best_index < routes) & np.isfinite(rec["quality"])
     ok &= (probability == 0) | ((probability > 0) & (probability <= 1))  # 0: not recorded
     in_use = np.arange(S) < np.minimum(n_steps, S)[:, None]  # [n, S]: the steps each slot has
     meta = rec["meta"]

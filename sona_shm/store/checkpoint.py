@@ -1,29 +1,38 @@
 """Adapter checkpoints: an engine's learned state in a safetensors file, and restoring it as a transaction.
 
 A checkpoint is what the ledger holds apart from lane and buffer positions: the adapter,
-the pending gradients, the counters and per-route counts, plus the engine's
-configuration and route table. It is a safetensors file (:mod:`sona_shm.store.tensorfile`)
-that standard tools read::
+the open window, the counters, the route table and what was learned of it, plus the
+engine's configuration. It is a safetensors file (:mod:`sona_shm.store.tensorfile`) that
+standard tools read::
 
     base_model.model.layers.0.self_attn.micro_lora_A.weight  F32 [rank, hidden_dim]  down
     base_model.model.layers.0.self_attn.micro_lora_B.weight  F32 [hidden_dim, rank]  up, transposed
-    sona.grad_up                                             F64 [rank, hidden_dim]  pending gradient sums of up
-    sona.grad_down                                           F64 [rank, hidden_dim]  ... of down (routing rule)
-    sona.routes                                              F32 [K, hidden_dim]     the route table (K > 0 only)
+    sona.grad_up                                             F64 [rank, hidden_dim]  the reference rule's pending sums
+    -- with a route table of K routes (the routes in use: as created, added, retired):
+    sona.routes                                              F32 [K, hidden_dim]     each route's vector as given
+    sona.route_vectors, sona.route_bias                      F32 [K, h], F32 [K]     the published learned table
+    sona.route_state                                         U8 [K]                  1 active, 2 retired
     sona.route_chosen, sona.route_best                       U64 [K]                 feedback counts per route
     sona.route_reward                                        F64 [K]                 summed reward per route
+    -- and under the routing rule, the open window (learn/routing.py):
+    sona.work_up, sona.work_down                             F32 [rank, hidden_dim]  the working adapter
+    sona.work_vectors, sona.work_bias                        F32 [K, h], F32 [K]     the working route table
+    sona.route_centre                                        F64 [hidden_dim]        the centre of the adapted queries
 
 The two adapter tensors have the names and shapes the Rust crate's exporter gives its
 micro-LoRA (``export/safetensors.rs``), in PEFT's orientation: ``lora_A`` is ``[r,
 in]``, ``lora_B`` is ``[out, r]``, and the adapter adds ``B @ A @ x * scaling`` with
-``scaling = 1/sqrt(rank)``. The gradient sums are float64 as in the ledger, so a
-restored engine continues exactly where the checkpointed one stopped.
+``scaling = 1/sqrt(rank)``. The open window is kept exactly (float64 sums, the working
+copy), so a restored engine continues where the checkpointed one stopped.
 
 ``__metadata__`` (all values strings): ``format`` = ``sona_shm.adapter``,
-``format_version`` (2; version 1 files, written before the routing rule, are read as
-reference-rule engines without routes), every :class:`~sona_shm.config.EngineConfig`
-field, ``route_names`` (a JSON list), ``scaling``, ``generation``, ``pending``, the
-four metrics, ``corrupt``, ``last_flush_at`` and ``written_at``.
+``format_version`` (3), every :class:`~sona_shm.config.EngineConfig` field,
+``route_names`` (a JSON list), ``scaling``, ``generation``, ``pending``, the four metrics,
+``corrupt``, ``last_flush_at`` and ``written_at``. Older files still restore: version 1
+(before routes) as a reference-rule engine without routes; version 2 (before the learned
+route table) with its route vectors and biases at their start, and a routing-rule file's
+open window applied as that rule's flush would have applied it (its adapter, ``U`` and
+``D``, keeps routing through ``forward()``).
 
 Restoring validates everything first — the file's structure, names, dtypes, shapes
 against the engine, its rule and route table, finiteness, the counters' ranges and
@@ -42,24 +51,27 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import CheckpointError, FleetError, FlusherRunningError, InvalidInputError
-from ..learn.routes import RouteTable
-from ..shm.layout import LOCK_FLUSHER, Layout, read_route_table
-from ..shm.ledger import Ledger
+from ..learn.learner import STATE_ARRAYS, apply_sums
+from ..learn.routes import ACTIVE, RETIRED, RouteTable
+from ..shm.layout import LOCK_FLUSHER, Layout, given_vectors
+from ..shm.ledger import Ledger, read_route_table, route_table_of
 from ..shm.segment import Segment
 from .tensorfile import decode, encode, read_file, write_atomic
 
 FORMAT = "sona_shm.adapter"
-FORMAT_VERSION = "2"
-_READABLE_VERSIONS = ("1", FORMAT_VERSION)
+FORMAT_VERSION = "3"
+_READABLE_VERSIONS = ("1", "2", FORMAT_VERSION)
 
 DOWN = "base_model.model.layers.0.self_attn.micro_lora_A.weight"
 UP_T = "base_model.model.layers.0.self_attn.micro_lora_B.weight"
 GRAD_UP = "sona.grad_up"
-GRAD_DOWN = "sona.grad_down"
+GRAD_DOWN = "sona.grad_down"  # version 2, routing rule: the old rule's pending sums of down
 ROUTES = "sona.routes"
-ROUTE_CHOSEN = "sona.route_chosen"
-ROUTE_BEST = "sona.route_best"
-ROUTE_REWARD = "sona.route_reward"
+#: The tensors of a table of K routes: the ledger's per-route arrays of the same names (``sona.<name>``), K rows.
+ROUTE_TENSORS = ("route_vectors", "route_bias", "route_state", "route_chosen", "route_best", "route_reward")
+#: The routing rule's working state (``sona.<name>``): the adapter's, the route table's (K rows) and the centre.
+WORK_TENSORS = ("work_up", "work_down", "work_vectors", "work_bias", "route_centre")
+_PER_ROUTE = {"route_vectors", "route_bias", "route_state", "route_chosen", "route_best", "route_reward", "work_vectors", "work_bias"}
 
 #: The ledger counters a checkpoint carries (``generation`` is handled apart: see :func:`restore`).
 COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied", "corrupt")
@@ -68,70 +80,92 @@ COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes
 COUNTER_MAX = 2**62
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(EngineConfig))
-_CONFIG_KINDS: dict[str, type] = {"lr": float, "temperature": float, "rule": str}
+_CONFIG_KINDS: dict[str, type] = {"lr": float, "temperature": float, "adapter_lr": float, "rule": str}
+#: Config fields a file of an older format may lack, and what they were then.
+_ADDED_FIELDS: dict[str, Any] = {"fleet_outbox": 0, "max_routes": 0, "adapter_lr": 0.0}
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A validated checkpoint: ``down``/``up`` ``float32[rank, hidden_dim]``, gradient sums float64, routes and counts."""
+    """A validated checkpoint: the engine's ``config``, its ``routes`` (K in use, as given, with names and retired
+    flags; None without a table), the learner's state ``arrays`` by ledger field name (per-route arrays of K rows;
+    only those the rule has), the generation, counters and the time of the last flush."""
 
     config: EngineConfig
-    down: np.ndarray
-    up: np.ndarray
-    grad_up: np.ndarray
-    grad_down: np.ndarray
     routes: RouteTable | None
-    route_chosen: np.ndarray
-    route_best: np.ndarray
-    route_reward: np.ndarray
+    arrays: dict[str, np.ndarray]
     generation: int
     counters: dict[str, int]
     last_flush_at: float
 
+    @property
+    def down(self) -> np.ndarray:
+        return self.arrays["down"]
+
+    @property
+    def up(self) -> np.ndarray:
+        return self.arrays["up"]
+
     @classmethod
     def from_record(cls, record: np.void, config: EngineConfig, routes: RouteTable | None) -> Checkpoint:
-        """The checkpoint of one ledger record (a consistent snapshot) of an engine with ``config`` and ``routes``."""
-        return cls(
-            config,
-            np.array(record["down"]),
-            np.array(record["up"]),
-            np.array(record["grad_up"]),
-            np.array(record["grad_down"]),
-            routes,
-            np.array(record["route_chosen"]),
-            np.array(record["route_best"]),
-            np.array(record["route_reward"]),
-            int(record["generation"]),
-            {name: int(record[name]) for name in COUNTERS},
-            float(record["last_flush_at"]),
-        )
+        """The checkpoint of one ledger record (a consistent snapshot) of an engine with ``config`` and ``routes`` (the
+        record's table: :func:`~sona_shm.shm.ledger.read_route_table` of the same snapshot's segment)."""
+        k = 0 if routes is None else len(routes)
+        arrays = {name: np.array(record[name][:k] if name in _PER_ROUTE else record[name]) for name in _state_names(config, k)}
+        return cls(config, routes, arrays, int(record["generation"]), {name: int(record[name]) for name in COUNTERS}, float(record["last_flush_at"]))
 
     def check_fits(self, layout: Layout, where: str, routes: RouteTable | None = None) -> None:
         """Refuse a checkpoint that does not fit the engine of ``layout`` (shapes, rule, route table, pending count).
 
-        ``routes``: the engine's table, when the engine exists already (a restore).
+        ``routes``: the engine's table, when the engine exists already (a restore): its first routes must be the
+        checkpoint's (routes added since start from their vectors as given; names and retirements stay the engine's).
         """
-        for name in ("hidden_dim", "rank", "rule", "routes"):
+        for name in ("hidden_dim", "rank", "rule"):
             ours, theirs = getattr(layout.config, name), getattr(self.config, name)
             if ours != theirs:
                 raise CheckpointError(f"{where}: {name} is {theirs!r}, the engine's is {ours!r}; nothing restored")
-        if routes is not None and self.routes is not None and not routes.same_as(self.routes):
-            raise CheckpointError(f"{where}: its route table differs from the engine's (names or vectors); nothing restored")
+        k = 0 if self.routes is None else len(self.routes)
+        if (k == 0) != (layout.max_routes == 0):
+            raise CheckpointError(f"{where}: it has {k} routes, the engine {'has' if layout.max_routes else 'has no'} route table; nothing restored")
+        if k > layout.max_routes:
+            raise CheckpointError(f"{where}: it has {k} routes, the engine reserves {layout.max_routes} (--max-routes); nothing restored")
+        if routes is not None and self.routes is not None and not routes.starts_with(self.routes):
+            raise CheckpointError(
+                f"{where}: its {k} routes are not the engine's first routes (their vectors as given differ, or the engine has fewer); "
+                "nothing restored"
+            )
         if self.counters["pending"] >= layout.config.flush_threshold:
             raise CheckpointError(
                 f"{where}: {self.counters['pending']} pending signals, the engine flushes at {layout.config.flush_threshold}; "
                 "nothing restored"
             )
 
-    def apply(self, record: np.void, generation: int) -> None:
-        """Write the learned state into ledger ``record``; lane tails and buffer positions are kept."""
-        record["down"] = self.down
-        record["up"] = self.up
-        record["grad_up"] = self.grad_up
-        record["grad_down"] = self.grad_down
-        record["route_chosen"] = self.route_chosen
-        record["route_best"] = self.route_best
-        record["route_reward"] = self.route_reward
+    def apply(self, record: np.void, generation: int, given: np.ndarray | None = None) -> None:
+        """Write the learned state into ledger ``record``; lane tails and buffer positions are kept.
+
+        The checkpoint's routes take rows ``[0, K)``; routes the engine added since restart from their vectors
+        as given (``given``: the segment's route region), with no counts. Names, retirements and
+        ``routes_used`` are written only into a new engine's record (``given`` None): a restore keeps the engine's."""
+        k = 0 if self.routes is None else len(self.routes)
+        for name, value in self.arrays.items():
+            if name == "route_state" and given is not None:
+                continue  # retirements are the engine's (an operator's decision, not something learned)
+            if name in _PER_ROUTE:
+                record[name][:k] = value
+            else:
+                record[name] = value
+        used = int(record["routes_used"])
+        if given is not None and used > k:
+            unit = (given[k:used].astype(np.float64) / np.linalg.norm(given[k:used].astype(np.float64), axis=1)[:, None]).astype(np.float32)
+            for name in ("route_vectors", "work_vectors"):
+                if len(record[name]):
+                    record[name][k:used] = unit
+            for name in ("route_bias", "work_bias", "route_chosen", "route_best", "route_reward"):
+                if len(record[name]):
+                    record[name][k:used] = 0
+        if given is None and self.routes is not None:
+            record["routes_used"] = k
+            record["route_names"][:k] = self.routes.names_bytes()
         for name, value in self.counters.items():
             record[name] = value
         record["last_flush_at"] = self.last_flush_at
@@ -147,17 +181,10 @@ class Checkpoint:
         metadata.update({name: str(value) for name, value in self.counters.items()})
         metadata["last_flush_at"] = repr(self.last_flush_at)
         metadata["written_at"] = repr(time.time())
-        tensors: dict[str, np.ndarray] = {
-            DOWN: self.down.astype(np.float32),
-            UP_T: self.up.astype(np.float32).T,
-            GRAD_UP: self.grad_up.astype(np.float64),
-            GRAD_DOWN: self.grad_down.astype(np.float64),
-        }
+        tensors: dict[str, np.ndarray] = {DOWN: self.down.astype(np.float32), UP_T: self.up.astype(np.float32).T}
+        tensors.update({f"sona.{name}": value for name, value in self.arrays.items() if name not in ("down", "up")})
         if self.routes is not None:
             tensors[ROUTES] = self.routes.vectors
-            tensors[ROUTE_CHOSEN] = self.route_chosen.astype(np.uint64)
-            tensors[ROUTE_BEST] = self.route_best.astype(np.uint64)
-            tensors[ROUTE_REWARD] = self.route_reward.astype(np.float64)
         return encode(tensors, metadata)
 
     @classmethod
@@ -173,19 +200,18 @@ class Checkpoint:
         version = meta.get("format_version")
         if version not in _READABLE_VERSIONS:
             raise bad(f"checkpoint format version {version!r}, this sona_shm reads versions {', '.join(map(repr, _READABLE_VERSIONS))}")
-        legacy = version == "1"  # before the routing rule: a reference engine without routes
         values: dict[str, Any] = {}
         for name in _CONFIG_FIELDS:
-            if legacy and name in ("rule", "routes", "temperature"):
+            if version == "1" and name in ("rule", "routes", "temperature"):
+                continue  # before the routing rule: a reference engine without routes
+            if name in _ADDED_FIELDS and name not in meta:
                 continue
-            if name == "fleet_outbox" and name not in meta:
-                continue  # written before fleets: no outbox
             values[name] = _value(meta, name, _CONFIG_KINDS.get(name, int), bad)
         try:
             config = EngineConfig(**values)
         except InvalidInputError as exc:
             raise bad(f"invalid engine configuration in its metadata ({exc})") from None
-        counters = {name: (0 if legacy and name == "corrupt" else _value(meta, name, int, bad)) for name in COUNTERS}
+        counters = {name: (0 if version == "1" and name == "corrupt" else _value(meta, name, int, bad)) for name in COUNTERS}
         generation = _value(meta, "generation", int, bad)
         last_flush_at = _value(meta, "last_flush_at", float, bad)
         if counters["pending"] != counters["signals_accumulated"] - counters["updates_applied"]:
@@ -193,21 +219,19 @@ class Checkpoint:
                 f"inconsistent counters: pending {counters['pending']} != signals_accumulated "
                 f"{counters['signals_accumulated']} - updates_applied {counters['updates_applied']}"
             )
-
-        r, h, k = config.rank, config.hidden_dim, config.routes
-        expected: dict[str, tuple[Any, tuple[int, ...]]] = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r))}
-        expected[GRAD_UP] = (np.float64, (r, h))
-        if not legacy:
-            expected[GRAD_DOWN] = (np.float64, (r, h))
+        names = _route_names(meta, version == "1", bad)
+        k = len(names)
+        if k != config.routes if version != "3" else k < config.routes:  # a table grows by routes added, never shrinks
+            raise bad(f"metadata 'route_names': expected {'' if version != '3' else 'at least '}{config.routes} names (its 'routes'), got {k}")
+        if k > config.max_routes:
+            raise bad(f"metadata 'route_names': {k} routes, more than its max_routes {config.max_routes}")
+        r, h = config.rank, config.hidden_dim
+        expected = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r))}
+        expected.update({f"sona.{name}": spec for name, spec in _state_specs(config, k, version).items() if name not in ("down", "up")})
         if k:
-            expected.update(
-                {
-                    ROUTES: (np.float32, (k, h)),
-                    ROUTE_CHOSEN: (np.uint64, (k,)),
-                    ROUTE_BEST: (np.uint64, (k,)),
-                    ROUTE_REWARD: (np.float64, (k,)),
-                }
-            )
+            expected[ROUTES] = (np.float32, (k, h))
+        if version == "2" and config.rule == "routing":
+            expected[GRAD_DOWN] = (np.float64, (r, h))
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
             raise bad(f"expected exactly the tensors {sorted(expected)}; missing {missing}, unexpected {extra}")
@@ -215,7 +239,7 @@ class Checkpoint:
         for name, (dtype, shape) in expected.items():
             arr = tensors[name]
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
-                want = {np.float32: "F32", np.float64: "F64", np.uint64: "U64"}[dtype]
+                want = {np.float32: "F32", np.float64: "F64", np.uint64: "U64", np.uint8: "U8"}[dtype]
                 raise bad(
                     f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), "
                     f"got {arr.dtype} {list(arr.shape)}"
@@ -225,31 +249,84 @@ class Checkpoint:
                 raise bad(f"tensor {name!r}: non-finite value {arr[index]} at {list(index)}")
             if arr.dtype.kind == "u" and (arr >= COUNTER_MAX).any():
                 raise bad(f"tensor {name!r}: a count of {int(arr.max())} is out of range (expected < 2**62)")
+        state = tensors.get("sona.route_state")
+        if state is not None and not np.isin(state, (ACTIVE, RETIRED)).all():
+            raise bad(f"tensor 'sona.route_state': expected 1 (active) or 2 (retired) per route, got {sorted(set(state.tolist()))}")
+        if state is not None and not (state == ACTIVE).any():
+            raise bad("tensor 'sona.route_state': no route is active")
         routes = None
-        names = _route_names(meta, k, legacy, bad)
         if k:
             try:
-                routes = RouteTable.build(tensors[ROUTES], names, hidden_dim=h, where="route table")
+                routes = RouteTable.from_stored(tensors[ROUTES], RouteTable.build(tensors[ROUTES], names).names_bytes(), "route table", state)
             except InvalidInputError as exc:
                 raise bad(str(exc)) from None
-        zeros_k = np.zeros(k, np.uint64)
-        return cls(
-            config,
-            tensors[DOWN],
-            np.ascontiguousarray(tensors[UP_T].T),
-            tensors[GRAD_UP],
-            tensors[GRAD_DOWN] if not legacy else np.zeros((r, h), np.float64),
-            routes,
-            tensors.get(ROUTE_CHOSEN, zeros_k),
-            tensors.get(ROUTE_BEST, zeros_k),
-            tensors.get(ROUTE_REWARD, np.zeros(k, np.float64)),
-            generation,
-            counters,
-            last_flush_at,
-        )
+        arrays = {"down": tensors[DOWN], "up": np.ascontiguousarray(tensors[UP_T].T)}
+        arrays.update({name: tensors[f"sona.{name}"] for name in _state_specs(config, k, version) if f"sona.{name}" in tensors})
+        if version != "3":
+            _upgrade(arrays, config, routes, counters, tensors.get(GRAD_DOWN))
+        return cls(config, routes, arrays, generation, counters, last_flush_at)
 
 
-def _route_names(meta: dict[str, str], k: int, legacy: bool, bad: Any) -> list[str]:
+def _state_names(config: EngineConfig, k: int) -> tuple[str, ...]:
+    """The learner's state arrays a checkpoint of ``config`` with ``k`` routes carries (:data:`STATE_ARRAYS` the rule has)."""
+    names = ["down", "up", "grad_up"]
+    if k:
+        names += ROUTE_TENSORS
+    if config.rule == "routing":
+        names += WORK_TENSORS
+    assert set(names) <= set(STATE_ARRAYS)
+    return tuple(names)
+
+
+def _state_specs(config: EngineConfig, k: int, version: str) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """dtype and shape of each state array a file of ``version`` carries for ``config`` and ``k`` routes."""
+    r, h = config.rank, config.hidden_dim
+    specs: dict[str, tuple[Any, tuple[int, ...]]] = {
+        "down": (np.float32, (r, h)),
+        "up": (np.float32, (r, h)),
+        "grad_up": (np.float64, (r, h)),
+        "route_vectors": (np.float32, (k, h)),
+        "route_bias": (np.float32, (k,)),
+        "route_state": (np.uint8, (k,)),
+        "route_chosen": (np.uint64, (k,)),
+        "route_best": (np.uint64, (k,)),
+        "route_reward": (np.float64, (k,)),
+        "work_up": (np.float32, (r, h)),
+        "work_down": (np.float32, (r, h)),
+        "work_vectors": (np.float32, (k, h)),
+        "work_bias": (np.float32, (k,)),
+        "route_centre": (np.float64, (h,)),
+    }
+    names = _state_names(config, k)
+    if version != "3":  # before the learned route table: only the counts of it
+        names = tuple(n for n in names if n in ("down", "up", "grad_up", "route_chosen", "route_best", "route_reward"))
+    return {name: specs[name] for name in names}
+
+
+def _upgrade(arrays: dict[str, np.ndarray], config: EngineConfig, routes: RouteTable | None, counters: dict[str, int], grad_down: Any) -> None:
+    """A version 1 or 2 file's state as this version keeps it, in place: the route table at its start (unit vectors,
+    no bias, every route active) and, under the routing rule, the old rule's open window applied as its flush
+    would have (``up``/``down += lr * sums / pending``), then the working copy equal to the published state."""
+    k = 0 if routes is None else len(routes)
+    if k:
+        arrays["route_vectors"] = routes.unit.copy() if routes is not None else np.zeros((0, config.hidden_dim), np.float32)
+        arrays["route_bias"] = np.zeros(k, np.float32)
+        arrays["route_state"] = np.full(k, ACTIVE, np.uint8)
+    if config.rule != "routing":
+        return
+    pending = counters["pending"]
+    if pending:
+        apply_sums(arrays["up"], arrays["down"], arrays["grad_up"], grad_down, config.lr / pending)
+        counters["updates_applied"] += pending
+        counters["flushes_performed"] += 1
+        counters["pending"] = 0
+    arrays["grad_up"] = np.zeros_like(arrays["grad_up"])
+    arrays["work_up"], arrays["work_down"] = arrays["up"].copy(), arrays["down"].copy()
+    arrays["work_vectors"], arrays["work_bias"] = arrays["route_vectors"].copy(), arrays["route_bias"].copy()
+    arrays["route_centre"] = np.zeros(config.hidden_dim, np.float64)
+
+
+def _route_names(meta: dict[str, str], legacy: bool, bad: Any) -> list[str]:
     if legacy:
         return []
     text = meta.get("route_names")
@@ -259,8 +336,8 @@ def _route_names(meta: dict[str, str], k: int, legacy: bool, bad: Any) -> list[s
         names = json.loads(text)
     except ValueError:
         names = None
-    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names):
-        raise bad(f"metadata 'route_names': expected a JSON list of {k} strings, got {text!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad(f"metadata 'route_names': expected a JSON list of strings, got {text!r}")
     return names
 
 
@@ -276,13 +353,14 @@ def _value(meta: dict[str, str], name: str, kind: type, bad: Any) -> Any:
         raise bad(f"metadata {name!r}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
     if kind is int and not 0 <= value < COUNTER_MAX:
         raise bad(f"metadata {name!r}: expected an integer in [0, 2**62), got {text!r}")
-    if kind is float and not (math.isfinite(value) and (name in ("lr", "temperature") or value >= 0)):
+    if kind is float and not (math.isfinite(value) and (name in ("lr", "temperature", "adapter_lr") or value >= 0)):
         raise bad(f"metadata {name!r}: expected a finite number, got {text!r}")
     return value
 
 
-#: No checkpoint of any valid engine is larger (rank 2, hidden_dim 65535: 2 MiB of tensors).
-MAX_CHECKPOINT_BYTES = 16 * 2**20
+#: No checkpoint of any valid engine is larger (hidden_dim 65535, rank 2, 256 routes under the routing rule: three
+#: route tables of 64 MiB each, the adapter and the centre: about 200 MiB of tensors).
+MAX_CHECKPOINT_BYTES = 256 * 2**20
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -304,7 +382,8 @@ def engine_checkpoint(name: str) -> tuple[Checkpoint, int]:
     try:
         ledger = Ledger(segment)
         try:
-            return Checkpoint.from_record(ledger.snapshot()[0], segment.layout.config, read_route_table(segment)), segment.mode
+            record = ledger.snapshot()[0]
+            return Checkpoint.from_record(record, segment.layout.config, route_table_of(segment, record)), segment.mode
         finally:
             ledger.close()
     finally:
@@ -348,7 +427,7 @@ def restore(name: str, path: str) -> int:
                     "stream; restore the checkpoint into a segment outside the fleet, or destroy this one and let it join again"
                 )
             generation = max(int(record[0]["generation"]), checkpoint.generation) + 1  # < 2**62 + 1: both are range-checked
-            checkpoint.apply(record[0], generation)
+            checkpoint.apply(record[0], generation, given_vectors(segment.numpy_buffer(), segment.layout))
             ledger.publish(record)
         finally:
             ledger.close()
