@@ -41,8 +41,8 @@ DEMO_MAX_PRODUCERS = 31
 _CONFIG_OPTIONS = (
     ("--hidden-dim", "hidden_dim", int, "embedding width h (default 256)"),
     ("--rank", "rank", int, "micro-LoRA rank, 1 or 2 (default 2)"),
-    ("--lr", "lr", float, "learning rate (default 0.002)"),
-    ("--flush-threshold", "flush_threshold", int, "apply gradients every N signals (default 100)"),
+    ("--lr", "lr", float, "learning rate (default 0.002; the routing rule's step of its route table: 0.03)"),
+    ("--flush-threshold", "flush_threshold", int, "apply gradients every N signals (default 100; the routing rule's windows grow to it)"),
     ("--capacity", "capacity", int, "learned trajectories kept for drain (default 10000)"),
     ("--max-steps", "max_steps", int, "steps one trajectory may hold (default 8)"),
     ("--attention-dim", "attention_dim", int, "attention weights one step may hold (default 64)"),
@@ -50,6 +50,8 @@ _CONFIG_OPTIONS = (
     ("--lane-slots", "lane_slots", int, "trajectories a producer may have in flight (default 512)"),
     ("--rule", "rule", str, "learning rule: reference (the seed's, bit-exact; default) or routing (learns which route serves a query)"),
     ("--temperature", "temperature", float, "the routing rule's softmax temperature over cosine scores (default 10)"),
+    ("--max-routes", "max_routes", int, "rows reserved for routes, so that `sona-shm routes add` can add some (default: K + max(16, K))"),
+    ("--adapter-lr", "adapter_lr", float, "the routing rule's step of the adapter U, D (default 0: only the route table learns)"),
     ("--fleet-outbox", "fleet_outbox", int, "sealed windows the segment's fleet outbox holds (default 4096 with --fleet, else 0)"),
 )
 
@@ -166,6 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
     p.add_argument("--name", required=True)
     p.add_argument("--from", dest="source", required=True, metavar="PATH")
+
+    p = sub.add_parser("routes", help="list an engine's routes, or add, rename or retire one while it runs")
+    routes = p.add_subparsers(dest="routes_command", required=True, metavar="{list,add,rename,retire}")
+    q = routes.add_parser("list", help="the routes, their state and what was learned of them (no lock taken, nothing written)")
+    q.add_argument("--name", required=True)
+    q.add_argument("--json", action="store_true", help="print a JSON array")
+    q = routes.add_parser("add", help="add a route (its vector, or the mean of its examples' unit vectors)")
+    q.add_argument("--name", required=True)
+    q.add_argument("route", metavar="ROUTE", help="the new route's name (at most 64 UTF-8 bytes)")
+    q.add_argument(
+        "--vector",
+        required=True,
+        metavar="FILE",
+        help="a .npy of one vector (hidden_dim values) or of example embeddings (n x hidden_dim: their mean direction)",
+    )
+    q = routes.add_parser("rename", help="rename a route; what it learned and its counts stay")
+    q.add_argument("--name", required=True)
+    q.add_argument("route", metavar="ROUTE", help="the route, by name or index")
+    q.add_argument("new_name", metavar="NEW_NAME")
+    q = routes.add_parser("retire", help="retire a route: never chosen or learned again; it keeps its index and counts")
+    q.add_argument("--name", required=True)
+    q.add_argument("route", metavar="ROUTE", help="the route, by name or index")
+    for q in routes.choices.values():
+        if q.prog.split()[-1] != "list":
+            q.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait this long for the flusher (default 10)")
 
     p = sub.add_parser("demo", help="flusher + producer processes on a scratch engine, then the stats")
     p.add_argument("--producers", type=int, default=4, help=f"producer processes, 1 to {DEMO_MAX_PRODUCERS} (default 4)")
@@ -435,6 +462,75 @@ def _restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _routes(args: argparse.Namespace) -> int:
+    from .engine import routes as route_changes
+    from .shm.segment import Segment
+    from .stats import read
+
+    if args.routes_command == "list":
+        stats = read(args.name)
+        rows = [
+            {"index": i, **{k: v for k, v in vars(r).items()}, "state": "retired" if r.retired else "active"} for i, r in enumerate(stats.routes)
+        ]
+        if args.json:
+            print(json.dumps(rows))
+            return EXIT_OK
+        if not rows:
+            print(f"sona-shm: engine {args.name!r} has no route table")
+            return EXIT_OK
+        print(f"{'index':>5}  {'name':<24} {'state':<8} {'chosen':>8} {'best':>8} {'mean reward':>11} {'drift':>7} {'bias':>7}")
+        for r in rows:
+            mean = "-" if r["mean_reward"] is None else f"{r['mean_reward']:.3f}"
+            print(f"{r['index']:>5}  {r['name']:<24} {r['state']:<8} {r['chosen']:>8} {r['best']:>8} {mean:>11} {r['drift']:>7.3f} {r['bias']:>7.3f}")
+        return EXIT_OK
+    timeout = check_timeout(args.timeout, "--timeout")
+    segment = Segment.open(args.name, writable=True)
+    try:
+        if args.routes_command == "add":
+            vector = _route_vector(args.vector)
+            index = route_changes.change(segment, "add", name=args.route, vector=vector, timeout=timeout)
+            print(f"sona-shm: engine {args.name!r}: added route {index} {args.route!r}")
+        else:
+            which = _route_argument(segment, args.route)
+            if args.routes_command == "rename":
+                index = route_changes.change(segment, "rename", route=which, name=args.new_name, timeout=timeout)
+                print(f"sona-shm: engine {args.name!r}: route {index} is now {args.new_name!r}")
+            else:
+                index = route_changes.change(segment, "retire", route=which, timeout=timeout)
+                print(f"sona-shm: engine {args.name!r}: retired route {index} {args.route!r}")
+    finally:
+        segment.close()
+    return EXIT_OK
+
+
+def _route_vector(path: str) -> Any:
+    """The vector ``sona-shm routes add --vector FILE`` gives: one vector, or the mean direction of example embeddings."""
+    import zipfile
+
+    import numpy as np
+
+    from .learn.routes import mean_direction
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidInputError(f"--vector: expected a .npy file of one vector or of example embeddings, got {path!r} ({exc})") from None
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise InvalidInputError(f"--vector: expected a .npy file (one array), got an .npz archive {path!r}")
+    return mean_direction(data, f"--vector {path}") if data.ndim == 2 else data
+
+
+def _route_argument(segment: Any, text: str) -> Any:
+    """A route given on the command line: its name, or else an index written in digits."""
+    from .shm.ledger import read_route_table
+
+    table = read_route_table(segment)
+    if table is not None and text not in table.names and text.isdigit():
+        return int(text)
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -453,6 +549,7 @@ _COMMANDS = {
     "checkpoint": _checkpoint,
     "export": _export,
     "restore": _restore,
+    "routes": _routes,
     "demo": _demo,
 }
 

@@ -116,18 +116,8 @@ class RouteTable:
             if not (isinstance(item, tuple) and len(item) == 2):
                 raise InvalidInputError(f"{where}[{i}]: expected (name, embeddings), got {item!r}")
             name, emb = item
-            e = np.asarray(emb, dtype=F64) if not isinstance(emb, np.ndarray) else emb.astype(F64)
-            if e.ndim == 1:
-                e = e[None]
-            if e.ndim != 2 or not len(e):
-                raise InvalidInputError(f"{where}[{name!r}]: expected one or more embeddings (n x h), got shape {e.shape}")
-            if not np.isfinite(e).all():
-                raise InvalidInputError(f"{where}[{name!r}]: expected finite values")
-            norms = np.linalg.norm(e, axis=1)
-            if not (norms > 0).all():
-                raise InvalidInputError(f"{where}[{name!r}]: expected non-zero embeddings, example {int(np.argmin(norms))} is all zeros")
             names.append(name)
-            means.append((e / norms[:, None]).mean(axis=0))
+            means.append(mean_direction(emb, f"{where}[{name!r}]"))
         widths = {m.shape[0] for m in means}
         if len(widths) != 1:
             raise InvalidInputError(f"{where}: expected embeddings of one width, got widths {sorted(widths)}")
@@ -217,6 +207,26 @@ class RouteTable:
     def retired_flags(self) -> tuple[bool, ...]:
         """One flag per route, True for a retired one (``retired`` itself may be empty: none retired)."""
         return self.retired or (False,) * len(self.names)
+
+
+def mean_direction(examples: Any, where: str) -> np.ndarray:
+    """``float64[h]``: the mean of the unit vectors of example embeddings ``float[n, h]`` (or one ``float[h]``), the
+    few-shot way to make a route's vector; raise naming ``where`` for no examples, a non-finite or a zero one."""
+    try:
+        e = np.array(examples, dtype=F64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: expected one or more embeddings (n x h numbers), got {type(examples).__name__} ({exc})") from None
+    if e.ndim == 1:
+        e = e[None]
+    if e.ndim != 2 or not e.size:
+        raise InvalidInputError(f"{where}: expected one or more embeddings (n x h), got shape {e.shape}")
+    if not np.isfinite(e).all():
+        raise InvalidInputError(f"{where}: expected finite values")
+    top = np.max(np.abs(e), axis=1, keepdims=True)
+    if not (top > 0).all():
+        raise InvalidInputError(f"{where}: expected non-zero embeddings, example {int(np.argmin(top))} is all zeros")
+    e = e / top  # no overflow in the norm
+    return (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(axis=0)
 
 
 def _check_vectors(vectors: Any, where: str, hidden_dim: int | None) -> np.ndarray:
