@@ -270,7 +270,14 @@ class Flusher:
             return
         self._commit()
         mailbox.answer(request.id, True, index, "")
-        log.info("route %d %r: %s (request %d)", index, self.routes.names[index], request.op, request.id)
+        log.info(
+            "route %d %r: %s (request %d) after %d trajectories",
+            index,
+            self.routes.names[index],
+            {"add": "added", "rename": "renamed", "retire": "retired"}[request.op],
+            request.id,
+            self.learner.trajectories_processed,
+        )
 
     def _corrupt_head(self, lane: int, head: int, tail: int) -> None:
         """A lane head outside ``[tail, tail + lane_slots]``: not a stall, memory written outside sona_shm.

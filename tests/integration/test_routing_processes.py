@@ -1,14 +1,17 @@
-"""The routing rule with real processes: a CLI flusher, forked producers routing and giving feedback, SIGKILLed flushers.
+"""The routing rule with real processes: a CLI flusher, forked producers routing and giving feedback with the
+probability of the route served, SIGKILLed flushers, routes added, renamed and retired under load.
 
 Accounting is exact: every feedback a producer's ``feedback()`` returned True for is
-learned once (read back from the buffer by id), and the engine's U and D equal an
-in-process :class:`InstantLoop` replaying the learned feedback in learning order.
+learned once (read back from the buffer by id, with its probability), and the engine's learned
+route table — published and working copy, centre and counters — equals an in-process
+:class:`InstantLoop` replaying the learned feedback in learning order.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 
 import numpy as np
@@ -17,9 +20,10 @@ import pytest
 from sona_shm import InstantLoop
 from sona_shm.engine.client import attach
 from sona_shm.engine.consumer import open_consumer
+from sona_shm.errors import SegmentNotFoundError
 from sona_shm.learn.routes import feedback_trajectory
-from sona_shm.shm.layout import read_route_table
-from sona_shm.shm.ledger import Ledger
+from sona_shm.config import DEFAULT_LR
+from sona_shm.shm.ledger import Ledger, read_route_table
 from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
 from sona_shm.supervise import stop_process
@@ -61,8 +65,9 @@ def flusher_options(routes: str, threshold: int = 50) -> list[str]:
     return ["--rule", "routing", "--routes", routes, "--flush-threshold", str(threshold), "--lanes", "4"]
 
 
-def produce(name: str, task: Task, producer: int, count: int, progress: str, explore: float) -> None:
-    """On-policy feedback: route with the current adapter, serve, report whether it was right."""
+def produce(name: str, task: Task, producer: int, count: int, progress: str, explore) -> None:
+    """On-policy feedback: route with the current route table, serve, report whether it was right and with
+    which probability the route served was chosen."""
     fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     rng = np.random.default_rng(producer)
     draws = random.Random(producer)
@@ -74,7 +79,7 @@ def produce(name: str, task: Task, producer: int, count: int, progress: str, exp
             feedback = dict(route=choice.index, reward=None, best=int(y[k]))
         else:
             feedback = dict(route=choice.index, reward=float(choice.index == y[k]), best=None)
-        traj = feedback_trajectory(client.routes, x[k], unit_reward=True, **feedback)
+        traj = feedback_trajectory(client.routes, x[k], unit_reward=True, probability=choice.probability, **feedback)
         traj.id = producer * ID_BASE + k
         os.write(fd, b"1" if client.record(traj, timeout=60) else b"0")
     client.sync(timeout=60)
@@ -106,24 +111,29 @@ def learned_in_order(name: str):
         return consumer.drain()
 
 
-def replay(name: str, trajectories, lr: float, threshold: int) -> None:
-    """The engine's U and D equal an InstantLoop fed the learned trajectories in order."""
+#: What a replay must reproduce: the published route table, the open window's working copy and centre, the adapter.
+REPLAYED = ("route_vectors", "route_bias", "work_vectors", "work_bias", "route_centre", "up", "down")
+
+
+def replay(name: str, trajectories, threshold: int) -> None:
+    """The engine's learned state equals an InstantLoop fed the learned trajectories in order (the same C learner)."""
     seg = Segment.open(name, writable=False)
     ledger = Ledger(seg)
     try:
-        up, down, grad_up, grad_down, pending = ledger.read("up", "down", "grad_up", "grad_down", "pending")
+        state = dict(zip(REPLAYED + ("pending", "routes_used"), ledger.read(*REPLAYED, "pending", "routes_used")))
         table = read_route_table(seg)
     finally:
         ledger.close()
         seg.close()
-    loop = InstantLoop(H, 2, lr, threshold, capacity=0, rule="routing", routes=table.vectors, route_names=table.names)
+    k = state["routes_used"]
+    loop = InstantLoop(H, 2, DEFAULT_LR["routing"], threshold, capacity=0, rule="routing", routes=table.vectors[:K], route_names=NAMES)
     for t in trajectories:
         loop.on_trajectory(t)
-    assert loop.pending == pending and loop.metrics.flushes_performed > 0
-    np.testing.assert_allclose(up, loop.up, atol=1e-5)
-    np.testing.assert_allclose(down, loop.down, atol=1e-5)
-    np.testing.assert_allclose(grad_up, loop._learner.grad_up, atol=1e-5)
-    np.testing.assert_allclose(grad_down, loop._learner.grad_down, atol=1e-5)
+    assert loop.pending == state["pending"] and loop.metrics.flushes_performed > 0
+    for field in REPLAYED:
+        ours = getattr(loop._learner, field)
+        theirs = state[field][:k] if field in ("route_vectors", "route_bias", "work_vectors", "work_bias") else state[field]
+        np.testing.assert_allclose(theirs, ours[: len(theirs)], atol=1e-5, err_msg=field)
 
 
 def test_on_policy_bandit_feedback_from_two_processes_learns_to_route(procs, children, name, tmp_path):
@@ -134,7 +144,8 @@ def test_on_policy_bandit_feedback_from_two_processes_learns_to_route(procs, chi
     with attach(name) as client:
         before = float((client.route(x_test).index == y_test).mean())
     count = 2500
-    pids = [children.add(fork_child(produce, name, task, p, count, str(tmp_path / f"p{p}"), 0.1)) for p in (1, 2)]
+    explore = {1: 0.1, 2: "squarecb"}  # epsilon-greedy and SquareCB, each with the probability of the route served
+    pids = [children.add(fork_child(produce, name, task, p, count, str(tmp_path / f"p{p}"), explore[p])) for p in (1, 2)]
     for pid in pids:
         assert children.wait(pid) == 0
     stats = read_stats(name)
@@ -146,7 +157,9 @@ def test_on_policy_bandit_feedback_from_two_processes_learns_to_route(procs, chi
     ids = [t.id for t in trajectories]
     assert len(ids) == len(set(ids)) == total
     assert sorted(ids) == sorted(p * ID_BASE + k for p in (1, 2) for k in range(count))
-    replay(name, trajectories, lr=1.0, threshold=50)
+    probabilities = np.array([t.probability for t in trajectories])
+    assert ((probabilities > 0) & (probabilities <= 1)).all() and (probabilities < 1).any()  # every one recorded, some explored
+    replay(name, trajectories, threshold=50)
     with attach(name) as client:
         after = float((client.route(x_test).index == y_test).mean())
     assert after >= 0.9 > before, (before, after)
@@ -189,5 +202,82 @@ def test_flusher_killed_under_the_routing_rule_loses_and_repeats_nothing(procs, 
     trajectories = learned_in_order(name)
     ids = [t.id for t in trajectories]
     assert total == 2 * count and len(ids) == len(set(ids)) == total + EXTRA
-    replay(name, trajectories, lr=1.0, threshold=30)
+    replay(name, trajectories, threshold=30)
     assert stop_process(flusher) == 0
+
+
+def test_routes_added_renamed_and_retired_under_load(procs, children, name, tmp_path):
+    """Two producers route (SquareCB) and give feedback while a route is added, another renamed and a third
+    retired: every feedback is learned once, the retired route is never chosen again, and the learned state
+    equals a replay that makes the same changes after the same trajectories (the flusher logs where)."""
+    task = Task(23)
+    routes = write_routes(task, tmp_path / "routes.npz")
+    log_path = tmp_path / "flusher.log"
+    with open(log_path, "w") as log:
+        flusher = procs.start(
+            "-m", "sona_shm", "flusher", "--name", name, *flusher_options(routes, threshold=30),
+            "--capacity", "20000", "--max-routes", "6", stderr=log,
+        )  # fmt: skip
+    wait_for(lambda: alive(name), what="flusher")
+    count = 2000
+    pids = [children.add(fork_child(produce, name, task, p, count, str(tmp_path / f"p{p}"), "squarecb")) for p in (1, 2)]
+    extra = (task.centres[0] * 3).astype(np.float32)  # the direction of a cluster: the new route gets chosen
+    with attach(name) as admin:
+        for at, change in ((500, lambda: admin.add_route("extra", extra)), (1500, lambda: admin.rename_route("math", "maths")),
+                           (2500, lambda: admin.retire_route("chat"))):  # fmt: skip
+            wait_for(lambda at=at: read_stats(name)["trajectories_processed"] >= at, what=f"{at} trajectories learned")
+            change()
+        x, _ = task.sample(np.random.default_rng(7), 500)
+        chosen = admin.route(x).index
+        assert 2 not in set(chosen.tolist()) and 4 in set(chosen.tolist())
+    for pid in pids:
+        assert children.wait(pid) == 0
+    total = committed(str(tmp_path / "p1")) + committed(str(tmp_path / "p2"))
+    trajectories = learned_in_order(name)
+    ids = [t.id for t in trajectories]
+    assert total == 2 * count and len(ids) == len(set(ids)) == total
+    stats = read_stats(name)
+    by_name = {r["name"]: r for r in stats["routes"]}
+    assert list(by_name) == ["code", "maths", "chat", "search", "extra"] and by_name["chat"]["retired"]
+    for index, r in enumerate(stats["routes"]):  # counted per route exactly: what was learned with that index
+        assert r["chosen"] == sum(t.route_index == index for t in trajectories)
+    changes = [
+        (int(m.group(3)), m.group(2), int(m.group(1)))
+        for m in re.finditer(r"route (\d+) '[^']*': (\w+) \(request \d+\) after (\d+) trajectories", log_path.read_text())
+    ]
+    assert [(op, index) for _, op, index in changes] == [("added", 4), ("renamed", 1), ("retired", 2)]
+    replay_with_changes(name, trajectories, changes, extra, threshold=30)
+    assert stop_process(flusher) == 0
+
+
+def alive(name: str) -> bool:
+    try:
+        return read_stats(name)["flusher"]["alive"]
+    except SegmentNotFoundError:  # not there yet, or not finished yet
+        return False
+
+
+def replay_with_changes(name: str, trajectories, changes, extra: np.ndarray, threshold: int) -> None:
+    loop = InstantLoop(H, 2, DEFAULT_LR["routing"], threshold, capacity=0, rule="routing", routes=Task(23).routes, route_names=NAMES, max_routes=6)
+    pending = list(changes)
+    for i, t in enumerate(trajectories):
+        while pending and pending[0][0] == i:
+            _, op, index = pending.pop(0)
+            if op == "added":
+                assert loop.add_route("extra", extra) == index
+            elif op == "renamed":
+                loop.rename_route(index, "maths")
+            else:
+                loop.retire_route(index)
+        loop.on_trajectory(t)
+    assert not pending
+    seg = Segment.open(name, writable=False)
+    ledger = Ledger(seg)
+    try:
+        state = dict(zip(REPLAYED, ledger.read(*REPLAYED)))
+    finally:
+        ledger.close()
+        seg.close()
+    for field in REPLAYED:
+        ours = getattr(loop._learner, field)
+        np.testing.assert_allclose(state[field][: len(ours)], ours, atol=1e-5, err_msg=field)
