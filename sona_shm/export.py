@@ -28,7 +28,13 @@ The directory holds what PEFT writes for a LoRA adapter:
   ``[hidden_dim, rank]`` (``up`` transposed), with metadata ``format = pt`` and where it
   came from;
 - ``adapter_config.json``: ``peft_type`` LORA, ``r``, ``lora_alpha`` 1, ``use_rslora``
-  true, ``target_modules`` ``[<module>]``, ``task_type`` null, no dropout, no bias.
+  true, ``target_modules`` ``[<module>]``, ``task_type`` null, no dropout, no bias;
+- with a route table, ``routes.npz`` (:data:`ROUTES_FILE`): ``vectors`` float32 ``[K, h]`` (the learned
+  route vectors ``v_k``), ``bias`` float32 ``[K]`` (``b_k``), ``names``, ``retired`` (bool),
+  ``given`` (each route's vector as given) and ``temperature``/``beta``, so that
+  ``route()`` can be reproduced offline: ``f = model(x) / |model(x)|`` (the adapted query,
+  normalised), ``score_k = f . v_k + (beta / temperature) b_k`` over the routes not retired,
+  and the best score wins (``sona_shm.learn.routes``).
 
 The checkpoint files of ``sona-shm checkpoint`` are another format (the Rust exporter's
 ``micro_lora_A``/``micro_lora_B`` names, plus pending gradients and counters): PEFT does
@@ -37,6 +43,7 @@ not load those; export them with ``from_checkpoint``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import CheckpointError, InvalidInputError
+from .learn.routing import BETA
 from .store.checkpoint import Checkpoint, engine_checkpoint, read_checkpoint
 from .store.tensorfile import encode, write_atomic
 
@@ -54,6 +62,7 @@ from .store.tensorfile import encode, write_atomic
 DEFAULT_MODULE = "adapter"
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+ROUTES_FILE = "routes.npz"
 
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
@@ -68,7 +77,7 @@ class PeftExport:
     hidden_dim: int
     generation: int
     trajectories_processed: int
-    files: tuple[str, str]
+    files: tuple[str, ...]
 
 
 def check_module(module: object) -> str:
@@ -135,11 +144,32 @@ def export_peft(
         os.makedirs(out, exist_ok=True)
         write_atomic(weights, encode(peft_tensors(checkpoint, module), metadata), mode)
         write_atomic(config, (json.dumps(peft_config(checkpoint, module), indent=2) + "\n").encode(), mode)
+        files: tuple[str, ...] = (weights, config)
+        if checkpoint.routes is not None:
+            routes = os.path.join(out, ROUTES_FILE)
+            write_atomic(routes, routes_npz(checkpoint), mode)
+            files += (routes,)
     except OSError as exc:
         raise CheckpointError(f"peft: cannot write into {out!r} ({exc.strerror or exc})") from None
-    return PeftExport(
-        out, module, cfg.rank, cfg.hidden_dim, checkpoint.generation, checkpoint.counters["trajectories_processed"], (weights, config)
+    return PeftExport(out, module, cfg.rank, cfg.hidden_dim, checkpoint.generation, checkpoint.counters["trajectories_processed"], files)
+
+
+def routes_npz(checkpoint: Checkpoint) -> bytes:
+    """The bytes of ``routes.npz`` for a checkpoint with a route table (the module docstring says what it holds)."""
+    table = checkpoint.routes
+    assert table is not None
+    out = io.BytesIO()
+    np.savez(
+        out,
+        vectors=checkpoint.arrays["route_vectors"].astype(np.float32),
+        bias=checkpoint.arrays["route_bias"].astype(np.float32),
+        names=np.array(table.names),
+        retired=np.array(table.retired_flags(), dtype=bool),
+        given=table.vectors,
+        temperature=np.float64(checkpoint.config.temperature),
+        beta=np.float64(BETA),
     )
+    return out.getvalue()
 
 
 def export_engine(name: str, directory: str | os.PathLike[str], *, module: str = DEFAULT_MODULE) -> PeftExport:
@@ -156,4 +186,4 @@ def export_checkpoint(path: str, directory: str | os.PathLike[str], *, module: s
     return export_peft(directory, checkpoint, module=module, mode=stat.S_IMODE(os.stat(path).st_mode))  # as private as the file
 
 
-__all__ = ["DEFAULT_MODULE", "PeftExport", "export_checkpoint", "export_engine", "export_peft", "peft_config", "peft_tensors"]
+__all__ = ["DEFAULT_MODULE", "ROUTES_FILE", "routes_npz", "PeftExport", "export_checkpoint", "export_engine", "export_peft", "peft_config", "peft_tensors"]

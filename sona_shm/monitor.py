@@ -76,7 +76,7 @@ class View:
     lane_rows: Sequence[tuple[str, ...]]
     route_title: str = ""
     route_rows: Sequence[tuple[str, ...]] = ()  # one per route of the route table
-    route_columns: tuple[str, ...] = ("route", "taken", "share", "reward", "share now", "reward now", "right")
+    route_columns: tuple[str, ...] = ("route", "taken", "share", "reward", "share now", "reward now", "right", "drift")
     history: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -220,13 +220,14 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
             m = moving.get(r.name)
             route_rows.append(
                 (
-                    r.name,
+                    f"{r.name} (retired)" if r.retired else r.name,
                     _count(r.chosen),
                     f"{r.chosen / taken:.0%}" if taken else "-",
                     _reward(r.mean_reward),
                     "-" if m is None or m.chosen_share is None else f"{m.chosen_share:.0%}",
                     _reward(m.mean_reward if m else None),
                     _count(r.best),
+                    f"{r.drift:.2f}",
                 )
             )
     rows = [

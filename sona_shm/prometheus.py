@@ -134,6 +134,8 @@ ROUTE_METRICS: tuple[tuple[str, str, str, Callable[[RouteStats], float | None]],
     ("route_best", "counter", "Feedback naming the route as the right one.", lambda r: r.best),
     ("route_reward_sum", "gauge", "Summed reward of the route when taken (may fall: not a counter).", lambda r: r.reward_sum),
     ("route_mean_reward", "gauge", "Mean reward of the route when taken, since the engine was created.", lambda r: r.mean_reward),
+    ("route_retired", "gauge", "1 if the route is retired (never chosen or learned again).", lambda r: int(r.retired)),
+    ("route_drift", "gauge", "How far the route's learned vector moved from its start (L2 norm).", lambda r: r.drift),
 )
 
 #: Per-lane series, live lanes only, labelled ``lane`` and ``pid`` too.

@@ -526,10 +526,13 @@ def test_stats_monitor_and_prometheus_show_routes_and_their_moving_share(engine,
     table_text = format_table(after)
     assert "routes (routing rule)" in table_text
     row = next(line.split() for line in table_text.splitlines() if line.strip().startswith("code "))
-    assert row == ["code", "5", "56%", "0.800", "20%", "0.000", "0"]
+    drift = {r.name: r.drift for r in after.routes}
+    assert row == ["code", "5", "56%", "0.800", "20%", "0.000", "0", f"{drift['code']:.2f}"] and drift["code"] > 0
     families = {f.name: f for f in text_string_to_metric_families(exposition(after).decode())}
     chosen = {s.labels["route"]: s.value for s in families["sona_shm_route_chosen"].samples if s.name.endswith("_total")}
     assert chosen == {"code": 5, "math": 3, "chat": 1, "search": 0}
+    assert {s.labels["route"]: s.value for s in families["sona_shm_route_drift"].samples} == pytest.approx(drift)
+    assert {s.labels["route"]: s.value for s in families["sona_shm_route_retired"].samples} == dict.fromkeys(drift, 0)
     assert [s.labels["rule"] for s in families["sona_shm_engine_rule"].samples] == ["routing"]
 
 
@@ -703,3 +706,27 @@ def _batch_fields(loop) -> dict:
         best_index=np.full(1, -1, np.int32),
         probability=np.full(1, np.nan, np.float32),
     )
+
+
+def test_the_export_reproduces_route_offline(engine, name, tmp_path):
+    """routes.npz beside the PEFT adapter holds the learned route table: with forward() (what PEFT reproduces)
+    and the documented score, a model scores and chooses as route() does."""
+    from sona_shm.export import ROUTES_FILE, export_engine
+
+    task, table, flusher, client = routing_engine(engine, lane_slots=64)
+    for xi, yi in zip(*task.sample(60)):
+        client.feedback(xi, best=int(yi))
+    flusher.scan()
+    done = export_engine(name, tmp_path / "out")
+    assert done.files[-1].endswith(ROUTES_FILE)
+    with np.load(tmp_path / "out" / ROUTES_FILE) as f:
+        vectors, bias, names, retired, given = f["vectors"], f["bias"], f["names"], f["retired"], f["given"]
+        temperature, beta = float(f["temperature"]), float(f["beta"])
+    assert names.tolist() == list(table.names) and not retired.any() and np.array_equal(given, table.vectors)
+    x = task.sample(200)[0]
+    adapted = client.forward(x).astype(np.float64)
+    f = adapted / np.linalg.norm(adapted, axis=1, keepdims=True)
+    scores = f @ vectors.astype(np.float64).T + (beta / temperature) * bias
+    choice = client.route(x)
+    np.testing.assert_allclose(scores, choice.scores, atol=1e-5)
+    assert np.array_equal(np.argmax(scores, axis=1), choice.index)
