@@ -16,9 +16,10 @@ import numpy as np
 from ..checks import check_int
 from ..config import EngineConfig
 from ..errors import InvalidInputError
+from ..native import speedups as _speedups
 from ..trajectory import CheckedTrajectory, RouteChoice, Trajectory, check_trajectory, check_vectors, to_trajectory
 from .learner import F32, Learner, LoopMetrics, learning_signals
-from .routes import ACTIVE, Router, RouteTable, adapt, check_exploration, choose, feedback_trajectory
+from .routes import ACTIVE, MODES, Router, RouteTable, adapt, check_exploration, choose, feedback_trajectory
 
 
 class InstantLoop:
@@ -204,7 +205,15 @@ class InstantLoop:
         """
         self._table("route")
         mode, parameter = check_exploration(explore, sample, rng, gamma)
-        return choose(self._router(), x, mode=mode, parameter=parameter, rng=rng)
+        router = self._router()
+        if _speedups is not None:  # one C call for one vector, as Client.route
+            u = -1.0 if rng is None or mode == "greedy" else float(rng.random())
+            done = _speedups.route(
+                x, router.down, router.up_scaled, router.vectors, router.bias, router.active, router.names, MODES[mode], parameter, router.temperature, u
+            )
+            if done is not None:
+                return done
+        return choose(router, x, mode=mode, parameter=parameter, rng=rng)
 
     def _router(self) -> Router:
         """The published adapter and route table, as choosing reads them."""
@@ -214,7 +223,7 @@ class InstantLoop:
         return Router(
             learner.down,
             learner.up * np.float32(learner.scale),
-            learner.route_vectors[:k],
+            learner.route_vectors[:k],  # rows of a C-contiguous array: contiguous
             learner.route_bias[:k],
             (learner.route_state[:k] == ACTIVE).astype(np.uint8),
             table.names,
