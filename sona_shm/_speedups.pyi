@@ -159,7 +159,14 @@ def set_types(trajectory: type, step: type, route_choice: type, /) -> None: ...
 def learn_slots(block: np.ndarray, geometry: Geometry, first_seq: int, learner: _LearnerState, stop: bool, /) -> _Learned: ...
 def learn_routing(block: np.ndarray, geometry: Geometry, first_seq: int, learner: _RoutingState, stop: bool, /) -> _Learned: ...
 def learn_routing_rows(
-    query: np.ndarray, route_index: np.ndarray, best_index: np.ndarray, quality: np.ndarray, start: int, learner: _RoutingState, stop: bool, /
+    query: np.ndarray,
+    route_index: np.ndarray,
+    best_index: np.ndarray,
+    quality: np.ndarray,
+    start: int,
+    learner: _RoutingState,
+    stop: bool,
+    /,
 ) -> tuple[int, int, int, int, int]: ...
 def write_window(
     out: np.ndarray, grad_up: np.ndarray, grad_down: np.ndarray | None, seq: int, n: int, cum: int, sealed_at: float, /
