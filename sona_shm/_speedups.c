@@ -788,7 +788,6 @@ static inline __attribute__((always_inline)) void coefficients(const float *x, c
 }
 
 typedef int64_t i64x4 __attribute__((vector_size(32)));
-typedef float f32x4v __attribute__((vector_size(16), aligned(4))); /* an f32x4 at any float's address */
 
 /* out = f32(saturate(x + sum_r c_r u_r)) in float64, in place (out may be x); a, if not NULL, gets the float64
  * values before the cast. Four at a time in explicit vectors, the saturation a bitwise select (a branch per
@@ -809,7 +808,8 @@ static inline __attribute__((always_inline)) void adapted_row(float *out, const 
         if (a != NULL) memcpy(a + i, &v, sizeof v);
         i64x4 above = v > top, below = v < -top;
         f64x4 clamped = (f64x4)(((i64x4)v & ~(above | below)) | ((i64x4)top & above) | ((i64x4)(-top) & below));
-        *(f32x4v *)(out + i) = __builtin_convertvector(clamped, f32x4);
+        f32x4 narrow = __builtin_convertvector(clamped, f32x4);
+        memcpy(out + i, &narrow, sizeof narrow);
     }
     for (; i < h; i++) {
         double v = rank == 2 ? (double)x[i] + (c[0] * (double)U[i] + c[1] * (double)U[h + i]) : (double)x[i] + c[0] * (double)U[i];
@@ -818,6 +818,7 @@ static inline __attribute__((always_inline)) void adapted_row(float *out, const 
     }
 }
 
+/* routes.adapt of one row, in place. */
 WIDE_VECTORS static void adapt_row(float *o, const float *D, const float *U, npy_intp rank, npy_intp h) {
     double c[2];
     coefficients(o, D, rank, h, c);
@@ -1587,8 +1588,8 @@ WIDE_VECTORS static float query_top(const float *q, npy_intp n) {
 }
 
 /* routing.step for one feedback, on the working state: query q (top: its largest magnitude, 0 for a zero query),
- * the route served and the right one (-1: none; both active or none), the bandit reward, and n, the signals
- * learned with this one. In float64 (float32 only where the state is stored), every sum in the dot_* order:
+ * the route served and the right one (-1: none; any given is active), the bandit reward, and n, the signals so
+ * far, this one included. In float64 (float32 only where the state is stored), every sum in the dot_* order:
  * numpy's step up to the order of its sums, and the same bits on every CPU. */
 WIDE_VECTORS static void routing_step(Routing *r, const float *q32, float top, int route, int best, double reward, long long n) {
     npy_intp h = r->h, R = r->R, K = r->K;
