@@ -28,6 +28,11 @@ float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
 4. freshness: flush_threshold 1; a producer records, another process polls forward()
    until the adapter changes: record() returning -> change visible (median, p99); and
    the idle flusher's CPU use.
+5. routing: the routing rule's C learner on a stream of feedback clustered around the
+   routes (the router learns them), at K = 8, h = 256 and K = 32, h = 384, bandit and
+   full information: signals/s of learn_routing over lane slots (the flusher's) and of
+   learn_routing_rows (InstantLoop's); and route()'s C call, µs, greedy and exploring
+   (epsilon 0.1, softmax, SquareCB) at K = 8, h = 256.
 
 Timings include ~60 ns of ``perf_counter_ns`` itself. ``--quick`` is a smoke run (the
 test suite runs it to check the script works, never to judge a number).
@@ -36,6 +41,7 @@ test suite runs it to check the script works, never to judge a number).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -44,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -570,6 +577,85 @@ def run_calibration() -> dict[str, dict[str, float]]:
 # ----------------------------------------------------------------- main
 
 
+# ----------------------------------------------------------------- 5. routing
+
+
+#: (K, hidden_dim) of the routing section: the shapes of the rule's throughput targets (1M and 200k signals/s).
+ROUTING_SHAPES = ((8, 256), (32, 384))
+
+
+def routing_stream(
+    k: int, h: int, n: int, bandit: bool, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unit routes ``float32[k, h]`` and ``n`` feedbacks on them: queries near a random route ``y`` (cosine ~0.6),
+    full information (``best = y``) or bandit (the route served is ``y`` two times in three, else another; reward 1
+    if it was ``y``); returns ``(unit, query, route_index, best_index, quality)``."""
+    rng = np.random.default_rng(seed)
+    unit = rng.standard_normal((k, h))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    y = rng.integers(0, k, n)
+    query = (unit[y] + rng.standard_normal((n, h)) * (1.33 / np.sqrt(h))).astype(np.float32)
+    served = np.where(rng.random(n) < 2 / 3, y, (y + rng.integers(1, k, n)) % k)
+    none = np.full(n, -1, np.int64)
+    if bandit:
+        return unit.astype(np.float32), query, served, none, (served == y).astype(np.float32)
+    return unit.astype(np.float32), query, none, y, np.ones(n, np.float32)
+
+
+def _learn_once(learner: Learner, *stream: Any) -> None:
+    """One pass of the C learner over a stream: lane slots ``(layout, raw)`` as the flusher learns them
+    (learn_routing), or rows ``(query, route_index, best_index, quality)`` as InstantLoop does (learn_routing_rows)."""
+    from sona_shm.learn.learner import learn_block
+
+    if len(stream) == 2:
+        learn_block(learner, *stream, 1)
+    else:
+        learner.learn_feedback(*stream)
+
+
+def run_routing(seconds: float) -> dict[str, float]:
+    """Section 5 (module docstring): signals/s of the routing rule's C learners, and route()'s µs per call."""
+    from sona_shm.config import DEFAULT_TEMPERATURE
+    from sona_shm.native import speedups
+    from sona_shm.shm.layout import Layout
+
+    if speedups is None:
+        return {}
+    results: dict[str, float] = {}
+    n = 4096
+    for k, h in ROUTING_SHAPES:
+        config = EngineConfig(hidden_dim=h, rank=RANK, rule="routing", routes=k, max_steps=1, attention_dim=0)
+        layout = Layout(EngineConfig(hidden_dim=h, rank=RANK, max_steps=1, attention_dim=0))  # the slots (alike under both rules)
+        for regime in ("bandit", "full"):
+            unit, query, route_index, best_index, quality = routing_stream(k, h, n, regime == "bandit")
+            slots = np.zeros(n, dtype=layout.slot_dtype)
+            slots["seq"] = np.arange(1, n + 1)
+            slots["query"], slots["quality"] = query, quality
+            slots["route_index"], slots["best_index"] = route_index + 1, best_index + 1
+            raw = slots.view(np.uint8).reshape(n, layout.slot_bytes)
+            for entry in ("slots", "rows"):
+                learner = Learner(h, RANK, config.lr, config.flush_threshold, rule="routing", unit=unit, temperature=DEFAULT_TEMPERATURE)
+                stream = (learner, layout, raw) if entry == "slots" else (learner, query, route_index, best_index, quality)
+                _learn_once(*stream)  # the router learns the routes first: what is measured is a router in use
+                done, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    _learn_once(*stream)
+                    done += n
+                results[f"learn_routing{'_rows' if entry == 'rows' else ''} K{k} h{h} {regime}"] = done / (time.perf_counter() - t0)
+    k, h = ROUTING_SHAPES[0]
+    unit, query, *_ = routing_stream(k, h, 1, False)
+    rng = np.random.default_rng(1)
+    down = (rng.standard_normal((RANK, h)) * 0.01).astype(np.float32)
+    up_scaled = (rng.standard_normal((RANK, h)) * 0.01).astype(np.float32)
+    bias, active, names = np.zeros(k, np.float32), np.ones(k, np.uint8), tuple(f"route{i}" for i in range(k))
+    calls = max(20_000, int(200_000 * seconds))
+    for label, mode, parameter in (("greedy", 0, 0.0), ("epsilon 0.1", 1, 0.1), ("softmax", 2, 0.0), ("squarecb", 3, 1000.0)):
+        args = (query[0], down, up_scaled, unit, bias, active, names, mode, parameter, DEFAULT_TEMPERATURE, -1.0)
+        best = min(timeit.repeat(functools.partial(speedups.route, *args), number=calls, repeat=3))
+        results[f"route K{k} h{h} {label} µs"] = best / calls * 1e6
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -577,7 +663,7 @@ def main() -> int:
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--seconds", type=float, default=None, help="length of each measured phase")
     p.add_argument("--repeat", type=int, default=None, help="rounds of the interleaved throughput runs")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,buffer,latency,learning,freshness")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: throughput,buffer,latency,learning,freshness,routing")
     p.add_argument(
         "--buffer-trajectories",
         type=int,
@@ -633,6 +719,8 @@ def main() -> int:
         report["learning_per_s"] = run_learning(seconds / 2)
     if "freshness" not in skip:
         report["freshness"] = run_freshness(50 if args.quick else 500)
+    if "routing" not in skip:
+        report["routing"] = run_routing(seconds / 2)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -705,6 +793,10 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
         print(f"\n4. freshness, flush_threshold 1: record() -> change visible in another process: "
               f"median {f['median_us']:.0f} µs, p99 {f['p99_us']:.0f} µs ({f['n']} samples); "
               f"idle flusher {f['idle_flusher_cpu_percent']:.2f}% of a core")  # fmt: skip
+    if report.get("routing"):
+        print("\n5. routing rule, C: learning (signals/s, a clustered stream) and route() (µs per call)")
+        for k, v in report["routing"].items():
+            print(f"   {k:<40} {v:>14,.2f}" if k.endswith("µs") else f"   {k:<40} {v:>14,.0f}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@
  *   LaneWriter          the producer's side of one lane (shm/lane.py's PyLaneWriter is its twin):
  *                       record() writes a trajectory in the common form into the head slot and
  *                       publishes it; anything else is handed back (-1) to the Python path.
- *   adapt, route        forward() of one float32 vector; route()'s greedy choice (cosines, argmax).
+ *   adapt               forward() of float32 vectors (learn/routes.py's adapt, in float64).
+ *   route               routes.choose() for one float32 vector: scores, the greedy choice, exploration.
  *   learn_slots         the reference rule over a block of lane slots (learn/learner.py's numpy twin).
- *   learn_routing       the routing rule over a block of lane slots (learn/routing.py's numpy twin).
+ *   learn_routing,      the routing rule (learn/routing.py's step, Learner's windows) over a block of
+ *   learn_routing_rows  lane slots, or over arrays of rows (InstantLoop's).
  *   write_window,       a sealed fleet window's bytes, and applying them (fleet/window.py's twins).
  *   apply_window
  *   set_types           registers the Trajectory, Step and RouteChoice classes (sona_shm/native.py).
@@ -35,6 +37,8 @@
 #include <time.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <pthread.h>
+#include <sys/random.h>
 
 #define FLT_MAX_D 3.4028234663852886e38
 /* The layout (shm/layout.py is the one place it is written down; these must equal it, and
@@ -57,6 +61,20 @@
 #define FL_IDLE 24             /* u64: 1 while the flusher sleeps on its doorbell */
 #define WINDOW_HEAD_BYTES 64   /* a sealed window's header */
 #define MAX_ROUTES_C 256       /* config.MAX_ROUTES */
+
+/* The routing rule's constants (learn/routing.py writes them down; tests/test_routing_c.py compares these module
+ * constants of the same names with it), and route()'s (learn/routes.py). */
+#define BETA 1.0
+#define OFFSET 3.0
+#define BIAS_LR 0.1
+#define CENTRE 1000
+#define PROTECT 0.5
+#define SPARSE 0.01
+#define GROWTH 20
+#define GRADIENT_FLOOR 0.1
+#define MIN_ADAPTED_NORM 1e-6
+#define TIE 1e-9 /* routes.TIE: scores within it of the best are a tie, won by the lowest index */
+#define ACTIVE 1 /* routes.ACTIVE: a route_state that may be chosen and learned */
 
 /* The routing learner's per-signal loop and route()'s scores are dot products and updates of
  * length h: with AVX2 (x86-64-v3) they run about twice as fast as with the SSE2 every x86-64
@@ -661,22 +679,177 @@ static int copy_row(float *dst, const char *src, npy_intp n, npy_intp stride) {
     return bad ? -1 : 0;
 }
 
-/* adapt(x, down, up_scaled) -> float32[h] / float32[n, h], or None (x is not a finite
- * native float32 [h] or [n, h] array: take the Python path). down, up_scaled:
- * native, aligned, C-contiguous float32[R, h], R in {1, 2}. Returns x + (x @ down.T) @ up_scaled. */
+/* Float64 arithmetic for the routing rule and route(), in the discipline of dot(): sixteen partial sums
+ * (lane j adds elements j, j + 16, ...) in four 4-double vectors -- four independent chains of additions, so
+ * a dot product runs at the adder's throughput, not its latency -- added in one fixed order, so the same bits
+ * on every CPU and in both WIDE_VECTORS clones (in ISO C mode GCC fuses no multiply-add). Element-wise loops
+ * need nothing of the kind: each element is rounded alone. (Vectors pass by pointer: a 32-byte vector by value
+ * changes the ABI where AVX is not enabled.) */
+typedef double f64x4 __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) void f64_load(f64x4 *v, const double *p) { memcpy(v, p, sizeof *v); }
+
+/* (Built from the four floats, this compiles to one vcvtps2pd from memory; a converted f32x4 to two halves.) */
+static inline __attribute__((always_inline)) void f32_widen(f64x4 *v, const float *p) { *v = (f64x4){p[0], p[1], p[2], p[3]}; }
+
+/* The sum of the sixteen lanes and of the tail (the elements past the last whole sixteen, added in order). */
+static inline __attribute__((always_inline)) double f64_lanes(const f64x4 acc[4], double tail) {
+    f64x4 v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    double p[4];
+    memcpy(p, &v, sizeof v);
+    return ((p[0] + p[1]) + (p[2] + p[3])) + tail;
+}
+
+/* a . b for float64 a, b. */
+static inline __attribute__((always_inline)) double dot_dd(const double *a, const double *b, npy_intp n) {
+    f64x4 acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+    npy_intp i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) {
+            f64x4 x, y;
+            f64_load(&x, a + i + 4 * j), f64_load(&y, b + i + 4 * j);
+            acc[j] += x * y;
+        }
+    double tail = 0.0;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return f64_lanes(acc, tail);
+}
+
+/* a . b for float64 a and float32 b, in float64. */
+static inline __attribute__((always_inline)) double dot_df(const double *a, const float *b, npy_intp n) {
+    f64x4 acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+    npy_intp i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) {
+            f64x4 x, y;
+            f64_load(&x, a + i + 4 * j), f32_widen(&y, b + i + 4 * j);
+            acc[j] += x * y;
+        }
+    double tail = 0.0;
+    for (; i < n; i++) tail += a[i] * (double)b[i];
+    return f64_lanes(acc, tail);
+}
+
+/* dot_df(a, b0, n) and dot_df(a, b1, n), the same bits, in one pass: each load of a serves both. */
+static inline __attribute__((always_inline)) void dot2_df(const double *a, const float *b0, const float *b1, npy_intp n, double *out0,
+                                                          double *out1) {
+    f64x4 acc0[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}}, acc1[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+    npy_intp i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) {
+            f64x4 x, y0, y1;
+            f64_load(&x, a + i + 4 * j), f32_widen(&y0, b0 + i + 4 * j), f32_widen(&y1, b1 + i + 4 * j);
+            acc0[j] += x * y0;
+            acc1[j] += x * y1;
+        }
+    double tail0 = 0.0, tail1 = 0.0;
+    for (; i < n; i++) {
+        tail0 += a[i] * (double)b0[i];
+        tail1 += a[i] * (double)b1[i];
+    }
+    *out0 = f64_lanes(acc0, tail0);
+    *out1 = f64_lanes(acc1, tail1);
+}
+
+/* out[on[j]] = a . (row on[j] of V, float32[., n]) for the m rows listed, two at a time (dot2_df). */
+static inline __attribute__((always_inline)) void dots_of_rows(const double *a, const float *V, const npy_intp *on, npy_intp m, npy_intp n,
+                                                               double *out) {
+    for (npy_intp j = 0; j < m; j += 2) {
+        if (j + 1 < m)
+            dot2_df(a, V + on[j] * n, V + on[j + 1] * n, n, out + on[j], out + on[j + 1]);
+        else
+            out[on[j]] = dot_df(a, V + on[j] * n, n);
+    }
+}
+
+/* a . b for float32 a, b, in float64 (every product exact). */
+static inline __attribute__((always_inline)) double dot_ff(const float *a, const float *b, npy_intp n) {
+    f64x4 acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+    npy_intp i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 4; j++) {
+            f64x4 x, y;
+            f32_widen(&x, a + i + 4 * j), f32_widen(&y, b + i + 4 * j);
+            acc[j] += x * y;
+        }
+    double tail = 0.0;
+    for (; i < n; i++) tail += (double)a[i] * (double)b[i];
+    return f64_lanes(acc, tail);
+}
+
+static inline __attribute__((always_inline)) float saturated(double v) {
+    return (float)(v > FLT_MAX_D ? FLT_MAX_D : v < -FLT_MAX_D ? -FLT_MAX_D : v);
+}
+
+/* The adapter's coefficients c_r = x . d_r of float32 x (routes.adapt computes x @ down.T in float64). */
+static inline __attribute__((always_inline)) void coefficients(const float *x, const float *D, npy_intp rank, npy_intp h, double c[2]) {
+    c[0] = dot_ff(x, D, h);
+    c[1] = rank == 2 ? dot_ff(x, D + h, h) : 0.0;
+}
+
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+
+/* out = f32(saturate(x + sum_r c_r u_r)) in float64, in place (out may be x); a, if not NULL, gets the float64
+ * values before the cast. Four at a time in explicit vectors, the saturation a bitwise select (a branch per
+ * element keeps the compiler from vectorising it); each element rounds as saturated() would round it. */
+static inline __attribute__((always_inline)) void adapted_row(float *out, const float *x, const float *U, npy_intp rank, npy_intp h,
+                                                              const double c[2], double *a) {
+    const f64x4 c0 = {c[0], c[0], c[0], c[0]}, c1 = {c[1], c[1], c[1], c[1]}, top = {FLT_MAX_D, FLT_MAX_D, FLT_MAX_D, FLT_MAX_D};
+    npy_intp i = 0;
+    for (; i + 4 <= h; i += 4) {
+        f64x4 xi, u0, u1, v;
+        f32_widen(&xi, x + i), f32_widen(&u0, U + i);
+        if (rank == 2) {
+            f32_widen(&u1, U + h + i);
+            v = xi + (c0 * u0 + c1 * u1);
+        } else {
+            v = xi + c0 * u0;
+        }
+        if (a != NULL) memcpy(a + i, &v, sizeof v);
+        i64x4 above = v > top, below = v < -top;
+        f64x4 clamped = (f64x4)(((i64x4)v & ~(above | below)) | ((i64x4)top & above) | ((i64x4)(-top) & below));
+        f32x4 narrow = __builtin_convertvector(clamped, f32x4);
+        memcpy(out + i, &narrow, sizeof narrow);
+    }
+    for (; i < h; i++) {
+        double v = rank == 2 ? (double)x[i] + (c[0] * (double)U[i] + c[1] * (double)U[h + i]) : (double)x[i] + c[0] * (double)U[i];
+        if (a != NULL) a[i] = v;
+        out[i] = saturated(v);
+    }
+}
+
+/* routes.adapt of one row, in place. */
+WIDE_VECTORS static void adapt_row(float *o, const float *D, const float *U, npy_intp rank, npy_intp h) {
+    double c[2];
+    coefficients(o, D, rank, h, c);
+    adapted_row(o, o, U, rank, h, c, NULL);
+}
+
+/* down and up_scaled as adapt() and route() read them: native, aligned, C-contiguous float32[R, h], R in {1, 2}; 0, else
+ * -1 with a ValueError naming ``name``. */
+static int adapter_arrays(PyObject *down, PyObject *up, const char *name) {
+    PyArrayObject *d = (PyArrayObject *)down, *u = (PyArrayObject *)up;
+    if (!PyArray_CheckExact(down) || !PyArray_CheckExact(up) || PyArray_NDIM(d) != 2 || PyArray_NDIM(u) != 2 ||
+        PyArray_TYPE(d) != NPY_FLOAT32 || PyArray_TYPE(u) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(d) || !PyArray_IS_C_CONTIGUOUS(u) ||
+        !native(d) || !native(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
+        PyArray_DIM(d, 0) < 1 || PyArray_DIM(d, 0) > 2) {
+        PyErr_Format(PyExc_ValueError, "%s(): down and up_scaled must be native, aligned, C-contiguous float32[R, h], R in {1, 2}", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* adapt(x, down, up_scaled) -> float32[h] / float32[n, h], or None (x is not a finite native float32 [h] or
+ * [n, h] array: take the Python path). down, up_scaled: native, aligned, C-contiguous float32[R, h], R in
+ * {1, 2}. routes.adapt: x + (x @ down.T) @ up_scaled in float64, saturated at the float32 limit, so no
+ * finite x gives an infinity or NaN. */
 static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "adapt() takes 3 arguments");
         return NULL;
     }
+    if (adapter_arrays(args[1], args[2], "adapt") < 0) return NULL;
     PyArrayObject *d = (PyArrayObject *)args[1], *u = (PyArrayObject *)args[2];
-    if (!PyArray_CheckExact(args[1]) || !PyArray_CheckExact(args[2]) || PyArray_NDIM(d) != 2 || PyArray_NDIM(u) != 2 ||
-        PyArray_TYPE(d) != NPY_FLOAT32 || PyArray_TYPE(u) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(d) ||
-        !PyArray_IS_C_CONTIGUOUS(u) || !native(d) || !native(u) || PyArray_DIM(d, 0) != PyArray_DIM(u, 0) || PyArray_DIM(d, 1) != PyArray_DIM(u, 1) ||
-        PyArray_DIM(d, 0) < 1 || PyArray_DIM(d, 0) > 2) {
-        PyErr_SetString(PyExc_ValueError, "adapt(): down and up_scaled must be native, aligned, C-contiguous float32[R, h], R in {1, 2}");
-        return NULL;
-    }
     npy_intp rank = PyArray_DIM(d, 0), h = PyArray_DIM(d, 1);
     if (!PyArray_CheckExact(args[0])) Py_RETURN_NONE;
     PyArrayObject *x = (PyArrayObject *)args[0];
@@ -695,13 +868,7 @@ static PyObject *adapt(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             Py_DECREF(out);
             Py_RETURN_NONE;
         }
-        float c0 = dot(D, o, h);
-        if (rank == 2) {
-            float c1 = dot(D + h, o, h);
-            for (npy_intp i = 0; i < h; i++) o[i] += c0 * U[i] + c1 * U[h + i];
-        } else {
-            for (npy_intp i = 0; i < h; i++) o[i] += c0 * U[i];
-        }
+        adapt_row(o, D, U, rank, h);
     }
     return (PyObject *)out;
 }
@@ -792,31 +959,32 @@ static int signal_f32(const char *slot, Py_ssize_t payload_off, Py_ssize_t step_
     return 0; /* not reached: pass 1 always returns */
 }
 
-/* What both learners take, parsed and checked once: the block of slots with its geometry,
- * and the learner's state (learn/learner.py's Learner: its attributes of these names). */
+/* What both slot learners take, parsed and checked once: the block of slots with its geometry, the
+ * per-route counts, and (the reference rule's) lr, flush_threshold, pending, grad_up and up: the learner's
+ * attributes of these names (learn/learner.py's Learner). The routing rule reads its state as a Routing. */
 typedef struct {
     Py_buffer block;
     const char *base;
-    Py_ssize_t count, slot_bytes, hidden, max_steps, payload_off, step_bytes, threshold, pending, n_routes;
+    Py_ssize_t count, slot_bytes, hidden, max_steps, payload_off, step_bytes, threshold, pending;
+    Py_ssize_t n_routes; /* a slot's route indices must be below it */
     unsigned long long first_seq;
     double lr;
-    PyObject *chosen, *best, *reward; /* per-route counts: uint64[K], uint64[K], float64[K] (new references) */
-    PyObject *grad_up, *up, *grad_down, *down, *unit; /* float64/float32[R, h]; unit float32[K, h] (new references) */
-    double temperature;
+    PyObject *chosen, *best, *reward; /* per-route counts: uint64[Km], uint64[Km], float64[Km] (new references) */
+    PyObject *grad_up, *up;           /* float64/float32[R, h] (new references) */
 } Batch;
 
-static int f64_matrix(PyObject *obj, npy_intp rows, npy_intp cols, int type) {
+/* obj is an ndarray of ``type`` and shape (d0,) or (d0, d1) (ndim 1 or 2; d0 < 0: any), C-contiguous, native,
+ * aligned and, if asked, writable. */
+static int array_of(PyObject *obj, int type, int ndim, npy_intp d0, npy_intp d1, int writable) {
     if (!PyArray_Check(obj)) return 0;
     PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 2 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
-           (rows < 0 || PyArray_DIM(a, 0) == rows) && PyArray_DIM(a, 1) == cols;
+    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == ndim && PyArray_IS_C_CONTIGUOUS(a) && (!writable || PyArray_ISWRITEABLE(a)) &&
+           native(a) && (d0 < 0 || PyArray_DIM(a, 0) == d0) && (ndim == 1 || PyArray_DIM(a, 1) == d1);
 }
 
-static int vector_of(PyObject *obj, npy_intp n, int type) {
-    if (!PyArray_Check(obj)) return 0;
-    PyArrayObject *a = (PyArrayObject *)obj;
-    return PyArray_TYPE(a) == type && PyArray_NDIM(a) == 1 && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISWRITEABLE(a) && native(a) &&
-           PyArray_DIM(a, 0) == n;
+/* The length of a 1-D array (-1 for anything else: a 0-d array has no shape to read). */
+static npy_intp length_of(PyObject *obj) {
+    return PyArray_Check(obj) && PyArray_NDIM((PyArrayObject *)obj) == 1 ? PyArray_DIM((PyArrayObject *)obj, 0) : -1;
 }
 
 static void batch_release(Batch *b) {
@@ -826,17 +994,15 @@ static void batch_release(Batch *b) {
     Py_CLEAR(b->reward);
     Py_CLEAR(b->grad_up);
     Py_CLEAR(b->up);
-    Py_CLEAR(b->grad_down);
-    Py_CLEAR(b->down);
-    Py_CLEAR(b->unit);
 }
 
 static PyObject *learner_attr(PyObject *learner, const char *name) { return PyObject_GetAttrString(learner, name); }
 
-/* args: block (count whole slots of geometry), geometry, first_seq, learner, stop. Reads the
- * learner's lr, flush_threshold, pending, route_chosen, route_best, route_reward, grad_up and up
- * (and, with ``routing``, grad_down, down, unit and temperature). On failure everything taken
- * is released and -1 returned with an exception set. */
+/* args: block (count whole slots of geometry), geometry, first_seq, learner, stop. Reads the learner's
+ * route_chosen, route_best and route_reward (uint64/uint64/float64[Km]) and, for the reference rule
+ * (``routing`` 0), lr, flush_threshold, pending, grad_up and up. A slot's route indices must be below
+ * the geometry's routes (and Km) for the reference rule; the routing rule sets n_routes itself. On failure
+ * everything taken is released and -1 returned with an exception set. */
 static int batch_open(PyObject *const *args, Py_ssize_t nargs, const char *name, int routing, Batch *b, int *stop) {
     memset(b, 0, sizeof(Batch));
     if (nargs != 5) {
@@ -851,35 +1017,28 @@ static int batch_open(PyObject *const *args, Py_ssize_t nargs, const char *name,
     b->first_seq = PyLong_AsUnsignedLongLong(args[2]);
     if (b->first_seq == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     if ((*stop = PyObject_IsTrue(args[4])) < 0) return -1;
-    PyObject *lr = learner_attr(learner, "lr"), *threshold = lr ? learner_attr(learner, "flush_threshold") : NULL;
-    PyObject *pending = threshold ? learner_attr(learner, "pending") : NULL;
-    if (pending != NULL) {
-        b->lr = PyFloat_AsDouble(lr);
-        b->threshold = PyLong_AsSsize_t(threshold);
-        b->pending = PyLong_AsSsize_t(pending);
+    if (!routing) {
+        PyObject *lr = learner_attr(learner, "lr"), *threshold = lr ? learner_attr(learner, "flush_threshold") : NULL;
+        PyObject *pending = threshold ? learner_attr(learner, "pending") : NULL;
+        if (pending != NULL) {
+            b->lr = PyFloat_AsDouble(lr);
+            b->threshold = PyLong_AsSsize_t(threshold);
+            b->pending = PyLong_AsSsize_t(pending);
+        }
+        Py_XDECREF(lr);
+        Py_XDECREF(threshold);
+        Py_XDECREF(pending);
+        if (pending == NULL || PyErr_Occurred()) return -1;
+        if (!(b->grad_up = learner_attr(learner, "grad_up")) || !(b->up = learner_attr(learner, "up"))) goto fail;
     }
-    Py_XDECREF(lr);
-    Py_XDECREF(threshold);
-    Py_XDECREF(pending);
-    if (pending == NULL || PyErr_Occurred()) return -1;
     if (!(b->chosen = learner_attr(learner, "route_chosen")) || !(b->best = learner_attr(learner, "route_best")) ||
-        !(b->reward = learner_attr(learner, "route_reward")) || !(b->grad_up = learner_attr(learner, "grad_up")) ||
-        !(b->up = learner_attr(learner, "up")))
+        !(b->reward = learner_attr(learner, "route_reward")))
         goto fail;
-    if (routing) {
-        PyObject *tau;
-        if (!(b->grad_down = learner_attr(learner, "grad_down")) || !(b->down = learner_attr(learner, "down")) ||
-            !(b->unit = learner_attr(learner, "unit")) || !(tau = learner_attr(learner, "temperature")))
-            goto fail;
-        b->temperature = PyFloat_AsDouble(tau);
-        Py_DECREF(tau);
-        if (PyErr_Occurred()) goto fail;
-    }
-    /* The length of route_chosen, read only from a 1-D array: a 0-d one has no shape (NULL). */
-    b->n_routes = PyArray_Check(b->chosen) && PyArray_NDIM((PyArrayObject *)b->chosen) == 1 ? PyArray_DIM((PyArrayObject *)b->chosen, 0) : -1;
-    if (b->threshold < 1 || b->pending < 0 || b->pending >= b->threshold || b->n_routes < 0 || b->n_routes > g->n_routes ||
-        !vector_of(b->chosen, b->n_routes, NPY_UINT64) || !vector_of(b->best, b->n_routes, NPY_UINT64) ||
-        !vector_of(b->reward, b->n_routes, NPY_FLOAT64)) {
+    npy_intp km = length_of(b->chosen);
+    b->n_routes = km < g->n_routes ? km : g->n_routes;
+    if ((!routing && (b->threshold < 1 || b->pending < 0 || b->pending >= b->threshold)) || km < 0 || km > MAX_ROUTES_C ||
+        !array_of(b->chosen, NPY_UINT64, 1, km, 0, 1) || !array_of(b->best, NPY_UINT64, 1, km, 0, 1) ||
+        !array_of(b->reward, NPY_FLOAT64, 1, km, 0, 1)) {
         PyErr_Format(PyExc_ValueError, "%s(): the learner's counters or per-route counts do not fit the geometry", name);
         goto fail;
     }
@@ -1000,8 +1159,8 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "write_window() takes 7 arguments");
         return NULL;
     }
-    if (!f64_matrix(args[1], -1, PyArray_Check(args[1]) && PyArray_NDIM((PyArrayObject *)args[1]) == 2 ? PyArray_DIM((PyArrayObject *)args[1], 1) : -1,
-                    NPY_FLOAT64)) {
+    if (!array_of(args[1], NPY_FLOAT64, 2, -1, PyArray_Check(args[1]) && PyArray_NDIM((PyArrayObject *)args[1]) == 2 ? PyArray_DIM((PyArrayObject *)args[1], 1) : -1,
+                  1)) {
         PyErr_SetString(PyExc_ValueError, "write_window(): grad_up must be a C-contiguous float64[R, h]");
         return NULL;
     }
@@ -1009,7 +1168,7 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     npy_intp rank = PyArray_DIM(gu, 0), h = PyArray_DIM(gu, 1);
     PyArrayObject *gd = NULL;
     if (args[2] != Py_None) {
-        if (!f64_matrix(args[2], rank, h, NPY_FLOAT64)) {
+        if (!array_of(args[2], NPY_FLOAT64, 2, rank, h, 1)) {
             PyErr_SetString(PyExc_ValueError, "write_window(): grad_down must be None or a C-contiguous float64[R, h] like grad_up");
             return NULL;
         }
@@ -1071,7 +1230,7 @@ static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     if ((h == -1 || rank == -1) && PyErr_Occurred()) return NULL;
     int routing = PyObject_IsTrue(args[6]);
     if (routing < 0) return NULL;
-    if (h < 1 || rank < 1 || rank > 2 || !f64_matrix(args[0], rank, h, NPY_FLOAT32) || !f64_matrix(args[1], rank, h, NPY_FLOAT32)) {
+    if (h < 1 || rank < 1 || rank > 2 || !array_of(args[0], NPY_FLOAT32, 2, rank, h, 1) || !array_of(args[1], NPY_FLOAT32, 2, rank, h, 1)) {
         PyErr_SetString(PyExc_ValueError, "apply_window(): up and down must be writable C-contiguous float32[rank, hidden_dim]");
         return NULL;
     }
@@ -1132,7 +1291,7 @@ not_a_window:
     Py_RETURN_NONE;
 }
 
-/* learn_slots(block, geometry, first_seq, learner, stop) -> (pending, flushes, width, learned, corrupt, consumed)
+/* learn_slots(block, geometry, first_seq, learner, stop) -> (pending, flushes, applied, width, learned, corrupt, consumed)
  * The reference rule. Learns the consecutive slots of ``block`` (a buffer of whole slots of
  * ``geometry``, slot i stamped first_seq + i) into ``learner``'s arrays (learn/learner.py's
  * Learner: grad_up, up, route counts; lr, flush_threshold and pending read from it) as Learner.learn(learning_signals(...)) does, up
@@ -1144,9 +1303,10 @@ not_a_window:
  * saturated at the float32 limit), and the sums reset. Feedback is counted per route as
  * Learner.count_routes does. A slot that fails slots.check() -- its stamp, a bound,
  * or a NaN or infinity among the values its signal is made of -- is learned from nothing and
- * its index is listed in ``corrupt``. ``width``: the most steps a learned slot had;
- * ``learned``: consumed - len(corrupt); ``consumed``: the slots it went through (``count``
- * unless it stopped).
+ * its index is listed in ``corrupt``. ``applied``: the signals of the windows it applied
+ * (flushes * flush_threshold); ``width``: the most steps a learned slot had; ``learned``:
+ * consumed - len(corrupt), every one a signal; ``consumed``: the slots it went through
+ * (``count`` unless it stopped).
  * With ``stop`` true (the fleet's sealing mode), reaching ``flush_threshold`` applies nothing:
  * the window's sums are complete in grad_up, and the call returns at once with ``pending`` ==
  * flush_threshold (the caller seals the window, zeroes the sums and calls again for the
@@ -1157,7 +1317,7 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (batch_open(args, nargs, "learn_slots", 0, &b, &stop) < 0) return NULL;
     PyObject *result = NULL;
     npy_intp h = b.hidden;
-    if (!f64_matrix(b.grad_up, -1, h, NPY_FLOAT64) || !f64_matrix(b.up, PyArray_DIM((PyArrayObject *)b.grad_up, 0), h, NPY_FLOAT32)) {
+    if (!array_of(b.grad_up, NPY_FLOAT64, 2, -1, h, 1) || !array_of(b.up, NPY_FLOAT32, 2, PyArray_DIM((PyArrayObject *)b.grad_up, 0), h, 1)) {
         PyErr_SetString(PyExc_ValueError, "learn_slots(): grad_up and up must be writable, native, aligned, C-contiguous float64/float32[R, h]");
         goto release;
     }
@@ -1237,356 +1397,678 @@ static PyObject *learn_slots(PyObject *self, PyObject *const *args, Py_ssize_t n
             if (!PyErr_Occurred()) PyErr_NoMemory();
             result = NULL;
         } else
-            result = Py_BuildValue("(nlinNn)", pending, flushes, width, learned, corrupt, consumed);
+            result = Py_BuildValue("(nlninNn)", pending, flushes, (Py_ssize_t)flushes * b.threshold, width, learned, corrupt, consumed);
     }
 release:
     batch_release(&b);
     return result;
 }
 
-/* A float64 dot product with four partial sums (a shape the compiler vectorises). */
-static inline __attribute__((always_inline)) double dot_d(const double *a, const double *b, npy_intp n) {
-    double p0 = 0, p1 = 0, p2 = 0, p3 = 0;
-    npy_intp i = 0;
-    for (; i + 4 <= n; i += 4) {
-        p0 += a[i] * b[i];
-        p1 += a[i + 1] * b[i + 1];
-        p2 += a[i + 2] * b[i + 2];
-        p3 += a[i + 3] * b[i + 3];
-    }
-    for (; i < n; i++) p0 += a[i] * b[i];
-    return (p0 + p1) + (p2 + p3);
+/* ------------------------------------------------------------------ the routing rule */
+
+/* 2^(j/32), j = 0..31, correctly rounded (exp_d's table). */
+static const double EXP2_32[32] = {
+    0x1.0000000000000p+0, 0x1.059b0d3158574p+0, 0x1.0b5586cf9890fp+0, 0x1.11301d0125b51p+0, 0x1.172b83c7d517bp+0, 0x1.1d4873168b9aap+0,
+    0x1.2387a6e756238p+0, 0x1.29e9df51fdee1p+0, 0x1.306fe0a31b715p+0, 0x1.371a7373aa9cbp+0, 0x1.3dea64c123422p+0, 0x1.44e086061892dp+0,
+    0x1.4bfdad5362a27p+0, 0x1.5342b569d4f82p+0, 0x1.5ab07dd485429p+0, 0x1.6247eb03a5585p+0, 0x1.6a09e667f3bcdp+0, 0x1.71f75e8ec5f74p+0,
+    0x1.7a11473eb0187p+0, 0x1.82589994cce13p+0, 0x1.8ace5422aa0dbp+0, 0x1.93737b0cdc5e5p+0, 0x1.9c49182a3f090p+0, 0x1.a5503b23e255dp+0,
+    0x1.ae89f995ad3adp+0, 0x1.b7f76f2fb5e47p+0, 0x1.c199bdd85529cp+0, 0x1.cb720dcef9069p+0, 0x1.d5818dcfba487p+0, 0x1.dfc97337b9b5fp+0,
+    0x1.ea4afa2a490dap+0, 0x1.f50765b6e4540p+0,
+};
+
+/* 2^k as a double, for a normal one (-1022 <= k <= 1023): built from its bits. */
+static inline __attribute__((always_inline)) double two_to(int k) {
+    uint64_t bits = (uint64_t)(k + 1023) << 52;
+    double v;
+    memcpy(&v, &bits, 8);
+    return v;
 }
 
-/* y += a * x over n doubles. */
-static inline __attribute__((always_inline)) void axpy_d(double *y, double a, const double *x, npy_intp n) {
-    for (npy_intp i = 0; i < n; i++) y[i] += a * x[i];
+/* exp(x) for the learner's and route()'s softmax and sigmoid, the same bits on every CPU (the C library's exp may
+ * take another path on another CPU: glibc has FMA variants): x = (32k + j) ln2/32 + t (Cody-Waite: ln2/32 in two
+ * parts, the first with 32 significant bits so n ln2/32_hi is exact), |t| <= ln2/64, e^t by its Taylor series to
+ * t^6 (error below 4e-18), times the table's 2^(j/32) and 2^k: within about two ulps of the exact value. NaN stays
+ * NaN; below the smallest subnormal it is 0, above DBL_MAX infinity. Inlined: called out of line from a WIDE_VECTORS
+ * clone, its legacy-SSE code would stall on the clone's dirty AVX state. */
+static inline __attribute__((always_inline)) double exp_d(double x) {
+    if (x > 709.782712893384) return INFINITY;
+    if (!(x >= -745.2)) return x != x ? x : 0.0;
+    double n = floor(x * 0x1.71547652b82fep+5 + 0.5); /* x * 32/ln2, rounded */
+    double t = (x - n * 0x1.62e42fee00000p-6) - n * 0x1.a39ef35793c76p-38;
+    double p = 1.0 + t * (1.0 + t * (0.5 + t * (1.0 / 6 + t * (1.0 / 24 + t * (1.0 / 120 + t * (1.0 / 720))))));
+    int m = (int)n, j = m & 31, k = (m - j) / 32;
+    double y = EXP2_32[j] * p;
+    if (k > 1023) return y * two_to(k - 1) * 2.0;
+    if (k < -1022) return y * two_to(k + 54) * 0x1p-54; /* a subnormal result: rounded once, by the last product */
+    return y * two_to(k);
 }
 
-/* The routing learner's float64 view of one flush window: U, D and V (unit routes) as
- * doubles, their cross products, and gradient terms kept as coefficients until folded. */
+/* A routing learner's state: the attributes of these names of learn/learner.py's Learner, checked once per call
+ * (routing_open), the open window's progress, and scratch for one feedback. */
 typedef struct {
-    npy_intp h, K, R;
-    double s, tau;
-    double *U, *D, *V, *q;
-    double VU[MAX_ROUTES_C][2], UU[2][2];
-    double A[2][MAX_ROUTES_C]; /* G_U[r] += sum_k A[r][k] v_k  (folded later) */
-    double C[2][2];            /* G_U[r] += sum_r' C[r][r'] u_r' (folded later) */
-    double z[MAX_ROUTES_C], c[MAX_ROUTES_C], vq[MAX_ROUTES_C];
-} Window;
+    npy_intp h, R, K, Km;                                  /* hidden_dim, rank, routes_used, max_routes */
+    float *up, *down, *vectors, *bias;                     /* published: up, down, route_vectors, route_bias */
+    float *work_up, *work_down, *work_vectors, *work_bias; /* the working copy every feedback moves */
+    double *centre;                                        /* route_centre: mu, float64[h] */
+    const uint8_t *state;                                  /* route_state: ACTIVE, or free/retired */
+    double lr, adapter_lr, tau, s;                         /* s = 1/sqrt(R) */
+    Py_ssize_t threshold;                                  /* flush_threshold: the largest window */
+    long long before;                                      /* signals_accumulated when the call began */
+    Py_ssize_t pending, opened, target, signals, flushes, applied; /* the window (see routing_feedback) */
+    double *q, *f, *x, *g; /* scratch, float64[h]: the unit query, the adapted one, f^ - mu, the adapter's gradient */
+    double *vf, *c;        /* float64[Km]: v_k . f^, the slopes */
+    uint8_t *touched;      /* uint8[Km]: route rows the open window may have moved */
+    PyObject *held[10];    /* the state arrays (new references) */
+} Routing;
 
-/* Load U and D (after a flush: the new ones) and their products with V and each other. */
-static void window_load(Window *w, const float *U32, const float *D32) {
-    npy_intp h = w->h;
-    for (npy_intp i = 0; i < w->R * h; i++) {
-        w->U[i] = U32[i];
-        w->D[i] = D32[i];
+/* The state arrays, in the order of Routing.held: name, dtype, ndim, and the shape the error message names. */
+static const struct {
+    const char *name;
+    int type, ndim;
+    const char *shape;
+} ROUTING_ARRAYS[10] = {
+    {"up", NPY_FLOAT32, 2, "float32[R, h], R in {1, 2}"},
+    {"down", NPY_FLOAT32, 2, "float32[R, h] like up"},
+    {"work_up", NPY_FLOAT32, 2, "float32[R, h] like up"},
+    {"work_down", NPY_FLOAT32, 2, "float32[R, h] like up"},
+    {"route_vectors", NPY_FLOAT32, 2, "float32[max_routes, h]"},
+    {"work_vectors", NPY_FLOAT32, 2, "float32[max_routes, h]"},
+    {"route_bias", NPY_FLOAT32, 1, "float32[max_routes]"},
+    {"work_bias", NPY_FLOAT32, 1, "float32[max_routes]"},
+    {"route_centre", NPY_FLOAT64, 1, "float64[h]"},
+    {"route_state", NPY_UINT8, 1, "uint8[max_routes], 1 <= max_routes <= 256"},
+};
+
+static void routing_release(Routing *r) {
+    for (int i = 0; i < 10; i++) Py_CLEAR(r->held[i]);
+    PyMem_Free(r->q);
+    r->q = NULL;
+}
+
+/* A scalar attribute of the learner: an integer (long long) or a float (double); -1 with an exception set. */
+static int learner_int(PyObject *learner, const char *name, long long *out) {
+    PyObject *v = learner_attr(learner, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int learner_float(PyObject *learner, const char *name, double *out) {
+    PyObject *v = learner_attr(learner, name);
+    if (v == NULL) return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* min(flush_threshold, max(1, opened // GROWTH)): routing.window_size, the signals of the window that opens after
+ * ``opened`` signals. */
+static Py_ssize_t window_size(long long opened, Py_ssize_t threshold) {
+    long long n = opened / GROWTH;
+    return n < 1 ? 1 : n < threshold ? (Py_ssize_t)n : threshold;
+}
+
+/* Read and check the routing learner's state (h: its hidden_dim, from the caller's queries or geometry) and open
+ * its window where the learner left it. 0, or -1 with a ValueError naming what is wrong (everything released). */
+static int routing_open(PyObject *learner, npy_intp h, const char *name, Routing *r) {
+    memset(r, 0, sizeof *r);
+    for (int i = 0; i < 10; i++)
+        if (!(r->held[i] = learner_attr(learner, ROUTING_ARRAYS[i].name))) goto fail;
+    long long used, threshold, pending, signals;
+    double lr, adapter_lr, tau;
+    if (learner_int(learner, "routes_used", &used) < 0 || learner_int(learner, "flush_threshold", &threshold) < 0 ||
+        learner_int(learner, "pending", &pending) < 0 || learner_int(learner, "signals_accumulated", &signals) < 0 ||
+        learner_float(learner, "lr", &lr) < 0 || learner_float(learner, "adapter_lr", &adapter_lr) < 0 ||
+        learner_float(learner, "temperature", &tau) < 0)
+        goto fail;
+    npy_intp rank = PyArray_Check(r->held[0]) && PyArray_NDIM((PyArrayObject *)r->held[0]) == 2 ? PyArray_DIM((PyArrayObject *)r->held[0], 0) : -1;
+    npy_intp km = length_of(r->held[9]);
+    if (rank < 1 || rank > 2) rank = -1;
+    if (km < 1 || km > MAX_ROUTES_C) km = -1;
+    for (int i = 0; i < 10; i++) {
+        npy_intp d0 = i < 4 ? rank : i == 8 ? h : km, d1 = ROUTING_ARRAYS[i].ndim == 2 ? h : 0;
+        if (d0 < 0 || !array_of(r->held[i], ROUTING_ARRAYS[i].type, ROUTING_ARRAYS[i].ndim, d0, d1, i != 9)) {
+            int bad = d0 >= 0 ? i : i < 4 ? 0 : 9; /* a length no array can match: name the array it is read from */
+            PyErr_Format(PyExc_ValueError, "%s(): the learner's %s must be a%s native, aligned, C-contiguous %s (h = %zd, max_routes = "
+                         "len(route_state) = %zd)", name, ROUTING_ARRAYS[bad].name, bad != 9 ? " writable," : "", ROUTING_ARRAYS[bad].shape,
+                         (Py_ssize_t)h, (Py_ssize_t)km);
+            goto fail;
+        }
     }
-    for (npy_intp r = 0; r < w->R; r++) {
-        for (npy_intp k = 0; k < w->K; k++) w->VU[k][r] = dot_d(w->V + k * h, w->U + r * h, h);
-        for (npy_intp r2 = 0; r2 < w->R; r2++) w->UU[r][r2] = dot_d(w->U + r * h, w->U + r2 * h, h);
+    if (used < 1 || used > km) {
+        PyErr_Format(PyExc_ValueError, "%s(): the learner's routes_used must be in [1, max_routes = %zd], got %lld", name, (Py_ssize_t)km, used);
+        goto fail;
+    }
+    if (!(tau > 0 && tau <= FLT_MAX_D) || !isfinite(lr) || !isfinite(adapter_lr) || threshold < 1 || threshold > PY_SSIZE_T_MAX ||
+        pending < 0 || pending > PY_SSIZE_T_MAX || signals < pending) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s(): the learner's temperature must be finite and > 0, lr and adapter_lr finite, flush_threshold >= 1 and "
+                     "0 <= pending <= signals_accumulated",
+                     name);
+        goto fail;
+    }
+    r->h = h, r->R = rank, r->K = (npy_intp)used, r->Km = km;
+    float **f32[8] = {&r->up, &r->down, &r->work_up, &r->work_down, &r->vectors, &r->work_vectors, &r->bias, &r->work_bias};
+    for (int i = 0; i < 8; i++) *f32[i] = (float *)PyArray_DATA((PyArrayObject *)r->held[i]);
+    r->centre = (double *)PyArray_DATA((PyArrayObject *)r->held[8]);
+    r->state = (const uint8_t *)PyArray_DATA((PyArrayObject *)r->held[9]);
+    r->lr = lr, r->adapter_lr = adapter_lr, r->tau = tau, r->s = 1.0 / sqrt((double)rank);
+    r->threshold = (Py_ssize_t)threshold, r->before = signals, r->pending = (Py_ssize_t)pending;
+    r->opened = signals - pending;
+    r->target = window_size(r->opened, r->threshold);
+    r->q = PyMem_Malloc((size_t)(4 * h + 2 * km) * sizeof(double) + (size_t)km);
+    if (r->q == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    r->f = r->q + h, r->x = r->f + h, r->g = r->x + h, r->vf = r->g + h, r->c = r->vf + km;
+    r->touched = (uint8_t *)(r->c + km);
+    /* A window left open by an earlier call may have moved any row; one opened here, only those it learns. */
+    memset(r->touched, pending > 0, (size_t)km);
+    return 0;
+fail:
+    routing_release(r);
+    return -1;
+}
+
+/* The largest magnitude among q's n values (0: a zero query), or -1 if one is NaN or infinite. */
+WIDE_VECTORS static float query_top(const float *q, npy_intp n) {
+    int32_t top = 0;
+    for (npy_intp i = 0; i < n; i++) {
+        int32_t bits;
+        memcpy(&bits, q + i, 4);
+        bits &= 0x7fffffff; /* |q_i|: non-negative floats order as their bits (NaN above infinity) */
+        top = bits > top ? bits : top;
+    }
+    if (top >= 0x7f800000) return -1.0f;
+    float t;
+    memcpy(&t, &top, 4);
+    return t;
+}
+
+/* routing.step for one feedback, on the working state: query q (top: its largest magnitude, 0 for a zero query),
+ * the route served and the right one (-1: none; any given is active), the bandit reward, and n, the signals so
+ * far, this one included. In float64 (float32 only where the state is stored), every sum in the dot_* order:
+ * numpy's step up to the order of its sums, and the same bits on every CPU. */
+WIDE_VECTORS static void routing_step(Routing *r, const float *q32, float top, int route, int best, double reward, long long n) {
+    npy_intp h = r->h, R = r->R, K = r->K;
+    double *q = r->q, *f = r->f, *x = r->x, *mu = r->centre, *vf = r->vf, *c = r->c, tau = r->tau;
+    float *U = r->work_up, *D = r->work_down, *V = r->work_vectors, *bias = r->work_bias;
+    if (!(top > 0)) return; /* a zero query teaches nothing */
+    /* q^ = q / |q|, q scaled by its largest magnitude first (no finite query overflows); f = q^ + s sum_r (d_r . q^) u_r */
+    double inv_top = 1.0 / (double)top;
+    for (npy_intp i = 0; i < h; i++) q[i] = (double)q32[i] * inv_top;
+    double inv_q = 1.0 / sqrt(dot_dd(q, q, h));
+    for (npy_intp i = 0; i < h; i++) q[i] *= inv_q;
+    double kappa[2] = {dot_df(q, D, h), R == 2 ? dot_df(q, D + h, h) : 0.0};
+    double sk0 = r->s * kappa[0], sk1 = r->s * kappa[1];
+    if (R == 2)
+        for (npy_intp i = 0; i < h; i++) f[i] = q[i] + (sk0 * (double)U[i] + sk1 * (double)U[h + i]);
+    else
+        for (npy_intp i = 0; i < h; i++) f[i] = q[i] + sk0 * (double)U[i];
+    double fn = sqrt(dot_dd(f, f, h));
+    if (!(fn > MIN_ADAPTED_NORM)) return; /* the adapter maps the query to (almost) zero */
+    double inv_f = 1.0 / fn;
+    for (npy_intp i = 0; i < h; i++) f[i] *= inv_f; /* f^ */
+    /* z_k = tau f^ . v_k + BETA b_k over the active routes (kept in c), p = softmax(z), then the slopes c = dL/dz */
+    npy_intp on[MAX_ROUTES_C], m = 0; /* the active routes */
+    for (npy_intp k = 0; k < K; k++)
+        if (r->state[k] == ACTIVE) on[m++] = k;
+    dots_of_rows(f, V, on, m, h, vf);
+    double top_z = -INFINITY, za = 0.0;
+    for (npy_intp j = 0; j < m; j++) {
+        npy_intp k = on[j];
+        c[k] = tau * vf[k] + BETA * (double)bias[k];
+        top_z = c[k] > top_z ? c[k] : top_z;
+    }
+    if (route >= 0) za = c[route];
+    double sum = 0.0;
+    for (npy_intp k = 0; k < K; k++)
+        if (r->state[k] == ACTIVE) sum += (c[k] = exp_d(c[k] - top_z));
+    for (npy_intp k = 0; k < K; k++) {
+        double p = r->state[k] == ACTIVE ? c[k] / sum : 0.0;
+        c[k] = best >= 0 ? -p : -reward * p;
+    }
+    if (best >= 0) /* full information: L = log p_y, c = e_y - p */
+        c[best] += 1.0;
+    else /* bandit: L = r log p_a + (1 - r) log(1 - sigmoid(z_a - OFFSET)) */
+        c[route] += reward - (1.0 - reward) / (1.0 + exp_d(-(za - OFFSET)));
+    int rows = 0;
+    for (npy_intp k = 0; k < K; k++) {
+        if (fabs(c[k]) < SPARSE || r->state[k] != ACTIVE) c[k] = 0.0; /* dropped: the row is left alone */
+        rows += c[k] != 0.0;
+    }
+    if (!rows) return;
+    if (r->adapter_lr != 0.0) {
+        /* g = (tau / max(|f|, GRADIENT_FLOOR)) (I - f^ f^T) sum_k c_k v_k (the old rows); dU_r = s kappa_r g, dD_r = s (u_r . g) q^ */
+        double *g = r->g, t = tau / (fn > GRADIENT_FLOOR ? fn : GRADIENT_FLOOR);
+        memset(g, 0, (size_t)h * sizeof(double));
+        for (npy_intp k = 0; k < K; k++)
+            if (c[k] != 0.0)
+                for (npy_intp i = 0; i < h; i++) g[i] += c[k] * (double)V[k * h + i];
+        double fw = dot_dd(f, g, h);
+        for (npy_intp i = 0; i < h; i++) g[i] = t * (g[i] - f[i] * fw);
+        double ug[2] = {dot_df(g, U, h), R == 2 ? dot_df(g, U + h, h) : 0.0};
+        for (npy_intp j = 0; j < R; j++) {
+            double au = r->adapter_lr * (r->s * kappa[j]), ad = r->adapter_lr * (r->s * ug[j]);
+            float *u = U + j * h, *d = D + j * h;
+            for (npy_intp i = 0; i < h; i++) {
+                u[i] = (float)((double)u[i] + au * g[i]);
+                d[i] = (float)((double)d[i] + ad * q[i]);
+            }
+        }
+    }
+    /* mu += (f^ - mu) / min(n, CENTRE); x = f^ - mu */
+    double inv_n = 1.0 / (double)(n < CENTRE ? n : CENTRE);
+    for (npy_intp i = 0; i < h; i++) {
+        mu[i] += (f[i] - mu[i]) * inv_n;
+        x[i] = f[i] - mu[i];
+    }
+    double xmu = dot_dd(x, mu, h);
+    /* dv_k = lr tau c_k (x - PROTECT [c_k < 0] (x . v^_k) v^_k) with the old v_k; db_k = BIAS_LR BETA c_k - (tau / BETA) dv_k . mu.
+     * As dv_k = a (x - pi v_k): x . v_k = v_k . f^ - v_k . mu, and dv_k . mu = a (x . mu - pi v_k . mu). */
+    for (npy_intp k = 0; k < K; k++) {
+        if (c[k] == 0.0) continue;
+        float *v = V + k * h;
+        double a = r->lr * tau * c[k], pi = 0.0, dvmu = a * xmu;
+        if (c[k] < 0) { /* a push-down keeps PROTECT less of its component along the route's own direction */
+            f64x4 vv_acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}}, vm_acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+            npy_intp i = 0;
+            for (; i + 16 <= h; i += 16) /* v . v and v . mu in one pass, each in dot_*'s order */
+                for (int j = 0; j < 4; j++) {
+                    f64x4 vj, mj;
+                    f32_widen(&vj, v + i + 4 * j), f64_load(&mj, mu + i + 4 * j);
+                    vv_acc[j] += vj * vj;
+                    vm_acc[j] += vj * mj;
+                }
+            double vv_tail = 0.0, vm_tail = 0.0;
+            for (; i < h; i++) {
+                vv_tail += (double)v[i] * (double)v[i];
+                vm_tail += (double)v[i] * mu[i];
+            }
+            double vv = f64_lanes(vv_acc, vv_tail), vmu = f64_lanes(vm_acc, vm_tail);
+            pi = vv > 0 ? PROTECT * (vf[k] - vmu) / vv : 0.0;
+            dvmu = a * (xmu - pi * vmu);
+        }
+        for (npy_intp i = 0; i < h; i++) v[i] = (float)((double)v[i] + a * (x[i] - pi * (double)v[i]));
+        bias[k] = (float)((double)bias[k] + (BIAS_LR * BETA * c[k] - (tau / BETA) * dvmu));
+        r->touched[k] = 1;
     }
 }
 
-/* Add the coefficient terms into G_U (float64[R, h]) and clear them; exact, as U and V are
- * fixed within a window. */
-static void window_fold(Window *w, double *GU) {
-    npy_intp h = w->h;
-    for (npy_intp r = 0; r < w->R; r++) {
-        double *g = GU + r * h;
-        for (npy_intp k = 0; k < w->K; k++) {
-            if (w->A[r][k] != 0.0) axpy_d(g, w->A[r][k], w->V + k * h, h);
-            w->A[r][k] = 0.0;
-        }
-        for (npy_intp r2 = 0; r2 < w->R; r2++) {
-            if (w->C[r][r2] != 0.0) axpy_d(g, w->C[r][r2], w->U + r2 * h, h);
-            w->C[r][r2] = 0.0;
-        }
+/* One published value per element: d = f32(W - P), P = f32(saturate(P + d)), W = P (in float64: learner.apply_deltas
+ * and Learner._reset_working, bit for bit). */
+static void publish_values(float *P, float *W, npy_intp n) {
+    for (npy_intp i = 0; i < n; i++) {
+        float d = (float)((double)W[i] - (double)P[i]);
+        W[i] = P[i] = saturated((double)P[i] + (double)d);
     }
 }
 
-/* One feedback signal (routing.gradients for one row), as the expansion of
- * g = (tau/|f|) (I - f^ f^T) sum_k c_k v_k over the window's fixed vectors: only the
- * query's terms are added to G_U and G_D here; the v_k and u_r terms go to A and C. */
-WIDE_VECTORS static int window_signal(Window *w, const float *q32, SlotHead head, double *GU, double *GD) {
-    npy_intp h = w->h, K = w->K, R = w->R;
-    double *q = w->q, s = w->s, tau = w->tau;
-    for (npy_intp i = 0; i < h; i++) q[i] = q32[i];
-    double qq = dot_d(q, q, h);
-    if (!isfinite(qq)) return -1; /* a NaN or an infinity in the query: corrupt, nothing added */
-    if (!(qq > 0)) return 0;      /* a zero query teaches nothing */
-    double inv = 1.0 / sqrt(qq);
-    double kappa[2] = {0, 0}, uq[2] = {0, 0}, uf[2], ug[2];
-    for (npy_intp r = 0; r < R; r++) {
-        kappa[r] = dot_d(w->D + r * h, q, h) * inv; /* d_r . q^ */
-        uq[r] = dot_d(w->U + r * h, q, h) * inv;    /* u_r . q^ */
+/* Close the open window and apply it (Learner.close_window + apply): the adapter when it learns (adapter_lr > 0),
+ * every bias, the route rows it moved; then the working copy is the published state and the next window opens. */
+static void routing_apply(Routing *r) {
+    npy_intp h = r->h, rh = r->R * h;
+    if (r->adapter_lr > 0) {
+        publish_values(r->up, r->work_up, rh);
+        publish_values(r->down, r->work_down, rh);
+    } else {
+        memmove(r->work_up, r->up, (size_t)rh * sizeof(float));
+        memmove(r->work_down, r->down, (size_t)rh * sizeof(float));
     }
-    double ff = qq * inv * inv; /* |f|^2 = |q^ + s sum_r kappa_r u_r|^2 */
-    for (npy_intp r = 0; r < R; r++) {
-        ff += 2.0 * s * kappa[r] * uq[r];
-        for (npy_intp r2 = 0; r2 < R; r2++) ff += s * s * kappa[r] * kappa[r2] * w->UU[r][r2];
+    publish_values(r->bias, r->work_bias, r->Km);
+    for (npy_intp k = 0; k < r->K; k++) {
+        if (!r->touched[k]) continue;
+        float *P = r->vectors + k * h, *W = r->work_vectors + k * h;
+        int moved = 0;
+        for (npy_intp i = 0; i < h && !moved; i++) moved = W[i] != P[i];
+        if (moved) /* a row the window carries (numpy compares the rows alike) */
+            publish_values(P, W, h);
+        else
+            memmove(W, P, (size_t)h * sizeof(float));
+        r->touched[k] = 0;
     }
-    if (!(ff > 1e-12)) return 0; /* |f| <= routing.MIN_ADAPTED_NORM: mapped to (almost) zero */
-    double fn = sqrt(ff);
-    double top = -INFINITY;
-    for (npy_intp k = 0; k < K; k++) {
-        double vf = dot_d(w->V + k * h, q, h) * inv; /* v_k . f */
-        for (npy_intp r = 0; r < R; r++) vf += s * kappa[r] * w->VU[k][r];
-        w->vq[k] = vf;
-        w->z[k] = tau * vf / fn;
-        if (w->z[k] > top) top = w->z[k];
-    }
-    double sum = 0;
-    for (npy_intp k = 0; k < K; k++) sum += (w->c[k] = exp(w->z[k] - top));
-    for (npy_intp k = 0; k < K; k++) w->c[k] /= sum; /* p */
-    if (head.best >= 0) { /* full information: c = e_y - p */
-        for (npy_intp k = 0; k < K; k++) w->c[k] = -w->c[k];
-        w->c[head.best] += 1.0;
-    } else { /* bandit: c = r (e_a - p) - (1 - r) p_a (e_a - u), u uniform over the other routes */
-        int a = head.route;
-        double rw = head.quality, pa = w->c[a], u = 1.0 / (double)(K - 1);
-        for (npy_intp k = 0; k < K; k++) {
-            double toward = (k == a) - w->c[k], away = k == a ? 1.0 : -u;
-            w->c[k] = rw * toward - (1.0 - rw) * pa * away;
-        }
-    }
-    /* m = f^ . w with w = sum_k c_k v_k; u_r . w; then g = t w - (t m / |f|) f, t = tau / |f| */
-    double t = tau / (fn > 0.1 ? fn : 0.1), m = 0, uw[2] = {0, 0}; /* routing.GRADIENT_FLOOR: a clip */
-    for (npy_intp k = 0; k < K; k++) {
-        m += w->c[k] * w->vq[k];
-        for (npy_intp r = 0; r < R; r++) uw[r] += w->c[k] * w->VU[k][r];
-    }
-    m /= fn;
-    double tm = t * m / fn;
-    for (npy_intp r = 0; r < R; r++) {
-        uf[r] = uq[r];
-        for (npy_intp r2 = 0; r2 < R; r2++) uf[r] += s * kappa[r2] * w->UU[r][r2];
-        ug[r] = t * uw[r] - tm * uf[r]; /* u_r . g */
-    }
-    /* G_U[r] += s kappa_r g = s kappa_r (t sum_k c_k v_k - tm q^ - tm s sum_r' kappa_r' u_r')
-     * G_D[r] += s (u_r . g) q^ */
-    for (npy_intp r = 0; r < R; r++) {
-        double sk = s * kappa[r];
-        for (npy_intp k = 0; k < K; k++) w->A[r][k] += sk * t * w->c[k];
-        for (npy_intp r2 = 0; r2 < R; r2++) w->C[r][r2] -= sk * tm * s * kappa[r2];
-        double *gu = GU + r * h, *gd = GD + r * h, bu = -sk * tm * inv, bd = s * ug[r] * inv;
-        for (npy_intp i = 0; i < h; i++) {
-            gu[i] += bu * q[i];
-            gd[i] += bd * q[i];
-        }
-    }
+    r->flushes++;
+    r->applied += r->pending;
+    r->opened += r->pending;
+    r->pending = 0;
+    r->target = window_size(r->opened, r->threshold);
+}
+
+/* One feedback of either entry point (the route served and the right one, below routes_used; -1: none): a signal,
+ * learned unless it names a route that is not active, that fills the open window up to its size (window_size) and
+ * then closes it: applied here, or with ``stop`` left full for the caller, returning 1. */
+static int routing_feedback(Routing *r, const float *q, float top, int route, int best, double reward, int stop) {
+    r->signals++;
+    r->pending++;
+    if ((route < 0 || r->state[route] == ACTIVE) && (best < 0 || r->state[best] == ACTIVE))
+        routing_step(r, q, top, route, best, reward, r->before + r->signals);
+    if (r->pending < r->target) return 0;
+    if (stop) return 1;
+    routing_apply(r);
     return 0;
 }
 
-/* learn_routing(block, geometry, first_seq, learner, stop) -> (pending, flushes, width, signals, corrupt, consumed)
- * The routing rule: Learner.learn_feedback + count_routes over the consecutive slots of ``block``
- * (learner: grad_up, grad_down, up, down, unit, temperature besides what learn_slots reads),
- * the same maths as routing.gradients() in float64, expanded so that a signal costs
- * (K + 2R + 1) dot products and 2R vector updates of length h (window_signal); sums are
- * added in another order than numpy's. grad_up/grad_down: float64[R, h]; up/down:
- * float32[R, h]; unit: float32[K, h] (2 <= K <= 256). A slot with neither route_index nor
- * best_index is not a signal. Flushes apply both U and D (Learner.flush). A slot that fails
- * slots.check() (its stamp, a bound, a feedback's query not finite or a bandit
- * reward outside [0, 1]) is not learned and its index is listed in ``corrupt``. ``stop``: as
- * for learn_slots (the window's G_U and G_D are complete, nothing applied, ``consumed`` returned). */
+/* learn_routing(block, geometry, first_seq, learner, stop) -> (pending, flushes, applied, width, signals, corrupt, consumed)
+ * The routing rule over the consecutive slots of ``block`` (whole slots of ``geometry``, slot i stamped
+ * first_seq + i): Learner._learn_feedback + count_routes, with the state read from ``learner`` (Routing). A slot
+ * with a route_index or best_index is a feedback (a signal); others are counted per route and kept (``width``: the
+ * most steps a learned slot had) but teach nothing. A slot that fails slots.check() -- its stamp, a bound, a route
+ * index not below routes_used, a feedback's query not finite or a bandit reward outside [0, 1] -- is not learned
+ * and its index is listed in ``corrupt``. The window (routing.window_size of the signals before it) closes when
+ * ``pending`` reaches its size: applied (``flushes``, ``applied``: their signals), or with ``stop`` the call
+ * returns at once, the window full, ``consumed`` slots gone through. */
 static PyObject *learn_routing(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Batch b;
     int stop;
     if (batch_open(args, nargs, "learn_routing", 1, &b, &stop) < 0) return NULL;
     PyObject *result = NULL;
-    npy_intp h = b.hidden, K = b.n_routes;
-    double tau = b.temperature;
-    if (!f64_matrix(b.grad_up, -1, h, NPY_FLOAT64)) goto bad;
-    npy_intp rank = PyArray_DIM((PyArrayObject *)b.grad_up, 0);
-    PyArrayObject *unit = PyArray_Check(b.unit) ? (PyArrayObject *)b.unit : NULL;
-    if (rank < 1 || rank > 2 || !f64_matrix(b.grad_down, rank, h, NPY_FLOAT64) || !f64_matrix(b.up, rank, h, NPY_FLOAT32) ||
-        !f64_matrix(b.down, rank, h, NPY_FLOAT32) || unit == NULL || PyArray_TYPE(unit) != NPY_FLOAT32 || PyArray_NDIM(unit) != 2 ||
-        !PyArray_IS_C_CONTIGUOUS(unit) || !native(unit) || PyArray_DIM(unit, 0) != K || PyArray_DIM(unit, 1) != h || K < 2 ||
-        K > MAX_ROUTES_C || !(tau > 0))
-        goto bad;
-    Marks marks = {NULL, 0, 0};
-    int width = 0;
-    {
-        double *GU = (double *)PyArray_DATA((PyArrayObject *)b.grad_up), *GD = (double *)PyArray_DATA((PyArrayObject *)b.grad_down);
-        float *U32 = (float *)PyArray_DATA((PyArrayObject *)b.up), *D32 = (float *)PyArray_DATA((PyArrayObject *)b.down);
-        const float *V32 = (const float *)PyArray_DATA(unit);
-        Window *w = PyMem_Calloc(1, sizeof(Window));
-        double *mem = PyMem_Malloc((size_t)(2 * rank * h + K * h + h) * sizeof(double));
-        if (!w || !mem) {
-            PyMem_Free(w);
-            PyMem_Free(mem);
-            PyErr_NoMemory();
-            goto release;
-        }
-        w->h = h, w->K = K, w->R = rank, w->s = 1.0 / sqrt((double)rank), w->tau = tau;
-        w->U = mem, w->D = w->U + rank * h, w->V = w->D + rank * h, w->q = w->V + K * h;
-        for (npy_intp i = 0; i < K * h; i++) w->V[i] = V32[i];
-        window_load(w, U32, D32);
-        Py_ssize_t pending = b.pending, signals = 0, consumed = b.count;
-        long flushes = 0;
-        int failed = 0;
-        PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
-        for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
-            const char *slot = b.base + k * b.slot_bytes;
-            SlotHead head = slot_head(slot);
-            int feedback = head.route >= 0 || head.best >= 0;
-            const float *q = (const float *)(slot + b.payload_off);
-            /* A feedback teaches from its query (window_signal refuses a NaN or an infinity in it
-             * before it adds anything) and, when it is a bandit one, its reward in [0, 1]. */
-            int ok = slot_ok(&b, slot, k) && (!feedback || head.best >= 0 || (head.quality >= 0.0f && head.quality <= 1.0f));
-            if (ok && feedback) ok = window_signal(w, q, head, GU, GD) == 0;
-            if (!ok) {
-                failed = mark_corrupt(&marks, k) < 0;
-                continue;
-            }
-            if (head.n_steps > width) width = head.n_steps;
-            count_route(&b, head);
-            if (!feedback) continue; /* an ordinary trajectory: not a signal */
-            signals++;
-            if (++pending == b.threshold && stop) { /* sealing: fold below, apply nothing */
-                consumed = k + 1;
-                break;
-            }
-            if (pending == b.threshold) {
-                window_fold(w, GU);
-                for (npy_intp r = 0; r < rank; r++) {
-                    apply_row(U32 + r * h, GU + r * h, h, b.lr / (double)pending);
-                    apply_row(D32 + r * h, GD + r * h, h, b.lr / (double)pending);
-                }
-                window_load(w, U32, D32);
-                pending = 0;
-                flushes++;
-            }
-        }
-        window_fold(w, GU);
-        if (unlocked != NULL) PyEval_RestoreThread(unlocked);
-        PyMem_Free(w);
-        PyMem_Free(mem);
-        PyObject *corrupt = marks_list(&marks);
-        if (failed || corrupt == NULL) {
-            Py_XDECREF(corrupt);
-            if (!PyErr_Occurred()) PyErr_NoMemory();
-            result = NULL;
-        } else
-            result = Py_BuildValue("(nlinNn)", pending, flushes, width, signals, corrupt, consumed);
+    Routing r;
+    if (routing_open(args[3], b.hidden, "learn_routing", &r) < 0) goto release;
+    if (length_of(b.chosen) != r.Km) {
+        PyErr_SetString(PyExc_ValueError, "learn_routing(): the learner's per-route counts must have max_routes entries, like route_state");
+        goto done;
     }
-    goto release;
-bad:
-    PyErr_SetString(PyExc_ValueError,
-                    "learn_routing(): grad_up/grad_down float64[R, h], up/down float32[R, h], unit float32[2 <= K <= 256, h] "
-                    "(native, aligned, C-contiguous), temperature > 0");
+    b.n_routes = r.K;
+    Marks marks = {NULL, 0, 0};
+    int width = 0, failed = 0;
+    Py_ssize_t consumed = b.count;
+    PyThreadState *unlocked = b.count >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
+    for (Py_ssize_t k = 0; k < b.count && !failed; k++) {
+        const char *slot = b.base + k * b.slot_bytes;
+        SlotHead head = slot_head(slot);
+        int feedback = head.route >= 0 || head.best >= 0;
+        const float *q = (const float *)(slot + b.payload_off);
+        if (k + 1 < b.count) /* the next query is read while this one is learned */
+            for (Py_ssize_t at = 0; at < 4 * b.hidden; at += 64) __builtin_prefetch((const char *)q + b.slot_bytes + at);
+        float top = 0.0f;
+        int ok = slot_ok(&b, slot, k) && (!feedback || head.best >= 0 || (head.quality >= 0.0f && head.quality <= 1.0f));
+        if (ok && feedback) ok = (top = query_top(q, b.hidden)) >= 0;
+        if (!ok) {
+            failed = mark_corrupt(&marks, k) < 0;
+            continue;
+        }
+        if (head.n_steps > width) width = head.n_steps;
+        count_route(&b, head);
+        if (feedback && routing_feedback(&r, q, top, head.route, head.best, head.quality, stop)) {
+            consumed = k + 1;
+            break;
+        }
+    }
+    if (unlocked != NULL) PyEval_RestoreThread(unlocked);
+    PyObject *corrupt = marks_list(&marks);
+    if (failed || corrupt == NULL) {
+        Py_XDECREF(corrupt);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+    } else
+        result = Py_BuildValue("(nnninNn)", r.pending, r.flushes, r.applied, width, r.signals, corrupt, consumed);
+done:
+    routing_release(&r);
 release:
     batch_release(&b);
     return result;
 }
 
-/* dot() with its eight partial sums in one 8-float vector: the same lanes, so the same sums in
- * the same order, but one AVX register where the CPU has it (in a WIDE_VECTORS clone). */
-typedef float f32x8 __attribute__((vector_size(32)));
-
-static inline __attribute__((always_inline)) float dot8(const float *a, const float *b, npy_intp n) {
-    f32x8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
-    npy_intp i = 0;
-    for (; i + 8 <= n; i += 8) {
-        f32x8 x, y;
-        memcpy(&x, a + i, sizeof x);
-        memcpy(&y, b + i, sizeof y);
-        acc += x * y;
+/* learn_routing_rows(query, route_index, best_index, quality, start, learner, stop) -> (consumed, pending, flushes, applied, signals)
+ * The routing rule over rows[start:] of arrays (Learner._learn_feedback's C twin, with learn_routing's kernel and
+ * windows): query native C-contiguous float32[n, h], route_index/best_index int64[n] (-1, or any negative: none;
+ * else below the learner's routes_used, or ValueError before anything is learned), quality float32[n] (a bandit
+ * feedback's reward). Rows with neither index are skipped (not signals); a query that is not finite teaches
+ * nothing (still a signal). Nothing is counted per route (the caller does). ``consumed``: rows gone through,
+ * all unless ``stop`` made it return at a full window. */
+static PyObject *learn_routing_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "learn_routing_rows() takes 7 arguments (query, route_index, best_index, quality, start, learner, stop)");
+        return NULL;
     }
-    float p[8];
-    memcpy(p, &acc, sizeof p);
-    for (; i < n; i++) p[0] += a[i] * b[i];
-    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-}
-
-/* out[k] = cosine of f (float32[h]) with unit route k (V: float32[K, h]); 0 for a zero f; |f| in float64
- * when float32 would overflow or underflow, so that scores depend on f's direction only. The index of
- * the best (the first of equal maxima, as numpy.argmax). Up to eight routes at a time share each
- * load of f; every sum is dot8()'s, in dot8()'s order. */
-WIDE_VECTORS static npy_intp score_routes(const float *f, const float *V, npy_intp K, npy_intp h, float *out) {
-    float ff = dot8(f, f, h);
-    double norm = sqrt((double)ff);
-    if (!(ff >= 1e-30f && ff <= 1e30f)) { /* |f|^2 near or past float32's range (|f| > 1e15 or < 1e-15): redo it in float64 */
-        double sum = 0.0;
-        for (npy_intp i = 0; i < h; i++) sum += (double)f[i] * (double)f[i];
-        norm = sqrt(sum);
+    PyObject *query = args[0];
+    npy_intp n = PyArray_Check(query) && PyArray_NDIM((PyArrayObject *)query) == 2 ? PyArray_DIM((PyArrayObject *)query, 0) : -1;
+    npy_intp h = n >= 0 ? PyArray_DIM((PyArrayObject *)query, 1) : -1;
+    if (n < 0 || h < 1 || !array_of(query, NPY_FLOAT32, 2, n, h, 0) || !array_of(args[1], NPY_INT64, 1, n, 0, 0) ||
+        !array_of(args[2], NPY_INT64, 1, n, 0, 0) || !array_of(args[3], NPY_FLOAT32, 1, n, 0, 0)) {
+        PyErr_SetString(PyExc_ValueError, "learn_routing_rows(): expected native, aligned, C-contiguous query float32[n, h >= 1], "
+                                          "route_index and best_index int64[n], quality float32[n]");
+        return NULL;
     }
-    npy_intp body = h - h % 8;
-    for (npy_intp k0 = 0; k0 < K; k0 += 8) {
-        int m = (int)(K - k0 < 8 ? K - k0 : 8);
-        f32x8 acc[8];
-        memset(acc, 0, sizeof acc);
-        for (npy_intp i = 0; i < body; i += 8) {
-            f32x8 x;
-            memcpy(&x, f + i, sizeof x);
-            for (int j = 0; j < m; j++) {
-                f32x8 v;
-                memcpy(&v, V + (k0 + j) * h + i, sizeof v);
-                acc[j] += v * x;
-            }
+    Py_ssize_t start = PyLong_AsSsize_t(args[4]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    int stop = PyObject_IsTrue(args[6]);
+    if (stop < 0) return NULL;
+    if (start < 0 || start > n) {
+        PyErr_Format(PyExc_ValueError, "learn_routing_rows(): start must be in [0, %zd], got %zd", (Py_ssize_t)n, start);
+        return NULL;
+    }
+    Routing r;
+    if (routing_open(args[5], h, "learn_routing_rows", &r) < 0) return NULL;
+    const float *Q = (const float *)PyArray_DATA((PyArrayObject *)query), *quality = (const float *)PyArray_DATA((PyArrayObject *)args[3]);
+    const int64_t *ri = (const int64_t *)PyArray_DATA((PyArrayObject *)args[1]), *bi = (const int64_t *)PyArray_DATA((PyArrayObject *)args[2]);
+    for (npy_intp i = start; i < n; i++)
+        if (ri[i] >= r.K || bi[i] >= r.K) {
+            PyErr_Format(PyExc_ValueError, "learn_routing_rows(): row %zd names route %lld, expected one below routes_used = %zd",
+                         (Py_ssize_t)i, (long long)(ri[i] >= r.K ? ri[i] : bi[i]), (Py_ssize_t)r.K);
+            routing_release(&r);
+            return NULL;
         }
-        for (int j = 0; j < m; j++) {
-            float p[8];
-            memcpy(p, &acc[j], sizeof p);
-            for (npy_intp i = body; i < h; i++) p[0] += V[(k0 + j) * h + i] * f[i];
-            float d = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-            out[k0 + j] = norm > 0 ? (float)((double)d / norm) : 0.0f;
+    Py_ssize_t consumed = n - start;
+    PyThreadState *unlocked = n - start >= NOGIL_SLOTS ? PyEval_SaveThread() : NULL; /* no Python object is used below */
+    for (npy_intp i = start; i < n; i++) {
+        if (ri[i] < 0 && bi[i] < 0) continue; /* an ordinary trajectory: not a signal */
+        const float *q = Q + i * h;
+        float top = query_top(q, h);
+        if (routing_feedback(&r, q, top < 0 ? 0.0f : top, ri[i] < 0 ? -1 : (int)ri[i], bi[i] < 0 ? -1 : (int)bi[i], quality[i], stop)) {
+            consumed = i + 1 - start;
+            break;
         }
     }
-    npy_intp best = 0;
-    for (npy_intp k = 1; k < K; k++)
-        if (out[k] > out[best]) best = k;
-    return best;
+    if (unlocked != NULL) PyEval_RestoreThread(unlocked);
+    PyObject *result = Py_BuildValue("(nnnnn)", consumed, r.pending, r.flushes, r.applied, r.signals);
+    routing_release(&r);
+    return result;
 }
 
-/* route(x, down, up_scaled, unit, names) -> RouteChoice(index, names[index], scores, adapted, False) or None
- * forward() of one finite native float32 vector, then the cosine of the result with every
- * unit route (float32[K, h]) and the best of them: the greedy choice, built here as a
- * routes.RouteChoice (a tuple subclass made by tuple's own constructor). ``names``: a
- * tuple of K names. None: not that form (take the Python path). */
+/* ------------------------------------------------------------------ route() */
+
+/* route()'s own draws (u < 0): xoshiro256** (Blackman and Vigna), seeded from getrandom() at import and again in a
+ * forked child before its first draw (pthread_atfork sets rng_forked), so gunicorn's workers, forked from one
+ * master, draw apart. Used with the GIL held. */
+static uint64_t rng_state[4];
+static volatile int rng_forked = 1;
+
+static void rng_after_fork(void) { rng_forked = 1; }
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(void) {
+    uint64_t seed[4];
+    if (getrandom(seed, sizeof seed, GRND_NONBLOCK) != (ssize_t)sizeof seed) { /* no entropy yet (early boot): the clock and pid */
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        uint64_t x = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec + ((uint64_t)getpid() << 40);
+        for (int i = 0; i < 4; i++) seed[i] = splitmix64(&x);
+    }
+    if (!(seed[0] | seed[1] | seed[2] | seed[3])) seed[0] = 1; /* the one state xoshiro cannot leave */
+    memcpy(rng_state, seed, sizeof seed);
+    rng_forked = 0;
+}
+
+/* A uniform double in [0, 1) (53 random bits). */
+static double rng_uniform(void) {
+    if (rng_forked) rng_seed();
+    uint64_t *s = rng_state, x = s[1] * 5;
+    uint64_t result = ((x << 7) | (x >> 57)) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = (s[3] << 45) | (s[3] >> 19);
+    return (double)(result >> 11) * 0x1.0p-53;
+}
+
+/* routes.adapt and routes.scores of one finite float32 x, in float64: adapted = f32(saturate(a)), a = x + sum_r
+ * (x . d_r) u_r, and s_k = a^ . v_k + (BETA / tau) b_k for the active routes (-inf for the others; a zero a scores
+ * the bias alone). a is proportional to numpy's q^ + sum_r (d_r . q^) u_r, so a^ is its f^. x may be adapted. */
+WIDE_VECTORS static void route_scores(const float *x, const float *D, const float *U, npy_intp rank, npy_intp h, const float *V,
+                                      const float *bias, const uint8_t *active, npy_intp K, double tau, double *a, float *adapted,
+                                      double *s) {
+    double c[2];
+    coefficients(x, D, rank, h, c);
+    adapted_row(adapted, x, U, rank, h, c, a);
+    double norm = sqrt(dot_dd(a, a, h)), inv = norm > 0 ? 1.0 / norm : 0.0, scale = BETA / tau;
+    npy_intp on[MAX_ROUTES_C], m = 0;
+    for (npy_intp k = 0; k < K; k++)
+        if (active[k]) on[m++] = k;
+    dots_of_rows(a, V, on, m, h, s);
+    for (npy_intp k = 0; k < K; k++) s[k] = active[k] ? s[k] * inv + (double)bias[k] * scale : -INFINITY;
+}
+
+enum { GREEDY, EPSILON, SOFTMAX, SQUARECB }; /* route()'s modes */
+
+/* routes.policy: the probability of choosing each route (pi, float64[K]; 0 for inactive ones) under ``mode`` with its
+ * parameter (epsilon, or SquareCB's gamma), around the greedy choice ``best``, k_active of the K routes active. */
+static void policy(const double *s, npy_intp K, npy_intp best, npy_intp k_active, int mode, double parameter, double tau, double *pi) {
+    if (mode == GREEDY || k_active == 1) {
+        for (npy_intp k = 0; k < K; k++) pi[k] = k == best;
+        return;
+    }
+    if (mode == EPSILON) {
+        for (npy_intp k = 0; k < K; k++) pi[k] = isfinite(s[k]) ? parameter / (double)k_active : 0.0;
+        pi[best] += 1.0 - parameter;
+        return;
+    }
+    double sum = 0.0, zb = tau * s[best];
+    for (npy_intp k = 0; k < K; k++) sum += (pi[k] = isfinite(s[k]) ? exp_d(tau * s[k] - zb) : 0.0);
+    for (npy_intp k = 0; k < K; k++) pi[k] /= sum; /* p = softmax(tau s) */
+    if (mode == SOFTMAX) return;
+    double pb = pi[best], rest = 0.0; /* SquareCB: 1 / (k + gamma (p_best - p_k)) for the others, the best the rest */
+    for (npy_intp k = 0; k < K; k++) {
+        pi[k] = k != best && isfinite(s[k]) ? 1.0 / ((double)k_active + parameter * (pb - pi[k])) : 0.0;
+        rest += pi[k];
+    }
+    pi[best] = 1.0 - rest;
+}
+
+/* routes._draw: a route drawn with probabilities pi, by the uniform u in [0, 1). */
+static npy_intp draw(const double *pi, npy_intp K, double u) {
+    double total = 0.0;
+    for (npy_intp k = 0; k < K; k++) total += pi[k];
+    u *= total;
+    for (npy_intp k = 0; k < K; k++) {
+        u -= pi[k];
+        if (u < 0 && pi[k] > 0) return k;
+    }
+    for (npy_intp k = K - 1; k > 0; k--)
+        if (pi[k] > 0) return k;
+    return 0;
+}
+
+/* route(x, down, up_scaled, vectors, bias, active, names, mode, parameter, temperature, u) -> RouteChoice or None
+ * routes.choose for one vector: ``x`` a finite native float32[h] (anything else: None, take the Python path);
+ * down, up_scaled as adapt(); ``vectors`` float32[K, h] (the published route vectors), ``bias`` float32[K] (the raw
+ * b_k: the score adds (BETA / temperature) b_k), ``active`` uint8 or bool[K], ``names`` a tuple of K str (native,
+ * C-contiguous arrays, read only); ``mode`` 0 greedy, 1 epsilon-greedy (``parameter``: epsilon), 2 softmax of
+ * temperature * scores, 3 SquareCB (``parameter``: gamma); ``u``: the uniform draw in [0, 1) to explore with, or < 0
+ * for one of this module's own. Scores and the greedy choice (the lowest index within TIE of the best) are
+ * float64, as numpy's; returns RouteChoice(index, name, scores (float32[K], -inf for inactive routes), adapted
+ * (adapt(x)), explored (index != the greedy choice), probability (pi[index]; 1.0 greedy)). None too when no route
+ * is active. */
 static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "route() takes 5 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "route() takes 11 arguments");
         return NULL;
     }
-    if (!PyArray_CheckExact(args[0]) || PyArray_NDIM((PyArrayObject *)args[0]) != 1) Py_RETURN_NONE;
-    PyArrayObject *v = (PyArrayObject *)args[3];
-    PyObject *names = args[4];
-    PyObject *adapted = adapt(self, args, 3);
-    if (adapted == NULL || adapted == Py_None) return adapted;
-    if (route_choice_type == NULL || !PyArray_CheckExact(args[3]) || PyArray_TYPE(v) != NPY_FLOAT32 || PyArray_NDIM(v) != 2 ||
-        !PyArray_IS_C_CONTIGUOUS(v) || !native(v) || PyArray_DIM(v, 1) != PyArray_DIM((PyArrayObject *)adapted, 0) || PyArray_DIM(v, 0) < 1 ||
-        !PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != PyArray_DIM(v, 0)) {
+    if (adapter_arrays(args[1], args[2], "route") < 0) return NULL;
+    PyArrayObject *d = (PyArrayObject *)args[1];
+    npy_intp rank = PyArray_DIM(d, 0), h = PyArray_DIM(d, 1);
+    PyObject *vectors = args[3], *names = args[6];
+    npy_intp K = PyArray_Check(vectors) && PyArray_NDIM((PyArrayObject *)vectors) == 2 ? PyArray_DIM((PyArrayObject *)vectors, 0) : -1;
+    PyObject *active = args[5];
+    int active_type = PyArray_Check(active) && PyArray_TYPE((PyArrayObject *)active) == NPY_BOOL ? NPY_BOOL : NPY_UINT8;
+    if (route_choice_type == NULL || K < 1 || K > MAX_ROUTES_C || !array_of(vectors, NPY_FLOAT32, 2, K, h, 0) ||
+        !array_of(args[4], NPY_FLOAT32, 1, K, 0, 0) || !array_of(active, active_type, 1, K, 0, 0) || !PyTuple_CheckExact(names) ||
+        PyTuple_GET_SIZE(names) != K) {
+        PyErr_SetString(PyExc_ValueError, "route(): vectors must be native, aligned, C-contiguous float32[K, h] (1 <= K <= 256), bias "
+                                          "float32[K], active uint8 or bool[K], and names a tuple of K names");
+        return NULL;
+    }
+    long mode = PyLong_AsLong(args[7]);
+    double parameter = PyFloat_AsDouble(args[8]), tau = PyFloat_AsDouble(args[9]), u = PyFloat_AsDouble(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    if (mode < GREEDY || mode > SQUARECB || !(tau > 0 && tau <= FLT_MAX_D) || (mode == EPSILON && !(parameter >= 0 && parameter <= 1)) ||
+        (mode == SQUARECB && !(parameter > 0 && parameter <= FLT_MAX_D)) || !(u < 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "route(): mode must be 0 (greedy), 1 (epsilon: parameter in [0, 1]), 2 (softmax) or 3 "
+                                          "(squarecb: parameter > 0), temperature finite and > 0, u < 1");
+        return NULL;
+    }
+    PyArrayObject *x = (PyArrayObject *)args[0];
+    if (!PyArray_CheckExact(args[0]) || PyArray_NDIM(x) != 1 || PyArray_TYPE(x) != NPY_FLOAT32 || !PyArray_ISNOTSWAPPED(x) ||
+        PyArray_DIM(x, 0) != h)
+        Py_RETURN_NONE;
+    PyObject *adapted = PyArray_SimpleNew(1, &h, NPY_FLOAT32);
+    if (adapted == NULL) return NULL;
+    float *o = (float *)PyArray_DATA((PyArrayObject *)adapted);
+    if (copy_row(o, PyArray_BYTES(x), h, PyArray_STRIDE(x, 0)) < 0) {
         Py_DECREF(adapted);
-        PyErr_SetString(PyExc_ValueError, "route(): unit must be native, aligned, C-contiguous float32[K, h] and names a tuple of K names");
-        return NULL;
+        Py_RETURN_NONE;
     }
-    npy_intp K = PyArray_DIM(v, 0), h = PyArray_DIM(v, 1);
     PyObject *scores = PyArray_SimpleNew(1, &K, NPY_FLOAT32);
-    if (scores == NULL) {
+    double *a = scores ? PyMem_Malloc((size_t)(h + 2 * K) * sizeof(double)) : NULL;
+    if (a == NULL) {
+        Py_XDECREF(scores);
         Py_DECREF(adapted);
-        return NULL;
+        return scores ? PyErr_NoMemory() : NULL;
     }
-    npy_intp best = score_routes((const float *)PyArray_DATA((PyArrayObject *)adapted), (const float *)PyArray_DATA(v), K, h,
-                                 (float *)PyArray_DATA((PyArrayObject *)scores));
+    double *s = a + h, *pi = s + K;
+    const uint8_t *on = (const uint8_t *)PyArray_DATA((PyArrayObject *)active);
+    route_scores(o, (const float *)PyArray_DATA(d), (const float *)PyArray_DATA((PyArrayObject *)args[2]), rank, h,
+                 (const float *)PyArray_DATA((PyArrayObject *)vectors), (const float *)PyArray_DATA((PyArrayObject *)args[4]), on, K, tau, a, o, s);
+    double top = -INFINITY;
+    npy_intp k_active = 0, best = -1, index;
+    for (npy_intp k = 0; k < K; k++) {
+        k_active += on[k] != 0;
+        if (on[k] && s[k] > top) top = s[k];
+    }
+    for (npy_intp k = 0; k < K && best < 0; k++)
+        if (on[k] && s[k] >= top - TIE) best = k; /* routes.best_of */
+    float *shown = (float *)PyArray_DATA((PyArrayObject *)scores);
+    for (npy_intp k = 0; k < K; k++) shown[k] = (float)s[k];
+    double probability = 1.0;
+    index = best;
+    if (best >= 0 && mode != GREEDY) {
+        policy(s, K, best, k_active, (int)mode, parameter, tau, pi);
+        index = draw(pi, K, u < 0 ? rng_uniform() : u);
+        probability = pi[index];
+    }
+    PyMem_Free(a);
+    if (best < 0) { /* no route is active: the Python path says so */
+        Py_DECREF(scores);
+        Py_DECREF(adapted);
+        Py_RETURN_NONE;
+    }
     /* What tuple.__new__(RouteChoice, fields) does (tuple_subtype_new): allocate the subclass
      * instance with room for its 6 items, then fill it; RouteChoice has no fields of its own. */
-    PyObject *index = PyLong_FromSsize_t(best);
-    PyObject *one = index ? PyFloat_FromDouble(1.0) : NULL; /* greedy: chosen with probability 1 */
-    PyObject *choice = one ? route_choice_type->tp_alloc(route_choice_type, 6) : NULL;
+    PyObject *number = PyLong_FromSsize_t(index);
+    PyObject *chance = number ? PyFloat_FromDouble(probability) : NULL;
+    PyObject *choice = chance ? route_choice_type->tp_alloc(route_choice_type, 6) : NULL;
     if (choice == NULL) {
-        Py_XDECREF(index);
-        Py_XDECREF(one);
+        Py_XDECREF(number);
+        Py_XDECREF(chance);
         Py_DECREF(scores);
         Py_DECREF(adapted);
         return NULL;
     }
-    PyTuple_SET_ITEM(choice, 0, index); /* each steals its reference */
-    PyTuple_SET_ITEM(choice, 1, Py_NewRef(PyTuple_GET_ITEM(names, best)));
+    PyTuple_SET_ITEM(choice, 0, number); /* each steals its reference */
+    PyTuple_SET_ITEM(choice, 1, Py_NewRef(PyTuple_GET_ITEM(names, index)));
     PyTuple_SET_ITEM(choice, 2, scores);
     PyTuple_SET_ITEM(choice, 3, adapted);
-    PyTuple_SET_ITEM(choice, 4, Py_NewRef(Py_False));
-    PyTuple_SET_ITEM(choice, 5, one);
+    PyTuple_SET_ITEM(choice, 4, Py_NewRef(index != best ? Py_True : Py_False));
+    PyTuple_SET_ITEM(choice, 5, chance);
     return choice;
 }
 
@@ -1613,7 +2095,10 @@ static PyMethodDef methods[] = {
      "Reference rule: learn consecutive lane slots into the learner's grad_up/up, flushing at the threshold."},
     {"learn_routing", (PyCFunction)(void (*)(void))learn_routing, METH_FASTCALL,
      "learn_routing($module, block, geometry, first_seq, learner, stop, /)\n--\n\n"
-     "Routing rule: learn consecutive lane slots into the learner's grad_up/grad_down, flushing U and D at the threshold."},
+     "Routing rule: learn consecutive lane slots into the learner's working state, applying the windows it fills."},
+    {"learn_routing_rows", (PyCFunction)(void (*)(void))learn_routing_rows, METH_FASTCALL,
+     "learn_routing_rows($module, query, route_index, best_index, quality, start, learner, stop, /)\n--\n\n"
+     "Routing rule: learn rows[start:] of arrays into the learner's working state, applying the windows it fills."},
     {"write_window", (PyCFunction)(void (*)(void))write_window, METH_FASTCALL,
      "write_window($module, out, grad_up, grad_down, seq, n, cum, sealed_at, /)\n--\n\n"
      "Encode a sealed window into a buffer (fleet/window.py's bytes); its length."},
@@ -1621,12 +2106,19 @@ static PyMethodDef methods[] = {
      "apply_window($module, up, down, window, lr, hidden_dim, rank, routing, /)\n--\n\n"
      "Apply a sealed window's bytes to up/down (fleet/window.py's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
-     "route($module, x, down, up_scaled, unit, names, /)\n--\n\n"
-     "The greedy RouteChoice for one finite float32 vector; None: take the Python path."},
+     "route($module, x, down, up_scaled, vectors, bias, active, names, mode, parameter, temperature, u, /)\n--\n\n"
+     "routes.choose() for one finite float32 vector: a RouteChoice; None: take the Python path."},
     {"adapt", (PyCFunction)(void (*)(void))adapt, METH_FASTCALL,
      "adapt($module, x, down, up_scaled, /)\n--\n\nx + adapter(x) for finite float32 [h] or [n, h]; None: take the Python path."},
     {NULL, NULL, 0, NULL},
 };
+
+static int add_float(PyObject *m, const char *name, double value) {
+    PyObject *v = PyFloat_FromDouble(value);
+    int done = v == NULL ? -1 : PyModule_AddObjectRef(m, name, v);
+    Py_XDECREF(v);
+    return done;
+}
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups", NULL, -1, methods};
 
@@ -1673,6 +2165,24 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     CONSTANT(FL_IDLE);
     CONSTANT(WINDOW_HEAD_BYTES);
     if (PyModule_AddIntConstant(m, "MAX_ROUTES", MAX_ROUTES_C) < 0) goto fail;
+    CONSTANT(CENTRE);
+    CONSTANT(GROWTH);
+    CONSTANT(ACTIVE);
+#define FLOAT_CONSTANT(name) \
+    if (add_float(m, #name, name) < 0) goto fail
+    FLOAT_CONSTANT(BETA);
+    FLOAT_CONSTANT(OFFSET);
+    FLOAT_CONSTANT(BIAS_LR);
+    FLOAT_CONSTANT(PROTECT);
+    FLOAT_CONSTANT(SPARSE);
+    FLOAT_CONSTANT(GRADIENT_FLOOR);
+    FLOAT_CONSTANT(MIN_ADAPTED_NORM);
+    FLOAT_CONSTANT(TIE);
+    rng_seed();
+    if (pthread_atfork(NULL, NULL, rng_after_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "_speedups: pthread_atfork() failed");
+        goto fail;
+    }
     return m;
 fail:
     Py_DECREF(m);

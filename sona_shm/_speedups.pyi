@@ -5,7 +5,6 @@ that may decline an input returns None (or -1) for it: the caller then takes the
 path, which converts or raises the precise error.
 """
 
-from collections.abc import Sequence
 from typing import Any, Final, Protocol, final, type_check_only
 
 import numpy as np
@@ -32,6 +31,19 @@ FLUSHER_LINE: Final[int]
 FL_IDLE: Final[int]
 WINDOW_HEAD_BYTES: Final[int]
 MAX_ROUTES: Final[int]
+# The routing rule's constants (learn/routing.py) and route()'s (learn/routes.py: TIE, ACTIVE), as compiled in
+# (tests/test_routing_c.py compares them).
+BETA: Final[float]
+OFFSET: Final[float]
+BIAS_LR: Final[float]
+CENTRE: Final[int]
+PROTECT: Final[float]
+SPARSE: Final[float]
+GROWTH: Final[int]
+GRADIENT_FLOOR: Final[float]
+MIN_ADAPTED_NORM: Final[float]
+TIE: Final[float]
+ACTIVE: Final[int]
 
 @final
 class Geometry:
@@ -104,34 +116,78 @@ class LaneWriter:
 
 @type_check_only
 class _LearnerState(Protocol):
-    """What the learners read of a ``learn.learner.Learner`` (the routing rule's also the ``*_down``, ``unit`` and ``temperature``)."""
+    """What the reference rule's learner reads of a ``learn.learner.Learner``."""
 
     lr: float
     flush_threshold: int
     pending: int
     grad_up: np.ndarray
-    grad_down: np.ndarray
     up: np.ndarray
-    down: np.ndarray
     route_chosen: np.ndarray
     route_best: np.ndarray
     route_reward: np.ndarray
-    unit: np.ndarray | None
-    temperature: float
 
-#: ``(pending, flushes, width, signals or learned, corrupt slot indices, consumed)``
-_Learned = tuple[int, int, int, int, list[int], int]
+@type_check_only
+class _RoutingState(Protocol):
+    """What the routing rule's learners read (and update in place) of a ``learn.learner.Learner``."""
+
+    lr: float
+    adapter_lr: float
+    temperature: float
+    flush_threshold: int
+    pending: int
+    signals_accumulated: int
+    routes_used: int
+    up: np.ndarray
+    down: np.ndarray
+    work_up: np.ndarray
+    work_down: np.ndarray
+    route_vectors: np.ndarray
+    work_vectors: np.ndarray
+    route_bias: np.ndarray
+    work_bias: np.ndarray
+    route_centre: np.ndarray
+    route_state: np.ndarray
+    route_chosen: np.ndarray
+    route_best: np.ndarray
+    route_reward: np.ndarray
+
+#: ``(pending, flushes, applied, width, signals, corrupt slot indices, consumed)``
+_Learned = tuple[int, int, int, int, int, list[int], int]
 
 def set_types(trajectory: type, step: type, route_choice: type, /) -> None: ...
 def learn_slots(block: np.ndarray, geometry: Geometry, first_seq: int, learner: _LearnerState, stop: bool, /) -> _Learned: ...
-def learn_routing(block: np.ndarray, geometry: Geometry, first_seq: int, learner: _LearnerState, stop: bool, /) -> _Learned: ...
+def learn_routing(block: np.ndarray, geometry: Geometry, first_seq: int, learner: _RoutingState, stop: bool, /) -> _Learned: ...
+def learn_routing_rows(
+    query: np.ndarray,
+    route_index: np.ndarray,
+    best_index: np.ndarray,
+    quality: np.ndarray,
+    start: int,
+    learner: _RoutingState,
+    stop: bool,
+    /,
+) -> tuple[int, int, int, int, int]: ...
 def write_window(
     out: np.ndarray, grad_up: np.ndarray, grad_down: np.ndarray | None, seq: int, n: int, cum: int, sealed_at: float, /
 ) -> int: ...
 def apply_window(
     up: np.ndarray, down: np.ndarray, window: Buffer, lr: float, hidden_dim: int, rank: int, routing: bool, /
 ) -> tuple[int, int, int, float] | None: ...
-def route(x: Any, down: np.ndarray, up_scaled: np.ndarray, unit: np.ndarray, names: Sequence[str], /) -> RouteChoice | None: ...
+def route(
+    x: Any,
+    down: np.ndarray,
+    up_scaled: np.ndarray,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    active: np.ndarray,
+    names: tuple[str, ...],
+    mode: int,
+    parameter: float,
+    temperature: float,
+    u: float,
+    /,
+) -> RouteChoice | None: ...
 def adapt(x: Any, down: np.ndarray, up_scaled: np.ndarray, /) -> np.ndarray | None: ...
 
 @final
