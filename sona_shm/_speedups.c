@@ -58,6 +58,7 @@
 #define LANE_NEXT_ID 16        /* u64 */
 #define LANE_LAST_AT 32        /* f64 */
 #define FLUSHER_LINE 1024      /* the flusher's control line */
+#define COMMIT_LINE 1088       /* u64 commit: ledger copy commit & 1 is current */
 #define FL_IDLE 24             /* u64: 1 while the flusher sleeps on its doorbell */
 #define WINDOW_HEAD_BYTES 64   /* a sealed window's header */
 #define MAX_ROUTES_C 256       /* config.MAX_ROUTES */
@@ -198,15 +199,18 @@ static Py_ssize_t slot_span(Py_ssize_t payload_off, Py_ssize_t hidden, Py_ssize_
 }
 
 /* Geometry(*, hidden_dim, rank, max_steps, attention_dim, lanes, lane_slots, slot_bytes,
- *          payload_offset, route_offset, step_bytes, routes, lanes_offset, slots_offset, unit_reward)
+ *          payload_offset, route_offset, step_bytes, routes, lanes_offset, slots_offset, unit_reward,
+ *          routes_used_offset0, routes_used_offset1)
  * A segment's slot and lane geometry, built by shm/layout.py (Layout.geometry) and checked
  * once here, so the calls that take it (LaneWriter, learn_slots, learn_routing) need not.
- * ``routes``: K, the route table's length (0: none); ``unit_reward``: the routing rule's
- * bandit rewards must lie in [0, 1]. Read-only attributes of the same names. */
+ * ``routes``: Km, the rows reserved for routes (0: no table); ``unit_reward``: the routing rule's
+ * bandit rewards must lie in [0, 1]; ``routes_used_offset0/1``: the byte offsets of the ledger
+ * copies' ``routes_used`` (0: no table), which a producer reads to refuse a route index the
+ * engine does not have yet (layout.py, ``Layout.routes_used_words``). Read-only attributes of the same names. */
 typedef struct {
     PyObject_HEAD
     Py_ssize_t hidden, rank, max_steps, att_dim, lanes, lane_slots, slot_bytes, payload_off, route_off, step_bytes, n_routes;
-    Py_ssize_t lanes_off, slots_off;
+    Py_ssize_t lanes_off, slots_off, used_off[2];
     int unit_reward;
 } Geometry;
 
@@ -215,14 +219,14 @@ static PyTypeObject GeometryType;
 static int Geometry_init(Geometry *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"hidden_dim", "rank", "max_steps", "attention_dim", "lanes", "lane_slots", "slot_bytes",
                              "payload_offset", "route_offset", "step_bytes", "routes", "lanes_offset", "slots_offset",
-                             "unit_reward", NULL};
+                             "unit_reward", "routes_used_offset0", "routes_used_offset1", NULL};
     Geometry g;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$nnnnnnnnnnnnnp", kwlist, &g.hidden, &g.rank, &g.max_steps, &g.att_dim,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$nnnnnnnnnnnnnpnn", kwlist, &g.hidden, &g.rank, &g.max_steps, &g.att_dim,
                                      &g.lanes, &g.lane_slots, &g.slot_bytes, &g.payload_off, &g.route_off, &g.step_bytes,
-                                     &g.n_routes, &g.lanes_off, &g.slots_off, &g.unit_reward))
+                                     &g.n_routes, &g.lanes_off, &g.slots_off, &g.unit_reward, &g.used_off[0], &g.used_off[1]))
         return -1;
-    if (PyTuple_GET_SIZE(args) != 0 || kwds == NULL || PyDict_GET_SIZE(kwds) != 14) {
-        PyErr_SetString(PyExc_TypeError, "Geometry() takes its 14 fields as keyword arguments");
+    if (PyTuple_GET_SIZE(args) != 0 || kwds == NULL || PyDict_GET_SIZE(kwds) != 16) {
+        PyErr_SetString(PyExc_TypeError, "Geometry() takes its 16 fields as keyword arguments");
         return -1;
     }
     Py_ssize_t span = slot_span(g.payload_off, g.hidden, g.max_steps, g.step_bytes);
@@ -232,7 +236,10 @@ static int Geometry_init(Geometry *self, PyObject *args, PyObject *kwds) {
              g.att_dim >= 0 && g.att_dim <= 0xFFFF && span >= 0 && g.step_bytes >= 4 * (g.hidden + g.att_dim) &&
              g.route_off >= SLOT_HEAD_BYTES + 8 * g.max_steps && g.route_off <= g.payload_off - ROUTE_MAX_BYTES && span <= g.slot_bytes &&
              g.slot_bytes % 8 == 0 && g.lanes >= 1 && g.lane_slots >= 1 && g.n_routes >= 0 && g.n_routes <= MAX_ROUTES_C &&
-             g.lanes_off >= 0 && g.lanes_off % 8 == 0 && g.slots_off >= 0 && g.slots_off % 8 == 0;
+             g.lanes_off >= 0 && g.lanes_off % 8 == 0 && g.slots_off >= 0 && g.slots_off % 8 == 0 &&
+             (g.n_routes == 0 ? g.used_off[0] == 0 && g.used_off[1] == 0
+                              : g.used_off[0] > COMMIT_LINE && g.used_off[0] % 8 == 0 && g.used_off[1] > g.used_off[0] &&
+                                    g.used_off[1] % 8 == 0 && g.used_off[1] + 8 <= g.lanes_off);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "Geometry: inconsistent slot geometry");
         return -1;
@@ -241,6 +248,7 @@ static int Geometry_init(Geometry *self, PyObject *args, PyObject *kwds) {
     self->lanes = g.lanes, self->lane_slots = g.lane_slots, self->slot_bytes = g.slot_bytes, self->payload_off = g.payload_off;
     self->route_off = g.route_off, self->step_bytes = g.step_bytes, self->n_routes = g.n_routes;
     self->lanes_off = g.lanes_off, self->slots_off = g.slots_off, self->unit_reward = g.unit_reward;
+    self->used_off[0] = g.used_off[0], self->used_off[1] = g.used_off[1];
     return 0;
 }
 
@@ -258,6 +266,8 @@ static PyMemberDef Geometry_members[] = {
     {"routes", T_PYSSIZET, offsetof(Geometry, n_routes), READONLY, NULL},
     {"lanes_offset", T_PYSSIZET, offsetof(Geometry, lanes_off), READONLY, NULL},
     {"slots_offset", T_PYSSIZET, offsetof(Geometry, slots_off), READONLY, NULL},
+    {"routes_used_offset0", T_PYSSIZET, offsetof(Geometry, used_off[0]), READONLY, NULL},
+    {"routes_used_offset1", T_PYSSIZET, offsetof(Geometry, used_off[1]), READONLY, NULL},
     {"unit_reward", T_BOOL, offsetof(Geometry, unit_reward), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
@@ -293,9 +303,9 @@ typedef struct {
     Py_buffer seg;
     int has_seg;
     Py_ssize_t slot0, ring_slots, slot_bytes, hidden, max_steps, att_dim, payload_off, route_off, step_bytes;
-    Py_ssize_t n_routes; /* route indices must be below it (0: the engine has no route table) */
+    Py_ssize_t n_routes; /* route indices must be below it and below the live routes_used (0: no route table) */
     int unit_reward;     /* routing rule: a bandit feedback's quality (its reward) must be in [0, 1] */
-    uint64_t *head_word, *next_id_word, *idle_word;
+    uint64_t *head_word, *next_id_word, *idle_word, *commit_word, *used_word[2]; /* used_word: NULL without a table */
     double *last_at_word;
     uint64_t lanes, lane, head, tail;
 } LaneWriter;
@@ -336,6 +346,8 @@ static int LaneWriter_init(LaneWriter *self, PyObject *args, PyObject *kwds) {
     self->next_id_word = (uint64_t *)(base + control + LANE_NEXT_ID);
     self->last_at_word = (double *)(base + control + LANE_LAST_AT);
     self->idle_word = (uint64_t *)(base + FLUSHER_LINE + FL_IDLE);
+    self->commit_word = (uint64_t *)(base + COMMIT_LINE);
+    for (int i = 0; i < 2; i++) self->used_word[i] = g->n_routes ? (uint64_t *)(base + g->used_off[i]) : NULL;
     self->lanes = (uint64_t)g->lanes;
     self->lane = (uint64_t)lane;
     self->head = __atomic_load_n(self->head_word, __ATOMIC_ACQUIRE); /* a previous owner's last publish */
@@ -394,7 +406,12 @@ static int fill(LaneWriter *self, PyObject *traj) {
     int use_next_id = 0;
     if (get_float(quality, &qual) < 0 || get_u64(latency, &lat) < 0) goto done;
     uint16_t route_index = 0, best_index = 0; /* index + 1; 0: none */
-    if (get_route_index(ri_obj, self->n_routes, &route_index) < 0 || get_route_index(bi_obj, self->n_routes, &best_index) < 0) goto done;
+    Py_ssize_t routes = 0;                    /* the routes the engine has now (routes_used only grows: any copy will do) */
+    if (self->used_word[0] != NULL && (ri_obj != Py_None || bi_obj != Py_None)) {
+        uint64_t used = __atomic_load_n(self->used_word[__atomic_load_n(self->commit_word, __ATOMIC_ACQUIRE) & 1], __ATOMIC_RELAXED);
+        routes = used < (uint64_t)self->n_routes ? (Py_ssize_t)used : self->n_routes;
+    }
+    if (get_route_index(ri_obj, routes, &route_index) < 0 || get_route_index(bi_obj, routes, &best_index) < 0) goto done;
     if (self->unit_reward && route_index && !best_index && !(qual >= 0.0 && qual <= 1.0)) goto done; /* the Python path names it */
     double prob = 0.0; /* not recorded */
     if (p_obj != Py_None && (get_float(p_obj, &prob) < 0 || !(prob > 0.0 && prob <= 1.0))) goto done;
@@ -2162,6 +2179,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     CONSTANT(LANE_NEXT_ID);
     CONSTANT(LANE_LAST_AT);
     CONSTANT(FLUSHER_LINE);
+    CONSTANT(COMMIT_LINE);
     CONSTANT(FL_IDLE);
     CONSTANT(WINDOW_HEAD_BYTES);
     if (PyModule_AddIntConstant(m, "MAX_ROUTES", MAX_ROUTES_C) < 0) goto fail;

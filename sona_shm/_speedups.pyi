@@ -28,6 +28,7 @@ LANE_HEAD: Final[int]
 LANE_NEXT_ID: Final[int]
 LANE_LAST_AT: Final[int]
 FLUSHER_LINE: Final[int]
+COMMIT_LINE: Final[int]
 FL_IDLE: Final[int]
 WINDOW_HEAD_BYTES: Final[int]
 MAX_ROUTES: Final[int]
@@ -66,6 +67,8 @@ class Geometry:
         lanes_offset: int,
         slots_offset: int,
         unit_reward: bool,
+        routes_used_offset0: int,
+        routes_used_offset1: int,
     ) -> None: ...
     @property
     def hidden_dim(self) -> int: ...
@@ -95,6 +98,10 @@ class Geometry:
     def slots_offset(self) -> int: ...
     @property
     def unit_reward(self) -> bool: ...
+    @property
+    def routes_used_offset0(self) -> int: ...
+    @property
+    def routes_used_offset1(self) -> int: ...
 
 @final
 class LaneWriter:

@@ -172,6 +172,7 @@ def _geometry(**change):
     fields = dict(
         hidden_dim=H, rank=2, max_steps=1, attention_dim=A, lanes=1, lane_slots=1, slot_bytes=4096, payload_offset=128,
         route_offset=48, step_bytes=4 * (H + A), routes=0, lanes_offset=1200, slots_offset=4096, unit_reward=False,
+        routes_used_offset0=0, routes_used_offset1=0,
     )  # fmt: skip
     return lane_module._speedups.Geometry(**{**fields, **change})
 
@@ -260,7 +261,7 @@ def test_the_c_learner_learns_what_the_numpy_learner_learns(engine, monkeypatch)
         def learn_slots(self, *args):
             result = flusher_module._speedups_real.learn_slots(*args)
             self.handled += 1
-            self.declined += len(result[4])  # slots it found corrupt
+            self.declined += len(result[5])  # slots it found corrupt
             return result
 
     counting = Counting()
@@ -332,7 +333,7 @@ import numpy as np
 from sona_shm.shm.lane import _speedups as S
 geometry = S.Geometry(hidden_dim=8, rank=1, max_steps=1, attention_dim=0, lanes=1, lane_slots=1, slot_bytes=4096,
                       payload_offset=128, route_offset=48, step_bytes=64, routes=2, lanes_offset=1200, slots_offset=4096,
-                      unit_reward=True)
+                      unit_reward=True, routes_used_offset0=1104, routes_used_offset1=1112)
 block = np.zeros((1, 4096), np.uint8)
 counts = (np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.zeros(2))
 for i in range(3):
@@ -381,15 +382,22 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
     unit = rng.standard_normal((k, h)).astype(F32)
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     names = ("a", "b", "c", "d")
-    assert speedups.route(x, down, up, unit, names).index == int(np.argmax(unit @ (x + (x @ down.T) @ up)))
+    bias, active = np.zeros(k, F32), np.ones(k, np.uint8)
+
+    def route(d=down, u=up, v=unit):
+        return speedups.route(x, d, u, v, bias, active, names, 0, 0.0, 10.0, -1.0)
+
+    assert route().index == int(np.argmax(unit @ (x + (x @ down.T) @ up)))
     for bad in (unit.astype(">f4"), _misaligned(unit)):
-        with pytest.raises(ValueError, match="route\\(\\): unit must be"):
-            speedups.route(x, down, up, bad, names)
+        with pytest.raises(ValueError, match="route\\(\\): vectors must be"):
+            route(v=bad)
     for bad in (down.astype(">f4"), _misaligned(down)):
         with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
             speedups.adapt(x, bad, up)
-        with pytest.raises(ValueError, match="adapt\\(\\): down and up_scaled must be"):
-            speedups.route(x, up, bad, unit, names)
+        with pytest.raises(ValueError, match="route\\(\\): down and up_scaled must be"):
+            route(u=bad)
+
+    from sona_shm.learn.learner import Learner
 
     layout = Layout(EngineConfig(hidden_dim=h, rule="routing", routes=k, max_steps=1, attention_dim=0))
     slots = np.zeros(3, dtype=layout.slot_dtype)
@@ -397,27 +405,29 @@ def test_c_calls_refuse_byte_swapped_and_misaligned_weights_and_routes():
     slots["query"] = rng.standard_normal((3, h))
     slots["best_index"] = 1
     raw = slots.view(np.uint8).reshape(3, layout.slot_bytes)
-    fields = ("grad_up", "grad_down", "up", "down", "unit", "route_chosen", "route_best", "route_reward")
 
-    def learner(**change):
-        arrays = dict(grad_up=np.zeros((2, h)), grad_down=np.zeros((2, h)), up=up.copy(), down=down.copy(), unit=unit,
-                      route_chosen=np.zeros(k, np.uint64), route_best=np.zeros(k, np.uint64), route_reward=np.zeros(k))  # fmt: skip
-        return types.SimpleNamespace(lr=1.0, flush_threshold=5, pending=0, temperature=10.0, **{**arrays, **change})
+    def learner(rule="routing", **change):
+        fresh = Learner(h, 2, 1.0, 5, rule=rule, unit=unit, max_routes=layout.max_routes)
+        for field, value in change.items():
+            setattr(fresh, field, value)
+        return fresh
 
-    assert speedups.learn_routing(raw, layout.geometry, 1, learner(), False) == (3, 0, 0, 3, [], 3)
+    fields = ("up", "down", "work_up", "work_down", "route_vectors", "route_bias", "work_vectors", "work_bias", "route_centre",
+              "route_chosen", "route_best", "route_reward")  # fmt: skip
+    assert speedups.learn_routing(raw, layout.geometry, 1, learner(), False) == (0, 3, 3, 0, 3, [], 3)  # windows of 1, 1, 1
     for field in fields:
         value = getattr(learner(), field)
         for bad in (value.astype(value.dtype.newbyteorder()), _misaligned(value)):
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match=f"learn_routing\\(\\): the learner's {field}|per-route counts"):
                 speedups.learn_routing(raw, layout.geometry, 1, learner(**{field: bad}), False)
-            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or field in ("up", "down", "unit")  # nothing written into it
+            assert not bad.astype(bad.dtype.newbyteorder("=")).any() or field in ("down", "work_down", "route_vectors", "work_vectors")
 
-    assert speedups.learn_slots(raw, layout.geometry, 1, learner(), False) == (3, 0, 0, 3, [], 3)
+    assert speedups.learn_slots(raw, layout.geometry, 1, learner("reference"), False) == (3, 0, 0, 0, 3, [], 3)
     for field in ("grad_up", "up", "route_chosen", "route_best", "route_reward"):
-        value = getattr(learner(), field)
+        value = getattr(learner("reference"), field)
         for bad in (value.astype(value.dtype.newbyteorder()), _misaligned(value)):
             with pytest.raises(ValueError):
-                speedups.learn_slots(raw, layout.geometry, 1, learner(**{field: bad}), False)
+                speedups.learn_slots(raw, layout.geometry, 1, learner("reference", **{field: bad}), False)
 
 
 def feedback_trajectories(table) -> list[Trajectory]:
@@ -605,4 +615,10 @@ def test_the_c_module_compiles_in_the_layout_that_layout_py_writes_down():
         L.LANE_NEXT_ID,
         L.LANE_LAST_AT,
     )
-    assert (S.FLUSHER_LINE, S.FL_IDLE, S.WINDOW_HEAD_BYTES, S.MAX_ROUTES) == (L.FLUSHER_LINE, L.FL_IDLE, L.WINDOW_HEAD_BYTES, MAX_ROUTES)
+    assert (S.FLUSHER_LINE, S.COMMIT_LINE, S.FL_IDLE, S.WINDOW_HEAD_BYTES, S.MAX_ROUTES) == (
+        L.FLUSHER_LINE,
+        L.COMMIT_LINE,
+        L.FL_IDLE,
+        L.WINDOW_HEAD_BYTES,
+        MAX_ROUTES,
+    )

@@ -570,6 +570,8 @@ class Layout:
             lanes_offset=self.lanes_offset,
             slots_offset=self.slots_offset,
             unit_reward=self.config.rule == "routing",
+            routes_used_offset0=8 * self.routes_used_words[0] if self.max_routes else 0,
+            routes_used_offset1=8 * self.routes_used_words[1] if self.max_routes else 0,
         )
 
     def prefix_bytes(self, n_steps: int) -> int:
