@@ -31,11 +31,14 @@ def default_max_routes(routes: int) -> int:
     """Rows reserved for a table of ``routes`` routes when ``--max-routes`` is not given: room to add as many
     again, and at least 16 (capped at :data:`MAX_ROUTES`; 0 without a table)."""
     return 0 if routes == 0 else min(MAX_ROUTES, routes + max(16, routes))
-#: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``).
-#: A sealed window takes one; at 1,000 signals/s and the default flush threshold (10
-#: windows/s) 4096 entries ride out ~7 minutes without Redis; at h=256, rank 2 they take
-#: 16 MiB (reference rule) or 32 MiB (routing rule) of the segment.
+#: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``), at most: a sealed
+#: window takes one; at 1,000 signals/s and the default flush threshold (10 windows/s) 4096 entries ride out
+#: ~7 minutes without Redis; at h=256, rank 2 they take 16 MiB under the reference rule. An entry holds the
+#: largest window the engine can seal (the routing rule's: every route row touched), so the default is also
+#: bounded by :data:`DEFAULT_FLEET_OUTBOX_BYTES` (``sona_shm.shm.layout.default_fleet_outbox``).
 DEFAULT_FLEET_OUTBOX = 4096
+#: ... and the outbox it makes takes at most this many bytes (but holds at least 256 entries).
+DEFAULT_FLEET_OUTBOX_BYTES = 64 * 2**20
 MAX_FLEET_OUTBOX = 1 << 20
 
 

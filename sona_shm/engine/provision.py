@@ -41,7 +41,7 @@ from ..errors import (
 from ..learn.learner import STATE_ARRAYS, Learner
 from ..learn.routes import RETIRED, RouteTable
 from ..shm import segment as segment_module
-from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout, given_vectors
+from ..shm.layout import FL_PID, FLUSHER_LINE, HEADER_BYTES, LOCK_FLUSHER, MAGIC, Layout, default_fleet_outbox, given_vectors
 from ..shm.ledger import Ledger, read_route_table
 from ..shm.segment import (
     DEFAULT_MODE,
@@ -113,7 +113,10 @@ class EngineSpec:
         if config is not None and not isinstance(saved, Checkpoint):
             base = dataclasses.asdict(config)
         if outbox and not base.get("fleet_outbox") and "fleet_outbox" not in given:
-            base["fleet_outbox"] = DEFAULT_FLEET_OUTBOX  # a segment created for a fleet gets an outbox
+            try:  # a segment created for a fleet gets an outbox, sized for its windows
+                base["fleet_outbox"] = default_fleet_outbox(EngineConfig(**{**base, **given}))
+            except InvalidInputError:
+                base["fleet_outbox"] = DEFAULT_FLEET_OUTBOX  # the options make no engine: said below, if it must be created
         try:
             requested: EngineConfig | InvalidInputError = EngineConfig(**{**base, **given})
         except InvalidInputError as exc:

@@ -89,7 +89,7 @@ class DeltaWindow:
     """What one closed window of the routing rule learned: float32 deltas, ``working - published``.
 
     ``up``, ``down``: ``float32[R, h]`` (None while the adapter does not learn); ``bias``:
-    ``float32[max_routes]``; ``rows``: ``int64[m]`` the route rows it touched, ``vectors``:
+    ``float32[K]`` (every route in use); ``rows``: ``int64[m]`` the route rows it touched, ascending, ``vectors``:
     ``float32[m, h]`` their deltas; ``n``: its signals. Applying it (:func:`apply_deltas`) adds them.
     """
 
@@ -467,7 +467,7 @@ class Learner:
         return DeltaWindow(
             _delta(self.work_up, self.up) if learns_adapter else None,
             _delta(self.work_down, self.down) if learns_adapter else None,
-            _delta(self.work_bias, self.route_bias),
+            _delta(self.work_bias[:k], self.route_bias[:k]),
             rows,
             _delta(self.work_vectors[rows], self.route_vectors[rows]),
             n,

@@ -154,16 +154,21 @@ Outbox entry ``s`` (own sealed window ``s``, 1-based) at ``outbox_offset + ((s -
 fleet_outbox) * entry_bytes``: written by the main thread into a free entry (``s <=
 out_tail + fleet_outbox``) before the ledger commit whose ``fleet_out_head = s``
 publishes it, together with the lane tails that produced it and the zeroed gradient
-sums; freed by the commit that raises ``fleet_out_tail`` to ``s``. Its first bytes (as many
-as its header says: at most ``window_bytes``) are, byte for byte, what the stream entry's
-``w`` field carries for it (one or more consecutive windows back to back; :mod:`sona_shm.fleet.window`)::
+sums (or the routing rule's working copy made published); freed by the commit that raises
+``fleet_out_tail`` to ``s``. Its first bytes (as many as its header says: at most
+``window_bytes``) are, byte for byte, what the stream entry's ``w`` field carries for it
+(one or more consecutive windows back to back; :mod:`sona_shm.fleet.window`)::
 
-    0   4s  magic b"SFW1"   4 u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
-    16  u64 seq            24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)
-    40  f64 sealed_at      48..64 zero
-    64  f64 grad_up[up_rows, h], then f64 grad_down[down_rows, h]
-        (up_rows 1: every rank row is that one, the reference rule's case; down_rows R under
-        the routing rule, else 0; entry_bytes = round_up(64 + 8 * h * (R + R_down), 64))
+    0   4s  magic        b"SFW1" (reference rule: gradient sums) or b"SFW2" (routing rule: deltas)
+    4   u32 hidden_dim   8 u32 rank   12 u16 up_rows   14 u16 down_rows
+    16  u64 seq          24 u64 n (signals)   32 u64 cum (signals sealed by the host, this one included)
+    40  f64 sealed_at    48 u16 routes (SFW2: biases carried)   50 u16 rows (SFW2: route rows carried)   52..64 zero
+    64  SFW1: f64 grad_up[up_rows, h]  (up_rows 1: every rank row is that one)
+        SFW2: f32 up[up_rows, h], f32 down[down_rows, h] (up_rows = down_rows: R when the adapter learns, else 0),
+              f32 bias[routes] (every route in use), u16 row[rows] (ascending; padded to a multiple of 4 bytes),
+              f32 vectors[rows, h] (the deltas of the route rows the window touched)
+    entry_bytes = round_up(window_bytes, 64); window_bytes: SFW1 64 + 8 * h * R,
+                  SFW2 64 + 4 * h * (2 * R + Km) + 4 * Km + round_up(2 * Km, 4) (every route row touched)
 
 Lane control (128 bytes per lane at ``lanes_offset + lane * 128``)::
 
@@ -236,6 +241,7 @@ and a recycled pid never inherits a lane)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 import time
@@ -245,7 +251,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RULES, EngineConfig
+from ..config import DEFAULT_FLEET_OUTBOX, DEFAULT_FLEET_OUTBOX_BYTES, RULES, EngineConfig
 from ..errors import InvalidInputError, LayoutMismatchError
 from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
@@ -455,7 +461,7 @@ class Layout:
         # The largest sealed window (fleet/window.py): the reference rule's f64 sums of up, or the routing rule's f32
         # deltas of the adapter (when it learns), of every bias and of every route row.
         if routing:
-            self.window_bytes = WINDOW_HEAD_BYTES + 4 * (2 * r * h + km + km + km * h)
+            self.window_bytes = WINDOW_HEAD_BYTES + 4 * h * (2 * r + km) + 4 * km + _round_up(2 * km, 4)
         else:
             self.window_bytes = WINDOW_HEAD_BYTES + 8 * h * r
         self.entry_bytes = _round_up(self.window_bytes, LINE)
@@ -757,6 +763,14 @@ def fleet_token(buf: Any, layout: Layout, new: bytes) -> bytes:
         buf[at : at + FLEET_TOKEN_BYTES] = new
         token = new
     return token
+
+
+def default_fleet_outbox(config: EngineConfig) -> int:
+    """The outbox entries an engine of ``config`` gets when created for a fleet without ``--fleet-outbox``:
+    :data:`~sona_shm.config.DEFAULT_FLEET_OUTBOX`, or fewer so that they take at most
+    :data:`~sona_shm.config.DEFAULT_FLEET_OUTBOX_BYTES` (and at least 256)."""
+    entry = Layout(dataclasses.replace(config, fleet_outbox=1)).entry_bytes
+    return max(256, min(DEFAULT_FLEET_OUTBOX, DEFAULT_FLEET_OUTBOX_BYTES // entry))
 
 
 def given_vectors(buffer: Any, layout: Layout) -> np.ndarray:
