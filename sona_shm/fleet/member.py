@@ -281,6 +281,7 @@ class _Publisher(_Link):
         self.published = 0
         self.gap: tuple[int, int] | None = None  # (seq, cum): own windows up to seq Redis lost after they were retired
         self.fenced = False  # another segment took the host id: this one publishes nothing more
+        self.reset = False  # the fleet has had no snapshot for long: the next join makes it again from this host
         self._first_at = 0.0  # when the oldest window waiting was offered
         self._published_at = 0.0  # when the last publish returned
         self._linger = 0.0 if member.options.lag == 0 else PUBLISH_LINGER
@@ -490,6 +491,7 @@ class _Reader(_Link):
         self._watermark: StreamId = ZERO_ID
         self._wm_cursor: str = "$"
         self._read: StreamId = cursor  # the last entry read (held back ones included)
+        self._no_snapshot_since: float | None = None
 
     def request_resync(self, reason: str, delay: float = 0.0) -> None:
         """Fetch the fleet's snapshot for the main loop (after ``delay`` seconds: a refused one is not asked for in a loop)."""
@@ -516,6 +518,13 @@ class _Reader(_Link):
                 fleet = self._connect()
                 reason = self._take_resync()
                 if reason is None and joined is not None and self.epoch != joined.epoch:
+                    if self.epoch != 0 and fleet.epoch() != joined.epoch:
+                        # The fleet was made again since the publisher joined: it joins the new one first (its lease
+                        # may have survived, so nothing else would tell it); then this replica loads its snapshot.
+                        publisher.rejoin.set()
+                        publisher.wake()
+                        self.stop.wait(0.05)
+                        continue
                     reason = (
                         "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
                     )
@@ -523,6 +532,9 @@ class _Reader(_Link):
                     fleet.check_primary(self.options.target, self.options.timeout)
                     reason = fleet.consistent(self.cursor)
                 if reason is not None:
+                    if member.replica.bound and reason.startswith("the last entry"):
+                        publisher.rejoin.set()  # joining heals what Redis lost and counts this host's windows it lost
+                        publisher.wake()
                     self._fetch_snapshot(fleet, reason)
                     continue
                 self._held.clear()
@@ -634,6 +646,17 @@ class _Reader(_Link):
     def _fetch_snapshot(self, fleet: FleetLog, reason: str) -> None:
         fields = fleet.get_snapshot()
         self._up()
+        if fields is None and self.member.replica.bound:
+            # Evicted, and no replica whose state is a prefix of the stream offered a new one (they all wait for it):
+            # after a while the fleet is made again from this host's state; what it lacks is counted from the gaps.
+            now = time.monotonic()
+            if self._no_snapshot_since is None:
+                self._no_snapshot_since = now
+            elif now - self._no_snapshot_since > 2 * _LEASE_RENEW:
+                self._no_snapshot_since = None
+                self.member.publisher.reset = True
+        else:
+            self._no_snapshot_since = None
         if fields is None:
             self.request_resync(reason)  # the fleet is being created again (or lost its snapshot): one comes soon
             self.member.publisher.rejoin.set()
@@ -643,9 +666,9 @@ class _Reader(_Link):
         try:
             snap = Snapshot.from_fields(fields)
         except BadSnapshot as exc:
-            log.error("%s; trying again in 5 s", exc)
+            log.error("%s; trying again in 2 s", exc)
             self.request_resync(reason)
-            self.stop.wait(5.0)
+            self.stop.wait(2.0)
             return
         self.cursor = self._read = snap.cursor
         self.epoch = snap.epoch
@@ -703,10 +726,11 @@ class FleetMode:
         self._outbox = np.ndarray((layout.fleet_outbox, layout.entry_bytes), np.uint8, buffer=buf, offset=layout.outbox_offset)
         assert layout.fleet_words is not None  # an outbox comes with the fleet region
         self._fleet_words = layout.fleet_words
-        self.replica = Replica(layout, state, self._outbox, options.host_id, routes)
         self.config_json = config_json(layout.config, routes)
         self.host_key_hex = f"{host_key(options.host_id):016x}"
+        self._record = state
         self.token = self._identity()
+        self.replica = Replica(layout, state, self._outbox, options.host_id, routes, self.token)
         self.lag = layout.fleet_outbox if options.lag is None else min(options.lag, layout.fleet_outbox - 1)
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.awaiting_resync: str | None = None
@@ -740,7 +764,7 @@ class FleetMode:
         """The segment's token (made once), and its host id and key, checked against a bound segment's."""
         buf = self.segment.buf
         token = fleet_token(buf, self.layout, secrets.token_bytes(FLEET_TOKEN_BYTES))
-        if self.replica.bound:
+        if int(self._record[0]["fleet_epoch"]):  # bound to a fleet already
             bound_host, bound_key = read_fleet_identity(buf, self.layout)
             if (bound_host, bound_key) != (self.options.host_id, self.options.key):
                 raise FleetError(
@@ -847,7 +871,9 @@ class FleetMode:
             takeover=int(record["fleet_epoch"]) == 0,
             snapshot=seed.to_fields(),
             now=time.time(),
+            reset=self.publisher.reset,
         )
+        self.publisher.reset = False
         self._lease_seen = None
         log.info(
             "fleet %r: %s as host %r (epoch %d)",
@@ -969,6 +995,10 @@ class FleetMode:
                     reason,
                 )
                 self.awaiting_resync = None
+                own = replica.applied_seq(replica.host)
+                if replica.tail > own:  # own windows retired here that the fleet's state lacks: a gap entry counts them
+                    self.publisher.gap = (replica.tail, replica.cum_at(replica.tail))
+                    self.publisher.wake()
                 self.publisher.snapshots_allowed.set()
                 self._offered = max(self._offered, replica.tail)
                 changed = weights = foreign = True
@@ -1023,12 +1053,10 @@ class FleetMode:
         """Whether learning may go on: once bound, a window open may fill; a new one opens only while the outbox has
         room (and ``--fleet-lag`` allows)."""
         replica = self.replica
-        if self.fenced:
-            return False
-        if window_open:
+        if window_open and not self.fenced:
             return replica.bound
         full = replica.outstanding >= self.layout.fleet_outbox
-        ok = replica.bound and not full and replica.outstanding <= self.lag
+        ok = replica.bound and not full and replica.outstanding <= self.lag and not self.fenced
         if ok == self.paused:
             self.paused = not ok
             if self.paused:

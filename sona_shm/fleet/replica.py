@@ -102,6 +102,7 @@ class StreamEntry:
     last: int
     kind: str = "windows"
     cum: int = 0
+    token: str = ""  # the first characters of the writing segment's token ("": not said)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,9 @@ class Replica:
     microsecond) and written into the record as they change.
     """
 
-    def __init__(self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None) -> None:
+    def __init__(
+        self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None, token: str = ""
+    ) -> None:
         if layout.fleet_outbox == 0:
             raise SonaShmError("replica: the segment has no fleet outbox")
         self.layout = layout
@@ -207,6 +210,9 @@ class Replica:
         self._outbox64 = outbox.view(np.float64)  # the same entries, as float64 (entry_bytes is a multiple of 64)
         self.host_id = host_id
         self.host = host_key(host_id)
+        #: This segment's token as entries carry it: windows of the same host id written by another segment (one that
+        #: took the host id over) are not this segment's own, and never retire its outbox.
+        self.token = token[:8]
         self.routing = self.config.rule == "routing"
         self._keys: dict[str, int] = {}  # host id -> host_key(host id), as met in the stream
         self._read_state()
@@ -389,10 +395,11 @@ class Replica:
                     lost_entries += entry.last - entry.prev
                     lost_signals += max(0, entry.cum - cums[row])
                     seqs[row], cums[row] = entry.last, max(cums[row], entry.cum)
-                    if key == self.host:
+                    if key == self.host and self._mine(entry):
                         tail = max(tail, min(entry.last, self._head))
                     cursor = entry.id
                     continue
+                mine = key == self.host and self._mine(entry)
                 count = entry.last - entry.seq + 1
                 parts = split_windows(entry.windows, count) if entry.seq > entry.prev and 0 < count <= MAX_ENTRY_WINDOWS else None
                 for i, raw in enumerate(parts or ()):
@@ -408,14 +415,14 @@ class Replica:
                     signals += n
                     seqs[row], cums[row] = entry.seq + i, cum
                     applied += 1
-                    if key == self.host:
+                    if mine:
                         tail = max(tail, min(entry.seq + i, self._head))  # own window back from the stream: retired
                     else:
                         foreign = True
                 if seqs[row] != entry.last:
                     bad += 1  # not windows of this fleet (or not all of them): the host's seq still moves past the entry
                     seqs[row] = entry.last
-                    if key == self.host:  # own windows the fleet moved past unapplied: never coming back, so retired
+                    if mine:  # own windows the fleet moved past unapplied: never coming back, so retired
                         tail = max(tail, min(entry.last, self._head))
                 cursor = entry.id
         finally:
@@ -447,6 +454,9 @@ class Replica:
         self._seq[row] = self._cum[row] = 0
         self._rows[key] = row
         return row
+
+    def _mine(self, entry: StreamEntry) -> bool:
+        return not entry.token or not self.token or entry.token == self.token
 
     def _free_row(self, key: int) -> None:
         row = self._rows.pop(key)

@@ -4,7 +4,8 @@ One fleet key ``K`` owns these keys (all with the hash tag ``{K}``, so a Redis C
 would keep them in one slot; sona_shm talks to one primary)::
 
     sona:{K}:meta      hash   config (JSON: what every host must share), epoch, created_at, protocol
-    sona:{K}:log       stream; every entry has h (host id) and k (its host key, 16 hex digits), and is one of:
+    sona:{K}:log       stream; every entry has h (host id) and k (its host key, 16 hex digits), windows and gaps also t
+                       (the first 8 characters of the writing segment's token), and is one of:
                        windows: s (the first window's seq), e (the last's), p (prev), w (the windows' bytes, back to back)
                        a gap:   s = e + 1, e, p, c (the host's signal total at e), w empty: seqs p+1..e are lost
                        hello:   r = 1, the host was registered (only a registered host gets a row of the applied table)
@@ -109,6 +110,7 @@ local meta, seqs, hosts, lease, snap, prev = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
 local log, trimmed, taken, given = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local config, new_epoch, host, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl, max_hosts, takeover, now, protocol, hkey = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local reset = ARGV[11]
 local created, healed = 0, ''
 if redis.call('EXISTS', meta) == 1 then  -- before any healing: a fleet of another format or configuration is never touched
   local stored_protocol = redis.call('HGET', meta, 'protocol')
@@ -117,6 +119,9 @@ if redis.call('EXISTS', meta) == 1 then  -- before any healing: a fleet of anoth
   if stored ~= config then return {'config', stored or ''} end
 end
 local what = lost(meta, seqs, snap, log)
+if what == nil and reset == '1' and redis.call('EXISTS', snap) == 0 then
+  what = 'snap'  -- no snapshot for long, and no replica that may offer one: made again from this host's state
+end
 if what == 'log' then
   -- the stream was evicted or deleted: the fleet goes on from its snapshot (replicas resync to it; what the
   -- stream held after it is counted lost from the hosts' seq gaps)
@@ -125,6 +130,7 @@ if what == 'log' then
     redis.call('HSET', seqs, '-', '0')
     rebuild(seqs, snap, log)
     redis.call('SET', trimmed, redis.call('HGET', snap, 'id'))
+    redis.call('XADD', log, '*', 'h', host, 'k', hkey, 'r', '1')  -- the stream exists again (a host it has a row for)
     healed, what = 'log', nil
   end
 elseif what == 'seqs' then
@@ -134,7 +140,7 @@ if what ~= nil then
   -- a new fleet, or one Redis lost too much of: this host's state is its first snapshot
   redis.call('DEL', meta, seqs, hosts, snap, prev, log, trimmed, taken, given)
   redis.call('HSET', meta, 'config', config, 'epoch', new_epoch, 'created_at', now, 'protocol', protocol)
-  for i = 11, #ARGV, 2 do redis.call('HSET', snap, ARGV[i], ARGV[i + 1]) end
+  for i = 12, #ARGV, 2 do redis.call('HSET', snap, ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', seqs, '-', '0')
   local raw = redis.call('HGET', snap, 'state')
   if raw then
@@ -142,13 +148,13 @@ if what ~= nil then
   end
   created = 1
 end
+local registered = redis.call('HGET', hosts, host)
+if registered and registered ~= token and takeover ~= '1' then return {'taken', ''} end
 local holder = redis.call('GET', lease)
 if holder and holder ~= token then return {'busy', tostring(redis.call('PTTL', lease))} end
-local registered = redis.call('HGET', hosts, host)
 if not registered then
   if redis.call('HLEN', hosts) >= max_hosts then return {'full', tostring(redis.call('HLEN', hosts))} end
 elseif registered ~= token then
-  if takeover ~= '1' then return {'taken', ''} end
   -- a new segment takes the host id over: the windows the old one sealed past this seq never reach the stream
   redis.call('HSET', taken, host, registered .. ' ' .. (redis.call('HGET', seqs, hkey) or '0'))
 end
@@ -186,8 +192,8 @@ if ARGV[4] ~= '' then
   local gap, cum = string.match(ARGV[4], '(%d+) (%d+)')
   gap = tonumber(gap)
   if gap > last then
-    redis.call('XADD', log, '*', 'h', ARGV[2], 'k', ARGV[3], 's', string.format('%.0f', gap + 1), 'e', string.format('%.0f', gap),
-      'p', string.format('%.0f', last), 'c', cum, 'w', '')
+    redis.call('XADD', log, '*', 'h', ARGV[2], 'k', ARGV[3], 't', string.sub(ARGV[1], 1, 8), 's', string.format('%.0f', gap + 1),
+      'e', string.format('%.0f', gap), 'p', string.format('%.0f', last), 'c', cum, 'w', '')
     last, entries = gap, 1
   end
 end
@@ -203,8 +209,8 @@ for g = 5, #ARGV, 3 do
       for i = 1, last - first + 1 do skip = skip + lengths[i] end
       raw, first = string.sub(raw, skip + 1), last + 1
     end
-    redis.call('XADD', log, '*', 'h', ARGV[2], 'k', ARGV[3], 's', string.format('%.0f', first), 'e', string.format('%.0f', stop),
-      'p', string.format('%.0f', last), 'w', raw)
+    redis.call('XADD', log, '*', 'h', ARGV[2], 'k', ARGV[3], 't', string.sub(ARGV[1], 1, 8), 's', string.format('%.0f', first),
+      'e', string.format('%.0f', stop), 'p', string.format('%.0f', last), 'w', raw)
     appended, entries, last = appended + stop - first + 1, entries + 1, stop
   end
 end
@@ -464,7 +470,7 @@ def _at(url: str, address: tuple[str, int]) -> str:
     return urlunsplit((scheme, f"{auth}{host}:{address[1]}", parts.path, parts.query, ""))
 
 
-def connect(target: Target | str, *, timeout: float, read_timeout: float | None = None) -> Any:
+def connect(target: Target | str, *, timeout: float, read_timeout: float | None = None, _hops: int = 0) -> Any:
     """A redis-py client of one connection to the fleet's primary: connect and command timeouts, no retries.
 
     ``target``: a :class:`Target` (or a URL): ``redis://[[user]:password@]host:port[/db]``,
@@ -492,6 +498,17 @@ def connect(target: Target | str, *, timeout: float, read_timeout: float | None 
     finally:
         if client is not None and sys.exc_info()[0] is not None:
             client.close()
+    if address is None and not target.url.startswith("unix://"):
+        # A fixed address that is a replica now (a failover behind it) names its primary: follow it while the
+        # replica's link to it is up, so that a fleet given one node's address follows a Sentinel failover too.
+        try:
+            role = client.execute_command("ROLE")
+        except (redis.RedisError, OSError):
+            role = None
+        if role and _text(role[0]) == "slave" and len(role) > 3 and _text(role[3]) == "connected" and _hops < 2:
+            client.close()
+            primary = (_text(role[1]), int(role[2]))
+            return connect(Target(_at(target.url, primary)), timeout=timeout, read_timeout=read_timeout, _hops=_hops + 1)
     client.sona_address = address
     client.sona_url = target.url
     return client
@@ -600,12 +617,13 @@ class FleetLog:
         takeover: bool,
         snapshot: Mapping[str, bytes],
         now: float,
+        reset: bool = False,
     ) -> Joined:
         """Join (or create) the fleet, healing what Redis lost of it; :class:`FleetError` if it refuses this host
         (:class:`LeaseHeld` if a flusher's lease holds the host id)."""
         k = self.k
         argv: list[Any] = [config, str(new_epoch), host_id, token, int(LEASE_TTL * 1000), max_hosts, "1" if takeover else "0", repr(now)]
-        argv += [PROTOCOL, host_key]
+        argv += [PROTOCOL, host_key, "1" if reset else "0"]
         for name, value in snapshot.items():
             argv += [name, value]
         keys_ = [
@@ -913,6 +931,7 @@ def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
                 out.append(StreamEntry(id=entry_id, host=host, seq=count, prev=0, windows=b"", last=0, kind="given", cum=signals))
                 continue
             seq, last, prev = _u64(fields[b"s"]), _u64(fields[b"e"]), _u64(fields[b"p"])
+            token = fields.get(b"t", b"").decode("ascii")
             if b"c" in fields:  # a gap: seqs prev+1..last are lost
                 if seq != last + 1 or fields[b"w"]:
                     raise ValueError("not a gap")
@@ -920,7 +939,7 @@ def _entries(rows: Sequence[Any]) -> list[StreamEntry]:
                     StreamEntry(id=entry_id, host=host, seq=seq, prev=prev, windows=b"", last=last, kind="gap", cum=_u64(fields[b"c"]))
                 )
                 continue
-            out.append(StreamEntry(id=entry_id, host=host, seq=seq, prev=prev, windows=fields[b"w"], last=last))
+            out.append(StreamEntry(id=entry_id, host=host, seq=seq, prev=prev, windows=fields[b"w"], last=last, token=token))
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             out.append(StreamEntry(id=entry_id, host="", seq=0, prev=0, windows=b"", last=0))
     return out
