@@ -1,0 +1,189 @@
+"""A fleet on the multi-host testbed (tests/testbed): hosts with their own /dev/shm behind delayed links, a Redis
+primary, its replica and three Sentinels. A Sentinel failover followed through the Sentinels and through a fixed
+address; a split brain with and without ``--fleet-min-replicas`` (nothing lost with it).
+
+Every scenario asserts: the trajectories committed = the signals the hosts sealed = what every replica applied + what it
+counted lost (alike everywhere), every replica's adapter the same bytes, and no flusher exited. Needs root and the
+testbed's tools, redis-server and redis-sentinel (./scripts/test installs them as root); under CI=true nothing skips.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_testbed import FLEET_FLAGS, _need
+
+from conftest import PROCESS_DEADLINE
+from support import ROOT, env, wait_for
+from testbed import RedisOptions, RedisTopology, Testbed, missing_redis, missing_requirements
+
+pytestmark = pytest.mark.guarantee("many-hosts-learn-one-adapter")
+
+PREFIX = "sonafleet"
+ENGINE = "fleet"  # one engine name on every host: each host's /dev/shm is its own
+
+
+class FleetHost:
+    """A testbed host running one flusher of the fleet and an agent (tests/fleet_agent.py) that records and reads there."""
+
+    def __init__(self, host, log_dir, *fleet_args: str) -> None:
+        self.host = host
+        self.name = host.name
+        self.log = open(log_dir / f"{host.name}.log", "w")  # noqa: SIM115 - closed by close()
+        self.flusher = host.run(
+            [sys.executable, "-m", "sona_shm", "flusher", "--name", ENGINE, "--quiet", *FLEET_FLAGS, "--host-id", host.name, *fleet_args],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        self.agent = host.run(
+            [sys.executable, str(ROOT / "tests" / "fleet_agent.py")], env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def ask(self, **request) -> dict:
+        self.agent.stdin.write(json.dumps(request) + "\n")
+        self.agent.stdin.flush()
+        return json.loads(self.agent.stdout.readline())
+
+    def fleet(self) -> dict | None:
+        answer = self.ask(op="fleet", name=ENGINE)
+        return None if answer.get("missing") else answer
+
+    def joined(self) -> bool:
+        view = self.fleet()
+        return bool(view and view["fleet"]["epoch"])
+
+    def record(self, seed: int, count: int) -> int:
+        return self.ask(op="record", name=ENGINE, seed=seed, count=count)["accepted"]
+
+    def flush(self, timeout: float = 60.0) -> None:
+        answer = self.ask(op="flush", name=ENGINE, timeout=timeout)
+        assert answer.get("ok"), answer
+
+    def close(self) -> None:
+        if self.agent.poll() is None:
+            self.agent.stdin.close()
+            self.agent.wait(30)
+        self.agent.stdout.close()
+        self.log.close()
+
+
+@pytest.fixture
+def bed(tmp_path):
+    """A testbed with a Redis primary (ra), its replica (rb), three Sentinels (s1-s3) and the hosts the test adds."""
+    _need(missing_requirements())
+    _need(missing_redis())
+    made: list[FleetHost] = []
+    with Testbed(PREFIX, deadline=PROCESS_DEADLINE, delay=0.0002) as tb:
+
+        def topology(**options) -> RedisTopology:
+            nodes = {name: tb.add_host(name) for name in ("ra", "rb", "s1", "s2", "s3")}
+            topo = RedisTopology(
+                tb,
+                primary=nodes["ra"],
+                replicas=[nodes["rb"]],
+                sentinels=[nodes[s] for s in ("s1", "s2", "s3")],
+                options=RedisOptions(**options),
+            )
+            return topo.start()
+
+        def host(name: str, *fleet_args: str) -> FleetHost:
+            h = FleetHost(tb.add_host(name), tmp_path, *fleet_args)
+            made.append(h)
+            return h
+
+        bed = type("Bed", (), {"tb": tb, "topology": staticmethod(topology), "host": staticmethod(host), "hosts": made, "logs": tmp_path})
+        try:
+            yield bed
+        finally:
+            for h in made:
+                h.close()
+            for h in made:
+                print(f"--- {h.name}:", (tmp_path / f"{h.name}.log").read_text()[-3000:])
+
+
+def sentinel_args(topo: RedisTopology) -> list[str]:
+    listing = ",".join(f"{node.addr}:{node.port}" for node in topo.sentinels)
+    return ["--fleet-sentinel", listing, "--fleet-service", topo.master_name, "--fleet-key", "tb"]
+
+
+def settle(hosts: list[FleetHost], committed: int, timeout: float = 120.0) -> list[dict]:
+    for h in hosts:
+        h.flush(timeout)
+
+    def done() -> list[dict] | None:
+        views = [h.fleet() for h in hosts]
+        ok = all(v and v["fleet"]["applied_signals"] + v["fleet"]["lost_signals"] == committed for v in views)
+        return views if ok else None
+
+    return wait_for(done, timeout, "every replica to apply or count everything")
+
+
+def assert_accounting(hosts: list[FleetHost], views: list[dict], committed: int) -> int:
+    """committed = sealed = applied + counted lost on every replica, identical bytes, no flusher exited; the signals lost."""
+    for h in hosts:
+        assert h.flusher.poll() is None, f"the flusher of {h.name} exited with {h.flusher.returncode}"
+    assert sum(v["fleet"]["sealed_signals"] for v in views) == committed
+    counted = {(v["fleet"]["applied_signals"], v["fleet"]["lost_signals"], v["fleet"]["lost_entries"]) for v in views}
+    assert len(counted) == 1, f"replicas disagree: {counted}"
+    assert len({v["adapter"] for v in views}) == 1, "replicas hold different adapters"
+    applied, lost, _ = counted.pop()
+    assert applied + lost == committed
+    return lost
+
+
+def test_a_sentinel_failover_is_followed_through_the_sentinels_and_through_a_fixed_address(bed):
+    """kill -9 of the primary: hosts given the Sentinels follow the promoted replica at once; a host given the old
+    primary's address waits until that server is back (as a replica, after it came up from its AOF as a primary for a
+    moment: what it took then is lost, counted), then follows the primary it names. Nobody exits; it all balances."""
+    topo = bed.topology()
+    old, replica = topo.servers
+    followers = [bed.host(name, *sentinel_args(topo)) for name in ("h1", "h2")]
+    fixed = bed.host("h3", "--fleet", old.url, "--fleet-key", "tb")
+    hosts = [*followers, fixed]
+    for h in hosts:
+        wait_for(h.joined, 60, f"{h.name} to join")
+    committed = sum(h.record(i, 30) for i, h in enumerate(hosts))
+    settle(hosts, committed)
+
+    old.kill()
+    new = topo.wait_failover(old)
+    assert new is replica
+    committed += sum(h.record(10 + i, 30) for i, h in enumerate(hosts))
+    for h in followers:
+        h.flush(60)  # through the Sentinels: the new primary took them
+    old.start()  # from its AOF: a primary until the Sentinels make it a replica of the new one
+    topo.wait_replica_of(old, new)
+    committed += sum(h.record(20 + i, 30) for i, h in enumerate(hosts))
+    views = settle(hosts, committed)
+    assert_accounting(hosts, views, committed)
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1])
+def test_a_split_brain_loses_what_the_isolated_primary_took_counted_and_nothing_with_min_replicas(bed, min_replicas):
+    """The primary is cut off from its replica and the Sentinels while the hosts still reach it; the replica is promoted.
+    Without --fleet-min-replicas, what the hosts wrote to the isolated primary until they followed the Sentinels is lost,
+    counted alike everywhere; with --fleet-min-replicas 1 nothing was applied before a replica held it: nothing lost."""
+    topo = bed.topology()
+    old, _ = topo.servers
+    extra = ["--fleet-min-replicas", str(min_replicas)] if min_replicas else []
+    hosts = [bed.host(name, *sentinel_args(topo), *extra) for name in ("h1", "h2")]
+    for h in hosts:
+        wait_for(h.joined, 60, f"{h.name} to join")
+    committed = sum(h.record(i, 30) for i, h in enumerate(hosts))
+    settle(hosts, committed)
+
+    topo.split_brain(old)
+    committed += sum(h.record(10 + i, 30) for i, h in enumerate(hosts))  # to the isolated primary, for a while
+    new = topo.wait_failover(old)
+    committed += sum(h.record(20 + i, 30) for i, h in enumerate(hosts))
+    topo.heal()
+    topo.wait_replica_of(old, new)
+    committed += sum(h.record(30 + i, 30) for i, h in enumerate(hosts))
+    views = settle(hosts, committed)
+    lost = assert_accounting(hosts, views, committed)
+    if min_replicas:
+        assert lost == 0
