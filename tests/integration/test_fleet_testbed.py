@@ -9,66 +9,17 @@ testbed's tools, redis-server and redis-sentinel (./scripts/test installs them a
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from fleet_agent import FleetHost
 from test_testbed import FLEET_FLAGS, _need
 
 from conftest import PROCESS_DEADLINE
-from support import ROOT, env, wait_for
+from support import wait_for
 from testbed import RedisOptions, RedisTopology, Testbed, missing_redis, missing_requirements
 
 pytestmark = pytest.mark.guarantee("many-hosts-learn-one-adapter")
 
 PREFIX = "sonafleet"
-ENGINE = "fleet"  # one engine name on every host: each host's /dev/shm is its own
-
-
-class FleetHost:
-    """A testbed host running one flusher of the fleet and an agent (tests/fleet_agent.py) that records and reads there."""
-
-    def __init__(self, host, log_dir, *fleet_args: str) -> None:
-        self.host = host
-        self.name = host.name
-        self.log = open(log_dir / f"{host.name}.log", "w")  # noqa: SIM115 - closed by close()
-        self.flusher = host.run(
-            [sys.executable, "-m", "sona_shm", "flusher", "--name", ENGINE, "--quiet", *FLEET_FLAGS, "--host-id", host.name, *fleet_args],
-            env=env(),
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-        )
-        self.agent = host.run(
-            [sys.executable, str(ROOT / "tests" / "fleet_agent.py")], env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-
-    def ask(self, **request) -> dict:
-        self.agent.stdin.write(json.dumps(request) + "\n")
-        self.agent.stdin.flush()
-        return json.loads(self.agent.stdout.readline())
-
-    def fleet(self) -> dict | None:
-        answer = self.ask(op="fleet", name=ENGINE)
-        return None if answer.get("missing") else answer
-
-    def joined(self) -> bool:
-        view = self.fleet()
-        return bool(view and view["fleet"]["epoch"])
-
-    def record(self, seed: int, count: int) -> int:
-        return self.ask(op="record", name=ENGINE, seed=seed, count=count)["accepted"]
-
-    def flush(self, timeout: float = 60.0) -> None:
-        answer = self.ask(op="flush", name=ENGINE, timeout=timeout)
-        assert answer.get("ok"), answer
-
-    def close(self) -> None:
-        if self.agent.poll() is None:
-            self.agent.stdin.close()
-            self.agent.wait(30)
-        self.agent.stdout.close()
-        self.log.close()
 
 
 @pytest.fixture
@@ -91,7 +42,7 @@ def bed(tmp_path):
             return topo.start()
 
         def host(name: str, *fleet_args: str) -> FleetHost:
-            h = FleetHost(tb.add_host(name), tmp_path, *fleet_args)
+            h = FleetHost(tb.add_host(name), tmp_path, *FLEET_FLAGS, *fleet_args)
             made.append(h)
             return h
 
