@@ -21,6 +21,12 @@ Threads and who writes what:
   epoch changed, its last entry vanished, or the main loop found an entry that does not
   follow).
 
+Both threads talk to the primary: the one the URL names (or, if that node is a replica now,
+the primary it names), or the one ``--fleet-sentinel`` names; the publisher checks at
+every lease renewal and the reader every ``CHECK_INTERVAL`` that it still is, and both
+follow a failover. With ``--fleet-min-replicas`` the publisher confirms with ``WAIT`` what
+the replicas hold and the reader hands over only that (the replicated watermark).
+
 Redis I/O never runs on the learning path: a Redis that is slow, stopped or gone only
 makes the threads retry (every call has a timeout and no hidden retry); the main loop
 goes on learning into the outbox. Learning pauses only when the outbox is full (or

@@ -24,12 +24,15 @@ would keep them in one slot; sona_shm talks to one primary)::
 
 The scripts run atomically in Redis, so a failover keeps or loses each one whole:
 
-- ``join``: creates the fleet if ``meta`` is missing (config, a fresh epoch, and the
-  joining host's state as the first snapshot); else refuses a host whose config differs,
-  and a fleet made by a sona_shm of another stream format (``PROTOCOL``).
-  Refuses a host id whose lease another token holds (a live flusher) or that another
-  segment registered (``taken``; a new segment may take a free one over), and a host
-  beyond ``MAX_FLEET_HOSTS``. Takes the lease.
+- ``join``: refuses a host whose config differs and a fleet made by a sona_shm of another
+  stream format (``PROTOCOL``), before touching anything; heals what Redis lost (the
+  stream: ``seqs`` reset to the snapshot's table and the trim point set to it; ``seqs``:
+  rebuilt from the snapshot and the stream after it); creates the fleet if ``meta`` is
+  missing, or if what was lost cannot be healed (config, a fresh epoch, and the joining
+  host's state as the first snapshot). Refuses a host id that another segment registered
+  (``taken``; a new segment may take one over, which ``taken`` records) or whose lease
+  another token holds, and a host beyond ``MAX_FLEET_HOSTS``. Registers the host in the
+  stream (``r`` = 1) and takes the lease.
 - ``publish``: appends a host's windows only past the last seq the host has in the
   stream, each entry carrying consecutive windows ``s..e`` (the caller groups them: at
   most ``ENTRY_WINDOWS`` and ``ENTRY_BYTES``, unless one window is larger; the script
@@ -39,6 +42,12 @@ The scripts run atomically in Redis, so a failover keeps or loses each one whole
   appends nothing. Many windows to an entry cut the work of Redis and of every reader
   per window; grouping them in Python, not in Lua, matters because Redis's Lua hashes
   every byte of every string it makes (``step = 1`` in Redis's ``deps/lua/src/lstring.c``).
+  Appends nothing and answers ``heal`` when a fleet key is gone (the caller joins again);
+  appends a gap entry when asked to (the host's windows up to a seq Redis lost).
+- ``confirm`` (``--fleet-min-replicas``): raises the watermark after ``WAIT`` said the
+  replicas hold the stream up to an id.
+- ``give_up``: a segment whose host id was taken counts its windows past the takeover as
+  lost, once. ``remove``: retires a host id whose lease is gone.
 - ``snapshot``: stores a snapshot only if its stream id is newer than the newest one
   (set-if-newer) and names an entry the stream holds (a replica that applied entries a
   failover lost never offers its state), keeps the one it replaces as ``:snap:prev``,
