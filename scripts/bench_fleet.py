@@ -507,8 +507,8 @@ def tb_latency(delay: float, samples: int, min_replicas: int = 0) -> dict[str, A
     n = min(len(sent), len(seen))
     lat = [int((seen[k] - sent[k]) * 1e9) for k in range(n)]
     result = pct(lat)
-    result["rtt_ms"] = 4 * delay * 1e3  # host -> Redis -> host: two round trips' worth of one-way delays
-    result["target_ms"] = 2 * 2 * delay * 1e3 + 2
+    result["rtt_ms"] = 2 * delay * 1e3  # a host's round trip to Redis
+    result["target_ms"] = 2 * result["rtt_ms"] + 2  # the issue's target for the median
     result["matched"] = n == samples
     return result
 
@@ -590,14 +590,15 @@ def tb_failover(min_replicas: int, seconds: float, rate: float) -> dict[str, Any
 
 
 def tb_egress(hosts: int, threshold: int, seconds: float, rate: float) -> dict[str, Any]:
-    """``hosts`` hosts paced at ``rate`` signals/s each through a lone Redis (0.1 ms links): Redis's egress and CPU."""
+    """``hosts`` hosts (hidden_dim 256, the reference rule: a window is 2,112 bytes) paced at ``rate`` signals/s each
+    through a lone Redis (0.1 ms links): Redis's egress and CPU."""
     testbed, _ = _testbed_modules()
     log_dir = Path(tempfile.mkdtemp(prefix="sona-bench-tb-"))
     with testbed.Testbed("sonabench", deadline=CHILD_DEADLINE, delay=0.0001) as tb:
         r = tb.add_host("r")
         with testbed.RedisTopology(tb, primary=r, replicas=[], sentinels=[]) as topo:
             server = topo.servers[0]
-            extra = ["--flush-threshold", str(threshold), "--fleet", server.url, "--fleet-key", "eg"]
+            extra = ["--hidden-dim", str(HIDDEN_DIM), "--flush-threshold", str(threshold), "--fleet", server.url, "--fleet-key", "eg"]
             agents = [_agent(tb.add_host(f"h{i}"), log_dir, *extra) for i in range(hosts)]
             try:
                 for h in agents:
@@ -605,7 +606,8 @@ def tb_egress(hosts: int, threshold: int, seconds: float, rate: float) -> dict[s
                 c = server.client()
                 before = c.info()
                 for i, h in enumerate(agents):
-                    h.agent.stdin.write(json.dumps({"op": "paced", "name": "fleet", "rate": rate, "seconds": seconds, "seed": i}) + "\n")
+                    request = {"op": "paced", "name": "fleet", "rate": rate, "seconds": seconds, "seed": i, "hidden": HIDDEN_DIM}
+                    h.agent.stdin.write(json.dumps(request) + "\n")
                     h.agent.stdin.flush()
                 committed = sum(json.loads(h.agent.stdout.readline())["accepted"] for h in agents)
                 for h in agents:

@@ -9,7 +9,7 @@ the engine's fleet stats, its trajectories processed and a digest of its adapter
 the segment is not there yet). For the benchmark (every time is CLOCK_MONOTONIC, which every host shares):
 ``{"op": "timed", "name", "count", "spacing"}`` -> ``{"times"}`` (one record every ``spacing`` seconds, the time each
 returned); ``{"op": "watch", "name", "changes", "timeout"}`` -> ``{"times"}`` (when the adapter's generation changed);
-``{"op": "paced", "name", "rate", "seconds", "seed"}`` -> ``{"accepted"}``.
+``{"op": "paced", "name", "rate", "seconds", "seed", "hidden"?}`` -> ``{"accepted"}``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> int:
                 answer = {"times": watch(name, request["changes"], request["timeout"])}
             elif op == "paced":
                 client = clients.get(name) or clients.setdefault(name, attach(name, timeout=30))
-                pool = make_trajectories(request.get("seed", 1), 64, HIDDEN_DIM, max_steps=4, attention_dim=8)
+                pool = make_trajectories(request.get("seed", 1), 64, request.get("hidden", HIDDEN_DIM), max_steps=4, attention_dim=8)
                 start, accepted, k = time.monotonic(), 0, 0
                 while time.monotonic() < start + request["seconds"]:
                     delay = start + k / request["rate"] - time.monotonic()

@@ -497,6 +497,9 @@ class _Reader(_Link):
         self._watermark: StreamId = ZERO_ID
         self._wm_cursor: str = "$"
         self._read: StreamId = cursor  # the last entry read (held back ones included)
+        self._sent: list[str] = []  # the cursors of the reads in flight
+        self._gone = False  # a read found the entry it started after gone
+        self._anchor = format_id(cursor)  # the snapshot this replica loaded last: its entry may be gone (evicted)
         self._no_snapshot_since: float | None = None
 
     def request_resync(self, reason: str, delay: float = 0.0) -> None:
@@ -567,9 +570,11 @@ class _Reader(_Link):
                     ("XREAD", "COUNT", count, "BLOCK", READ_BLOCK_MS, "STREAMS", *streams, *ids),
                     ("GET", k["trimmed"]),
                     ("HGET", k["meta"], "epoch"),
+                    ("XRANGE", k["log"], cursor, cursor, "COUNT", 1),  # read after it: is the entry read from still there?
                 ]
             )
         )
+        self._sent.append(cursor)
 
     def _receive(self, fleet: FleetLog) -> tuple[list[Any], list[Any], Any, Any]:
         conn = fleet.client.connection
@@ -580,10 +585,15 @@ class _Reader(_Link):
             except fleet._response_error as exc:  # an error reply: the answer to its command (e.g. NOPERM)
                 return exc
 
-        streams, trimmed, epoch = fleet._call(lambda: (read(), read(), read()))
-        for reply in (streams, trimmed, epoch):
+        streams, trimmed, epoch, at = fleet._call(lambda: (read(), read(), read(), read()))
+        for reply in (streams, trimmed, epoch, at):
             if isinstance(reply, Exception):
                 fleet._call(_raise, reply)
+        cursor = self._sent.pop(0)
+        if not at and cursor not in ("0-0", self._anchor):
+            # The entry this read started after is gone (the stream was evicted or deleted and made again, or trimmed
+            # past): what came after it may not follow this replica's state. Not handed over: resync first.
+            self._gone = True
         log_rows: list[Any] = []
         wm_rows: list[Any] = []
         for key, rows in streams.items() if isinstance(streams, dict) else streams or []:  # RESP3: a map; RESP2: pairs
@@ -596,6 +606,8 @@ class _Reader(_Link):
         soon as a reply is in, before the reply is handled: Redis re-arms while this thread works."""
         member = self.member
         checked_at = time.monotonic()
+        self._sent.clear()
+        self._gone = False
         self._send(fleet, format_id(self._read), self._wm_cursor)
         while True:
             rows, wm, trimmed, epoch = self._receive(fleet)
@@ -603,7 +615,7 @@ class _Reader(_Link):
                 self._read = parse_id(rows[-1][0])
             if wm:
                 self._wm_cursor = _text(wm[-1][0])
-            go_on = not self.stop.is_set() and self._resync is None and self._moves == member.moves
+            go_on = not self.stop.is_set() and self._resync is None and self._moves == member.moves and not self._gone
             go_on = go_on and time.monotonic() - checked_at < CHECK_INTERVAL
             if go_on:
                 self._send(fleet, format_id(self._read), self._wm_cursor)
@@ -620,6 +632,13 @@ class _Reader(_Link):
         member = self.member
         self._up()
         from .stream import _id_or_zero, _u64_or_zero
+
+        if self._gone:
+            if member.replica.bound:
+                member.publisher.rejoin.set()  # joining heals what Redis lost and counts this host's windows it lost
+                member.publisher.wake()
+            self.request_resync("the last entry this replica read is not in the stream any more (Redis lost writes: an eviction)")
+            return False
 
         epoch_now, trimmed_id = _u64_or_zero(epoch), _id_or_zero(trimmed)
         if epoch_now != self.epoch:
@@ -677,6 +696,7 @@ class _Reader(_Link):
             self.stop.wait(2.0)
             return
         self.cursor = self._read = snap.cursor
+        self._anchor = format_id(snap.cursor)
         self.epoch = snap.epoch
         self._held.clear()
         self.member.inbox.put(("snapshot", snap, reason))

@@ -211,7 +211,7 @@ def test_a_paused_host_whose_id_was_taken_gives_up_what_it_sealed_counted_and_st
     settle_counted(clients, engines, committed)
     lost = assert_accounting(engines, committed, list(flushers.values()))
     assert lost == 40 and fleet_of(b).lost_entries == 4
-    assert fleet_of(a).paused
+    wait_for(lambda: fleet_of(a).paused, what="a to say it learns no more")  # the line is written every 20 ms
     for client in clients.values():
         client.close()
 
