@@ -513,7 +513,7 @@ def tb_latency(delay: float, samples: int, min_replicas: int = 0) -> dict[str, A
     return result
 
 
-def tb_failover(min_replicas: int, seconds: float, rate: float) -> dict[str, Any]:
+def tb_failover(min_replicas: int, seconds: float, rate: float, restart: bool = True) -> dict[str, Any]:
     """Two hosts following the primary through three Sentinels (1 ms links; a primary and two replicas), producers paced
     on both; the primary is killed: how long the fleet applied nothing, and what was lost (counted) once it settled."""
     testbed, _ = _testbed_modules()
@@ -549,8 +549,9 @@ def tb_failover(min_replicas: int, seconds: float, rate: float) -> dict[str, Any
                     time.sleep(0.02)
                 committed = sum(json.loads(h.agent.stdout.readline())["accepted"] for h in hosts)
                 new = topo.wait_failover(old)
-                old.start()
-                topo.wait_replica_of(old, new)
+                if restart:  # the old primary back from its AOF, made a replica by the Sentinels (~10 s)
+                    old.start()
+                    topo.wait_replica_of(old, new)
                 for h in hosts:
                     h.flush(120)
                 views = _wait(
@@ -637,9 +638,10 @@ def run_testbed(quick: bool) -> dict[str, Any]:
     delays = ((0.001, 5),) if quick else ((0.0001, 200), (0.001, 200), (0.02, 60))
     for delay, n in delays:
         report["latency"][f"{delay * 1e3:g} ms"] = tb_latency(delay, n)
-    report["latency"]["1 ms, --fleet-min-replicas 1"] = tb_latency(0.001, 5 if quick else 200, min_replicas=1)
+    if not quick:
+        report["latency"]["1 ms, --fleet-min-replicas 1"] = tb_latency(0.001, 200, min_replicas=1)
     for min_replicas in (1,) if quick else (0, 1):
-        report["failover"].append(tb_failover(min_replicas, 6.0 if quick else 14.0, 200.0))
+        report["failover"].append(tb_failover(min_replicas, 5.0 if quick else 14.0, 200.0, restart=not quick))
     for hosts, threshold in ((2, 100),) if quick else ((2, 100), (4, 100), (8, 100), (4, 1000)):
         report["egress"].append(tb_egress(hosts, threshold, 1.0 if quick else 5.0, 300.0))
     return report
