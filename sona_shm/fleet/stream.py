@@ -14,6 +14,7 @@ would keep them in one slot; sona_shm talks to one primary)::
                                 windows the stream never had as lost
     sona:{K}:seqs      hash   host key (16 hex digits) -> the last seq of that host in the stream
     sona:{K}:hosts     hash   host id -> the token of the segment registered under it
+    sona:{K}:hostkeys  hash   host id -> its host key (to register every host again in a stream made anew)
     sona:{K}:lease:ID  string the token of the live flusher of host ID, with a TTL it renews
     sona:{K}:snap      hash   the newest snapshot (replica.Snapshot.to_fields), :snap:prev the one before
     sona:{K}:trimmed   string stream entries below this id were removed (XTRIM MINID)
@@ -116,7 +117,7 @@ _JOIN = (
     _HEAL
     + """
 local meta, seqs, hosts, lease, snap, prev = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local log, trimmed, taken, given = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local log, trimmed, taken, given, hostkeys = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local config, new_epoch, host, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl, max_hosts, takeover, now, protocol, hkey = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local reset = ARGV[11]
@@ -139,7 +140,15 @@ if what == 'log' then
     redis.call('HSET', seqs, '-', '0')
     rebuild(seqs, snap, log)
     redis.call('SET', trimmed, redis.call('HGET', snap, 'id'))
-    redis.call('XADD', log, '*', 'h', host, 'k', hkey, 'r', '1')  -- the stream exists again (a host it has a row for)
+    -- The stream starts again after the snapshot: every registered host registers in it again (a host registered
+    -- after the snapshot was taken has no row there), this one too, so the stream exists again.
+    local known = redis.call('HGETALL', hostkeys)
+    for i = 1, #known, 2 do
+      if known[i] ~= host and redis.call('HEXISTS', hosts, known[i]) == 1 then
+        redis.call('XADD', log, '*', 'h', known[i], 'k', known[i + 1], 'r', '1')
+      end
+    end
+    redis.call('XADD', log, '*', 'h', host, 'k', hkey, 'r', '1')
     healed, what = 'log', nil
   end
 elseif what == 'seqs' then
@@ -147,7 +156,7 @@ elseif what == 'seqs' then
 end
 if what ~= nil then
   -- a new fleet, or one Redis lost too much of: this host's state is its first snapshot
-  redis.call('DEL', meta, seqs, hosts, snap, prev, log, trimmed, taken, given)
+  redis.call('DEL', meta, seqs, hosts, snap, prev, log, trimmed, taken, given, hostkeys)
   redis.call('HSET', meta, 'config', config, 'epoch', new_epoch, 'created_at', now, 'protocol', protocol)
   for i = 12, #ARGV, 2 do redis.call('HSET', snap, ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', seqs, '-', '0')
@@ -172,6 +181,7 @@ if registered ~= token then
   redis.call('XADD', log, '*', 'h', host, 'k', hkey, 'r', '1')  -- every replica gives the host a row
   redis.call('HSET', meta, 'logged', '1')
 end
+redis.call('HSET', hostkeys, host, hkey)
 redis.call('SET', lease, token, 'PX', ttl)
 return {'ok', redis.call('HGET', meta, 'epoch'), redis.call('HGET', seqs, hkey) or '0', tostring(created), healed}
 """
@@ -274,6 +284,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {'busy', tostring(redis.call('
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return {'unknown', ''} end
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'h', ARGV[1], 'k', ARGV[2], 'r', '0')
 return {'ok', ''}
 """
@@ -349,7 +360,7 @@ class NeedsHealing(InternalSignal):
 def keys(fleet_key: str) -> dict[str, str]:
     """The Redis keys of fleet ``fleet_key`` (see the module docstring)."""
     base = f"sona:{{{fleet_key}}}:"
-    names = ("meta", "log", "seqs", "hosts", "snap", "trimmed", "taken", "given", "wm")
+    names = ("meta", "log", "seqs", "hosts", "hostkeys", "snap", "trimmed", "taken", "given", "wm")
     return {name: base + name for name in names} | {"prev": base + "snap:prev"}
 
 
@@ -646,6 +657,7 @@ class FleetLog:
             k["trimmed"],
             k["taken"],
             k["given"],
+            k["hostkeys"],
         ]
         answer = self._call(self._join, keys=keys_, args=argv)
         status = _text(answer[0])
@@ -782,7 +794,9 @@ class FleetLog:
         """Retire ``host_id``: ``("ok", 0)``, ``("busy", lease seconds left)`` or ``("unknown", 0)``."""
         k = self.k
         answer = self._call(
-            self._remove, keys=[self.lease_key(host_id), k["hosts"], k["seqs"], k["log"], k["taken"]], args=[host_id, host_key]
+            self._remove,
+            keys=[self.lease_key(host_id), k["hosts"], k["seqs"], k["log"], k["taken"], k["hostkeys"]],
+            args=[host_id, host_key],
         )
         status = _text(answer[0])
         return status, (max(0, int(answer[1])) / 1000 if status == "busy" else 0.0)

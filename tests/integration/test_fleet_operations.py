@@ -95,8 +95,7 @@ def test_a_deleted_key_is_healed_and_what_cannot_be_is_counted(redis_server, nam
     committed = sum(record(clients[e], i, 30) for i, e in enumerate(engines))
     settle_counted(clients, engines, committed)
     r = redis_server.client()
-    settled_id = fleet_of(engines[0]).last_applied_id.encode()
-    wait_for(lambda: r.hget(f"sona:{{{key}}}:snap", "id") == settled_id, 30, "a snapshot of the settled fleet")
+    wait_for(lambda: r.hget(f"sona:{{{key}}}:snap", "id") not in (None, b"0-0"), what="a snapshot (maybe of long ago)")
     r.delete(f"sona:{{{key}}}:{lost_key}")
     if lost_key == "snap":
         wait_for(lambda: r.exists(f"sona:{{{key}}}:snap"), 30, "a host to offer the snapshot again")
