@@ -352,6 +352,12 @@ class _Publisher(_Link):
                         self._give_up(fleet, f"another engine took host id {self.options.host_id!r}")
                         continue
                     renew_at = time.monotonic() + _LEASE_RENEW
+                    if fleet.host_seq(member.host_key_hex) < self.published:
+                        # Redis lost windows it had confirmed (a failover, an eviction): join again, which offers the
+                        # outbox again and writes a gap entry for the retired ones it lost.
+                        log.warning("%s: Redis lost windows of this host it had confirmed; joining again", self.name)
+                        self.rejoin.set()
+                        continue
                     if self.snapshots_allowed.is_set() and not fleet.has_snapshot():
                         snapshot_at = 0.0  # Redis lost the snapshot (evicted): a replica that holds the fleet's state offers one now
                     if self.options.min_replicas:

@@ -715,6 +715,10 @@ class FleetLog:
         answer = int(self._call(self._renew, keys=[self.lease_key(host_id), self.k["hosts"]], args=[token, int(LEASE_TTL * 1000), host_id]))
         return None if answer == 2 else answer == 1
 
+    def host_seq(self, host_key: str) -> int:
+        """The last seq the stream has of the host (``seqs``; 0 when none)."""
+        return _u64_or_zero(self._call(self.client.hget, self.k["seqs"], host_key))
+
     def lease_ttl(self, host_id: str) -> float:
         """Seconds the host id's lease still lives (0: none)."""
         return max(0, int(self._call(self.client.pttl, self.lease_key(host_id)))) / 1000
