@@ -30,6 +30,23 @@ unless said otherwise) and killed at the end. Sections:
    is SIGSTOPped for 3 s: the outbox depth over time, and how long the host takes to have
    every window published and applied back after it resumes.
 
+``--testbed`` (root) runs instead the sections on the namespaced testbed (tests/testbed: every
+host its own network and /dev/shm, links with a delay; engines at hidden_dim 16):
+
+T1. record -> applied on another host, through a Redis in a third host, at 0.1, 1 and 20 ms
+    one-way delay on every link (flush threshold 1: one window a record, spaced well apart),
+    and at 1 ms with ``--fleet-min-replicas 1`` (a replica in a fourth host); the issue's
+    target: median <= 2 x RTT + 2 ms.
+T2. a Sentinel failover (primary, two replicas, three Sentinels; 1 ms links): two hosts
+    following the Sentinels, producers paced at 200 signals/s each, the primary killed:
+    the outage (the longest stretch without a change of what a host applied) and the
+    signals lost (counted), with and without ``--fleet-min-replicas 1``; target: outage
+    <= 10 s, nothing lost uncounted, nothing lost at all with ``--fleet-min-replicas 1``.
+T3. fan-out: N hosts (2, 4, 8) paced at 300 signals/s each through one Redis: Redis's egress
+    (INFO total_net_output_bytes) and CPU per signal and its egress per host, and the same
+    at 4 hosts with flush threshold 1000 (larger windows: the way to cut egress, at the
+    price of freshness: a window seals every 1000 signals instead of 100).
+
 ``--quick`` is a smoke run (the test suite runs it to check the script works, never to
 judge a number).
 """
@@ -45,6 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -411,6 +429,246 @@ def run_outage(directory: str, pause: float, rate: float) -> dict[str, Any]:
         server.close()
 
 
+# ----------------------------------------------------------------- on the testbed (--testbed)
+
+TB_FLAGS = ["--hidden-dim", "16", "--rank", "2", "--lr", "0.01", "--capacity", "64", "--max-steps", "4", "--attention-dim", "8"]
+TB_FLAGS += ["--lanes", "4", "--lane-slots", "512", "--fleet-outbox", "256"]
+
+
+def _testbed_modules() -> Any:
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if str(tests) not in sys.path:
+        sys.path.append(str(tests))
+    import fleet_agent
+
+    import testbed
+
+    return testbed, fleet_agent
+
+
+def _agent(host: Any, log_dir: Path, *args: str) -> Any:
+    _, fleet_agent = _testbed_modules()
+    return fleet_agent.FleetHost(host, log_dir, *TB_FLAGS, *args)
+
+
+def _plain_agent(host: Any) -> Any:
+    """A second agent in a host (no flusher): one agent serves one request at a time."""
+    _, fleet_agent = _testbed_modules()
+    agent = object.__new__(fleet_agent.FleetHost)
+    agent.host, agent.name = host, host.name
+    agent.flusher = None
+    agent.log = open(os.devnull, "w")  # noqa: SIM115 - closed by close()
+    import subprocess
+
+    from support import env
+
+    agent.agent = host.run([sys.executable, fleet_agent.__file__], env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return agent
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def tb_latency(delay: float, samples: int, min_replicas: int = 0) -> dict[str, Any]:
+    """Record -> applied on another host through a Redis in a third host, every link ``delay`` one way."""
+    testbed, _ = _testbed_modules()
+    log_dir = Path(tempfile.mkdtemp(prefix="sona-bench-tb-"))
+    with testbed.Testbed("sonabench", deadline=CHILD_DEADLINE, delay=delay) as tb:
+        r = tb.add_host("r")
+        replicas = [tb.add_host("r2")] if min_replicas else []
+        with testbed.RedisTopology(tb, primary=r, replicas=replicas, sentinels=[]) as topo:
+            url = topo.servers[0].url
+            extra = ["--fleet-min-replicas", str(min_replicas)] if min_replicas else []
+            a = _agent(tb.add_host("a"), log_dir, "--flush-threshold", "1", "--fleet", url, "--fleet-key", "lat", *extra)
+            b = _agent(tb.add_host("b"), log_dir, "--flush-threshold", "1", "--fleet", url, "--fleet-key", "lat", *extra)
+            try:
+                for h in (a, b):
+                    _wait(h.joined, 60, f"{h.name} to join")
+                spacing = max(0.03, 8 * delay)
+                b.agent.stdin.write(
+                    json.dumps({"op": "watch", "name": "fleet", "changes": samples, "timeout": samples * spacing + 30}) + "\n"
+                )
+                b.agent.stdin.flush()
+                time.sleep(0.2)  # the watcher reads its first generation (not a measurement)
+                sent = a.ask(op="timed", name="fleet", count=samples, spacing=spacing)["times"]
+                seen = json.loads(b.agent.stdout.readline())["times"]
+            finally:
+                a.close()
+                b.close()
+    shutil.rmtree(log_dir, ignore_errors=True)
+    n = min(len(sent), len(seen))
+    lat = [int((seen[k] - sent[k]) * 1e9) for k in range(n)]
+    result = pct(lat)
+    result["rtt_ms"] = 2 * delay * 1e3  # a host's round trip to Redis
+    result["target_ms"] = 2 * result["rtt_ms"] + 2  # the issue's target for the median
+    result["matched"] = n == samples
+    return result
+
+
+def tb_failover(min_replicas: int, seconds: float, rate: float, restart: bool = True) -> dict[str, Any]:
+    """Two hosts following the primary through three Sentinels (1 ms links; a primary and two replicas), producers paced
+    on both; the primary is killed: how long the fleet applied nothing, and what was lost (counted) once it settled."""
+    testbed, _ = _testbed_modules()
+    log_dir = Path(tempfile.mkdtemp(prefix="sona-bench-tb-"))
+    with testbed.Testbed("sonabench", deadline=CHILD_DEADLINE, delay=0.001) as tb:
+        # Two replicas: with --fleet-min-replicas 1 the promoted one still has a replica to confirm the stream.
+        nodes = {n: tb.add_host(n) for n in ("ra", "rb", "rc", "s1", "s2", "s3")}
+        topo = testbed.RedisTopology(
+            tb, primary=nodes["ra"], replicas=[nodes["rb"], nodes["rc"]], sentinels=[nodes[s] for s in ("s1", "s2", "s3")]
+        ).start()
+        try:
+            sentinels = ",".join(f"{n.addr}:{n.port}" for n in topo.sentinels)
+            extra = ["--fleet-sentinel", sentinels, "--fleet-service", topo.master_name, "--fleet-key", "fo"]
+            extra += ["--fleet-min-replicas", str(min_replicas)] if min_replicas else []
+            hosts = [_agent(tb.add_host(n), log_dir, "--flush-threshold", "20", *extra) for n in ("a", "b")]
+            watcher = _plain_agent(hosts[1].host)
+            try:
+                for h in hosts:
+                    _wait(h.joined, 60, f"{h.name} to join")
+                for i, h in enumerate(hosts):
+                    h.agent.stdin.write(json.dumps({"op": "paced", "name": "fleet", "rate": rate, "seconds": seconds, "seed": i}) + "\n")
+                    h.agent.stdin.flush()
+                start = time.monotonic()
+                old = topo.servers[0]
+                samples: list[tuple[float, int]] = []
+                killed_at = None
+                while time.monotonic() < start + seconds:
+                    view = watcher.ask(op="fleet", name="fleet")
+                    samples.append((time.monotonic(), view["fleet"]["applied_signals"]))
+                    if killed_at is None and time.monotonic() > start + 2.0:
+                        old.kill()
+                        killed_at = time.monotonic()
+                    time.sleep(0.02)
+                committed = sum(json.loads(h.agent.stdout.readline())["accepted"] for h in hosts)
+                new = topo.wait_failover(old)
+                if restart:  # the old primary back from its AOF, made a replica by the Sentinels (~10 s)
+                    old.start()
+                    topo.wait_replica_of(old, new)
+                for h in hosts:
+                    h.flush(120)
+                views = _wait(
+                    lambda: (
+                        (v := [h.fleet() for h in hosts])
+                        and all(x["fleet"]["applied_signals"] + x["fleet"]["lost_signals"] == committed for x in v)
+                        and v
+                    ),
+                    120,
+                    "every replica to apply or count everything",
+                )
+                alive = all(h.flusher.poll() is None for h in hosts)
+            finally:
+                watcher.close()
+                for h in hosts:
+                    h.close()
+        finally:
+            topo.close()
+    shutil.rmtree(log_dir, ignore_errors=True)
+    changes = [t for (t, a), (_, b) in zip(samples, samples[1:], strict=False) if b != a]
+    gaps = [(t1 - t0, t0) for t0, t1 in zip(changes, changes[1:], strict=False)]
+    # The stall: the longest stretch without a change of what host b applied, among those that reach past the kill.
+    outage = max((g for g, t0 in gaps if t0 + g >= killed_at), default=None) if killed_at else None
+    f = views[0]["fleet"]
+    return {
+        "samples": len(samples),
+        "changes_after_kill": sum(t >= (killed_at or 0) for t in changes),
+        "min_replicas": min_replicas,
+        "committed": committed,
+        "applied_signals": f["applied_signals"],
+        "lost_signals": f["lost_signals"],
+        "lost_entries": f["lost_entries"],
+        "replicas_agree": len({(v["fleet"]["applied_signals"], v["fleet"]["lost_signals"], v["adapter"]) for v in views}) == 1,
+        "no_flusher_exited": alive,
+        "outage_s": outage,
+    }
+
+
+def tb_egress(hosts: int, threshold: int, seconds: float, rate: float) -> dict[str, Any]:
+    """``hosts`` hosts (hidden_dim 256, the reference rule: a window is 2,112 bytes) paced at ``rate`` signals/s each
+    through a lone Redis (0.1 ms links): Redis's egress and CPU."""
+    testbed, _ = _testbed_modules()
+    log_dir = Path(tempfile.mkdtemp(prefix="sona-bench-tb-"))
+    with testbed.Testbed("sonabench", deadline=CHILD_DEADLINE, delay=0.0001) as tb:
+        r = tb.add_host("r")
+        with testbed.RedisTopology(tb, primary=r, replicas=[], sentinels=[]) as topo:
+            server = topo.servers[0]
+            extra = ["--hidden-dim", str(HIDDEN_DIM), "--flush-threshold", str(threshold), "--fleet", server.url, "--fleet-key", "eg"]
+            agents = [_agent(tb.add_host(f"h{i}"), log_dir, *extra) for i in range(hosts)]
+            try:
+                for h in agents:
+                    _wait(h.joined, 120, f"{h.name} to join")
+                c = server.client()
+                before = c.info()
+                for i, h in enumerate(agents):
+                    request = {"op": "paced", "name": "fleet", "rate": rate, "seconds": seconds, "seed": i, "hidden": HIDDEN_DIM}
+                    h.agent.stdin.write(json.dumps(request) + "\n")
+                    h.agent.stdin.flush()
+                committed = sum(json.loads(h.agent.stdout.readline())["accepted"] for h in agents)
+                for h in agents:
+                    h.flush(120)
+                _wait(lambda: all(h.fleet()["fleet"]["applied_signals"] >= committed for h in agents), 120, "everything applied")
+                after = c.info()
+                c.close()
+            finally:
+                for h in agents:
+                    h.close()
+    shutil.rmtree(log_dir, ignore_errors=True)
+    out = after["total_net_output_bytes"] - before["total_net_output_bytes"]
+    cpu = (after["used_cpu_user"] + after["used_cpu_sys"]) - (before["used_cpu_user"] + before["used_cpu_sys"])
+    return {
+        "hosts": hosts,
+        "flush_threshold": threshold,
+        "signals": committed,
+        "egress_bytes_per_signal": out / committed,
+        "egress_bytes_per_s_per_host": out / seconds / hosts,
+        "redis_cpu_us_per_signal": cpu / committed * 1e6,
+    }
+
+
+def run_testbed(quick: bool) -> dict[str, Any]:
+    """T1-T3; ``quick``: a smoke run (few samples, one failover, one fan-out) that checks the script works."""
+    report: dict[str, Any] = {"latency": {}, "failover": [], "egress": []}
+    delays = ((0.001, 5),) if quick else ((0.0001, 200), (0.001, 200), (0.02, 60))
+    for delay, n in delays:
+        report["latency"][f"{delay * 1e3:g} ms"] = tb_latency(delay, n)
+    if not quick:
+        report["latency"]["1 ms, --fleet-min-replicas 1"] = tb_latency(0.001, 200, min_replicas=1)
+    for min_replicas in (1,) if quick else (0, 1):
+        report["failover"].append(tb_failover(min_replicas, 5.0 if quick else 14.0, 200.0, restart=not quick))
+    for hosts, threshold in ((2, 100),) if quick else ((2, 100), (4, 100), (8, 100), (4, 1000)):
+        report["egress"].append(tb_egress(hosts, threshold, 1.0 if quick else 5.0, 300.0))
+    return report
+
+
+def print_testbed(r: dict[str, Any]) -> None:
+    print("T1. record -> applied on another host, through Redis in a third host (testbed links, flush threshold 1)")
+    for label, v in r["latency"].items():
+        print(
+            f"   {label:>28} one-way: median {v['median_us'] / 1e3:7.2f} ms, p99 {v['p99_us'] / 1e3:7.2f} ms "
+            f"(n={v['n']}; target median <= {v['target_ms']:.1f} ms)"
+        )
+    print("T2. Sentinel failover (kill -9 of the primary), two hosts paced at 200 signals/s each")
+    for v in r["failover"]:
+        print(
+            f"   --fleet-min-replicas {v['min_replicas']}: outage {v['outage_s'] or float('nan'):.1f} s, committed {v['committed']}, "
+            f"lost {v['lost_signals']} signals ({v['lost_entries']} windows), replicas agree {v['replicas_agree']}, "
+            f"no flusher exited {v['no_flusher_exited']}"
+        )
+    print("T3. Redis egress and CPU against the number of hosts (300 signals/s per host)")
+    for v in r["egress"]:
+        print(
+            f"   {v['hosts']} hosts, flush threshold {v['flush_threshold']}: {v['egress_bytes_per_signal']:,.0f} B/signal, "
+            f"{v['egress_bytes_per_s_per_host'] / 1e3:,.1f} kB/s per host, Redis CPU {v['redis_cpu_us_per_signal']:.1f} us/signal"
+        )
+
+
 # ----------------------------------------------------------------- main
 
 
@@ -420,7 +678,15 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--seconds", type=float, default=3.0, help="throughput: seconds per run (default 3)")
     p.add_argument("--repeat", type=int, default=5, help="throughput: rounds (default 5)")
+    p.add_argument("--testbed", action="store_true", help="the sections on the namespaced testbed (root): T1-T3")
     args = p.parse_args()
+    if args.testbed:
+        tb_report = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "quick": args.quick, "testbed": run_testbed(args.quick)}
+        if args.json:
+            print(json.dumps(tb_report, indent=2))
+        else:
+            print_testbed(tb_report["testbed"])
+        return 0
     seconds, repeat = (0.5, 1) if args.quick else (args.seconds, args.repeat)
     directory = tempfile.mkdtemp(prefix="sona-bench-fleet-")
     report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "quick": args.quick}

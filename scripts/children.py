@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sona_shm.shm.segment import start_ticks
 from sona_shm.supervise import child_setup, die_with_parent, set_deadline, stop_process
@@ -172,9 +172,16 @@ class RedisServer:
     """
 
     def __init__(
-        self, directory: str, *, appendfsync: str = "always", deadline: float | None = DEFAULT_DEADLINE, password: str | None = None
+        self,
+        directory: str,
+        *,
+        appendfsync: str = "always",
+        deadline: float | None = DEFAULT_DEADLINE,
+        password: str | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.directory = directory
+        self.extra = list(extra)  # more redis-server options (e.g. --replicaof HOST PORT)
         self.appendfsync = appendfsync
         self.password = password
         self.deadline = deadline
@@ -207,6 +214,7 @@ class RedisServer:
                     "--logfile", os.path.join(self.directory, "redis.log"),
                     "--daemonize", "no",
                     *(["--requirepass", self.password] if self.password else []),
+                    *self.extra,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -271,3 +279,136 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process also dies of SIGKILL; this keeps ps tidy
         self.kill()
+
+
+class RedisSentinels:
+    """A Redis primary, one replica and three ``redis-sentinel`` processes on loopback, with their data in ``directory``.
+
+    The Sentinels (quorum 2, ``down-after-milliseconds`` 1000, ``failover-timeout`` 4000) promote the replica a few
+    seconds after the primary dies; the old primary started again comes up from its AOF and is made a replica ~10 s
+    later. Every process dies with this one and after ``deadline`` seconds. Needs ``redis-server``, ``redis-sentinel``
+    (Debian packages) and redis-py.
+    """
+
+    SERVICE = "sona"
+
+    def __init__(self, directory: str, *, deadline: float | None = DEFAULT_DEADLINE) -> None:
+        self.directory = directory
+        self.deadline = deadline
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[tuple[int, subprocess.Popen]] = []
+
+    def start(self, timeout: float = 60.0) -> RedisSentinels:
+        import redis
+
+        try:
+            primary = RedisServer(self._dir("server-0"), deadline=self.deadline).start()
+            self.servers.append(primary)
+            replica = RedisServer(self._dir("server-1"), deadline=self.deadline, extra=["--replicaof", "127.0.0.1", str(primary.port)])
+            self.servers.append(replica.start())
+            for k in range(3):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    port = probe.getsockname()[1]
+                conf = os.path.join(self._dir(f"sentinel-{k}"), "sentinel.conf")
+                with open(conf, "w") as f:
+                    f.write(
+                        f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {os.path.dirname(conf)}\n"
+                        f"logfile {os.path.dirname(conf)}/sentinel.log\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary.port} 2\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                        f"sentinel failover-timeout {self.SERVICE} 4000\n"
+                    )
+                proc = subprocess.Popen(
+                    ["redis-sentinel", conf],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=child_setup(deadline=self.deadline),
+                )
+                self.sentinels.append((port, proc))
+            deadline = time.monotonic() + timeout
+
+            def ready(port: int) -> bool:
+                c = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+                try:
+                    state = c.execute_command("SENTINEL", "MASTER", self.SERVICE)
+                    state = state if isinstance(state, dict) else dict(zip(state[0::2], state[1::2], strict=True))
+                    return int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
+                except (redis.RedisError, OSError):
+                    return False
+                finally:
+                    c.close()
+
+            while not all(ready(port) for port, _ in self.sentinels):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the Sentinels did not see the replica and each other")
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _dir(self, name: str) -> str:
+        path = os.path.join(self.directory, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def addresses(self) -> str:
+        """``--fleet-sentinel``'s value."""
+        return ",".join(f"127.0.0.1:{port}" for port, _ in self.sentinels)
+
+    def primary(self) -> RedisServer | None:
+        """The server two Sentinels or more name as primary, if it says it is one (None: a failover is under way)."""
+        import redis
+
+        named = []
+        for port, _ in self.sentinels:
+            c = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+            try:
+                answer = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+                named.append(int(answer[1]) if answer else None)
+            except (redis.RedisError, OSError):
+                named.append(None)
+            finally:
+                c.close()
+        for server in self.servers:
+            if named.count(server.port) >= 2 and server.proc is not None and server.proc.poll() is None:
+                c = server.client()
+                try:
+                    if c.execute_command("ROLE")[0] in (b"master", "master"):
+                        return server
+                except (redis.RedisError, OSError):
+                    return None
+                finally:
+                    c.close()
+        return None
+
+    def settled(self) -> bool:
+        """A primary is named and every other server replicates it with its link up (a failover may start)."""
+        import redis
+
+        primary = self.primary()
+        if primary is None:
+            return False
+        for server in self.servers:
+            if server is primary:
+                continue
+            c = server.client()
+            try:
+                role = c.execute_command("ROLE")
+                if role[0] not in (b"slave", "slave") or int(role[2]) != primary.port or role[3] not in (b"connected", "connected"):
+                    return False
+            except (redis.RedisError, OSError):
+                return False
+            finally:
+                c.close()
+        return True
+
+    def close(self) -> None:
+        for _, proc in self.sentinels:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for server in self.servers:
+            server.close()

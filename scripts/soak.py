@@ -30,8 +30,16 @@ the engines, a random engine's flusher is SIGKILLed as above, and the redis-serv
 ``kill -9``ed every ``--redis-kill-every`` seconds on average and started again after a
 moment. The accounting above then holds summed over the engines, and also, fleet-wide::
 
-    every replica's applied_signals == learned (summed) == the signals its hosts sealed,
-    every replica's adapter is the same bytes, and no window was lost
+    every replica's applied_signals + lost_signals == learned (summed) == the signals its hosts sealed,
+    every replica counted the same losses and holds the same adapter bytes, no flusher exited on its own,
+    and nothing was lost at all unless Sentinel failovers or evictions were played
+
+``--sentinel`` runs the fleet's Redis as a primary, a replica and three ``redis-sentinel`` (loopback) that the
+flushers follow (``--fleet-sentinel``): every ``--failover-every`` seconds (8) on average the current primary is
+``kill -9``ed, the Sentinels promote the replica, and the old primary is started again from its AOF (the Sentinels
+make it a replica). ``--evict-every S`` deletes a random fleet key (``seqs``, ``snap``, ``meta``, the stream) every S
+seconds on average, as an eviction would. Writes a failover or an eviction loses are counted (``lost_signals``), alike
+on every replica; ``--fleet-min-replicas 1`` (passed on to the flushers) makes a failover lose none.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from sona_shm.shm import segment
 from sona_shm.stats import read_stats
 from sona_shm.supervise import start_flusher, stop_process
 
-from children import RedisServer, fork_child
+from children import RedisSentinels, RedisServer, fork_child
 
 HIDDEN_DIM = 32
 
@@ -76,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--redis-kill-every", type=float, default=3.0, help="with --fleet: mean seconds between redis kill -9s; 0: none (default 3)"
     )
+    p.add_argument("--sentinel", action="store_true", help="with --fleet: a primary, a replica and three Sentinels; failovers")
+    p.add_argument("--failover-every", type=float, default=8.0, help="with --sentinel: mean seconds between failovers (default 8)")
+    p.add_argument("--evict-every", type=float, default=0.0, help="with --fleet: mean seconds between fleet keys deleted; 0: none")
+    p.add_argument("--fleet-min-replicas", type=int, default=0, help="with --sentinel: passed on to the flushers (default 0)")
     p.add_argument("--json", action="store_true", help="print the accounting as JSON")
     return p.parse_args(argv)
 
@@ -148,7 +160,10 @@ class Soak:
         self.flusher_restarts = 0
         self.flusher_failures: list[int] = []
         self.redis: RedisServer | None = None
+        self.sentinels: RedisSentinels | None = None
         self.redis_kills = 0
+        self.failovers = 0
+        self.evictions = 0
         #: Seconds any child may live: the churn, then 5 minutes to wind down and account.
         self.deadline = args.seconds + 300
 
@@ -167,7 +182,11 @@ class Soak:
 
     def start_flusher(self, name: str, first: bool = False) -> None:
         options = self.options() if first else ["--quiet"]
-        if self.redis is not None:  # the fleet's options are the flusher's, not the segment's: given every time
+        if self.sentinels is not None:
+            extra = ["--fleet-min-replicas", str(self.args.fleet_min_replicas)] if self.args.fleet_min_replicas else []
+            options = [*options, "--fleet-sentinel", self.sentinels.addresses, "--fleet-service", RedisSentinels.SERVICE, *extra]
+            options += ["--fleet-key", self.name, "--host-id", name, "--fleet-snapshot-interval", "1"]
+        elif self.redis is not None:  # the fleet's options are the flusher's, not the segment's: given every time
             options = [*options, "--fleet", self.redis.url, "--fleet-key", self.name, "--host-id", name, "--fleet-snapshot-interval", "1"]
         proc = self.flushers[name] = start_flusher(name, *options, deadline=self.deadline)
 
@@ -212,7 +231,9 @@ class Soak:
             self.worker_kills += 1
 
     def run(self) -> dict:
-        if self.args.fleet:
+        if self.args.fleet and self.args.sentinel:
+            self.sentinels = RedisSentinels(os.path.join(self.dir, "redis"), deadline=self.deadline).start()
+        elif self.args.fleet:
             os.makedirs(os.path.join(self.dir, "redis"))
             self.redis = RedisServer(os.path.join(self.dir, "redis"), deadline=self.deadline).start()
         for name in self.names:
@@ -228,7 +249,26 @@ class Soak:
         every = self.args.redis_kill_every
         next_redis_kill = now + min(self.rng.exponential(every), half) if self.redis is not None and every > 0 else float("inf")
         redis_back = None
+        failover_every, evict_every = self.args.failover_every, self.args.evict_every
+        fleet = self.redis is not None or self.sentinels is not None
+        next_failover = now + min(self.rng.exponential(failover_every), half) if self.sentinels is not None else float("inf")
+        next_eviction = now + min(self.rng.exponential(evict_every), half) if fleet and evict_every > 0 else float("inf")
+        killed: RedisServer | None = None
         while time.monotonic() < end:
+            if time.monotonic() >= next_failover and self.sentinels is not None:
+                if killed is None and self.sentinels.settled():  # one failover at a time
+                    killed = self.sentinels.primary()
+                    if killed is not None:
+                        killed.kill()  # kill -9: the Sentinels promote the replica
+                        self.failovers += 1
+                        redis_back = time.monotonic() + float(self.rng.uniform(1.0, 3.0))
+                next_failover = time.monotonic() + max(1.0, self.rng.exponential(failover_every))
+            if killed is not None and redis_back is not None and time.monotonic() >= redis_back:
+                killed.start()  # from its AOF, as a primary until the Sentinels make it a replica
+                killed, redis_back = None, None
+            if time.monotonic() >= next_eviction:
+                self.evict()
+                next_eviction = time.monotonic() + max(0.3, self.rng.exponential(evict_every))
             self.reap()
             while len(self.workers) < self.args.workers:
                 self.spawn()
@@ -243,26 +283,31 @@ class Soak:
                 self.redis_kills += 1
                 redis_back = time.monotonic() + float(self.rng.uniform(0.05, 0.5))
                 next_redis_kill = time.monotonic() + max(0.6, self.rng.exponential(every))
-            if redis_back is not None and time.monotonic() >= redis_back:
+            if self.redis is not None and redis_back is not None and time.monotonic() >= redis_back:
                 self.redis.start()  # the same port and directory: the AOF is replayed
                 redis_back = None
             time.sleep(tick)
         if redis_back is not None:
-            self.redis.start()
+            (killed or self.redis).start()
         # Wind down like a graceful gunicorn stop: no replacements, the last workers finish.
         while self.workers:
             self.reap()
             time.sleep(tick)
         for name in self.names:
             wait(lambda: all(lane["records"] == lane["learned"] for lane in read_stats(name)["lanes"]), 120, "everything learned")  # noqa: B023
-        fleet = None
-        if self.redis is not None:
+        if fleet:
             for name in self.names:  # seal each host's last window and wait until it is applied back
                 with attach(name) as client:
                     client.flush(timeout=120)
             total = sum(read_stats(name)["trajectories_processed"] for name in self.names)
-            wait(lambda: all(read_stats(n)["fleet"]["applied_signals"] >= total for n in self.names), 120, "every replica to apply all")
-            fleet = [read_stats(name)["fleet"] for name in self.names]
+
+            def applied_all() -> bool:
+                views = [read_stats(n)["fleet"] for n in self.names]
+                return all(f["applied_signals"] + f["lost_signals"] >= total for f in views)
+
+            wait(applied_all, 120, "every replica to apply or count all")
+            fleet_views = [read_stats(name)["fleet"] for name in self.names]
+            self.flusher_failures += [p.returncode for p in self.flushers.values() if p.poll() is not None]
         adapters = []
         for name in self.names:
             with attach(name) as client:
@@ -270,7 +315,7 @@ class Soak:
             code = stop_process(self.flushers[name])
             if code != 0:
                 self.flusher_failures.append(code)
-        return self.account(adapters, fleet)
+        return self.account(adapters, fleet_views if fleet else None)
 
     def account(self, adapters: list[tuple], fleet: list[dict] | None) -> dict:
         stats = {name: read_stats(name) for name in self.names}
@@ -324,18 +369,41 @@ class Soak:
         }
         if fleet is not None:
             report["redis_kills"] = self.redis_kills
+            report["failovers"] = self.failovers
+            report["evictions"] = self.evictions
             report["fleet_applied_signals"] = [f["applied_signals"] for f in fleet]
+            report["fleet_lost_signals"] = [f["lost_signals"] for f in fleet]
             report["fleet_entries"] = fleet[0]["applied_entries"]
             report["fleet_resyncs"] = sum(f["resyncs"] for f in fleet)
-            checks["every replica applied every learned signal once"] = all(f["applied_signals"] == learned for f in fleet)
+            checks["every replica applied or counted lost every learned signal, once"] = all(
+                f["applied_signals"] + f["lost_signals"] == learned for f in fleet
+            )
+            checks["every replica counted the same losses"] = len({(f["lost_entries"], f["lost_signals"]) for f in fleet}) == 1
             checks["the hosts sealed exactly what was learned"] = sum(f["sealed_signals"] for f in fleet) == learned
-            checks["no window lost, none bad"] = all(f["lost_entries"] == f["bad_entries"] == 0 for f in fleet)
+            checks["no entry bad"] = all(f["bad_entries"] == 0 for f in fleet)
+            if not self.failovers and not self.evictions or self.args.fleet_min_replicas and not self.evictions:
+                checks["nothing lost"] = all(f["lost_entries"] == 0 for f in fleet)
             checks["every replica's adapter is the same bytes"] = all(
                 up.tobytes() == adapters[0][0].tobytes() and down.tobytes() == adapters[0][1].tobytes() for up, down, _ in adapters
             )
         report["checks"] = checks
         report["balanced"] = all(checks.values())
         return report
+
+    def evict(self) -> None:
+        """Delete one fleet key, as an eviction would (through the primary; skipped while there is none)."""
+        server = self.sentinels.primary() if self.sentinels is not None else self.redis
+        if server is None or server.proc is None or server.proc.poll() is not None:
+            return
+        which = ("seqs", "snap", "meta", "log")[int(self.rng.integers(4))]
+        c = server.client()
+        try:
+            c.delete(f"sona:{{{self.name}}}:{which}")
+            self.evictions += 1
+        except Exception:  # a failover under way: not this time
+            pass
+        finally:
+            c.close()
 
     def cleanup(self) -> None:
         for pid in list(self.workers):
@@ -347,6 +415,8 @@ class Soak:
                 proc.wait()
         if self.redis is not None:
             self.redis.close()
+        if self.sentinels is not None:
+            self.sentinels.close()
         for name in self.names:
             segment.unlink(name)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from .errors import (  # noqa: F401 - the exit codes are re-exported: scripts an
     EXIT_OK,
     EXIT_USAGE,
     EngineInUseError,
+    FleetError,
     FlusherRunningError,
     InvalidInputError,
     LayoutMismatchError,
@@ -109,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checkpoints (0: only at shutdown; default 60)",
     )
     fleet = p.add_argument_group("fleet (many hosts learn one adapter through Redis; pip install 'sona-shm[fleet]')")
-    fleet.add_argument(
-        "--fleet", metavar="URL", default=None, help="join the fleet in this Redis: redis://[:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS)"
-    )
+    add_fleet_target_options(fleet)
     fleet.add_argument("--fleet-key", metavar="KEY", default=None, help="the fleet's name in Redis (default: the engine name)")
     fleet.add_argument(
         "--host-id", metavar="ID", default=None, help="this host in the fleet (default: hostname + a hash of /etc/machine-id and --name)"
@@ -130,7 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between the snapshots this host offers the fleet (the stream is trimmed up to the older kept one; default 60)",
     )
+    fleet.add_argument(
+        "--fleet-min-replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a window is applied (and leaves the outbox) only once WAIT confirmed N Redis replicas hold it: a failover loses none",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    p = sub.add_parser("fleet", help="the hosts of a fleet in Redis: list them, retire one")
+    fleet_sub = p.add_subparsers(dest="fleet_command", required=True)
+    for command, text in (("hosts", "list the fleet's hosts: lease, last seq in the stream"), ("remove-host", "retire a host id")):
+        q = fleet_sub.add_parser(command, help=text)
+        add_fleet_target_options(q)
+        q.add_argument("--fleet-key", metavar="KEY", required=True, help="the fleet's name in Redis")
+        q.add_argument("--timeout", type=float, default=5.0, help="seconds Redis may take to answer (default 5)")
+        if command == "hosts":
+            q.add_argument("--json", action="store_true")
+        else:
+            q.add_argument("--host-id", metavar="ID", required=True)
 
     p = sub.add_parser("stats", help="print an engine's counters (no lock taken, nothing written)")
     add_stats_options(p)
@@ -199,6 +218,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", type=int, default=20_000, help="per producer, 1 to 10,000,000 (default 20000)")
     p.add_argument("--name", default=None, help="engine name (default: a fresh scratch name)")
     return parser
+
+
+def add_fleet_target_options(group: Any) -> None:
+    """Where the fleet's Redis is (``flusher`` and ``fleet``): the URL, or a file or variable holding it; Sentinels."""
+    group.add_argument(
+        "--fleet",
+        metavar="URL",
+        nargs="?",
+        const="",
+        default=None,
+        help="join the fleet in this Redis: redis://[[USER]:PASSWORD@]HOST:PORT[/DB] (rediss:// for TLS); without URL: "
+        "the URL in $SONA_SHM_FLEET_URL (keeps a password out of the process table)",
+    )
+    group.add_argument("--fleet-url-file", metavar="FILE", default=None, help="read the fleet's Redis URL from FILE (its first line)")
+    group.add_argument(
+        "--fleet-sentinel",
+        metavar="HOST:PORT[,...]",
+        default=None,
+        help="follow the primary these Redis Sentinels name (checked at every lease renewal); the URL then gives only credentials, db, TLS",
+    )
+    group.add_argument("--fleet-service", metavar="NAME", default=None, help="the name the Sentinels monitor the primary by")
+
+
+def fleet_target(args: argparse.Namespace) -> Any:
+    """The fleet's :class:`~sona_shm.fleet.stream.Target` from ``--fleet [URL]``, ``--fleet-url-file``, ``$SONA_SHM_FLEET_URL``
+    and ``--fleet-sentinel``/``--fleet-service``; None when none of them is given."""
+    if args.fleet is None and args.fleet_url_file is None and args.fleet_sentinel is None:
+        return None
+    from .fleet.stream import Target, parse_sentinels, safe_url
+
+    if args.fleet and args.fleet_url_file:
+        raise InvalidInputError("--fleet URL and --fleet-url-file: give one of them")
+    url = args.fleet or ""
+    if args.fleet_url_file is not None:
+        try:
+            with open(args.fleet_url_file, encoding="utf-8") as f:
+                url = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(
+                f"--fleet-url-file: cannot read {args.fleet_url_file!r} ({type(exc).__name__}: {exc.args[-1]})"
+            ) from None
+        if not url:
+            raise InvalidInputError(f"--fleet-url-file: {args.fleet_url_file!r} holds no URL on its first line")
+    elif not url:
+        url = os.environ.get("SONA_SHM_FLEET_URL", "")
+        if not url and args.fleet_sentinel is None:
+            raise InvalidInputError(
+                "--fleet: no URL given and $SONA_SHM_FLEET_URL is empty; give --fleet URL, --fleet-url-file or the variable"
+            )
+    if not url:
+        url = "redis://"  # Sentinels name the primary; no credentials
+    sentinels: tuple[tuple[str, int], ...] = ()
+    if args.fleet_sentinel is not None:
+        try:
+            sentinels = parse_sentinels(args.fleet_sentinel)
+        except ValueError as exc:
+            raise InvalidInputError(f"--fleet-sentinel: {exc}") from None
+        if not args.fleet_service:
+            raise InvalidInputError("--fleet-sentinel: needs --fleet-service NAME (the name the Sentinels monitor the primary by)")
+    elif args.fleet_service is not None:
+        raise InvalidInputError("--fleet-service: needs --fleet-sentinel HOST:PORT[,...]")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise InvalidInputError(f"--fleet: expected a Redis URL redis://HOST:PORT[/DB] (or rediss://, unix://), got {safe_url(url)}")
+    return Target(url, sentinels, args.fleet_service)
 
 
 def add_stats_options(p: argparse.ArgumentParser) -> None:
@@ -298,10 +381,13 @@ def _fleet_options(args: argparse.Namespace) -> Any:
             ("--host-id", args.host_id),
             ("--fleet-lag", args.fleet_lag),
             ("--fleet-snapshot-interval", args.fleet_snapshot_interval),
+            ("--fleet-min-replicas", args.fleet_min_replicas),
+            ("--fleet-service", args.fleet_service),
         )
         if value is not None
     ]
-    if args.fleet is None:
+    target = fleet_target(args)
+    if target is None:
         if extra:
             raise InvalidInputError(f"{extra[0]}: needs --fleet URL")
         return None
@@ -309,14 +395,56 @@ def _fleet_options(args: argparse.Namespace) -> Any:
     from .fleet.stream import import_redis
 
     options = FleetOptions(
-        url=args.fleet,
+        url=target.url,
         key=args.fleet_key if args.fleet_key is not None else args.name,
         host_id=args.host_id if args.host_id is not None else default_host_id(args.name),
         lag=args.fleet_lag,
         snapshot_interval=DEFAULT_SNAPSHOT_INTERVAL if args.fleet_snapshot_interval is None else args.fleet_snapshot_interval,
+        sentinels=target.sentinels,
+        service=target.service,
+        min_replicas=0 if args.fleet_min_replicas is None else args.fleet_min_replicas,
     )
     import_redis()  # refuses now, with the install command, if redis-py is missing
     return options
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """``sona-shm fleet hosts|remove-host``: the hosts Redis knows of a fleet; retire one."""
+    from .fleet.replica import host_key
+    from .fleet.stream import FleetLog, LinkDown, connect, import_redis
+
+    target = fleet_target(args)
+    if target is None:
+        raise InvalidInputError("sona-shm fleet: needs --fleet URL (or --fleet-url-file, $SONA_SHM_FLEET_URL, --fleet-sentinel)")
+    import_redis()
+    try:
+        fleet = FleetLog(connect(target, timeout=args.timeout), args.fleet_key)
+    except LinkDown as exc:
+        raise FleetError(f"sona-shm fleet: Redis did not answer ({exc})") from None
+    try:
+        if args.fleet_command == "hosts":
+            hosts = fleet.hosts()
+            if args.json:
+                print(json.dumps(hosts, indent=2, sort_keys=True))
+            else:
+                print(f"{'host id':40} {'lease (s)':>9} {'last seq':>10} token")
+                for host, row in hosts.items():
+                    print(f"{host:40} {row['lease_s']:>9.1f} {row['last_seq']:>10} {row['token']}")
+            return EXIT_OK
+        status, seconds = fleet.remove_host(args.host_id, f"{host_key(args.host_id):016x}")
+        if status == "busy":
+            raise FlusherRunningError(
+                f"sona-shm fleet remove-host: {args.host_id!r} holds a lease for {seconds:.1f} s more: its flusher runs "
+                "(stop it first; a dead one's lease expires by itself)"
+            )
+        if status == "unknown":
+            raise FleetError(f"sona-shm fleet remove-host: fleet {args.fleet_key!r} has no host {args.host_id!r} (`sona-shm fleet hosts`)")
+        print(f"removed host {args.host_id!r} from fleet {args.fleet_key!r}")
+        return EXIT_OK
+    except LinkDown as exc:
+        raise FleetError(f"sona-shm fleet: Redis did not answer ({exc})") from None
+    finally:
+        fleet.close()
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -541,6 +669,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "flusher": _flusher,
+    "fleet": _fleet,
     "stats": _stats,
     "list": _list,
     "create": _create,

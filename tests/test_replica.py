@@ -18,12 +18,23 @@ LAYOUT = Layout(
 )
 
 
-def replica(host: str = "me", epoch: int = 7) -> Replica:
+class Registered(Replica):
+    """A replica to which every host of the entries it applies is registered first, as its ``hello`` entry in the stream
+    would register it (the tests of registration itself use a plain Replica)."""
+
+    def apply(self, entries):
+        for e in entries:
+            if e.host and host_key(e.host) not in self._rows:
+                self._new_row(host_key(e.host))
+        return super().apply(entries)
+
+
+def replica(host: str = "me", epoch: int = 7, registered: bool = True) -> Replica:
     state = np.zeros(1, LAYOUT.ledger_dtype)
     state[0]["down"] = initial_down(H, R)
     state[0]["fleet_epoch"] = epoch
     outbox = np.zeros((LAYOUT.fleet_outbox, LAYOUT.entry_bytes), np.uint8)
-    return Replica(LAYOUT, state, outbox, host, None)
+    return (Registered if registered else Replica)(LAYOUT, state, outbox, host, None)
 
 
 def window(seq: int, n: int = 3, cum: int | None = None, value: float = 1.0) -> bytes:
@@ -165,10 +176,41 @@ def test_seqs_a_u64_cannot_hold_are_not_an_entry_of_ours_counted_bad_never_a_cra
     assert int(r.st["fleet_bad_entries"]) == 4 and r.cursor == (5, 0) and r.table() == {host_key("a"): (1, 3)}
 
 
+def hello(ms: int, host: str, registered: bool = True) -> StreamEntry:
+    return StreamEntry((ms, 0), host, 0, 0, b"", 0, kind="hello" if registered else "bye")
+
+
 def test_more_hosts_than_the_table_holds_are_bad_entries_alike_everywhere():
-    r = replica()
-    r.apply([entry(i + 1, f"h{i}", 1) for i in range(MAX_FLEET_HOSTS + 1)])
+    r = replica(registered=False)
+    r.apply([hello(i + 1, f"h{i}") for i in range(MAX_FLEET_HOSTS + 1)])
     assert r.hosts == MAX_FLEET_HOSTS and int(r.st["fleet_bad_entries"]) == 1
+
+
+def test_only_registered_hosts_get_a_row_so_ghost_hosts_lock_no_one_out():
+    """Entries of hosts that never registered (a writer outside sona_shm: 70 made-up host ids) are counted bad and take
+    no row of the applied table; a host that registers later gets its row and its windows apply."""
+    r = replica(registered=False)
+    assert r.apply([entry(i + 1, f"ghost{i}", 1) for i in range(70)]) == (0, False)
+    assert r.hosts == 0 and int(r.st["fleet_bad_entries"]) == 70
+    assert r.apply([hello(100, "real"), entry(101, "real", 1)]) == (1, True)
+    assert r.table() == {host_key("real"): (1, 3)}
+    r.apply([hello(102, "real")])  # registered again (Redis lost its host list): keeps its row and seq
+    assert r.table() == {host_key("real"): (1, 3)}
+    r.apply([hello(103, "real", registered=False)])  # `sona-shm fleet remove-host`: the row is free again
+    assert r.hosts == 0 and int(r.st["fleet_bad_entries"]) == 70
+
+
+def test_a_gap_entry_and_given_up_windows_are_counted_lost_alike_everywhere():
+    r = replica()
+    r.apply([entry(1, "a", 1)])  # cum 3
+    gap = StreamEntry((2, 0), "a", 5, 1, b"", 4, kind="gap", cum=30)  # windows 2..4 lost, a's total 30 at 4
+    r.apply([gap, entry(3, "a", 5, cum=33)])
+    assert (int(r.st["fleet_lost_entries"]), int(r.st["fleet_lost_signals"])) == (3, 27)
+    assert r.table()[host_key("a")] == (5, 33) and int(r.st["fleet_signals"]) == 6
+    given = StreamEntry((4, 0), "a", 2, 0, b"", 0, kind="given", cum=11)  # 2 windows, 11 signals given up
+    r.apply([given])
+    assert (int(r.st["fleet_lost_entries"]), int(r.st["fleet_lost_signals"])) == (5, 38)
+    assert r.table()[host_key("a")] == (5, 33)  # the seq of the host id is the new owner's: unchanged
 
 
 def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows():
@@ -222,3 +264,39 @@ def test_the_c_and_numpy_appliers_agree_on_every_bit_and_on_what_is_not_a_window
             for bad in (raw[:-8], raw[:64] + np.full(size // 8 - 8, np.nan).tobytes(), b"SFW2" + raw[4:]):
                 assert _speedups.apply_window(*c, bad, 0.7, H, R, routing) is None and _apply_numpy(*py, bad, 0.7, H, R, routing) is None
             assert _speedups.apply_window(*c, raw, 0.7, H, R, not routing) is None  # the other rule's shape
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"table": {f"{host_key('a'):016x}": [2**64, 1]}},  # a seq the applied table (u64) cannot hold
+        {"table": {f"{host_key('a'):016x}": [1, -1]}},
+        {"table": {f"{host_key('a'):016x}": [1.5, 1]}},
+        {"table": {"zz": [1, 1]}},
+        {"table": {f"{host_key('a'):016x}": [1]}},
+        {"table": []},
+        {"entries": 2**64},
+        {"signals": True},
+        {"lost_signals": "3"},
+    ],
+)
+def test_a_hostile_snapshot_is_a_bad_snapshot_never_a_crash(change):
+    import json
+
+    from sona_shm.fleet.replica import BadSnapshot
+
+    good = {k.encode(): v for k, v in replica().snapshot(now=1.0).to_fields().items()}
+    state = json.loads(good[b"state"])
+    state.update(change)
+    with pytest.raises(BadSnapshot):
+        Snapshot.from_fields({**good, b"state": json.dumps(state).encode()})
+    for field, value in (
+        (b"epoch", str(2**64).encode()),
+        (b"epoch", b"0"),
+        (b"id", b"1-2-3"),
+        (b"id", f"{2**64}-0".encode()),
+        (b"state", b"{"),
+    ):
+        with pytest.raises(BadSnapshot):
+            Snapshot.from_fields({**good, field: value})
+    Snapshot.from_fields(good)  # the unchanged one reads

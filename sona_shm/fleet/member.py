@@ -21,6 +21,12 @@ Threads and who writes what:
   epoch changed, its last entry vanished, or the main loop found an entry that does not
   follow).
 
+Both threads talk to the primary: the one the URL names (or, if that node is a replica now,
+the primary it names), or the one ``--fleet-sentinel`` names; the publisher checks at
+every lease renewal and the reader every ``CHECK_INTERVAL`` that it still is, and both
+follow a failover. With ``--fleet-min-replicas`` the publisher confirms with ``WAIT`` what
+the replicas hold and the reader hands over only that (the replicated watermark).
+
 Redis I/O never runs on the learning path: a Redis that is slow, stopped or gone only
 makes the threads retry (every call has a timeout and no hidden retry); the main loop
 goes on learning into the outbox. Learning pauses only when the outbox is full (or
@@ -59,15 +65,39 @@ from ..shm.layout import (
     read_fleet_identity,
     write_fleet_identity,
 )
-from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamId, host_key
-from .stream import LEASE_TTL, FleetError, FleetLog, Joined, LinkDown, config_json, connect
+from .replica import ZERO_ID, BadSnapshot, NeedResync, Replica, Snapshot, StreamEntry, StreamId, host_key, parse_id
+from .stream import (
+    EVICTING,
+    LEASE_TTL,
+    VOLATILE,
+    FleetError,
+    FleetLog,
+    Joined,
+    LeaseHeld,
+    LinkDown,
+    NeedsHealing,
+    Published,
+    Target,
+    _entries,
+    _text,
+    config_json,
+    connect,
+    format_id,
+    safe_url,
+)
 
 log = logging.getLogger("sona_shm.fleet")
 
 #: Longest a reader blocks on the stream (it also bounds how late it notices a resync request or a stop).
 READ_BLOCK_MS = 250
-#: Entries one read takes (each at most redis_log.ENTRY_BYTES, unless one window is larger), and windows one publish sends.
+#: Entries one catch-up read takes (each at most stream.ENTRY_BYTES, unless one window is larger), and windows one publish sends.
 READ_COUNT = 128
+#: Seconds between the reader's checks that its state is still a prefix of the stream (an entry evicted or lost to a
+#: failover) and that it reads the primary.
+CHECK_INTERVAL = 1.0
+#: How long a starting flusher waits for a lease on its host id that no live flusher renews (a host that rebooted,
+#: whose old flusher died with it): the lease's time to live and a renewal period more.
+LEASE_WAIT: float
 PUBLISH_BATCH = 256
 PUBLISH_BYTES = 1 << 20
 #: How long the publisher lets windows gather before one publish while windows keep coming
@@ -95,11 +125,16 @@ _PAUSE_AFTER_XADD = os.environ.get("SONA_SHM_TEST_PAUSE") == "xadd"
 
 @dataclass(frozen=True)
 class FleetOptions:
-    """``--fleet URL``, ``--fleet-key``, ``--host-id``, ``--fleet-lag``, ``--fleet-snapshot-interval``.
+    """``--fleet URL``, ``--fleet-key``, ``--host-id``, ``--fleet-lag``, ``--fleet-snapshot-interval``,
+    ``--fleet-sentinel``, ``--fleet-service``, ``--fleet-min-replicas``.
 
     ``lag``: a new window starts learning only while at most this many own windows are
     outstanding (sealed, not yet applied back); None: as many as the outbox holds; 0:
     lock-step. ``timeout``: connect and command timeout of the Redis connections.
+    ``sentinels``/``service``: follow the primary the Sentinels name for ``service`` (the URL
+    then gives only credentials, database and TLS). ``min_replicas``: a window counts as in
+    the stream (it is applied, and so retired) only once ``WAIT`` confirmed that many
+    replicas hold it, so a failover loses none.
     """
 
     url: str
@@ -108,6 +143,9 @@ class FleetOptions:
     lag: int | None = None
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
     timeout: float = DEFAULT_TIMEOUT
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    min_replicas: int = 0
 
     #: A fleet host's learner computes at private weights; the published adapter is the fleet's (:class:`FleetMode`).
     learner_publishes: ClassVar[bool] = False
@@ -116,10 +154,23 @@ class FleetOptions:
         """The flusher's mode as a host of this fleet (a :class:`~sona_shm.engine.modes.ModeFactory`)."""
         return FleetMode(self, context)
 
+    @property
+    def target(self) -> Target:
+        return Target(self.url, self.sentinels, self.service)
+
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("redis://", "rediss://", "unix://")):
-            shown = _safe_url(self.url) if isinstance(self.url, str) else self.url
-            raise InvalidInputError(f"--fleet: expected a Redis URL redis://HOST:PORT[/DB] (or rediss://, unix://), got {shown!r}")
+            raise InvalidInputError(
+                f"--fleet: expected a Redis URL redis://HOST:PORT[/DB] (or rediss://, unix://), got {safe_url(self.url)}"
+            )
+        if bool(self.sentinels) != bool(self.service):
+            raise InvalidInputError(
+                "--fleet-sentinel and --fleet-service: give both (the Sentinels, and the name they monitor the primary by)"
+            )
+        if self.sentinels and self.url.startswith("unix://"):
+            raise InvalidInputError("--fleet-sentinel: the URL must be redis:// or rediss:// (its credentials and database are used)")
+        if isinstance(self.min_replicas, bool) or not isinstance(self.min_replicas, int) or not 0 <= self.min_replicas <= 16:
+            raise InvalidInputError(f"--fleet-min-replicas: expected an integer 0..16, got {self.min_replicas!r}")
         _check_text("--fleet-key", self.key, FLEET_KEY_BYTES, forbid="{}")
         _check_text("--host-id", self.host_id, FLEET_HOST_BYTES, forbid="")
         if self.lag is not None and (isinstance(self.lag, bool) or not isinstance(self.lag, int) or self.lag < 0):
@@ -156,7 +207,7 @@ def default_host_id(engine: str) -> str:
 
 
 class _Link(threading.Thread):
-    """What both Redis threads share: a connection that is re-made after a failure, with back-off."""
+    """What both Redis threads share: a connection to the primary that is re-made after a failure, with back-off."""
 
     def __init__(self, name: str, member: FleetMode, read_timeout: float | None = None) -> None:
         super().__init__(name=name, daemon=True)
@@ -169,16 +220,25 @@ class _Link(threading.Thread):
         self.error_at = 0.0
         self.log: FleetLog | None = None
         self._delay = RETRY_FIRST
+        self._moves = 0  # member.moves when this connection was made
 
     def _connect(self) -> FleetLog:
+        if self.log is not None and self._moves != self.member.moves:
+            raise LinkDown("the fleet's primary moved (a failover)")  # the other thread found out: follow it too
         if self.log is None:
-            self.log = FleetLog(connect(self.options.url, timeout=self.options.timeout, read_timeout=self.read_timeout), self.options.key)
+            self._moves = self.member.moves
+            self.log = FleetLog(
+                connect(self.options.target, timeout=self.options.timeout, read_timeout=self.read_timeout), self.options.key
+            )
         return self.log
 
     def _down(self, why: str) -> None:
         """Forget the connection after a failure; wait the back-off (or until stopped)."""
-        if self.connected:
-            log.warning("%s: Redis did not answer (%s); retrying every %g s at most, learning goes on", self.name, why, RETRY_LAST)
+        if self.connected or why != self._why:
+            log.warning("%s: %s; retrying every %g s at most, learning goes on", self.name, why, RETRY_LAST)
+        self._why = why
+        if "primary" in why or "replica" in why:
+            self.member.moves += 1  # the other thread's connection is to the old primary too
         self.connected = False
         self.error_at = time.time()
         if self.log is not None:
@@ -187,9 +247,11 @@ class _Link(threading.Thread):
         self.stop.wait(self._delay)
         self._delay = min(self._delay * 2, RETRY_LAST)
 
+    _why = ""
+
     def _up(self) -> None:
         if not self.connected:
-            log.info("%s: connected to %s (fleet %r)", self.name, _safe_url(self.options.url), self.options.key)
+            log.info("%s: connected to %s (fleet %r)", self.name, self.options.target.describe(), self.options.key)
         self.connected = True
         self.contact_at = time.time()
         self._delay = RETRY_FIRST
@@ -211,10 +273,11 @@ class _Link(threading.Thread):
 
 
 class _Publisher(_Link):
-    """Joins the fleet, renews the lease, appends the outbox, writes snapshots."""
+    """Joins the fleet, renews the lease (and checks it writes to the primary), appends the outbox, writes snapshots."""
 
     def __init__(self, member: FleetMode) -> None:
-        super().__init__("sona-fleet-publisher", member)
+        # WAIT blocks up to the timeout: the socket waits that long more.
+        super().__init__("sona-fleet-publisher", member, read_timeout=2 * member.options.timeout if member.options.min_replicas else None)
         self._cond = threading.Condition()
         self._windows: dict[int, bytes] = {}  # seq -> window not yet confirmed in the stream
         self.joined: Joined | None = None
@@ -222,10 +285,14 @@ class _Publisher(_Link):
         self.joined_event = threading.Event()
         self.snapshots_allowed = threading.Event()
         self.published = 0
+        self.gap: tuple[int, int] | None = None  # (seq, cum): own windows up to seq Redis lost after they were retired
+        self.fenced = False  # another segment took the host id: this one publishes nothing more
+        self.reset = False  # the fleet has had no snapshot for long: the next join makes it again from this host
         self._first_at = 0.0  # when the oldest window waiting was offered
         self._published_at = 0.0  # when the last publish returned
         self._linger = 0.0 if member.options.lag == 0 else PUBLISH_LINGER
         self._lingering = False  # the publisher waits out a linger: offers need not wake it
+        self.confirmed: tuple[int, int] = ZERO_ID  # the newest log id this host's WAIT confirmed
 
     def offer(self, seq: int, window: bytes) -> None:
         """Publish own window ``seq`` (committed in the outbox); called by the main thread in seq order."""
@@ -236,6 +303,13 @@ class _Publisher(_Link):
             if not self._lingering or len(self._windows) >= PUBLISH_BATCH:
                 self._cond.notify()  # a lingering publisher wakes at the end of its linger anyway: no wake-up per window
 
+    def forget(self) -> list[int]:
+        """Drop every window offered (given up); their seqs."""
+        with self._cond:
+            seqs = sorted(self._windows)
+            self._windows.clear()
+            return seqs
+
     def wake(self) -> None:
         with self._cond:
             self._cond.notify()
@@ -245,38 +319,118 @@ class _Publisher(_Link):
         renew_at = 0.0
         snapshot_at = time.monotonic() + self.options.snapshot_interval
         while not self.stop.is_set():
+            if self.fenced:
+                self.stop.wait(0.5)  # this segment seals and publishes nothing more; the reader still follows the fleet
+                continue
             try:
                 fleet = self._connect()
                 if self.joined is None or self.rejoin.is_set():
                     self.rejoin.clear()
-                    self.joined = member.join(fleet)
+                    self.confirmed = ZERO_ID  # a new primary may hold an older watermark: confirm again there
+                    try:
+                        self.joined = member.join(fleet)
+                    except LeaseHeld as exc:  # another flusher's lease: wait it out (a dead one), or give up to it (live)
+                        self._lease_held(fleet, exc)
+                        continue
+                    except FleetError as exc:
+                        if "taken over" not in str(exc):
+                            raise
+                        self._give_up(fleet, str(exc))
+                        continue
                     self.published = self.joined.last_seq
                     renew_at = time.monotonic() + _LEASE_RENEW
                     member.inbox.put(("joined", self.joined))
                     self.joined_event.set()
                     member.ring()
                 if time.monotonic() >= renew_at:
+                    fleet.check_primary(self.options.target, self.options.timeout)  # a failover: LinkDown, and follow
                     renewed = fleet.renew(self.options.host_id, member.token)
                     if renewed is None:  # the fleet was made again (Redis lost it): join the new one
                         self.rejoin.set()
                         continue
                     if not renewed:
-                        raise FleetError(f"fleet {self.options.key!r}: another engine took host id {self.options.host_id!r}")
+                        self._give_up(fleet, f"another engine took host id {self.options.host_id!r}")
+                        continue
                     renew_at = time.monotonic() + _LEASE_RENEW
+                    if fleet.host_seq(member.host_key_hex) < self.published:
+                        # Redis lost windows it had confirmed (a failover, an eviction): join again, which offers the
+                        # outbox again and writes a gap entry for the retired ones it lost.
+                        log.warning("%s: Redis lost windows of this host it had confirmed; joining again", self.name)
+                        self.rejoin.set()
+                        continue
+                    if self.snapshots_allowed.is_set() and not fleet.has_snapshot():
+                        snapshot_at = 0.0  # Redis lost the snapshot (evicted): a replica that holds the fleet's state offers one now
+                    if self.options.min_replicas:
+                        self._confirm(fleet, fleet.publish(**self._who(), first_seq=self.published + 1, windows=[]))
                 self._up()
                 self._publish(fleet)
                 if time.monotonic() >= snapshot_at and self.snapshots_allowed.is_set():
                     member.write_snapshot(fleet, self.joined.epoch)
                     snapshot_at = time.monotonic() + self.options.snapshot_interval
                 self._up()
+            except NeedsHealing as exc:
+                log.warning("%s: %s", self.name, exc)
+                self.rejoin.set()
+                continue
             except LinkDown as exc:
                 self._down(str(exc))
                 self.joined = None  # join again: Redis may have restarted or failed over
                 continue
             with self._cond:
-                if not self._windows and not self.stop.is_set() and not self.rejoin.is_set():
+                if not self._windows and self.gap is None and not self.stop.is_set() and not self.rejoin.is_set():
                     wait = min(renew_at, snapshot_at) - time.monotonic()
                     self._cond.wait(max(0.001, min(wait, 0.5)))
+
+    def _who(self) -> dict[str, Any]:
+        return {"host_id": self.options.host_id, "host_key": self.member.host_key_hex, "token": self.member.token}
+
+    def _lease_held(self, fleet: FleetLog, exc: LeaseHeld) -> None:
+        """(Re)joining while a lease holds the host id: a dead flusher's lease runs out; a live one's is renewed."""
+        if not self.member.lease_waited(exc.seconds):
+            self._give_up(fleet, str(exc))
+            return
+        self.stop.wait(min(max(exc.seconds, 0.05), 0.5))
+        self.rejoin.set()
+
+    def _give_up(self, fleet: FleetLog, why: str) -> None:
+        """Another segment took this host id: count the windows the stream never had as lost, seal nothing more."""
+        member = self.member
+        if not member.fence(self.stop):  # the main loop seals its open window and stops learning first
+            return
+        outstanding = member.committed_outstanding()
+        status, count, signals = fleet.give_up(**self._who(), windows=outstanding)
+        if status in ("owner", "unregistered"):  # not taken after all, or Redis lost its host list: join again
+            member.inbox.put(("unfence",))
+            member.ring()
+            self.rejoin.set()
+            return
+        self.forget()
+        self.fenced = True
+        log.error(
+            "fleet %r: %s; this segment seals nothing more (its flusher keeps applying the fleet's stream for the workers). "
+            "%d of its %d windows not yet in the stream (%d signals) are counted lost on every replica; give this engine "
+            "its own --host-id (or destroy the segment) and start it again",
+            self.options.key,
+            why,
+            count,
+            len(outstanding),
+            signals,
+        )
+        member.inbox.put(("fenced", why))
+        member.ring()
+
+    def _confirm(self, fleet: FleetLog, published: Published | None) -> None:
+        """--fleet-min-replicas: WAIT until that many replicas hold every write so far, then raise the watermark."""
+        if published is None or published.tip == ZERO_ID or published.tip <= self.confirmed:
+            return
+        acked = fleet.wait_replicas(self.options.min_replicas, int(self.options.timeout * 1000))
+        if acked < self.options.min_replicas:
+            raise LinkDown(
+                f"only {acked} replica(s) acknowledged the stream, --fleet-min-replicas asks {self.options.min_replicas}: "
+                "its windows are not applied anywhere yet"
+            )
+        fleet.confirm(published.tip)
+        self.confirmed = published.tip
 
     def _publish(self, fleet: FleetLog) -> None:
         global _PAUSE_AFTER_XADD
@@ -290,7 +444,8 @@ class _Publisher(_Link):
                         break
                     self._cond.wait(wait)  # more windows may come: one call for them all
                 self._lingering = False
-                if not self._windows:
+                gap = self.gap
+                if not self._windows and gap is None:
                     return
                 batch: list[tuple[int, bytes]] = []
                 size = 0
@@ -300,27 +455,27 @@ class _Publisher(_Link):
                         break
                     batch.append((seq, window))
                     size += len(window)
-            last = fleet.publish(
-                host_id=self.options.host_id,
-                host_key=self.member.host_key_hex,
-                token=self.member.token,
-                first_seq=batch[0][0],
-                windows=[w for _, w in batch],
-            )
-            if last is None:  # the lease lapsed (a long pause): take it back, unless another engine has it
+            done = fleet.publish(**self._who(), first_seq=batch[0][0] if batch else 0, windows=[w for _, w in batch], gap=gap)
+            if done is None:  # the lease lapsed (a long pause): take it back, unless another engine has it
                 renewed = fleet.renew(self.options.host_id, self.member.token)
                 if renewed is None:  # the fleet was made again: the loop joins it before publishing more
                     self.rejoin.set()
                     return
                 if not renewed:
-                    raise FleetError(f"fleet {self.options.key!r}: another engine took host id {self.options.host_id!r}")
+                    self._give_up(fleet, f"another engine took host id {self.options.host_id!r}")
+                    return
                 continue
-            if _PAUSE_AFTER_XADD:
+            if self.options.min_replicas:
+                self._confirm(fleet, done)
+            last = done.last_seq
+            if _PAUSE_AFTER_XADD and batch:
                 _PAUSE_AFTER_XADD = False
                 os.kill(os.getpid(), signal.SIGSTOP)  # test hook: in the stream, not yet applied back
             with self._cond:
                 for seq in [s for s in self._windows if s <= last]:
                     del self._windows[seq]
+                if gap is not None and last >= gap[0]:
+                    self.gap = None
                 self._first_at = time.monotonic()  # what is left waited for this call already
             self.published = max(self.published, last)
             self.contact_at = time.time()
@@ -328,15 +483,30 @@ class _Publisher(_Link):
 
 
 class _Reader(_Link):
-    """Reads the stream after the last entry handed over; fetches the snapshot when the replica must resync."""
+    """Reads the stream after the last entry handed over; fetches the snapshot when the replica must resync.
+
+    Reads are pipelined: the next ``XREAD BLOCK`` is sent the moment a reply is in, before
+    the reply is parsed and handed over, so Redis holds the next read while this thread
+    works (a second read queued behind the first with ``$`` would miss what another client
+    appends between the two). With ``--fleet-min-replicas`` the reader also follows the watermark stream and hands
+    over only entries up to the newest confirmed id.
+    """
 
     def __init__(self, member: FleetMode, cursor: StreamId, epoch: int) -> None:
         super().__init__("sona-fleet-reader", member, read_timeout=member.options.timeout + READ_BLOCK_MS / 1000)
-        self.cursor = cursor
+        self.cursor = cursor  # the last entry handed over (or held back, waiting for the watermark)
         self.epoch = epoch
         self._resync: str | None = None
         self._resync_after = 0.0
         self._lock = threading.Lock()
+        self._held: list[StreamEntry] = []  # read, not yet confirmed by the watermark (--fleet-min-replicas)
+        self._watermark: StreamId = ZERO_ID
+        self._wm_cursor: str = "$"
+        self._read: StreamId = cursor  # the last entry read (held back ones included)
+        self._sent: list[str] = []  # the cursors of the reads in flight
+        self._gone = False  # a read found the entry it started after gone
+        self._anchor = format_id(cursor)  # the snapshot this replica loaded last: its entry may be gone (evicted)
+        self._no_snapshot_since: float | None = None
 
     def request_resync(self, reason: str, delay: float = 0.0) -> None:
         """Fetch the fleet's snapshot for the main loop (after ``delay`` seconds: a refused one is not asked for in a loop)."""
@@ -344,86 +514,207 @@ class _Reader(_Link):
             self._resync = reason
             self._resync_after = time.monotonic() + delay
 
+    def _take_resync(self) -> str | None:
+        with self._lock:
+            reason, self._resync = self._resync, None
+            if reason is not None and time.monotonic() < self._resync_after:
+                self._resync = reason  # not yet: read on meanwhile (the main loop drops what it cannot apply)
+                reason = None
+            return reason
+
     def loop(self) -> None:
         member = self.member
         publisher = member.publisher
-        checked = False  # the cursor was checked against this connection's stream
         while not self.stop.is_set():
             if not publisher.joined_event.wait(0.1):
                 continue
             joined = publisher.joined
             try:
                 fleet = self._connect()
-                with self._lock:
-                    reason, self._resync = self._resync, None
-                    if reason is not None and time.monotonic() < self._resync_after:
-                        self._resync = reason  # not yet: read on meanwhile (the main loop drops what it cannot apply)
-                        reason = None
+                reason = self._take_resync()
                 if reason is None and joined is not None and self.epoch != joined.epoch:
-                    reason = (
-                        "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
-                    )
-                if reason is None and not checked and self.cursor != ZERO_ID:
-                    trimmed = fleet.trimmed()
-                    if self.cursor < trimmed:
-                        reason = "the stream was trimmed past this replica (it was away longer than the snapshots are kept)"
-                    elif not fleet.has_entry(self.cursor):
-                        reason = "the last entry this replica applied is not in the stream any more (Redis lost writes)"
-                checked = True
-                if reason is not None:
-                    self._fetch_snapshot(fleet, reason)
-                    continue
-                result = fleet.read(self.cursor, block_ms=READ_BLOCK_MS, count=READ_COUNT)
-                self._up()
-                if result.epoch != self.epoch:
-                    if joined is None or result.epoch != joined.epoch:
-                        # The fleet is gone from Redis (epoch 0: joining makes it again) or was made again
-                        # by another host: the publisher joins it; the next pass compares with that.
+                    if self.epoch != 0 and fleet.epoch() != joined.epoch:
+                        # The fleet was made again since the publisher joined: it joins the new one first (its lease
+                        # may have survived, so nothing else would tell it); then this replica loads its snapshot.
                         publisher.rejoin.set()
                         publisher.wake()
                         self.stop.wait(0.05)
+                        continue
+                    reason = (
+                        "joining the fleet" if self.epoch == 0 else "the fleet's epoch changed (Redis lost it and it was created again)"
+                    )
+                if reason is None:
+                    fleet.check_primary(self.options.target, self.options.timeout)
+                    reason = fleet.consistent(self.cursor)
+                if reason is not None:
+                    if member.replica.bound and reason.startswith("the last entry"):
+                        publisher.rejoin.set()  # joining heals what Redis lost and counts this host's windows it lost
+                        publisher.wake()
+                    self._fetch_snapshot(fleet, reason)
                     continue
-                if self.cursor < result.trimmed:
-                    self.request_resync("the stream was trimmed past this replica while it read")
-                    continue
-                if result.entries:
-                    self.cursor = result.entries[-1].id
-                    member.inbox.put(("entries", result.entries))
-                    member.ring()
+                self._held.clear()
+                self._read = self.cursor  # entries held back for the watermark are read again
+                if self.options.min_replicas:
+                    wm_id, self._watermark = fleet.watermark()
+                    self._wm_cursor = format_id(wm_id)
+                self._up()
+                self._tail(fleet, joined)
             except LinkDown as exc:
                 self._down(str(exc))
-                checked = False
+
+    # ------------------------------------------------------------- the pipelined tail
+
+    def _send(self, fleet: FleetLog, cursor: str, wm_cursor: str) -> None:
+        k = fleet.k
+        conn = fleet.client.connection
+        streams = [k["log"]] + ([k["wm"]] if self.options.min_replicas else [])
+        ids = [cursor] + ([wm_cursor] if self.options.min_replicas else [])
+        count = READ_COUNT
+        conn.send_packed_command(
+            conn.pack_commands(
+                [
+                    ("XREAD", "COUNT", count, "BLOCK", READ_BLOCK_MS, "STREAMS", *streams, *ids),
+                    ("GET", k["trimmed"]),
+                    ("HGET", k["meta"], "epoch"),
+                    ("XRANGE", k["log"], cursor, cursor, "COUNT", 1),  # read after it: is the entry read from still there?
+                ]
+            )
+        )
+        self._sent.append(cursor)
+
+    def _receive(self, fleet: FleetLog) -> tuple[list[Any], list[Any], Any, Any]:
+        conn = fleet.client.connection
+
+        def read() -> Any:
+            try:
+                return conn.read_response()
+            except fleet._response_error as exc:  # an error reply: the answer to its command (e.g. NOPERM)
+                return exc
+
+        streams, trimmed, epoch, at = fleet._call(lambda: (read(), read(), read(), read()))
+        for reply in (streams, trimmed, epoch, at):
+            if isinstance(reply, Exception):
+                fleet._call(_raise, reply)
+        cursor = self._sent.pop(0)
+        if not at and cursor not in ("0-0", self._anchor):
+            # The entry this read started after is gone (the stream was evicted or deleted and made again, or trimmed
+            # past): what came after it may not follow this replica's state. Not handed over: resync first.
+            self._gone = True
+        log_rows: list[Any] = []
+        wm_rows: list[Any] = []
+        for key, rows in streams.items() if isinstance(streams, dict) else streams or []:  # RESP3: a map; RESP2: pairs
+            parsed = [(row_id, dict(zip(flat[0::2], flat[1::2], strict=False))) for row_id, flat in rows]
+            (wm_rows if key == fleet.k["wm"].encode() else log_rows).extend(parsed)
+        return log_rows, wm_rows, trimmed, epoch
+
+    def _tail(self, fleet: FleetLog, joined: Joined | None) -> None:
+        """Read the stream until a check is due or something asks for a new connection. The next read goes out as
+        soon as a reply is in, before the reply is handled: Redis re-arms while this thread works."""
+        member = self.member
+        checked_at = time.monotonic()
+        self._sent.clear()
+        self._gone = False
+        self._send(fleet, format_id(self._read), self._wm_cursor)
+        while True:
+            rows, wm, trimmed, epoch = self._receive(fleet)
+            if rows:
+                self._read = parse_id(rows[-1][0])
+            if wm:
+                self._wm_cursor = _text(wm[-1][0])
+            go_on = not self.stop.is_set() and self._resync is None and self._moves == member.moves and not self._gone
+            go_on = go_on and time.monotonic() - checked_at < CHECK_INTERVAL
+            if go_on:
+                self._send(fleet, format_id(self._read), self._wm_cursor)
+            if not self._handle(fleet, joined, rows, wm, trimmed, epoch):
+                if go_on:  # a read is in flight: drop it with the connection
+                    fleet.close()
+                    self.log = None
+                return
+            if not go_on:
+                return
+
+    def _handle(self, fleet: FleetLog, joined: Joined | None, rows: list[Any], wm: list[Any], trimmed: Any, epoch: Any) -> bool:
+        """One reply: hand its entries over (up to the watermark); False if this connection must stop reading."""
+        member = self.member
+        self._up()
+        from .stream import _id_or_zero, _u64_or_zero
+
+        if self._gone:
+            if member.replica.bound:
+                member.publisher.rejoin.set()  # joining heals what Redis lost and counts this host's windows it lost
+                member.publisher.wake()
+            self.request_resync("the last entry this replica read is not in the stream any more (Redis lost writes: an eviction)")
+            return False
+
+        epoch_now, trimmed_id = _u64_or_zero(epoch), _id_or_zero(trimmed)
+        if epoch_now != self.epoch:
+            if joined is None or epoch_now != joined.epoch:
+                # The fleet is gone from Redis (epoch 0: joining makes it again) or was made again by another
+                # host: the publisher joins it; the next pass compares with that.
+                member.publisher.rejoin.set()
+                member.publisher.wake()
+                self.stop.wait(0.05)
+            return False
+        if self.cursor < trimmed_id and not rows:
+            self.request_resync("the stream was trimmed past this replica while it read")
+            return False
+        entries = _entries(rows)
+        if self.options.min_replicas:
+            for _, fields in wm:
+                confirmed = _id_or_zero(fields.get(b"i"))
+                self._watermark = max(self._watermark, confirmed)
+            self._held.extend(entries)
+            cut = 0
+            while cut < len(self._held) and self._held[cut].id <= self._watermark:
+                cut += 1
+            entries, self._held = self._held[:cut], self._held[cut:]
+        if entries:
+            self.cursor = entries[-1].id
+            member.inbox.put(("entries", entries))
+            member.ring()
+        return True
 
     def _fetch_snapshot(self, fleet: FleetLog, reason: str) -> None:
         fields = fleet.get_snapshot()
         self._up()
+        if fields is None and self.member.replica.bound:
+            # Evicted, and no replica whose state is a prefix of the stream offered a new one (they all wait for it):
+            # after a while the fleet is made again from this host's state; what it lacks is counted from the gaps.
+            now = time.monotonic()
+            if self._no_snapshot_since is None:
+                self._no_snapshot_since = now
+            elif now - self._no_snapshot_since > 2 * _LEASE_RENEW:
+                self._no_snapshot_since = None
+                self.member.publisher.reset = True
+        else:
+            self._no_snapshot_since = None
         if fields is None:
-            self.request_resync(reason)  # the fleet is being created again: its snapshot comes with it
+            self.request_resync(reason)  # the fleet is being created again (or lost its snapshot): one comes soon
             self.member.publisher.rejoin.set()
             self.member.publisher.wake()
-            self.stop.wait(0.1)
+            self.stop.wait(0.2)
             return
         try:
             snap = Snapshot.from_fields(fields)
         except BadSnapshot as exc:
-            log.error("%s; trying again in 5 s", exc)
+            log.error("%s; trying again in 2 s", exc)
             self.request_resync(reason)
-            self.stop.wait(5.0)
+            self.stop.wait(2.0)
             return
-        self.cursor, self.epoch = snap.cursor, snap.epoch
+        self.cursor = self._read = snap.cursor
+        self._anchor = format_id(snap.cursor)
+        self.epoch = snap.epoch
+        self._held.clear()
         self.member.inbox.put(("snapshot", snap, reason))
         self.member.ring()
 
 
+def _raise(exc: BaseException) -> Any:
+    raise exc
+
+
 _LEASE_RENEW = LEASE_TTL / 3
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    return scheme + sep + rest
+LEASE_WAIT = LEASE_TTL + _LEASE_RENEW
 
 
 # ----------------------------------------------------------------- the member (main thread)
@@ -467,10 +758,11 @@ class FleetMode:
         self._outbox = np.ndarray((layout.fleet_outbox, layout.entry_bytes), np.uint8, buffer=buf, offset=layout.outbox_offset)
         assert layout.fleet_words is not None  # an outbox comes with the fleet region
         self._fleet_words = layout.fleet_words
-        self.replica = Replica(layout, state, self._outbox, options.host_id, routes)
         self.config_json = config_json(layout.config, routes)
         self.host_key_hex = f"{host_key(options.host_id):016x}"
+        self._record = state
         self.token = self._identity()
+        self.replica = Replica(layout, state, self._outbox, options.host_id, routes, self.token)
         self.lag = layout.fleet_outbox if options.lag is None else min(options.lag, layout.fleet_outbox - 1)
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.awaiting_resync: str | None = None
@@ -483,6 +775,12 @@ class FleetMode:
         self._acks: list[list[int]] = []  # [lane, request, head at request, seq needed (-1: not sealed yet)]
         self._sealed: dict[int, bytes] = {}  # windows sealed since the last commit: seq -> bytes
         self._stats_at = 0.0
+        self.moves = 0  # bumped by a thread that found the primary moved: the other reconnects too
+        self.fenced = False  # another segment took the host id: seal nothing more (set by the main thread)
+        self._fence_ready = threading.Event()
+        self._fence_asked = False
+        self._lease_seen: tuple[float, float] | None = None
+        self._policy_told = False
         self._bell = segment.bell  # opened here, before the threads use it
         self.publisher = _Publisher(self)
         self.reader = _Reader(self, self.replica.cursor, self.replica.epoch)
@@ -498,7 +796,7 @@ class FleetMode:
         """The segment's token (made once), and its host id and key, checked against a bound segment's."""
         buf = self.segment.buf
         token = fleet_token(buf, self.layout, secrets.token_bytes(FLEET_TOKEN_BYTES))
-        if self.replica.bound:
+        if int(self._record[0]["fleet_epoch"]):  # bound to a fleet already
             bound_host, bound_key = read_fleet_identity(buf, self.layout)
             if (bound_host, bound_key) != (self.options.host_id, self.options.key):
                 raise FleetError(
@@ -516,15 +814,23 @@ class FleetMode:
 
         If Redis does not answer, the publisher thread keeps trying; learning waits until
         the segment is bound to the fleet (its snapshot loaded), since until then its
-        configuration was never compared with the fleet's.
+        configuration was never compared with the fleet's. A lease on the host id that no
+        live flusher renews (a host that rebooted: its old flusher died with it) is waited
+        out, at most ``LEASE_WAIT`` seconds, logged; one a live flusher renews is refused.
         """
-        try:
-            fleet = FleetLog(connect(self.options.url, timeout=self.options.timeout), self.options.key)
-        except LinkDown as exc:
-            log.warning("fleet %r: Redis did not answer (%s); joining in the background", self.options.key, exc)
-        else:
+        while True:
+            try:
+                fleet = FleetLog(connect(self.options.target, timeout=self.options.timeout), self.options.key)
+            except LinkDown as exc:
+                log.warning("fleet %r: Redis did not answer (%s); joining in the background", self.options.key, exc)
+                break
             try:
                 joined = self.join(fleet)
+            except LeaseHeld as exc:
+                if not self.lease_waited(exc.seconds):
+                    raise FleetError(f"{exc} (it was renewed while this flusher waited: a live flusher holds it)") from None
+                time.sleep(min(max(exc.seconds, 0.05), 0.5))
+                continue
             except LinkDown as exc:
                 log.warning("fleet %r: Redis did not answer (%s); joining in the background", self.options.key, exc)
             else:
@@ -533,8 +839,54 @@ class FleetMode:
                 self.publisher.joined_event.set()
             finally:
                 fleet.close()
+            break
         self.publisher.start()
         self.reader.start()
+
+    def lease_waited(self, seconds: float) -> bool:
+        """Whether to wait on for a lease that holds this host id (``seconds``: what it still lives): no once it was
+        renewed (a live flusher) or after ``LEASE_WAIT``."""
+        now = time.monotonic()
+        if self._lease_seen is None:
+            self._lease_seen = (now, seconds)
+            log.warning(
+                "fleet %r: host id %r is held by a lease for %.1f s more (a flusher that died: this host restarted?); "
+                "waiting for it to expire (at most %.0f s; a live flusher renews it, and this one is refused then)",
+                self.options.key,
+                self.options.host_id,
+                seconds,
+                LEASE_WAIT,
+            )
+            return True
+        seen_at, seen = self._lease_seen
+        if seconds > seen - (now - seen_at) + 1.0:
+            return False  # renewed since: a live flusher holds it
+        return now - seen_at < LEASE_WAIT
+
+    @property
+    def applied_cursor(self) -> StreamId:
+        return self.replica.cursor
+
+    def fence(self, stop: threading.Event) -> bool:
+        """(Publisher thread.) Ask the main loop to seal its open window and learn no more; wait until it has
+        (False if stopped first)."""
+        self._fence_ready.clear()
+        self.inbox.put(("fence",))
+        self.ring()
+        while not self._fence_ready.wait(0.1):
+            if stop.is_set():
+                return False
+        return True
+
+    def committed_outstanding(self) -> list[tuple[int, int]]:
+        """(Any thread.) ``(seq, n)`` of every own window sealed and not retired in the committed record."""
+        record = self.ledger.snapshot()[0]
+        tail, head = int(record["fleet_out_tail"]), int(record["fleet_out_head"])
+        out = []
+        for seq in range(tail + 1, head + 1):
+            entry = self._outbox[(seq - 1) % self.layout.fleet_outbox]
+            out.append((seq, int(entry[24:32].view(np.uint64)[0])))  # n, bytes 24..32 of the window's header
+        return out
 
     def join(self, fleet: FleetLog) -> Joined:
         """Join (or create) the fleet through ``fleet``; a new fleet starts from this replica's committed state."""
@@ -551,7 +903,10 @@ class FleetMode:
             takeover=int(record["fleet_epoch"]) == 0,
             snapshot=seed.to_fields(),
             now=time.time(),
+            reset=self.publisher.reset,
         )
+        self.publisher.reset = False
+        self._lease_seen = None
         log.info(
             "fleet %r: %s as host %r (epoch %d)",
             self.options.key,
@@ -559,7 +914,45 @@ class FleetMode:
             self.options.host_id,
             joined.epoch,
         )
+        if joined.healed:
+            log.warning(
+                "fleet %r: Redis had lost the fleet's %s (evicted or deleted); rebuilt from its snapshot and stream",
+                self.options.key,
+                "stream" if joined.healed == "log" else "hosts' last seqs",
+            )
+        self._tell_policy(fleet)
         return joined
+
+    def _tell_policy(self, fleet: FleetLog) -> None:
+        """Warn once, loudly, when Redis may evict the fleet's keys (a Redis that is also a cache)."""
+        if self._policy_told:
+            return
+        self._policy_told = True
+        found = fleet.eviction_policy()
+        if found is None:
+            return
+        policy, maxmemory = found
+        if policy in EVICTING or (policy in VOLATILE and maxmemory):
+            log.warning(
+                "fleet %r: Redis has maxmemory-policy %s%s: it may evict the fleet's keys (stream, snapshot, seqs). sona_shm "
+                "heals what it can from the hosts' state and counts what it cannot, but learning is lost that way: set "
+                "maxmemory-policy noeviction (or a Redis of its own for the fleet) with room for the stream, which is "
+                "trimmed to two snapshots",
+                self.options.key,
+                policy,
+                f" and maxmemory {maxmemory}" if maxmemory else " (no maxmemory set yet)",
+            )
+            if policy in VOLATILE:
+                log.warning(
+                    "fleet %r: under %s only keys with a TTL are evicted: the leases; writes fail at maxmemory", self.options.key, policy
+                )
+        elif maxmemory:
+            log.info(
+                "fleet %r: Redis maxmemory %d with policy %s: at the limit writes fail (the fleet waits and retries)",
+                self.options.key,
+                maxmemory,
+                policy,
+            )
 
     def stop(self) -> None:
         """Stop both threads (each within its timeouts) and wait for them a bounded time."""
@@ -634,6 +1027,10 @@ class FleetMode:
                     reason,
                 )
                 self.awaiting_resync = None
+                own = replica.applied_seq(replica.host)
+                if replica.tail > own:  # own windows retired here that the fleet's state lacks: a gap entry counts them
+                    self.publisher.gap = (replica.tail, replica.cum_at(replica.tail))
+                    self.publisher.wake()
                 self.publisher.snapshots_allowed.set()
                 self._offered = max(self._offered, replica.tail)
                 changed = weights = foreign = True
@@ -642,11 +1039,27 @@ class FleetMode:
                 # Offer every outstanding window again: Redis may have lost some it had confirmed
                 # (a failover, a restart without persistence); it appends only what it lacks.
                 self._offered = replica.tail
+                if replica.bound and joined.epoch == replica.epoch and replica.tail > joined.last_seq:
+                    # Own windows this replica retired (applied back) that Redis lost: a gap entry counts them
+                    # on every replica even if this host never seals another window.
+                    self.publisher.gap = (replica.tail, replica.cum_at(replica.tail))
                 if not replica.bound:
                     replica.rebase(joined.last_seq)
                     changed = True
                 if joined.epoch != replica.epoch:
                     self.publisher.snapshots_allowed.clear()  # not until this replica holds the fleet's state
+            elif kind == "fence":
+                if not self.fenced:
+                    self.fenced = True  # seal nothing more; what is open is sealed now, then given up with the rest
+                    if self.learner.pending and replica.outstanding < self.layout.fleet_outbox:
+                        self.on_window(self.learner.close_window())
+                    changed = True
+                self._fence_asked = True
+            elif kind == "unfence":
+                self.fenced = False
+            elif kind == "fenced":
+                replica.give_up()  # counted lost on every replica through the stream: retired here
+                changed = True
             elif kind == "fatal":
                 raise message[1]
         if weights:
@@ -672,10 +1085,10 @@ class FleetMode:
         """Whether learning may go on: once bound, a window open may fill; a new one opens only while the outbox has
         room (and ``--fleet-lag`` allows)."""
         replica = self.replica
-        if window_open:
+        if window_open and not self.fenced:
             return replica.bound
         full = replica.outstanding >= self.layout.fleet_outbox
-        ok = replica.bound and not full and replica.outstanding <= self.lag
+        ok = replica.bound and not full and replica.outstanding <= self.lag and not self.fenced
         if ok == self.paused:
             self.paused = not ok
             if self.paused:
@@ -715,6 +1128,9 @@ class FleetMode:
         """After a scan (and its commit): hand new windows to the publisher, write the fleet's control lines; the flush
         requests now answered ``(lane, request)``."""
         self.write_stats()
+        if self._fence_asked:
+            self._fence_asked = False
+            self._fence_ready.set()  # after the commit of the window sealed last: the publisher may read it
         replica = self.replica
         for seq in range(max(self._offered, replica.tail) + 1, replica.head + 1):
             raw = self._sealed.pop(seq, None)

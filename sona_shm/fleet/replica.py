@@ -58,10 +58,15 @@ def host_key(host_id: str) -> int:
 
 
 def parse_id(raw: bytes | str) -> StreamId:
-    """A Redis stream id ``b"MS-SEQ"`` as a pair of ints."""
+    """A Redis stream id ``b"MS-SEQ"`` as a pair of ints; :class:`ValueError` if it is not one (each part a u64)."""
     text = raw.decode("ascii") if isinstance(raw, bytes) else raw
     ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    if not (ms.isdigit() and (seq.isdigit() or not seq)):
+        raise ValueError(f"not a stream id: {text[:40]!r}")
+    pair = int(ms), int(seq or 0)
+    if max(pair) >= 1 << 64:
+        raise ValueError(f"not a stream id: {text[:40]!r}")
+    return pair
 
 
 def format_id(stream_id: StreamId) -> str:
@@ -82,7 +87,12 @@ class BadSnapshot(InternalSignal):
 
 @dataclass(frozen=True)
 class StreamEntry:
-    """One stream entry as read: its id, the host that sealed its windows, their seqs ``seq..last``, ``prev``, their bytes."""
+    """One stream entry as read: its id, the host that sealed its windows, their seqs ``seq..last``, ``prev``, their bytes.
+
+    ``kind``: ``windows``; ``gap`` (no windows: the host's seqs ``prev + 1..last`` are lost, ``cum`` its signal total
+    at ``last``); ``hello``/``bye`` (the host was registered / removed); ``given`` (``seq`` windows of ``cum`` signals
+    a segment gave up when its host id was taken over: lost).
+    """
 
     id: StreamId
     host: str
@@ -90,6 +100,9 @@ class StreamEntry:
     prev: int
     windows: bytes
     last: int
+    kind: str = "windows"
+    cum: int = 0
+    token: str = ""  # the first characters of the writing segment's token ("": not said)
 
 
 @dataclass(frozen=True)
@@ -137,11 +150,20 @@ class Snapshot:
         """Parse the fields :meth:`to_fields` wrote; :class:`BadSnapshot` if anything is off."""
         try:
             state = json.loads(fields[b"state"])
-            table = {int(k, 16): (int(v[0]), int(v[1])) for k, v in state["table"].items()}
-            counts = {k: int(state[k]) for k in ("entries", "signals", "lost_entries", "lost_signals", "bad_entries")}
+            if not isinstance(state, dict) or not isinstance(state.get("table"), dict):
+                raise ValueError("state: expected an object with a table")
+            if len(state["table"]) > 4096:
+                raise ValueError(f"state: {len(state['table'])} hosts")
+            table = {}
+            for k, v in state["table"].items():
+                if not (isinstance(k, str) and len(k) == 16) or not (isinstance(v, list) and len(v) == 2):
+                    raise ValueError("state: a table row is not 16 hex digits -> [seq, cum]")
+                table[_u64(int(k, 16), "a host key")] = (_u64(v[0], "a seq"), _u64(v[1], "a cum"))
+            counts = {k: _u64(state[k], k) for k in ("entries", "signals", "lost_entries", "lost_signals", "bad_entries")}
             written_at = float(fields.get(b"written_at", b"0"))
+            epoch = _u64(int(fields[b"epoch"]), "epoch")
             snap = cls(
-                epoch=int(fields[b"epoch"]),
+                epoch=epoch,
                 cursor=parse_id(fields[b"id"]),
                 checkpoint=bytes(fields[b"checkpoint"]),
                 table=table,
@@ -149,11 +171,18 @@ class Snapshot:
                 by=fields.get(b"by", b"").decode("utf-8", "replace"),
                 **counts,
             )
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise BadSnapshot(f"fleet snapshot: cannot be read ({type(exc).__name__}: {exc})") from None
-        if any(v < 0 for v in counts.values()) or any(k == 0 or s < 0 or c < 0 for k, (s, c) in table.items()):
-            raise BadSnapshot("fleet snapshot: negative counts or a zero host key")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, OverflowError, UnicodeDecodeError) as exc:
+            raise BadSnapshot(f"fleet snapshot: cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if epoch == 0 or 0 in table:
+            raise BadSnapshot("fleet snapshot: epoch 0 or a zero host key")
         return snap
+
+
+def _u64(value: object, what: str) -> int:
+    """``value`` if it is an integer a u64 field holds (a snapshot from Redis may hold anything); ValueError if not."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise ValueError(f"{what}: expected an integer in [0, 2**64), got {str(value)[:40]}")
+    return value
 
 
 class Replica:
@@ -168,7 +197,9 @@ class Replica:
     microsecond) and written into the record as they change.
     """
 
-    def __init__(self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None) -> None:
+    def __init__(
+        self, layout: Layout, state: np.ndarray, outbox: np.ndarray, host_id: str, routes: RouteTable | None, token: str = ""
+    ) -> None:
         if layout.fleet_outbox == 0:
             raise SonaShmError("replica: the segment has no fleet outbox")
         self.layout = layout
@@ -179,6 +210,9 @@ class Replica:
         self._outbox64 = outbox.view(np.float64)  # the same entries, as float64 (entry_bytes is a multiple of 64)
         self.host_id = host_id
         self.host = host_key(host_id)
+        #: This segment's token as entries carry it: windows of the same host id written by another segment (one that
+        #: took the host id over) are not this segment's own, and never retire its outbox.
+        self.token = token[:8]
         self.routing = self.config.rule == "routing"
         self._keys: dict[str, int] = {}  # host id -> host_key(host id), as met in the stream
         self._read_state()
@@ -275,6 +309,17 @@ class Replica:
         entry = self.outbox[(seq - 1) % self.layout.fleet_outbox]
         return entry[: window_length(entry)].tobytes()
 
+    def cum_at(self, seq: int) -> int:
+        """The signals this host had sealed up to own window ``seq`` (``tail <= seq <= head``)."""
+        cum = self._sealed
+        for later in range(seq + 1, self._head + 1):
+            cum -= int(self.outbox[(later - 1) % self.layout.fleet_outbox, 24:32].view(np.uint64)[0])  # n, bytes 24..32
+        return max(0, cum)
+
+    def give_up(self) -> None:
+        """Retire every own outstanding window: another segment took the host id and they are counted lost."""
+        self._set_positions(self._head, self._head)
+
     def outstanding_windows(self) -> list[bytes]:
         """Own windows sealed and not yet applied, oldest first (their bytes)."""
         return [self.window_bytes(seq) for seq in range(self._tail + 1, self._head + 1)]
@@ -314,7 +359,28 @@ class Replica:
                 if key is None:
                     key = keys[entry.host] = host_key(entry.host)
                 row = rows.get(key)
-                last = 0 if row is None else seqs[row]
+                kind = entry.kind
+                if kind != "windows":
+                    if kind == "hello":  # a registered host gets a row (one it has already keeps its place)
+                        if row is None and self._new_row(key) is None:
+                            bad += 1  # more hosts than the table holds: Redis refuses them, so only a foreign writer
+                    elif kind == "bye":  # a retired host: its row is free again
+                        if row is not None:
+                            self._free_row(key)
+                    elif kind == "given":  # windows a segment whose host id was taken over never published
+                        if row is None:
+                            bad += 1
+                        else:
+                            lost_entries += entry.seq
+                            lost_signals += entry.cum
+                    cursor = entry.id
+                    if kind != "gap":
+                        continue
+                if row is None:
+                    bad += 1  # a host never registered: not one of this fleet's (a table of ghosts locks no one out)
+                    cursor = entry.id
+                    continue
+                last = seqs[row]
                 if entry.last <= last:
                     cursor = entry.id  # applied already: a publish repeated after a lost answer is refused by Redis
                     continue
@@ -325,12 +391,15 @@ class Replica:
                         f"host {entry.host!r}: this replica applied its seqs up to {last}, the stream has them only up to "
                         f"{entry.prev} (Redis lost writes: a failover)"
                     )
-                if row is None:
-                    row = self._new_row(key)
-                    if row is None:  # more hosts than the table holds: registration refuses them, so only a foreign writer
-                        bad += 1
-                        cursor = entry.id
-                        continue
+                if kind == "gap":  # seqs prev+1..last are lost (Redis lost them after the host retired them)
+                    lost_entries += entry.last - entry.prev
+                    lost_signals += max(0, entry.cum - cums[row])
+                    seqs[row], cums[row] = entry.last, max(cums[row], entry.cum)
+                    if key == self.host and self._mine(entry):
+                        tail = max(tail, min(entry.last, self._head))
+                    cursor = entry.id
+                    continue
+                mine = key == self.host and self._mine(entry)
                 count = entry.last - entry.seq + 1
                 parts = split_windows(entry.windows, count) if entry.seq > entry.prev and 0 < count <= MAX_ENTRY_WINDOWS else None
                 for i, raw in enumerate(parts or ()):
@@ -346,14 +415,14 @@ class Replica:
                     signals += n
                     seqs[row], cums[row] = entry.seq + i, cum
                     applied += 1
-                    if key == self.host:
+                    if mine:
                         tail = max(tail, min(entry.seq + i, self._head))  # own window back from the stream: retired
                     else:
                         foreign = True
                 if seqs[row] != entry.last:
                     bad += 1  # not windows of this fleet (or not all of them): the host's seq still moves past the entry
                     seqs[row] = entry.last
-                    if key == self.host:  # own windows the fleet moved past unapplied: never coming back, so retired
+                    if mine:  # own windows the fleet moved past unapplied: never coming back, so retired
                         tail = max(tail, min(entry.last, self._head))
                 cursor = entry.id
         finally:
@@ -385,6 +454,14 @@ class Replica:
         self._seq[row] = self._cum[row] = 0
         self._rows[key] = row
         return row
+
+    def _mine(self, entry: StreamEntry) -> bool:
+        return not entry.token or not self.token or entry.token == self.token
+
+    def _free_row(self, key: int) -> None:
+        row = self._rows.pop(key)
+        self.st["fleet_host"][row] = 0
+        self._seq[row] = self._cum[row] = 0
 
     def _decode(self, raw: bytes) -> Window:
         return read_window(raw, hidden_dim=self.config.hidden_dim, rank=self.config.rank, routing=self.routing)

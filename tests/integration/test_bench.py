@@ -68,3 +68,23 @@ def test_bench_fleet_quick_reports_every_section():
         assert s["stream_bytes_per_window"] > s["window_bytes"] and s["replay_windows_per_s"] > 0
     outage = report["outage"]
     assert outage["max_outbox"] > 0 and outage["applied_signals"] == outage["recorded"]  # nothing lost by the outage
+
+
+def test_bench_fleet_testbed_quick_reports_every_section():
+    """bench_fleet.py --testbed --quick on the namespaced testbed (root; under CI=true never skipped)."""
+    from test_testbed import _need
+
+    from testbed import missing_redis, missing_requirements
+
+    _need(missing_requirements())
+    _need(missing_redis())
+    done = run([sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--testbed", "--quick", "--json"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)["testbed"]
+    (latency,) = report["latency"].values()
+    assert latency["n"] == 5 and latency["p99_us"] >= latency["median_us"] > 0
+    (failover,) = report["failover"]
+    assert failover["min_replicas"] == 1 and failover["no_flusher_exited"] and failover["replicas_agree"]
+    assert failover["applied_signals"] == failover["committed"] and failover["lost_signals"] == 0  # nothing lost with it
+    (egress,) = report["egress"]
+    assert egress["hosts"] == 2 and egress["egress_bytes_per_signal"] > 0 and egress["signals"] > 0

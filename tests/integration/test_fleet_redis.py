@@ -118,6 +118,8 @@ def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[n
     up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
     seen: set = set()
     for _, fields in rows:
+        if b"r" in fields or b"a" in fields or b"c" in fields:
+            continue  # a host registered or removed, windows lost (counted by the replicas, not applied)
         first, last = int(fields[b"s"]), int(fields[b"e"])
         parts = split_windows(fields[b"w"], last - first + 1)
         assert parts is not None, f"entry {fields[b'h']!r} {first}..{last}: its windows do not tile it"
@@ -361,7 +363,11 @@ def test_the_fleet_refuses_what_does_not_fit(redis_server, names, procs):
     segment.unlink(other)
     # A host id a live flusher holds.
     done = run([*base, *FLAGS, "--host-id", first], timeout=60)
-    assert done.returncode == EXIT_FLEET and f"host id {first!r} is held by another live flusher" in done.stderr
+    assert (
+        done.returncode == EXIT_FLEET
+        and f"host id {first!r} is held by another flusher's lease" in done.stderr
+        and "a live flusher holds it" in done.stderr
+    )
     segment.unlink(other)
     # A segment made without an outbox.
     done = run(python_cmd("-m", "sona_shm", "create", "--name", plain, *FLAGS[:-2]), timeout=60)
@@ -467,7 +473,7 @@ def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_w
     """Windows past the host's last go in entries of at most entry_windows; a repeat (an answer lost) appends nothing;
     windows after a gap are stamped with the last seq before them; a caller without the lease appends nothing."""
     from sona_shm.fleet.replica import host_key
-    from sona_shm.fleet.stream import FleetLog, connect
+    from sona_shm.fleet.stream import FleetLog, NeedsHealing, connect
 
     def window(seq: int) -> bytes:
         out = np.zeros(64 + 8 * H, np.uint8)
@@ -477,19 +483,35 @@ def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_w
     r = redis_server.client()
     try:
         r.set("sona:{pub}:lease:h", "t" * 32)
+        r.hset("sona:{pub}:meta", "epoch", "1")
+        r.hset("sona:{pub}:seqs", "-", "0")
         who = {"host_id": "h", "host_key": f"{host_key('h'):016x}", "token": "t" * 32}
-        assert fleet.publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7
-        assert fleet.publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7  # a repeat
+
+        def publish(**kw) -> int | None:
+            done = fleet.publish(**kw)
+            return None if done is None else done.last_seq
+
+        assert publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7
+        assert publish(first_seq=1, windows=[window(s) for s in range(1, 8)], entry_windows=3, **who) == 7  # a repeat
         # Overlapping: grouped [6, 7, 8] [9], the script cuts 6 and 7 off the first.
-        assert fleet.publish(first_seq=6, windows=[window(s) for s in range(6, 10)], entry_windows=3, **who) == 9
-        assert fleet.publish(first_seq=12, windows=[window(12)], **who) == 12  # 10 and 11 lost: the gap shows in p
-        assert fleet.publish(first_seq=13, windows=[window(13)], token="z" * 32, host_id="h", host_key=who["host_key"]) is None
+        assert publish(first_seq=6, windows=[window(s) for s in range(6, 10)], entry_windows=3, **who) == 9
+        assert publish(first_seq=12, windows=[window(12)], **who) == 12  # 10 and 11 lost: the gap shows in p
+        assert publish(first_seq=13, windows=[window(13)], token="z" * 32, host_id="h", host_key=who["host_key"]) is None
         entries = [(int(f[b"s"]), int(f[b"e"]), int(f[b"p"]), len(f[b"w"])) for _, f in r.xrange("sona:{pub}:log")]
         size = len(window(1))
         assert entries == [(1, 3, 0, 3 * size), (4, 6, 3, 3 * size), (7, 7, 6, size), (8, 8, 7, size), (9, 9, 8, size), (12, 12, 9, size)]
         assert r.hget("sona:{pub}:seqs", who["host_key"]) == b"12"
-        assert fleet.publish(first_seq=13, windows=[window(13), window(14)], entry_bytes=size, **who) == 14  # bytes bound too
-        assert [int(f[b"s"]) for _, f in r.xrange("sona:{pub}:log")][-2:] == [13, 14]
+        assert publish(first_seq=13, windows=[window(13), window(14)], entry_bytes=size, **who) == 14  # bytes bound too
+        # A gap entry: windows up to 20 are gone (Redis lost them after the host retired them), the host's total then 70.
+        assert publish(first_seq=0, windows=[], gap=(20, 70), **who) == 20
+        gap = r.xrange("sona:{pub}:log")[-1][1]
+        assert (gap[b"s"], gap[b"e"], gap[b"p"], gap[b"c"], gap[b"w"]) == (b"21", b"20", b"14", b"70", b"")
+        assert publish(first_seq=0, windows=[], gap=(20, 70), **who) == 20 and r.xlen("sona:{pub}:log") == 9  # once
+        # Redis lost the hosts' last seqs: the script asks for healing (joining rebuilds them) and appends nothing.
+        r.delete("sona:{pub}:seqs")
+        with pytest.raises(NeedsHealing):
+            fleet.publish(first_seq=21, windows=[window(21)], **who)
+        assert [int(f[b"s"]) for _, f in r.xrange("sona:{pub}:log")][-3:-1] == [13, 14]
     finally:
         r.close()
         fleet.close()
@@ -514,6 +536,7 @@ def test_a_fleet_of_another_stream_protocol_is_refused(redis_server):
             fleet.join(token="t" * 32, **who)
         assert r.get("sona:{proto}:lease:h") is None  # nothing taken
         r.hset("sona:{proto}:meta", "protocol", PROTOCOL)
+        r.hset("sona:{proto}:seqs", "-", "0")
         assert fleet.join(token="t" * 32, **who).epoch == 3
     finally:
         r.close()
