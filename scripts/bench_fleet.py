@@ -18,7 +18,8 @@ unless said otherwise) and killed at the end. Sections:
    window); a producer records one trajectory into host A every 20 ms; this process polls
    host B's weights generation: from record() returning to B's adapter changing.
 3. publishing: the idempotent publish script (one EVALSHA) from one client, windows of
-   the reference rule's size (2112 bytes) and the routing rule's (8256 bytes): windows/s
+   the reference rule's size (2112 bytes) and the routing rule's (8304 bytes: the deltas of K = 8
+   route rows and biases): windows/s
    with one window per call, with 64 per call in one entry each, and with 64 per call in
    as few entries as the entry bounds allow (what the flusher does), and the latency of a
    one-window call, under ``appendfsync always`` and ``everysec``.
@@ -72,7 +73,8 @@ from sona_shm.engine.client import attach
 from sona_shm.fleet.member import READ_COUNT
 from sona_shm.fleet.replica import Replica, host_key
 from sona_shm.fleet.stream import FleetLog, connect
-from sona_shm.fleet.window import write_window
+from sona_shm.fleet.window import max_window_bytes, write_window
+from sona_shm.learn.learner import DeltaWindow, Window
 from sona_shm.shm import segment
 from sona_shm.shm.layout import EngineConfig, Layout
 from sona_shm.shm.ledger import Ledger
@@ -83,6 +85,7 @@ from sona_shm.supervise import start_flusher, stop_process
 from children import RedisServer
 
 CTX = mp.get_context("fork")
+ROUTES = 8  # the routing rule's sections: K routes
 OPTIONS = ["--quiet", "--hidden-dim", str(HIDDEN_DIM), "--rank", str(RANK), "--attention-dim", "64", "--lanes", "8"]
 
 
@@ -130,7 +133,7 @@ def feedback_pool(seed: int, routes: str) -> list:
     rng = np.random.default_rng(seed)
     return [
         feedback_trajectory(
-            table, rng.standard_normal(HIDDEN_DIM).astype(np.float32), route=None, reward=None, best=int(k % 8), unit_reward=True
+            table, rng.standard_normal(HIDDEN_DIM).astype(np.float32), route=None, reward=None, best=int(k % ROUTES), unit_reward=True
         )
         for k in range(256)
     ]
@@ -198,7 +201,7 @@ def run_throughput(
 def run_routing_throughput(directory: str, seconds: float, repeat: int) -> dict[str, Any]:
     routes = os.path.join(directory, "routes.npz")
     rng = np.random.default_rng(8)
-    np.savez(routes, vectors=rng.standard_normal((8, HIDDEN_DIM)).astype(np.float32))
+    np.savez(routes, vectors=rng.standard_normal((ROUTES, HIDDEN_DIM)).astype(np.float32))
     server = redis(directory)
     try:
         rule = ("--rule", "routing", "--routes", routes)
@@ -259,13 +262,23 @@ def run_freshness(directory: str, samples: int) -> dict[str, Any]:
 
 def windows(count: int, routing: bool) -> list[bytes]:
     rng = np.random.default_rng(1)
-    out = np.zeros(64 + 8 * HIDDEN_DIM * 4, np.uint8)
+    out = np.zeros(max_window_bytes(HIDDEN_DIM, RANK, ROUTES, routing=True), np.uint8)
     result = []
     for seq in range(1, count + 1):
         g = rng.standard_normal(HIDDEN_DIM)
-        grad_up = rng.standard_normal((RANK, HIDDEN_DIM)) if routing else np.stack([g, g])
-        grad_down = rng.standard_normal((RANK, HIDDEN_DIM)) if routing else None
-        size = write_window(out, seq=seq, n=100, cum=100 * seq, sealed_at=time.time(), grad_up=grad_up, grad_down=grad_down)
+        if routing:  # a window of 100 feedbacks that moved every route's row and bias
+            f32 = np.float32
+            window: Window | DeltaWindow = DeltaWindow(
+                None,
+                None,
+                rng.standard_normal(ROUTES).astype(f32),
+                np.arange(ROUTES),
+                rng.standard_normal((ROUTES, HIDDEN_DIM)).astype(f32),
+                100,
+            )
+        else:
+            window = Window(np.stack([g, g]), 100)
+        size = write_window(out, window, rank=RANK, seq=seq, cum=100 * seq, sealed_at=time.time())
         result.append(out[:size].tobytes())
     return result
 
@@ -351,9 +364,10 @@ def run_bytes_and_replay(directory: str, count: int) -> dict[str, Any]:
             r.close()
             grown = aof_bytes(server.directory) - before
             # A joining replica: read in pages, decode, check, apply (Replica.apply), from the start.
-            layout = Layout(EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, fleet_outbox=1, rule=rule, routes=2 if routing else 0))
+            layout = Layout(EngineConfig(hidden_dim=HIDDEN_DIM, rank=RANK, fleet_outbox=1, rule=rule, routes=ROUTES if routing else 0))
             state = np.zeros(1, layout.ledger_dtype)
             state[0]["fleet_epoch"] = 1
+            state[0]["routes_used"] = ROUTES if routing else 0
             replica = Replica(layout, state, np.zeros((1, layout.entry_bytes), np.uint8), "reader", None)
             t0 = time.perf_counter()
             applied = 0

@@ -12,8 +12,8 @@
  *   learn_slots         the reference rule over a block of lane slots (learn/learner.py's numpy twin).
  *   learn_routing,      the routing rule (learn/routing.py's step, Learner's windows) over a block of
  *   learn_routing_rows  lane slots, or over arrays of rows (InstantLoop's).
- *   write_window,       a sealed fleet window's bytes, and applying them (fleet/window.py's twins).
- *   apply_window
+ *   write_window,       a sealed fleet window of the reference rule (SFW1): its bytes, and applying
+ *   apply_window        them (fleet/window.py's twins; the routing rule's SFW2 is numpy only).
  *   set_types           registers the Trajectory, Step and RouteChoice classes (sona_shm/native.py).
  *
  * The byte offsets it uses are defined once below and exported as module constants;
@@ -277,7 +277,7 @@ static PyTypeObject GeometryType = {
     .tp_basicsize = sizeof(Geometry),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Geometry(*, hidden_dim, rank, max_steps, attention_dim, lanes, lane_slots, slot_bytes, payload_offset, route_offset, "
-              "step_bytes, routes, lanes_offset, slots_offset, unit_reward)\n--\n\n"
+              "step_bytes, routes, lanes_offset, slots_offset, unit_reward, routes_used_offset0, routes_used_offset1)\n--\n\n"
               "A segment's slot and lane geometry, checked once (shm/layout.py builds it).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Geometry_init,
@@ -1167,13 +1167,13 @@ static void apply_row(float *x, double *g, npy_intp h, double step) {
     }
 }
 
-/* write_window(out, grad_up, grad_down, seq, n, cum, sealed_at) -> size
- * sealed.write_window in one call (the same bytes): the header, then grad_up (one row when all its
- * rows are the same bits), then grad_down (None: no rows) into ``out`` (writable, C-contiguous,
- * large enough; raises otherwise, writing nothing). */
+/* write_window(out, grad_up, seq, n, cum, sealed_at) -> size
+ * fleet/window.py's SFW1 window (the reference rule's) in one call, the same bytes: the header, then
+ * grad_up (one row when all its rows are the same bits) into ``out`` (writable, C-contiguous, large
+ * enough; raises otherwise, writing nothing). The routing rule's SFW2 windows are written in numpy. */
 static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "write_window() takes 7 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "write_window() takes 6 arguments");
         return NULL;
     }
     if (!array_of(args[1], NPY_FLOAT64, 2, -1, PyArray_Check(args[1]) && PyArray_NDIM((PyArrayObject *)args[1]) == 2 ? PyArray_DIM((PyArrayObject *)args[1], 1) : -1,
@@ -1183,17 +1183,9 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyArrayObject *gu = (PyArrayObject *)args[1];
     npy_intp rank = PyArray_DIM(gu, 0), h = PyArray_DIM(gu, 1);
-    PyArrayObject *gd = NULL;
-    if (args[2] != Py_None) {
-        if (!array_of(args[2], NPY_FLOAT64, 2, rank, h, 1)) {
-            PyErr_SetString(PyExc_ValueError, "write_window(): grad_down must be None or a C-contiguous float64[R, h] like grad_up");
-            return NULL;
-        }
-        gd = (PyArrayObject *)args[2];
-    }
-    unsigned long long seq = PyLong_AsUnsignedLongLong(args[3]), n = PyLong_AsUnsignedLongLong(args[4]),
-                       cum = PyLong_AsUnsignedLongLong(args[5]);
-    double sealed_at = PyFloat_AsDouble(args[6]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[2]), n = PyLong_AsUnsignedLongLong(args[3]),
+                       cum = PyLong_AsUnsignedLongLong(args[4]);
+    double sealed_at = PyFloat_AsDouble(args[5]);
     if (PyErr_Occurred()) return NULL;
     if (rank < 1 || rank > 0xFFFF || h < 1 || h > 0xFFFFFFFFLL) {
         PyErr_SetString(PyExc_ValueError, "write_window(): bad shape");
@@ -1202,8 +1194,8 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     const double *G = (const double *)PyArray_DATA(gu);
     int same = rank > 1;
     for (npy_intp r = 1; same && r < rank; r++) same = memcmp(G, G + r * h, (size_t)h * sizeof(double)) == 0;
-    uint16_t up_rows = same ? 1 : (uint16_t)rank, down_rows = gd ? (uint16_t)rank : 0;
-    Py_ssize_t size = WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)(up_rows + down_rows);
+    uint16_t up_rows = same ? 1 : (uint16_t)rank, down_rows = 0;
+    Py_ssize_t size = WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)up_rows;
     Py_buffer out;
     if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (out.len < size) {
@@ -1224,35 +1216,31 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     memcpy(o + 32, &cum, 8);
     memcpy(o + 40, &sealed_at, 8);
     memcpy(o + WINDOW_HEAD_BYTES, G, (size_t)(8 * h * up_rows));
-    if (gd) memcpy(o + WINDOW_HEAD_BYTES + 8 * h * up_rows, PyArray_DATA(gd), (size_t)(8 * h * down_rows));
     PyBuffer_Release(&out);
     return PyLong_FromSsize_t(size);
 }
 
-/* apply_window(up, down, window, lr, hidden_dim, rank, routing) -> (seq, n, cum, sealed_at) or None
- * sealed.apply_window(read_window(window)) in one call: checks that ``window`` (bytes of a sealed
- * window, sealed.py) has this fleet's shape, n >= 1, cum >= n and only finite values, then applies
- * it to up (and down when it carries grad_down), float32[rank, hidden_dim] in place, with
- * apply_row's arithmetic: x = f32(clamp((double)x + g * (lr / n))), no fused multiply-add, so the
- * same bits as the numpy path. None: not such a window, nothing changed (the caller's
- * read_window says why). */
+/* apply_window(up, window, lr, hidden_dim, rank) -> (seq, n, cum, sealed_at) or None
+ * fleet/window.py's apply_sealed(read_window(window)) for an SFW1 window (the reference rule's) in one
+ * call: checks that ``window`` has this fleet's shape, n >= 1, cum >= n and only finite values, then
+ * applies it to up, float32[rank, hidden_dim] in place, with apply_row's arithmetic:
+ * x = f32(clamp((double)x + g * (lr / n))), no fused multiply-add, so the same bits as the numpy
+ * path. None: not such a window, nothing changed (the caller's read_window says why). */
 static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "apply_window() takes 7 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "apply_window() takes 5 arguments");
         return NULL;
     }
-    double lr = PyFloat_AsDouble(args[3]);
+    double lr = PyFloat_AsDouble(args[2]);
     if (lr == -1.0 && PyErr_Occurred()) return NULL;
-    Py_ssize_t h = PyLong_AsSsize_t(args[4]), rank = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t h = PyLong_AsSsize_t(args[3]), rank = PyLong_AsSsize_t(args[4]);
     if ((h == -1 || rank == -1) && PyErr_Occurred()) return NULL;
-    int routing = PyObject_IsTrue(args[6]);
-    if (routing < 0) return NULL;
-    if (h < 1 || rank < 1 || rank > 2 || !array_of(args[0], NPY_FLOAT32, 2, rank, h, 1) || !array_of(args[1], NPY_FLOAT32, 2, rank, h, 1)) {
-        PyErr_SetString(PyExc_ValueError, "apply_window(): up and down must be writable C-contiguous float32[rank, hidden_dim]");
+    if (h < 1 || rank < 1 || rank > 0xFFFF || !array_of(args[0], NPY_FLOAT32, 2, rank, h, 1)) {
+        PyErr_SetString(PyExc_ValueError, "apply_window(): up must be a writable C-contiguous float32[rank, hidden_dim]");
         return NULL;
     }
     Py_buffer w;
-    if (PyObject_GetBuffer(args[2], &w, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &w, PyBUF_SIMPLE) < 0) return NULL;
     const char *raw = (const char *)w.buf;
     PyObject *result = NULL;
     uint32_t hidden, r;
@@ -1268,19 +1256,19 @@ static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     memcpy(&n, raw + 24, 8);
     memcpy(&cum, raw + 32, 8);
     memcpy(&sealed_at, raw + 40, 8);
-    if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || (up_rows != 1 && up_rows != rank) || down_rows != (routing ? rank : 0) ||
-        w.len != WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)(up_rows + down_rows) || n < 1 || cum < n || !isfinite(sealed_at))
+    if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || (up_rows != 1 && up_rows != rank) || down_rows != 0 ||
+        w.len != WINDOW_HEAD_BYTES + 8 * h * (Py_ssize_t)up_rows || n < 1 || cum < n || !isfinite(sealed_at))
         goto not_a_window;
     {
         const char *g = raw + WINDOW_HEAD_BYTES;
-        Py_ssize_t values = h * (up_rows + down_rows);
+        Py_ssize_t values = h * up_rows;
         for (Py_ssize_t i = 0; i < values; i++) {
             double v;
             memcpy(&v, g + 8 * i, 8);
             if (!isfinite(v)) goto not_a_window;
         }
         double step = lr / (double)n;
-        float *U = (float *)PyArray_DATA((PyArrayObject *)args[0]), *D = (float *)PyArray_DATA((PyArrayObject *)args[1]);
+        float *U = (float *)PyArray_DATA((PyArrayObject *)args[0]);
         for (Py_ssize_t row = 0; row < rank; row++) {
             const char *gu = g + 8 * h * (up_rows == 1 ? 0 : row);
             for (Py_ssize_t i = 0; i < h; i++) {
@@ -1288,15 +1276,6 @@ static PyObject *apply_window(PyObject *self, PyObject *const *args, Py_ssize_t 
                 memcpy(&v, gu + 8 * i, 8);
                 double val = (double)U[row * h + i] + v * step;
                 U[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
-            }
-            if (down_rows) {
-                const char *gd = g + 8 * h * (up_rows + row);
-                for (Py_ssize_t i = 0; i < h; i++) {
-                    double v;
-                    memcpy(&v, gd + 8 * i, 8);
-                    double val = (double)D[row * h + i] + v * step;
-                    D[row * h + i] = (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
-                }
             }
         }
         result = Py_BuildValue("(KKKd)", (unsigned long long)seq, (unsigned long long)n, (unsigned long long)cum, sealed_at);
@@ -2117,11 +2096,11 @@ static PyMethodDef methods[] = {
      "learn_routing_rows($module, query, route_index, best_index, quality, start, learner, stop, /)\n--\n\n"
      "Routing rule: learn rows[start:] of arrays into the learner's working state, applying the windows it fills."},
     {"write_window", (PyCFunction)(void (*)(void))write_window, METH_FASTCALL,
-     "write_window($module, out, grad_up, grad_down, seq, n, cum, sealed_at, /)\n--\n\n"
+     "write_window($module, out, grad_up, seq, n, cum, sealed_at, /)\n--\n\n"
      "Encode a sealed window into a buffer (fleet/window.py's bytes); its length."},
     {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
-     "apply_window($module, up, down, window, lr, hidden_dim, rank, routing, /)\n--\n\n"
-     "Apply a sealed window's bytes to up/down (fleet/window.py's arithmetic); None: not a window of this shape."},
+     "apply_window($module, up, window, lr, hidden_dim, rank, /)\n--\n\n"
+     "Apply an SFW1 window's bytes to up (fleet/window.py's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
      "route($module, x, down, up_scaled, vectors, bias, active, names, mode, parameter, temperature, u, /)\n--\n\n"
      "routes.choose() for one finite float32 vector: a RouteChoice; None: take the Python path."},

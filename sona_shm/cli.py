@@ -598,7 +598,8 @@ def _routes(args: argparse.Namespace) -> int:
     if args.routes_command == "list":
         stats = read(args.name)
         rows = [
-            {"index": i, **{k: v for k, v in vars(r).items()}, "state": "retired" if r.retired else "active"} for i, r in enumerate(stats.routes)
+            {"index": i, **{k: v for k, v in vars(r).items()}, "state": "retired" if r.retired else "active"}
+            for i, r in enumerate(stats.routes)
         ]
         if args.json:
             print(json.dumps(rows))
@@ -609,7 +610,8 @@ def _routes(args: argparse.Namespace) -> int:
         print(f"{'index':>5}  {'name':<24} {'state':<8} {'chosen':>8} {'best':>8} {'mean reward':>11} {'drift':>7} {'bias':>7}")
         for r in rows:
             mean = "-" if r["mean_reward"] is None else f"{r['mean_reward']:.3f}"
-            print(f"{r['index']:>5}  {r['name']:<24} {r['state']:<8} {r['chosen']:>8} {r['best']:>8} {mean:>11} {r['drift']:>7.3f} {r['bias']:>7.3f}")
+            counts = f"{r['chosen']:>8} {r['best']:>8} {mean:>11}"
+            print(f"{r['index']:>5}  {r['name']:<24} {r['state']:<8} {counts} {r['drift']:>7.3f} {r['bias']:>7.3f}")
         return EXIT_OK
     timeout = check_timeout(args.timeout, "--timeout")
     segment = Segment.open(args.name, writable=True)

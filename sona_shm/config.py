@@ -31,6 +31,8 @@ def default_max_routes(routes: int) -> int:
     """Rows reserved for a table of ``routes`` routes when ``--max-routes`` is not given: room to add as many
     again, and at least 16 (capped at :data:`MAX_ROUTES`; 0 without a table)."""
     return 0 if routes == 0 else min(MAX_ROUTES, routes + max(16, routes))
+
+
 #: Outbox entries of an engine created for a fleet when none is given (``--fleet-outbox``), at most: a sealed
 #: window takes one; at 1,000 signals/s and the default flush threshold (10 windows/s) 4096 entries ride out
 #: ~7 minutes without Redis; at h=256, rank 2 they take 16 MiB under the reference rule. An entry holds the
@@ -123,9 +125,13 @@ class EngineConfig:
         if self.max_routes == 0:
             object.__setattr__(self, "max_routes", default_max_routes(self.routes))  # frozen: resolved once, here
         elif self.max_routes < self.routes:
-            raise InvalidInputError(f"max_routes: expected at least the table's {self.routes} routes (and at most {MAX_ROUTES}), got {self.max_routes}")
+            raise InvalidInputError(
+                f"max_routes: expected at least the table's {self.routes} routes (and at most {MAX_ROUTES}), got {self.max_routes}"
+            )
         elif self.routes == 0:
-            raise InvalidInputError(f"max_routes: an engine without a route table reserves none (give --routes FILE), got {self.max_routes}")
+            raise InvalidInputError(
+                f"max_routes: an engine without a route table reserves none (give --routes FILE), got {self.max_routes}"
+            )
         adapter_lr = self.adapter_lr
         if isinstance(adapter_lr, bool) or not isinstance(adapter_lr, (int, float)) or not (0.0 <= adapter_lr < math.inf):
             raise InvalidInputError(f"adapter_lr: expected a finite number >= 0, got {adapter_lr!r}")

@@ -186,4 +186,14 @@ def export_checkpoint(path: str, directory: str | os.PathLike[str], *, module: s
     return export_peft(directory, checkpoint, module=module, mode=stat.S_IMODE(os.stat(path).st_mode))  # as private as the file
 
 
-__all__ = ["DEFAULT_MODULE", "ROUTES_FILE", "routes_npz", "PeftExport", "export_checkpoint", "export_engine", "export_peft", "peft_config", "peft_tensors"]
+__all__ = [
+    "DEFAULT_MODULE",
+    "ROUTES_FILE",
+    "routes_npz",
+    "PeftExport",
+    "export_checkpoint",
+    "export_engine",
+    "export_peft",
+    "peft_config",
+    "peft_tensors",
+]

@@ -169,7 +169,10 @@ def good_checkpoint(tmp_path, **changes) -> str:
         ({"corrupt": str(2**62)}, "metadata 'corrupt': expected an integer in [0, 2**62)"),
         ({"rule": "sgd"}, "invalid engine configuration in its metadata (rule: expected one of"),
         ({"routes": "3"}, "metadata 'route_names': expected at least 3 names (its 'routes'), got 0"),
-        ({"routes": "2", "route_names": '["a", "b"]'}, "missing ['sona.route_best', 'sona.route_bias', 'sona.route_chosen', 'sona.route_reward'"),
+        (
+            {"routes": "2", "route_names": '["a", "b"]'},
+            "missing ['sona.route_best', 'sona.route_bias', 'sona.route_chosen', 'sona.route_reward'",
+        ),
         ({GRAD_DOWN: np.zeros((R, H))}, "unexpected ['sona.grad_down']"),
         ({"generation": "-1"}, "metadata 'generation': expected an integer in [0, 2**62)"),
         ({"generation": str(2**64 - 1)}, "metadata 'generation': expected an integer in [0, 2**62), got '18446744073709551615'"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from sona_shm.fleet.replica import NeedResync, Replica, Snapshot, StreamEntry, host_key
-from sona_shm.fleet.window import apply_window, read_window, write_window
-from sona_shm.learn.learner import initial_down
+from sona_shm.fleet.window import BadWindow, apply_sealed, read_window, write_window
+from sona_shm.learn.learner import DeltaWindow, Window, initial_down
+from sona_shm.learn.routes import RouteTable
 from sona_shm.shm.layout import MAX_FLEET_HOSTS, EngineConfig, Layout
 
 H, R, LR = 16, 2, 0.5
@@ -39,10 +42,20 @@ def replica(host: str = "me", epoch: int = 7, registered: bool = True) -> Replic
 
 def window(seq: int, n: int = 3, cum: int | None = None, value: float = 1.0) -> bytes:
     out = np.zeros(LAYOUT.entry_bytes, np.uint8)
-    size = write_window(
-        out, seq=seq, n=n, cum=n * seq if cum is None else cum, sealed_at=1.0, grad_up=np.full((R, H), value * seq), grad_down=None
-    )
+    size = write_window(out, sums(value * seq, n), rank=R, seq=seq, cum=n * seq if cum is None else cum, sealed_at=1.0)
     return out[:size].tobytes()
+
+
+def sums(value: float, n: int) -> Window:
+    """A reference-rule window of ``n`` signals whose gradient sums are all ``value``."""
+    return Window(np.full((R, H), float(value)), n)
+
+
+NO_TABLE = np.zeros((0, H), np.float32), np.zeros(0, np.float32)
+
+
+def apply_to(up: np.ndarray, down: np.ndarray, raw: bytes) -> None:
+    apply_sealed(up, down, *NO_TABLE, read_window(raw, hidden_dim=H, rank=R, routing=False), LR)
 
 
 def entry(ms: int, host: str, seq: int, prev: int | None = None, **kw) -> StreamEntry:
@@ -52,15 +65,15 @@ def entry(ms: int, host: str, seq: int, prev: int | None = None, **kw) -> Stream
 def test_sealing_fills_the_outbox_and_applying_own_windows_back_retires_them():
     r = replica()
     for k in range(4):
-        r.seal(np.full((R, H), float(k + 1)), None, 3)
+        r.seal(sums(k + 1, 3))
     assert (r.head, r.tail, r.outstanding) == (4, 0, 4)
     with pytest.raises(Exception, match="outbox is full"):
-        r.seal(np.ones((R, H)), None, 1)
+        r.seal(sums(1, 1))
     assert read_window(r.window_bytes(2), hidden_dim=H, rank=R, routing=False).cum == 6
     assert r.oldest_outstanding_at() is not None
     applied, foreign = r.apply([StreamEntry((1, i), "me", s, s - 1, r.window_bytes(s), s) for i, s in enumerate((1, 2))])
     assert (applied, foreign, r.tail, r.outstanding, r.cursor) == (2, False, 2, 2, (1, 1))
-    r.seal(np.ones((R, H)), None, 1)  # the freed entry is used again
+    r.seal(sums(1, 1))  # the freed entry is used again
     assert (r.head, r.outstanding) == (5, 3)
 
 
@@ -71,7 +84,7 @@ def test_entries_apply_in_order_once_and_the_table_follows_every_host():
     entries = [entry(1, "a", 1), entry(2, "b", 1), entry(3, "a", 2), entry(4, "a", 2), entry(5, "b", 2)]
     for e in entries[:4]:
         if e.id != (4, 0):
-            apply_window(expected_up, expected_down, read_window(e.windows, hidden_dim=H, rank=R, routing=False), LR)
+            apply_to(expected_up, expected_down, e.windows)
     assert r.apply(entries[:4]) == (3, True)  # ("a", 2) twice: the second is skipped
     assert r.apply(entries[:4]) == (0, False)  # read twice: nothing
     assert r.st["up"].tobytes() == expected_up.tobytes()
@@ -114,7 +127,7 @@ def test_an_entry_of_many_windows_applies_them_in_order_like_one_entry_each():
 def test_own_windows_in_one_entry_retire_together():
     r = replica()
     for k in range(3):
-        r.seal(np.full((R, H), float(k + 1)), None, 2)
+        r.seal(sums(k + 1, 2))
     raw = b"".join(r.window_bytes(s) for s in (1, 2, 3))
     assert r.apply([StreamEntry((1, 0), "me", 1, 0, raw, 3)]) == (3, False)
     assert (r.tail, r.outstanding) == (3, 0)
@@ -124,7 +137,7 @@ def test_own_windows_in_an_entry_counted_bad_are_retired_not_left_outstanding():
     """Every replica moves past a bad entry; the windows in it will never come back, so they leave the outbox."""
     r = replica()
     for k in range(3):
-        r.seal(np.full((R, H), float(k + 1)), None, 2)
+        r.seal(sums(k + 1, 2))
     raw = r.window_bytes(1) + r.window_bytes(2)[:-8] + np.float64("nan").tobytes() + r.window_bytes(3)  # window 2: a NaN
     assert r.apply([StreamEntry((1, 0), "me", 1, 0, raw, 3)]) == (1, False)
     assert int(r.st["fleet_bad_entries"]) == 1 and r.table()[host_key("me")][0] == 3
@@ -216,7 +229,7 @@ def test_a_gap_entry_and_given_up_windows_are_counted_lost_alike_everywhere():
 def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows():
     r = replica("me")
     for k in range(3):
-        r.seal(np.full((R, H), float(k + 1)), None, 2)
+        r.seal(sums(k + 1, 2))
     r.apply([StreamEntry((5, 0), "me", 1, 0, r.window_bytes(1), 1), entry(6, "a", 1)])
     snap = Snapshot.from_fields({k.encode(): v for k, v in r.snapshot(now=3.0).to_fields().items()})
     assert snap.cursor == (6, 0) and snap.entries == 2 and snap.table == r.table() and snap.epoch == 7
@@ -224,7 +237,7 @@ def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows()
     other = replica("me", epoch=0)
     other.rebase(0)
     for k in range(3):
-        other.seal(np.full((R, H), float(k + 1)), None, 2)
+        other.seal(sums(k + 1, 2))
     other.load(snap)
     assert other.st["up"].tobytes() == r.st["up"].tobytes() and other.cursor == (6, 0) and other.tail == 1
     assert int(other.st["fleet_resyncs"]) == 0  # joining is not a resync
@@ -234,36 +247,132 @@ def test_a_snapshot_carries_the_fleet_state_and_loading_it_retires_own_windows()
 
 def test_speculated_weights_are_the_fleet_adapter_with_own_outstanding_windows():
     r = replica()
-    r.seal(np.full((R, H), 1.0), None, 2)
-    r.seal(np.full((R, H), 3.0), None, 4)
-    up, down = np.empty((R, H), np.float32), np.empty((R, H), np.float32)
-    r.speculate(up, down)
+    r.seal(sums(1.0, 2))
+    r.seal(sums(3.0, 4))
+    up, down, vectors, bias = r.speculate()
     want_up, want_down = r.st["up"].copy(), r.st["down"].copy()
     for seq in (1, 2):
-        apply_window(want_up, want_down, read_window(r.window_bytes(seq), hidden_dim=H, rank=R, routing=False), LR)
+        apply_to(want_up, want_down, r.window_bytes(seq))
     assert up.tobytes() == want_up.tobytes() and down.tobytes() == want_down.tobytes()
+    assert vectors.shape == (0, H) and bias.shape == (0,)
 
 
 def test_the_c_and_numpy_appliers_agree_on_every_bit_and_on_what_is_not_a_window():
-    from sona_shm.fleet.replica import _apply_numpy
-    from sona_shm.shm.lane import _speedups
+    from sona_shm.native import speedups as _speedups
 
     if _speedups is None:
         pytest.skip("the C fast paths are not built")
     rng = np.random.default_rng(5)
-    for routing in (False, True):
-        for n, scale in ((1, 1.0), (3, 1e38), (9, 1e-3)):
-            out = np.zeros(LAYOUT.entry_bytes + 8 * H * R, np.uint8)
-            grad_down = rng.standard_normal((R, H)) * scale if routing else None
-            size = write_window(out, seq=4, n=n, cum=9, sealed_at=2.0, grad_up=rng.standard_normal((R, H)) * scale, grad_down=grad_down)
-            raw = out[:size].tobytes()
-            start = (rng.standard_normal((R, H)) * 1e37).astype(np.float32), rng.standard_normal((R, H)).astype(np.float32)
-            c, py = [a.copy() for a in start], [a.copy() for a in start]
-            assert _speedups.apply_window(*c, raw, 0.7, H, R, routing) == _apply_numpy(*py, raw, 0.7, H, R, routing) == (4, n, 9, 2.0)
-            assert c[0].tobytes() == py[0].tobytes() and c[1].tobytes() == py[1].tobytes()
-            for bad in (raw[:-8], raw[:64] + np.full(size // 8 - 8, np.nan).tobytes(), b"SFW2" + raw[4:]):
-                assert _speedups.apply_window(*c, bad, 0.7, H, R, routing) is None and _apply_numpy(*py, bad, 0.7, H, R, routing) is None
-            assert _speedups.apply_window(*c, raw, 0.7, H, R, not routing) is None  # the other rule's shape
+    for n, scale in ((1, 1.0), (3, 1e38), (9, 1e-3)):
+        out = np.zeros(LAYOUT.entry_bytes, np.uint8)
+        size = write_window(out, Window(rng.standard_normal((R, H)) * scale, n), rank=R, seq=4, cum=9, sealed_at=2.0)
+        raw = out[:size].tobytes()
+        start = (rng.standard_normal((R, H)) * 1e37).astype(np.float32)
+        c, py = start.copy(), start.copy()
+        assert _speedups.apply_window(c, raw, 0.7, H, R) == (4, n, 9, 2.0)
+        sealed = read_window(raw, hidden_dim=H, rank=R, routing=False)
+        apply_sealed(py, np.zeros_like(py), *NO_TABLE, sealed, 0.7)
+        assert c.tobytes() == py.tobytes()
+        for bad in (raw[:-8], raw[:64] + np.full(size // 8 - 8, np.nan).tobytes(), b"SFW2" + raw[4:]):
+            assert _speedups.apply_window(c, bad, 0.7, H, R) is None
+            with pytest.raises(BadWindow):
+                read_window(bad, hidden_dim=H, rank=R, routing=False)
+
+
+# ----------------------------------------------------------------- the routing rule's windows (SFW2)
+
+K, KM = 3, 5
+ROUTING = Layout(
+    EngineConfig(
+        hidden_dim=H,
+        rank=R,
+        lr=LR,
+        flush_threshold=10,
+        capacity=0,
+        max_steps=1,
+        attention_dim=0,
+        lanes=2,
+        lane_slots=4,
+        fleet_outbox=4,
+        rule="routing",
+        routes=K,
+        max_routes=KM,
+    )
+)
+TABLE = RouteTable.build(np.random.default_rng(1).standard_normal((K, H)).astype(np.float32), ["a", "b", "c"])
+
+
+def routing_replica(host: str = "me", epoch: int = 7) -> Replica:
+    state = np.zeros(1, ROUTING.ledger_dtype)
+    st = state[0]
+    st["down"] = initial_down(H, R)
+    st["route_vectors"][:K] = TABLE.unit
+    st["route_state"][:K] = 1
+    st["routes_used"] = K
+    st["fleet_epoch"] = epoch
+    outbox = np.zeros((ROUTING.fleet_outbox, ROUTING.entry_bytes), np.uint8)
+    return Registered(ROUTING, state, outbox, host, TABLE)
+
+
+def deltas(seed: int, rows: list[int], n: int = 2, adapter: bool = False) -> DeltaWindow:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    up, down = (rng.standard_normal((R, H)).astype(f32), rng.standard_normal((R, H)).astype(f32)) if adapter else (None, None)
+    return DeltaWindow(
+        up, down, rng.standard_normal(K).astype(f32), np.array(rows, np.int64), rng.standard_normal((len(rows), H)).astype(f32), n
+    )
+
+
+def test_a_routing_window_carries_the_rows_it_touched_and_every_replica_applies_it_alike():
+    mine, other = routing_replica("me"), routing_replica("other")
+    before = other.st["route_vectors"].copy()
+    mine.seal(deltas(1, [0, 2]))
+    mine.seal(deltas(2, [1], adapter=True))
+    sealed = read_window(mine.window_bytes(1), hidden_dim=H, rank=R, routing=True, max_routes=K)
+    assert sealed.window.rows.tolist() == [0, 2] and sealed.window.up is None and sealed.cum == 2
+    entries = [StreamEntry((1, i), "me", s, s - 1, mine.window_bytes(s), s) for i, s in enumerate((1, 2))]
+    assert mine.apply(entries) == (2, False) and other.apply(entries) == (2, True)
+    assert (mine.tail, mine.outstanding) == (2, 0)
+    for name in ("up", "down", "route_vectors", "route_bias"):
+        assert mine.st[name].tobytes() == other.st[name].tobytes(), name
+    assert (other.st["route_vectors"][K:] == before[K:]).all()  # rows no route uses stay as they were
+    w = deltas(1, [0, 2])
+    want = before[0].astype(np.float64) + w.vectors[0].astype(np.float64)
+    assert other.st["route_vectors"][0].tobytes() == want.astype(np.float32).tobytes()
+
+
+def test_a_routing_window_of_more_routes_than_the_engine_has_is_bad():
+    big = Layout(dataclasses.replace(ROUTING.config, max_routes=KM))
+    r = routing_replica()
+    out = np.zeros(big.entry_bytes, np.uint8)
+    w = deltas(3, [0])
+    wide = DeltaWindow(None, None, np.zeros(K + 1, np.float32), w.rows, w.vectors, 2)
+    size = write_window(out, wide, rank=R, seq=1, cum=2, sealed_at=1.0)
+    assert r.apply([StreamEntry((1, 0), "x", 1, 0, out[:size].tobytes(), 1)]) == (0, False)
+    assert int(r.st["fleet_bad_entries"]) == 1
+
+
+def test_routing_speculation_and_snapshots_carry_the_learned_route_table():
+    r = routing_replica()
+    r.apply([StreamEntry((1, 0), "x", 1, 0, _routing_bytes(deltas(4, [1]), 1), 1)])
+    r.seal(deltas(5, [0, 1], adapter=True))
+    up, down, vectors, bias = r.speculate()
+    want = routing_replica()
+    want.apply(
+        [StreamEntry((1, 0), "x", 1, 0, _routing_bytes(deltas(4, [1]), 1), 1), StreamEntry((2, 0), "me", 1, 0, r.window_bytes(1), 1)]
+    )
+    for got, name in ((up, "up"), (down, "down"), (vectors, "route_vectors"), (bias, "route_bias")):
+        assert got.tobytes() == want.st[name][: len(got)].tobytes(), name
+    snap = Snapshot.from_fields({k.encode(): v for k, v in r.snapshot(now=3.0).to_fields().items()})
+    fresh = routing_replica("new", epoch=0)
+    fresh.load(snap)
+    for name in ("up", "down", "route_vectors", "route_bias"):
+        assert fresh.st[name].tobytes() == r.st[name].tobytes(), name
+
+
+def _routing_bytes(window: DeltaWindow, seq: int) -> bytes:
+    out = np.zeros(ROUTING.entry_bytes, np.uint8)
+    return out[: write_window(out, window, rank=R, seq=seq, cum=seq * window.n, sealed_at=1.0)].tobytes()
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,10 @@ def test_the_command_line_lists_adds_renames_and_retires(name, tmp_path, capsys)
 
     path = str(tmp_path / "routes.npz")
     table().save(path)
-    assert main(["create", "--name", name, "--rule", "routing", "--routes", path, "--max-routes", "6", "--lanes", "2", "--lane-slots", "8"]) == EXIT_OK
+    assert (
+        main(["create", "--name", name, "--rule", "routing", "--routes", path, "--max-routes", "6", "--lanes", "2", "--lane-slots", "8"])
+        == EXIT_OK
+    )
     examples = str(tmp_path / "examples.npy")
     np.save(examples, np.random.default_rng(4).standard_normal((5, H)))
     assert main(["routes", "add", "--name", name, "write", "--vector", examples]) == EXIT_OK

@@ -11,7 +11,6 @@ import pytest
 from sona_shm import InstantLoop, InvalidInputError, Step, Trajectory
 from sona_shm.config import DEFAULT_LR, MAX_ROUTES
 from sona_shm.learn import routing as routing_module
-from sona_shm.learn.learner import Learner
 from sona_shm.learn.routes import RouteTable, load_routes
 
 F32 = np.float32

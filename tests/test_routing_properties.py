@@ -111,7 +111,22 @@ def test_a_step_is_bounded_scale_free_and_finite(case, scale, n):
         centre = np.full(len(query), 0.5 / np.sqrt(len(query)))
         x = (query / np.max(np.abs(query)) * factor).astype(F32)
         assume(np.max(np.abs(x)) > 0)
-        routing.step(s["up"], s["down"], s["vectors"], s["bias"], centre, active, x, route, best, reward, n=n, lr=0.03, adapter_lr=0.0, temperature=tau)
+        routing.step(
+            s["up"],
+            s["down"],
+            s["vectors"],
+            s["bias"],
+            centre,
+            active,
+            x,
+            route,
+            best,
+            reward,
+            n=n,
+            lr=0.03,
+            adapter_lr=0.0,
+            temperature=tau,
+        )
         assert all(np.isfinite(v).all() for v in s.values())
         moved.append(s)
     dv = np.linalg.norm(moved[0]["vectors"].astype(F64) - f32["vectors"].astype(F64), axis=1)
@@ -137,7 +152,20 @@ def test_a_query_mapped_below_the_minimum_norm_teaches_nothing(rank):
         up[0] = -(1.0 - eps) * np.sqrt(rank) * qhat
         before = (up.copy(), down.copy(), vectors.copy())
         moved = routing.step(
-            up, down, vectors, np.zeros(k, F32), np.zeros(h), np.ones(k, bool), qhat, 1, 0, 1.0, n=1, lr=1.0, adapter_lr=1.0, temperature=10.0
+            up,
+            down,
+            vectors,
+            np.zeros(k, F32),
+            np.zeros(h),
+            np.ones(k, bool),
+            qhat,
+            1,
+            0,
+            1.0,
+            n=1,
+            lr=1.0,
+            adapter_lr=1.0,
+            temperature=10.0,
         )
         assert moved == teaches
         assert not teaches or not np.array_equal(up, before[0])

@@ -64,9 +64,9 @@ def test_the_suggested_command_repeats_every_option_that_is_not_a_default():
         "sona-shm flusher --name x --hidden-dim 64 --lr 0.01 --capacity 100 --lane-slots 16 --group"
     )
     # A routing engine: lr compared with the routing rule's default, the table as the file the caller gave.
-    routing = EngineConfig(rule="routing", routes=8, lane_slots=16, fleet_outbox=4096)
-    assert space.command("r", routing) == "sona-shm flusher --name r --lane-slots 16 --rule routing --fleet-outbox 4096 --routes FILE"
-    fits = r"fleet outbox 4096 x .*--fleet-outbox\), or give .*--rule routing .*--routes FILE` \(FILE: the route table"
+    routing = EngineConfig(rule="routing", routes=8, lane_slots=16, fleet_outbox=1024)
+    assert space.command("r", routing) == "sona-shm flusher --name r --lane-slots 16 --rule routing --fleet-outbox 1024 --routes FILE"
+    fits = r"fleet outbox 1024 x .*--fleet-outbox\), or give .*--rule routing .*--routes FILE` \(FILE: the route table"
     with pytest.raises(NoSpaceError, match=fits):
         space.check_room(Layout(routing), "r", room_bytes=48 * MiB, limit="")
     assert space.size_text(4096) == "4.0 KiB" and space.size_text(5 * 2**40) == "5.0 TiB" and space.size_text(12) == "12 B"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 
 import numpy as np
 import pytest
@@ -525,9 +524,9 @@ def test_c_and_python_write_identical_feedback_slots_and_refuse_the_same(engine,
 @pytest.mark.parametrize("rule", ["reference", "routing"])
 def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they_would_apply(engine, rule):
     """stop=True (a fleet's flusher): each call returns where a window is complete, applying nothing;
-    sealing it (the window's bytes) and applying that gives the weights of the plain call, bit for bit."""
-    from sona_shm.fleet.window import apply_window, read_window, write_window
-    from sona_shm.learn.learner import Learner, learn_block
+    sealing it (the window's bytes) and applying that gives the state of the plain call, bit for bit."""
+    from sona_shm.fleet.window import apply_sealed, read_window, write_window
+    from sona_shm.learn.learner import STATE_ARRAYS, Learner, learn_block
     from sona_shm.learn.routes import feedback_trajectory
 
     from support import make_trajectories, route_table
@@ -552,37 +551,34 @@ def test_in_sealing_mode_the_c_learners_stop_at_the_threshold_with_the_sums_they
     block = flusher._slot_bytes[client.lane * layout.lane_slots : client.lane * layout.lane_slots + 30]
 
     def copy() -> Learner:
-        arrays = {f: getattr(base, f).copy() for f in ("down", "up", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward")}
-        return Learner(H, 2, base.lr, 7, rule=base.rule, unit=base.unit, temperature=base.temperature, **arrays)
+        arrays = {f: getattr(base, f).copy() for f in STATE_ARRAYS}
+        return Learner.for_engine(layout.config, routes_used=base.routes_used, **arrays)
 
+    published = ("up", "down", "route_vectors", "route_bias")
     plain, sealed = copy(), copy()
     learn_block(plain, layout, block, 1)
-    done, cuts = 0, []
+    done, cuts, sizes = 0, [], []
     out = np.zeros(layout.entry_bytes, np.uint8)
     while done < 30:
-        before = (sealed.up.tobytes(), sealed.down.tobytes())
+        size = sealed.window_size
+        before = [getattr(sealed, f).tobytes() for f in published]
         _, corrupt, consumed = learn_block(sealed, layout, block[done:], done + 1, stop=True)
-        assert not corrupt and (sealed.up.tobytes(), sealed.down.tobytes()) == before  # nothing applied inside a call
+        assert not corrupt and [getattr(sealed, f).tobytes() for f in published] == before  # nothing applied inside a call
         done += consumed
         cuts.append(consumed)
-        if sealed.pending == 7:
-            size = write_window(
-                out,
-                seq=len(cuts),
-                n=7,
-                cum=7 * len(cuts),
-                sealed_at=0.0,
-                grad_up=sealed.grad_up,
-                grad_down=sealed.grad_down if table else None,
-            )
-            window = read_window(out[:size].tobytes(), hidden_dim=H, rank=2, routing=table is not None)
-            apply_window(sealed.up, sealed.down, window, sealed.lr)
-            sealed.grad_up[...] = 0.0
-            sealed.grad_down[...] = 0.0
-            sealed.pending = 0
-    assert cuts == [7, 7, 7, 7, 2]
-    assert plain.pending == sealed.pending == 2
-    for field in ("up", "down", "grad_up", "grad_down", "route_chosen", "route_best", "route_reward"):
+        if sealed.window_full:
+            sizes.append(size)
+            window = sealed.close_window()
+            length = write_window(out, window, rank=2, seq=len(sizes), cum=done, sealed_at=0.0)
+            raw = out[:length].tobytes()
+            read = read_window(raw, hidden_dim=H, rank=2, routing=table is not None, max_routes=base.routes_used)
+            apply_sealed(sealed.up, sealed.down, sealed.route_vectors, sealed.route_bias, read, sealed.lr)
+            if table is not None:
+                sealed.work_vectors[...], sealed.work_bias[...] = sealed.route_vectors, sealed.route_bias
+    assert cuts[: len(sizes)] == sizes and sum(cuts) == 30
+    assert cuts == ([7, 7, 7, 7, 2] if table is None else [1] * 30)  # the routing rule's first windows are of one feedback
+    assert plain.pending == sealed.pending
+    for field in STATE_ARRAYS:
         assert getattr(plain, field).tobytes() == getattr(sealed, field).tobytes(), field
 
 

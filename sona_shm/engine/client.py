@@ -397,7 +397,17 @@ class Client:
         if _speedups is not None:  # one C call for one vector
             u = -1.0 if rng is None or mode == "greedy" else float(rng.random())
             done = _speedups.route(
-                x, router.down, router.up_scaled, router.vectors, router.bias, router.active, router.names, MODES[mode], parameter, router.temperature, u
+                x,
+                router.down,
+                router.up_scaled,
+                router.vectors,
+                router.bias,
+                router.active,
+                router.names,
+                MODES[mode],
+                parameter,
+                router.temperature,
+                u,
             )
             if done is not None:  # x was a finite float32 [h] vector; anything else is handled below
                 return done
@@ -454,7 +464,7 @@ class Client:
         try:
             if not layout.max_routes:
                 generation, down, up = self._ledger.read("generation", "down", "up")
-                fields: tuple = ()
+                fields: list = []
             else:
                 generation, down, up, *fields = self._ledger.read(
                     "generation", "down", "up", "routes_used", "routes_version", "route_vectors", "route_bias", "route_state"

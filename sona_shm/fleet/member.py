@@ -54,7 +54,7 @@ import numpy as np
 
 from ..engine.modes import ModeContext
 from ..errors import InvalidInputError
-from ..learn.learner import Window
+from ..learn.learner import DeltaWindow, Window
 from ..learn.routes import RouteTable
 from ..shm.layout import (
     FLEET_HOST_BYTES,
@@ -787,7 +787,7 @@ class FleetMode:
         if self.replica.bound:
             self.publisher.snapshots_allowed.set()
         if layout.config.rule == "routing":
-            self._speculate()
+            self._speculate(start=True)
         self.start()
 
     # ----------------------------------------------------------------- identity
@@ -1075,11 +1075,18 @@ class FleetMode:
         self._committed_head, self._committed_cursor = replica.head, replica.cursor
         return points
 
-    def _speculate(self) -> None:
-        """The learner computes at the fleet's adapter with this host's windows in flight applied (see Replica.speculate)."""
-        up, down = np.empty_like(self.learner.up), np.empty_like(self.learner.down)
-        self.replica.speculate(up, down)
-        self.learner.set_weights(up, down)
+    def _speculate(self, start: bool = False) -> None:
+        """The routing rule learns from the fleet's learned state with this host's windows in flight applied (see
+        Replica.speculate); its open window moves along. ``start``: the record's working copy was learned from that
+        state already (a restarted flusher): the learner takes it as its published state, nothing moves."""
+        up, down, vectors, bias = self.replica.speculate()
+        learner = self.learner
+        if start:
+            k = len(bias)
+            learner.up[...], learner.down[...] = up, down
+            learner.route_vectors[:k], learner.route_bias[:k] = vectors, bias
+        else:
+            learner.set_weights(up, down, vectors, bias)
 
     def may_learn(self, window_open: bool) -> bool:
         """Whether learning may go on: once bound, a window open may fill; a new one opens only while the outbox has
@@ -1109,11 +1116,11 @@ class FleetMode:
                 self._full_since = None
         return ok
 
-    def on_window(self, window: Window) -> None:
+    def on_window(self, window: Window | DeltaWindow) -> None:
         """Seal a window the learner closed into the outbox; the flusher's next commit publishes it."""
-        raw = self.replica.seal(window.grad_up, window.grad_down, window.n)
+        raw = self.replica.seal(window)
         self._sealed[self.replica.head] = raw  # handed to the publisher after the commit
-        if window.grad_down is not None:  # routing: the next window's gradients see this one applied (replica.speculated)
+        if isinstance(window, DeltaWindow):  # routing: the next window learns from this one applied (Replica.speculate)
             self.learner.apply(window)
 
     def take_requests(self, requests: list[tuple[int, int, int]]) -> None:

@@ -28,6 +28,7 @@ them); the rules:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,11 +40,12 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import CheckpointError, InternalSignal, SonaShmError
+from ..learn.learner import DeltaWindow, Window
 from ..learn.routes import RouteTable
 from ..native import speedups as _speedups
 from ..shm.layout import Layout
 from ..store.checkpoint import Checkpoint
-from .window import BadWindow, Window, apply_window, read_window, split_windows, window_length, write_window
+from .window import BadWindow, apply_sealed, read_window, split_windows, window_length, write_window
 
 StreamId = tuple[int, int]
 #: The most windows an entry may claim to carry (``redis_log.ENTRY_WINDOWS`` is what sona_shm writes; more is not an entry of ours).
@@ -189,8 +191,9 @@ class Replica:
     """The fleet part of the flusher's private ledger record; see the module docstring.
 
     ``state``: the flusher's private ledger record (shape ``(1,)``). The replica writes only
-    what it owns there: every ``fleet_`` field, and the fleet's adapter (``up``, ``down``)
-    and its ``generation`` (the host's learner computes at private weights). ``outbox``:
+    what it owns there: every ``fleet_`` field, the fleet's adapter (``up``, ``down``) and
+    learned route table (``route_vectors``, ``route_bias``) and its ``generation`` (the
+    host's learner computes at private weights). ``outbox``:
     ``uint8[fleet_outbox, entry_bytes]``, the segment's outbox entries. ``host_id``: this
     host. Not thread-safe: the flusher's main thread alone uses it. The positions, counters
     and table are kept as Python ints too (reading a field of the record costs a
@@ -282,21 +285,21 @@ class Replica:
 
     # ----------------------------------------------------------------- the outbox
 
-    def seal(self, grad_up: np.ndarray, grad_down: np.ndarray | None, n: int, now: float | None = None) -> bytes:
-        """Write own window ``head + 1`` into its outbox entry and make it the head; return its bytes.
+    def seal(self, window: Window | DeltaWindow, now: float | None = None) -> bytes:
+        """Write ``window`` (as the learner closed it) into own window ``head + 1`` of the outbox and make it the head;
+        return its bytes.
 
-        The caller checked there is room (``outstanding < fleet_outbox``) and zeroes its sums.
+        The caller checked there is room (``outstanding < fleet_outbox``); the learner has zeroed its sums.
         """
         if self.outstanding >= self.layout.fleet_outbox:
             raise SonaShmError(f"replica: the outbox is full ({self.outstanding} entries); a window must not be opened without room")
         if self._head == self._tail:
             self.rebase(self.applied_seq(self.host))  # never a seq the fleet has seen from this host id
         seq = self._head + 1
-        cum = self._sealed + n
+        cum = self._sealed + window.n
         slot = (seq - 1) % self.layout.fleet_outbox
-        size = write_window(
-            self.outbox[slot], seq=seq, n=n, cum=cum, sealed_at=time.time() if now is None else now, grad_up=grad_up, grad_down=grad_down
-        )
+        sealed_at = time.time() if now is None else now
+        size = write_window(self.outbox[slot], window, rank=self.config.rank, seq=seq, cum=cum, sealed_at=sealed_at)
         self._head, self._sealed = seq, cum
         self.st["fleet_out_head"] = seq  # published by the flusher's next commit, with the lane tails and zeroed sums
         self.st["fleet_sealed_signals"] = cum
@@ -340,8 +343,7 @@ class Replica:
         the entries before it are applied (the caller commits or discards them).
         """
         st = self.st
-        up, down = st["up"], st["down"]
-        lr, h, rank, routing = self.config.lr, self.config.hidden_dim, self.config.rank, self.routing
+        up, down, vectors, bias = st["up"], st["down"], st["route_vectors"], st["route_bias"]
         seqs, cums, rows, keys = self._seq, self._cum, self._rows, self._keys
         applied = signals = bad = lost_entries = lost_signals = 0
         foreign = False
@@ -405,7 +407,7 @@ class Replica:
                 for i, raw in enumerate(parts or ()):
                     if int.from_bytes(raw[16:24], "little") != entry.seq + i:
                         break  # not the seq its place says (read from its head, which split_windows saw): not applied either
-                    done = _apply(up, down, raw, lr, h, rank, routing)
+                    done = self._apply(up, down, vectors, bias, raw)
                     if done is None:
                         break  # every replica decides alike: the windows before it count, the rest of the entry is bad
                     _, n, cum, applied_at = done
@@ -463,8 +465,23 @@ class Replica:
         self.st["fleet_host"][row] = 0
         self._seq[row] = self._cum[row] = 0
 
-    def _decode(self, raw: bytes) -> Window:
-        return read_window(raw, hidden_dim=self.config.hidden_dim, rank=self.config.rank, routing=self.routing)
+    def _apply(self, up: np.ndarray, down: np.ndarray, vectors: np.ndarray, bias: np.ndarray, raw: bytes | memoryview) -> tuple | None:
+        """Check window ``raw`` and apply it to the state ``up``, ``down``, ``vectors``, ``bias``: ``(seq, n, cum,
+        sealed_at)``, or None (nothing changed) if it is not a window of this fleet (every replica decides alike)."""
+        config = self.config
+        if not self.routing and _speedups is not None:
+            return _speedups.apply_window(up, raw, config.lr, config.hidden_dim, config.rank)  # SFW1 in one call, the same bits
+        try:
+            sealed = read_window(raw, hidden_dim=config.hidden_dim, rank=config.rank, routing=self.routing, max_routes=self._routes_used)
+        except BadWindow:
+            return None
+        apply_sealed(up, down, vectors, bias, sealed, config.lr)
+        return sealed.seq, sealed.n, sealed.cum, sealed.sealed_at
+
+    @property
+    def _routes_used(self) -> int:
+        """The routes a window may carry biases of: the engine's in use (a fleet's hosts have the same table)."""
+        return int(self.st["routes_used"]) if self.routing else 0
 
     # ----------------------------------------------------------------- snapshots
 
@@ -472,16 +489,22 @@ class Replica:
         """The fleet's state as this replica holds it (its committed record must be what ``state`` holds)."""
         st = self.st
         entries, signals = int(st["fleet_entries"]), int(st["fleet_signals"])
-        checkpoint = Checkpoint(
-            config=self.config,
-            down=np.array(st["down"]),
-            up=np.array(st["up"]),
-            grad_up=np.zeros_like(st["grad_up"]),
-            grad_down=np.zeros_like(st["grad_down"]),
-            routes=self.routes,
-            route_chosen=np.zeros(self.config.routes, np.uint64),
-            route_best=np.zeros(self.config.routes, np.uint64),
-            route_reward=np.zeros(self.config.routes, np.float64),
+        copy = np.zeros(1, st.dtype)
+        copy[0] = st
+        record = copy[0]  # the fleet's learned state: no open window, no counts of this host
+        record["grad_up"] = 0.0
+        for name in ("route_chosen", "route_best", "route_reward", "route_centre"):
+            record[name] = 0
+        if self.routing:
+            for work, published in (
+                ("work_up", "up"),
+                ("work_down", "down"),
+                ("work_vectors", "route_vectors"),
+                ("work_bias", "route_bias"),
+            ):
+                record[work] = record[published]
+        checkpoint = dataclasses.replace(
+            Checkpoint.from_record(record, self.config, self.routes),
             generation=entries,
             counters={
                 "pending": 0,
@@ -531,6 +554,10 @@ class Replica:
             st["fleet_resyncs"] += 1
         st["up"] = checkpoint.up
         st["down"] = checkpoint.down
+        if self.routing:
+            k = len(checkpoint.arrays["route_bias"])
+            st["route_vectors"][:k] = checkpoint.arrays["route_vectors"]
+            st["route_bias"][:k] = checkpoint.arrays["route_bias"]
         st["fleet_epoch"] = snap.epoch
         st["fleet_cursor_ms"], st["fleet_cursor_seq"] = snap.cursor
         for name in ("entries", "signals", "lost_entries", "lost_signals", "bad_entries"):
@@ -559,39 +586,20 @@ class Replica:
 
     # ----------------------------------------------------------------- the learner's weights
 
-    def speculate(self, up: np.ndarray, down: np.ndarray) -> None:
-        """``up``/``down`` := the fleet's adapter with this host's outstanding windows applied, in order.
+    def speculate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The fleet's learned state with this host's outstanding windows applied, in order: ``(up, down,
+        route_vectors, route_bias)`` (the route table's rows in use), new arrays.
 
-        The routing rule computes a window's gradients with these: what the adapter will
-        be once the stream brings those windows back, if no other host's entry comes
-        between. With one host that is exactly the adapter of a host without a fleet.
+        The routing rule learns from there: what the state will be once the stream brings those windows back, if
+        no other host's entry comes between. With one host that is exactly the state of a host without a fleet.
         """
-        up[...] = self.st["up"]
-        down[...] = self.st["down"]
+        st = self.st
+        k = self._routes_used
+        state = (np.array(st["up"]), np.array(st["down"]), np.array(st["route_vectors"][:k]), np.array(st["route_bias"][:k]))
         for raw in self.outstanding_windows():
-            self.apply_own(up, down, raw)
-
-    def apply_own(self, up: np.ndarray, down: np.ndarray, raw: bytes) -> None:
-        """Apply own window ``raw`` (bytes :meth:`seal` returned) to the learner's ``up``/``down``."""
-        if _apply(up, down, raw, self.config.lr, self.config.hidden_dim, self.config.rank, self.routing) is None:
-            raise SonaShmError("replica: an own outbox entry is not a window (memory written outside sona_shm?)")
-
-
-def _apply_numpy(up: np.ndarray, down: np.ndarray, raw: bytes | memoryview, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
-    """:func:`_speedups.apply_window` in numpy: the same checks, the same bits."""
-    try:
-        window = read_window(raw, hidden_dim=h, rank=rank, routing=routing)
-    except BadWindow:
-        return None
-    apply_window(up, down, window, lr)
-    return window.seq, window.n, window.cum, window.sealed_at
-
-
-def _apply(up: np.ndarray, down: np.ndarray, raw: bytes | memoryview, lr: float, h: int, rank: int, routing: bool) -> tuple | None:
-    """Check and apply a window's bytes; ``(seq, n, cum, sealed_at)``, or None if they are not one (nothing changed)."""
-    if _speedups is not None:
-        return _speedups.apply_window(up, down, raw, lr, h, rank, routing)
-    return _apply_numpy(up, down, raw, lr, h, rank, routing)
+            if self._apply(*state, raw) is None:
+                raise SonaShmError("replica: an own outbox entry is not a window (memory written outside sona_shm?)")
+        return state
 
 
 __all__ = ["NeedResync", "BadSnapshot", "Replica", "Snapshot", "StreamEntry", "StreamId", "ZERO_ID", "format_id", "host_key", "parse_id"]

@@ -73,9 +73,10 @@ from typing import Any
 from ..errors import FleetError, InternalSignal
 from .replica import StreamEntry, StreamId, format_id, parse_id
 
-#: The stream's format (checked at join): 3 since hosts register in the stream (``r``) and gaps, given-up windows and
+#: The stream's format (checked at join): 4 since the routing rule's windows are its learned route table's deltas
+#: (``SFW2``, :mod:`sona_shm.fleet.window`); 3 since hosts register in the stream (``r``) and gaps, given-up windows and
 #: the host key (``k``) are entries and fields of it; 2 carried runs of windows (``e``); 1 one window an entry.
-PROTOCOL = "3"
+PROTOCOL = "4"
 
 #: The most windows, and bytes of windows, one stream entry carries (a larger window goes alone).
 ENTRY_WINDOWS = 32

@@ -88,7 +88,7 @@ def write_window(out: np.ndarray, window: Window | DeltaWindow, *, rank: int, se
     if isinstance(window, Window):
         grad_up = window.grad_up
         if _speedups is not None and grad_up.flags.c_contiguous and grad_up.dtype == np.float64 and grad_up.ndim == 2:
-            return _speedups.write_window(out, grad_up, None, seq, window.n, cum, sealed_at)  # the same bytes, in one call
+            return _speedups.write_window(out, grad_up, seq, window.n, cum, sealed_at)  # the same bytes, in one call
         return _write_sums(out, grad_up, seq=seq, n=window.n, cum=cum, sealed_at=sealed_at)
     return _write_deltas(out, window, rank=rank, seq=seq, cum=cum, sealed_at=sealed_at)
 

@@ -209,7 +209,17 @@ class InstantLoop:
         if _speedups is not None:  # one C call for one vector, as Client.route
             u = -1.0 if rng is None or mode == "greedy" else float(rng.random())
             done = _speedups.route(
-                x, router.down, router.up_scaled, router.vectors, router.bias, router.active, router.names, MODES[mode], parameter, router.temperature, u
+                x,
+                router.down,
+                router.up_scaled,
+                router.vectors,
+                router.bias,
+                router.active,
+                router.names,
+                MODES[mode],
+                parameter,
+                router.temperature,
+                u,
             )
             if done is not None:
                 return done

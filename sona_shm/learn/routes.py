@@ -215,7 +215,9 @@ def mean_direction(examples: Any, where: str) -> np.ndarray:
     try:
         e = np.array(examples, dtype=F64)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{where}: expected one or more embeddings (n x h numbers), got {type(examples).__name__} ({exc})") from None
+        raise InvalidInputError(
+            f"{where}: expected one or more embeddings (n x h numbers), got {type(examples).__name__} ({exc})"
+        ) from None
     if e.ndim == 1:
         e = e[None]
     if e.ndim != 2 or not e.size:

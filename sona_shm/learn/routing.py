@@ -90,6 +90,9 @@ def window_size(signals_before: int, flush_threshold: int) -> int:
     return min(flush_threshold, max(1, signals_before // GROWTH))
 
 
+_EXP_MAX = float(np.log(np.finfo(np.float64).max))  # the largest x whose exp(x) is finite
+
+
 def slopes(z: np.ndarray, route: int, best: int, reward: float) -> np.ndarray:
     """``c = dL/dz`` of one feedback (``z``: ``float64[K]``, -inf for routes that are not active), sparsified."""
     e = np.exp(z - np.max(z))
@@ -99,7 +102,9 @@ def slopes(z: np.ndarray, route: int, best: int, reward: float) -> np.ndarray:
         c[best] += 1.0
     else:
         c = -reward * p
-        c[route] += reward - (1.0 - reward) / (1.0 + np.exp(-(z[route] - OFFSET)))
+        exponent = -(z[route] - OFFSET)
+        # exp overflows past _EXP_MAX: the quotient is then 0.0, as (1 - r) / (1 + inf) would give, without the warning.
+        c[route] += reward - (0.0 if exponent > _EXP_MAX else (1.0 - reward) / (1.0 + np.exp(exponent)))
     c[np.abs(c) < SPARSE] = 0.0
     return c
 

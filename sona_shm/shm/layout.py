@@ -682,7 +682,9 @@ class Layout:
         try:
             if rule >= len(RULES):
                 raise InvalidInputError(f"rule: expected a code below {len(RULES)}, got {rule}")
-            config = EngineConfig(h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature, outbox, max_routes, adapter_lr)
+            config = EngineConfig(
+                h, r, lr, thr, cap, s, a, lanes, lane_slots, RULES[rule], routes, temperature, outbox, max_routes, adapter_lr
+            )
             if config.max_routes != max_routes:
                 raise InvalidInputError(f"max_routes: expected {config.max_routes} for {routes} routes, got {max_routes}")
             layout = cls(config)

@@ -112,7 +112,14 @@ class Checkpoint:
         record's table: :func:`~sona_shm.shm.ledger.read_route_table` of the same snapshot's segment)."""
         k = 0 if routes is None else len(routes)
         arrays = {name: np.array(record[name][:k] if name in _PER_ROUTE else record[name]) for name in _state_names(config, k)}
-        return cls(config, routes, arrays, int(record["generation"]), {name: int(record[name]) for name in COUNTERS}, float(record["last_flush_at"]))
+        return cls(
+            config,
+            routes,
+            arrays,
+            int(record["generation"]),
+            {name: int(record[name]) for name in COUNTERS},
+            float(record["last_flush_at"]),
+        )
 
     def check_fits(self, layout: Layout, where: str, routes: RouteTable | None = None) -> None:
         """Refuse a checkpoint that does not fit the engine of ``layout`` (shapes, rule, route table, pending count).
@@ -126,7 +133,9 @@ class Checkpoint:
                 raise CheckpointError(f"{where}: {name} is {theirs!r}, the engine's is {ours!r}; nothing restored")
         k = 0 if self.routes is None else len(self.routes)
         if (k == 0) != (layout.max_routes == 0):
-            raise CheckpointError(f"{where}: it has {k} routes, the engine {'has' if layout.max_routes else 'has no'} route table; nothing restored")
+            raise CheckpointError(
+                f"{where}: it has {k} routes, the engine {'has' if layout.max_routes else 'has no'} route table; nothing restored"
+            )
         if k > layout.max_routes:
             raise CheckpointError(f"{where}: it has {k} routes, the engine reserves {layout.max_routes} (--max-routes); nothing restored")
         if routes is not None and self.routes is not None and not routes.starts_with(self.routes):
@@ -166,8 +175,8 @@ class Checkpoint:
         if given is None and self.routes is not None:
             record["routes_used"] = k
             record["route_names"][:k] = self.routes.names_bytes()
-        for name, value in self.counters.items():
-            record[name] = value
+        for counter, count in self.counters.items():
+            record[counter] = count
         record["last_flush_at"] = self.last_flush_at
         record["generation"] = generation
 
@@ -222,11 +231,13 @@ class Checkpoint:
         names = _route_names(meta, version == "1", bad)
         k = len(names)
         if k != config.routes if version != "3" else k < config.routes:  # a table grows by routes added, never shrinks
-            raise bad(f"metadata 'route_names': expected {'' if version != '3' else 'at least '}{config.routes} names (its 'routes'), got {k}")
+            raise bad(
+                f"metadata 'route_names': expected {'' if version != '3' else 'at least '}{config.routes} names (its 'routes'), got {k}"
+            )
         if k > config.max_routes:
             raise bad(f"metadata 'route_names': {k} routes, more than its max_routes {config.max_routes}")
         r, h = config.rank, config.hidden_dim
-        expected = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r))}
+        expected: dict[str, tuple[type, tuple[int, ...]]] = {DOWN: (np.float32, (r, h)), UP_T: (np.float32, (h, r))}
         expected.update({f"sona.{name}": spec for name, spec in _state_specs(config, k, version).items() if name not in ("down", "up")})
         if k:
             expected[ROUTES] = (np.float32, (k, h))
@@ -239,7 +250,7 @@ class Checkpoint:
         for name, (dtype, shape) in expected.items():
             arr = tensors[name]
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
-                want = {np.float32: "F32", np.float64: "F64", np.uint64: "U64", np.uint8: "U8"}[dtype]
+                want = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.uint64): "U64", np.dtype(np.uint8): "U8"}[np.dtype(dtype)]
                 raise bad(
                     f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), "
                     f"got {arr.dtype} {list(arr.shape)}"
@@ -257,7 +268,9 @@ class Checkpoint:
         routes = None
         if k:
             try:
-                routes = RouteTable.from_stored(tensors[ROUTES], RouteTable.build(tensors[ROUTES], names).names_bytes(), "route table", state)
+                routes = RouteTable.from_stored(
+                    tensors[ROUTES], RouteTable.build(tensors[ROUTES], names).names_bytes(), "route table", state
+                )
             except InvalidInputError as exc:
                 raise bad(str(exc)) from None
         arrays = {"down": tensors[DOWN], "up": np.ascontiguousarray(tensors[UP_T].T)}
@@ -303,7 +316,9 @@ def _state_specs(config: EngineConfig, k: int, version: str) -> dict[str, tuple[
     return {name: specs[name] for name in names}
 
 
-def _upgrade(arrays: dict[str, np.ndarray], config: EngineConfig, routes: RouteTable | None, counters: dict[str, int], grad_down: Any) -> None:
+def _upgrade(
+    arrays: dict[str, np.ndarray], config: EngineConfig, routes: RouteTable | None, counters: dict[str, int], grad_down: Any
+) -> None:
     """A version 1 or 2 file's state as this version keeps it, in place: the route table at its start (unit vectors,
     no bias, every route active) and, under the routing rule, the old rule's open window applied as its flush
     would have (``up``/``down += lr * sums / pending``), then the working copy equal to the published state."""

@@ -26,12 +26,14 @@ from sona_shm.engine import flusher as flusher_module
 from sona_shm.engine.flusher import Flusher
 from sona_shm.fleet.member import FleetOptions
 from sona_shm.fleet.replica import Snapshot
-from sona_shm.fleet.window import apply_window, read_window, split_windows, write_window
+from sona_shm.fleet.window import apply_sealed, read_window, split_windows, write_window
+from sona_shm.learn.learner import Window
 from sona_shm.learn.routes import feedback_trajectory
 from sona_shm.monitor import format_table
 from sona_shm.prometheus import exposition
 from sona_shm.shm import segment
 from sona_shm.shm.layout import EngineConfig
+from sona_shm.shm.ledger import Ledger
 from sona_shm.store.checkpoint import Checkpoint
 
 from children import RedisServer
@@ -100,12 +102,13 @@ def settle(clients: dict, engines: list[str], committed: int, timeout: float = 6
     wait_for(lambda: all(fleet_of(e).applied_signals == committed for e in engines), timeout, "every replica to apply everything")
 
 
-def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[np.ndarray, np.ndarray, int, set]:
+def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[np.ndarray, np.ndarray, int, set, np.ndarray, np.ndarray]:
     """The adapter of a replica that applies the stream in order, its signals and the (host, seq) seen.
 
     It starts from the oldest snapshot the fleet keeps (the one at the trim point once the
     stream was trimmed; else the fleet's first, its state when it was created) and applies
-    every entry after it, as a joining replica may.
+    every entry after it, as a joining replica may. Last, the learned route table it ends with (the routing rule's
+    rows in use, biases).
     """
     r = server.client()
     try:
@@ -116,6 +119,8 @@ def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[n
         r.close()
     checkpoint = Checkpoint.from_bytes(snap.checkpoint, "the oldest snapshot")
     up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
+    vectors = checkpoint.arrays.get("route_vectors", np.zeros((0, H), np.float32)).copy()
+    bias = checkpoint.arrays.get("route_bias", np.zeros(0, np.float32)).copy()
     seen: set = set()
     for _, fields in rows:
         if b"r" in fields or b"a" in fields or b"c" in fields:
@@ -127,16 +132,16 @@ def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[n
             pair = (fields[b"h"], seq)
             assert pair not in seen, f"{pair} is in the stream twice"
             seen.add(pair)
-            window = read_window(raw, hidden_dim=H, rank=2, routing=routing)
+            window = read_window(raw, hidden_dim=H, rank=2, routing=routing, max_routes=len(bias))
             assert window.seq == seq
-            apply_window(up, down, window, lr)
+            apply_sealed(up, down, vectors, bias, window, lr)
             signals += window.n
-    return up, down, signals, seen
+    return up, down, signals, seen, vectors, bias
 
 
 def assert_replicas(server, key: str, engines: list[str], committed: int, routing: bool = False) -> None:
     """The guarantee: exactly once fleet-wide, identical replicas, equal to a replay of the stream."""
-    up, down, signals, _ = replay(server, key, routing=routing)
+    up, down, signals, *_ = replay(server, key, routing=routing)
     assert signals == committed
     for engine in engines:
         s = stats.read(engine)
@@ -218,6 +223,8 @@ def test_one_host_with_the_fleet_is_bit_identical_to_the_engine_without(redis_se
         assert a.flushes_performed == b.flushes_performed and b.fleet.applied_entries == b.flushes_performed
         assert a.adapter.up.tobytes() == b.adapter.up.tobytes()
         assert a.adapter.down.tobytes() == b.adapter.down.tobytes()
+        for name in ("route_vectors", "route_bias"):  # the learned route table (empty under the reference rule)
+            assert plain.ledger.snapshot()[0][name].tobytes() == fleet.ledger.snapshot()[0][name].tobytes(), name
         assert b.fleet.applied_signals == a.updates_applied
     finally:
         for client in clients:
@@ -227,6 +234,43 @@ def test_one_host_with_the_fleet_is_bit_identical_to_the_engine_without(redis_se
 
 
 # ----------------------------------------------------------------- several hosts
+
+
+def test_three_hosts_learn_one_route_table_under_the_routing_rule(redis_server, names, procs, tmp_path):
+    """The routing rule's windows (the deltas of the route rows and biases each window moved, and of the adapter
+    with --adapter-lr): every replica ends with the same learned table, the replay of the stream, bit for bit."""
+    table = route_table(H)
+    routes = tmp_path / "routes.npz"
+    table.save(routes)
+    engines = names(3)
+    key = engines[0]
+    rule = ("--rule", "routing", "--routes", str(routes), "--adapter-lr", "0.01")
+    for engine in engines:
+        host(procs, redis_server, engine, key, *rule)
+    clients = {e: sona_shm.attach(e) for e in engines}
+    committed = 0
+    for round_ in range(3):
+        for i, engine in enumerate(engines):
+            committed += sum(bool(clients[engine].record(t)) for t in _feedback(table, 10 * round_ + i, 70))
+    settle(clients, engines, committed)
+    up, down, signals, _, vectors, bias = replay(redis_server, key, lr=0.01, routing=True)
+    assert signals == committed
+    assert not np.array_equal(vectors, table.unit)  # the table learned
+    for engine in engines:
+        s = stats.read(engine)
+        assert s.fleet.applied_signals == committed and s.fleet.lost_entries == 0 and s.fleet.bad_entries == 0
+        assert s.adapter.up.tobytes() == up.tobytes() and s.adapter.down.tobytes() == down.tobytes(), engine
+        seg = segment.Segment.open(engine)
+        try:
+            ledger = Ledger(seg)
+            got_vectors, got_bias = ledger.read("route_vectors", "route_bias")
+            ledger.close()
+        finally:
+            seg.close()
+        assert got_vectors[: len(table)].tobytes() == vectors.tobytes(), engine
+        assert got_bias[: len(table)].tobytes() == bias.tobytes(), engine
+    for client in clients.values():
+        client.close()
 
 
 def test_three_hosts_and_a_fourth_that_joins_late(redis_server, names, procs):
@@ -405,7 +449,7 @@ def test_writes_a_failover_lost_are_counted_the_same_everywhere_and_replicas_res
         60,
         "every replica to count the loss",
     )
-    up, down, signals, _ = replay(redis_server, key)
+    up, down, signals, *_ = replay(redis_server, key)
     assert signals == committed
     lost_entries = {fleet_of(e).lost_entries for e in engines}
     assert len(lost_entries) == 1 and lost_entries.pop() > 0
@@ -477,7 +521,7 @@ def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_w
 
     def window(seq: int) -> bytes:
         out = np.zeros(64 + 8 * H, np.uint8)
-        return out[: write_window(out, seq=seq, n=1, cum=seq, sealed_at=1.0, grad_up=np.full((1, H), seq, float), grad_down=None)].tobytes()
+        return out[: write_window(out, Window(np.full((1, H), seq, float), 1), rank=2, seq=seq, cum=seq, sealed_at=1.0)].tobytes()
 
     fleet = FleetLog(connect(redis_server.url, timeout=5.0), "pub")
     r = redis_server.client()

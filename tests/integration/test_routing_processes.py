@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from sona_shm import InstantLoop
+from sona_shm.config import DEFAULT_LR
 from sona_shm.engine.client import attach
 from sona_shm.engine.consumer import open_consumer
 from sona_shm.errors import SegmentNotFoundError
 from sona_shm.learn.routes import feedback_trajectory
-from sona_shm.config import DEFAULT_LR
 from sona_shm.shm.ledger import Ledger, read_route_table
 from sona_shm.shm.segment import Segment
 from sona_shm.stats import read_stats
@@ -258,7 +258,9 @@ def alive(name: str) -> bool:
 
 
 def replay_with_changes(name: str, trajectories, changes, extra: np.ndarray, threshold: int) -> None:
-    loop = InstantLoop(H, 2, DEFAULT_LR["routing"], threshold, capacity=0, rule="routing", routes=Task(23).routes, route_names=NAMES, max_routes=6)
+    loop = InstantLoop(
+        H, 2, DEFAULT_LR["routing"], threshold, capacity=0, rule="routing", routes=Task(23).routes, route_names=NAMES, max_routes=6
+    )
     pending = list(changes)
     for i, t in enumerate(trajectories):
         while pending and pending[0][0] == i:
