@@ -63,6 +63,10 @@ def test_bench_fleet_quick_reports_every_section():
             assert p["one_per_call_per_s"] > 0 and p["64_per_call_per_s"] > 0 and p["64_per_call_one_per_entry_per_s"] > 0
             assert p["one_window_call"]["n"] == 128
     assert report["publish"]["always"]["reference"]["window_bytes"] == 64 + 8 * 256  # one row: the reference rule's
+    # The routing rule's windows as the flusher sealed them: deltas of the route rows they touched (K = 8), no adapter.
+    w = report["routing_throughput"]["stream"]
+    assert w["windows"] > 0 and 1 <= w["signals_per_window"] <= 100 and 0 < w["route_rows_per_window"] <= 8
+    assert w["bytes_per_window"] <= 64 + 4 * 256 * 8 + 4 * 8 + 16 and w["bytes_per_signal"] > 0
     for rule in ("reference", "routing"):
         s = report["stream"][rule]
         assert s["stream_bytes_per_window"] > s["window_bytes"] and s["replay_windows_per_s"] > 0
