@@ -176,7 +176,10 @@ def rollback(segment: Segment, path: Any, *, timeout: float = DEFAULT_TIMEOUT) -
         raise InvalidInputError(f"to: expected a path of fewer than {ADMIN_PATH_BYTES} bytes, got {len(absolute.encode())} bytes")
 
     def check(record: np.void) -> Posted:
-        checked_rollback(read_checkpoint(absolute), record, segment, absolute)
+        try:
+            checked_rollback(read_checkpoint(absolute), record, segment, absolute)
+        except CheckpointError as exc:  # the message names the argument, what it takes and what it got
+            raise CheckpointError(f"to: expected a checkpoint file of engine {segment.name!r}, got {exc}") from None
         return Posted(path=absolute)
 
     return ask(segment, "rollback", check, timeout=timeout)
