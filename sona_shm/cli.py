@@ -225,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for the flusher (default 30)")
 
+    p = sub.add_parser(
+        "evaluate",
+        help="estimate from logged feedback the mean reward of the current adapter, no adaptation and a checkpoint (IPS, SNIPS)",
+    )
+    p.add_argument("--name", default=None, help="the engine: its current adapter, and its buffer's feedback (read, not drained)")
+    p.add_argument(
+        "--from",
+        dest="files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="logged feedback in a file of `sona-shm drain` (again for more files); instead of the engine's buffer",
+    )
+    p.add_argument("--against", metavar="CHECKPOINT", default=None, help="also a checkpoint file (e.g. one `checkpoints` lists)")
+    p.add_argument("--confidence", type=float, default=0.95, help="of the intervals (default 0.95)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+
     p = sub.add_parser("routes", help="list an engine's routes, or add, rename or retire one while it runs")
     routes = p.add_subparsers(dest="routes_command", required=True, metavar="{list,add,rename,retire}")
     q = routes.add_parser("list", help="the routes, their state and what was learned of them (no lock taken, nothing written)")
@@ -628,6 +645,14 @@ def read_learning(segment: Any) -> Any:
     return learning
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, render
+
+    evaluation = evaluate(args.name, files=args.files, against=args.against, confidence=args.confidence)
+    print(json.dumps(evaluation.as_dict(), indent=2) if args.json else render(evaluation))
+    return EXIT_OK
+
+
 def _checkpoints(args: argparse.Namespace) -> int:
     from .store.history import checkpoint_history
 
@@ -732,6 +757,7 @@ _COMMANDS = {
     "resume": _pause_resume,
     "checkpoints": _checkpoints,
     "rollback": _rollback,
+    "evaluate": _evaluate,
     "routes": _routes,
     "demo": _demo,
 }
