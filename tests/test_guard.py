@@ -113,3 +113,16 @@ def test_a_steady_reward_never_trips_and_each_good_checkpoint_moves_the_level(en
         learning = client.statistics().learning
         assert not learning.paused and learning.guard_level == learning.moving_reward
     assert client.statistics().learning.guard_trips == 0 and len(history.kept(path)) == 2
+
+
+def test_drop_at_seven_standard_deviations_never_trips_on_a_steady_reward_and_catches_an_inverted_one_within_the_window():
+    """The README's advice on DROP and N (``scripts/guard_window.py``), on the flusher's own moving reward and guard."""
+    from guard_window import bad_before_trip, false_trips, suggested_drop
+
+    level, window = 0.8, 200
+    drop = suggested_drop(level, window)
+    assert drop == pytest.approx(0.198, abs=1e-3)
+    assert false_trips(level, window, drop, runs=5, feedbacks=100_000, every=2000) == 0
+    caught = [bad_before_trip(level, window, drop, every=2000, seed=s) for s in range(3)]
+    assert all(b is not None and b <= window for b in caught), caught  # about N * DROP / (2L - 1), plus a batch
+    assert false_trips(level, window, suggested_drop(level, window, k=2.0), runs=5, feedbacks=100_000, every=2000) == 5
