@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .engine.consumer import open_consumer
-from .errors import InvalidInputError
+from .errors import CheckpointError, InvalidInputError
 from .learn.evaluate import Estimate, LoggedDecisions, check_confidence, combined, estimate, greedy_choices, logged_decisions
 from .learn.routes import ACTIVE, Router
 from .store.checkpoint import Checkpoint, engine_checkpoint, read_checkpoint
@@ -127,10 +127,13 @@ def evaluate(name: str | None = None, *, files: Sequence[str] = (), against: str
     if name is not None:
         engine, _ = engine_checkpoint(name)
         current = router_of(engine, f"--name {name}")
-    other = None
+    other = checkpoint = None
     if against is not None:
-        other = read_checkpoint(against)
-        router_of(other, f"--against {against}")
+        try:
+            other = read_checkpoint(against)
+        except CheckpointError as exc:  # the message names the argument, what it takes and what it got
+            raise CheckpointError(f"--against: expected a checkpoint file, got {exc}") from None
+        checkpoint = router_of(other, f"--against {against}")
         if engine is not None:
             assert engine.routes is not None and other.routes is not None
             if other.config.hidden_dim != engine.config.hidden_dim or not engine.routes.starts_with(other.routes):
@@ -153,10 +156,11 @@ def evaluate(name: str | None = None, *, files: Sequence[str] = (), against: str
     routers: list[tuple[str, Router]] = []
     if current is not None:
         routers.append(("current", current))
-    reference = current if current is not None else router_of(base, "--against")
+    reference = current if current is not None else checkpoint
+    assert reference is not None
     routers.append(("unadapted", unadapted_router(reference, base)))
-    if other is not None:
-        routers.append(("checkpoint", router_of(other, f"--against {against}")))
+    if checkpoint is not None:
+        routers.append(("checkpoint", checkpoint))
     estimates = tuple(estimate(label, greedy_choices(router, logged.query), logged, confidence=confidence) for label, router in routers)
     return Evaluation(source, logged, estimates)
 

@@ -18,7 +18,7 @@ import pytest
 from router_task import RouterTask
 
 from sona_shm import InstantLoop
-from sona_shm.cli import EXIT_OK, EXIT_USAGE, main
+from sona_shm.cli import EXIT_CHECKPOINT, EXIT_OK, EXIT_USAGE, main
 from sona_shm.config import DEFAULT_LR
 from sona_shm.evaluate import evaluate
 from sona_shm.learn.evaluate import LoggedDecisions, estimate, greedy_choices, logged_decisions
@@ -184,6 +184,7 @@ def test_sona_shm_evaluate_reads_the_buffer_without_draining_it_and_a_drained_fi
         (["--name", "NAME", "--from", "MISSING"], "--from: expected a file `sona-shm drain` wrote, got"),
         (["--name", "NAME", "--against", "OTHER"], "--against: expected a checkpoint over engine"),
         (["--name", "NAME", "--from", "NOPROB"], "got none in"),
+        (["--name", "NAME", "--against", "MISSING"], "--against: expected a checkpoint file, got"),
     ],
 )
 def test_bad_evaluations_are_refused_naming_the_argument(engine, name, names, tmp_path, capsys, argv, fragment):
@@ -206,6 +207,7 @@ def test_bad_evaluations_are_refused_naming_the_argument(engine, name, names, tm
         paths["NOPROB"] = paths["LOGGED"]
         assert main(["drain", "--name", name, "--out", paths["LOGGED"]]) == EXIT_OK
     capsys.readouterr()
-    assert main(["evaluate", *[paths.get(a, a) for a in argv]]) == EXIT_USAGE
+    code = EXIT_CHECKPOINT if argv[-2:] == ["--against", "MISSING"] else EXIT_USAGE
+    assert main(["evaluate", *[paths.get(a, a) for a in argv]]) == code
     err = capsys.readouterr().err
     assert fragment in err, err
