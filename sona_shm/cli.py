@@ -110,6 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between checkpoints (0: only at shutdown; default 60)",
     )
+    p.add_argument(
+        "--checkpoint-keep",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep the last K checkpoints beside PATH, timestamped (PATH.YYYYMMDDTHHMMSS.ffffffZ; PATH is the newest); "
+        "default 0: PATH alone",
+    )
+    guard = p.add_argument_group("reward guard (routing engines: pause, and roll back, when the reward of feedback falls)")
+    guard.add_argument(
+        "--guard-reward",
+        type=float,
+        default=None,
+        metavar="DROP",
+        help="pause learning when the mean reward of the last N feedbacks falls more than DROP (in (0, 1]) below its level at "
+        "the last good checkpoint; needs --checkpoint and --checkpoint-keep",
+    )
+    guard.add_argument(
+        "--guard-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the feedbacks of the moving reward (default 500; also without a guard, for the monitor and checkpoints)",
+    )
+    guard.add_argument(
+        "--guard-rollback", action="store_true", help="when the guard pauses learning, also roll back to the last good checkpoint"
+    )
     fleet = p.add_argument_group("fleet (many hosts learn one adapter through Redis; pip install 'sona-shm[fleet]')")
     add_fleet_target_options(fleet)
     fleet.add_argument("--fleet-key", metavar="KEY", default=None, help="the fleet's name in Redis (default: the engine name)")
@@ -187,6 +214,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="replace an engine's learned state by a checkpoint (only while no flusher runs)")
     p.add_argument("--name", required=True)
     p.add_argument("--from", dest="source", required=True, metavar="PATH")
+
+    p = sub.add_parser(
+        "pause", help="stop learning while the engine keeps serving its adapter (what arrives is counted and kept, never learned)"
+    )
+    p.add_argument("--name", required=True)
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait this long for the flusher (default 10)")
+
+    p = sub.add_parser("resume", help="learn again, from the next trajectory committed")
+    p.add_argument("--name", required=True)
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait this long for the flusher (default 10)")
+
+    p = sub.add_parser("checkpoints", help="list an engine's kept checkpoints: time, generation, moving reward (nothing written)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = sub.add_parser(
+        "rollback", help="replace a live engine's learned state by one of its checkpoints, through the running flusher (no restart)"
+    )
+    p.add_argument("--name", required=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--to", metavar="FILE", default=None, help="a checkpoint file of this engine")
+    which.add_argument(
+        "--back",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the K-th newest kept checkpoint (1: the newest; default), as `checkpoints` lists them",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="wait this long for the flusher (default 30)")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="estimate from logged feedback the mean reward of the current adapter, no adaptation and a checkpoint (IPS, SNIPS)",
+    )
+    p.add_argument("--name", default=None, help="the engine: its current adapter, and its buffer's feedback (read, not drained)")
+    p.add_argument(
+        "--from",
+        dest="files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="logged feedback in a file of `sona-shm drain` (again for more files); instead of the engine's buffer",
+    )
+    p.add_argument("--against", metavar="CHECKPOINT", default=None, help="also a checkpoint file (e.g. one `checkpoints` lists)")
+    p.add_argument("--confidence", type=float, default=0.95, help="of the intervals (default 0.95)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = sub.add_parser("routes", help="list an engine's routes, or add, rename or retire one while it runs")
     routes = p.add_subparsers(dest="routes_command", required=True, metavar="{list,add,rename,retire}")
@@ -333,6 +406,7 @@ def _flusher(args: argparse.Namespace) -> int:
     if args.checkpoint_interval is not None and not args.checkpoint:
         raise InvalidInputError("--checkpoint-interval: needs --checkpoint PATH")
     interval = check_timeout(60.0 if args.checkpoint_interval is None else args.checkpoint_interval, "--checkpoint-interval")
+    keep, guard, window = _safety_options(args)
     given, routes = _given_config(args)
     EngineConfig.check_fields(given)  # bad options are refused before anything else happens
     fleet = _fleet_options(args)
@@ -358,6 +432,9 @@ def _flusher(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             checkpoint_interval=interval,
             fleet=fleet,
+            checkpoint_keep=keep,
+            guard=guard,
+            moving_window=window,
         )
         stop["flusher"] = flusher
         if stop["requested"]:  # a signal that came while the flusher was being set up
@@ -370,6 +447,29 @@ def _flusher(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+def _safety_options(args: argparse.Namespace) -> tuple[int, Any, int]:
+    """``(checkpoint_keep, GuardOptions or None, moving window)`` of the flusher's options, checked."""
+    from .engine.guard import DEFAULT_WINDOW, MAX_WINDOW, GuardOptions
+    from .store.history import MAX_KEEP
+
+    keep = 0
+    if args.checkpoint_keep is not None:
+        keep = check_int("--checkpoint-keep", args.checkpoint_keep, 1, MAX_KEEP)
+        if not args.checkpoint:
+            raise InvalidInputError(f"--checkpoint-keep: needs --checkpoint PATH (the kept files go beside it), got {keep}")
+    window = DEFAULT_WINDOW if args.guard_window is None else check_int("--guard-window", args.guard_window, 1, MAX_WINDOW)
+    if args.guard_reward is None:
+        if args.guard_rollback:
+            raise InvalidInputError("--guard-rollback: needs --guard-reward DROP")
+        return keep, None, window
+    guard = GuardOptions(args.guard_reward, window, args.guard_rollback)
+    if args.fleet is not None:
+        raise InvalidInputError(
+            "--guard-reward: not with --fleet; every host must apply the same windows, so one host cannot pause or roll back"
+        )
+    return keep, guard, window
 
 
 def _fleet_options(args: argparse.Namespace) -> Any:
@@ -633,6 +733,106 @@ def _routes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pause_resume(args: argparse.Namespace) -> int:
+    from .engine import admin
+    from .shm.segment import Segment
+
+    timeout = check_timeout(args.timeout, "--timeout")
+    segment = Segment.open(args.name, writable=True)
+    try:
+        reply = (admin.pause if args.command == "pause" else admin.resume)(segment, timeout=timeout)
+        learning = read_learning(segment)
+    finally:
+        segment.close()
+    if args.command == "pause":
+        print(
+            f"sona-shm: engine {args.name!r}: learning paused ({learning.paused_by}); it serves weights generation "
+            f"{reply.generation}; what producers commit is counted and kept for consumers, not learned"
+        )
+    else:
+        print(
+            f"sona-shm: engine {args.name!r}: learning resumed; {learning.paused_skipped:,} trajectories taken in while paused "
+            "(ever) were not learned"
+        )
+    return EXIT_OK
+
+
+def read_learning(segment: Any) -> Any:
+    """The learning section of the stats of a mapped engine."""
+    from .shm.ledger import Ledger
+    from .stats import collect
+
+    ledger = Ledger(segment)
+    try:
+        learning = collect(segment, ledger).learning
+    finally:
+        ledger.close()
+    assert learning is not None
+    return learning
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, render
+
+    evaluation = evaluate(args.name, files=args.files, against=args.against, confidence=args.confidence)
+    print(json.dumps(evaluation.as_dict(), indent=2) if args.json else render(evaluation))
+    return EXIT_OK
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from .store.history import checkpoint_history
+
+    rows = checkpoint_history(args.name)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"sona-shm: engine {args.name!r} keeps no checkpoints (start its flusher with --checkpoint PATH --checkpoint-keep K)")
+        return EXIT_OK
+    header = ("back", "written", "generation", "learned", "signals", "moving reward", "paused", "note", "file")
+    table = [header]
+    for r in rows:
+        e = r.entry
+        table.append(
+            (
+                str(r.back),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.written_at)) if e.written_at else "?",
+                "?" if e.generation is None else str(e.generation),
+                "?" if e.trajectories_processed is None else f"{e.trajectories_processed:,}",
+                "?" if e.signals_accumulated is None else f"{e.signals_accumulated:,}",
+                "-" if e.moving_reward is None else f"{e.moving_reward:.4f}",
+                {0: "no", 1: "request", 2: "guard"}.get(e.paused, "?") if e.paused is not None else "?",
+                r.note,
+                e.path,
+            )
+        )
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .engine import admin
+    from .shm.segment import Segment
+    from .store.history import resolve_back
+
+    timeout = check_timeout(args.timeout, "--timeout")
+    segment = Segment.open(args.name, writable=True)
+    try:
+        path = args.to if args.to is not None else resolve_back(segment, 1 if args.back is None else args.back)
+        reply = admin.rollback(segment, path, timeout=timeout)
+        learning = read_learning(segment)
+    finally:
+        segment.close()
+    state = f"learning stays paused ({learning.paused_by}): `sona-shm resume --name {args.name}`" if learning.paused else "learning goes on"
+    print(
+        f"sona-shm: engine {args.name!r} rolled back to {path}: weights generation {reply.generation}, the learning of "
+        f"{reply.discarded:,} signals discarded; {state}"
+    )
+    return EXIT_OK
+
+
 def _route_vector(path: str) -> Any:
     """The vector ``sona-shm routes add --vector FILE`` gives: one vector, or the mean direction of example embeddings."""
     import zipfile
@@ -680,6 +880,11 @@ _COMMANDS = {
     "checkpoint": _checkpoint,
     "export": _export,
     "restore": _restore,
+    "pause": _pause_resume,
+    "resume": _pause_resume,
+    "checkpoints": _checkpoints,
+    "rollback": _rollback,
+    "evaluate": _evaluate,
     "routes": _routes,
     "demo": _demo,
 }

@@ -136,6 +136,39 @@ def fleet_sections(s: EngineStats, now: float) -> list[Section]:
     ]
 
 
+def learning_sections(s: EngineStats, now: float) -> list[Section]:
+    """Whether the engine learns (pause, rollbacks) and what its feedback's reward does (moving reward, the guard)."""
+    g = s.learning
+    assert g is not None
+    if g.paused:
+        state = f"PAUSED by {'the reward guard' if g.paused_by == 'guard' else 'a request'} ({_ago(g.paused_at, now)})"
+        note = f"nothing is learned: what arrives is counted and kept, never learned; `sona-shm resume --name {s.name}`"
+    else:
+        state, note = "learning", None
+    moving = (
+        f"{g.moving_reward:.4f}" if g.moving_reward is not None else f"- ({_count(g.moving_feedbacks)} / {_count(g.moving_window)} seen)"
+    )
+    rows = [
+        ("state", state),
+        ("taken in while paused", _count(g.paused_skipped)),
+        ("rollbacks", _count(g.rollbacks)),
+        ("signals rolled back", _count(g.rolled_back_signals)),
+        ("last rollback", _ago(g.last_rollback_at, now)),
+    ]
+    guard_rows = [(f"moving reward (last {_count(g.moving_window)})", moving)]
+    if g.guard_drop is not None:
+        level = "-" if g.guard_level is None else f"{g.guard_level:.4f} - {g.guard_drop:g} = {g.guard_level - g.guard_drop:.4f}"
+        guard_rows += [
+            ("guard level - DROP", level),
+            ("good checkpoint", _ago(g.guard_level_at, now)),
+            ("guard trips", _count(g.guard_trips)),
+            ("guard rolls back", "yes" if g.guard_rollback else "no"),
+        ]
+    else:
+        guard_rows.append(("reward guard", "off (--guard-reward DROP)"))
+    return [Section("learning state", rows, note=note), Section("reward", guard_rows)]
+
+
 def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> View:
     """The table's content: totals, rates, the adapter, buffer, flusher, one row per live lane.
 
@@ -210,6 +243,8 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
             ],
         ),
     ]
+    if s.learning is not None:
+        sections += learning_sections(s, now)
     if s.fleet is not None:
         sections += fleet_sections(s, now)
     route_rows = []

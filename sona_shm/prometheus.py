@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .errors import SegmentNotFoundError
 from .shm.segment import check_name
-from .stats import EngineStats, FleetStats, LaneStats, RouteStats, read
+from .stats import EngineStats, FleetStats, LaneStats, LearningStats, RouteStats, read
 
 #: The content type of what :func:`exposition` returns (the text format prometheus_client writes).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -65,7 +65,12 @@ def _ts(t: float | None) -> float:
 
 #: Engine-wide series, one sample per engine.
 ENGINE_METRICS: tuple[_Spec, ...] = (
-    _Spec("trajectories_processed", "counter", "Trajectories learned by the flusher.", lambda s: s.trajectories_processed),
+    _Spec(
+        "trajectories_processed",
+        "counter",
+        "Trajectories the flusher took in (learned; or, while learning was paused, counted and not learned).",
+        lambda s: s.trajectories_processed,
+    ),
     _Spec("signals_accumulated", "counter", "Learning signals accumulated.", lambda s: s.signals_accumulated),
     _Spec("flushes_performed", "counter", "Flushes that applied accumulated gradients.", lambda s: s.flushes_performed),
     _Spec("updates_applied", "counter", "Signals applied to the adapter weights by flushes.", lambda s: s.updates_applied),
@@ -104,6 +109,47 @@ ENGINE_METRICS: tuple[_Spec, ...] = (
     ),
     _Spec("flusher_scans", "counter", "Passes of the flusher over the lanes.", lambda s: s.flusher.scans),
     _Spec("corrupt_slots", "counter", "Published slots that failed validation: counted, not learned.", lambda s: s.corrupt),
+)
+
+
+def _learning(value: Callable[[LearningStats], float | None]) -> Callable[[EngineStats], float | None]:
+    return lambda s: None if s.learning is None else value(s.learning)
+
+
+#: Pause, moving reward, reward guard and rollbacks (every engine; the guard's series only with a guard).
+LEARNING_METRICS: tuple[_Spec, ...] = (
+    _Spec("paused", "gauge", "1 while learning is paused (by a request or by the reward guard).", _learning(lambda g: int(g.paused))),
+    _Spec("paused_by_guard", "gauge", "1 while learning is paused by the reward guard.", _learning(lambda g: int(g.paused_by == "guard"))),
+    _Spec("pauses", "counter", "Times learning was paused.", _learning(lambda g: g.pauses)),
+    _Spec(
+        "paused_skipped",
+        "counter",
+        "Trajectories taken in while learning was paused: kept, never learned.",
+        _learning(lambda g: g.paused_skipped),
+    ),
+    _Spec("rollbacks", "counter", "Rollbacks of the learned state to a checkpoint.", _learning(lambda g: g.rollbacks)),
+    _Spec("rolled_back_signals", "counter", "Signals whose learning rollbacks discarded.", _learning(lambda g: g.rolled_back_signals)),
+    _Spec(
+        "moving_reward",
+        "gauge",
+        "Mean reward of the last N feedbacks naming the route taken (absent until N were seen).",
+        _learning(lambda g: g.moving_reward),
+    ),
+    _Spec(
+        "guard_trips", "counter", "Times the reward guard paused learning.", _learning(lambda g: g.guard_trips if g.guard_drop else None)
+    ),
+    _Spec(
+        "guard_level",
+        "gauge",
+        "The moving reward when the last good checkpoint was written: the reward guard's reference.",
+        _learning(lambda g: g.guard_level if g.guard_drop else None),
+    ),
+    _Spec(
+        "guard_threshold",
+        "gauge",
+        "The moving reward below which the reward guard pauses learning (level - DROP).",
+        _learning(lambda g: g.guard_level - g.guard_drop if g.guard_drop and g.guard_level is not None else None),
+    ),
 )
 
 
@@ -156,7 +202,7 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
     """The metric families of some engines: an :class:`EngineStats`, or the name of an engine that is not there."""
     up = GaugeMetricFamily(PREFIX + "engine_up", "1 if the engine's segment exists and was read.", labels=["engine"])
     flusher_up = GaugeMetricFamily(PREFIX + "flusher_up", "1 if a flusher holds the engine's flusher lock.", labels=["engine", "pid"])
-    engine = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in ENGINE_METRICS]
+    engine = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in ENGINE_METRICS + LEARNING_METRICS]
     lanes = [_family(kind, name, text, ["engine", "lane", "pid"]) for name, kind, text, _ in LANE_METRICS]
     routes = [_family(kind, name, text, ["engine", "route"]) for name, kind, text, _ in ROUTE_METRICS]
     info = GaugeMetricFamily(PREFIX + "engine_rule", "1, labelled with the engine's learning rule.", labels=["engine", "rule"])
@@ -170,7 +216,7 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
             continue
         up.add_metric([obs.name], 1)
         flusher_up.add_metric([obs.name, str(obs.flusher.pid)], int(obs.flusher.alive))
-        for spec, family in zip(ENGINE_METRICS + FLEET_METRICS, engine + fleet):
+        for spec, family in zip(ENGINE_METRICS + LEARNING_METRICS + FLEET_METRICS, engine + fleet):
             value = spec.value(obs)
             if value is not None:
                 family.add_metric([obs.name], value)

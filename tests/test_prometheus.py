@@ -13,7 +13,7 @@ from prometheus_client.registry import REGISTRY
 
 from sona_shm import Step, Trajectory
 from sona_shm.cli import EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, main
-from sona_shm.prometheus import ENGINE_METRICS, FLEET_METRICS, LANE_METRICS, ROUTE_METRICS, EngineCollector, exposition
+from sona_shm.prometheus import ENGINE_METRICS, FLEET_METRICS, LANE_METRICS, LEARNING_METRICS, ROUTE_METRICS, EngineCollector, exposition
 from sona_shm.shm import segment
 from sona_shm.stats import read
 
@@ -94,7 +94,7 @@ def test_every_family_is_described_so_a_second_collector_for_the_same_names_is_r
         registry.register(EngineCollector(name))
     described = {f.name for f in EngineCollector(name).describe()}
     assert described == {"sona_shm_engine_up", "sona_shm_flusher_up", "sona_shm_engine_rule", "sona_shm_fleet_info"} | {
-        f"sona_shm_{s.name}" for s in ENGINE_METRICS + FLEET_METRICS
+        f"sona_shm_{s.name}" for s in ENGINE_METRICS + LEARNING_METRICS + FLEET_METRICS
     } | {f"sona_shm_{m[0]}" for m in LANE_METRICS + ROUTE_METRICS}
 
 

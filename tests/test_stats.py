@@ -45,6 +45,30 @@ TOP_KEYS = {
     "routes",
     "rates",
     "fleet",
+    "learning",
+    "engine_id",
+}
+#: stats()["learning"]: pause, moving reward, the reward guard, rollbacks.
+LEARNING_KEYS = {
+    "paused",
+    "paused_by",
+    "paused_at",
+    "pauses",
+    "paused_skipped",
+    "rollbacks",
+    "rolled_back_signals",
+    "last_rollback_at",
+    "rollback_checkpoint_at",
+    "moving_reward",
+    "moving_feedbacks",
+    "moving_window",
+    "guard_drop",
+    "guard_rollback",
+    "guard_level",
+    "guard_level_at",
+    "guard_trips",
+    "checkpoint",
+    "checkpoint_keep",
 }
 CONFIG_KEYS = {
     "hidden_dim",
@@ -115,6 +139,7 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     assert set(first) == TOP_KEYS and set(first["config"]) == CONFIG_KEYS and set(first["buffer"]) == BUFFER_KEYS
     assert set(first["flusher"]) == FLUSHER_KEYS and set(first["lanes"][0]) == LANE_KEYS
     assert set(first["adapter"]) == {"up_norm", "down_norm"} and first["rates"] is None and first["fleet"] is None
+    assert set(first["learning"]) == LEARNING_KEYS and len(first["engine_id"]) == 16
     earlier = stats.read(name)
     rated = stats.read(name).since(earlier).as_dict()
     assert set(rated["rates"]) == RATE_KEYS
@@ -122,7 +147,18 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     # Every key is in the README's table of them.
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"`([a-z_]+)`", readme.split("#### The stats keys", 1)[1].split("\n#", 1)[0]))
-    keys = TOP_KEYS | CONFIG_KEYS | BUFFER_KEYS | FLUSHER_KEYS | LANE_KEYS | RATE_KEYS | ROUTE_KEYS | ROUTE_RATE_KEYS | FLEET_KEYS
+    keys = (
+        TOP_KEYS
+        | CONFIG_KEYS
+        | BUFFER_KEYS
+        | FLUSHER_KEYS
+        | LANE_KEYS
+        | RATE_KEYS
+        | ROUTE_KEYS
+        | ROUTE_RATE_KEYS
+        | FLEET_KEYS
+        | LEARNING_KEYS
+    )
     missing = (keys | {"up_norm", "down_norm"}) - documented
     assert not missing, f"keys missing from the README's stats table: {sorted(missing)}"
 

@@ -124,6 +124,17 @@ class Consumer:
             if end > tail:
                 self._f64[self._w_at] = time.time()
 
+    def peek(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> TrajectoryBatch:
+        """Copies of up to ``n`` buffered trajectories (all when ``None``), oldest first; they stay in the buffer.
+
+        Takes the drain lock for the copy (``timeout`` as :meth:`draining`): what a consumer drains meanwhile is
+        either all in the copy or not in it.
+        """
+        limit = check_int("n", MAX_N if n is None else n, 0, MAX_N)
+        with self._drain_lock(check_timeout(timeout)):
+            tail = self._u64[self._w_tail]  # stable while we hold the lock; we publish nothing
+            return self._copy(tail, min(self._committed_head(tail), tail + limit))
+
     def buffer_stats(self) -> tuple[int, int, float]:
         """``(len, dropped, success_rate)`` of the buffer, as ``InstantLoop.buffer_stats``."""
         seg = self._open_segment()
