@@ -91,6 +91,26 @@ class _Failure(NamedTuple):
 
 _failure: _Failure | None = None
 _now = time.monotonic  # the back-off's clock (tests replace it)
+#: Engines this process holds a lane of through ``sona_shm.asgi.Engine`` (name -> how many Engines hold it), so
+#: that :func:`client` refuses to take a second lane for the same process (one process, one lane).
+_lifespan_names: dict[str, int] = {}
+
+
+def current_client(name: str) -> Client | None:
+    """The hooks' client of engine ``name`` in this process, if it is attached (the ASGI lifespan reuses it)."""
+    current = _client
+    if current is not None and getattr(current, "name", None) == name and not current.closed:
+        return current
+    return None
+
+
+def lifespan_attached(name: str, attached: bool) -> None:
+    """``sona_shm.asgi.Engine`` says it holds (or gave back) a lane of engine ``name`` in this process."""
+    count = _lifespan_names.get(name, 0) + (1 if attached else -1)
+    if count > 0:
+        _lifespan_names[name] = count
+    else:
+        _lifespan_names.pop(name, None)
 
 
 def engine_name() -> str:
@@ -143,8 +163,15 @@ def client() -> Client:
         if failure is not None and _now() < failure.retry_at:
             raise _again(failure)  # another thread failed while we waited for the guard
         try:
+            name = engine_name()
+            if name in _lifespan_names:
+                raise InvalidInputError(
+                    f"{ENV_NAME}={name}: this process already holds a lane of engine {name!r} through sona_shm.asgi.Engine's "
+                    "lifespan; a second one would be taken silently. Use engine.client in the app, or attach in the gunicorn "
+                    "hooks first (post_fork): the lifespan then reuses their client"
+                )
             # Wait for the segment once per process; a retry only looks.
-            _client = attach(engine_name(), timeout=attach_timeout() if failure is None else 0.0)
+            _client = attach(name, timeout=attach_timeout() if failure is None else 0.0)
         except SonaShmError as exc:
             failures = 1 if failure is None else failure.failures + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
@@ -303,6 +330,7 @@ def _after_fork_in_child() -> None:
     global _guard, _failure
     _guard = threading.Lock()  # another thread of the parent may have held it at the fork
     _failure = None  # a worker tries for itself: the engine may have appeared since the parent failed
+    _lifespan_names.clear()  # the parent's lifespans are not this process's lanes
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

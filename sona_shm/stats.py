@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, UntrustedSegmentError
 from .learn.routes import RETIRED
+from .native import IMPLEMENTATION
 from .shm.layout import (
     CONSUMER_WORDS,
     FLUSHER_WORDS,
@@ -111,7 +112,7 @@ class BufferStats:
 
     len: int
     dropped: int  # learned but not kept: the buffer was full (learning is unaffected)
-    success_rate: float  # share of learned trajectories kept (the seed's buffer_stats)
+    success_rate: float | None  # share of learned trajectories kept (the seed's buffer_stats); None: no buffer (capacity 0)
     capacity: int
     drained: int  # handed to consumers, ever
     drained_at: float | None
@@ -120,6 +121,21 @@ class BufferStats:
     @property
     def never_drained(self) -> bool:
         return self.drained == 0
+
+    @property
+    def state(self) -> str:
+        """What the figures mean, in a word or three (none of them is a failure: learning never waits for the buffer):
+
+        - ``"no buffer"``: created with capacity 0 (the routing rule's default): nothing is kept for drain;
+        - ``"keeping"``: every learned trajectory was kept so far;
+        - ``"nobody drains"``: it filled and no consumer ever drained it (it keeps the oldest);
+        - ``"drained slower than learned"``: a consumer drains, but some were dropped meanwhile.
+        """
+        if self.capacity == 0:
+            return "no buffer"
+        if not self.dropped:
+            return "keeping"
+        return "nobody drains" if self.never_drained else "drained slower than learned"
 
 
 @dataclass(frozen=True)
@@ -264,6 +280,7 @@ class EngineStats:
     routes: tuple[RouteStats, ...] = ()  # the route table, with feedback counts per route
     rates: Rates | None = None  # set by since(): rates need two observations
     fleet: FleetStats | None = None  # None: the segment has no fleet outbox
+    implementation: str = ""  # what this process's hot paths run on: "C" or "Python (why)" (sona_shm.native)
 
     def since(self, before: EngineStats | None) -> EngineStats:
         """This observation with :attr:`rates` measured from ``before`` (None: left as it is)."""
@@ -284,6 +301,8 @@ class EngineStats:
                 value = [_plain(item) for item in value]
             elif f.name == "adapter":
                 value = {"up_norm": value.up_norm, "down_norm": value.down_norm}
+            elif f.name == "buffer":
+                value = {**_plain(value), "state": value.state}
             elif f.name == "rates" and value is not None:
                 value = {**_plain(value), "routes": [_plain(r) for r in value.routes]}
             elif value is not None and hasattr(value, "__dataclass_fields__"):
@@ -301,12 +320,13 @@ class EngineStats:
             **{k: data[k] for k in ("recorded", "lane_dropped", "backlog", "lanes_live")},
             created_at=data.get("created_at", 0.0),
             config=ConfigStats(**data["config"]),
-            buffer=BufferStats(**data["buffer"]),
+            buffer=BufferStats(**{k: v for k, v in data["buffer"].items() if k != "state"}),  # state: derived
             flusher=FlusherStats(**data["flusher"]),
             lanes=tuple(LaneStats(**lane) for lane in data["lanes"]),
             adapter=AdapterStats(adapter["up_norm"], adapter["down_norm"]),
             fleet=FleetStats(**data["fleet"]) if data.get("fleet") else None,
             corrupt=data.get("corrupt", 0),
+            implementation=data.get("implementation", ""),
             routes=tuple(RouteStats(**r) for r in data.get("routes", ())),
             rates=Rates(**{**rates, "routes": tuple(RouteRate(**r) for r in rates.get("routes", ()))}) if rates else None,
         )
@@ -486,7 +506,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         buffer=BufferStats(
             len=values["buffer_head"] - buffer_tail,
             dropped=values["buffer_dropped"],
-            success_rate=1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
+            success_rate=None if cfg.capacity == 0 else 1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
             capacity=cfg.capacity,
             drained=buffer_tail,
             drained_at=f64[CONSUMER_WORDS.drained_at] or None,
@@ -511,6 +531,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         corrupt=values["corrupt"],
         fleet=_fleet(segment, values, held[0]),
         routes=_routes(segment, values),
+        implementation=IMPLEMENTATION,
     )
 
 

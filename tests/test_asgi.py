@@ -159,3 +159,43 @@ def test_waits_refuse_bad_timeouts(engine, name):
         Engine(name, timeout=-1)
     with pytest.raises(ValueError, match="name: expected 1-64 characters"):
         Engine("a/b")
+
+
+def test_a_worker_never_takes_a_second_lane_with_hooks_and_lifespan(engine, name, monkeypatch):
+    """The README's gunicorn hooks plus the ASGI lifespan in one worker: the lifespan reuses the hooks' lane (and
+    leaves it to them); the hooks' client() after a lifespan attached is refused, naming both."""
+    from types import SimpleNamespace
+
+    from sona_shm import InvalidInputError
+    from sona_shm import gunicorn as hooks
+
+    engine(hidden_dim=H)
+    monkeypatch.setenv("SONA_SHM_NAME", name)
+    monkeypatch.setenv("SONA_SHM_ATTACH_TIMEOUT", "0")
+    server = SimpleNamespace(log=SimpleNamespace(info=lambda *a: None, error=lambda *a: None))
+    try:
+        hooks.post_fork(server, SimpleNamespace(pid=0))  # the worker attaches in post_fork
+        sona = Engine()
+
+        async def serve() -> int:
+            async with sona.lifespan(None):
+                assert sona.client is hooks.client()
+                return read(name).lanes_live
+
+        assert run(serve()) == 1  # one lane, the hooks'
+        assert not hooks.client().closed and read(name).lanes_live == 1  # the lifespan's shutdown left it to the hooks
+    finally:
+        hooks.close()
+    assert read(name).lanes_live == 0
+
+    sona = Engine()
+
+    async def both() -> None:
+        async with sona.lifespan(None):
+            with pytest.raises(InvalidInputError, match="already holds a lane of engine .* through sona_shm.asgi.Engine"):
+                hooks.client()
+            assert read(name).lanes_live == 1
+
+    run(both())
+    assert read(name).lanes_live == 0
+    hooks.close()

@@ -45,6 +45,7 @@ TOP_KEYS = {
     "routes",
     "rates",
     "fleet",
+    "implementation",
 }
 CONFIG_KEYS = {
     "hidden_dim",
@@ -63,7 +64,7 @@ CONFIG_KEYS = {
     "max_routes",
     "adapter_lr",
 }
-BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid"}
+BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid", "state"}
 FLUSHER_KEYS = {"pid", "alive", "heartbeat_at", "heartbeat_age_s", "started_at", "idle", "scans"}
 LANE_KEYS = {"lane", "pid", "alive", "records", "learned", "backlog", "drops", "claims", "last_record_at"}
 RATE_KEYS = {
