@@ -250,7 +250,9 @@ class Checkpoint:
         for name, (dtype, shape) in expected.items():
             arr = tensors[name]
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
-                want = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.uint64): "U64", np.dtype(np.uint8): "U8"}[np.dtype(dtype)]
+                want = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.uint64): "U64", np.dtype(np.uint8): "U8"}[
+                    np.dtype(dtype)
+                ]
                 raise bad(
                     f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), "
                     f"got {arr.dtype} {list(arr.shape)}"
