@@ -20,8 +20,8 @@ Every server process (each ``uvicorn --workers N`` worker, each gunicorn
 ``UvicornWorker``) runs the lifespan and so attaches its own client, with its own lane.
 One process never takes two lanes of one engine: a worker whose gunicorn hooks
 (``sona_shm.gunicorn``) attached already reuses their client (and leaves closing it to
-them), and ``sona_shm.gunicorn.client()`` called after the lifespan attached is refused
-with the reason.
+them), and ``sona_shm.gunicorn.client()`` called after a lifespan attached returns the
+lifespan's client (which the lifespan closes).
 Attaching runs in the default executor and waits at most ``timeout`` seconds (default
 ``SONA_SHM_ATTACH_TIMEOUT``, 10) for the flusher to create the segment; a failure fails
 the startup with the reason, and the server does not start serving (a misconfiguration
@@ -100,7 +100,7 @@ class Engine:
             loop = asyncio.get_running_loop()
             self._client = await loop.run_in_executor(None, functools.partial(attach, name, timeout=timeout))
             self._borrowed = False
-            lifespan_attached(name, True)
+            lifespan_attached(name, self._client, True)
         return self._client
 
     async def close(self) -> None:
@@ -108,7 +108,7 @@ class Engine:
         A client borrowed from the gunicorn hooks is left to them (``worker_exit`` closes it)."""
         client, self._client = self._client, None
         if client is not None and not self._borrowed:
-            lifespan_attached(client.name, False)
+            lifespan_attached(client.name, client, False)
             await asyncio.get_running_loop().run_in_executor(None, client.close)
 
     async def flush(self, timeout: float = WAIT_TIMEOUT) -> None:
