@@ -74,9 +74,12 @@ _CONFIG_OPTIONS = (
 )
 
 
+_METAVARS = {"rank": "{1,2}", "lr": "LR", "adapter_lr": "LR", "rule": "{reference,routing}", "temperature": "TAU", "hidden_dim": "H"}
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     for flag, dest, kind, text in _CONFIG_OPTIONS:
-        p.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=text, metavar=_METAVARS.get(dest, "N" if kind is int else "X"))
     p.add_argument(
         "--routes",
         metavar="FILE",
@@ -279,10 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sona-shm drain --name router --out feedback.jsonl",
         "sona-shm drain --name router --out feedback.parquet --max 10000",
         "sona-shm drain --name router --out batch.npz",
-        details="The format follows the file's suffix. .npz: the arrays of TrajectoryBatch, padded to the engine's\n"
-        "max_steps (numpy.load reads it). .jsonl: one JSON object per trajectory, only its real steps.\n"
-        "The .parquet: the same rows as a table (pip install 'sona-shm[parquet]'). The file is written and\n"
-        "synced before the trajectories leave the buffer. The engine needs a buffer (--capacity N).",
+        details="The format follows the file's suffix:\n"
+        "  .npz      the arrays of TrajectoryBatch, padded to the engine's max_steps (numpy.load reads it)\n"
+        "  .jsonl    one JSON object per trajectory: query, quality, route, route_index, best_index, best,\n"
+        "            probability, and only its real steps (reward, activations, attention)\n"
+        "  .parquet  the same rows as a Parquet table (pip install 'sona-shm[parquet]')\n"
+        "The file is written and synced before the trajectories leave the buffer. The engine needs a\n"
+        "buffer (--capacity N; a routing engine has none unless given one).",
     )
     _add_name(p)
     p.add_argument("--out", required=True, metavar="FILE", help="a new file (never overwritten): FILE.npz, FILE.jsonl or FILE.parquet")
@@ -340,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write a route table (.npz) from example embeddings in JSON lines",
         "sona-shm routes build --in examples.jsonl --out routes.npz",
         details='Each line of --in is one JSON object: {"name": "billing", "embedding": [0.12, -0.03, ...]}\n'
-        "(other fields, such as \"text\", are ignored). A route's vector is the mean of its examples' unit vectors,\n"
-        "as RouteTable.from_examples makes it; routes keep the order their names first appear in.",
+        "(other fields, such as \"text\", are ignored). A route's vector is the mean of its examples'\n"
+        "unit vectors, as RouteTable.from_examples makes it; routes keep the order their names first\n"
+        "appear in. Use the embedding model that will embed the queries.",
     )
     q.add_argument("--in", dest="source", required=True, metavar="FILE", help="example embeddings, one JSON object per line")
     q.add_argument("--out", required=True, metavar="FILE", help="the route table to write (a new .npz file; --routes reads it)")
