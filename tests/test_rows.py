@@ -165,3 +165,21 @@ def test_a_parquet_drain_without_pyarrow_refuses_before_anything_leaves(engine, 
     assert drain_to_file(name, tmp_path / "x.npz") == 4  # nothing left the buffer
     with pytest.raises(InvalidInputError):
         drain_to_file(name, tmp_path / "x.txt")
+
+
+def test_shortest_prints_float32_values_short_and_reads_them_back_exactly():
+    from sona_shm.store.rows import shortest
+
+    rng = np.random.default_rng(3)
+    tiny = np.finfo(np.float32).tiny
+    values = np.concatenate(
+        [
+            rng.standard_normal(5000).astype(np.float32),
+            (rng.standard_normal(1000) * 1e30).astype(np.float32),
+            np.array([0.1, -0.0, 0.0, 1.0, 3.4028235e38, -3.4028235e38, tiny, tiny / 8, 1e-45, 123456.789], np.float32),
+        ]
+    )
+    back = np.array(json.loads(json.dumps(shortest(values).tolist())), np.float32)
+    assert back.tobytes() == values.tobytes()  # every bit, -0.0 and subnormals too
+    assert json.dumps(shortest(np.float32([0.1, 0.25, 1e-3])).tolist()) == "[0.1, 0.25, 0.001]"
+    assert max(len(repr(v)) for v in shortest(values[:5000]).tolist()) <= 16  # 9 significant digits at most, not 17

@@ -18,7 +18,7 @@ real steps, each with its real activations and attention:
 rows as one Parquet table (``pip install 'sona-shm[parquet]'``); :func:`read_rows`
 reads either back as dicts, and :func:`trajectories_of` turns rows into
 :class:`~sona_shm.trajectory.Trajectory` objects again. Floats are written as float32
-values (JSON: the shortest text that reads back to the same float32).
+values (JSON: the shortest text that reads back to the same float32, :func:`shortest`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
@@ -37,35 +38,85 @@ from ..trajectory import Step, Trajectory, TrajectoryBatch
 FORMATS = (".npz", ".jsonl", ".parquet")
 
 
-def _float32_text(a: np.ndarray) -> list[float]:
-    # str(np.float32) is the shortest repr of the float32; float() of it rounds back to the same float32.
-    return [float(str(x)) for x in a.astype(np.float32)]
+def shortest(a: np.ndarray) -> np.ndarray:
+    """``float64`` values of the ``float32`` array ``a`` rounded to the fewest significant digits (6 to 9) that
+    read back as the same float32: what JSON prints is then short (``0.1``, not ``0.10000000149011612``) and
+    exact. Vectorised: one rounding per digit count, for the whole array."""
+    x = a.astype(np.float64)
+    out = x.copy()
+    todo = np.isfinite(x) & (x != 0)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        magnitude = np.floor(np.log10(np.abs(np.where(todo, x, 1.0))))
+        for digits in range(6, 10):
+            scale = 10.0 ** (digits - 1 - magnitude)
+            rounded = np.round(x * scale) / scale
+            fits = todo & np.isfinite(rounded) & (rounded.astype(np.float32) == a)
+            out[fits] = rounded[fits]
+            todo &= ~fits
+    return out  # what is still todo keeps its exact float64 value (9 digits may not print the shortest)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """``int64[n + 1]``: where each of ``n`` runs of ``lengths`` starts in their concatenation, and the end."""
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+@dataclass(frozen=True)
+class _Unpadded:
+    """The real steps of a batch, concatenated: step ``j`` (in trajectory order) has ``reward[j]``, activations
+    ``activations[act[j]:act[j + 1]]`` and attention ``attention[att[j]:att[j + 1]]``; trajectory ``i`` has steps
+    ``steps[i]:steps[i + 1]``."""
+
+    steps: np.ndarray  # int64[k + 1]
+    reward: np.ndarray  # float32[T]
+    act_len: np.ndarray  # int32[T]
+    activations: np.ndarray  # float32[sum act_len]
+    att_len: np.ndarray  # int32[T]
+    attention: np.ndarray  # float32[sum att_len]
+
+    @classmethod
+    def of(cls, batch: TrajectoryBatch) -> _Unpadded:
+        k, steps_max, h = batch.activations.shape
+        taken = np.arange(steps_max)[None, :] < batch.n_steps[:, None]  # bool[k, S]: the real steps, in order
+        width = batch.attention.shape[2]
+        return cls(
+            _offsets(batch.n_steps),
+            batch.rewards[taken],
+            batch.act_len[taken],
+            batch.activations[taken[:, :, None] & (np.arange(h)[None, None, :] < batch.act_len[:, :, None])],
+            batch.att_len[taken],
+            batch.attention[taken[:, :, None] & (np.arange(width)[None, None, :] < batch.att_len[:, :, None])],
+        )
 
 
 def batch_rows(batch: TrajectoryBatch, route_names: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """The rows of a drained batch (``route_names``: the engine's route table, to name ``best``)."""
-    n_steps, act_len, att_len = batch.n_steps.tolist(), batch.act_len.tolist(), batch.att_len.tolist()
+    real = _Unpadded.of(batch)
+    steps, act, att = real.steps.tolist(), _offsets(real.act_len).tolist(), _offsets(real.att_len).tolist()
+    activations, attention, reward = shortest(real.activations), shortest(real.attention), shortest(real.reward).tolist()
     route_index, best_index = batch.route_index.tolist(), batch.best_index.tolist()
+    query, quality, probability = shortest(batch.query), shortest(batch.quality).tolist(), shortest(batch.probability).tolist()
     for i in range(len(batch)):
-        probability = float(batch.probability[i])
         best = best_index[i]
         yield {
             "traj_id": int(batch.traj_id[i]),
-            "query": _float32_text(batch.query[i]),
-            "quality": float(str(batch.quality[i])),
+            "query": query[i].tolist(),
+            "quality": quality[i],
             "latency_us": int(batch.latency_us[i]),
             "route": str(batch.route[i]) or None,
             "route_index": None if route_index[i] < 0 else route_index[i],
             "best_index": None if best < 0 else best,
             "best": route_names[best] if 0 <= best < len(route_names) else None,
-            "probability": None if probability != probability else float(str(batch.probability[i])),  # NaN: not recorded
+            "probability": None if probability[i] != probability[i] else probability[i],  # NaN: not recorded
             "steps": [
                 {
-                    "reward": float(str(batch.rewards[i, s])),
-                    "activations": _float32_text(batch.activations[i, s, : act_len[i][s]]),
-                    "attention": _float32_text(batch.attention[i, s, : att_len[i][s]]),
+                    "reward": reward[j],
+                    "activations": activations[act[j] : act[j + 1]].tolist(),
+                    "attention": attention[att[j] : att[j + 1]].tolist(),
                 }
-                for s in range(n_steps[i])
+                for j in range(steps[i], steps[i + 1])
             ],
         }
 
@@ -107,10 +158,38 @@ def parquet_schema() -> Any:
 
 
 def write_parquet(batch: TrajectoryBatch, file: IO[bytes], route_names: Sequence[str] = ()) -> None:
-    """The rows as one Parquet table (``pip install 'sona-shm[parquet]'``), to a binary file."""
+    """The rows as one Parquet table (``pip install 'sona-shm[parquet]'``), to a binary file.
+
+    Built column by column from the batch's arrays (float32 as they are, no Python floats):
+    a step's activations and attention are the first ``act_len``/``att_len`` of its row.
+    """
     pa = import_pyarrow()
-    table = pa.Table.from_pylist(list(batch_rows(batch, route_names)), schema=parquet_schema())
-    pa.parquet.write_table(table, file)
+    k = len(batch)
+    real = _Unpadded.of(batch)
+
+    def lists(values: Any, offsets: np.ndarray) -> Any:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values) if isinstance(values, np.ndarray) else values)
+
+    steps = pa.StructArray.from_arrays(
+        [pa.array(real.reward), lists(real.activations, _offsets(real.act_len)), lists(real.attention, _offsets(real.att_len))],
+        names=["reward", "activations", "attention"],
+    )
+    best = batch.best_index
+    names = np.array([*route_names, ""], dtype=object)[np.where((best >= 0) & (best < len(route_names)), best, len(route_names))]
+    route = batch.route.astype(object)
+    columns = [
+        pa.array(batch.traj_id),
+        lists(batch.query.reshape(-1), np.arange(k + 1) * batch.query.shape[1]),
+        pa.array(batch.quality),
+        pa.array(batch.latency_us),
+        pa.array(route, type=pa.string(), mask=route == ""),
+        pa.array(batch.route_index, mask=batch.route_index < 0),
+        pa.array(best, mask=best < 0),
+        pa.array(names, type=pa.string(), mask=names == ""),
+        pa.array(batch.probability, mask=np.isnan(batch.probability)),
+        lists(steps, real.steps),
+    ]
+    pa.parquet.write_table(pa.Table.from_arrays(columns, schema=parquet_schema()), file)
 
 
 def writer_for(path: str) -> Any:
