@@ -22,8 +22,10 @@ build per scrape next to ``MultiProcessCollector`` (the engine is already shared
 must not go through the per-process files), and call both ``child_exit`` hooks (see
 the README, "Prometheus").
 
-``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this collector's
-previous scrape (absent on the first one and after the engine was recreated). Rates
+``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this process's previous
+scrape of the engine, by any collector (so also under the multiprocess recipe, which makes
+a collector per scrape; absent on a process's first scrape and after the engine was
+recreated). Rates
 are PromQL's job: ``rate(sona_shm_trajectories_processed_total[1m])`` is learned/s.
 
 Needs the ``prometheus`` extra: ``pip install 'sona-shm[prometheus]'``.
@@ -202,6 +204,13 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
     return [up, flusher_up, flusher_info, info, *engine, lane_info, *lanes, *routes, fleet_info, *fleet]
 
 
+#: The last observation of each engine this process scraped, for every collector of the process: under the
+#: multiprocess recipe a collector is made anew for each scrape, and ``adapter_up_change_norm`` would otherwise
+#: never have a previous scrape to measure from.
+_PREVIOUS: dict[str, EngineStats] = {}
+_PREVIOUS_GUARD = threading.Lock()  # scrapes may come from several threads
+
+
 class EngineCollector(Collector):
     """Exposes engines ``names`` to Prometheus; see the module docstring."""
 
@@ -210,8 +219,8 @@ class EngineCollector(Collector):
             raise TypeError("EngineCollector: expected at least one engine name")
         self.names = tuple(check_name(n) for n in names)
         self._read = reader
-        self._previous: dict[str, EngineStats] = {}
-        self._guard = threading.Lock()  # scrapes may come from several threads; _previous is shared
+        self._previous = _PREVIOUS
+        self._guard = _PREVIOUS_GUARD
 
     def collect(self) -> Iterator[Metric]:
         observations: list[EngineStats | str] = []

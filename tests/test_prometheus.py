@@ -245,3 +245,21 @@ def test_promtool_accepts_a_routing_engine_and_no_series_but_info_has_a_pid(engi
     assert not families["sona_shm_buffer_success_rate"].samples
     with_pid = {f.name for f in families.values() for s in f.samples if "pid" in s.labels}
     assert with_pid == {"sona_shm_flusher_info", "sona_shm_lane_info"}
+
+
+def test_a_collector_made_for_each_scrape_still_measures_the_movement(engine, name):
+    """The multiprocess recipe builds a registry and a collector per scrape: the previous scrape is the process's."""
+    flusher = engine(flush_threshold=1)
+    client = engine.attach()
+
+    def fresh_scrape() -> dict:
+        registry = CollectorRegistry()
+        registry.register(EngineCollector(name))
+        return scrape(registry)
+
+    assert not fresh_scrape().get("sona_shm_adapter_up_change_norm")  # the process's first scrape
+    before = read(name).adapter.up.astype(np.float64)
+    client.record(one_step())
+    flusher.scan()
+    moved = float(np.linalg.norm(read(name).adapter.up.astype(np.float64) - before))
+    assert moved > 0 and value(fresh_scrape(), "sona_shm_adapter_up_change_norm", engine=name) == pytest.approx(moved)
