@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -665,7 +666,7 @@ def _stats(args: argparse.Namespace) -> int:
     elif args.prometheus:
         sys.stdout.write(exposition(stats).decode("utf-8"))
     else:
-        print(format_table(stats))
+        print(format_table(stats, columns=shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
     if not stats.flusher.alive:
         # Said on stderr too, so --json and --prometheus output stays machine-readable.
         print(f"sona-shm: no flusher is running on segment {args.name!r}; start `sona-shm flusher --name {args.name}`", file=sys.stderr)

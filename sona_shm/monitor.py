@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import shutil
 import sys
 import time
 from collections import deque
@@ -278,14 +279,24 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
     )
 
 
-def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> str:
-    """A plain-text rendering of one observation for terminals and logs."""
+def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = (), columns: int | None = None) -> str:
+    """A plain-text rendering of one observation for terminals and logs.
+
+    ``columns``: the terminal's width; sections go two side by side only if that fits (None: always).
+    """
     view = build_view(stats, history)
     lines = [view.title, f"  {view.config}", ""]
     width = max(len(label) for sec in view.sections for label, _ in sec.rows)
     vwidth = max(len(value) for sec in view.sections for _, value in sec.rows)
-    # Sections two by two, side by side: learning | producers, rates | adapter, buffer | flusher.
-    for left, right in zip(view.sections[0::2], view.sections[1::2] + [Section("", [])]):
+    # Sections two by two, side by side: learning | producers, rates | adapter, buffer | flusher; one by one when
+    # two do not fit the terminal (a wrapped line would split every label of the right-hand section).
+    side_by_side = columns is None or 4 + 2 * (width + vwidth + 2) + 4 <= columns
+    pairs = (
+        zip(view.sections[0::2], view.sections[1::2] + [Section("", [])])
+        if side_by_side
+        else ((sec, Section("", [])) for sec in view.sections)
+    )
+    for left, right in pairs:
         lines.append(f"  {left.title:<{width + vwidth + 6}}{right.title}")
         for i in range(max(len(left.rows), len(right.rows))):
             cells = [
@@ -301,8 +312,9 @@ def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float
         lines += _columns(view.route_columns, view.route_rows)
         lines.append("")
     lines.append("  live lanes (records, drops: lane totals since the engine was created)")
-    lines += _columns(view.lane_columns, view.lane_rows)
-    if not view.lane_rows:
+    if view.lane_rows:
+        lines += _columns(view.lane_columns, view.lane_rows)
+    else:
         lines.append("    (none: no producer is attached)")
     lines += [f"  {note}" for note in view.notes]
     return "\n".join(lines)
@@ -435,7 +447,8 @@ def watch(
                     render_rich(last, list(history)) if isinstance(last, EngineStats) else Text(message, style="bold red"), refresh=True
                 )
             else:
-                text = format_table(last, list(history)) if isinstance(last, EngineStats) else message
+                columns = shutil.get_terminal_size().columns if out.isatty() else None
+                text = format_table(last, list(history), columns) if isinstance(last, EngineStats) else message
                 out.write(("\x1b[H\x1b[2J" if out.isatty() else ("\n" if frame else "")) + text + "\n")
                 out.flush()
     except KeyboardInterrupt:

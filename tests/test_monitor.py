@@ -396,3 +396,22 @@ def test_rich_draws_no_empty_box_for_no_lanes(engine, name):
     engine()
     text = rich_text(stats.read(name), 100)
     assert "live lanes: none (no producer is attached)" in text and "┏" not in text and "└" not in text
+
+
+@pytest.mark.parametrize("columns", [80, 160])
+def test_the_plain_table_fits_80_and_160_columns(engine, name, columns):
+    """Side by side where two sections fit, one by one where they do not: no line is wider than the terminal (but a
+    note, which may wrap as prose), so no label is split."""
+    from sona_shm import RouteTable
+
+    flusher = engine(routes=RouteTable.build(np.eye(3, H, dtype=np.float32)), rule="routing", capacity=2)
+    client = engine.attach()
+    for i in range(6):
+        assert client.feedback(np.eye(3, H, dtype=np.float32)[i % 3], best=i % 3)
+    flusher.scan()
+    observation = stats.read(name)
+    table = format_table(observation, columns=columns)
+    labelled = [line for line in table.splitlines() if not line.lstrip().startswith(("(", "routing", "reference"))]
+    assert max(map(len, labelled)) <= columns
+    assert ("producers" in table.splitlines()[3]) == (columns == 160)  # side by side only where two fit
+    assert max(map(len, format_table(observation).splitlines()[3:6])) > 80  # (what an 80-column terminal wrapped)
