@@ -861,8 +861,10 @@ def _route_vector(path: str) -> Any:
 
     import numpy as np
 
-    from .learn.routes import mean_direction
+    from .learn.routes import mean_direction, numpy_file_kind
 
+    if not os.path.isfile(path) or numpy_file_kind(path, "--vector") != "npy":  # numpy takes other files for pickles
+        raise InvalidInputError(f"--vector: expected a .npy file (numpy.save) of one vector or of example embeddings, got {path!r}")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

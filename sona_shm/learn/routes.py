@@ -289,22 +289,27 @@ _NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 _MAKE_ONE = "write one with `sona-shm routes build --in EXAMPLES.jsonl --out routes.npz` or sona_shm.RouteTable(...).save()"
 
 
-def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
-    """Read a route table from ``.npy`` (``K x h``; names ``route0…``) or ``.npz`` (``vectors``, optional ``names``)."""
-    where = f"routes file {path}"
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise InvalidInputError(f"routes: expected an existing .npy or .npz file, got {path!r}")
+def numpy_file_kind(path: str | os.PathLike[str], where: str) -> str | None:
+    """``"npy"`` or ``"npz"`` by the file's first bytes, None for any other file (numpy would take it for a
+    pickle, and its error advises ``allow_pickle``); raise naming ``where`` if it cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(_NPY_MAGIC))
     except OSError as exc:
         raise InvalidInputError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-    if not head.startswith((_NPY_MAGIC, _ZIP_MAGIC)):
+    return "npy" if head == _NPY_MAGIC else "npz" if head.startswith(_ZIP_MAGIC) else None
+
+
+def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
+    """Read a route table from ``.npy`` (``K x h``; names ``route0…``) or ``.npz`` (``vectors``, optional ``names``)."""
+    where = f"routes file {path}"
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise InvalidInputError(f"routes: expected an existing .npy or .npz file, got {path!r}")
+    if numpy_file_kind(path, where) is None:
         # Checked before numpy sees it: numpy takes any other file for a pickle and advises allow_pickle.
         hint = " (example embeddings as JSON lines: build the table from them)" if str(path).endswith((".jsonl", ".json")) else ""
         raise InvalidInputError(
-            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got a file that is neither "
-            f"(it begins {head[:8]!r}){hint}; {_MAKE_ONE}"
+            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got a file that is neither{hint}; {_MAKE_ONE}"
         )
     try:
         data = np.load(path, allow_pickle=False)
