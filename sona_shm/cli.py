@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         details="The format follows the file's suffix:\n"
         "  .npz      the arrays of TrajectoryBatch, padded to the engine's max_steps (numpy.load reads it)\n"
         "  .jsonl    one JSON object per trajectory: query, quality, route, route_index, best_index, best,\n"
-        "            probability, and only its real steps (reward, activations, attention)\n"
+        "            reward (what the route taken earned), probability, and only the real steps\n"
         "  .parquet  the same rows as a Parquet table (pip install 'sona-shm[parquet]')\n"
         "The file is written and synced before the trajectories leave the buffer. The engine needs a\n"
         "buffer (--capacity N; a routing engine has none unless given one).",

@@ -42,6 +42,7 @@ def expected_rows(table, x):
             "route_index": 1,
             "best_index": None,
             "best": None,
+            "reward": 0.25,
             "probability": 0.8,
             "steps": [{"reward": 0.25, "activations": table.vectors[1], "attention": []}],
             **common,
@@ -53,6 +54,7 @@ def expected_rows(table, x):
             "route_index": None,
             "best_index": 2,
             "best": "chat",
+            "reward": None,
             "probability": None,
             "steps": [{"reward": 1.0, "activations": table.vectors[2], "attention": []}],
             **common,
@@ -64,6 +66,7 @@ def expected_rows(table, x):
             "route_index": 0,
             "best_index": 3,
             "best": "search",
+            "reward": 0.0,  # the route taken was not the best
             "probability": 0.125,
             "steps": [{"reward": 1.0, "activations": table.vectors[3], "attention": []}],
             **common,
@@ -75,6 +78,7 @@ def expected_rows(table, x):
             "route_index": None,
             "best_index": None,
             "best": None,
+            "reward": None,
             "probability": None,
             "steps": [
                 {"reward": 0.5, "activations": third, "attention": [1.0, 1.0, 1.0]},
@@ -103,6 +107,8 @@ def assert_rows(rows, table, x):
             else:
                 assert row[key] == value, key
     assert [row["traj_id"] for row in rows] == sorted(row["traj_id"] for row in rows)
+    # the rewards are what the engine's route counts summed
+    assert sum(row["reward"] or 0.0 for row in rows if row["route"] == "math") == 0.25
 
 
 def test_drain_to_jsonl_writes_one_unpadded_row_per_trajectory(engine, name, tmp_path):

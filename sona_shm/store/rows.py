@@ -9,8 +9,11 @@ real steps, each with its real activations and attention:
   1.0 for a full-information one), ``latency_us`` (int);
 - ``route`` (the route's name, or null), ``route_index`` (the route taken of a
   feedback, or null), ``best_index`` and ``best`` (the route that was right, by index
-  and name, or null), ``probability`` (the chance the route taken was chosen with,
-  for off-policy evaluation; null when not recorded);
+  and name, or null), ``reward`` (what the route taken earned, as the engine's route
+  counts have it: a bandit feedback's reward, or 1.0 / 0.0 when a full-information one
+  says whether it was the right one; null when no route was taken), ``probability``
+  (the chance the route taken was chosen with, for off-policy evaluation; null when not
+  recorded);
 - ``steps``: a list of ``{"reward", "activations", "attention"}`` (``attention`` an
   empty list when the step had none).
 
@@ -91,6 +94,14 @@ class _Unpadded:
         )
 
 
+def rewards_earned(batch: TrajectoryBatch) -> np.ndarray:
+    """``float64[k]``: what the route taken earned (the learner's ``count_routes``: the quality of a bandit feedback,
+    1.0 / 0.0 against ``best_index``), NaN where no route was taken."""
+    taken, best = batch.route_index >= 0, batch.best_index >= 0
+    earned = np.where(best, (batch.route_index == batch.best_index).astype(np.float64), shortest(batch.quality))
+    return np.where(taken, earned, np.nan)
+
+
 def batch_rows(batch: TrajectoryBatch, route_names: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """The rows of a drained batch (``route_names``: the engine's route table, to name ``best``)."""
     real = _Unpadded.of(batch)
@@ -98,6 +109,7 @@ def batch_rows(batch: TrajectoryBatch, route_names: Sequence[str] = ()) -> Itera
     activations, attention, reward = shortest(real.activations), shortest(real.attention), shortest(real.reward).tolist()
     route_index, best_index = batch.route_index.tolist(), batch.best_index.tolist()
     query, quality, probability = shortest(batch.query), shortest(batch.quality).tolist(), shortest(batch.probability).tolist()
+    earned = rewards_earned(batch).tolist()
     for i in range(len(batch)):
         best = best_index[i]
         yield {
@@ -109,6 +121,7 @@ def batch_rows(batch: TrajectoryBatch, route_names: Sequence[str] = ()) -> Itera
             "route_index": None if route_index[i] < 0 else route_index[i],
             "best_index": None if best < 0 else best,
             "best": route_names[best] if 0 <= best < len(route_names) else None,
+            "reward": None if earned[i] != earned[i] else earned[i],  # NaN: no route taken
             "probability": None if probability[i] != probability[i] else probability[i],  # NaN: not recorded
             "steps": [
                 {
@@ -151,6 +164,7 @@ def parquet_schema() -> Any:
             ("route_index", pa.int32()),
             ("best_index", pa.int32()),
             ("best", pa.string()),
+            ("reward", pa.float64()),
             ("probability", pa.float32()),
             ("steps", pa.list_(step)),
         ]
@@ -174,7 +188,7 @@ def write_parquet(batch: TrajectoryBatch, file: IO[bytes], route_names: Sequence
         [pa.array(real.reward), lists(real.activations, _offsets(real.act_len)), lists(real.attention, _offsets(real.att_len))],
         names=["reward", "activations", "attention"],
     )
-    best = batch.best_index
+    best, earned = batch.best_index, rewards_earned(batch)
     names = np.array([*route_names, ""], dtype=object)[np.where((best >= 0) & (best < len(route_names)), best, len(route_names))]
     route = batch.route.astype(object)
     columns = [
@@ -186,6 +200,7 @@ def write_parquet(batch: TrajectoryBatch, file: IO[bytes], route_names: Sequence
         pa.array(batch.route_index, mask=batch.route_index < 0),
         pa.array(best, mask=best < 0),
         pa.array(names, type=pa.string(), mask=names == ""),
+        pa.array(earned, mask=np.isnan(earned)),
         pa.array(batch.probability, mask=np.isnan(batch.probability)),
         lists(steps, real.steps),
     ]
