@@ -334,8 +334,8 @@ def _at(pairs: list[tuple[str, str]], i: int) -> tuple[str, str] | None:
 def render_rich(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> Any:
     """The same view as :func:`format_table` as a ``rich`` renderable (needs the ``monitor`` extra).
 
-    The sections flow in as many columns as the terminal holds (one at 80 columns, three at
-    160); labels and values never wrap, and each section's note is a line of its own under
+    The sections flow side by side, as many as the terminal holds (two at 80 columns, four or
+    five at 160); labels and values never wrap, and each section's note is a line of its own under
     them (a caption would be squeezed to the section's width). Tables without rows are not
     drawn: a line says why.
     """
