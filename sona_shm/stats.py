@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, TornRead, UntrustedSegmentError
 from .learn.routes import RETIRED
+from .native import IMPLEMENTATION
 from .shm.admin import Settings, read_settings
 from .shm.layout import (
     CONSUMER_WORDS,
@@ -114,7 +115,7 @@ class BufferStats:
 
     len: int
     dropped: int  # learned but not kept: the buffer was full (learning is unaffected)
-    success_rate: float  # share of learned trajectories kept (the seed's buffer_stats)
+    success_rate: float | None  # share of learned trajectories kept (the seed's buffer_stats); None: no buffer (capacity 0)
     capacity: int
     drained: int  # handed to consumers, ever
     drained_at: float | None
@@ -123,6 +124,21 @@ class BufferStats:
     @property
     def never_drained(self) -> bool:
         return self.drained == 0
+
+    @property
+    def state(self) -> str:
+        """What the figures mean, in a word or three (none of them is a failure: learning never waits for the buffer):
+
+        - ``"no buffer"``: created with capacity 0 (the routing rule's default): nothing is kept for drain;
+        - ``"keeping"``: every learned trajectory was kept so far;
+        - ``"nobody drains"``: it filled and no consumer ever drained it (it keeps the oldest);
+        - ``"drained slower than learned"``: a consumer drains, but some were dropped meanwhile.
+        """
+        if self.capacity == 0:
+            return "no buffer"
+        if not self.dropped:
+            return "keeping"
+        return "nobody drains" if self.never_drained else "drained slower than learned"
 
 
 @dataclass(frozen=True)
@@ -299,6 +315,7 @@ class EngineStats:
     fleet: FleetStats | None = None  # None: the segment has no fleet outbox
     learning: LearningStats | None = None  # pause, moving reward, guard, rollbacks (None: from a dict of an older version)
     engine_id: str = ""  # 16 hex digits: the engine its checkpoints belong to
+    implementation: str = ""  # what this process's hot paths run on: "C" or "Python (why)" (sona_shm.native)
 
     def since(self, before: EngineStats | None) -> EngineStats:
         """This observation with :attr:`rates` measured from ``before`` (None: left as it is)."""
@@ -319,6 +336,8 @@ class EngineStats:
                 value = [_plain(item) for item in value]
             elif f.name == "adapter":
                 value = {"up_norm": value.up_norm, "down_norm": value.down_norm}
+            elif f.name == "buffer":
+                value = {**_plain(value), "state": value.state}
             elif f.name == "rates" and value is not None:
                 value = {**_plain(value), "routes": [_plain(r) for r in value.routes]}
             elif value is not None and hasattr(value, "__dataclass_fields__"):
@@ -336,7 +355,7 @@ class EngineStats:
             **{k: data[k] for k in ("recorded", "lane_dropped", "backlog", "lanes_live")},
             created_at=data.get("created_at", 0.0),
             config=ConfigStats(**data["config"]),
-            buffer=BufferStats(**data["buffer"]),
+            buffer=BufferStats(**{k: v for k, v in data["buffer"].items() if k != "state"}),  # state: derived
             flusher=FlusherStats(**data["flusher"]),
             lanes=tuple(LaneStats(**lane) for lane in data["lanes"]),
             adapter=AdapterStats(adapter["up_norm"], adapter["down_norm"]),
@@ -344,6 +363,7 @@ class EngineStats:
             learning=LearningStats(**data["learning"]) if data.get("learning") else None,
             engine_id=data.get("engine_id", ""),
             corrupt=data.get("corrupt", 0),
+            implementation=data.get("implementation", ""),
             routes=tuple(RouteStats(**r) for r in data.get("routes", ())),
             rates=Rates(**{**rates, "routes": tuple(RouteRate(**r) for r in rates.get("routes", ()))}) if rates else None,
         )
@@ -570,7 +590,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         buffer=BufferStats(
             len=values["buffer_head"] - buffer_tail,
             dropped=values["buffer_dropped"],
-            success_rate=1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
+            success_rate=None if cfg.capacity == 0 else 1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
             capacity=cfg.capacity,
             drained=buffer_tail,
             drained_at=f64[CONSUMER_WORDS.drained_at] or None,
@@ -597,6 +617,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         routes=_routes(segment, values),
         learning=_learning(segment, values),
         engine_id=f"{values['engine_id']:016x}",
+        implementation=IMPLEMENTATION,
     )
 
 

@@ -231,3 +231,8 @@ def test_the_command_line_lists_adds_renames_and_retires(name, tmp_path, capsys)
     assert "expected unique names" in capsys.readouterr().err
     assert main(["routes", "add", "--name", name, "x", "--vector", str(tmp_path / "missing.npy")]) == EXIT_USAGE
     assert "--vector: expected a .npy file" in capsys.readouterr().err
+    script = tmp_path / "vector.py"
+    script.write_text("v = [1, 0]\n")
+    assert main(["routes", "add", "--name", name, "x", "--vector", str(script)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--vector: expected a .npy file" in err and "pickle" not in err  # numpy would advise allow_pickle

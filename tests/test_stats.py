@@ -47,6 +47,7 @@ TOP_KEYS = {
     "fleet",
     "learning",
     "engine_id",
+    "implementation",
 }
 #: stats()["learning"]: pause, moving reward, the reward guard, rollbacks.
 LEARNING_KEYS = {
@@ -87,7 +88,7 @@ CONFIG_KEYS = {
     "max_routes",
     "adapter_lr",
 }
-BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid"}
+BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid", "state"}
 FLUSHER_KEYS = {"pid", "alive", "heartbeat_at", "heartbeat_age_s", "started_at", "idle", "scans"}
 LANE_KEYS = {"lane", "pid", "alive", "records", "learned", "backlog", "drops", "claims", "last_record_at"}
 RATE_KEYS = {

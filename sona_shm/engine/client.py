@@ -649,6 +649,11 @@ class Client:
             if locked:
                 self._lock.release()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the lane is given back)."""
+        return self._segment is None
+
     def _open_segment(self) -> Segment:
         """The mapped segment; :class:`ClosedError` once the client is closed."""
         seg = self._segment

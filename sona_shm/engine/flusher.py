@@ -37,6 +37,7 @@ from ..checks import check_int, check_timeout
 from ..config import EngineConfig
 from ..errors import CheckpointError, ClosedError, FleetError, InvalidInputError
 from ..learn.routes import RouteTable
+from ..native import IMPLEMENTATION
 from ..native import speedups as _speedups
 from ..shm import segment as segment_module
 from ..shm import slots
@@ -197,7 +198,15 @@ class Flusher:
         f64[fl.started_at] = time.time()
         u64[fl.idle] = 0
         f64[fl.heartbeat] = time.time()
-        log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())
+        log.info(
+            "%s segment %r (pid %d): %s; %s; hot paths in %s",
+            "created" if self.created else "adopted",
+            self.name,
+            pid,
+            layout.config.describe(),
+            layout.describe_size(),
+            IMPLEMENTATION,
+        )
         guard = self.guard
         write_settings(
             seg,
