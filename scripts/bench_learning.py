@@ -675,6 +675,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "per_seed": acc.tolist(),
         "seconds_per_seed": float(np.mean([r["seconds"] for r in runs])),
         "flags": runs[0]["flags"],
+        "seeds": len(runs),
     }
     if "norms" in runs[0]:
         keys = runs[0]["norms"][0].keys()
@@ -840,6 +841,7 @@ def markdown(report: dict[str, Any]) -> str:
             for key, r in res.items():
                 name = LEARNERS[key].label
                 name = f"**{name}**" if key == "rule" else name
+                name += f" ({r['seeds']} seed(s) only)" if r["seeds"] < report["seeds"] else ""
                 prog = f"{value_at(r, early, 'progressive'):.3f} / {value_at(r, late, 'progressive'):.3f}"
                 lines.append(f"| {name} | `{r['flags']}` | " + " | ".join(cell(r, p) for p in at) + f" | {prog} |")
     if report["extras"]:
@@ -983,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="write the Markdown tables here")
     p.add_argument("--plot", metavar="FILE", help="write the plot here (PNG; needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1k feedbacks, small sets, no extras")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop starting runs after this long; report what finished")
+    p.add_argument("--partial", metavar="FILE", help="append each finished run to FILE (JSON lines), and skip the runs already in it")
     p.add_argument("--rule-py", metavar="FILE", help=argparse.SUPPRESS)  # development: a numpy reference of the rule
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -1030,18 +1034,33 @@ def main(argv: list[str] | None = None) -> int:
                 jobs += [Job(k, "synth", reg, s, total, quick, "flip") for s in range(seeds)]
         if "rule" in keys:
             jobs += [Job("rule", "synth", reg, s, NORM_FEEDBACKS, quick, "norms") for reg in ("full", "bandit") for s in range(seeds)]
-    jobs.sort(key=Job.cost, reverse=True)
-    print(f"{len(jobs)} runs on {args.jobs} process(es): {', '.join(keys)}; tasks {', '.join(task_names)}", file=sys.stderr)
+    jobs.sort(key=lambda j: (j.extra != "", -j.cost()))  # the comparison first, the slowest first
     done: list[tuple[Job, dict[str, Any]]] = []
-    if args.jobs > 1:
-        with mp.get_context("fork").Pool(args.jobs) as pool:
-            for job, result in pool.imap_unordered(run_job, jobs):
-                done.append((job, result))
-                progress(job, result, len(done), len(jobs), started)
-    else:
-        for job in jobs:
-            done.append(run_job(job))
-            progress(*done[-1], len(done), len(jobs), started)
+    if args.partial and Path(args.partial).exists():  # resume: runs already finished are not run again
+        known = {Job(**r["job"]): r["result"] for r in map(json.loads, Path(args.partial).read_text().splitlines())}
+        done = [(j, known[j]) for j in jobs if j in known]
+        jobs = [j for j in jobs if j not in known]
+    print(f"{len(jobs)} runs on {args.jobs} process(es) ({len(done)} from {args.partial}): {', '.join(keys)}; "
+          f"tasks {', '.join(task_names)}", file=sys.stderr)  # fmt: skip
+    deadline = started + args.time_limit if args.time_limit else math.inf
+    pending = set(jobs)
+    with mp.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        results_iter = pool.imap_unordered(run_job, jobs)
+        while pending:
+            try:
+                job, result = results_iter.next(timeout=max(0.0, deadline - time.perf_counter()) if deadline < math.inf else None)
+            except mp.TimeoutError:
+                pool.terminate()
+                break
+            pending.discard(job)
+            done.append((job, result))
+            progress(job, result, len(done), len(done) + len(pending), started)
+            if args.partial:
+                with open(args.partial, "a") as f:
+                    f.write(json.dumps({"job": job.__dict__, "result": result}, default=float) + "\n")
+    if pending:
+        for j in sorted(pending, key=lambda j: (j.task, j.regime, j.key, j.extra, j.seed)):
+            skipped[f"{j.task} {j.regime} {j.key} {j.extra} seed {j.seed}".replace("  ", " ")] = f"--time-limit {args.time_limit:g} s"
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     extras: dict[str, dict[str, Any]] = {}
