@@ -74,7 +74,7 @@
 #define GROWTH 20
 #define GRADIENT_FLOOR 0.1
 #define MIN_ADAPTED_NORM 1e-6
-#define TIE 1e-9 /* routes.TIE: scores within it of the best are a tie, won by the lowest index */
+#define TIE 0.0 /* routes.TIE: scores within it of the best are a tie, won by the lowest index (0: the maximal ones) */
 #define ACTIVE 1 /* routes.ACTIVE: a route_state that may be chosen and learned */
 
 /* The routing learner's per-signal loop and route()'s scores are dot products and updates of
@@ -1973,7 +1973,8 @@ static npy_intp draw(const double *pi, npy_intp K, double u) {
  * for one of this module's own. Scores and the greedy choice (the lowest index within TIE of the best) are
  * float64, as numpy's; returns RouteChoice(index, name, scores (float32[K], -inf for inactive routes), adapted
  * (adapt(x)), explored (index != the greedy choice), probability (pi[index]; 1.0 greedy)). None too when no route
- * is active. */
+ * is active or x is zero (the Python path raises). Every sum in the fixed order routes._ordered_sum mirrors: the
+ * same scores, to the bit, as routes.scores. */
 static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 11) {
         PyErr_SetString(PyExc_TypeError, "route() takes 11 arguments");
@@ -2010,6 +2011,12 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (adapted == NULL) return NULL;
     float *o = (float *)PyArray_DATA((PyArrayObject *)adapted);
     if (copy_row(o, PyArray_BYTES(x), h, PyArray_STRIDE(x, 0)) < 0) {
+        Py_DECREF(adapted);
+        Py_RETURN_NONE;
+    }
+    npy_intp nonzero = 0;
+    while (nonzero < h && o[nonzero] == 0.0f) nonzero++;
+    if (nonzero == h) { /* a zero query: the Python path refuses it, naming x */
         Py_DECREF(adapted);
         Py_RETURN_NONE;
     }
