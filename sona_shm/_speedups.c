@@ -460,8 +460,8 @@ done:
     return result;
 }
 
-/* Stamp the filled head slot, publish it, note the time: 2 if the flusher sleeps (the
- * caller rings its doorbell), else 1. */
+/* Stamp the filled head slot, publish it, note the time: 2 if the flusher sleeps and this producer is the one to
+ * ring its doorbell (the caller rings), else 1. */
 static long publish(LaneWriter *self) {
     uint64_t next = self->head + 1;
     __atomic_store_n((uint64_t *)head_slot(self), next, __ATOMIC_RELEASE); /* stamps the slot: its payload is complete */
@@ -476,7 +476,14 @@ static long publish(LaneWriter *self) {
      * fence x86 may let this load pass that store, and both sides could miss the other
      * (a wake-up lost until the flusher's 50 ms timeout). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n(self->idle_word, __ATOMIC_RELAXED) ? 2 : 1;
+    if (!__atomic_load_n(self->idle_word, __ATOMIC_RELAXED)) return 1;
+    /* The flusher sleeps. One ring wakes it: the producer that takes the idle word back to 0 rings, and the
+     * others, finding 0, do not (every producer used to ring until the woken flusher cleared the word -- under
+     * load, thousands of sem_post calls per wake-up, each a system call, and as many for the flusher to swallow).
+     * A producer that finds 0 published before its compare-exchange (a locked instruction: a full fence), and
+     * the flusher reads every head after the ring it was given, or after its own next store of idle = 1. */
+    uint64_t sleeping = 1;
+    return __atomic_compare_exchange_n(self->idle_word, &sleeping, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED) ? 2 : 1;
 }
 
 /* record(traj) -> 1 published, 2 published and the flusher sleeps, 0 the ring is full
