@@ -19,8 +19,11 @@ float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
    room), into an engine whose buffer keeps every one (capacity K: each learned
    trajectory is copied into a buffer slot never used before) and into one whose buffer
    is full (capacity 10000, or K/20 if less: later ones are learned, not copied), and
-   through a ``multiprocessing.Queue``; delivered = learned (received) per second, and how
-   long the flusher took to create each engine (it reserves and faults in the buffer).
+   through a ``multiprocessing.Queue``; delivered = learned (received) per second, timed
+   from the moment every producer (and the queue's consumer) is ready, and how long the
+   flusher took to create each engine (it reserves and faults in the buffer). The ratio
+   keeps-everything / mp.Queue is reported of the medians and as the median of the rounds'
+   ratios (each round runs the three back to back: like with like on a loaded machine).
 2. producer latency: ``record()`` and ``forward()`` timed call by call in a producer
    while N-1 others record flat out and the flusher learns (median, p99).
 3. learning rate: the flusher's vectorised learning (signals + accumulate + flushes),
@@ -725,6 +728,14 @@ def main() -> int:
                     buffer_runs.setdefault(mode, {}).setdefault(k, []).append(v)
         report["buffer"] = {mode: {k: statistics.median(v) for k, v in vals.items()} for mode, vals in buffer_runs.items()}
         report["buffer"]["trajectories"] = total
+        # Each round runs the three modes back to back: the ratio within a round compares like with like on a machine
+        # whose load changes from minute to minute (issue 21, item 7).
+        per_round = [k / q for k, q in zip(buffer_runs["keep"]["delivered_per_s"], buffer_runs["queue"]["delivered_per_s"])]
+        report["buffer"]["keep_vs_queue"] = {
+            "of_medians": report["buffer"]["keep"]["delivered_per_s"] / report["buffer"]["queue"]["delivered_per_s"],
+            "median_of_rounds": statistics.median(per_round),
+            "rounds": per_round,
+        }
         report["buffer_runs"] = buffer_runs
     if "latency" not in skip:
         report["latency"] = run_latency(args.producers, seconds)
@@ -788,6 +799,9 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
         print(f"   {full_label:<44} {full:>12,.0f} {'':>9} {full / queue:>11.1f}x"
               f"   (engine created in {b['full']['start_s']:.2f} s)")  # fmt: skip
         print(f"   {'multiprocessing.Queue (received only)':<44} {queue:>12,.0f}")
+        ratio = b["keep_vs_queue"]
+        print(f"   keeps every one / mp.Queue: {ratio['of_medians']:.1f}x of the medians, {ratio['median_of_rounds']:.1f}x the median "
+              f"round (rounds: {', '.join(f'{r:.1f}x' for r in ratio['rounds'])})")  # fmt: skip
     if "latency" in report:
         print("\n2. producer calls while the others record and the flusher learns (µs)")
         print(f"   {'operation':<22} {'median':>8} {'p99':>8} {'calls':>9}")
