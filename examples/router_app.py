@@ -123,7 +123,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         if isinstance(result, str):
             payload, content_type = result.encode("utf-8"), PROMETHEUS_CONTENT_TYPE
         else:
-            payload, content_type = json.dumps(result).encode("utf-8"), "application/json"
+            payload, content_type = json.dumps(result, allow_nan=False).encode("utf-8"), "application/json"  # strict JSON: no NaN
     except HTTPProblem as exc:
         status, payload, content_type = f"{exc.status} {_REASONS[exc.status]}", _error(str(exc)), "application/json"
     except InvalidInputError as exc:  # bad input the library refused before writing anything

@@ -28,12 +28,13 @@ was expected and what was got.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import numpy as np
 
-from sona_shm import Client, Step, Trajectory
+from sona_shm import Client, InvalidInputError, Step, Trajectory
 from sona_shm.trajectory import as_vector
 
 #: Largest request body accepted (8 steps of 256 + 64 numbers as JSON is ~60 KB).
@@ -168,13 +169,17 @@ def route(client: Client, body: bytes) -> dict[str, Any]:
     obj = parse_body(body)
     require_fields(obj, "body", ("embedding",), ("explore",))
     query = embedding(obj, client.hidden_dim)
+    if not query.any():
+        raise InvalidInputError("embedding: expected a vector with a direction, got all zeros (it is closest to no route)")
     _routes_of(client)
     choice = client.route(query, explore=obj.get("explore", 0.0))
+    # Every number is finite (a huge embedding saturates at the float32 limit); a retired route scores -inf, which
+    # JSON cannot say: null. Strict JSON either way (the app serialises with allow_nan=False).
     return {
         "route": choice.name,
         "index": choice.index,
         "score": float(choice.scores[choice.index]),
-        "scores": dict(zip(client.routes.names, choice.scores.tolist())),
+        "scores": {name: s if math.isfinite(s) else None for name, s in zip(client.routes.names, choice.scores.tolist())},
         "explored": choice.explored,
         "embedding": choice.adapted.tolist(),
     }

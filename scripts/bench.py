@@ -19,8 +19,11 @@ float32[256], attention float32[64], reward) + quality; T4 = 4 steps. Sections:
    room), into an engine whose buffer keeps every one (capacity K: each learned
    trajectory is copied into a buffer slot never used before) and into one whose buffer
    is full (capacity 10000, or K/20 if less: later ones are learned, not copied), and
-   through a ``multiprocessing.Queue``; delivered = learned (received) per second, and how
-   long the flusher took to create each engine (it reserves and faults in the buffer).
+   through a ``multiprocessing.Queue``; delivered = learned (received) per second, timed
+   from the moment every producer (and the queue's consumer) is ready, and how long the
+   flusher took to create each engine (it reserves and faults in the buffer). The ratio
+   keeps-everything / mp.Queue is reported of the medians and as the median of the rounds'
+   ratios (each round runs the three back to back: like with like on a loaded machine).
 2. producer latency: ``record()`` and ``forward()`` timed call by call in a producer
    while N-1 others record flat out and the flusher learns (median, p99).
 3. learning rate: the flusher's vectorised learning (signals + accumulate + flushes),
@@ -139,10 +142,11 @@ class Engine:
 # ----------------------------------------------------------------- 1. throughput
 
 
-def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out) -> None:
+def _sona_producer(name: str, seed: int, steps: int, go, seconds: float, out, ready) -> None:
     child_start()
     pool = make_pool(seed, steps)
     with attach(name, timeout=30) as client:
+        ready.release()
         go.wait()
         cpu0, accepted, attempted = time.process_time(), 0, 0
         deadline = time.monotonic() + seconds
@@ -161,9 +165,10 @@ def as_message(t: Trajectory) -> tuple:
     return (t.query, [(s.activations, s.attention, s.reward) for s in t.steps], t.quality)
 
 
-def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> None:
+def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out, ready) -> None:
     child_start()
     pool = [as_message(t) for t in make_pool(seed, steps)]
+    ready.release()
     go.wait()
     cpu0, sent = time.process_time(), 0
     deadline = time.monotonic() + seconds
@@ -176,8 +181,9 @@ def _queue_producer(queue, seed: int, steps: int, go, seconds: float, out) -> No
     out.put((sent, sent, time.process_time() - cpu0))
 
 
-def _queue_consumer(queue, producers: int, many: bool, out) -> None:
+def _queue_consumer(queue, producers: int, many: bool, out, ready) -> None:
     child_start()
+    ready.release()
     received, done = 0, 0
     while done < producers:
         items = queue.get_many(max_messages_to_get=1024, timeout=60) if many else [queue.get(timeout=60)]
@@ -189,16 +195,24 @@ def _queue_consumer(queue, producers: int, many: bool, out) -> None:
     out.put((received, time.perf_counter()))
 
 
+def wait_ready(ready, processes: int) -> None:
+    """Wait until every child started for a run has said it is ready (attached, its pool made): the measured window
+    starts with all of them ready, however slowly a loaded machine forks and attaches them."""
+    for _ in range(processes):
+        if not ready.acquire(timeout=120):
+            raise RuntimeError("a child did not get ready within 120 s")
+
+
 def run_throughput(system: str, producers: int, steps: int, seconds: float) -> dict[str, float]:
-    go, out = CTX.Event(), CTX.Queue()
+    go, out, ready = CTX.Event(), CTX.Queue(), CTX.Semaphore(0)
     if system == "sona_shm":
         with Engine(f"tp{steps}", lanes=max(8, producers + 2), flush_threshold=100) as engine:
             before = read_stats(engine.name)["trajectories_processed"]
-            procs = [CTX.Process(target=_sona_producer, args=(engine.name, p, steps, go, seconds, out)) for p in range(producers)]
+            procs = [CTX.Process(target=_sona_producer, args=(engine.name, p, steps, go, seconds, out, ready)) for p in range(producers)]
             for p in procs:
                 p.start()
             with attach(engine.name) as client:  # to ask when everything is learned
-                time.sleep(0.2)  # let the producers attach (excluded from the measured window)
+                wait_ready(ready, producers)  # forking and attaching are excluded from the measured window
                 start = time.perf_counter()
                 go.set()
                 results = [out.get(timeout=seconds + 120) for _ in procs]
@@ -216,12 +230,12 @@ def run_throughput(system: str, producers: int, steps: int, seconds: float) -> d
             queue = faster_fifo.Queue(max_size_bytes=64 * 2**20)
         else:
             queue = CTX.Queue(maxsize=QUEUE_SIZE)
-        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, system == "faster_fifo", out))
-        procs = [CTX.Process(target=_queue_producer, args=(queue, p, steps, go, seconds, out)) for p in range(producers)]
+        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, system == "faster_fifo", out, ready))
+        procs = [CTX.Process(target=_queue_producer, args=(queue, p, steps, go, seconds, out, ready)) for p in range(producers)]
         consumer.start()
         for p in procs:
             p.start()
-        time.sleep(0.2)
+        wait_ready(ready, producers + 1)
         start = time.perf_counter()
         go.set()
         results, got = [], None
@@ -248,10 +262,11 @@ def run_throughput(system: str, producers: int, steps: int, seconds: float) -> d
 # ----------------------------------------------------------------- 1b. the buffer for consumers
 
 
-def _sona_count_producer(name: str, seed: int, go, count: int, out) -> None:
+def _sona_count_producer(name: str, seed: int, go, count: int, out, ready) -> None:
     child_start()
     pool = make_pool(seed, 1)
     with attach(name, timeout=30) as client:
+        ready.release()
         go.wait()
         cpu0, accepted = time.process_time(), 0
         record = client.record
@@ -260,9 +275,10 @@ def _sona_count_producer(name: str, seed: int, go, count: int, out) -> None:
         out.put((accepted, count, time.process_time() - cpu0))
 
 
-def _queue_count_producer(queue, seed: int, go, count: int, out) -> None:
+def _queue_count_producer(queue, seed: int, go, count: int, out, ready) -> None:
     child_start()
     pool = [as_message(t) for t in make_pool(seed, 1)]
+    ready.release()
     go.wait()
     cpu0 = time.process_time()
     put = queue.put
@@ -284,15 +300,15 @@ def run_buffer(mode: str, producers: int, total: int) -> dict[str, float]:
     per second, from the start signal until the last one; ``start_s``: how long the flusher
     took to create its engine (sona_shm only)."""
     per = total // producers
-    go, out = CTX.Event(), CTX.Queue()
+    go, out, ready = CTX.Event(), CTX.Queue(), CTX.Semaphore(0)
     if mode == "queue":
         queue = CTX.Queue(maxsize=QUEUE_SIZE)
-        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, False, out))
-        procs = [CTX.Process(target=_queue_count_producer, args=(queue, p, go, per, out)) for p in range(producers)]
+        consumer = CTX.Process(target=_queue_consumer, args=(queue, producers, False, out, ready))
+        procs = [CTX.Process(target=_queue_count_producer, args=(queue, p, go, per, out, ready)) for p in range(producers)]
         consumer.start()
         for p in procs:
             p.start()
-        time.sleep(0.2)
+        wait_ready(ready, producers + 1)
         start = time.perf_counter()
         go.set()
         results, got = [], None
@@ -310,11 +326,11 @@ def run_buffer(mode: str, producers: int, total: int) -> dict[str, float]:
     t0 = time.perf_counter()
     with Engine(f"buf-{mode}", lanes=max(8, producers + 2), capacity=capacity) as engine:
         start_s = time.perf_counter() - t0
-        procs = [CTX.Process(target=_sona_count_producer, args=(engine.name, p, go, per, out)) for p in range(producers)]
+        procs = [CTX.Process(target=_sona_count_producer, args=(engine.name, p, go, per, out, ready)) for p in range(producers)]
         for p in procs:
             p.start()
         with attach(engine.name) as client:
-            time.sleep(0.2)  # let the producers attach (excluded from the measured window)
+            wait_ready(ready, producers)  # forking and attaching are excluded from the measured window
             start = time.perf_counter()
             go.set()
             results = [out.get(timeout=600) for _ in procs]
@@ -712,6 +728,14 @@ def main() -> int:
                     buffer_runs.setdefault(mode, {}).setdefault(k, []).append(v)
         report["buffer"] = {mode: {k: statistics.median(v) for k, v in vals.items()} for mode, vals in buffer_runs.items()}
         report["buffer"]["trajectories"] = total
+        # Each round runs the three modes back to back: the ratio within a round compares like with like on a machine
+        # whose load changes from minute to minute (issue 21, item 7).
+        per_round = [k / q for k, q in zip(buffer_runs["keep"]["delivered_per_s"], buffer_runs["queue"]["delivered_per_s"])]
+        report["buffer"]["keep_vs_queue"] = {
+            "of_medians": report["buffer"]["keep"]["delivered_per_s"] / report["buffer"]["queue"]["delivered_per_s"],
+            "median_of_rounds": statistics.median(per_round),
+            "rounds": per_round,
+        }
         report["buffer_runs"] = buffer_runs
     if "latency" not in skip:
         report["latency"] = run_latency(args.producers, seconds)
@@ -775,6 +799,9 @@ def print_report(report: dict[str, Any], systems: list[str]) -> None:
         print(f"   {full_label:<44} {full:>12,.0f} {'':>9} {full / queue:>11.1f}x"
               f"   (engine created in {b['full']['start_s']:.2f} s)")  # fmt: skip
         print(f"   {'multiprocessing.Queue (received only)':<44} {queue:>12,.0f}")
+        ratio = b["keep_vs_queue"]
+        print(f"   keeps every one / mp.Queue: {ratio['of_medians']:.1f}x of the medians, {ratio['median_of_rounds']:.1f}x the median "
+              f"round (rounds: {', '.join(f'{r:.1f}x' for r in ratio['rounds'])})")  # fmt: skip
     if "latency" in report:
         print("\n2. producer calls while the others record and the flusher learns (µs)")
         print(f"   {'operation':<22} {'median':>8} {'p99':>8} {'calls':>9}")

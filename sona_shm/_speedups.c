@@ -74,7 +74,7 @@
 #define GROWTH 20
 #define GRADIENT_FLOOR 0.1
 #define MIN_ADAPTED_NORM 1e-6
-#define TIE 1e-9 /* routes.TIE: scores within it of the best are a tie, won by the lowest index */
+#define TIE 0.0 /* routes.TIE: scores within it of the best are a tie, won by the lowest index (0: the maximal ones) */
 #define ACTIVE 1 /* routes.ACTIVE: a route_state that may be chosen and learned */
 
 /* The routing learner's per-signal loop and route()'s scores are dot products and updates of
@@ -460,8 +460,8 @@ done:
     return result;
 }
 
-/* Stamp the filled head slot, publish it, note the time: 2 if the flusher sleeps (the
- * caller rings its doorbell), else 1. */
+/* Stamp the filled head slot, publish it, note the time: 2 if the flusher sleeps and this producer is the one to
+ * ring its doorbell (the caller rings), else 1. */
 static long publish(LaneWriter *self) {
     uint64_t next = self->head + 1;
     __atomic_store_n((uint64_t *)head_slot(self), next, __ATOMIC_RELEASE); /* stamps the slot: its payload is complete */
@@ -476,7 +476,14 @@ static long publish(LaneWriter *self) {
      * fence x86 may let this load pass that store, and both sides could miss the other
      * (a wake-up lost until the flusher's 50 ms timeout). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return __atomic_load_n(self->idle_word, __ATOMIC_RELAXED) ? 2 : 1;
+    if (!__atomic_load_n(self->idle_word, __ATOMIC_RELAXED)) return 1;
+    /* The flusher sleeps. One ring wakes it: the producer that takes the idle word back to 0 rings, and the
+     * others, finding 0, do not (every producer used to ring until the woken flusher cleared the word -- under
+     * load, thousands of sem_post calls per wake-up, each a system call, and as many for the flusher to swallow).
+     * A producer that finds 0 published before its compare-exchange (a locked instruction: a full fence), and
+     * the flusher reads every head after the ring it was given, or after its own next store of idle = 1. */
+    uint64_t sleeping = 1;
+    return __atomic_compare_exchange_n(self->idle_word, &sleeping, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED) ? 2 : 1;
 }
 
 /* record(traj) -> 1 published, 2 published and the flusher sleeps, 0 the ring is full
@@ -1973,7 +1980,8 @@ static npy_intp draw(const double *pi, npy_intp K, double u) {
  * for one of this module's own. Scores and the greedy choice (the lowest index within TIE of the best) are
  * float64, as numpy's; returns RouteChoice(index, name, scores (float32[K], -inf for inactive routes), adapted
  * (adapt(x)), explored (index != the greedy choice), probability (pi[index]; 1.0 greedy)). None too when no route
- * is active. */
+ * is active or x is zero (the Python path raises). Every sum in the fixed order routes._ordered_sum mirrors: the
+ * same scores, to the bit, as routes.scores. */
 static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 11) {
         PyErr_SetString(PyExc_TypeError, "route() takes 11 arguments");
@@ -2010,6 +2018,12 @@ static PyObject *route(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (adapted == NULL) return NULL;
     float *o = (float *)PyArray_DATA((PyArrayObject *)adapted);
     if (copy_row(o, PyArray_BYTES(x), h, PyArray_STRIDE(x, 0)) < 0) {
+        Py_DECREF(adapted);
+        Py_RETURN_NONE;
+    }
+    npy_intp nonzero = 0;
+    while (nonzero < h && o[nonzero] == 0.0f) nonzero++;
+    if (nonzero == h) { /* a zero query: the Python path refuses it, naming x */
         Py_DECREF(adapted);
         Py_RETURN_NONE;
     }

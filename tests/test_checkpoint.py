@@ -24,6 +24,7 @@ from support import make_trajectories
 from support import run as run_process
 
 H, R = SMALL["hidden_dim"], SMALL["rank"]
+FLT_MAX = np.finfo(np.float32).max
 
 
 def learned_engine(engine, count: int = 15, seed: int = 1):
@@ -186,6 +187,12 @@ def good_checkpoint(tmp_path, **changes) -> str:
         ({GRAD_UP: np.zeros((R, H), np.float32)}, "'sona.grad_up': expected F64"),
         ({DOWN: np.full((R, H), np.inf, np.float32)}, "non-finite value inf at [0, 0]"),
         ({GRAD_UP: np.full((R, H), np.nan)}, "non-finite value nan"),
+        # Finite, but forward() of an ordinary query would overflow (it gave [inf, -inf, nan] after such a restore).
+        ({DOWN: np.full((R, H), FLT_MAX, np.float32)}, f"tensor {DOWN!r}: row 0 has norm 1.361e+39, beyond the float32 limit"),
+        (
+            {DOWN: np.full((R, H), 1e37, np.float32), UP_T: np.full((H, R), 10.0, np.float32)},
+            f"tensors {DOWN!r} and {UP_T!r}: the adapter moves a unit-norm query by up to 2.263e+39",
+        ),
     ],
 )
 def test_bad_checkpoints_are_refused_naming_the_problem(tmp_path, changes, fragment):
@@ -362,6 +369,21 @@ def test_a_counter_out_of_range_exits_7_from_restore_and_from_the_flusher(capsys
     assert flusher.returncode == EXIT_CHECKPOINT and "Traceback" not in flusher.stderr
     assert f"metadata {counter!r}: expected an integer in [0, 2**62)" in flusher.stderr
     assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+
+
+@pytest.mark.guarantee("a-checkpoint-is-whole-or-absent")
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
+def test_weights_that_overflow_forward_exit_7_from_restore_and_change_nothing(capsys, engine, name, tmp_path):
+    flusher, client = learned_engine(engine)
+    flusher.close()
+    before = snapshot_bytes(name)
+    path = good_checkpoint(tmp_path, **{DOWN: np.full((R, H), FLT_MAX, np.float32)})
+    assert main(["restore", "--name", name, "--from", path]) == EXIT_CHECKPOINT
+    err = capsys.readouterr().err
+    assert f"tensor {DOWN!r}: row 0 has norm" in err and "forward() of a unit-norm query would overflow; nothing restored" in err
+    assert snapshot_bytes(name) == before
+    assert np.isfinite(client.forward(np.ones(H, np.float32))).all()
+    client.close()
 
 
 def test_the_largest_counters_accepted_still_learn_and_restore(engine, name, tmp_path):

@@ -22,7 +22,7 @@ from sona_shm.engine import client as client_module
 from sona_shm.engine import flusher as flusher_module
 from sona_shm.engine.client import attach
 from sona_shm.shm import lane as lane_module
-from sona_shm.shm.layout import LANE_HEAD, LOCK_LANE_BASE
+from sona_shm.shm.layout import FLUSHER_WORDS, LANE_HEAD, LOCK_LANE_BASE
 from sona_shm.shm.segment import Segment
 from sona_shm.supervise import set_deadline
 
@@ -513,3 +513,22 @@ def test_a_record_that_does_not_wait_never_waits_for_one_that_does(engine, monke
     thread.join(60)
     assert outcome == [True]
     assert client.stats()["lane_dropped"] == 1 and flusher.scan() == 1
+
+
+def test_a_sleeping_flusher_is_rung_once_however_many_producers_publish(engine):
+    """The producer that finds the flusher asleep takes the idle word back to 0 and rings; the others do not. Every
+    record rang until the woken flusher cleared the word: under load, thousands of sem_post calls per wake-up."""
+    engine()
+    clients = [engine.attach(), engine.attach()]
+    rings = []
+    for client in clients:
+        segment = client._open_segment()
+        segment.ring = lambda: rings.append(1)  # type: ignore[method-assign]
+    idle = FLUSHER_WORDS.idle
+    u64 = clients[0]._u64
+    for round_ in range(3):
+        u64[idle] = 1  # the flusher went to sleep on the doorbell
+        for i, t in enumerate(make_trajectories(round_, 6, SMALL["hidden_dim"])):
+            assert clients[i % 2].record(t)
+        assert len(rings) == round_ + 1 and u64[idle] == 0
+    assert clients[0].record(make_trajectories(9, 1, SMALL["hidden_dim"])[0]) and len(rings) == 3  # awake: no ring

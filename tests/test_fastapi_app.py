@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
 
@@ -62,6 +63,24 @@ def test_route_and_feedback_answer_like_router_app(served):
     assert changed == wsgi("POST", "/route", body)[1]  # the same adapter through both apps
     stats = http.get("/stats").json()
     assert stats["trajectories_processed"] == 2 and stats["recorded"] == 2
+
+
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
+def test_route_answers_finite_strict_json_like_router_app(served):
+    """A huge embedding: finite numbers (no null, no NaN), the same answer as router_app's; a zero one: the same 400."""
+    flusher, http = served
+    for _ in range(2):
+        assert http.post("/feedback", content=json.dumps(feedback())).json() == {"accepted": True}
+    flusher.scan()
+    for probe in (np.full(H, 3.4e38), np.full(H, -3.4e38), np.zeros(H)):
+        body = json.dumps({"embedding": probe.astype(np.float32).tolist()}).encode()
+        answer = http.post("/route", content=body)
+        status, expected = wsgi("POST", "/route", body)
+        assert answer.status_code == status and json.loads(answer.text, parse_constant=float) == expected
+        if status == 200:
+            assert all(v is not None and math.isfinite(v) for v in [*expected["scores"].values(), *expected["embedding"]])
+        else:
+            assert status == 400 and expected["error"].startswith("embedding: expected a vector with a direction")
 
 
 def test_a_full_lane_answers_accepted_false_and_counts_it(served):

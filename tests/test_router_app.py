@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -68,6 +70,44 @@ def test_route_applies_the_adapter_and_picks_the_best_route(served):
     changed = json.loads(call("POST", "/route", {"embedding": probe.tolist()})[2])["embedding"]
     expected = hooks.client().forward(probe)
     assert changed != answer["embedding"] and changed == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"the answer holds the JSON constant {name} (not JSON)")
+
+
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
+def test_route_answers_finite_strict_json_for_every_finite_embedding(served):
+    """An embedding of 3.4e38 x sign(down[0]) was answered with a literal NaN (invalid JSON); a zero one got route 0;
+    a retired route's -inf score was the literal -Infinity."""
+    for _ in range(2):
+        assert json.loads(call("POST", "/feedback", feedback())[2]) == {"accepted": True}
+    served.scan()  # a learned, non-zero adapter
+    client = hooks.client()
+    down = client._current_weights().down
+    probes = [np.sign(down[0]) * 3.4e38, -np.sign(down[0]) * 3.4e38, np.full(H, 1e-45), np.linspace(-3.4e38, 3.4e38, H)]
+    for probe in probes:
+        status, _, payload = call("POST", "/route", {"embedding": probe.astype(np.float32).tolist()})
+        answer = json.loads(payload, parse_constant=_no_constants)
+        assert status == "200 OK", answer
+        assert all(math.isfinite(v) for v in [answer["score"], *answer["scores"].values(), *answer["embedding"]])
+        assert np.isfinite(client.forward(probe.astype(np.float32))).all()
+    status, _, payload = call("POST", "/route", {"embedding": [0.0] * H})
+    assert status.startswith("400") and json.loads(payload)["error"].startswith("embedding: expected a vector with a direction")
+    done = threading.Event()
+
+    def retire() -> None:
+        client.retire_route(1)
+        done.set()
+
+    thread = threading.Thread(target=retire)
+    thread.start()
+    while not done.wait(0.01):
+        served.scan()
+    thread.join()
+    status, _, payload = call("POST", "/route", {"embedding": [1.0] * H})
+    answer = json.loads(payload, parse_constant=_no_constants)
+    assert status == "200 OK" and answer["scores"][TABLE.names[1]] is None and answer["route"] != TABLE.names[1]
 
 
 def test_feedback_is_recorded_with_everything_it_carries(served):

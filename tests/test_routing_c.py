@@ -5,11 +5,10 @@ so the two agree up to the rounding of those sums: the float32 state (route vect
 working) is compared within 1e-5 of each array's largest magnitude after 1,200 feedbacks (on every stream tried the
 two have in fact been bit-identical), the float64 centre within 1e-9; counters, ``pending``, where a ``stop`` call
 returns and the per-route counts exactly. Its two entry points (lane slots, arrays of rows) share one kernel: their
-states are compared bit for bit. ``route()``: the index chosen and ``explored`` exactly (ties and near-ties
-included), the probability within 1e-9 relative (SquareCB's gamma * tau amplifies the last-bit differences of the
-float64 scores: numpy's BLAS gives two equal route rows scores a few ulps apart), the float32 scores and
-``adapted`` within 1e-6 relative (float32 casts of float64 values that may differ in the last bit). Nothing here
-measures time.
+states are compared bit for bit. ``route()``: the index chosen, ``explored``, the float32 scores and ``adapted``
+exactly (``routes.scores`` sums in the C twin's order, so the float64 scores are the same bits: ties and near-ties
+are decided alike), the probability within 1e-9 relative (the C twin's ``exp`` is its own). Nothing here measures
+time.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from sona_shm.config import EngineConfig
+from sona_shm.errors import InvalidInputError
 from sona_shm.learn import learner as learner_module
 from sona_shm.learn import routes as routes_module
 from sona_shm.learn import routing
@@ -395,9 +395,8 @@ def assert_same_choice(r: Router, x: np.ndarray, mode: str, code: int, parameter
     assert (got.index, got.name, got.explored) == (want.index, want.name, want.explored), (mode, u)
     assert got.probability == pytest.approx(want.probability, rel=1e-9, abs=1e-15)
     assert got.scores.dtype == want.scores.dtype == F32 and got.adapted.dtype == F32
-    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
-    np.testing.assert_allclose(got.adapted, want.adapted, rtol=1e-6)
-    assert np.array_equal(np.isinf(got.scores), np.isinf(want.scores))
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.adapted, want.adapted)
 
 
 @pytest.mark.parametrize("retired", [(), (0, 5)])
@@ -405,11 +404,60 @@ def test_route_chooses_what_choose_chooses_in_every_mode(retired):
     r = router(11, retired=retired)
     rng = np.random.default_rng(12)
     xs = [rng.standard_normal(256).astype(F32) * F32(scale) for scale in (1e-3, 1.0, 1e3)]
-    xs += [r.vectors[1] * F32(3), np.zeros(256, F32)]  # near a route; a zero query scores the biases alone
+    xs += [r.vectors[1] * F32(3)]  # near a route
     for x in xs:
         for mode, code, parameter in MODES:
             for u in (0.0, 0.03, 0.5, 0.97, 1 - 2**-53, *rng.random(6).tolist()):
                 assert_same_choice(r, x, mode, code, parameter, u)
+
+
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
+def test_a_zero_query_is_refused_naming_x_on_both_paths():
+    """It has no direction: every route would score its bias alone, and route 0 used to win silently."""
+    r = router(11)
+    for x in (np.zeros(256, F32), -np.zeros(256, F32)):
+        assert c_route(r, x, 0, 0.0, -1.0) is None  # the C path hands it to the Python path, which says what is wrong
+        with pytest.raises(InvalidInputError, match=r"^x: expected a query with a direction, got a zero vector"):
+            choose(r, x)
+    batch = np.ones((3, 256), F32)
+    batch[2] = 0.0
+    with pytest.raises(InvalidInputError, match=r"^x\[2\]: expected a query with a direction"):
+        choose(r, batch)
+    r = Router(np.zeros((2, 256), F32), np.zeros((2, 256), F32), r.vectors, r.bias, r.active, r.names, r.temperature)
+    assert c_route(r, np.full(256, 1e-45, F32), 0, 0.0, -1.0).index == choose(r, np.full(256, 1e-45, F32)).index  # tiny is not zero
+
+
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
+@pytest.mark.parametrize("h", [3, 16, 17, 100, 768])
+def test_near_ties_are_decided_alike_on_both_paths_adversarially(h):
+    """A fixed-seed random search for inputs that split the paths: route rows that are permutations of one another
+    (cosines equal in exact arithmetic, summed in other orders), biases a few float32 ulps around the tie, queries
+    from 1e-30 to the float32 limit. The scores are the same bits on both paths, so the choice is the same; the
+    rule is the lowest index among the maximal scores."""
+    rng = np.random.default_rng(21)
+    for trial in range(150):
+        k = int(rng.integers(2, 9))
+        base = rng.standard_normal(h).astype(F32)
+        vectors = np.empty((k, h), F32)
+        for i in range(k):
+            vectors[i] = base if i == 0 or rng.random() < 0.3 else base[rng.permutation(h)]
+        x = (rng.choice([-1.0, 1.0], h) * np.abs(base) if rng.random() < 0.5 else rng.standard_normal(h)).astype(np.float64)
+        x = np.clip(x * 10.0 ** rng.uniform(-30, 38), -3.4e38, 3.4e38).astype(F32)
+        adapter = (rng.standard_normal((2, h)) * rng.choice([0.0, 1e-3, 0.1])).astype(F32)
+        scale = routing.BETA / 10.0
+        bias = np.zeros(k, F32)
+        for i in range(1, k):  # 0, or 1e-9 (a tolerance a tie rule might use) a few ulps either way
+            if rng.random() < 0.5:
+                b = F32(1e-9 / scale)
+                for _ in range(int(rng.integers(0, 4))):
+                    b = np.nextafter(b, F32(rng.choice([-1.0, 1.0])), dtype=F32)
+                bias[i] = b
+        r = Router(adapter, adapter[::-1].copy(), vectors, bias, np.ones(k, np.uint8), tuple(f"r{i}" for i in range(k)), 10.0)
+        got, want = c_route(r, x, 0, 0.0, -1.0), choose(r, x)
+        assert got.index == want.index, (trial, got.scores, want.scores)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        s = routes_module.scores(x, r)
+        assert want.index == int(np.flatnonzero(s == s.max())[0])  # the lowest index among the maximal scores
 
 
 def test_route_never_chooses_a_retired_route():
@@ -424,10 +472,11 @@ def test_route_never_chooses_a_retired_route():
     assert c_route(r, x, 0, 0.0, -1.0) is None  # no route active: the Python path says what is wrong
 
 
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
 @pytest.mark.parametrize("temperature", [1.0, 100.0])
 def test_ties_and_near_ties_are_decided_alike_on_both_paths(temperature):
-    """Equal route vectors; scores apart by the bias term alone: 0 (a tie), 1e-10 (a tie: below TIE = 1e-9) or
-    1e-8 (not a tie). A tie goes to the lowest index on both paths."""
+    """Equal route vectors; scores apart by the bias term alone: 0 (a tie), 1e-10 or 1e-8 (not a tie: TIE = 0). A
+    tie goes to the lowest index on both paths."""
     rng = np.random.default_rng(14)
     h, scale = 64, routing.BETA / temperature
     x = rng.standard_normal(h).astype(F32)
@@ -445,6 +494,7 @@ def test_ties_and_near_ties_are_decided_alike_on_both_paths(temperature):
         assert c_route(r, x, 0, 0.0, -1.0).index == expected
 
 
+@pytest.mark.guarantee("finite-in-finite-out-the-same-on-both-paths")
 def test_huge_finite_queries_give_finite_scores_and_adapted_vectors_on_both_paths():
     r = router(15, k=4, h=16)
     r = Router(r.down * F32(1e3), r.up_scaled * F32(1e3), r.vectors, r.bias, r.active, r.names, r.temperature)

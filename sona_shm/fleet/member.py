@@ -380,6 +380,17 @@ class _Publisher(_Link):
                 if not self._windows and self.gap is None and not self.stop.is_set() and not self.rejoin.is_set():
                     wait = min(renew_at, snapshot_at) - time.monotonic()
                     self._cond.wait(max(0.001, min(wait, 0.5)))
+        self._release()
+
+    def _release(self) -> None:
+        """A clean stop gives the lease back (only while this segment holds it), so the next flusher of this host id
+        joins at once instead of waiting out the TTL. Best effort: a Redis out of reach lets the lease expire."""
+        if self.joined is None or self.fenced:
+            return
+        try:
+            self._connect().release(self.options.host_id, self.member.token)
+        except (LinkDown, FleetError) as exc:
+            log.info("%s: the lease was not given back (%s); it expires in %g s", self.name, exc, LEASE_TTL)
 
     def _who(self) -> dict[str, Any]:
         return {"host_id": self.options.host_id, "host_key": self.member.host_key_hex, "token": self.member.token}

@@ -45,6 +45,8 @@ The scripts run atomically in Redis, so a failover keeps or loses each one whole
   every byte of every string it makes (``step = 1`` in Redis's ``deps/lua/src/lstring.c``).
   Appends nothing and answers ``heal`` when a fleet key is gone (the caller joins again);
   appends a gap entry when asked to (the host's windows up to a seq Redis lost).
+- ``release``: a cleanly stopped flusher deletes its host's lease if it still holds it
+  (compare-and-delete), so the next flusher of that host id joins at once.
 - ``confirm`` (``--fleet-min-replicas``): raises the watermark after ``WAIT`` said the
   replicas hold the stream up to an id.
 - ``give_up``: a segment whose host id was taken counts its windows past the takeover as
@@ -197,6 +199,12 @@ if not registered then return 2 end
 if registered ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
+"""
+
+_RELEASE = """
+-- a cleanly stopped flusher gives its lease back: deleted only while it still holds it (compare-and-delete)
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _PUBLISH = (
@@ -556,6 +564,7 @@ class FleetLog:
         self._response_error = redis.ResponseError
         self._join = client.register_script(_JOIN)
         self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
         self._publish = client.register_script(_PUBLISH)
         self._snapshot = client.register_script(_SNAPSHOT)
         self._confirm = client.register_script(_CONFIRM)
@@ -715,6 +724,11 @@ class FleetLog:
         """
         answer = int(self._call(self._renew, keys=[self.lease_key(host_id), self.k["hosts"]], args=[token, int(LEASE_TTL * 1000), host_id]))
         return None if answer == 2 else answer == 1
+
+    def release(self, host_id: str, token: str) -> bool:
+        """Give the host's lease back (a clean stop), so a flusher that starts next with this host id joins at once
+        instead of waiting out the TTL; True if it was this token's (another token's lease is left alone, atomically)."""
+        return int(self._call(self._release, keys=[self.lease_key(host_id)], args=[token])) == 1
 
     def host_seq(self, host_key: str) -> int:
         """The last seq the stream has of the host (``seqs``; 0 when none)."""

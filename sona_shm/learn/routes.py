@@ -7,14 +7,16 @@ example queries (:meth:`RouteTable.from_examples`). An engine keeps its table in
 ledger: routes can be added, renamed and retired while it runs (a retired route keeps its
 index and statistics and is never chosen again), up to the ``max_routes`` it reserved.
 
-Choosing (:func:`choose`): a query ``x`` is adapted (``f = forward(x)``, normalised first,
-so no finite input overflows), and every active route gets the score ``s_k = f^ . v_k +
+Choosing (:func:`choose`): a query ``x`` (finite and not zero: a zero query has no
+direction and is refused, naming ``x``) is adapted (``f = forward(x)``, in float64, where
+no finite float32 input overflows), and every active route gets the score ``s_k = f^ . v_k +
 (beta / tau) b_k`` with the learned route vectors ``v_k`` and biases ``b_k`` of the routing
 rule (:mod:`sona_shm.learn.routing`); at the start ``v_k`` is the unit route vector and
 ``b_k = 0``, so ``s_k`` is the cosine of ``f`` with route ``k`` — the plain cosine router,
-which the reference rule keeps. The greedy choice is the best score; scores within
-:data:`TIE` of the best are a tie, won by the lowest index (so the C and Python paths agree
-to the last bit). Exploration, for bandit feedback (which only says how the route served did):
+which the reference rule keeps. The greedy choice is the best score; a tie is won by the
+lowest index among the maximal scores. The C twin (``_speedups.route``) and this module
+compute the scores to the same bit (every sum in one fixed order, :func:`_ordered_sum`),
+so both paths choose alike on every input, near-ties included. Exploration, for bandit feedback (which only says how the route served did):
 
 - ``explore=eps``: epsilon-greedy (a uniformly drawn active route with probability eps);
 - ``explore="softmax"``: draw from ``softmax(tau * s)``;
@@ -57,8 +59,9 @@ from .routing import BETA
 
 #: A route's state in an engine's table (the ledger's ``route_state``): a free row, an active route, a retired one.
 FREE, ACTIVE, RETIRED = 0, 1, 2
-#: Scores within this of the best are a tie, won by the lowest index (both paths compute in float64).
-TIE = 1e-9
+#: Scores within this of the best are a tie, won by the lowest index: 0, the maximal ones (both paths compute the
+#: same float64 bits, so no tolerance is needed to make them agree).
+TIE = 0.0
 #: The explorations by name, and their codes in the C twin's ``route()``.
 MODES = {"greedy": 0, "epsilon": 1, "softmax": 2, "squarecb": 3}
 #: SquareCB's gamma when none is given (BENCHMARKS.md, "Learning": exploration measured against epsilon-greedy and softmax).
@@ -453,38 +456,86 @@ def check_exploration(explore: Any, sample: Any, rng: Any, gamma: Any = None) ->
 
 def adapt(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:
     """``forward(x)`` for finite ``float32[h]`` / ``[n, h]`` (checked): ``x + (x @ down.T) @ up_scaled``, computed in
-    float64 and saturated at the float32 limit, so no finite input gives NaN or an infinity."""
-    out = x.astype(F64) + (x.astype(F64) @ down.astype(F64).T) @ up_scaled.astype(F64)
-    return np.clip(out, -_F32_MAX, _F32_MAX).astype(F32)
+    float64 and saturated at the float32 limit, so no finite input gives NaN or an infinity (a huge ``x`` gives
+    values of at most ``3.4e38`` in magnitude). The same bits as the C twin's (:func:`_adapted`)."""
+    return np.clip(_adapted(x, down, up_scaled), -_F32_MAX, _F32_MAX).astype(F32)
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_LANES = 16
 
 
-def scores(x: np.ndarray, router: Router) -> np.ndarray:
+def _dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` in float64 (``a``: ``[h]`` or ``[n, h]``, ``b``: ``[K, h]``; float32 values widen exactly), summed
+    in the C twin's order (:func:`_ordered_sum`), so both paths get the same bits."""
+    a, b = np.asarray(a, F64), np.asarray(b, F64)
+    if a.ndim == 1:
+        return _ordered_sum(a * b)
+    # Many queries: the sixteen lanes of every (query, route) pair advance together, sixteen columns a step (the
+    # same additions as _ordered_sum's, without a [n, K, h] array of products).
+    n = a.shape[-1]
+    whole = n - n % _LANES
+    acc = np.zeros((len(a), len(b), _LANES))
+    for i in range(0, whole, _LANES):
+        acc += a[:, None, i : i + _LANES] * b[:, i : i + _LANES]
+    tail = np.zeros((len(a), len(b)))
+    for i in range(whole, n):
+        tail += a[:, None, i] * b[:, i]
+    return _lanes(acc, tail)
+
+
+def _lanes(acc: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """``f64_lanes``: the sixteen partial sums ``acc[..., 16]`` added in its order, then the tail."""
+    v = (acc[..., 0:4] + acc[..., 4:8]) + (acc[..., 8:12] + acc[..., 12:16])
+    return ((v[..., 0] + v[..., 1]) + (v[..., 2] + v[..., 3])) + tail
+
+
+def _ordered_sum(p: np.ndarray) -> np.ndarray:
+    """The sums over the last axis of ``p`` (float64) in ``_speedups.c``'s fixed order: sixteen partial sums (lane
+    ``j`` adds columns ``j, j + 16, ...`` in order, from 0: a cumulative sum, which numpy adds in order), combined as
+    ``f64_lanes`` does (``v = (l[0:4] + l[4:8]) + (l[8:12] + l[12:16])``, then ``(v0 + v1) + (v2 + v3)``), plus the
+    tail past the last whole sixteen, added in order from 0. numpy's own sums (pairwise, or BLAS) round otherwise,
+    and a route chosen by scores that differ in their last bit could differ between the paths."""
+    n = p.shape[-1]
+    whole = n - n % _LANES
+    lead = p.shape[:-1]
+    lanes = p[..., :whole].reshape(*lead, whole // _LANES, _LANES)
+    acc = np.cumsum(np.concatenate([np.zeros((*lead, 1, _LANES)), lanes], axis=-2), axis=-2)[..., -1, :]
+    tail = np.cumsum(np.concatenate([np.zeros((*lead, 1)), p[..., whole:]], axis=-1), axis=-1)[..., -1]
+    return _lanes(acc, tail)
+
+
+def _adapted(x: np.ndarray, down: np.ndarray, up_scaled: np.ndarray) -> np.ndarray:
+    """``float64[h]`` / ``[n, h]``: ``a = x + sum_r c_r u_r`` with ``c_r = x . d_r`` (:func:`_dots`), as the C twin
+    adds it (``x_i + (c_0 u_0i + c_1 u_1i)``). Never overflows: float32 inputs bound every term far below float64's
+    range (``|a_i| < 1e122`` for ``h`` up to a million)."""
+    x64 = np.asarray(x, F64)
+    c = _dots(x64, down)
+    u = up_scaled.astype(F64)
+    delta = c[..., 0, None] * u[0]
+    for r in range(1, u.shape[0]):
+        delta = delta + c[..., r, None] * u[r]
+    return x64 + delta
+
+
+def scores(x: np.ndarray, router: Router, adapted: np.ndarray | None = None) -> np.ndarray:
     """``float64[K]`` / ``[n, K]``: each route's score for finite queries ``x`` (retired routes: -inf).
 
-    The query is normalised before anything else (so no finite input overflows), then adapted
-    (``f = q^ + (q^ @ down.T) @ up_scaled``) and normalised again: ``s_k = f^ . v_k + (BETA / tau) b_k``. A zero query, or
-    one the adapter maps to zero, scores ``bias_k`` alone.
+    ``a = x + (x @ down.T) @ up_scaled`` in float64 (no finite float32 input overflows it), then ``s_k = (a . v_k) /
+    |a| + (BETA / tau) b_k``: the cosine of ``forward(x)`` with the learned route vector, plus the bias. Every sum
+    in the C twin's order (:func:`_dots`), so ``_speedups.route`` computes the same bits and both paths choose alike.
+    A query the adapter maps to zero scores ``(BETA / tau) b_k`` alone (:func:`choose` refuses a zero query first).
+    ``adapted``: ``a``, if the caller has it already (:func:`_adapted`).
     """
-    q = x.astype(F64)
-    q = _unit(q)
-    f = _unit(q + (q @ router.down.astype(F64).T) @ router.up_scaled.astype(F64))
-    s = f @ router.vectors.astype(F64).T + router.bias.astype(F64) * (BETA / router.temperature)
+    a = _adapted(x, router.down, router.up_scaled) if adapted is None else adapted
+    norm = np.sqrt(_ordered_sum(a * a))
+    inv = np.where(norm > 0, 1.0 / np.where(norm > 0, norm, 1.0), 0.0)
+    s = _dots(a, router.vectors) * inv[..., None] + router.bias.astype(F64) * (BETA / router.temperature)
     return np.where(router.active.astype(bool), s, -np.inf)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    """Rows of ``v`` scaled to unit length without overflow (by their largest magnitude first); zero rows stay zero."""
-    top = np.max(np.abs(v), axis=-1, keepdims=True)
-    v = v / np.where(top > 0, top, 1.0)
-    n = np.sqrt(np.sum(v * v, axis=-1, keepdims=True))
-    return v / np.where(n > 0, n, 1.0)
-
-
 def best_of(s: np.ndarray) -> np.ndarray:
-    """The greedy choice of scores ``s`` (``[K]`` or ``[n, K]``): the lowest index within :data:`TIE` of the best."""
+    """The greedy choice of scores ``s`` (``[K]`` or ``[n, K]``): the lowest index among the maximal ones (:data:`TIE`)."""
     top = np.max(s, axis=-1, keepdims=True)
     return np.argmax(s >= top - TIE, axis=-1)
 
@@ -518,8 +569,13 @@ def choose(router: Router, x: Any, *, mode: str = "greedy", parameter: float = 0
     ``rng``: a ``random.Random`` or ``numpy.random.Generator`` for the draws (default: ``random``).
     """
     arr = check_vectors(x, router.down.shape[1])
-    adapted = adapt(arr, router.down, router.up_scaled)
-    s = scores(arr, router)
+    zero = ~arr.any(axis=-1)
+    if zero.any():
+        where = "x" if arr.ndim == 1 else f"x[{int(np.flatnonzero(zero)[0])}]"
+        raise InvalidInputError(f"{where}: expected a query with a direction, got a zero vector (it has no route to be closest to)")
+    a = _adapted(arr, router.down, router.up_scaled)
+    adapted = np.clip(a, -_F32_MAX, _F32_MAX).astype(F32)  # adapt(arr, ...)
+    s = scores(arr, router, a)
     shown = np.where(np.isfinite(s), s, -np.inf).astype(F32)
     greedy = best_of(s)
     if s.ndim == 1:

@@ -72,7 +72,12 @@ class PyLaneWriter:
         self.head = head
         u64[views.head_word] = head  # publishes the slot to the flusher
         views.f64[views.last_at_word] = time.time()
-        return PUBLISHED_RING if u64[views.idle_word] else PUBLISHED
+        if not u64[views.idle_word]:
+            return PUBLISHED
+        # The flusher sleeps: this producer rings, and takes the word back to 0 so that the others do not (one ring
+        # per wake-up; the C writer does it with a compare-exchange, here two producers may both ring).
+        u64[views.idle_word] = 0
+        return PUBLISHED_RING
 
     def close(self) -> None:
         pass

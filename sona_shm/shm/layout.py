@@ -58,7 +58,8 @@ Control lines (64 bytes each, inside the header page; one writer per line)::
     FLUSHER_LINE = 1024   written by the flusher holding the flusher lock
         +0  i64 pid           +8  u64 start_ticks (/proc/PID/stat field 22)
         +16 f64 heartbeat     unix time of the flusher's last loop
-        +24 u64 idle          1 while the flusher waits on the doorbell: producers ring it
+        +24 u64 idle          1 while the flusher waits on the doorbell (stored by the flusher): the one
+                              producer that takes it back to 0 (compare-exchange) rings, the others do not
         +32 f64 started_at    +40 u64 scans (loop iterations)
     COMMIT_LINE = 1088    written by the flusher
         +0  u64 commit        ledger copy ``commit & 1`` is current (a seqcount latch)
@@ -360,7 +361,8 @@ LOCK_LANE_BASE = 64
 
 @dataclass(frozen=True, slots=True)
 class FlusherWords:
-    """``FLUSHER_LINE``: written by the flusher holding the flusher lock."""
+    """``FLUSHER_LINE``: written by the flusher holding the flusher lock (but ``idle``, which the producer that rings
+    takes back to 0)."""
 
     pid: int
     start_ticks: int

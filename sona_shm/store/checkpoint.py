@@ -330,6 +330,9 @@ class Checkpoint:
         arrays.update({name: tensors[f"sona.{name}"] for name in _state_specs(config, k, version) if f"sona.{name}" in tensors})
         if version != "3":
             _upgrade(arrays, config, routes, counters, tensors.get(GRAD_DOWN))
+        why = _overflows(arrays)
+        if why:
+            raise bad(why)
         written_at = _value(meta, "written_at", float, bad) if "written_at" in meta else 0.0
         engine_id, paused, moving_reward = _provenance(meta, bad)
         return cls(
@@ -344,6 +347,49 @@ class Checkpoint:
             paused=paused,
             moving_reward=moving_reward,
         )
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+#: The tensors of an adapter (``down``, ``up``) and of route vectors, by state array, as a file names them.
+_ADAPTERS = (("down", "up", DOWN, UP_T), ("work_down", "work_up", "sona.work_down", "sona.work_up"))
+_VECTORS = (("route_vectors", "sona.route_vectors"), ("work_vectors", "sona.work_vectors"))
+
+
+def _overflows(arrays: dict[str, np.ndarray]) -> str:
+    """Why finite weights would overflow ``forward()`` or a route's score (``""``: they do not), in float64.
+
+    ``forward(x) = x + s sum_r (d_r . x) u_r`` (``s = 1/sqrt(R)``) of a unit-norm ``x`` stays within the float32 range
+    when every ``|d_r|`` and the gain ``s sum_r |d_r| |u_r|`` are within it (the coefficients ``d_r . x``, which the
+    float32 paths compute, are at most ``|d_r|``); a route's score ``f^ . v_k`` is at most ``|v_k|``. Weights beyond
+    that (``FLT_MAX`` in ``down``, say) give infinities or saturated values for ordinary queries: refused."""
+    for down_name, up_name, down_tensor, up_tensor in _ADAPTERS:
+        if down_name not in arrays:
+            continue
+        d, u = arrays[down_name].astype(np.float64), arrays[up_name].astype(np.float64)
+        dn, un = np.sqrt(np.einsum("ij,ij->i", d, d)), np.sqrt(np.einsum("ij,ij->i", u, u))
+        worst = int(np.argmax(dn))
+        if dn[worst] > _F32_MAX:
+            return (
+                f"tensor {down_tensor!r}: row {worst} has norm {dn[worst]:.4g}, beyond the float32 limit {_F32_MAX:.4g}: "
+                "forward() of a unit-norm query would overflow"
+            )
+        gain = float(np.sum(dn * un) / np.sqrt(len(d)))
+        if gain > _F32_MAX:
+            return (
+                f"tensors {down_tensor!r} and {up_tensor!r}: the adapter moves a unit-norm query by up to {gain:.4g}, beyond "
+                f"the float32 limit {_F32_MAX:.4g}: forward() would overflow"
+            )
+    for name, tensor in _VECTORS:
+        if name in arrays and len(arrays[name]):
+            v = arrays[name].astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+            worst = int(np.argmax(norms))
+            if norms[worst] > _F32_MAX:
+                return (
+                    f"tensor {tensor!r}: route {worst} has norm {norms[worst]:.4g}, beyond the float32 limit {_F32_MAX:.4g}: "
+                    "its scores would overflow"
+                )
+    return ""
 
 
 def _state_names(config: EngineConfig, k: int) -> tuple[str, ...]:

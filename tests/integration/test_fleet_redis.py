@@ -519,6 +519,43 @@ def test_the_lease_scripts_tell_taken_from_unknown(redis_server):
         fleet.close()
 
 
+def test_a_cleanly_stopped_flusher_gives_its_lease_back(redis_server, names, procs):
+    """SIGTERM: the flusher deletes its host's lease on the way out, so a new segment under the same host id joins
+    at once (it used to wait out the lease's 10 s, logged) and ``fleet remove-host`` is not refused meanwhile."""
+    first, second = names(2)
+    proc = host(procs, redis_server, first, first)
+    r = redis_server.client()
+    lease = f"sona:{{{first}}}:lease:{first}"
+    try:
+        assert r.get(lease) is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert r.exists(lease) == 0
+        again = host(procs, redis_server, second, first, "--host-id", first)  # a new segment: takes the host id over
+        assert r.get(lease) is not None
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0
+        assert "waiting for it to expire" not in again.stderr.read()
+        assert r.exists(lease) == 0
+    finally:
+        r.close()
+
+
+def test_the_release_script_deletes_only_its_own_lease(redis_server):
+    from sona_shm.fleet.stream import FleetLog, connect
+
+    fleet = FleetLog(connect(redis_server.url, timeout=5.0), "rel")
+    r = redis_server.client()
+    try:
+        r.set("sona:{rel}:lease:h", "a" * 32, px=10_000)
+        assert fleet.release("h", "b" * 32) is False and r.get("sona:{rel}:lease:h") == b"a" * 32
+        assert fleet.release("h", "a" * 32) is True and r.exists("sona:{rel}:lease:h") == 0
+        assert fleet.release("h", "a" * 32) is False  # twice: nothing to give back
+    finally:
+        r.close()
+        fleet.close()
+
+
 def test_the_publish_script_appends_each_window_once_in_entries_of_consecutive_windows(redis_server):
     """Windows past the host's last go in entries of at most entry_windows; a repeat (an answer lost) appends nothing;
     windows after a gap are stamped with the last seq before them; a caller without the lease appends nothing."""
