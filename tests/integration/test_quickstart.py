@@ -144,6 +144,7 @@ def test_quickstart_runs_as_written(name, tmp_path):
                     )
                 started.append((proc, log))
                 _wait_ready(proc, body, name, port, logs)
+        print(*outputs.values(), *(log.read_text() for _, log in started), sep="\n")  # with -s: what the page shows
         assert "routes.npz: 4 routes of 384 dimensions" in outputs["python make_routes.py"]
         figures = re.findall(r"(\d+)% of the feedback questions, (\d+)% held out", outputs["python traffic.py"])
         assert len(figures) == 2, outputs["python traffic.py"]
