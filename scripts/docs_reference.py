@@ -120,8 +120,22 @@ def expand(markdown: str) -> str:
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    """The mkdocs hook (``hooks:`` in mkdocs.yml)."""
+    """The mkdocs hook (``hooks:`` in mkdocs.yml): the generated parts."""
     return expand(markdown)
+
+
+#: A Sphinx role as it comes out of a docstring rendered as Markdown: ``:class:`~a.b.C` `` -> ``:class:<code>~a.b.C</code>``.
+SPHINX_ROLE = re.compile(r":(?:class|meth|func|data|mod|attr|exc|obj):<code>(~?)([^<]*)</code>")
+
+
+def plain_roles(html: str) -> str:
+    """The docstrings' Sphinx roles as plain code (``~a.b.C`` shows ``C``, as Sphinx shows it)."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}</code>", html)
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """The mkdocs hook for the rendered page: the Python API's docstrings without raw Sphinx roles."""
+    return plain_roles(html)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ def test_an_unknown_part_is_refused():
         docs_reference.expand("<!-- generated: nonsense -->\n")
 
 
+def test_sphinx_roles_render_as_code():
+    html = "Raises :class:<code>~sona_shm.errors.NoFreeLaneError</code>; see :meth:<code>Client.forward</code>."
+    assert docs_reference.plain_roles(html) == "Raises <code>NoFreeLaneError</code>; see <code>Client.forward</code>."
+
+
 def test_the_cli_part_has_every_command_and_option():
     text = docs_reference.cli()
     parser = build_parser()
