@@ -42,3 +42,11 @@ ensure_sentinel() {  # the testbed's failover tests run three redis-sentinel pro
       || echo "scripts: could not install redis-sentinel; the testbed's Sentinel tests are skipped (fail under CI=true)" >&2
   fi
 }
+
+ensure_systemd_analyze() {  # systemd-analyze verifies the shipped unit (examples/sona-shm-flusher@.service); Debian's systemd package has it
+  if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "scripts: installing systemd-analyze (apt-get install systemd)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; } >/dev/null 2>&1 \
+      || echo "scripts: could not install systemd-analyze; the unit's verify test is skipped (fails under CI=true)" >&2
+  fi
+}

@@ -73,7 +73,7 @@ from sona_shm.engine.client import attach
 from sona_shm.fleet.member import READ_COUNT
 from sona_shm.fleet.replica import Replica, host_key
 from sona_shm.fleet.stream import FleetLog, connect
-from sona_shm.fleet.window import max_window_bytes, write_window
+from sona_shm.fleet.window import max_window_bytes, split_windows, write_window
 from sona_shm.learn.learner import DeltaWindow, Window
 from sona_shm.shm import segment
 from sona_shm.shm.layout import EngineConfig, Layout
@@ -215,6 +215,7 @@ def run_routing_throughput(directory: str, seconds: float, repeat: int) -> dict[
                 runs["without"].append(run_throughput(h0, seconds, False, routes=routes))
                 runs["fleet"].append(run_throughput(h1, seconds, True, routes=routes, server=server))
                 runs["fleet lag 0"].append(run_throughput(h2, seconds, True, routes=routes, server=server))
+        windows = stream_windows(server, "rt")
         medians = {k: statistics.median(r["learned_per_s"] for r in v) for k, v in runs.items()}
         cpu = {k: statistics.median(r["flusher_cpu_us_per_traj"] for r in v) for k, v in runs.items()}
         redis_cpu = {k: statistics.median(r["redis_cpu_us_per_traj"] for r in v) for k, v in runs.items() if k != "without"}
@@ -223,10 +224,38 @@ def run_routing_throughput(directory: str, seconds: float, repeat: int) -> dict[
             "share": {k: v / medians["without"] for k, v in medians.items()},
             "flusher_cpu_us_per_traj": cpu,
             "redis_cpu_us_per_traj": redis_cpu,
+            "stream": windows,
             "runs": runs,
         }
     finally:
         server.close()
+
+
+def stream_windows(server: RedisServer, key: str) -> dict[str, float]:
+    """The windows fleet ``key``'s stream holds, as the flusher sealed them: their count, mean bytes, bytes per signal
+    (a window's ``n`` is bytes 24..32 of its head) and route rows carried (SFW2, bytes 50..52)."""
+    r = server.client()
+    try:
+        rows = r.xrange(f"sona:{{{key}}}:log")
+    finally:
+        r.close()
+    count = size = signals = route_rows = 0
+    for _, fields in rows:
+        if b"w" not in fields or not fields[b"w"]:
+            continue
+        parts = split_windows(fields[b"w"], int(fields[b"e"]) - int(fields[b"s"]) + 1) or []
+        for raw in parts:
+            count += 1
+            size += len(raw)
+            signals += int.from_bytes(raw[24:32], "little")
+            route_rows += int.from_bytes(raw[50:52], "little")
+    return {
+        "windows": count,
+        "bytes_per_window": size / max(1, count),
+        "bytes_per_signal": size / max(1, signals),
+        "signals_per_window": signals / max(1, count),
+        "route_rows_per_window": route_rows / max(1, count),
+    }
 
 
 # ----------------------------------------------------------------- 2. record -> applied elsewhere
@@ -755,6 +784,11 @@ def print_report(r: dict[str, Any]) -> None:
     )
     rt = r["routing_throughput"]
     print(f"   routing rule flusher CPU per trajectory (us): {rt['flusher_cpu_us_per_traj']}, redis-server: {rt['redis_cpu_us_per_traj']}")
+    w = rt["stream"]
+    print(
+        f"   routing rule windows as sealed: {w['windows']:,} windows of {w['signals_per_window']:.1f} signals, "
+        f"{w['bytes_per_window']:,.0f} B each ({w['route_rows_per_window']:.1f} route rows), {w['bytes_per_signal']:.1f} B/signal"
+    )
     print(
         "   routing rule, K = 8, full-information feedback: "
         + ", ".join(f"{k} {v:,.0f}/s ({rt['share'][k]:.0%})" for k, v in rt["learned_per_s"].items())

@@ -47,7 +47,7 @@ from router_task import RouterTask  # noqa: E402 - after the path is set
 
 from sona_shm.monitor import format_table, watch  # noqa: E402
 from sona_shm.shm import segment  # noqa: E402
-from sona_shm.stats import read_stats  # noqa: E402
+from sona_shm.stats import read, read_stats  # noqa: E402
 from sona_shm.supervise import start_flusher, stop_process  # noqa: E402
 
 from children import child_pids, listening_socket, start_gunicorn, stop_gunicorn, wait_until_serving  # noqa: E402
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             before = held_out_accuracy(port, held_x, held_y)
 
             traffic = Traffic(port, args.clients, task)
+            first = read(name)  # the final table's rates are measured from here
             started = time.monotonic()
             traffic.start()
             interval = 0.5
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
             after = held_out_accuracy(port, held_x, held_y)
             print()
-            print(format_table(stats))
+            print(format_table(read(name).since(first)))  # with rates over the traffic, also when piped (no live frames)
             print()
             requests = counts["routed"] + counts["accepted"] + counts["refused"]
             print(

@@ -7,8 +7,8 @@ reference cannot drift from what the code declares:
 
 - ``cli``: every ``sona-shm`` subcommand's ``--help``, from :func:`sona_shm.cli.build_parser`;
 - ``exit-codes``: the ``EXIT_*`` constants of ``sona_shm/errors.py`` and the comment beside each;
-- ``config``: the fields of :class:`sona_shm.config.EngineConfig`, their defaults and the
-  command-line option that sets each (``sona_shm.cli._CONFIG_OPTIONS``);
+- ``config``: the fields of :class:`sona_shm.config.EngineConfig`, their defaults (by rule where
+  they depend on it) and the command-line option that sets each (``sona_shm.cli._CONFIG_OPTIONS``);
 - ``metrics``: every Prometheus family :func:`sona_shm.prometheus.families` makes, with its
   type, labels and help.
 
@@ -49,7 +49,12 @@ def cli() -> str:
     from sona_shm.cli import build_parser
 
     os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal's width: the same page on every machine
-    parser = build_parser()
+    name = os.environ.pop("SONA_SHM_NAME", None)  # --name's help shows its value: the page shows it unset
+    try:
+        parser = build_parser()
+    finally:
+        if name is not None:
+            os.environ["SONA_SHM_NAME"] = name
     helps: dict[str, str] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -76,7 +81,7 @@ def exit_codes() -> str:
 
 def config() -> str:
     from sona_shm.cli import _CONFIG_OPTIONS
-    from sona_shm.config import DEFAULT_LR, EngineConfig
+    from sona_shm.config import DEFAULT_LR, RULE_SIZES, EngineConfig
 
     flags = {dest: (flag, text) for flag, dest, _, text in _CONFIG_OPTIONS}
     out = ["| field (`EngineConfig`) | option (`flusher`, `create`) | default | means |", "|---|---|---|---|"]
@@ -84,6 +89,8 @@ def config() -> str:
         default: Any = field.default
         if field.name == "lr":
             default = ", ".join(f"{rule}: {lr:g}" for rule, lr in DEFAULT_LR.items())
+        elif all(field.name in sizes for sizes in RULE_SIZES.values()):  # capacity, max_steps, ...: by rule too
+            default = ", ".join(f"{rule}: {sizes[field.name]}" for rule, sizes in RULE_SIZES.items())
         elif field.name == "routes":
             flag, text = "--routes FILE", "the route table's size, set by the table (--routes FILE; needed by --rule routing)"
             out.append(f"| `{field.name}` | `{flag}` | {default} (none) | {_cell(text)} |")

@@ -18,6 +18,10 @@ messages (attach at ``startup``, close at ``shutdown``) and passes everything el
 
 Every server process (each ``uvicorn --workers N`` worker, each gunicorn
 ``UvicornWorker``) runs the lifespan and so attaches its own client, with its own lane.
+One process never takes two lanes of one engine: a worker whose gunicorn hooks
+(``sona_shm.gunicorn``) attached already reuses their client (and leaves closing it to
+them), and ``sona_shm.gunicorn.client()`` called after a lifespan attached returns the
+lifespan's client (which the lifespan closes).
 Attaching runs in the default executor and waits at most ``timeout`` seconds (default
 ``SONA_SHM_ATTACH_TIMEOUT``, 10) for the flusher to create the segment; a failure fails
 the startup with the reason, and the server does not start serving (a misconfiguration
@@ -39,7 +43,7 @@ from typing import Any
 from .checks import check_timeout
 from .engine.client import Client, attach
 from .errors import ClosedError
-from .gunicorn import ENV_NAME, attach_timeout, engine_name
+from .gunicorn import ENV_NAME, attach_timeout, current_client, engine_name, lifespan_attached
 from .shm.segment import check_name
 
 Scope = MutableMapping[str, Any]
@@ -63,6 +67,7 @@ class Engine:
         self._name = None if name is None else check_name(name)
         self._timeout = None if timeout is None else check_timeout(timeout)
         self._client: Client | None = None
+        self._borrowed = False  # the client is the gunicorn hooks' (they close it)
 
     @property
     def name(self) -> str:
@@ -87,15 +92,23 @@ class Engine:
         """Attach in an executor thread (waiting up to the timeout for the segment); idempotent."""
         if self._client is None:
             name = self.name
+            hooks = current_client(name)
+            if hooks is not None:  # the gunicorn hooks attached this worker already: one process, one lane
+                self._client, self._borrowed = hooks, True
+                return hooks
             timeout = attach_timeout() if self._timeout is None else self._timeout
             loop = asyncio.get_running_loop()
             self._client = await loop.run_in_executor(None, functools.partial(attach, name, timeout=timeout))
+            self._borrowed = False
+            lifespan_attached(name, self._client, True)
         return self._client
 
     async def close(self) -> None:
-        """Give the lane back and unmap (in an executor: close waits for a record in progress); idempotent."""
+        """Give the lane back and unmap (in an executor: close waits for a record in progress); idempotent.
+        A client borrowed from the gunicorn hooks is left to them (``worker_exit`` closes it)."""
         client, self._client = self._client, None
-        if client is not None:
+        if client is not None and not self._borrowed:
+            lifespan_attached(client.name, client, False)
             await asyncio.get_running_loop().run_in_executor(None, client.close)
 
     async def flush(self, timeout: float = WAIT_TIMEOUT) -> None:

@@ -20,6 +20,15 @@ RULES = ("reference", "routing")
 #: Learning rate when none is given, by rule: the reference's own default; under the routing rule the step
 #: of the learned route vectors (learn/routing.py; measured in BENCHMARKS.md, "Learning").
 DEFAULT_LR = {"reference": 0.002, "routing": 0.03}
+#: The sizes of a new engine when none is given, by rule. The reference rule's are the seed's (8-step
+#: trajectories with attention, a buffer for Loop B). A routing engine records feedback, which is a
+#: one-step trajectory without attention, and learns it in the flusher: it needs no buffer unless
+#: someone drains it (``--capacity N``), and half the in-flight slots. At h = 384 that is 25 MiB where
+#: the reference sizes reserve 412 MiB (issue 20).
+RULE_SIZES: dict[str, dict[str, int]] = {
+    "reference": {"capacity": 10_000, "max_steps": 8, "attention_dim": 64, "lane_slots": 512},
+    "routing": {"capacity": 0, "max_steps": 1, "attention_dim": 0, "lane_slots": 256},
+}
 #: Softmax temperature of the routing rule (scores are cosines, so logits span [-tau, tau]).
 DEFAULT_TEMPERATURE = 10.0
 MAX_TEMPERATURE = 1000.0
@@ -63,7 +72,8 @@ def check_rule(rule: Any) -> str:
 class EngineConfig:
     """What an engine is created with; all of it is stored in the header.
 
-    ``lr`` defaults by ``rule`` (:data:`DEFAULT_LR`). ``routes`` is the number of
+    ``lr`` defaults by ``rule`` (:data:`DEFAULT_LR`), and so do ``capacity``, ``max_steps``,
+    ``attention_dim`` and ``lane_slots`` (:data:`RULE_SIZES`). ``routes`` is the number of
     vectors in the engine's route table (0: none; the table itself is given apart, see
     :class:`~sona_shm.routes.RouteTable`); the routing rule needs one.
     ``temperature`` is the routing rule's softmax temperature. ``max_routes``: the rows
@@ -79,17 +89,25 @@ class EngineConfig:
     rank: int = 2
     lr: float = None  # type: ignore[assignment]  # None: the rule's default, resolved in __post_init__
     flush_threshold: int = 100
-    capacity: int = 10_000
-    max_steps: int = 8
-    attention_dim: int = 64
+    capacity: int = None  # type: ignore[assignment]  # None: the rule's size (RULE_SIZES), resolved in __post_init__
+    max_steps: int = None  # type: ignore[assignment]  # (likewise)
+    attention_dim: int = None  # type: ignore[assignment]  # (likewise)
     lanes: int = 32
-    lane_slots: int = 512
+    lane_slots: int = None  # type: ignore[assignment]  # (likewise)
     rule: str = "reference"
     routes: int = 0
     temperature: float = DEFAULT_TEMPERATURE
     fleet_outbox: int = 0
     max_routes: int = 0
     adapter_lr: float = 0.0
+
+    def describe(self) -> str:
+        """One line for humans: the rule and the sizes the engine was made with."""
+        routes = f", {self.routes} routes (room for {self.max_routes})" if self.routes else ""
+        return (
+            f"{self.rule} rule, hidden_dim {self.hidden_dim}, rank {self.rank}, lr {self.lr:g}{routes}, max_steps {self.max_steps}, "
+            f"attention_dim {self.attention_dim}, capacity {self.capacity}, {self.lanes} lanes x {self.lane_slots} lane_slots"
+        )
 
     @classmethod
     def check_fields(cls, given: dict[str, Any]) -> None:
@@ -108,6 +126,9 @@ class EngineConfig:
             raise InvalidInputError(f"rank: expected 1 or 2, got {self.rank!r}")
         lr = DEFAULT_LR[self.rule] if self.lr is None else check_positive_float("lr", self.lr)
         object.__setattr__(self, "lr", lr)  # frozen: resolved once, here
+        for size, default in RULE_SIZES[self.rule].items():
+            if getattr(self, size) is None:
+                object.__setattr__(self, size, default)  # frozen: resolved once, here
         check_int("flush_threshold", self.flush_threshold, 1, 2**62)
         check_int("capacity", self.capacity, 0, 2**31 - 1)
         check_int("max_steps", self.max_steps, 0, 1024)

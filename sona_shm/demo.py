@@ -18,6 +18,7 @@ import numpy as np
 from .engine.client import attach
 from .monitor import format_table
 from .shm import segment
+from .stats import read
 from .supervise import die_with_parent, set_deadline, start_flusher, stop_process
 from .trajectory import Step, Trajectory
 
@@ -51,6 +52,7 @@ def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = 
         with attach(name, timeout=30) as client:
             probe = np.random.default_rng(1).standard_normal(HIDDEN_DIM).astype(np.float32)
             before = client.forward(probe)
+            first = read(name)  # the final table's rates are measured from here
             ctx = multiprocessing.get_context("spawn")
             workers = [ctx.Process(target=_produce, args=(name, trajectories, seed, os.getpid())) for seed in range(producers)]
             started = time.perf_counter()
@@ -63,7 +65,7 @@ def run_demo(producers: int = 4, trajectories: int = 20_000, name: str | None = 
             client.flush(timeout=30)
             after = client.forward(probe)
             stats = client.stats()
-        print(format_table(stats))
+        print(format_table(read(name).since(first)))  # with the rates over the run
         print()
         total = producers * trajectories
         print(f"{total} trajectories recorded and learned in {elapsed:.2f} s ({total / elapsed:,.0f}/s including process start-up)")

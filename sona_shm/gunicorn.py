@@ -91,6 +91,33 @@ class _Failure(NamedTuple):
 
 _failure: _Failure | None = None
 _now = time.monotonic  # the back-off's clock (tests replace it)
+#: The clients ``sona_shm.asgi.Engine`` lifespans attached in this process, by engine name: :func:`client` reuses
+#: one rather than take a second lane for the same process (one process, one lane).
+_lifespan_clients: dict[str, list[Client]] = {}
+_borrowed = False  # _client is a lifespan's: close() leaves it to the lifespan
+
+
+def current_client(name: str) -> Client | None:
+    """The hooks' client of engine ``name`` in this process, if it is attached (the ASGI lifespan reuses it)."""
+    current = _client
+    if current is not None and not _borrowed and getattr(current, "name", None) == name and not current.closed:
+        return current
+    return None
+
+
+def lifespan_attached(name: str, client: Client, attached: bool) -> None:
+    """``sona_shm.asgi.Engine`` says it attached ``client`` to engine ``name`` in this process (or closes it)."""
+    clients = _lifespan_clients.setdefault(name, [])
+    if attached:
+        clients.append(client)
+    else:
+        clients[:] = [c for c in clients if c is not client]
+    if not clients:
+        del _lifespan_clients[name]
+
+
+def _lifespan_client(name: str) -> Client | None:
+    return next((c for c in _lifespan_clients.get(name, ()) if not c.closed), None)
 
 
 def engine_name() -> str:
@@ -127,24 +154,30 @@ def client() -> Client:
     for the segment; until the back-off delay has passed every call raises the
     remembered error again at once, then one call tries again without waiting.
     """
-    global _client, _failure
+    global _client, _failure, _borrowed
     current = _client
-    if current is not None:
+    if current is not None and not (_borrowed and current.closed):
         return current
     failure = _failure
     if failure is not None and failure.name == os.environ.get(ENV_NAME) and _now() < failure.retry_at:
         raise _again(failure)
     with _guard:
-        if _client is not None:
+        if _client is not None and not (_borrowed and _client.closed):
             return _client
+        _client, _borrowed = None, False  # (a lifespan's client it borrowed was closed by its lifespan)
         failure = _failure
         if failure is not None and failure.name != os.environ.get(ENV_NAME):
             failure = None
         if failure is not None and _now() < failure.retry_at:
             raise _again(failure)  # another thread failed while we waited for the guard
         try:
+            name = engine_name()
+            lifespan = _lifespan_client(name)
+            if lifespan is not None:  # an ASGI lifespan attached this process already: one process, one lane
+                _client, _borrowed, _failure = lifespan, True, None
+                return lifespan
             # Wait for the segment once per process; a retry only looks.
-            _client = attach(engine_name(), timeout=attach_timeout() if failure is None else 0.0)
+            _client = attach(name, timeout=attach_timeout() if failure is None else 0.0)
         except SonaShmError as exc:
             failures = 1 if failure is None else failure.failures + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
@@ -163,11 +196,12 @@ def _again(failure: _Failure) -> SonaShmError:
 
 def close() -> None:
     """Close this process's client, if any (its lane is free at once); :func:`client` attaches again."""
-    global _client, _failure
+    global _client, _failure, _borrowed
     with _guard:
         current, _client = _client, None
+        borrowed, _borrowed = _borrowed, False
         _failure = None
-    if current is not None:
+    if current is not None and not borrowed:  # a lifespan's client is its lifespan's to close
         current.close()
 
 
@@ -303,6 +337,7 @@ def _after_fork_in_child() -> None:
     global _guard, _failure
     _guard = threading.Lock()  # another thread of the parent may have held it at the fork
     _failure = None  # a worker tries for itself: the engine may have appeared since the parent failed
+    _lifespan_clients.clear()  # the parent's lifespans are not this process's lanes
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

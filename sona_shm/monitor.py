@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import shutil
 import sys
 import time
 from collections import deque
@@ -86,12 +87,15 @@ def _reward(x: float | None) -> str:
 
 
 def buffer_note(stats: EngineStats) -> str | None:
-    """What the buffer's drops mean, or None when there are none."""
-    buf = stats.buffer
-    if not buf.dropped:
-        return None
-    why = "not drained" if buf.never_drained else "drained slower than learned"
-    return f"buffer full: {why}; learning unaffected (dropped = learned but not kept for drain)"
+    """What the buffer's figures mean when they could look like a failure (none of them is one), or None."""
+    state = stats.buffer.state
+    if state == "no buffer":
+        return "no buffer (capacity 0): nothing is kept for drain; learning unaffected"
+    if state == "nobody drains":
+        return "nobody drains: it keeps the oldest it was given; learning unaffected (dropped = learned but not kept for drain)"
+    if state == "drained slower than learned":
+        return "buffer full: drained slower than learned; learning unaffected (dropped = learned but not kept for drain)"
+    return None
 
 
 def fleet_sections(s: EngineStats, now: float) -> list[Section]:
@@ -134,6 +138,39 @@ def fleet_sections(s: EngineStats, now: float) -> list[Section]:
             ],
         ),
     ]
+
+
+def learning_sections(s: EngineStats, now: float) -> list[Section]:
+    """Whether the engine learns (pause, rollbacks) and what its feedback's reward does (moving reward, the guard)."""
+    g = s.learning
+    assert g is not None
+    if g.paused:
+        state = f"PAUSED by {'the reward guard' if g.paused_by == 'guard' else 'a request'} ({_ago(g.paused_at, now)})"
+        note = f"nothing is learned: what arrives is counted and kept, never learned; `sona-shm resume --name {s.name}`"
+    else:
+        state, note = "learning", None
+    moving = (
+        f"{g.moving_reward:.4f}" if g.moving_reward is not None else f"- ({_count(g.moving_feedbacks)} / {_count(g.moving_window)} seen)"
+    )
+    rows = [
+        ("state", state),
+        ("taken in while paused", _count(g.paused_skipped)),
+        ("rollbacks", _count(g.rollbacks)),
+        ("signals rolled back", _count(g.rolled_back_signals)),
+        ("last rollback", _ago(g.last_rollback_at, now)),
+    ]
+    guard_rows = [(f"moving reward (last {_count(g.moving_window)})", moving)]
+    if g.guard_drop is not None:
+        level = "-" if g.guard_level is None else f"{g.guard_level:.4f} - {g.guard_drop:g} = {g.guard_level - g.guard_drop:.4f}"
+        guard_rows += [
+            ("guard level - DROP", level),
+            ("good checkpoint", _ago(g.guard_level_at, now)),
+            ("guard trips", _count(g.guard_trips)),
+            ("guard rolls back", "yes" if g.guard_rollback else "no"),
+        ]
+    else:
+        guard_rows.append(("reward guard", "off (--guard-reward DROP)"))
+    return [Section("learning state", rows, note=note), Section("reward", guard_rows)]
 
 
 def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> View:
@@ -192,9 +229,9 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
         Section(
             "buffer",
             [
-                ("len", f"{_count(buf.len)} / {_count(buf.capacity)}"),
-                ("dropped", _count(buf.dropped)),
-                ("success rate", f"{buf.success_rate:.4f}"),
+                ("len", f"{_count(buf.len)} / {_count(buf.capacity)}" if buf.capacity else "no buffer"),
+                ("dropped", _count(buf.dropped) + (" (nobody drains)" if buf.state == "nobody drains" else "") if buf.capacity else "-"),
+                ("success rate", "no buffer" if buf.success_rate is None else f"{buf.success_rate:.4f}"),
                 ("drained", _count(buf.drained)),
             ],
             note=buffer_note(s),
@@ -210,6 +247,8 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
             ],
         ),
     ]
+    if s.learning is not None:
+        sections += learning_sections(s, now)
     if s.fleet is not None:
         sections += fleet_sections(s, now)
     route_rows = []
@@ -260,7 +299,8 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
         title=f"sona-shm engine {s.name!r}: flusher {status}",
         config=(
             f"{cfg.rule} rule, hidden {cfg.hidden_dim}, rank {cfg.rank}, lr {cfg.lr}, flush every {cfg.flush_threshold} signals, "
-            f"{cfg.lanes} lanes x {cfg.lane_slots} slots, buffer {cfg.capacity}, {cfg.segment_bytes / 2**20:.1f} MiB"
+            f"{cfg.lanes} lanes x {cfg.lane_slots} slots, buffer {cfg.capacity or 'none'}, {cfg.segment_bytes / 2**20:.1f} MiB"
+            + (f"; hot paths here: {s.implementation}" if s.implementation else "")
         ),
         alive=fl.alive,
         status=status,
@@ -274,14 +314,24 @@ def build_view(stats: EngineStats | Mapping[str, Any], history: Sequence[float] 
     )
 
 
-def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> str:
-    """A plain-text rendering of one observation for terminals and logs."""
+def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = (), columns: int | None = None) -> str:
+    """A plain-text rendering of one observation for terminals and logs.
+
+    ``columns``: the terminal's width; sections go two side by side only if that fits (None: always).
+    """
     view = build_view(stats, history)
     lines = [view.title, f"  {view.config}", ""]
     width = max(len(label) for sec in view.sections for label, _ in sec.rows)
     vwidth = max(len(value) for sec in view.sections for _, value in sec.rows)
-    # Sections two by two, side by side: learning | producers, rates | adapter, buffer | flusher.
-    for left, right in zip(view.sections[0::2], view.sections[1::2] + [Section("", [])]):
+    # Sections two by two, side by side: learning | producers, rates | adapter, buffer | flusher; one by one when
+    # two do not fit the terminal (a wrapped line would split every label of the right-hand section).
+    side_by_side = columns is None or 4 + 2 * (width + vwidth + 2) + 4 <= columns
+    pairs = (
+        zip(view.sections[0::2], view.sections[1::2] + [Section("", [])])
+        if side_by_side
+        else ((sec, Section("", [])) for sec in view.sections)
+    )
+    for left, right in pairs:
         lines.append(f"  {left.title:<{width + vwidth + 6}}{right.title}")
         for i in range(max(len(left.rows), len(right.rows))):
             cells = [
@@ -297,8 +347,9 @@ def format_table(stats: EngineStats | Mapping[str, Any], history: Sequence[float
         lines += _columns(view.route_columns, view.route_rows)
         lines.append("")
     lines.append("  live lanes (records, drops: lane totals since the engine was created)")
-    lines += _columns(view.lane_columns, view.lane_rows)
-    if not view.lane_rows:
+    if view.lane_rows:
+        lines += _columns(view.lane_columns, view.lane_rows)
+    else:
         lines.append("    (none: no producer is attached)")
     lines += [f"  {note}" for note in view.notes]
     return "\n".join(lines)
@@ -316,42 +367,54 @@ def _at(pairs: list[tuple[str, str]], i: int) -> tuple[str, str] | None:
 
 
 def render_rich(stats: EngineStats | Mapping[str, Any], history: Sequence[float] = ()) -> Any:
-    """The same view as :func:`format_table` as a ``rich`` renderable (needs the ``monitor`` extra)."""
+    """The same view as :func:`format_table` as a ``rich`` renderable (needs the ``monitor`` extra).
+
+    The sections flow side by side, as many as the terminal holds (two at 80 columns, four or
+    five at 160); labels and values never wrap, and each section's note is a line of its own under
+    them (a caption would be squeezed to the section's width). Tables without rows are not
+    drawn: a line says why.
+    """
+    from rich import box
+    from rich.columns import Columns
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     view = build_view(stats, history)
     title = Text(view.title, style="bold green" if view.status == "alive" else "bold red")
-    grid = Table.grid(padding=(0, 4))
-    for _ in range(2):
-        grid.add_column()
     blocks = []
     for sec in view.sections:
-        block = Table(title=sec.title, title_justify="left", show_header=False, box=None, padding=(0, 1), caption=sec.note)
-        block.add_column(style="dim")
-        block.add_column(justify="right")
+        block = Table(title=sec.title, title_justify="left", show_header=False, box=None, padding=(0, 1))
+        block.add_column(style="dim", no_wrap=True)
+        block.add_column(justify="right", no_wrap=True)
         for label, value in sec.rows:
-            style = "bold red" if value.startswith(("NOT RUNNING", "alive, STALLED")) else None
+            style = "bold red" if value.startswith(("NOT RUNNING", "alive, STALLED", "DISCONNECTED")) else None
             block.add_row(label, Text(value, style=style or ""))
         blocks.append(block)
-    for i in range(0, len(blocks), 2):
-        grid.add_row(*blocks[i : i + 2])
-    lanes = Table(title="live lanes (records, drops: lane totals)", title_justify="left")
-    for i, column in enumerate(view.lane_columns):
-        lanes.add_column(column, justify="left" if i == len(view.lane_columns) - 1 else "right")
-    for row in view.lane_rows:
-        lanes.add_row(*row)
+    grid = Columns(blocks, padding=(0, 4))
+    section_notes = [
+        Text(sec.note if sec.title == "rates" else f"{sec.title}: {sec.note}", style="dim") for sec in view.sections if sec.note
+    ]
     extra: list[Any] = [Text(view.history, style="cyan")] if view.history else []
     if view.route_rows:
-        routes = Table(title=view.route_title, title_justify="left")
+        routes = Table(title=view.route_title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for i, column in enumerate(view.route_columns):
-            routes.add_column(column, justify="left" if i == 0 else "right")
+            routes.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for row in view.route_rows:
             routes.add_row(*row)
         extra.append(routes)
+    if view.lane_rows:
+        lanes: Any = Table(
+            title="live lanes (records, drops: lane totals)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
+        )
+        for i, column in enumerate(view.lane_columns):
+            lanes.add_column(column, justify="left" if i == len(view.lane_columns) - 1 else "right", no_wrap=True)
+        for row in view.lane_rows:
+            lanes.add_row(*row)
+    else:
+        lanes = Text("live lanes: none (no producer is attached)")
     notes = [Text(note, style="yellow") for note in view.notes]
-    return Group(title, Text(view.config, style="dim"), Text(""), grid, *extra, lanes, *notes)
+    return Group(title, Text(view.config, style="dim"), Text(""), grid, *section_notes, Text(""), *extra, lanes, *notes)
 
 
 # ----------------------------------------------------------------- watching
@@ -419,7 +482,8 @@ def watch(
                     render_rich(last, list(history)) if isinstance(last, EngineStats) else Text(message, style="bold red"), refresh=True
                 )
             else:
-                text = format_table(last, list(history)) if isinstance(last, EngineStats) else message
+                columns = shutil.get_terminal_size().columns if out.isatty() else None
+                text = format_table(last, list(history), columns) if isinstance(last, EngineStats) else message
                 out.write(("\x1b[H\x1b[2J" if out.isatty() else ("\n" if frame else "")) + text + "\n")
                 out.flush()
     except KeyboardInterrupt:

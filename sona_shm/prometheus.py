@@ -12,7 +12,9 @@ Every scrape opens the engine read-only, reads one :class:`~sona_shm.stats.Engin
 segment mapped and follows an engine that was destroyed and created again; a missing
 engine is reported as ``sona_shm_engine_up 0`` and nothing else. One collector may
 watch several engines (``EngineCollector("a", "b")``); each series carries the engine
-name as label ``engine``, per-lane series (live lanes only) also ``lane`` and ``pid``.
+name as label ``engine``, per-lane series (live lanes only) also ``lane``. No series but the
+``_info`` ones carries a ``pid`` (a restarted flusher or a recycled worker would start new series):
+``sona_shm_flusher_info`` and ``sona_shm_lane_info`` say which process is which.
 
 The figures are the engine's own, the same from every process: under gunicorn with
 prometheus_client's multiprocess mode, register the collector in the registry you
@@ -20,8 +22,10 @@ build per scrape next to ``MultiProcessCollector`` (the engine is already shared
 must not go through the per-process files), and call both ``child_exit`` hooks (see
 docs/how-to/prometheus.md).
 
-``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this collector's
-previous scrape (absent on the first one and after the engine was recreated). Rates
+``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this process's previous
+scrape of the engine, by any collector (so also under the multiprocess recipe, which makes
+a collector per scrape; absent on a process's first scrape and after the engine was
+recreated). Rates
 are PromQL's job: ``rate(sona_shm_trajectories_processed_total[1m])`` is learned/s.
 
 Needs the ``prometheus`` extra: ``pip install 'sona-shm[prometheus]'``.
@@ -43,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .errors import SegmentNotFoundError
 from .shm.segment import check_name
-from .stats import EngineStats, FleetStats, LaneStats, RouteStats, read
+from .stats import EngineStats, FleetStats, LaneStats, LearningStats, RouteStats, read
 
 #: The content type of what :func:`exposition` returns (the text format prometheus_client writes).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -65,7 +69,12 @@ def _ts(t: float | None) -> float:
 
 #: Engine-wide series, one sample per engine.
 ENGINE_METRICS: tuple[_Spec, ...] = (
-    _Spec("trajectories_processed", "counter", "Trajectories learned by the flusher.", lambda s: s.trajectories_processed),
+    _Spec(
+        "trajectories_processed",
+        "counter",
+        "Trajectories the flusher took in (learned; or, while learning was paused, counted and not learned).",
+        lambda s: s.trajectories_processed,
+    ),
     _Spec("signals_accumulated", "counter", "Learning signals accumulated.", lambda s: s.signals_accumulated),
     _Spec("flushes_performed", "counter", "Flushes that applied accumulated gradients.", lambda s: s.flushes_performed),
     _Spec("updates_applied", "counter", "Signals applied to the adapter weights by flushes.", lambda s: s.updates_applied),
@@ -107,6 +116,47 @@ ENGINE_METRICS: tuple[_Spec, ...] = (
 )
 
 
+def _learning(value: Callable[[LearningStats], float | None]) -> Callable[[EngineStats], float | None]:
+    return lambda s: None if s.learning is None else value(s.learning)
+
+
+#: Pause, moving reward, reward guard and rollbacks (every engine; the guard's series only with a guard).
+LEARNING_METRICS: tuple[_Spec, ...] = (
+    _Spec("paused", "gauge", "1 while learning is paused (by a request or by the reward guard).", _learning(lambda g: int(g.paused))),
+    _Spec("paused_by_guard", "gauge", "1 while learning is paused by the reward guard.", _learning(lambda g: int(g.paused_by == "guard"))),
+    _Spec("pauses", "counter", "Times learning was paused.", _learning(lambda g: g.pauses)),
+    _Spec(
+        "paused_skipped",
+        "counter",
+        "Trajectories taken in while learning was paused: kept, never learned.",
+        _learning(lambda g: g.paused_skipped),
+    ),
+    _Spec("rollbacks", "counter", "Rollbacks of the learned state to a checkpoint.", _learning(lambda g: g.rollbacks)),
+    _Spec("rolled_back_signals", "counter", "Signals whose learning rollbacks discarded.", _learning(lambda g: g.rolled_back_signals)),
+    _Spec(
+        "moving_reward",
+        "gauge",
+        "Mean reward of the last N feedbacks naming the route taken (absent until N were seen).",
+        _learning(lambda g: g.moving_reward),
+    ),
+    _Spec(
+        "guard_trips", "counter", "Times the reward guard paused learning.", _learning(lambda g: g.guard_trips if g.guard_drop else None)
+    ),
+    _Spec(
+        "guard_level",
+        "gauge",
+        "The moving reward when the last good checkpoint was written: the reward guard's reference.",
+        _learning(lambda g: g.guard_level if g.guard_drop else None),
+    ),
+    _Spec(
+        "guard_threshold",
+        "gauge",
+        "The moving reward below which the reward guard pauses learning (level - DROP).",
+        _learning(lambda g: g.guard_level - g.guard_drop if g.guard_drop and g.guard_level is not None else None),
+    ),
+)
+
+
 def _fleet(value: Callable[[FleetStats], float]) -> Callable[[EngineStats], float | None]:
     return lambda s: None if s.fleet is None else value(s.fleet)
 
@@ -132,13 +182,15 @@ FLEET_METRICS: tuple[_Spec, ...] = (
 ROUTE_METRICS: tuple[tuple[str, str, str, Callable[[RouteStats], float | None]], ...] = (
     ("route_chosen", "counter", "Feedback naming the route as the one taken.", lambda r: r.chosen),
     ("route_best", "counter", "Feedback naming the route as the right one.", lambda r: r.best),
-    ("route_reward_sum", "gauge", "Summed reward of the route when taken (may fall: not a counter).", lambda r: r.reward_sum),
+    # Not a counter (rewards may be negative, so the sum may fall), and a gauge must not end in _sum (promtool).
+    ("route_reward_summed", "gauge", "Summed reward of the route when taken (may fall: not a counter).", lambda r: r.reward_sum),
     ("route_mean_reward", "gauge", "Mean reward of the route when taken, since the engine was created.", lambda r: r.mean_reward),
     ("route_retired", "gauge", "1 if the route is retired (never chosen or learned again).", lambda r: int(r.retired)),
     ("route_drift", "gauge", "How far the route's learned vector moved from its start (L2 norm).", lambda r: r.drift),
 )
 
-#: Per-lane series, live lanes only, labelled ``lane`` and ``pid`` too.
+#: Per-lane series, live lanes only, labelled ``lane`` too (the owner's pid is in ``sona_shm_lane_info``, so a
+#: recycled worker does not start new series).
 LANE_METRICS: tuple[tuple[str, str, str, Callable[[LaneStats], float]], ...] = (
     ("lane_records", "counter", "Trajectories committed to a live lane, by all its owners.", lambda lane: lane.records),
     ("lane_drops", "counter", "Trajectories refused by a live lane, by all its owners.", lambda lane: lane.drops),
@@ -155,9 +207,15 @@ def _family(kind: str, name: str, text: str, labels: list[str]) -> CounterMetric
 def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
     """The metric families of some engines: an :class:`EngineStats`, or the name of an engine that is not there."""
     up = GaugeMetricFamily(PREFIX + "engine_up", "1 if the engine's segment exists and was read.", labels=["engine"])
-    flusher_up = GaugeMetricFamily(PREFIX + "flusher_up", "1 if a flusher holds the engine's flusher lock.", labels=["engine", "pid"])
-    engine = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in ENGINE_METRICS]
-    lanes = [_family(kind, name, text, ["engine", "lane", "pid"]) for name, kind, text, _ in LANE_METRICS]
+    flusher_up = GaugeMetricFamily(PREFIX + "flusher_up", "1 if a flusher holds the engine's flusher lock.", labels=["engine"])
+    flusher_info = GaugeMetricFamily(
+        PREFIX + "flusher_info", "1, labelled with the pid of the current (or last) flusher.", labels=["engine", "pid"]
+    )
+    engine = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in ENGINE_METRICS + LEARNING_METRICS]
+    lanes = [_family(kind, name, text, ["engine", "lane"]) for name, kind, text, _ in LANE_METRICS]
+    lane_info = GaugeMetricFamily(
+        PREFIX + "lane_info", "1, labelled with the pid of a live lane's owner.", labels=["engine", "lane", "pid"]
+    )
     routes = [_family(kind, name, text, ["engine", "route"]) for name, kind, text, _ in ROUTE_METRICS]
     info = GaugeMetricFamily(PREFIX + "engine_rule", "1, labelled with the engine's learning rule.", labels=["engine", "rule"])
     fleet = [_family(spec.kind, spec.name, spec.help, ["engine"]) for spec in FLEET_METRICS]
@@ -169,15 +227,18 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
             up.add_metric([obs], 0)
             continue
         up.add_metric([obs.name], 1)
-        flusher_up.add_metric([obs.name, str(obs.flusher.pid)], int(obs.flusher.alive))
-        for spec, family in zip(ENGINE_METRICS + FLEET_METRICS, engine + fleet):
+        flusher_up.add_metric([obs.name], int(obs.flusher.alive))
+        if obs.flusher.pid:
+            flusher_info.add_metric([obs.name, str(obs.flusher.pid)], 1)
+        for spec, family in zip(ENGINE_METRICS + LEARNING_METRICS + FLEET_METRICS, engine + fleet):
             value = spec.value(obs)
             if value is not None:
                 family.add_metric([obs.name], value)
         if obs.fleet is not None:
             fleet_info.add_metric([obs.name, obs.fleet.key, obs.fleet.host_id], 1)
         for lane in obs.live_lanes:
-            labels = [obs.name, str(lane.lane), str(lane.pid)]
+            labels = [obs.name, str(lane.lane)]
+            lane_info.add_metric([*labels, str(lane.pid)], 1)
             for (_, _, _, value_of), family in zip(LANE_METRICS, lanes):
                 family.add_metric(labels, value_of(lane))
         info.add_metric([obs.name, obs.config.rule], 1)
@@ -186,7 +247,14 @@ def families(observations: Iterable[EngineStats | str]) -> list[Metric]:
                 value = route_value(route)
                 if value is not None:
                     family.add_metric([obs.name, route.name], value)
-    return [up, flusher_up, info, *engine, *lanes, *routes, fleet_info, *fleet]
+    return [up, flusher_up, flusher_info, info, *engine, lane_info, *lanes, *routes, fleet_info, *fleet]
+
+
+#: The last observation of each engine this process scraped, for every collector of the process: under the
+#: multiprocess recipe a collector is made anew for each scrape, and ``adapter_up_change_norm`` would otherwise
+#: never have a previous scrape to measure from.
+_PREVIOUS: dict[str, EngineStats] = {}
+_PREVIOUS_GUARD = threading.Lock()  # scrapes may come from several threads
 
 
 class EngineCollector(Collector):
@@ -197,8 +265,8 @@ class EngineCollector(Collector):
             raise TypeError("EngineCollector: expected at least one engine name")
         self.names = tuple(check_name(n) for n in names)
         self._read = reader
-        self._previous: dict[str, EngineStats] = {}
-        self._guard = threading.Lock()  # scrapes may come from several threads; _previous is shared
+        self._previous = _PREVIOUS
+        self._guard = _PREVIOUS_GUARD
 
     def collect(self) -> Iterator[Metric]:
         observations: list[EngineStats | str] = []

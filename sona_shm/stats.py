@@ -31,14 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, UntrustedSegmentError
+from .errors import LayoutMismatchError, SegmentNotFoundError, SonaShmError, TornRead, UntrustedSegmentError
 from .learn.routes import RETIRED
+from .native import IMPLEMENTATION
+from .shm.admin import Settings, read_settings
 from .shm.layout import (
     CONSUMER_WORDS,
     FLUSHER_WORDS,
     HEADER_CREATED_AT,
     LOCK_FLUSHER,
     LOCK_LANE_BASE,
+    PAUSED_BY_GUARD,
+    PAUSED_BY_REQUEST,
     given_vectors,
     read_fleet_identity,
 )
@@ -111,7 +115,7 @@ class BufferStats:
 
     len: int
     dropped: int  # learned but not kept: the buffer was full (learning is unaffected)
-    success_rate: float  # share of learned trajectories kept (the seed's buffer_stats)
+    success_rate: float | None  # share of learned trajectories kept (the seed's buffer_stats); None: no buffer (capacity 0)
     capacity: int
     drained: int  # handed to consumers, ever
     drained_at: float | None
@@ -120,6 +124,21 @@ class BufferStats:
     @property
     def never_drained(self) -> bool:
         return self.drained == 0
+
+    @property
+    def state(self) -> str:
+        """What the figures mean, in a word or three (none of them is a failure: learning never waits for the buffer):
+
+        - ``"no buffer"``: created with capacity 0 (the routing rule's default): nothing is kept for drain;
+        - ``"keeping"``: every learned trajectory was kept so far;
+        - ``"nobody drains"``: it filled and no consumer ever drained it (it keeps the oldest);
+        - ``"drained slower than learned"``: a consumer drains, but some were dropped meanwhile.
+        """
+        if self.capacity == 0:
+            return "no buffer"
+        if not self.dropped:
+            return "keeping"
+        return "nobody drains" if self.never_drained else "drained slower than learned"
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,36 @@ class FleetStats:
     sealed_signals: int  # signals this host sealed, ever
     contact_at: float | None  # the last answer from Redis
     error_at: float | None  # the last failed call
+
+
+@dataclass(frozen=True)
+class LearningStats:
+    """Whether the engine learns, what its feedback's reward does, and what paused or undid its learning.
+
+    The moving reward is the mean reward of the last ``moving_window`` feedbacks naming the route taken, as the
+    flusher measured it (:mod:`sona_shm.engine.guard`); ``guard_*`` are the reward guard's, when the engine's
+    (last) flusher runs one; ``checkpoint``/``checkpoint_keep`` where that flusher keeps its checkpoints.
+    """
+
+    paused: bool  # learning is paused: trajectories are taken in and counted, not learned
+    paused_by: str | None  # "request" (sona-shm pause) or "guard" (the reward guard); None while learning
+    paused_at: float | None  # when learning was last paused
+    pauses: int  # times learning was paused
+    paused_skipped: int  # trajectories taken in while paused (in trajectories_processed, kept for consumers, never learned)
+    rollbacks: int  # rollbacks applied
+    rolled_back_signals: int  # signals whose learning rollbacks discarded
+    last_rollback_at: float | None
+    rollback_checkpoint_at: float | None  # when the checkpoint the last rollback restored was written
+    moving_reward: float | None  # mean reward of the last moving_window feedbacks (None: fewer seen since the flusher started)
+    moving_feedbacks: int  # feedbacks behind moving_reward so far
+    moving_window: int  # N (0: no flusher has run)
+    guard_drop: float | None  # the reward guard's DROP (None: no guard)
+    guard_rollback: bool  # the guard rolls back too
+    guard_level: float | None  # the moving reward at the last good checkpoint (None: none yet)
+    guard_level_at: float | None  # when that checkpoint was written
+    guard_trips: int  # times the guard paused learning
+    checkpoint: str | None  # the flusher's checkpoint file (None: none)
+    checkpoint_keep: int  # timestamped checkpoints kept beside it (0: the file alone)
 
 
 @dataclass(frozen=True)
@@ -264,6 +313,9 @@ class EngineStats:
     routes: tuple[RouteStats, ...] = ()  # the route table, with feedback counts per route
     rates: Rates | None = None  # set by since(): rates need two observations
     fleet: FleetStats | None = None  # None: the segment has no fleet outbox
+    learning: LearningStats | None = None  # pause, moving reward, guard, rollbacks (None: from a dict of an older version)
+    engine_id: str = ""  # 16 hex digits: the engine its checkpoints belong to
+    implementation: str = ""  # what this process's hot paths run on: "C" or "Python (why)" (sona_shm.native)
 
     def since(self, before: EngineStats | None) -> EngineStats:
         """This observation with :attr:`rates` measured from ``before`` (None: left as it is)."""
@@ -284,6 +336,8 @@ class EngineStats:
                 value = [_plain(item) for item in value]
             elif f.name == "adapter":
                 value = {"up_norm": value.up_norm, "down_norm": value.down_norm}
+            elif f.name == "buffer":
+                value = {**_plain(value), "state": value.state}
             elif f.name == "rates" and value is not None:
                 value = {**_plain(value), "routes": [_plain(r) for r in value.routes]}
             elif value is not None and hasattr(value, "__dataclass_fields__"):
@@ -301,12 +355,15 @@ class EngineStats:
             **{k: data[k] for k in ("recorded", "lane_dropped", "backlog", "lanes_live")},
             created_at=data.get("created_at", 0.0),
             config=ConfigStats(**data["config"]),
-            buffer=BufferStats(**data["buffer"]),
+            buffer=BufferStats(**{k: v for k, v in data["buffer"].items() if k != "state"}),  # state: derived
             flusher=FlusherStats(**data["flusher"]),
             lanes=tuple(LaneStats(**lane) for lane in data["lanes"]),
             adapter=AdapterStats(adapter["up_norm"], adapter["down_norm"]),
             fleet=FleetStats(**data["fleet"]) if data.get("fleet") else None,
+            learning=LearningStats(**data["learning"]) if data.get("learning") else None,
+            engine_id=data.get("engine_id", ""),
             corrupt=data.get("corrupt", 0),
+            implementation=data.get("implementation", ""),
             routes=tuple(RouteStats(**r) for r in data.get("routes", ())),
             rates=Rates(**{**rates, "routes": tuple(RouteRate(**r) for r in rates.get("routes", ()))}) if rates else None,
         )
@@ -359,6 +416,20 @@ _LEDGER_FIELDS: tuple[str, ...] = METRICS + (
     "route_state",
     "route_vectors",
     "route_bias",
+    "engine_id",
+    "paused",
+    "paused_at",
+    "pauses",
+    "paused_skipped",
+    "rollbacks",
+    "rolled_back_signals",
+    "last_rollback_at",
+    "rollback_checkpoint_at",
+    "moving_reward",
+    "moving_feedbacks",
+    "guard_trips",
+    "guard_level",
+    "guard_checkpoint_at",
 )
 _FLEET_FIELDS = (
     "fleet_epoch",
@@ -412,6 +483,39 @@ def _fleet(segment: Segment, v: Mapping[str, Any], alive: bool) -> FleetStats | 
         sealed_signals=v["fleet_sealed_signals"],
         contact_at=contact_at or None,
         error_at=error_at or None,
+    )
+
+
+def _learning(segment: Segment, v: Mapping[str, Any]) -> LearningStats:
+    """The learning section: the ledger's values ``v`` (one read with the rest) and the last flusher's settings."""
+    try:
+        settings = read_settings(segment)
+    except TornRead:
+        settings = Settings()
+    window = settings.guard_window
+    paused = int(v["paused"])
+    guard = settings.guard_drop > 0
+    good_at = v["guard_checkpoint_at"]
+    return LearningStats(
+        paused=bool(paused),
+        paused_by={PAUSED_BY_REQUEST: "request", PAUSED_BY_GUARD: "guard"}.get(paused),
+        paused_at=v["paused_at"] or None,
+        pauses=v["pauses"],
+        paused_skipped=v["paused_skipped"],
+        rollbacks=v["rollbacks"],
+        rolled_back_signals=v["rolled_back_signals"],
+        last_rollback_at=v["last_rollback_at"] or None,
+        rollback_checkpoint_at=v["rollback_checkpoint_at"] or None,
+        moving_reward=v["moving_reward"] if window and v["moving_feedbacks"] >= window and math.isfinite(v["moving_reward"]) else None,
+        moving_feedbacks=v["moving_feedbacks"],
+        moving_window=window,
+        guard_drop=settings.guard_drop if guard else None,
+        guard_rollback=guard and settings.guard_rollback,
+        guard_level=v["guard_level"] if good_at > 0 and math.isfinite(v["guard_level"]) else None,
+        guard_level_at=good_at or None,
+        guard_trips=v["guard_trips"],
+        checkpoint=settings.checkpoint or None,
+        checkpoint_keep=settings.keep,
     )
 
 
@@ -486,7 +590,7 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         buffer=BufferStats(
             len=values["buffer_head"] - buffer_tail,
             dropped=values["buffer_dropped"],
-            success_rate=1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
+            success_rate=None if cfg.capacity == 0 else 1.0 if seen == 0 else (seen - values["buffer_dropped"]) / seen,
             capacity=cfg.capacity,
             drained=buffer_tail,
             drained_at=f64[CONSUMER_WORDS.drained_at] or None,
@@ -511,6 +615,9 @@ def collect(segment: Segment, ledger: Ledger) -> EngineStats:
         corrupt=values["corrupt"],
         fleet=_fleet(segment, values, held[0]),
         routes=_routes(segment, values),
+        learning=_learning(segment, values),
+        engine_id=f"{values['engine_id']:016x}",
+        implementation=IMPLEMENTATION,
     )
 
 
@@ -636,6 +743,7 @@ __all__ = [
     "FleetStats",
     "FlusherStats",
     "LaneStats",
+    "LearningStats",
     "Rates",
     "RouteRate",
     "RouteStats",

@@ -153,10 +153,11 @@ def engine(name):
     flushers: list[Flusher] = []
     clients = []
 
-    def make(routes=None, **config) -> Flusher:
+    def make(routes=None, options=None, **config) -> Flusher:
+        """``options``: more keyword arguments of :class:`Flusher` (checkpoint, checkpoint_keep, guard, ...)."""
         if routes is not None:
             config.setdefault("routes", len(routes))
-        flusher = Flusher(name, config=EngineConfig(**{**SMALL, **config}), routes=routes)
+        flusher = Flusher(name, config=EngineConfig(**{**SMALL, **config}), routes=routes, **(options or {}))
         flushers.append(flusher)
         return flusher
 

@@ -8,7 +8,8 @@ request of a test, instead of a Python start-up per look. Requests: ``{"op": "re
 the engine's fleet stats, its trajectories processed and a digest of its adapter's bytes (``{"missing": true}`` while
 the segment is not there yet). For the benchmark (every time is CLOCK_MONOTONIC, which every host shares):
 ``{"op": "timed", "name", "count", "spacing"}`` -> ``{"times"}`` (one record every ``spacing`` seconds, the time each
-returned); ``{"op": "watch", "name", "changes", "timeout"}`` -> ``{"times"}`` (when the adapter's generation changed);
+returned); ``{"op": "watch", "name", "changes", "timeout"}`` -> ``{"times"}`` (when the k-th signal since the request was
+applied from the stream, k = 1..changes);
 ``{"op": "paced", "name", "rate", "seconds", "seed", "hidden"?}`` -> ``{"accepted"}``.
 """
 
@@ -79,21 +80,33 @@ class FleetHost:
 
 
 def watch(name: str, changes: int, timeout: float) -> list[float]:
-    """When the engine's adapter generation changed, ``changes`` times (or until ``timeout`` seconds passed)."""
+    """When the k-th signal after the call was applied from the fleet's stream, for k = 1..``changes`` (or until
+    ``timeout`` seconds passed). Signals applied together (a loaded reader hands over two entries at once) share the
+    time they were seen, so each record is paired with its own application, not with the next change of generation."""
+    from sona_shm.errors import TornRead
     from sona_shm.shm.ledger import Ledger
     from sona_shm.shm.segment import Segment
 
     seg = Segment.open(name, writable=False)
     ledger = Ledger(seg)
+
+    def applied() -> int | None:
+        try:
+            return int(ledger.read("fleet_signals")[0])
+        except TornRead:
+            return None  # the flusher outran this read: look again
+
     try:
         times: list[float] = []
-        last, _ = ledger.generation()
+        base = None
+        while base is None:
+            base = applied()
         deadline = time.monotonic() + timeout
         while len(times) < changes and time.monotonic() < deadline:
-            now, _ = ledger.generation()
-            if now != last:
-                times.append(time.monotonic())
-                last = now
+            now = applied()
+            seen = time.monotonic()
+            if now is not None and now - base > len(times):
+                times.extend([seen] * (min(now - base, changes) - len(times)))
             else:
                 time.sleep(0.0001)
         return times

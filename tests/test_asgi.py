@@ -159,3 +159,44 @@ def test_waits_refuse_bad_timeouts(engine, name):
         Engine(name, timeout=-1)
     with pytest.raises(ValueError, match="name: expected 1-64 characters"):
         Engine("a/b")
+
+
+def test_a_worker_never_takes_a_second_lane_with_hooks_and_lifespan(engine, name, monkeypatch):
+    """The README's gunicorn hooks plus the ASGI lifespan in one worker: one lane whichever attaches first; the one
+    that attached closes it."""
+    from types import SimpleNamespace
+
+    from sona_shm import gunicorn as hooks
+
+    engine(hidden_dim=H)
+    monkeypatch.setenv("SONA_SHM_NAME", name)
+    monkeypatch.setenv("SONA_SHM_ATTACH_TIMEOUT", "0")
+    server = SimpleNamespace(log=SimpleNamespace(info=lambda *a: None, error=lambda *a: None))
+    try:
+        hooks.post_fork(server, SimpleNamespace(pid=0))  # the hooks first (post_fork), then the app's lifespan
+        sona = Engine()
+
+        async def serve() -> int:
+            async with sona.lifespan(None):
+                assert sona.client is hooks.client()
+                return read(name).lanes_live
+
+        assert run(serve()) == 1  # one lane, the hooks'
+        assert not hooks.client().closed and read(name).lanes_live == 1  # the lifespan's shutdown left it to the hooks
+    finally:
+        hooks.close()
+    assert read(name).lanes_live == 0
+
+    sona = Engine()
+
+    async def lifespan_first() -> None:
+        async with sona.lifespan(None):
+            assert hooks.client() is sona.client and read(name).lanes_live == 1  # the hooks reuse the lifespan's
+            hooks.close()  # (worker_exit) leaves it to the lifespan
+            assert not sona.client.closed
+
+    run(lifespan_first())
+    assert read(name).lanes_live == 0
+    assert hooks.client().lane >= 0 and read(name).lanes_live == 1  # after the lifespan closed it, the hooks attach anew
+    hooks.close()
+    assert read(name).lanes_live == 0

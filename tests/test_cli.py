@@ -219,3 +219,175 @@ def test_sigint_while_the_command_starts_is_a_quiet_exit(children, name):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err == "", (proc.returncode, err)
     assert not os.path.exists(f"/dev/shm/sona_shm.{name}")
+
+
+# ----------------------------------------------------------------- routes build, defaults by rule
+
+
+def write_lines(path, *rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_routes_build_averages_the_examples_of_each_name_as_from_examples(capsys, tmp_path):
+    from sona_shm import RouteTable
+    from sona_shm.learn.routes import load_routes
+
+    rows = [
+        {"name": "billing", "embedding": [1.0, 0.0, 0.0, 2.0], "text": "my invoice"},
+        {"name": "tech", "embedding": [0.0, 3.0, 0.0, 0.0]},
+        {"name": "billing", "embedding": [2.0, 0.0, 0.5, 0.0]},
+        {"name": "sales", "embedding": [0.0, 0.0, 1.0, 0.0]},
+    ]
+    source = write_lines(tmp_path / "examples.jsonl", *rows[:2], "", *rows[2:])  # a blank line is skipped
+    out = str(tmp_path / "routes.npz")
+    code, printed, _ = run(capsys, "routes", "build", "--in", source, "--out", out)
+    assert code == EXIT_OK and "3 routes of hidden_dim 4 from 4 examples (billing, tech, sales)" in printed
+    built = load_routes(out)
+    expected = RouteTable.from_examples(
+        {"billing": [rows[0]["embedding"], rows[2]["embedding"]], "tech": [rows[1]["embedding"]], "sales": [rows[3]["embedding"]]}
+    )
+    assert built.names == ("billing", "tech", "sales") and np.array_equal(built.vectors, expected.vectors)
+    code, _, err = run(capsys, "routes", "build", "--in", source, "--out", out)
+    assert code == EXIT_USAGE and "exists" in err  # never replaces a table
+
+
+@pytest.mark.parametrize(
+    "lines, fragment",
+    [
+        (['{"name": "a", "embedding": [1, 0]}', "not json"], "line 2: expected one JSON object, got invalid JSON"),
+        (['{"name": "a", "embedding": [1, 0]}', "[1, 2]"], "line 2: expected a JSON object with 'name' and 'embedding', got list"),
+        (['{"embedding": [1, 0]}'], "line 1: field 'name': expected the route's name (a non-empty string), got None"),
+        (['{"name": "a", "embedding": [1, 0]}', '{"name": "b", "vector": [1, 0]}'], "line 2: field 'embedding': expected a list"),
+        (['{"name": "a", "embedding": [1, "x"]}'], "line 1: field 'embedding': expected a list of numbers"),
+        (
+            ['{"name": "a", "embedding": [1, 0]}', '{"name": "b", "embedding": [1, 0, 0]}'],
+            "line 2: field 'embedding': expected 2 numbers (as on line 1), got 3",
+        ),
+        (['{"name": "a", "embedding": [0, 0]}'], "line 1: field 'embedding': expected a non-zero vector"),
+        (['{"name": "a", "embedding": [1, 0]}'], "expected 2 to 256 route vectors, got 1"),
+        ([""], "got none"),
+    ],
+)
+def test_routes_build_names_the_line_and_field_that_is_wrong(capsys, tmp_path, lines, fragment):
+    source = write_lines(tmp_path / "examples.jsonl", *lines)
+    code, _, err = run(capsys, "routes", "build", "--in", source, "--out", str(tmp_path / "routes.npz"))
+    assert code == EXIT_USAGE and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "routes.npz").exists()
+
+
+def test_a_file_that_is_not_a_routes_file_gets_no_pickle_advice(capsys, name, tmp_path):
+    for path, hint in ((tmp_path / "router.py", ""), (tmp_path / "examples.jsonl", "build the table from them")):
+        path.write_text('{"name": "a", "embedding": [1, 0]}\n')
+        code, _, err = run(capsys, "create", "--name", name, "--rule", "routing", "--routes", str(path))
+        assert code == EXIT_USAGE and "allow_pickle" not in err and "pickle" not in err, err
+        assert f"routes file {path}: expected a .npy (K x h array) or .npz (vectors, names) file, got a file that is neither" in err
+        assert "sona-shm routes build --in" in err and hint in err
+
+
+def test_a_routing_engine_is_sized_for_feedback_and_the_reference_keeps_its_sizes(capsys, name, tmp_path):
+    from sona_shm.config import EngineConfig
+    from sona_shm.stats import read
+
+    reference = EngineConfig()
+    assert (reference.capacity, reference.max_steps, reference.attention_dim, reference.lane_slots, reference.lr) == (
+        10_000,
+        8,
+        64,
+        512,
+        0.002,
+    )
+    routes = tmp_path / "routes.npz"
+    np.savez(routes, vectors=np.eye(4, 384, dtype=np.float32))
+    try:
+        assert run(capsys, "create", "--name", name, "--rule", "routing", "--routes", str(routes))[0] == EXIT_OK
+        config = read(name).config
+        assert (config.capacity, config.max_steps, config.attention_dim, config.lane_slots, config.hidden_dim) == (0, 1, 0, 256, 384)
+        assert config.segment_bytes < 30 * 2**20  # 412 MiB with the reference rule's sizes (issue 20)
+    finally:
+        run(capsys, "destroy", "--name", name)
+    as_given = EngineConfig(rule="routing", routes=2, capacity=100, max_steps=2)  # given sizes win
+    assert (as_given.capacity, as_given.max_steps, as_given.attention_dim) == (100, 2, 0)
+
+
+def test_the_flusher_says_its_configuration_size_and_implementation_at_creation(engine, caplog):
+    import logging
+
+    from sona_shm import RouteTable
+    from sona_shm.native import IMPLEMENTATION
+
+    with caplog.at_level(logging.INFO, logger="sona_shm.flusher"):
+        engine(routes=RouteTable.build(np.eye(3, 16, dtype=np.float32)), rule="routing")
+    first = caplog.records[0].getMessage()
+    assert "created segment" in first and "routing rule, hidden_dim 16" in first and "3 routes" in first
+    assert "max_steps 4, attention_dim 8, capacity 64, 4 lanes x 32 lane_slots" in first  # the test's sizes (conftest SMALL)
+    assert "MiB reserved" in first and f"hot paths in {IMPLEMENTATION}" in first
+
+
+# ----------------------------------------------------------------- help, defaults from the environment
+
+
+def all_parsers():
+    """Every (sub)command's parser, by its prog."""
+    import argparse
+
+    from sona_shm.cli import build_parser
+
+    found, todo = {}, [build_parser()]
+    while todo:
+        parser = todo.pop()
+        found[parser.prog] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += list(action.choices.values())
+    return found
+
+
+def test_every_subcommand_has_a_description_an_example_and_help_for_its_options():
+    import argparse
+
+    parsers = all_parsers()
+    assert {"sona-shm routes build", "sona-shm drain", "sona-shm fleet hosts", "sona-shm routes retire"} <= set(parsers)
+    for prog, parser in parsers.items():
+        text = parser.format_help()
+        assert parser.description and "examples:\n  sona-shm " in text, prog
+        assert "``" not in text and ":class:" not in text and ":func:" not in text and ":data:" not in text, (prog, text)
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, (prog, action.option_strings or action.dest)
+
+
+def test_lr_help_shows_the_default_of_each_rule():
+    from sona_shm.config import DEFAULT_LR
+
+    text = " ".join(all_parsers()["sona-shm flusher"].format_help().split())
+    assert f"reference {DEFAULT_LR['reference']:g}; routing {DEFAULT_LR['routing']:g}" in text
+    assert "capacity" in text and "routing 0" in text  # the sizes by rule too
+
+
+def test_version_says_what_the_hot_paths_run_on(capsys):
+    from sona_shm.native import IMPLEMENTATION
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert f"(hot paths in {IMPLEMENTATION})" in capsys.readouterr().out
+
+
+def test_sona_shm_name_is_the_default_of_name(capsys, engine, name, monkeypatch):
+    engine()
+    monkeypatch.setenv("SONA_SHM_NAME", name)
+    code, out, _ = run(capsys, "stats", "--json")
+    assert code == EXIT_OK and json.loads(out)["name"] == name
+    code, out, _ = run(capsys, "routes", "list")
+    assert code == EXIT_OK and "has no route table" in out
+    monkeypatch.delenv("SONA_SHM_NAME")
+    with pytest.raises(SystemExit):
+        main(["stats", "--json"])
+    assert "--name" in capsys.readouterr().err
+
+
+def test_sona_shm_fleet_url_is_the_default_of_the_fleet_command(capsys, monkeypatch):
+    pytest.importorskip("redis")
+    monkeypatch.setenv("SONA_SHM_FLEET_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    code, _, err = run(capsys, "fleet", "hosts", "--fleet-key", "frt", "--timeout", "0.5")
+    assert code != EXIT_OK and "needs --fleet URL" not in err and "Redis did not answer" in err, err

@@ -63,6 +63,12 @@ def test_the_config_part_has_every_field_and_default():
     for field in EngineConfig.__dataclass_fields__:
         assert f"| `{field}` |" in text
     assert "reference: 0.002, routing: 0.03" in text  # lr: the default depends on the rule
+    assert "| `capacity` | `--capacity` | reference: 10000, routing: 0 |" in text  # and so do the sizes
+
+
+def test_the_cli_part_does_not_depend_on_the_environment(monkeypatch):
+    monkeypatch.setenv("SONA_SHM_NAME", "someones-engine")  # --name's default, shown in its help
+    assert "someones-engine" not in docs_reference.cli()
 
 
 def test_the_metrics_part_has_every_series():

@@ -4,7 +4,7 @@ A module may import from its own layer or from the layers below it, never from o
 (trio's ``test_exports.py`` checks its layering the same way). The layers, top first:
 
 - the command line (``cli``, ``__main__``, ``demo``);
-- integrations: gunicorn, ASGI, Prometheus, the monitor, PEFT export;
+- integrations: gunicorn, ASGI, Prometheus, the monitor, PEFT export, off-policy evaluation;
 - ``fleet/``: many hosts through Redis (a mode of the flusher);
 - ``engine/``: the processes over one segment (flusher and its modes, provisioning, client, consumer);
 - ``stats``: the read model;
@@ -30,7 +30,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sona_shm"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("command line", ("sona_shm.cli", "sona_shm.__main__", "sona_shm.demo")),
-    ("integrations", ("sona_shm.gunicorn", "sona_shm.asgi", "sona_shm.prometheus", "sona_shm.monitor", "sona_shm.export")),
+    (
+        "integrations",
+        ("sona_shm.gunicorn", "sona_shm.asgi", "sona_shm.prometheus", "sona_shm.monitor", "sona_shm.export", "sona_shm.evaluate"),
+    ),
     ("fleet", ("sona_shm.fleet",)),
     ("engine", ("sona_shm.engine",)),
     ("read model", ("sona_shm.stats",)),

@@ -63,14 +63,15 @@ def test_route_table_region_sits_between_ledger_and_lanes():
     assert layout.max_routes == 19  # 3 routes and room for 16 more (config.default_max_routes)
     assert layout.routes_offset == layout.ledger_offset + 2 * layout.ledger_bytes
     assert layout.routes_bytes >= 19 * 10 * 4 and layout.routes_bytes % 64 == 0
-    assert layout.admin_offset == layout.routes_offset + layout.routes_bytes and layout.admin_bytes >= 384 + 4 * 10
+    assert layout.admin_offset == layout.routes_offset + layout.routes_bytes and layout.admin_bytes >= 8640 + 4 * 10
     assert layout.lanes_offset == layout.admin_offset + layout.admin_bytes
     assert layout.ledger_dtype["route_chosen"].shape == (19,) and layout.ledger_dtype["route_vectors"].shape == (19, 10)
     assert layout.ledger_dtype["work_vectors"].shape == (0, 10)  # the reference rule has no working copy
     routing = Layout(EngineConfig(hidden_dim=10, routes=3, lanes=2, rule="routing", max_routes=5))
     assert routing.ledger_dtype["work_vectors"].shape == (5, 10) and routing.ledger_dtype["route_centre"].shape == (10,)
     none = Layout(EngineConfig(hidden_dim=10, lanes=2))
-    assert none.routes_bytes == 0 and none.admin_bytes == 0 and none.ledger_dtype["route_reward"].shape == (0,)
+    assert none.routes_bytes == 0 and none.ledger_dtype["route_reward"].shape == (0,)
+    assert none.admin_bytes == layout.admin_bytes  # every engine has the admin mailbox: pause, resume, rollback
 
 
 @pytest.mark.parametrize(

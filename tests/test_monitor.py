@@ -268,7 +268,8 @@ def test_buffer_drops_are_explained_right_under_the_buffer(engine, name):
     learn(flusher, client, 5)
     table = format_table(stats.read(name))
     assert re.search(r"dropped\s+3\b", table)
-    assert "(buffer: buffer full: not drained; learning unaffected (dropped = learned but not kept for drain))" in table
+    assert "(buffer: nobody drains: it keeps the oldest it was given; learning unaffected (dropped = learned but not kept" in table
+    assert "buffer full" not in table and stats.read(name).buffer.state == "nobody drains"
     client.drain()
     learn(flusher, client, 3)
     table = format_table(stats.read(name))
@@ -334,3 +335,83 @@ def test_the_script_is_the_same_monitor(engine, name):
         done = run_process([*cmd, "--name", name, "--prometheus"], timeout=60)
         outputs.append((done.returncode, done.stdout, done.stderr))
     assert outputs[0] == outputs[1] and outputs[0][0] == EXIT_NOT_RUNNING and "sona_shm_flusher_up" in outputs[0][1]
+
+
+def test_no_buffer_is_not_a_failure_in_the_table_json_and_rich(capsys, engine, name):
+    """capacity 0 (the routing rule's default): no "success rate 0.0000", but "no buffer"."""
+    flusher = engine(capacity=0)
+    client = engine.attach()
+    learn(flusher, client, 3)
+    table = format_table(stats.read(name))
+    assert "0.0000" not in table and re.search(r"success rate\s+no buffer", table) and re.search(r"len\s+no buffer", table)
+    assert "(buffer: no buffer (capacity 0): nothing is kept for drain; learning unaffected)" in table
+    code, out, _ = run(capsys, "stats", "--name", name, "--json")
+    buffer = json.loads(out)["buffer"]
+    assert code == EXIT_OK and buffer["success_rate"] is None and buffer["state"] == "no buffer" and buffer["dropped"] == 3
+    assert "no buffer" in format_table(json.loads(out))  # the dict renders the same
+
+
+def test_the_implementation_is_shown_in_stats_json_and_the_table(capsys, engine, name):
+    from sona_shm.native import IMPLEMENTATION
+
+    engine()
+    code, out, _ = run(capsys, "stats", "--name", name, "--json")
+    assert code == EXIT_OK and json.loads(out)["implementation"] == IMPLEMENTATION
+    assert f"hot paths here: {IMPLEMENTATION}" in format_table(stats.read(name))
+
+
+def rich_text(observation, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(monitor.render_rich(observation))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_rich_lays_out_at_80_and_160_columns_without_wrapping_a_label(engine, name, width):
+    from sona_shm import RouteTable
+
+    routes = RouteTable.build(np.eye(3, H, dtype=np.float32), ["billing-and-invoices", "tech-support", "sales"])
+    flusher = engine(routes=routes, rule="routing", capacity=2)
+    client = engine.attach()
+    for i in range(6):
+        assert client.feedback(np.eye(3, H, dtype=np.float32)[i % 3], best=i % 3)
+    flusher.scan()
+    first = stats.read(name)
+    observation = stats.read(name).since(first)
+    text = rich_text(observation, width)
+    lines = text.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= width
+    view = monitor.build_view(observation)
+    for section in view.sections:
+        for label, value in section.rows:
+            assert any(label in line and value in line for line in lines), (label, value, text)  # on one line, whole
+    for route in routes.names:
+        assert any(line.startswith(route) for line in lines), (route, text)
+    assert "nobody drains" in text and "rates over the last" in text and "needs two reads" not in text
+
+
+def test_rich_draws_no_empty_box_for_no_lanes(engine, name):
+    engine()
+    text = rich_text(stats.read(name), 100)
+    assert "live lanes: none (no producer is attached)" in text and "┏" not in text and "└" not in text
+
+
+@pytest.mark.parametrize("columns", [80, 160])
+def test_the_plain_table_fits_80_and_160_columns(engine, name, columns):
+    """Side by side where two sections fit, one by one where they do not: no line is wider than the terminal (but a
+    note, which may wrap as prose), so no label is split."""
+    from sona_shm import RouteTable
+
+    flusher = engine(routes=RouteTable.build(np.eye(3, H, dtype=np.float32)), rule="routing", capacity=2)
+    client = engine.attach()
+    for i in range(6):
+        assert client.feedback(np.eye(3, H, dtype=np.float32)[i % 3], best=i % 3)
+    flusher.scan()
+    observation = stats.read(name)
+    table = format_table(observation, columns=columns)
+    labelled = [line for line in table.splitlines() if not line.lstrip().startswith(("(", "routing", "reference"))]
+    assert max(map(len, labelled)) <= columns
+    assert ("producers" in table.splitlines()[3]) == (columns == 160)  # side by side only where two fit
+    assert max(map(len, format_table(observation).splitlines()[3:6])) > 80  # (what an 80-column terminal wrapped)

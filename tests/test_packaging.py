@@ -18,7 +18,10 @@ from support import ROOT, run
 def test_version_has_one_source(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
-    assert exc.value.code == EXIT_OK and capsys.readouterr().out == f"sona-shm {sona_shm.__version__}\n"
+    from sona_shm.native import IMPLEMENTATION
+
+    printed = capsys.readouterr().out
+    assert exc.value.code == EXIT_OK and printed == f"sona-shm {sona_shm.__version__} (hot paths in {IMPLEMENTATION})\n"
     assert importlib.metadata.version("sona-shm") == sona_shm.__version__  # the installed metadata comes from it
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and project["dynamic"] == ["version"]

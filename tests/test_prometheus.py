@@ -13,7 +13,7 @@ from prometheus_client.registry import REGISTRY
 
 from sona_shm import Step, Trajectory
 from sona_shm.cli import EXIT_NOT_FOUND, EXIT_NOT_RUNNING, EXIT_OK, main
-from sona_shm.prometheus import ENGINE_METRICS, FLEET_METRICS, LANE_METRICS, ROUTE_METRICS, EngineCollector, exposition
+from sona_shm.prometheus import ENGINE_METRICS, FLEET_METRICS, LANE_METRICS, LEARNING_METRICS, ROUTE_METRICS, EngineCollector, exposition
 from sona_shm.shm import segment
 from sona_shm.stats import read
 
@@ -64,7 +64,8 @@ def test_a_registered_collector_reports_the_engine(busy, name):
     stats = read(name)
     e = {"engine": name}
     assert value(families, "sona_shm_engine_up", **e) == 1
-    assert value(families, "sona_shm_flusher_up", engine=name, pid=str(os.getpid())) == 1
+    assert value(families, "sona_shm_flusher_up", engine=name) == 1
+    assert value(families, "sona_shm_flusher_info", engine=name, pid=str(os.getpid())) == 1
     for key in ("trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied"):
         assert value(families, f"sona_shm_{key}_total", **e) == getattr(stats, key)
     assert value(families, "sona_shm_trajectories_processed_total", **e) == 5
@@ -74,7 +75,8 @@ def test_a_registered_collector_reports_the_engine(busy, name):
     assert value(families, "sona_shm_adapter_up_norm", **e) == pytest.approx(stats.adapter.up_norm) and stats.adapter.up_norm > 0
     assert value(families, "sona_shm_adapter_down_norm", **e) == pytest.approx(stats.adapter.down_norm)
     assert value(families, "sona_shm_lanes_live", **e) == 1 and value(families, "sona_shm_lanes", **e) == SMALL["lanes"]
-    ids = {"engine": name, "lane": str(live.lane), "pid": str(os.getpid())}
+    ids = {"engine": name, "lane": str(live.lane)}
+    assert value(families, "sona_shm_lane_info", **ids, pid=str(os.getpid())) == 1
     assert value(families, "sona_shm_lane_records_total", **ids) == 5 and value(families, "sona_shm_lane_backlog", **ids) == 1
     assert len(families["sona_shm_lane_records"]) == 1  # live lanes only
     assert "sona_shm_adapter_up_change_norm" not in families or not families["sona_shm_adapter_up_change_norm"]  # first scrape
@@ -93,9 +95,16 @@ def test_every_family_is_described_so_a_second_collector_for_the_same_names_is_r
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         registry.register(EngineCollector(name))
     described = {f.name for f in EngineCollector(name).describe()}
-    assert described == {"sona_shm_engine_up", "sona_shm_flusher_up", "sona_shm_engine_rule", "sona_shm_fleet_info"} | {
-        f"sona_shm_{s.name}" for s in ENGINE_METRICS + FLEET_METRICS
-    } | {f"sona_shm_{m[0]}" for m in LANE_METRICS + ROUTE_METRICS}
+    assert described == {
+        "sona_shm_engine_up",
+        "sona_shm_flusher_up",
+        "sona_shm_flusher_info",
+        "sona_shm_lane_info",
+        "sona_shm_engine_rule",
+        "sona_shm_fleet_info",
+    } | {f"sona_shm_{s.name}" for s in ENGINE_METRICS + LEARNING_METRICS + FLEET_METRICS} | {
+        f"sona_shm_{m[0]}" for m in LANE_METRICS + ROUTE_METRICS
+    }
 
 
 def test_one_collector_for_several_engines_and_a_missing_one(engine, name):
@@ -215,3 +224,44 @@ def test_promtool_accepts_the_text(busy, name):
         done = run_process([promtool, "check", "metrics"], input=text, text=False, timeout=60)
         assert done.returncode == 0, (done.stdout + done.stderr).decode()
         assert done.stdout.decode().strip() == "" and done.stderr.decode().strip() == "", (done.stdout + done.stderr).decode()
+
+
+def test_promtool_accepts_a_routing_engine_and_no_series_but_info_has_a_pid(engine, name):
+    """The route series too (a gauge named *_sum made promtool exit 3); a pid only on the _info series, so a restarted
+    flusher or a recycled worker starts no new series; no buffer (capacity 0) gives no success rate, not 0."""
+    from sona_shm import RouteTable
+
+    promtool = _promtool()
+    flusher = engine(routes=RouteTable.build(np.eye(3, H, dtype=np.float32), ["a", "b", "c"]), rule="routing", capacity=0)
+    client = engine.attach()
+    x = np.eye(3, H, dtype=np.float32)
+    assert client.feedback(x[0], route="a", reward=0.5) and client.feedback(x[1], best="b")
+    flusher.scan()
+    earlier = read(name)
+    rated = read(name).since(earlier)
+    for text in (exposition(earlier), exposition(rated)):
+        done = run_process([promtool, "check", "metrics"], input=text, text=False, timeout=60)
+        assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (done.stdout + done.stderr).decode()
+    families = {f.name: f for f in text_string_to_metric_families(exposition(rated).decode())}
+    assert [s.value for s in families["sona_shm_route_reward_summed"].samples if s.labels["route"] == "a"] == [0.5]
+    assert not families["sona_shm_buffer_success_rate"].samples
+    with_pid = {f.name for f in families.values() for s in f.samples if "pid" in s.labels}
+    assert with_pid == {"sona_shm_flusher_info", "sona_shm_lane_info"}
+
+
+def test_a_collector_made_for_each_scrape_still_measures_the_movement(engine, name):
+    """The multiprocess recipe builds a registry and a collector per scrape: the previous scrape is the process's."""
+    flusher = engine(flush_threshold=1)
+    client = engine.attach()
+
+    def fresh_scrape() -> dict:
+        registry = CollectorRegistry()
+        registry.register(EngineCollector(name))
+        return scrape(registry)
+
+    assert not fresh_scrape().get("sona_shm_adapter_up_change_norm")  # the process's first scrape
+    before = read(name).adapter.up.astype(np.float64)
+    client.record(one_step())
+    flusher.scan()
+    moved = float(np.linalg.norm(read(name).adapter.up.astype(np.float64) - before))
+    assert moved > 0 and value(fresh_scrape(), "sona_shm_adapter_up_change_norm", engine=name) == pytest.approx(moved)

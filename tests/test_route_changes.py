@@ -155,9 +155,9 @@ def test_an_unanswered_change_is_not_overwritten_and_a_restarted_flusher_answers
     flusher applies it once; had it committed without answering, the next flusher answers without applying it again."""
     flusher = engine(routes=table(), rule="routing", max_routes=6)
     client = engine.attach()
-    with pytest.raises(FlusherTimeoutError, match="did not answer within 0.2 s; the change stays asked for"):
+    with pytest.raises(FlusherTimeoutError, match="did not answer within 0.2 s; the request stays asked for"):
         client.add_route("write", np.ones(H), timeout=0.2)
-    with pytest.raises(FlusherTimeoutError, match="has a route change its flusher has not answered yet"):
+    with pytest.raises(FlusherTimeoutError, match="has a request its flusher has not answered yet"):
         client.rename_route("code", "c", timeout=0.2)
     flusher.scan()  # applies and answers it
     assert client.routes.names[-1] == "write" and client._ledger.read("routes_used")[0] == 5
@@ -165,15 +165,16 @@ def test_an_unanswered_change_is_not_overwritten_and_a_restarted_flusher_answers
 
     mailbox = Mailbox(client._segment)
     try:
-        assert mailbox.answered == mailbox.request == client._ledger.read("route_request")[0] == 1
+        assert mailbox.answered == mailbox.request == client._ledger.read("admin_request")[0] == 1
         # As if a flusher had committed request 2 and died before answering it: the ledger says it is done.
         mailbox.post("add", -1, "again", np.ones(H))
         route_changes.apply(mailbox.open_request(), flusher.learner, flusher._state[0], flusher.segment)
         flusher._commit()
         assert client._ledger.read("routes_used")[0] == 6 and mailbox.answered == 1
         flusher.scan()
-        assert mailbox.answered == 2 and mailbox.reply() == (True, 5, "")  # answered, not added twice
-        assert client._ledger.read("routes_used", "route_request") == (6, 2)
+        reply = mailbox.reply()
+        assert mailbox.answered == 2 and (reply.done, reply.index, reply.message) == (True, 5, "")  # answered, not added twice
+        assert client._ledger.read("routes_used", "admin_request") == (6, 2)
     finally:
         mailbox.close()
 
@@ -230,3 +231,8 @@ def test_the_command_line_lists_adds_renames_and_retires(name, tmp_path, capsys)
     assert "expected unique names" in capsys.readouterr().err
     assert main(["routes", "add", "--name", name, "x", "--vector", str(tmp_path / "missing.npy")]) == EXIT_USAGE
     assert "--vector: expected a .npy file" in capsys.readouterr().err
+    script = tmp_path / "vector.py"
+    script.write_text("v = [1, 0]\n")
+    assert main(["routes", "add", "--name", name, "x", "--vector", str(script)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--vector: expected a .npy file" in err and "pickle" not in err  # numpy would advise allow_pickle

@@ -122,7 +122,8 @@ def test_healthz_and_metrics(served, name):
     status, headers, payload = call("GET", "/metrics")
     assert status == "200 OK" and headers["Content-Type"] == CONTENT_TYPE and CONTENT_TYPE.startswith("text/plain; version=")
     families = {f.name: f for f in text_string_to_metric_families(payload.decode())}
-    assert families["sona_shm_flusher_up"].samples[0].labels == {"engine": name, "pid": str(os.getpid())}
+    assert families["sona_shm_flusher_up"].samples[0].labels == {"engine": name}  # the pid is on the info series only
+    assert families["sona_shm_flusher_info"].samples[0].labels == {"engine": name, "pid": str(os.getpid())}
     assert families["sona_shm_engine_up"].samples[0].value == 1
 
 

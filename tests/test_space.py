@@ -63,9 +63,12 @@ def test_the_suggested_command_repeats_every_option_that_is_not_a_default():
     assert space.command("x", config, group=True) == (
         "sona-shm flusher --name x --hidden-dim 64 --lr 0.01 --capacity 100 --lane-slots 16 --group"
     )
-    # A routing engine: lr compared with the routing rule's default, the table as the file the caller gave.
-    routing = EngineConfig(rule="routing", routes=8, lane_slots=16, fleet_outbox=1024)
-    assert space.command("r", routing) == "sona-shm flusher --name r --lane-slots 16 --rule routing --fleet-outbox 1024 --routes FILE"
+    # A routing engine: lr and the sizes compared with the routing rule's defaults, the table as the file the caller gave.
+    routing = EngineConfig(rule="routing", routes=8, capacity=10_000, lane_slots=16, fleet_outbox=1024)
+    assert space.command("r", routing) == (
+        "sona-shm flusher --name r --capacity 10000 --lane-slots 16 --rule routing --fleet-outbox 1024 --routes FILE"
+    )
+    assert "--max-steps" not in space.command("r", routing)  # 1: the routing rule's own
     fits = r"fleet outbox 1024 x .*--fleet-outbox\), or give .*--rule routing .*--routes FILE` \(FILE: the route table"
     with pytest.raises(NoSpaceError, match=fits):
         space.check_room(Layout(routing), "r", room_bytes=48 * MiB, limit="")

@@ -45,6 +45,31 @@ TOP_KEYS = {
     "routes",
     "rates",
     "fleet",
+    "learning",
+    "engine_id",
+    "implementation",
+}
+#: stats()["learning"]: pause, moving reward, the reward guard, rollbacks.
+LEARNING_KEYS = {
+    "paused",
+    "paused_by",
+    "paused_at",
+    "pauses",
+    "paused_skipped",
+    "rollbacks",
+    "rolled_back_signals",
+    "last_rollback_at",
+    "rollback_checkpoint_at",
+    "moving_reward",
+    "moving_feedbacks",
+    "moving_window",
+    "guard_drop",
+    "guard_rollback",
+    "guard_level",
+    "guard_level_at",
+    "guard_trips",
+    "checkpoint",
+    "checkpoint_keep",
 }
 CONFIG_KEYS = {
     "hidden_dim",
@@ -63,7 +88,7 @@ CONFIG_KEYS = {
     "max_routes",
     "adapter_lr",
 }
-BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid"}
+BUFFER_KEYS = {"len", "dropped", "success_rate", "capacity", "drained", "drained_at", "consumer_pid", "state"}
 FLUSHER_KEYS = {"pid", "alive", "heartbeat_at", "heartbeat_age_s", "started_at", "idle", "scans"}
 LANE_KEYS = {"lane", "pid", "alive", "records", "learned", "backlog", "drops", "claims", "last_record_at"}
 RATE_KEYS = {
@@ -115,6 +140,7 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     assert set(first) == TOP_KEYS and set(first["config"]) == CONFIG_KEYS and set(first["buffer"]) == BUFFER_KEYS
     assert set(first["flusher"]) == FLUSHER_KEYS and set(first["lanes"][0]) == LANE_KEYS
     assert set(first["adapter"]) == {"up_norm", "down_norm"} and first["rates"] is None and first["fleet"] is None
+    assert set(first["learning"]) == LEARNING_KEYS and len(first["engine_id"]) == 16
     earlier = stats.read(name)
     rated = stats.read(name).since(earlier).as_dict()
     assert set(rated["rates"]) == RATE_KEYS
@@ -122,7 +148,18 @@ def test_the_json_keys_are_the_documented_ones(engine, name):
     # Every key is in the docs' table of them.
     page = (ROOT / "docs" / "reference" / "stats.md").read_text()
     documented = set(re.findall(r"`([a-z_]+)`", page))
-    keys = TOP_KEYS | CONFIG_KEYS | BUFFER_KEYS | FLUSHER_KEYS | LANE_KEYS | RATE_KEYS | ROUTE_KEYS | ROUTE_RATE_KEYS | FLEET_KEYS
+    keys = (
+        TOP_KEYS
+        | CONFIG_KEYS
+        | BUFFER_KEYS
+        | FLUSHER_KEYS
+        | LANE_KEYS
+        | RATE_KEYS
+        | ROUTE_KEYS
+        | ROUTE_RATE_KEYS
+        | FLEET_KEYS
+        | LEARNING_KEYS
+    )
     missing = (keys | {"up_norm", "down_norm"}) - documented
     assert not missing, f"keys missing from the stats table of docs/reference/stats.md: {sorted(missing)}"
 

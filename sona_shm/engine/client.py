@@ -39,7 +39,9 @@ from ..shm.ledger import Ledger, TornRead, read_route_table
 from ..shm.segment import Segment, start_ticks, wait_until
 from ..shm.slots import LaneViews, encode
 from ..stats import EngineStats, collect
+from ..store.history import resolve_back
 from ..trajectory import RouteChoice, Trajectory, TrajectoryBatch, check_vectors
+from . import admin
 from . import routes as route_changes
 from .consumer import DRAIN_TIMEOUT, Consumer, buffer_stats
 
@@ -453,6 +455,29 @@ class Client:
         stay. Its index."""
         return route_changes.change(self._open_segment(), "retire", route=route, timeout=timeout)
 
+    # ----------------------------------------------------------------- pausing and rolling back learning
+
+    def pause(self, *, timeout: float = admin.DEFAULT_TIMEOUT) -> None:
+        """Stop the engine learning: every worker keeps the adapter published now; what producers record meanwhile is
+        taken in, counted and kept for consumers, and never learned (:mod:`sona_shm.engine.admin`). Kept across
+        flusher restarts until :meth:`resume`. Refused on a host of a fleet."""
+        admin.pause(self._open_segment(), timeout=timeout)
+
+    def resume(self, *, timeout: float = admin.DEFAULT_TIMEOUT) -> None:
+        """Learn again, from the next trajectory the flusher takes in (also after the reward guard paused learning)."""
+        admin.resume(self._open_segment(), timeout=timeout)
+
+    def rollback(self, to: Any = None, *, back: int | None = None, timeout: float = admin.DEFAULT_TIMEOUT) -> int:
+        """Replace the engine's learned state by one of its checkpoints — ``to`` (a file) or ``back`` (the K-th newest
+        kept checkpoint, 1: the newest; the default) — through the running flusher while producers keep recording;
+        the number of signals whose learning it discarded. Every worker routes with it from its next call. Refused
+        (:class:`CheckpointError`, nothing changed) for a file of another engine or one that does not fit."""
+        segment = self._open_segment()
+        if to is not None and back is not None:
+            raise InvalidInputError(f"to, back: give one, got to={to!r} and back={back!r}")
+        path = to if to is not None else resolve_back(segment, 1 if back is None else back, "back")
+        return admin.rollback(segment, path, timeout=timeout).discarded
+
     def _no_table(self, what: str) -> InvalidInputError:
         return InvalidInputError(
             f"{what}(): engine {self.name!r} has no route table; create it with `sona-shm flusher --name {self.name} --routes FILE`"
@@ -623,6 +648,11 @@ class Client:
         finally:
             if locked:
                 self._lock.release()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the lane is given back)."""
+        return self._segment is None
 
     def _open_segment(self) -> Segment:
         """The mapped segment; :class:`ClosedError` once the client is closed."""

@@ -34,8 +34,9 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import IO
 
 import numpy as np
 
@@ -43,8 +44,9 @@ from ..checks import check_int, check_timeout
 from ..errors import ClosedError, DrainTimeoutError, InvalidInputError, SonaShmError
 from ..shm import slots
 from ..shm.layout import CONSUMER_WORDS, LOCK_DRAIN
-from ..shm.ledger import Ledger, TornRead
+from ..shm.ledger import Ledger, TornRead, read_route_table
 from ..shm.segment import Segment, wait_until
+from ..store.rows import writer_for
 from ..trajectory import Trajectory, TrajectoryBatch
 
 log = logging.getLogger("sona_shm.consumer")
@@ -123,6 +125,17 @@ class Consumer:
             u64[self._w_tail] = end  # hands [tail, end) over: the flusher may now reuse those slots
             if end > tail:
                 self._f64[self._w_at] = time.time()
+
+    def peek(self, n: int | None = None, *, timeout: float = DRAIN_TIMEOUT) -> TrajectoryBatch:
+        """Copies of up to ``n`` buffered trajectories (all when ``None``), oldest first; they stay in the buffer.
+
+        Takes the drain lock for the copy (``timeout`` as :meth:`draining`): what a consumer drains meanwhile is
+        either all in the copy or not in it.
+        """
+        limit = check_int("n", MAX_N if n is None else n, 0, MAX_N)
+        with self._drain_lock(check_timeout(timeout)):
+            tail = self._u64[self._w_tail]  # stable while we hold the lock; we publish nothing
+            return self._copy(tail, min(self._committed_head(tail), tail + limit))
 
     def buffer_stats(self) -> tuple[int, int, float]:
         """``(len, dropped, success_rate)`` of the buffer, as ``InstantLoop.buffer_stats``."""
@@ -229,13 +242,15 @@ def buffer_stats(segment: Segment, ledger: Ledger) -> tuple[int, int, float]:
 
 
 def drain_to_file(name: str, path: str | os.PathLike[str], *, n: int | None = None, timeout: float = DRAIN_TIMEOUT) -> int:
-    """Move up to ``n`` buffered trajectories (all when ``None``) of engine ``name`` into an ``.npz`` at ``path``.
+    """Move up to ``n`` buffered trajectories (all when ``None``) of engine ``name`` into a file at ``path``.
 
-    The file is written under a hidden temporary name next to ``path``, synced, and
-    linked to ``path`` (never replacing an existing file); only then do the trajectories
-    leave the buffer. Killed at any point, nothing is lost; killed between the link and
-    that last store, the next drain hands the same trajectories out again (their
-    ``traj_id`` tells). Returns how many were written.
+    Its suffix says the format: ``.npz`` (:meth:`TrajectoryBatch.save`, padded arrays), ``.jsonl`` or
+    ``.parquet`` (one unpadded row per trajectory, :mod:`sona_shm.store.rows`). The file is
+    written under a hidden temporary name next to ``path``, synced, and linked to ``path``
+    (never replacing an existing file); only then do the trajectories leave the buffer.
+    Killed at any point, nothing is lost; killed between the link and that last store, the
+    next drain hands the same trajectories out again (their ``traj_id`` tells). Returns how
+    many were written.
     """
     out = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(out)
@@ -245,21 +260,25 @@ def drain_to_file(name: str, path: str | os.PathLike[str], *, n: int | None = No
         raise InvalidInputError(f"out: expected a file in an existing directory, {directory!r} is not a directory")
     if n is not None:
         check_int("n", n, 0, MAX_N)
-    with open_consumer(name) as consumer, consumer.draining(n, timeout=timeout) as batch:
-        try:
-            _write_durably(batch, out, directory)
-        except FileExistsError:
-            raise InvalidInputError(f"out: expected a new file, {out!r} appeared while draining; nothing was drained") from None
-        return len(batch)
+    writer = writer_for(out)
+    with open_consumer(name) as consumer:
+        table = read_route_table(consumer._open_segment())
+        names = table.names if table is not None else ()
+        with consumer.draining(n, timeout=timeout) as batch:
+            try:
+                _write_durably(lambda f: writer(batch, f, names), out, directory)
+            except FileExistsError:
+                raise InvalidInputError(f"out: expected a new file, {out!r} appeared while draining; nothing was drained") from None
+            return len(batch)
 
 
-def _write_durably(batch: TrajectoryBatch, out: str, directory: str) -> None:
-    """Write ``batch`` to ``out`` atomically and durably: a hidden temporary file, fsync, link, fsync of the directory."""
+def _write_durably(write: Callable[[IO[bytes]], None], out: str, directory: str) -> None:
+    """Write a file to ``out`` atomically and durably: a hidden temporary file, fsync, link, fsync of the directory."""
     # Hidden, so a job that globs *.npz never picks up a half-written file.
     fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            batch.save(f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.link(temp, out)  # atomic, and unlike rename it refuses to replace a file

@@ -33,18 +33,22 @@ from typing import Any
 import numpy as np
 import posix_ipc
 
-from ..checks import check_timeout
+from ..checks import check_int, check_timeout
 from ..config import EngineConfig
-from ..errors import CheckpointError, ClosedError, InvalidInputError
+from ..errors import CheckpointError, ClosedError, FleetError, InvalidInputError
 from ..learn.routes import RouteTable
+from ..native import IMPLEMENTATION
 from ..native import speedups as _speedups
+from ..shm import segment as segment_module
 from ..shm import slots
-from ..shm.admin import Mailbox
-from ..shm.layout import CONSUMER_WORDS, FLUSHER_WORDS
+from ..shm.admin import ROUTE_OPERATIONS, Mailbox, Settings, write_settings
+from ..shm.layout import ADMIN_PATH_BYTES, CONSUMER_WORDS, FLUSHER_WORDS, PAUSED_BY_GUARD
 from ..shm.ledger import Ledger, learner_over, route_table_of, store_learner
 from ..shm.segment import DEFAULT_MODE, Segment, start_ticks
-from ..store.checkpoint import Checkpoint, write_checkpoint
-from . import routes as route_changes
+from ..store import history
+from ..store.checkpoint import Checkpoint, read_checkpoint
+from . import admin
+from .guard import DEFAULT_WINDOW, GuardOptions, MovingReward
 from .modes import SOLO, ModeContext, ModeFactory
 from .provision import EngineSpec, open_engine
 
@@ -79,6 +83,16 @@ class Flusher:
     ``fleet``: what makes this flusher one host of a fleet —
     :class:`~sona_shm.fleet.member.FleetOptions` (any :class:`~sona_shm.engine.modes.ModeFactory`);
     None: the engine learns alone (:data:`~sona_shm.engine.modes.SOLO`).
+
+    ``checkpoint_keep``: keep the last K checkpoints, timestamped, beside ``checkpoint``
+    (:mod:`sona_shm.store.history`; 0: the file alone). ``guard``: the reward guard
+    (:mod:`sona_shm.engine.guard`; it needs a route table, ``checkpoint`` and
+    ``checkpoint_keep``, and no fleet). ``moving_window``: the feedbacks of the moving
+    reward without a guard (the guard's window otherwise).
+
+    Learning can be paused, resumed and rolled back while it runs, through the admin
+    mailbox (:mod:`sona_shm.engine.admin`); a paused engine takes what producers commit,
+    counts it and keeps it for consumers, and learns none of it.
     """
 
     def __init__(
@@ -93,6 +107,9 @@ class Flusher:
         checkpoint: str | None = None,
         checkpoint_interval: float = 0.0,
         fleet: ModeFactory | None = None,
+        checkpoint_keep: int = 0,
+        guard: GuardOptions | None = None,
+        moving_window: int = DEFAULT_WINDOW,
     ) -> None:
         self.name = name
         self.segment: Segment | None = None
@@ -100,17 +117,29 @@ class Flusher:
         self.stop_requested = False
         self.flush_interval = check_timeout(flush_interval, "flush_interval")  # NaN would never flush, inf neither
         self.checkpoint_interval = check_timeout(checkpoint_interval, "checkpoint_interval")
+        self.checkpoint_keep = check_int("checkpoint_keep", checkpoint_keep, 0, history.MAX_KEEP)
         factory = fleet if fleet is not None else SOLO
+        _check_safety_options(checkpoint, self.checkpoint_keep, guard, factory is not SOLO)
+        self.guard = guard
+        self.moving_window = guard.window if guard is not None else check_int("moving_window", moving_window, 1, 10_000_000)
         spec = EngineSpec.resolve(
             name, config=config, config_overrides=config_overrides, routes=routes, checkpoint=checkpoint, outbox=factory is not SOLO
         )
-        self.checkpoint_path = spec.checkpoint_path
+        self.checkpoint_path = os.path.abspath(spec.checkpoint_path) if spec.checkpoint_path else None
         opened = open_engine(spec, mode)
         self.segment, self.created, self.restored = opened.segment, opened.created, opened.restored
         try:
+            if guard is not None and not self.segment.layout.max_routes:
+                raise InvalidInputError(
+                    f"--guard-reward: engine {name!r} has no route table, so no feedback names the route taken and there is no "
+                    "reward to guard; create it with --routes FILE"
+                )
             self._setup(factory)
         except BaseException:
+            created = self.created
             self.close()
+            if created:
+                segment_module.unlink(name)  # made for nothing: this flusher refused to run it
             raise
 
     def _mapped(self) -> Segment:
@@ -140,7 +169,17 @@ class Flusher:
         self.routes = route_table_of(seg, st)
         self.learner = learner_over(self._state, layout.config, weights=factory.learner_publishes)
         self._learner_publishes = factory.learner_publishes
-        self._mailbox = Mailbox(seg) if layout.max_routes else None
+        self._mailbox = Mailbox(seg)
+        self.paused = int(st["paused"])
+        if self.paused and factory is not SOLO:
+            raise FleetError(
+                f"engine {self.name!r} is paused, and a host of a fleet cannot be (it would still apply the other hosts' "
+                f"windows): resume it first (`sona-shm resume --name {self.name}`, no flusher running), then start it with --fleet"
+            )
+        self.moving = MovingReward(self.moving_window)
+        self.moving.reset(*self._feedback_totals())
+        self._batch = self.guard.batch if self.guard is not None else layout.lane_slots
+        self._checkpoint_due = False  # write one after the next commit (learning paused, resumed, rolled back)
         self._tails = st["lane_tail"]
         self._committed_generation = int(st["generation"])
         self.buffer_head = int(st["buffer_head"])
@@ -159,7 +198,36 @@ class Flusher:
         f64[fl.started_at] = time.time()
         u64[fl.idle] = 0
         f64[fl.heartbeat] = time.time()
-        log.info("%s segment %r (pid %d): %s", "created" if self.created else "adopted", self.name, pid, layout.describe_size())
+        log.info(
+            "%s segment %r (pid %d): %s; %s; hot paths in %s",
+            "created" if self.created else "adopted",
+            self.name,
+            pid,
+            layout.config.describe(),
+            layout.describe_size(),
+            IMPLEMENTATION,
+        )
+        guard = self.guard
+        write_settings(
+            seg,
+            Settings(
+                self.checkpoint_path or "",
+                self.checkpoint_keep,
+                self.checkpoint_interval,
+                guard.drop if guard else 0.0,
+                self.moving_window,
+                bool(guard and guard.rollback),
+                pid,
+            ),
+        )
+        if self.paused:
+            log.warning(
+                "learning is paused (%s, since %s): what producers commit is counted and kept, not learned; "
+                "`sona-shm resume --name %s` learns again",
+                "by the reward guard" if self.paused == PAUSED_BY_GUARD else "by a request",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(st["paused_at"]))),
+                self.name,
+            )
         self._checkpointed_commit: int | None = None
         self._next_checkpoint = math.inf
         if self.checkpoint_path:
@@ -227,8 +295,8 @@ class Flusher:
         if requests:
             mode.take_requests(requests)
         mailbox = self._mailbox
-        if mailbox is not None and mailbox.request > mailbox.answered:
-            self._change_routes(mailbox)
+        if mailbox.request > mailbox.answered:
+            self._admin(mailbox)
         changed = mode.pump()
         learned = 0
         moved = False  # tails advance also past slots that fail their check: that must be committed too
@@ -244,40 +312,139 @@ class Flusher:
                 learned += got
                 moved |= consumed
         flushed = False
-        due = self.flush_interval > 0 and self.learner.pending and time.monotonic() - self._last_flush_mono >= self.flush_interval
+        due = (
+            self.flush_interval > 0
+            and self.learner.pending
+            and not self.paused
+            and time.monotonic() - self._last_flush_mono >= self.flush_interval
+        )
         if mode.flush_due() or due:
             flushed = self._flush()
         if moved or flushed or changed:
             self._commit()
         for lane, request in mode.answered():
             u64[self._ack_words[lane]] = request  # after the commit: the requester now sees what it asked for
+        if self._checkpoint_due:
+            self._transition_checkpoint()
         u64[FLUSHER_WORDS.scans] += 1
         self._f64[FLUSHER_WORDS.heartbeat] = time.time()
         return learned
 
-    def _change_routes(self, mailbox: Mailbox) -> None:
-        """Apply the open route-change request (:mod:`sona_shm.engine.routes`): commit, then answer it."""
+    def _admin(self, mailbox: Mailbox) -> None:
+        """Apply the open admin request (:mod:`sona_shm.engine.admin`): commit, then answer it."""
         request = mailbox.open_request()
         assert request is not None
-        if not self._learner_publishes:  # a fleet host: its table is the fleet's
-            mailbox.answer(request.id, False, 0, route_changes.FLEET_REFUSAL.format(name=self.name))
+        if not self._learner_publishes:  # a fleet host: its table and its state are the fleet's
+            mailbox.answer(request.id, False, message=admin.fleet_refusal(request.op, self.name))
+            return
+        st = self._state[0]
+        was_paused, processed = self.paused, self.learner.trajectories_processed
+        try:
+            applied = admin.apply(request, self.learner, st, self._mapped())
+        except (InvalidInputError, CheckpointError) as exc:
+            mailbox.answer(request.id, False, message=str(exc))
+            log.warning("admin request %d (%s) refused: %s", request.id, request.op, exc)
+            return
+        if applied.table is not None:
+            self.routes = applied.table
+        self.paused = int(st["paused"])
+        if request.op in ("resume", "rollback"):
+            self.moving.reset(*self._feedback_totals())  # another policy from here on: measure it afresh
+        self._commit()
+        mailbox.answer(request.id, True, applied.index, "", int(st["generation"]), applied.discarded)
+        if request.op in ROUTE_OPERATIONS:
+            log.info(
+                "route %d %r: %s (request %d) after %d trajectories",
+                applied.index,
+                self.routes.names[applied.index] if self.routes is not None else "?",
+                {"add": "added", "rename": "renamed", "retire": "retired"}[request.op],
+                request.id,
+                processed,
+            )
+            return
+        if request.op == "pause":
+            log.warning(
+                "learning paused (request %d) after %d trajectories%s", request.id, processed, " (it was already)" if was_paused else ""
+            )
+        elif request.op == "resume":
+            log.warning(
+                "learning resumed (request %d) after %d trajectories; %d taken in while paused (ever) were not learned",
+                request.id,
+                processed,
+                int(st["paused_skipped"]),
+            )
+        elif applied.checkpoint is not None:
+            self._log_rollback(f"request {request.id}", request.path, applied.checkpoint, applied.discarded, processed)
+        self._checkpoint_due = True
+
+    def _log_rollback(self, why: str, path: str, checkpoint: Checkpoint, discarded: int, processed: int) -> None:
+        log.warning(
+            "rolled back to checkpoint %s (written at %s, generation %d) (%s) after %d trajectories: discarded the learning of "
+            "%d signals; weights generation %d",
+            path,
+            history.stamp(checkpoint.written_at) if checkpoint.written_at else "?",
+            checkpoint.generation,
+            why,
+            processed,
+            discarded,
+            self.learner.generation,
+        )
+
+    def _feedback_totals(self) -> tuple[int, float]:
+        """Feedbacks naming the route taken, ever, and their summed reward (the moving reward's running totals)."""
+        used = self.learner.routes_used
+        if not used:
+            return 0, 0.0
+        return int(self.learner.route_chosen[:used].sum()), float(self.learner.route_reward[:used].sum())
+
+    def _watch(self) -> None:
+        """After a batch: update the moving reward; the guard pauses learning if it fell more than DROP below its level."""
+        self.moving.observe(*self._feedback_totals())
+        guard = self.guard
+        if guard is None or self.paused:
+            return
+        st = self._state[0]
+        level = float(st["guard_level"]) if st["guard_checkpoint_at"] > 0 else None
+        if guard.tripped(self.moving.mean, level):
+            self._trip(float(self.moving.mean or 0.0), float(level or 0.0))
+
+    def _trip(self, moving: float, level: float) -> None:
+        """The reward guard pauses learning (and, with ``--guard-rollback``, rolls back to the last good checkpoint)."""
+        guard = self.guard
+        assert guard is not None and self.checkpoint_path
+        st = self._state[0]
+        now = time.time()
+        admin.set_paused(st, PAUSED_BY_GUARD, now)
+        st["guard_trips"] += 1
+        self.paused = PAUSED_BY_GUARD
+        self._checkpoint_due = True
+        good_at = float(st["guard_checkpoint_at"])
+        processed = self.learner.trajectories_processed
+        log.error(
+            "reward guard: the moving reward of the last %d feedbacks is %.4f, more than %g below %.4f at the last good "
+            "checkpoint (written at %s); learning paused after %d trajectories (`sona-shm resume --name %s` learns again)",
+            self.moving.feedbacks,
+            moving,
+            guard.drop,
+            level,
+            history.stamp(good_at),
+            processed,
+            self.name,
+        )
+        if not guard.rollback:
+            return
+        path = history.find(self.checkpoint_path, good_at)
+        if path is None:
+            log.error("reward guard: the last good checkpoint (written at %s) is no longer there; not rolled back", history.stamp(good_at))
             return
         try:
-            index, self.routes = route_changes.apply(request, self.learner, self._state[0], self._mapped())
-        except InvalidInputError as exc:
-            mailbox.answer(request.id, False, 0, str(exc))
-            log.warning("route change %d (%s) refused: %s", request.id, request.op, exc)
+            checkpoint = admin.checked_rollback(read_checkpoint(path), st, self._mapped(), path)
+            discarded = admin.roll_back(checkpoint, self.learner, st, self._mapped(), now)
+        except CheckpointError as exc:
+            log.error("reward guard: cannot roll back (%s); learning stays paused", exc)
             return
-        self._commit()
-        mailbox.answer(request.id, True, index, "")
-        log.info(
-            "route %d %r: %s (request %d) after %d trajectories",
-            index,
-            self.routes.names[index],
-            {"add": "added", "rename": "renamed", "retire": "retired"}[request.op],
-            request.id,
-            self.learner.trajectories_processed,
-        )
+        self.moving.reset(*self._feedback_totals())
+        self._log_rollback("the reward guard", path, checkpoint, discarded, processed)
 
     def _corrupt_head(self, lane: int, head: int, tail: int) -> None:
         """A lane head outside ``[tail, tail + lane_slots]``: not a stall, memory written outside sona_shm.
@@ -308,15 +475,34 @@ class Flusher:
         start = tail
         while start < head:
             first = start % n_slots
-            count = min(head - start, n_slots - first)
-            run = self._learn_run_c if _speedups is not None else self._learn_run_numpy
-            got, consumed = run(lane, first, count, start)
+            count = min(head - start, n_slots - first, self._batch)  # the guard looks at the reward between batches
+            if self.paused:
+                got, consumed = self._skip_run(lane, first, count, start)
+            else:
+                run = self._learn_run_c if _speedups is not None else self._learn_run_numpy
+                got, consumed = run(lane, first, count, start)
             learned += got
             start += consumed
+            self._watch()
             if consumed < count:
                 break  # the mode lets no new window open: the rest waits in the lane
         self._tails[lane] = start
         return learned, start > tail
+
+    def _skip_run(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
+        """Learning is paused: take ``count`` slots of ``lane`` from ring slot ``first`` (lane index ``index``) without
+        learning them — checked (corrupt ones counted), counted as processed, as skipped and per route, and kept in the
+        buffer for consumers. The number taken in (not learned), and the slots consumed (all)."""
+        layout, learner = self.layout, self.learner
+        rec = self._slots[lane, first : first + count]
+        ok = slots.check(rec, index + 1, layout, learner.routes_used)
+        good = rec[ok]
+        learner.count_routes(good["route_index"].astype(np.int64) - 1, good["best_index"].astype(np.int64) - 1, good["quality"])
+        width = int(rec["n_steps"][ok].max()) if ok.any() else 0
+        taken = self._account_slots(lane, lane * layout.lane_slots + first, ok, width, index)
+        learner.trajectories_processed += taken
+        self._state[0]["paused_skipped"] += taken
+        return taken, count
 
     def _learn_run_c(self, lane: int, first: int, count: int, index: int) -> tuple[int, int]:
         """Learn ``count`` contiguous slots of ``lane`` from ring slot ``first`` (lane index ``index``) with the C
@@ -399,9 +585,10 @@ class Flusher:
         self.buffer_dropped += count - take
 
     def _flush(self) -> bool:
-        """A flush point: close the open window (if any, and if the mode lets it) and hand it to the mode."""
+        """A flush point: close the open window (if any, and if the mode lets it) and hand it to the mode. A paused
+        engine publishes nothing: its open window stays open until learning resumes."""
         self._last_flush_mono = time.monotonic()
-        if not self.learner.pending or not self.mode.may_learn(True):
+        if not self.learner.pending or self.paused or not self.mode.may_learn(True):
             return False
         self.mode.on_window(self.learner.close_window())
         return True
@@ -418,6 +605,9 @@ class Flusher:
         st["buffer_dropped"] = self.buffer_dropped
         st["corrupt"] = self.corrupt
         st["last_flush_at"] = self.last_flush_at
+        mean = self.moving.partial
+        st["moving_reward"] = 0.0 if mean is None else mean
+        st["moving_feedbacks"] = self.moving.feedbacks
         self.ledger.publish(self._state, self.mode.commit_points())
 
     def _has_work(self) -> bool:
@@ -445,7 +635,7 @@ class Flusher:
             if self._has_work():  # published before they could see idle = 1
                 return
             timeout = WAKE_TIMEOUT
-            if self.flush_interval > 0 and self.learner.pending:
+            if self.flush_interval > 0 and self.learner.pending and not self.paused:
                 due = self._last_flush_mono + self.flush_interval - time.monotonic()
                 timeout = max(0.0, min(timeout, due))
             try:
@@ -464,25 +654,59 @@ class Flusher:
     # ----------------------------------------------------------------- checkpoints
 
     def write_checkpoint(self) -> bool:
-        """Write the committed state to :attr:`checkpoint_path`; False if unchanged since the last write."""
+        """Write the committed state to :attr:`checkpoint_path` (into its history with ``checkpoint_keep``); False if
+        unchanged since the last write.
+
+        A checkpoint written while learning, with the moving reward known and not below the guard's threshold, is
+        *good*: with a guard, the moving reward then becomes its level (committed with the time of the file).
+        """
         if not self.checkpoint_path:
             raise InvalidInputError("checkpoint: this flusher was started without a checkpoint path")
         record = self.ledger.snapshot()
         commit = self.ledger.commit  # we are the only writer, so this is the commit of the snapshot
         if commit == self._checkpointed_commit:
             return False
-        write_checkpoint(self.checkpoint_path, Checkpoint.from_record(record[0], self.layout.config, self.routes), self._mapped().mode)
+        st = record[0]
+        known = int(st["moving_feedbacks"]) >= self.moving_window
+        moving = float(st["moving_reward"]) if known else None
+        checkpoint = Checkpoint.from_record(st, self.layout.config, self.routes, moving_reward=moving)
+        good_at = float(st["guard_checkpoint_at"])
+        protect = history.find(self.checkpoint_path, good_at) if good_at > 0 else None
+        written = history.write(self.checkpoint_path, checkpoint, self._mapped().mode, self.checkpoint_keep, protect)
         self._checkpointed_commit = commit
+        guard = self.guard
+        level = float(st["guard_level"]) if good_at > 0 else None
+        if guard is not None and not st["paused"] and moving is not None and not guard.tripped(moving, level):
+            ours = self._state[0]
+            ours["guard_level"] = moving
+            ours["guard_checkpoint_at"] = checkpoint.written_at
+            self._commit()
+            self._checkpointed_commit = self.ledger.commit  # the file holds everything but the guard's note of it
+            log.info("checkpoint written to %s: good, moving reward %.4f (the guard's level now)", written, moving)
+        else:
+            log.info("checkpoint written to %s", written)
         return True
 
     def _periodic_checkpoint(self) -> None:
         self._next_checkpoint = time.monotonic() + self.checkpoint_interval
+        if self.paused:
+            return  # nothing is learned: the state a checkpoint would keep was kept when learning paused
         try:
-            if self.write_checkpoint():
-                log.info("checkpoint written to %s", self.checkpoint_path)
+            self.write_checkpoint()
         except CheckpointError as exc:
             # A full disk must not stop the learning: say so and try again next interval.
             log.error("%s; learning goes on, next attempt in %g s", exc, self.checkpoint_interval)
+
+    def _transition_checkpoint(self) -> None:
+        """Learning paused, resumed or rolled back: the checkpoint file says so at once (a new engine made from it
+        after a reboot is paused, or rolled back, too)."""
+        self._checkpoint_due = False
+        if not self.checkpoint_path:
+            return
+        try:
+            self.write_checkpoint()
+        except CheckpointError as exc:
+            log.error("%s; the next checkpoint is written at the next interval", exc)
 
     def flush_now(self) -> None:
         """Learn everything committed, close the open window and publish (used at shutdown); then let the
@@ -509,8 +733,8 @@ class Flusher:
                 break
         self.flush_now()
         try:
-            if self.checkpoint_path and self.write_checkpoint():
-                log.info("checkpoint written to %s", self.checkpoint_path)
+            if self.checkpoint_path:
+                self.write_checkpoint()
         finally:
             log.info(
                 "stopped segment %r: %d trajectories processed, %d flushes",
@@ -539,3 +763,22 @@ class Flusher:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
+
+
+def _check_safety_options(checkpoint: str | None, keep: int, guard: GuardOptions | None, fleet: bool) -> None:
+    """Refuse options that do not go together, before anything is created."""
+    if checkpoint is not None and len(os.path.abspath(checkpoint).encode("utf-8", "surrogateescape")) >= ADMIN_PATH_BYTES:
+        raise InvalidInputError(f"--checkpoint: expected a path of fewer than {ADMIN_PATH_BYTES} bytes, got {checkpoint!r}")
+    if keep and checkpoint is None:
+        raise InvalidInputError(f"--checkpoint-keep: needs --checkpoint PATH (the kept files go beside it), got {keep}")
+    if guard is None:
+        return
+    if fleet:
+        raise InvalidInputError(
+            "--guard-reward: not with --fleet; every host must apply the same windows, so one host cannot pause or roll back"
+        )
+    if checkpoint is None or not keep:
+        raise InvalidInputError(
+            "--guard-reward: needs --checkpoint PATH and --checkpoint-keep K (the guard compares the moving reward with its "
+            "level at the last good checkpoint, and the history keeps that checkpoint)"
+        )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -334,6 +335,7 @@ def _initialise(segment: Segment, mode: int, routes: RouteTable | None, checkpoi
     fresh = Learner.for_engine(layout.config, None if routes is None else routes.unit)
     for name in STATE_ARRAYS:
         st[name] = getattr(fresh, name)
+    st["engine_id"] = secrets.randbits(64) or 1  # this engine, in its checkpoints (a rollback takes only its own)
     if routes is not None:
         k = len(routes)
         given_vectors(segment.numpy_buffer(), layout)[:k] = routes.vectors

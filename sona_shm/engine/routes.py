@@ -2,10 +2,9 @@
 
 :func:`change` is what ``sona-shm routes add|rename|retire`` and ``Client.add_route`` /
 ``rename_route`` / ``retire_route`` call. It checks the change against the engine's
-committed table (bad input is refused before anything is written), posts it into the
-segment's route-change mailbox (:mod:`sona_shm.shm.admin`), rings the doorbell and waits
-for the flusher's answer. With no flusher running it applies the change itself, holding the
-flusher lock for the duration, with one ledger commit — as ``sona-shm restore`` does.
+committed table (bad input is refused before anything is written) and asks for it through
+the admin mailbox (:func:`sona_shm.engine.admin.ask`: the flusher applies it, or the caller
+when no flusher runs, holding the flusher lock, with one ledger commit).
 
 :func:`apply` is what the flusher (and that path) does with a request: the route table in
 its learner and ledger record change, the caller commits. Adding a route writes its vector
@@ -17,26 +16,21 @@ at its next ``route()``.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import numpy as np
 
-from ..checks import check_timeout
-from ..errors import FlusherTimeoutError, InvalidInputError
+from ..errors import InvalidInputError
 from ..learn.learner import Learner
 from ..learn.routes import RouteTable
-from ..shm.admin import OPERATIONS, Mailbox, Request
-from ..shm.layout import LOCK_ADMIN, LOCK_FLUSHER, given_vectors
-from ..shm.ledger import Ledger, learner_over, route_table_of, store_learner
-from ..shm.segment import Segment, wait_until
+from ..shm.admin import ROUTE_OPERATIONS, Request
+from ..shm.layout import given_vectors
+from ..shm.ledger import route_table_of
+from ..shm.segment import Segment
 from ..trajectory import ROUTE_MAX_BYTES
 
-#: Seconds a change waits for the flusher's answer (and for another change to finish) unless told otherwise.
+#: Seconds a change waits for the flusher's answer (and for another request to finish) unless told otherwise.
 DEFAULT_TIMEOUT = 10.0
-#: The admin lock is per open file description: threads of one process take turns here first.
-_local = threading.Lock()
 
 
 def change(segment: Segment, op: str, *, route: Any = None, name: Any = None, vector: Any = None, timeout: float = DEFAULT_TIMEOUT) -> int:
@@ -49,63 +43,21 @@ def change(segment: Segment, op: str, *, route: Any = None, name: Any = None, ve
     engine that is a host of a fleet; :class:`FlusherTimeoutError` if the flusher does not answer
     within ``timeout`` (the change stays asked for: the flusher applies it when it gets to it).
     """
-    if op not in OPERATIONS:
-        raise InvalidInputError(f"op: expected one of {sorted(OPERATIONS)}, got {op!r}")
-    timeout = check_timeout(timeout, "timeout")
+    from . import admin  # the admin mailbox's requester (it applies route changes with apply() below)
+
+    if op not in ROUTE_OPERATIONS:
+        raise InvalidInputError(f"op: expected one of {sorted(ROUTE_OPERATIONS)}, got {op!r}")
     layout = segment.layout
     if not layout.max_routes:
         raise InvalidInputError(f"routes: engine {segment.name!r} has no route table; create it with --routes FILE")
-    deadline = time.monotonic() + timeout
-    if not _local.acquire(timeout=timeout):
-        raise FlusherTimeoutError(f"routes {op}: another route change in this process did not finish within {timeout:g} s")
-    try:
-        if not wait_until(lambda: segment.try_lock(LOCK_ADMIN), timeout):
-            raise FlusherTimeoutError(f"routes {op}: another route change of engine {segment.name!r} did not finish within {timeout:g} s")
-        mailbox = Mailbox(segment)
-        try:
-            if mailbox.request != mailbox.answered:
-                raise FlusherTimeoutError(
-                    f"routes {op}: engine {segment.name!r} has a route change its flusher has not answered yet (request "
-                    f"{mailbox.request}); start the flusher, or wait for it, and try again"
-                )
-            ledger = Ledger(segment)
-            try:
-                record = ledger.snapshot()[0]
-                if record["fleet_epoch"]:
-                    raise InvalidInputError(FLEET_REFUSAL.format(name=segment.name))
-                table = route_table_of(segment, record)
-                assert table is not None
-                index, checked_name, checked_vector = _check(table, op, route, name, vector, layout.max_routes)
-                request = mailbox.post(op, index, checked_name, checked_vector)
-                if segment.try_lock(LOCK_FLUSHER):  # no flusher runs: apply it here
-                    try:
-                        return _apply_offline(segment, ledger, mailbox)
-                    finally:
-                        segment.unlock(LOCK_FLUSHER)
-            finally:
-                ledger.close()
-            segment.ring()
-            remaining = max(0.0, deadline - time.monotonic())
-            if not wait_until(lambda: mailbox.answered >= request, remaining, max_delay=0.01):
-                raise FlusherTimeoutError(
-                    f"routes {op}: the flusher of engine {segment.name!r} did not answer within {timeout:g} s; "
-                    "the change stays asked for and is applied when it gets to it"
-                )
-            done, index, message = mailbox.reply()
-            if not done:
-                raise InvalidInputError(message)
-            return index
-        finally:
-            mailbox.close()
-            segment.unlock(LOCK_ADMIN)
-    finally:
-        _local.release()
 
+    def check(record: np.void) -> admin.Posted:
+        table = route_table_of(segment, record)
+        assert table is not None
+        index, checked_name, checked_vector = _check(table, op, route, name, vector, layout.max_routes)
+        return admin.Posted(index, checked_name, checked_vector)
 
-FLEET_REFUSAL = (
-    "routes: engine {name!r} is a host of a fleet, and every host learns the same route table; "
-    "route changes in a fleet are not supported yet: make the fleet again with the new table"
-)
+    return admin.ask(segment, op, check, timeout=timeout).index
 
 
 def _check(table: RouteTable, op: str, route: Any, name: Any, vector: Any, max_routes: int) -> tuple[int, str, np.ndarray | None]:
@@ -130,12 +82,12 @@ def apply(request: Request, learner: Learner, record: np.void, segment: Segment)
     """Apply ``request`` to ``learner`` and its ledger ``record`` (not committed): the route's index and the new table.
 
     Raises :class:`InvalidInputError` (nothing changed) for a request the committed table refuses. With
-    ``record["route_request"] >= request.id`` it was applied already (by a flusher killed before it answered):
+    ``record["admin_request"] >= request.id`` it was applied already (by a flusher killed before it answered):
     nothing changes and the route's index is returned.
     """
     table = route_table_of(segment, record)
     assert table is not None
-    if int(record["route_request"]) >= request.id:
+    if int(record["admin_request"]) >= request.id:
         return (table.names.index(request.name) if request.op == "add" else request.route), table
     layout = segment.layout
     if request.op == "add":
@@ -158,22 +110,5 @@ def apply(request: Request, learner: Learner, record: np.void, segment: Segment)
     else:
         raise InvalidInputError(f"routes: unknown operation in the mailbox (code {request.op!r}); the segment was written outside sona_shm")
     record["routes_version"] += 1
-    record["route_request"] = request.id
+    record["admin_request"] = request.id
     return index, new
-
-
-def _apply_offline(segment: Segment, ledger: Ledger, mailbox: Mailbox) -> int:
-    """Apply the open request with no flusher running (the caller holds the flusher lock): one commit, then the answer."""
-    request = mailbox.open_request()
-    assert request is not None
-    state = ledger.snapshot()
-    learner = learner_over(state, segment.layout.config, weights=True)
-    try:
-        index, _ = apply(request, learner, state[0], segment)
-    except InvalidInputError as exc:
-        mailbox.answer(request.id, False, 0, str(exc))
-        raise
-    store_learner(state, learner, weights=True)
-    ledger.publish(state)
-    mailbox.answer(request.id, True, index, "")
-    return index

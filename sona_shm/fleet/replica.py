@@ -515,6 +515,8 @@ class Replica:
                 "corrupt": 0,
             },
             last_flush_at=float(st["fleet_applied_at"]),
+            engine_id=0,  # the fleet's state, no one engine's
+            paused=0,
         )
         return Snapshot(
             epoch=self.epoch,

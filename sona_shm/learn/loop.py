@@ -34,7 +34,7 @@ class InstantLoop:
     :mod:`sona_shm.learn.routing`). ``routes``: ``float32[K, hidden_dim]`` route vectors with
     ``route_names`` (default ``route0…``); the routing rule needs them, and
     :meth:`route`/:meth:`feedback` use them under either rule. ``lr`` defaults by rule
-    (0.002 reference, 1.0 routing); ``temperature`` is the routing rule's.
+    (0.002 reference, 0.03 routing: :data:`~sona_shm.config.DEFAULT_LR`); ``temperature`` is the routing rule's.
     """
 
     def __init__(

@@ -123,8 +123,9 @@ class RouteTable:
             raise InvalidInputError(f"{where}: expected embeddings of one width, got widths {sorted(widths)}")
         return cls.build(np.array(means), names, where=where)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the table as an ``.npz`` (``vectors``, ``names``) that ``--routes`` and :func:`load_routes` read."""
+    def save(self, path: Any) -> None:
+        """Write the table as an ``.npz`` (``vectors``, ``names``) that ``--routes`` and :func:`load_routes` read
+        (``path``: a file name, to which numpy adds ``.npz`` if it lacks it, or a binary file open for writing)."""
         np.savez(path, vectors=self.vectors, names=np.array(self.names))
 
     def __len__(self) -> int:
@@ -283,17 +284,38 @@ def _check_names(names: Any, k: int, label: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+#: How a routes file begins: numpy's .npy magic, or a zip archive's local header (an .npz).
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+_MAKE_ONE = "write one with `sona-shm routes build --in EXAMPLES.jsonl --out routes.npz` or sona_shm.RouteTable(...).save()"
+
+
+def numpy_file_kind(path: str | os.PathLike[str], where: str) -> str | None:
+    """``"npy"`` or ``"npz"`` by the file's first bytes, None for any other file (numpy would take it for a
+    pickle, and its error advises ``allow_pickle``); raise naming ``where`` if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise InvalidInputError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    return "npy" if head == _NPY_MAGIC else "npz" if head.startswith(_ZIP_MAGIC) else None
+
+
 def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
     """Read a route table from ``.npy`` (``K x h``; names ``route0…``) or ``.npz`` (``vectors``, optional ``names``)."""
     where = f"routes file {path}"
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise InvalidInputError(f"routes: expected an existing .npy or .npz file, got {path!r}")
+    if numpy_file_kind(path, where) is None:
+        # Checked before numpy sees it: numpy takes any other file for a pickle and advises allow_pickle.
+        hint = " (example embeddings as JSON lines: build the table from them)" if str(path).endswith((".jsonl", ".json")) else ""
+        raise InvalidInputError(
+            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got a file that is neither{hint}; {_MAKE_ONE}"
+        )
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InvalidInputError(
-            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got one numpy cannot read ({exc}); "
-            f"write it with sona_shm.RouteTable(...).save() or numpy.savez"
+            f"{where}: expected a .npy (K x h array) or .npz (vectors, names) file, got one numpy cannot read ({exc}); {_MAKE_ONE}"
         ) from None
     if isinstance(data, np.ndarray):
         return RouteTable.build(data, None, hidden_dim=hidden_dim, where=where)
@@ -305,6 +327,63 @@ def load_routes(path: str, *, hidden_dim: int | None = None) -> RouteTable:
             raise InvalidInputError(f"{where}: expected only the arrays 'vectors' and 'names', got also {unknown}")
         names = _npz_member(data, "names", where) if "names" in data.files else None
         return RouteTable.build(_npz_member(data, "vectors", where), names, hidden_dim=hidden_dim, where=where)
+
+
+def read_examples(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Example embeddings from a JSON-lines file: one object per line, ``{"name": ROUTE, "embedding": [h numbers]}``
+    (other fields, such as ``"text"``, are ignored; blank lines too); ``{name: float64[n, h]}`` in the order names first
+    appear, for :meth:`RouteTable.from_examples`. Raise naming the line and the field that is wrong."""
+    import json
+
+    where = f"examples file {os.fspath(path)}"
+    rows: dict[str, list[list[float]]] = {}
+    width: tuple[int, int] | None = None  # (h, the line that set it)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"--in: cannot read {os.fspath(path)!r} ({exc.strerror or exc})") from None
+    with f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                at = f"{where} line {number}"
+                try:
+                    item = json.loads(line)
+                except ValueError as exc:
+                    raise InvalidInputError(f"{at}: expected one JSON object, got invalid JSON ({exc})") from None
+                if not isinstance(item, dict):
+                    raise InvalidInputError(f"{at}: expected a JSON object with 'name' and 'embedding', got {type(item).__name__}")
+                name, embedding = item.get("name"), item.get("embedding")
+                if not isinstance(name, str) or not name:
+                    raise InvalidInputError(f"{at}: field 'name': expected the route's name (a non-empty string), got {name!r}")
+                if (
+                    not isinstance(embedding, list)
+                    or not embedding
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)
+                ):
+                    got = (
+                        f"{type(embedding).__name__}" if not isinstance(embedding, list) else "a list holding something other than numbers"
+                    )
+                    if isinstance(embedding, list) and not embedding:
+                        got = "an empty list"
+                    raise InvalidInputError(f"{at}: field 'embedding': expected a list of numbers, got {got}")
+                if not all(math.isfinite(x) for x in embedding):
+                    raise InvalidInputError(f"{at}: field 'embedding': expected finite numbers")
+                if not any(embedding):
+                    raise InvalidInputError(f"{at}: field 'embedding': expected a non-zero vector, got all zeros")
+                if width is None:
+                    width = (len(embedding), number)
+                elif len(embedding) != width[0]:
+                    raise InvalidInputError(
+                        f"{at}: field 'embedding': expected {width[0]} numbers (as on line {width[1]}), got {len(embedding)}"
+                    )
+                rows.setdefault(name, []).append(embedding)
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{where}: expected UTF-8 JSON lines, got undecodable bytes ({exc.reason})") from None
+    if not rows:
+        raise InvalidInputError(f'{where}: expected lines {{"name": ROUTE, "embedding": [...]}}, got none')
+    return {name: np.array(embeddings, dtype=F64) for name, embeddings in rows.items()}
 
 
 def _npz_member(data: Any, member: str, where: str) -> np.ndarray:

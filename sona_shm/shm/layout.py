@@ -13,7 +13,7 @@ Regions, in order (``PAGE`` = 4096; every region offset is in the header)::
     0               PAGE                          header + control lines
     ledger_offset   2 * ledger_bytes              the flusher's state, double-buffered
     routes_offset   routes_bytes                  the route vectors as given (max_routes rows)
-    admin_offset    admin_bytes (0 without routes) the route-change mailbox
+    admin_offset    admin_bytes                   the admin mailbox and the flusher's settings
     fleet_offset    FLEET_BYTES (0 without outbox) the fleet's control lines and identity
     outbox_offset   fleet_outbox * entry_bytes    the fleet outbox: sealed windows (page-aligned)
     lanes_offset    lanes * 128                   lane control (one per producer lane)
@@ -88,6 +88,26 @@ exactly once across any crash::
     buffer_dropped u64  learned trajectories not stored because the buffer was full
     last_flush_at f64   unix time of the last flush that changed the adapter (0: never)
     corrupt u64         published slots (and lane heads) that failed validation: counted, not learned
+    engine_id u64       random, non-zero, drawn when the engine is created (or the checkpoint's it was created
+                        from); checkpoints carry it, and a rollback takes only a checkpoint of the same id
+    -- learning paused and rolled back (see "Admin mailbox"; engine/admin.py):
+    paused u64          0 learning; 1 paused by a request (``sona-shm pause``); 2 paused by the reward guard
+    paused_at f64       unix time learning was last paused (0: never)
+    pauses u64          times learning was paused
+    paused_skipped u64  trajectories the flusher took from the lanes while paused: counted in
+                        ``trajectories_processed`` and per route, kept in the buffer, not learned (never)
+    rollbacks u64       rollbacks applied (by request or by the guard)
+    rolled_back_signals u64  signals whose learning rollbacks discarded: at each one, ``signals_accumulated``
+                        before it minus the checkpoint's (0 when the checkpoint is ahead)
+    last_rollback_at f64     unix time of the last rollback (0: never)
+    rollback_checkpoint_at f64  ``written_at`` of the checkpoint the last rollback restored
+    -- the moving reward and the reward guard (engine/guard.py):
+    moving_reward f64   mean reward of the last ``moving_feedbacks`` feedbacks that name the route taken
+    moving_feedbacks u64  feedbacks behind ``moving_reward`` (the guard's window once it has seen that many
+                        since the flusher started, resumed or rolled back; fewer before)
+    guard_trips u64     times the reward guard paused learning
+    guard_level f64     the moving reward when the last good checkpoint was written (the guard's reference)
+    guard_checkpoint_at f64  ``written_at`` of that checkpoint (0: none yet)
     -- the fleet (all 0 on an engine that never joined one; see "Fleet" below):
     fleet_epoch u64     the fleet this segment is bound to (its epoch in Redis); 0: not bound
     fleet_out_head u64  own windows sealed, ever: the seq of the last one in the outbox
@@ -106,7 +126,7 @@ exactly once across any crash::
     routes_used u64     rows of the route table in use (routes ever added: K at creation, then
                         one more per ``routes add``); rows below it hold a route, active or retired
     routes_version u64  bumped whenever a route's name or state changes (workers reload names)
-    route_request u64   the last route-change request applied (see "Route-change mailbox")
+    admin_request u64   the last admin request applied (see "Admin mailbox")
     down f32[R, h], up f32[R, h]   the published adapter (``down`` learns only under the routing rule
                         with ``adapter_lr``); in fleet mode the fleet's: changed only by applying the stream
     grad_up f64[R, h]   the reference rule's gradient sums since the last flush (or seal)
@@ -203,25 +223,47 @@ and what a route's drift is measured from. Row ``k`` is written once, before the
 that raises ``routes_used`` past ``k`` (by the creator before the magic, or by the
 flusher), and never after; readers read only rows below a committed ``routes_used``.
 
-Route-change mailbox (at ``admin_offset``, ``admin_bytes``; only with a route table). One
-request at a time: the requester holds the admin lock from writing a request until it has
-its answer (or gives up waiting)::
+Admin mailbox (at ``admin_offset``, ``admin_bytes``; every engine has one). Route changes,
+pause, resume and rollback go from whoever asks to the flusher through it, one request at a
+time: the requester holds the admin lock from writing a request until it has its answer (or
+gives up waiting)::
 
-    +0   u64 request      bumped by the requester after writing the fields below
-    +8   u64 answered     the flusher: the last request answered (the reply fields are its)
-    +16  u32 op           1 add, 2 rename, 3 retire
-    +20  u32 route        the route changed (rename, retire): its index
-    +24  u32 status       the reply: 1 done, 2 refused (the message says why)
-    +28  u32 index        the reply: the route's index
-    +32  S64 name         add: the new route's name; rename: its new name
-    +96  S256 message     the reply: why a request was refused
-    +384 f32[h] vector    add: the new route's vector as given
+    +0    u64 request      bumped by the requester after writing the fields below
+    +8    u64 answered     the flusher: the last request answered (the reply fields are its)
+    +16   u32 op           1 add, 2 rename, 3 retire (a route); 4 pause, 5 resume, 6 rollback
+    +20   u32 route        the route changed (rename, retire): its index
+    +24   u32 status       the reply: 1 done, 2 refused (the message says why)
+    +28   u32 index        the reply: the route's index (route changes)
+    +32   u64 generation   the reply: the weights generation after the request
+    +40   u64 discarded    the reply: rollback: the signals whose learning it discarded
+    +48..64 zero
+    +64   S64 name         add: the new route's name; rename: its new name
+    +128  S256 message     the reply: why a request was refused
+    +384  S4096 path       rollback: the checkpoint file (an absolute path, UTF-8, NUL-padded)
+    +4480 the flusher's settings (below)
+    +8640 f32[h] vector    add: the new route's vector as given
 
 The flusher applies a request between two scans: it validates it against the committed
-table, writes the route's vector (add), changes its learner and record and commits with
-``route_request = request``; then it writes the reply and ``answered``. A flusher killed
-in between leaves ``route_request == request > answered``: the next one answers "done"
-without applying it twice.
+record (a route change against the table, a rollback's file against the engine), changes
+its learner and record and commits with ``admin_request = request``; then it writes the
+reply and ``answered``. A flusher killed in between leaves ``admin_request == request >
+answered``: the next one answers "done" without applying it twice. With no flusher
+running, the requester applies it itself holding the flusher lock, with one commit.
+
+The flusher's settings (at ``admin_offset + 4480``), written by the flusher holding the
+flusher lock when it starts: how it keeps checkpoints and guards the reward, for the
+commands and monitors that ask (``sona-shm checkpoints``, ``rollback --back``, ``stats``);
+nothing depends on them across a crash::
+
+    +0    u64 seq          odd while the flusher writes the block (a reader retries)
+    +8    u64 checkpoint_keep      timestamped checkpoints kept (0: only the file itself)
+    +16   f64 checkpoint_interval  seconds between periodic checkpoints
+    +24   f64 guard_drop   the reward guard's DROP (0: no guard)
+    +32   u64 guard_window N, the feedbacks of the moving reward
+    +40   u64 guard_rollback  1: the guard also rolls back to the last good checkpoint
+    +48   i64 pid          the flusher that wrote them
+    +56   u64 zero
+    +64   S4096 checkpoint the checkpoint path (absolute, UTF-8, NUL-padded; empty: none)
 
 Only the prefix a trajectory uses is ever written or copied (``prefix_bytes(n_steps)``),
 and slots of a page or more are page-aligned: at h=256 a one-step trajectory touches one
@@ -235,7 +277,7 @@ and a recycled pid never inherits a lane)::
 
     byte 0            the flusher lock (exactly one flusher per segment)
     byte 1            the drain lock (its holder owns the consumer line)
-    byte 2            the admin lock (its holder owns the route-change mailbox's request)
+    byte 2            the admin lock (its holder owns the admin mailbox's request)
     byte 64 + lane    the lane lock (its holder owns the lane's producer line)
 """
 
@@ -257,7 +299,7 @@ from ..native import speedups as _speedups
 from ..trajectory import ROUTE_MAX_BYTES
 
 MAGIC = b"SONA-SHM"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 PAGE = 4096
 LINE = 64
 LANE_CONTROL_BYTES = 128
@@ -291,12 +333,19 @@ MAX_FLEET_HOSTS = 64
 #: The header of a sealed window (outbox entry and stream field), in bytes.
 WINDOW_HEAD_BYTES = 64
 
-#: The route-change mailbox (see the docstring): field offsets, operations and reply states.
+#: The admin mailbox (see the docstring): field offsets, operations and reply states.
 ADMIN_REQUEST, ADMIN_ANSWERED, ADMIN_OP, ADMIN_ROUTE, ADMIN_STATUS, ADMIN_INDEX = 0, 8, 16, 20, 24, 28
-ADMIN_NAME, ADMIN_MESSAGE, ADMIN_VECTOR = 32, 96, 384
+ADMIN_GENERATION, ADMIN_DISCARDED = 32, 40
+ADMIN_NAME, ADMIN_MESSAGE, ADMIN_PATH, ADMIN_SETTINGS, ADMIN_VECTOR = 64, 128, 384, 4480, 8640
 ADMIN_MESSAGE_BYTES = 256
-OP_ADD, OP_RENAME, OP_RETIRE = 1, 2, 3
+#: Bytes of a path in the admin region (Linux's PATH_MAX, its terminating NUL included).
+ADMIN_PATH_BYTES = 4096
+OP_ADD, OP_RENAME, OP_RETIRE, OP_PAUSE, OP_RESUME, OP_ROLLBACK = 1, 2, 3, 4, 5, 6
 STATUS_DONE, STATUS_REFUSED = 1, 2
+#: The flusher's settings inside the admin region (offsets from ``ADMIN_SETTINGS``).
+SET_SEQ, SET_KEEP, SET_INTERVAL, SET_GUARD_DROP, SET_GUARD_WINDOW, SET_GUARD_ROLLBACK, SET_PID, SET_PATH = 0, 8, 16, 24, 32, 40, 48, 64
+#: ``paused`` in the ledger: learning, paused by a request, paused by the reward guard.
+LEARNING, PAUSED_BY_REQUEST, PAUSED_BY_GUARD = 0, 1, 2
 
 LOCK_FLUSHER = 0
 LOCK_DRAIN = 1
@@ -476,6 +525,20 @@ class Layout:
             ("buffer_dropped", "<u8"),
             ("last_flush_at", "<f8"),
             ("corrupt", "<u8"),
+            ("engine_id", "<u8"),
+            ("paused", "<u8"),
+            ("paused_at", "<f8"),
+            ("pauses", "<u8"),
+            ("paused_skipped", "<u8"),
+            ("rollbacks", "<u8"),
+            ("rolled_back_signals", "<u8"),
+            ("last_rollback_at", "<f8"),
+            ("rollback_checkpoint_at", "<f8"),
+            ("moving_reward", "<f8"),
+            ("moving_feedbacks", "<u8"),
+            ("guard_trips", "<u8"),
+            ("guard_level", "<f8"),
+            ("guard_checkpoint_at", "<f8"),
             ("fleet_epoch", "<u8"),
             ("fleet_out_head", "<u8"),
             ("fleet_out_tail", "<u8"),
@@ -491,7 +554,7 @@ class Layout:
             ("fleet_applied_at", "<f8"),
             ("routes_used", "<u8"),
             ("routes_version", "<u8"),
-            ("route_request", "<u8"),
+            ("admin_request", "<u8"),
         ]
         arrays: list[tuple[str, Any]] = [
             ("route_names", (f"S{ROUTE_NAME_BYTES}", (km,))),  # first: the arrays start on a line, and so do its names
@@ -529,7 +592,7 @@ class Layout:
         self.routes_offset = self.ledger_offset + 2 * self.ledger_bytes
         self.routes_bytes = _round_up(4 * km * h, LINE)
         self.admin_offset = self.routes_offset + self.routes_bytes
-        self.admin_bytes = _round_up(ADMIN_VECTOR + 4 * h, LINE) if km else 0
+        self.admin_bytes = _round_up(ADMIN_VECTOR + 4 * h, LINE)  # every engine: pause, resume and rollback go through it
         self.fleet_offset = self.admin_offset + self.admin_bytes
         self.fleet_bytes = FLEET_BYTES if config.fleet_outbox else 0
         self.outbox_offset = _round_up(self.fleet_offset + self.fleet_bytes, PAGE) if config.fleet_outbox else self.fleet_offset

@@ -28,7 +28,11 @@ copy), so a restored engine continues where the checkpointed one stopped.
 ``__metadata__`` (all values strings): ``format`` = ``sona_shm.adapter``,
 ``format_version`` (3), every :class:`~sona_shm.config.EngineConfig` field,
 ``route_names`` (a JSON list), ``scaling``, ``generation``, ``pending``, the four metrics,
-``corrupt``, ``last_flush_at`` and ``written_at``. Older files still restore: version 1
+``corrupt``, ``last_flush_at`` and ``written_at``; and, in files of this version that have
+them, ``engine_id`` (16 hex digits: the engine whose state it is; a rollback takes only
+its own engine's files), ``paused`` (0 learning, 1 paused by a request, 2 by the reward
+guard: a new engine made from the file starts so) and ``moving_reward`` (the mean reward of
+the last feedbacks when it was written, as the flusher measured it; absent when unknown). Older files still restore: version 1
 (before routes) as a reference-rule engine without routes; version 2 (before the learned
 route table) with its route vectors and biases at their start, and a routing-rule file's
 open window applied as that rule's flush would have applied it (its adapter, ``U`` and
@@ -73,12 +77,16 @@ ROUTE_TENSORS = ("route_vectors", "route_bias", "route_state", "route_chosen", "
 WORK_TENSORS = ("work_up", "work_down", "work_vectors", "work_bias", "route_centre")
 _PER_ROUTE = {"route_vectors", "route_bias", "route_state", "route_chosen", "route_best", "route_reward", "work_vectors", "work_bias"}
 
+#: What a rollback keeps of the engine's record although the checkpoint has it: what was observed, not learned.
+ROLLBACK_KEEPS = ("trajectories_processed", "corrupt", "route_chosen", "route_best", "route_reward")
 #: The ledger counters a checkpoint carries (``generation`` is handled apart: see :func:`restore`).
 COUNTERS = ("pending", "trajectories_processed", "signals_accumulated", "flushes_performed", "updates_applied", "corrupt")
 #: Counters and the generation stay below this, so that the engine can count on for centuries
 #: without any uint64 word overflowing (2**62 events at a billion per second is 146 years).
 COUNTER_MAX = 2**62
 
+#: How a file names each dtype (safetensors' names), for messages.
+_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.uint64): "U64", np.dtype(np.uint8): "U8"}
 _CONFIG_FIELDS = tuple(f.name for f in fields(EngineConfig))
 _CONFIG_KINDS: dict[str, type] = {"lr": float, "temperature": float, "adapter_lr": float, "rule": str}
 #: Config fields a file of an older format may lack, and what they were then.
@@ -97,6 +105,10 @@ class Checkpoint:
     generation: int
     counters: dict[str, int]
     last_flush_at: float
+    engine_id: int = 0  # the engine whose state it is (0: unknown, a file of an older version)
+    written_at: float = 0.0  # unix time it was taken (0: not yet written)
+    paused: int = 0  # the engine's learning when it was taken (layout.LEARNING, PAUSED_BY_REQUEST, PAUSED_BY_GUARD)
+    moving_reward: float | None = None  # the moving reward then (None: not known)
 
     @property
     def down(self) -> np.ndarray:
@@ -107,9 +119,20 @@ class Checkpoint:
         return self.arrays["up"]
 
     @classmethod
-    def from_record(cls, record: np.void, config: EngineConfig, routes: RouteTable | None) -> Checkpoint:
+    def from_record(
+        cls,
+        record: np.void,
+        config: EngineConfig,
+        routes: RouteTable | None,
+        *,
+        moving_reward: float | None = None,
+        written_at: float | None = None,
+    ) -> Checkpoint:
         """The checkpoint of one ledger record (a consistent snapshot) of an engine with ``config`` and ``routes`` (the
-        record's table: :func:`~sona_shm.shm.ledger.read_route_table` of the same snapshot's segment)."""
+        record's table: :func:`~sona_shm.shm.ledger.read_route_table` of the same snapshot's segment).
+
+        ``moving_reward``: the mean reward of the last feedbacks now, if known; ``written_at``: the time it is
+        taken (default: now)."""
         k = 0 if routes is None else len(routes)
         arrays = {name: np.array(record[name][:k] if name in _PER_ROUTE else record[name]) for name in _state_names(config, k)}
         return cls(
@@ -119,6 +142,10 @@ class Checkpoint:
             int(record["generation"]),
             {name: int(record[name]) for name in COUNTERS},
             float(record["last_flush_at"]),
+            engine_id=int(record["engine_id"]),
+            written_at=time.time() if written_at is None else written_at,
+            paused=int(record["paused"]),
+            moving_reward=moving_reward,
         )
 
     def check_fits(self, layout: Layout, where: str, routes: RouteTable | None = None) -> None:
@@ -175,10 +202,31 @@ class Checkpoint:
         if given is None and self.routes is not None:
             record["routes_used"] = k
             record["route_names"][:k] = self.routes.names_bytes()
+        if given is None:  # a new engine made from the file is the file's engine, paused if it was
+            if self.engine_id:
+                record["engine_id"] = self.engine_id
+            record["paused"] = self.paused
         for counter, count in self.counters.items():
             record[counter] = count
         record["last_flush_at"] = self.last_flush_at
         record["generation"] = generation
+
+    def roll_back(self, record: np.void, generation: int, given: np.ndarray) -> int:
+        """Roll the learned state in ledger ``record`` back to this checkpoint's (checked to fit); the signals discarded.
+
+        What was learned is replaced, as :meth:`apply` does — the adapter, the learned route table, the open window
+        and the counters that schedule the windows (``pending``, ``signals_accumulated``, ``updates_applied``,
+        ``flushes_performed``) — and what was observed is kept (:data:`ROLLBACK_KEEPS`: trajectories taken in, corrupt
+        slots, per-route feedback counts), as are lane and buffer positions, names and retirements, pause and guard
+        state. Discarded: the signals learned since the checkpoint, ``signals_accumulated`` before minus the
+        checkpoint's (0 when the checkpoint is ahead of the engine, after an earlier rollback).
+        """
+        kept = {name: np.array(record[name]) for name in ROLLBACK_KEEPS}
+        before = int(record["signals_accumulated"])
+        self.apply(record, generation, given)
+        for name, value in kept.items():
+            record[name] = value
+        return max(0, before - self.counters["signals_accumulated"])
 
     def to_bytes(self) -> bytes:
         cfg = self.config
@@ -189,7 +237,12 @@ class Checkpoint:
         metadata["generation"] = str(self.generation)
         metadata.update({name: str(value) for name, value in self.counters.items()})
         metadata["last_flush_at"] = repr(self.last_flush_at)
-        metadata["written_at"] = repr(time.time())
+        metadata["written_at"] = repr(self.written_at or time.time())
+        if self.engine_id:
+            metadata["engine_id"] = f"{self.engine_id:016x}"
+        metadata["paused"] = str(self.paused)
+        if self.moving_reward is not None:
+            metadata["moving_reward"] = repr(self.moving_reward)
         tensors: dict[str, np.ndarray] = {DOWN: self.down.astype(np.float32), UP_T: self.up.astype(np.float32).T}
         tensors.update({f"sona.{name}": value for name, value in self.arrays.items() if name not in ("down", "up")})
         if self.routes is not None:
@@ -250,7 +303,7 @@ class Checkpoint:
         for name, (dtype, shape) in expected.items():
             arr = tensors[name]
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
-                want = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.uint64): "U64", np.dtype(np.uint8): "U8"}[np.dtype(dtype)]
+                want = _DTYPE_NAMES[np.dtype(dtype)]
                 raise bad(
                     f"tensor {name!r}: expected {want} {list(shape)} (rank {r}, hidden_dim {h}{routes_note}), "
                     f"got {arr.dtype} {list(arr.shape)}"
@@ -277,7 +330,20 @@ class Checkpoint:
         arrays.update({name: tensors[f"sona.{name}"] for name in _state_specs(config, k, version) if f"sona.{name}" in tensors})
         if version != "3":
             _upgrade(arrays, config, routes, counters, tensors.get(GRAD_DOWN))
-        return cls(config, routes, arrays, generation, counters, last_flush_at)
+        written_at = _value(meta, "written_at", float, bad) if "written_at" in meta else 0.0
+        engine_id, paused, moving_reward = _provenance(meta, bad)
+        return cls(
+            config,
+            routes,
+            arrays,
+            generation,
+            counters,
+            last_flush_at,
+            engine_id=engine_id,
+            written_at=written_at,
+            paused=paused,
+            moving_reward=moving_reward,
+        )
 
 
 def _state_names(config: EngineConfig, k: int) -> tuple[str, ...]:
@@ -339,6 +405,33 @@ def _upgrade(
     arrays["work_up"], arrays["work_down"] = arrays["up"].copy(), arrays["down"].copy()
     arrays["work_vectors"], arrays["work_bias"] = arrays["route_vectors"].copy(), arrays["route_bias"].copy()
     arrays["route_centre"] = np.zeros(config.hidden_dim, np.float64)
+
+
+def _provenance(meta: dict[str, str], bad: Any) -> tuple[int, int, float | None]:
+    """``(engine_id, paused, moving_reward)`` from a file's metadata (each optional: 0, 0, None)."""
+    engine_id = 0
+    if "engine_id" in meta:
+        text = meta["engine_id"]
+        try:
+            engine_id = int(text, 16) if len(text) == 16 else -1
+        except ValueError:
+            engine_id = -1
+        if not 0 < engine_id < 2**64:
+            raise bad(f"metadata 'engine_id': expected 16 hex digits, not all zero, got {text!r}")
+    paused = 0
+    if "paused" in meta:
+        paused = {"0": 0, "1": 1, "2": 2}.get(meta["paused"], -1)
+        if paused < 0:
+            raise bad(f"metadata 'paused': expected 0, 1 or 2, got {meta['paused']!r}")
+    moving = None
+    if "moving_reward" in meta:
+        try:
+            moving = float(meta["moving_reward"])
+        except ValueError:
+            moving = math.nan
+        if not math.isfinite(moving):
+            raise bad(f"metadata 'moving_reward': expected a finite number, got {meta['moving_reward']!r}")
+    return engine_id, paused, moving
 
 
 def _route_names(meta: dict[str, str], legacy: bool, bad: Any) -> list[str]:

@@ -79,8 +79,9 @@ def serve(name, tmp_path):
             port = _free_port()
             if kind == "uvicorn":
                 argv = ["-m", "uvicorn", "--app-dir", str(ROOT / "examples"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-            else:
-                argv = ["-m", "gunicorn", "-c", str(HERE / "die_with_master_conf.py"), "-k", "uvicorn.workers.UvicornWorker"]
+            else:  # "gunicorn-hooks": the README's gunicorn hooks too, so post_fork attaches before the lifespan
+                conf = "hooks_die_with_master_conf.py" if kind == "gunicorn-hooks" else "die_with_master_conf.py"
+                argv = ["-m", "gunicorn", "-c", str(HERE / conf), "-k", "uvicorn.workers.UvicornWorker"]
                 argv += ["--workers", "2", "--bind", f"127.0.0.1:{port}"]
                 argv += ["--pythonpath", str(ROOT / "examples"), "--graceful-timeout", "5"]
             with open(log, "w") as out:
@@ -147,8 +148,9 @@ def drive(server: Server, count: int, *, start: int = 0, threads: int = 2) -> Co
     return fan_out(request, count, threads=threads, start=start)
 
 
-@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn", "gunicorn-hooks"])
 def test_every_accepted_feedback_is_learned_once_across_a_killed_worker(procs, serve, name, kind):
+    """With gunicorn-hooks every worker attaches in post_fork and again in the app's lifespan: one lane each."""
     procs.flusher(name, *FLUSHER)
     server = serve(kind)
     probe = [0.5] * H
@@ -157,7 +159,7 @@ def test_every_accepted_feedback_is_learned_once_across_a_killed_worker(procs, s
 
     first = drive(server, 400)
     workers = sorted(lane.pid for lane in read(name).lanes if lane.alive)
-    assert len(workers) == 2 and set(workers) <= set(descendant_pids(server.proc.pid))
+    assert len(workers) == 2 and set(workers) <= set(descendant_pids(server.proc.pid))  # one lane per worker
     victim = workers[0]
     os.kill(victim, signal.SIGKILL)  # mid-service, between requests: nothing of it is in flight
     wait_for(

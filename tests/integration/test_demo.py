@@ -37,6 +37,7 @@ def test_the_demo_learns_exactly_what_gunicorn_accepted_and_cleans_up(name):
     assert "= exactly the feedback the server accepted" in done.stdout
     assert re.search(r"routing: held-out accuracy \d+\.\d% before learning, \d+\.\d% after \(300 queries", done.stdout)
     assert "trajectories_processed" in done.stdout and "flusher exit 0" in done.stdout
+    assert "needs two reads" not in done.stdout and "(rates over the last" in done.stdout  # piped: the final table has its rates
     assert f"removed /sona_shm.{name}, /sona_shm.{name}.bell" in done.stdout
     assert_all_gone(name, started_pids(done.stdout))
 

@@ -25,7 +25,7 @@ from sona_shm.cli import EXIT_FLEET, EXIT_USAGE
 from sona_shm.engine import flusher as flusher_module
 from sona_shm.engine.flusher import Flusher
 from sona_shm.fleet.member import FleetOptions
-from sona_shm.fleet.replica import Snapshot
+from sona_shm.fleet.replica import Snapshot, parse_id
 from sona_shm.fleet.window import apply_sealed, read_window, split_windows, write_window
 from sona_shm.learn.learner import Window
 from sona_shm.learn.routes import feedback_trajectory
@@ -112,11 +112,17 @@ def replay(server, key: str, lr: float = 0.01, routing: bool = False) -> tuple[n
     """
     r = server.client()
     try:
-        base = r.hgetall(f"sona:{{{key}}}:snap:prev") or r.hgetall(f"sona:{{{key}}}:snap")
-        snap = Snapshot.from_fields(base)
-        rows = r.xrange(f"sona:{{{key}}}:log", min=f"({snap.cursor[0]}-{snap.cursor[1]}")
+        # The snapshots and the stream in one transaction: a host may write a newer snapshot and trim the stream
+        # past the older one's cursor between two separate reads.
+        pipe = r.pipeline(transaction=True)
+        pipe.hgetall(f"sona:{{{key}}}:snap:prev")
+        pipe.hgetall(f"sona:{{{key}}}:snap")
+        pipe.xrange(f"sona:{{{key}}}:log")
+        prev, last, stream = pipe.execute()
     finally:
         r.close()
+    snap = Snapshot.from_fields(prev or last)
+    rows = [(sid, fields) for sid, fields in stream if parse_id(sid) > snap.cursor]
     checkpoint = Checkpoint.from_bytes(snap.checkpoint, "the oldest snapshot")
     up, down, signals = checkpoint.up.copy(), checkpoint.down.copy(), snap.signals
     vectors = checkpoint.arrays.get("route_vectors", np.zeros((0, H), np.float32)).copy()

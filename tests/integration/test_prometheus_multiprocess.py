@@ -71,6 +71,10 @@ def test_app_metrics_and_engine_metrics_in_one_scrape_across_a_dead_worker(serve
     assert [s.value for s in families["app_workers"]] == [2.0]
     engine = [s for s in families["sona_shm_trajectories_processed"] if s.name.endswith("_total")]
     assert [(s.labels, s.value) for s in engine] == [({"engine": name}, 20.0)]  # once, not once per worker
+    # Every documented series under this recipe: up_change_norm too, from a worker's second scrape on (2 workers,
+    # 3 scrapes: one worker scraped twice), though each scrape makes a new collector.
+    moved = [scrape(port).get("sona_shm_adapter_up_change_norm") for _ in range(3)]
+    assert any(samples and samples[0].labels == {"engine": name} for samples in moved), moved
 
     workers = child_pids(proc.pid)
     victim = workers[0]

@@ -61,8 +61,9 @@ def write_routes(task: Task, path) -> str:
 
 
 def flusher_options(routes: str, threshold: int = 50) -> list[str]:
-    # no --hidden-dim: the routes file says how wide the embeddings are
-    return ["--rule", "routing", "--routes", routes, "--flush-threshold", str(threshold), "--lanes", "4"]
+    # no --hidden-dim: the routes file says how wide the embeddings are; a buffer (a routing engine has none by
+    # default), since the tests read every learned feedback back from it
+    return ["--rule", "routing", "--routes", routes, "--flush-threshold", str(threshold), "--lanes", "4", "--capacity", "10000"]
 
 
 def produce(name: str, task: Task, producer: int, count: int, progress: str, explore) -> None:
