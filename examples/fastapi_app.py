@@ -1,6 +1,6 @@
 """The adaptive query router of router_app.py as a FastAPI app: the same JSON, under uvicorn or gunicorn.
 
-Run it next to a flusher (see the README, "Under FastAPI/uvicorn")::
+Run it next to a flusher (see docs/how-to/fastapi.md)::
 
     sona-shm flusher --name router --rule routing --routes routes.npz --flush-interval 1 &
     SONA_SHM_NAME=router uvicorn --app-dir examples fastapi_app:app --workers 4

@@ -1,7 +1,7 @@
 """An adaptive query router as a plain WSGI app: routes among the engine's routes with the shared adapter, learns from feedback.
 
-Run it under gunicorn next to a flusher whose engine has a route table (see the README,
-"Which rule")::
+Run it under gunicorn next to a flusher whose engine has a route table (see
+docs/how-to/gunicorn.md and docs/which-rule.md)::
 
     sona-shm flusher --name router --rule routing --routes routes.npz --flush-interval 1 &
     SONA_SHM_NAME=router gunicorn -c python:sona_shm.gunicorn --workers 4 --chdir examples router_app:app

@@ -160,7 +160,7 @@ def embedding(body: dict[str, Any], hidden_dim: int) -> np.ndarray:
 def _routes_of(client: Client) -> None:
     if client.routes is None:
         raise HTTPProblem(
-            f"engine {client.name!r} has no route table: start its flusher with --routes FILE (see the README, 'Which rule')", 503
+            f"engine {client.name!r} has no route table: start its flusher with --routes FILE (see docs/how-to/routes.md)", 503
         )
 
 

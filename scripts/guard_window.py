@@ -6,7 +6,7 @@ Rewards are 0/1 with mean ``L`` (the level the router holds); a checkpoint is wr
 ``(L, N, DROP)``, how many of ``--runs`` runs of ``--feedbacks`` steady feedbacks trip the guard
 (a false alarm), and after how many inverted rewards (``1 - L``) a fault trips it.
 
-    python scripts/guard_window.py                      # the README's table
+    python scripts/guard_window.py                      # the table of docs/how-to/safety.md
     python scripts/guard_window.py --level 0.9 --window 300 --drop 0.12
 """
 

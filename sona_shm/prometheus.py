@@ -20,7 +20,7 @@ The figures are the engine's own, the same from every process: under gunicorn wi
 prometheus_client's multiprocess mode, register the collector in the registry you
 build per scrape next to ``MultiProcessCollector`` (the engine is already shared, it
 must not go through the per-process files), and call both ``child_exit`` hooks (see
-the README, "Prometheus").
+docs/how-to/prometheus.md).
 
 ``sona_shm_adapter_up_change_norm`` is how far ``up`` moved since this process's previous
 scrape of the engine, by any collector (so also under the multiprocess recipe, which makes

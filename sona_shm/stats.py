@@ -14,8 +14,8 @@ by the OS never looks alive. Lane words are read one by one while producers writ
 them, so two lanes' figures may be a few records apart, never torn.
 
 ``EngineStats.as_dict()`` is the JSON interface (``client.stats()``, ``sona-shm stats
---json``, the example apps' ``/stats``); its keys are documented in the README ("The
-monitor") and only ever grow. Rates need two observations: :meth:`EngineStats.since`
+--json``, the example apps' ``/stats``); its keys are documented in docs/reference/stats.md
+and only ever grow. Rates need two observations: :meth:`EngineStats.since`
 returns the later one with :class:`Rates` filled in.
 """
 
@@ -328,7 +328,7 @@ class EngineStats:
         return tuple(lane for lane in self.lanes if lane.alive)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON-compatible dict of ``client.stats()`` and ``sona-shm stats --json`` (keys: see the README)."""
+        """The JSON-compatible dict of ``client.stats()`` and ``sona-shm stats --json`` (keys: docs/reference/stats.md)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)

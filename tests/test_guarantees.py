@@ -1,4 +1,4 @@
-"""Every guarantee the README states names its tests: a `guarantee(slug)` marker on at least one test each."""
+"""Every guarantee docs/guarantees.md states names its tests: a `guarantee(slug)` marker on at least one test each."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ def slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def readme_guarantees() -> list[str]:
-    """The slugs of the bold titles of the README's "Guarantees" list (up to "Not promised")."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Guarantees\n", 1)[1].split("\nNot promised", 1)[0]
+PAGE = ROOT / "docs" / "guarantees.md"
+
+
+def documented_guarantees() -> list[str]:
+    """The slugs of the bold titles of the list on docs/guarantees.md (up to "Not promised")."""
+    text = PAGE.read_text()
+    section = text.split("# Guarantees\n", 1)[1].split("\nNot promised", 1)[0]
     titles = re.findall(r"^- \*\*(.+?)\*\*", section, re.M)
-    assert titles, "no guarantee found in the README"
+    assert titles, f"no guarantee found in {PAGE}"
     return [slug(t) for t in titles]
 
 
@@ -60,17 +63,17 @@ def marked_tests() -> dict[str, list[str]]:
     return found
 
 
-def test_every_readme_guarantee_has_a_test_carrying_its_marker():
-    guarantees = readme_guarantees()
+def test_every_documented_guarantee_has_a_test_carrying_its_marker():
+    guarantees = documented_guarantees()
     marked = marked_tests()
     assert len(guarantees) == len(set(guarantees)) >= 9
     missing = [g for g in guarantees if not marked.get(g)]
-    assert not missing, f"README guarantees with no test marked guarantee(...): {missing}"
+    assert not missing, f"guarantees of docs/guarantees.md with no test marked guarantee(...): {missing}"
 
 
-def test_every_marker_names_a_readme_guarantee():
-    unknown = sorted(set(marked_tests()) - set(readme_guarantees()))
-    assert not unknown, f"tests marked with guarantees the README does not state: {unknown}"
+def test_every_marker_names_a_documented_guarantee():
+    unknown = sorted(set(marked_tests()) - set(documented_guarantees()))
+    assert not unknown, f"tests marked with guarantees docs/guarantees.md does not state: {unknown}"
 
 
 def test_the_checker_reads_both_forms_of_marking(tmp_path):

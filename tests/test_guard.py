@@ -116,7 +116,7 @@ def test_a_steady_reward_never_trips_and_each_good_checkpoint_moves_the_level(en
 
 
 def test_drop_at_seven_standard_deviations_never_trips_on_a_steady_reward_and_catches_an_inverted_one_within_the_window():
-    """The README's advice on DROP and N (``scripts/guard_window.py``), on the flusher's own moving reward and guard."""
+    """The advice on DROP and N of docs/how-to/safety.md (``scripts/guard_window.py``), on the flusher's own moving reward and guard."""
     from guard_window import bad_before_trip, false_trips, suggested_drop
 
     level, window = 0.8, 200

@@ -34,16 +34,17 @@ def test_license_is_an_spdx_expression_with_its_file():
     assert importlib.metadata.metadata("sona-shm")["License-Expression"] == "MIT"
 
 
-def test_the_sdist_carries_every_file_the_readme_points_to():
-    readme = (ROOT / "README.md").read_text()
+def test_the_sdist_carries_every_file_the_docs_point_to():
     manifest = (ROOT / "MANIFEST.in").read_text()
     grafted = set(re.findall(r"^graft (\S+)$", manifest, re.M))
-    pointed = set(re.findall(r"`((?:examples|scripts|docs|tests)/[\w./@-]+)", readme))
-    assert pointed, "the README points to no file?"
-    for path in sorted(pointed):
-        assert (ROOT / path).exists(), f"the README points to {path}, which does not exist"
-        assert path.split("/")[0] in grafted, f"{path} is not in the sdist (MANIFEST.in)"
-    assert "include LICENSE" in manifest and (ROOT / "sona_shm" / "py.typed").exists()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        pointed = set(re.findall(r"`((?:examples|scripts|docs|tests)/[\w./@-]+)", text))
+        pointed |= {str((page.parent / link).resolve().relative_to(ROOT)) for link in re.findall(r"\]\(([\w./-]+\.md)\)", text)}
+        for path in sorted(pointed):
+            assert (ROOT / path).exists(), f"{page.relative_to(ROOT)} points to {path}, which does not exist"
+            assert path.split("/")[0] in grafted or path == "README.md", f"{path} is not in the sdist (MANIFEST.in)"
+    assert "include LICENSE" in manifest and "mkdocs.yml" in manifest and (ROOT / "sona_shm" / "py.typed").exists()
 
 
 def test_public_signatures_are_typed_for_mypy(tmp_path):

@@ -621,7 +621,7 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Counters of the whole engine, read without locks: the dict ``sona-shm stats --json`` prints.
 
-        Its keys are documented in the README ("The monitor"); :meth:`statistics` is the
+        Its keys are documented in docs/reference/stats.md; :meth:`statistics` is the
         same observation as a typed :class:`~sona_shm.stats.EngineStats`.
         """
         return self.statistics().as_dict()
