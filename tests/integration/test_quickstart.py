@@ -17,6 +17,8 @@ fresh engine name, ``HF_HUB_OFFLINE=1``; the page's port 8000 becomes a free por
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import re
 import shlex
@@ -100,6 +102,7 @@ def test_quickstart_runs_as_written(name, tmp_path):
     environment["SONA_SHM_TEST_DIE_WITH_PARENT"] = "1"
     started: list[tuple[subprocess.Popen, Path]] = []
     outputs: dict[str, str] = {}
+    loky_before = set(glob.glob(LOKY_SEMAPHORES))
 
     def log_of(proc: subprocess.Popen, log: Path) -> str:
         return f"--- {shlex.join(proc.args[-1:])} (exit {proc.poll()}) ---\n{log.read_text(errors='replace')}"
@@ -159,3 +162,21 @@ def test_quickstart_runs_as_written(name, tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        _remove_orphaned_semaphores(set(glob.glob(LOKY_SEMAPHORES)) - loky_before)
+
+
+#: The model's import chain (sentence-transformers -> scikit-learn -> joblib's loky) makes a named semaphore in
+#: every uvicorn worker, which loky's resource tracker unlinks when the worker exits; here the tracker dies with
+#: its worker (die_with_parent), so the test removes what it left.
+LOKY_SEMAPHORES = "/dev/shm/sem.loky-*"
+
+
+def _remove_orphaned_semaphores(paths: set[str]) -> None:
+    """Remove the semaphores among ``paths`` whose creating process (``sem.loky-PID-...``) is gone."""
+    for path in paths:
+        pid = int(os.path.basename(path).split("-")[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
