@@ -13,7 +13,8 @@
  *   learn_routing,      the routing rule (learn/routing.py's step, Learner's windows) over a block of
  *   learn_routing_rows  lane slots, or over arrays of rows (InstantLoop's).
  *   write_window,       a sealed fleet window of the reference rule (SFW1): its bytes, and applying
- *   apply_window        them (fleet/window.py's twins; the routing rule's SFW2 is numpy only).
+ *   apply_window        them (fleet/window.py's twins; SFW2 windows are written in numpy);
+ *   apply_deltas_window applying a routing rule's window (SFW2).
  *   set_types           registers the Trajectory, Step and RouteChoice classes (sona_shm/native.py).
  *
  * The byte offsets it uses are defined once below and exported as module constants;
@@ -1227,6 +1228,120 @@ static PyObject *write_window(PyObject *self, PyObject *const *args, Py_ssize_t 
     return PyLong_FromSsize_t(size);
 }
 
+/* x = f32(clamp((double)x + (double)d)): one value of a routing window applied (learner.py's apply_deltas). */
+static inline float add_delta(float x, float d) {
+    double val = (double)x + (double)d;
+    return (float)(val > FLT_MAX_D ? FLT_MAX_D : val < -FLT_MAX_D ? -FLT_MAX_D : val);
+}
+
+/* apply_deltas_window(up, down, vectors, bias, window, hidden_dim, rank, max_routes) -> (seq, n, cum, sealed_at) or None
+ * fleet/window.py's apply_sealed(read_window(window)) for an SFW2 window (the routing rule's) in one call: checks
+ * everything read_window checks (length, magic, shape, at most max_routes routes, n >= 1, cum >= n, every value
+ * finite, route rows distinct, ascending and below the routes carried), then adds the deltas to up, down
+ * (float32[rank, h], when the window carries the adapter), bias[:routes] and the rows of vectors (float32[>= max_routes,
+ * h], float32[>= max_routes]) in place, each x = f32(clamp((double)x + (double)delta)): the bits of the numpy path.
+ * None: not such a window, nothing changed. */
+static PyObject *apply_deltas_window(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "apply_deltas_window() takes 8 arguments");
+        return NULL;
+    }
+    Py_ssize_t h = PyLong_AsSsize_t(args[5]), rank = PyLong_AsSsize_t(args[6]), max_routes = PyLong_AsSsize_t(args[7]);
+    if ((h == -1 || rank == -1 || max_routes == -1) && PyErr_Occurred()) return NULL;
+    if (h < 1 || rank < 1 || rank > 0xFFFF || max_routes < 0 || !array_of(args[0], NPY_FLOAT32, 2, rank, h, 1) ||
+        !array_of(args[1], NPY_FLOAT32, 2, rank, h, 1) || !array_of(args[2], NPY_FLOAT32, 2, -1, h, 1) ||
+        PyArray_DIM((PyArrayObject *)args[2], 0) < max_routes || !array_of(args[3], NPY_FLOAT32, 1, -1, 0, 1) ||
+        PyArray_DIM((PyArrayObject *)args[3], 0) < max_routes) {
+        PyErr_SetString(PyExc_ValueError, "apply_deltas_window(): up and down must be writable C-contiguous float32[rank, hidden_dim], "
+                                          "vectors float32[>= max_routes, hidden_dim] and bias float32[>= max_routes]");
+        return NULL;
+    }
+    Py_buffer w;
+    if (PyObject_GetBuffer(args[4], &w, PyBUF_SIMPLE) < 0) return NULL;
+    const char *raw = (const char *)w.buf;
+    PyObject *result = NULL;
+    uint32_t hidden, r;
+    uint16_t up_rows, down_rows, routes, rows;
+    uint64_t seq, n, cum;
+    double sealed_at;
+    if (w.len < WINDOW_HEAD_BYTES || memcmp(raw, "SFW2", 4) != 0) goto not_a_window;
+    memcpy(&hidden, raw + 4, 4);
+    memcpy(&r, raw + 8, 4);
+    memcpy(&up_rows, raw + 12, 2);
+    memcpy(&down_rows, raw + 14, 2);
+    memcpy(&seq, raw + 16, 8);
+    memcpy(&n, raw + 24, 8);
+    memcpy(&cum, raw + 32, 8);
+    memcpy(&sealed_at, raw + 40, 8);
+    memcpy(&routes, raw + 48, 2);
+    memcpy(&rows, raw + 50, 2);
+    Py_ssize_t row_bytes = (2 * (Py_ssize_t)rows + 3) / 4 * 4;
+    if ((Py_ssize_t)hidden != h || (Py_ssize_t)r != rank || up_rows != down_rows || (up_rows != 0 && up_rows != rank) ||
+        routes > max_routes || rows > routes ||
+        w.len != WINDOW_HEAD_BYTES + 4 * h * (Py_ssize_t)(up_rows + down_rows + rows) + 4 * (Py_ssize_t)routes + row_bytes || n < 1 ||
+        cum < n || !isfinite(sealed_at))
+        goto not_a_window;
+    {
+        const char *adapter = raw + WINDOW_HEAD_BYTES, *bias_d = adapter + 8 * h * up_rows, *index = bias_d + 4 * routes,
+                   *vectors_d = index + row_bytes;
+        Py_ssize_t values = 2 * h * up_rows;
+        for (Py_ssize_t i = 0; i < values; i++) {
+            float v;
+            memcpy(&v, adapter + 4 * i, 4);
+            if (!isfinite(v)) goto not_a_window;
+        }
+        for (Py_ssize_t i = 0; i < routes; i++) {
+            float v;
+            memcpy(&v, bias_d + 4 * i, 4);
+            if (!isfinite(v)) goto not_a_window;
+        }
+        for (Py_ssize_t i = 0; i < h * rows; i++) {
+            float v;
+            memcpy(&v, vectors_d + 4 * i, 4);
+            if (!isfinite(v)) goto not_a_window;
+        }
+        for (Py_ssize_t j = 0; j < rows; j++) {
+            uint16_t k, before;
+            memcpy(&k, index + 2 * j, 2);
+            if (k >= routes) goto not_a_window;
+            if (j > 0) {
+                memcpy(&before, index + 2 * (j - 1), 2);
+                if (k <= before) goto not_a_window;
+            }
+        }
+        float *U = (float *)PyArray_DATA((PyArrayObject *)args[0]), *D = (float *)PyArray_DATA((PyArrayObject *)args[1]),
+              *V = (float *)PyArray_DATA((PyArrayObject *)args[2]), *B = (float *)PyArray_DATA((PyArrayObject *)args[3]);
+        for (Py_ssize_t i = 0; up_rows && i < rank * h; i++) {
+            float du, dd;
+            memcpy(&du, adapter + 4 * i, 4);
+            memcpy(&dd, adapter + 4 * (rank * h + i), 4);
+            U[i] = add_delta(U[i], du);
+            D[i] = add_delta(D[i], dd);
+        }
+        for (Py_ssize_t i = 0; i < routes; i++) {
+            float d;
+            memcpy(&d, bias_d + 4 * i, 4);
+            B[i] = add_delta(B[i], d);
+        }
+        for (Py_ssize_t j = 0; j < rows; j++) {
+            uint16_t k;
+            memcpy(&k, index + 2 * j, 2);
+            float *row = V + (Py_ssize_t)k * h;
+            for (Py_ssize_t i = 0; i < h; i++) {
+                float d;
+                memcpy(&d, vectors_d + 4 * (j * h + i), 4);
+                row[i] = add_delta(row[i], d);
+            }
+        }
+        result = Py_BuildValue("(KKKd)", (unsigned long long)seq, (unsigned long long)n, (unsigned long long)cum, sealed_at);
+    }
+    PyBuffer_Release(&w);
+    return result;
+not_a_window:
+    PyBuffer_Release(&w);
+    Py_RETURN_NONE;
+}
+
 /* apply_window(up, window, lr, hidden_dim, rank) -> (seq, n, cum, sealed_at) or None
  * fleet/window.py's apply_sealed(read_window(window)) for an SFW1 window (the reference rule's) in one
  * call: checks that ``window`` has this fleet's shape, n >= 1, cum >= n and only finite values, then
@@ -2115,6 +2230,9 @@ static PyMethodDef methods[] = {
     {"apply_window", (PyCFunction)(void (*)(void))apply_window, METH_FASTCALL,
      "apply_window($module, up, window, lr, hidden_dim, rank, /)\n--\n\n"
      "Apply an SFW1 window's bytes to up (fleet/window.py's arithmetic); None: not a window of this shape."},
+    {"apply_deltas_window", (PyCFunction)(void (*)(void))apply_deltas_window, METH_FASTCALL,
+     "apply_deltas_window($module, up, down, vectors, bias, window, hidden_dim, rank, max_routes, /)\n--\n\n"
+     "Apply an SFW2 window's bytes to up, down, vectors and bias (fleet/window.py's arithmetic); None: not a window of this shape."},
     {"route", (PyCFunction)(void (*)(void))route, METH_FASTCALL,
      "route($module, x, down, up_scaled, vectors, bias, active, names, mode, parameter, temperature, u, /)\n--\n\n"
      "routes.choose() for one finite float32 vector: a RouteChoice; None: take the Python path."},

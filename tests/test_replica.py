@@ -409,3 +409,55 @@ def test_a_hostile_snapshot_is_a_bad_snapshot_never_a_crash(change):
         with pytest.raises(BadSnapshot):
             Snapshot.from_fields({**good, field: value})
     Snapshot.from_fields(good)  # the unchanged one reads
+
+
+def test_the_c_and_numpy_appliers_of_routing_windows_agree_on_every_bit_and_on_what_is_not_a_window():
+    from sona_shm.native import speedups as _speedups
+
+    if _speedups is None:
+        pytest.skip("the C fast paths are not built")
+    rng = np.random.default_rng(9)
+    f32 = np.float32
+    for adapter, rows, scale in ((False, [0, 2], 1.0), (True, [1], 1e38), (True, [], 1e-3), (False, [0, 1, 2], 1e38)):
+        up, down = (
+            ((np.clip(rng.standard_normal((R, H)), -3, 3) * scale).astype(f32), rng.standard_normal((R, H)).astype(f32))
+            if adapter
+            else (None, None)
+        )
+        window = DeltaWindow(
+            up,
+            down,
+            rng.standard_normal(K).astype(f32),
+            np.array(rows, np.int64),
+            (np.clip(rng.standard_normal((len(rows), H)), -3, 3) * scale).astype(f32),  # finite in float32
+            3,
+        )
+        raw = _routing_bytes(window, 4)
+        big = float(np.finfo(f32).max)  # starts near the float32 limit: the sums saturate, alike on both paths
+        start = [
+            np.clip(rng.standard_normal((R, H)) * 2e38, -big, big).astype(f32),
+            rng.standard_normal((R, H)).astype(f32),
+            np.clip(rng.standard_normal((KM, H)) * 3e38, -big, big).astype(f32),
+            rng.standard_normal(KM).astype(f32),
+        ]
+        c, py = [a.copy() for a in start], [a.copy() for a in start]
+        assert _speedups.apply_deltas_window(*c, raw, H, R, K) == (4, 3, 12, 1.0)
+        apply_sealed(*py, read_window(raw, hidden_dim=H, rank=R, routing=True, max_routes=K), LR)
+        for a, b in zip(c, py):
+            assert a.tobytes() == b.tobytes()
+        nan = bytearray(raw)
+        nan[-4:] = np.float32("nan").tobytes()
+        swapped = bytearray(raw)
+        if len(rows) > 1:  # rows out of order
+            at = 64 + (2 * R * H * 4 if adapter else 0) + 4 * K
+            swapped[at : at + 4] = np.array(rows[:2][::-1], "<u2").tobytes()
+        for bad, max_routes in ((raw[:-4], K), (bytes(nan), K), (b"SFW1" + raw[4:], K), (raw, K - 1), (bytes(swapped), K)):
+            if bad is raw and max_routes == K:
+                continue
+            if bytes(bad) == raw and max_routes == K:
+                continue  # nothing swapped: one row
+            before = [a.copy() for a in c]
+            assert _speedups.apply_deltas_window(*c, bad, H, R, max_routes) is None
+            with pytest.raises(BadWindow):
+                read_window(bad, hidden_dim=H, rank=R, routing=True, max_routes=max_routes)
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(c, before))  # nothing changed

@@ -469,8 +469,11 @@ class Replica:
         """Check window ``raw`` and apply it to the state ``up``, ``down``, ``vectors``, ``bias``: ``(seq, n, cum,
         sealed_at)``, or None (nothing changed) if it is not a window of this fleet (every replica decides alike)."""
         config = self.config
-        if not self.routing and _speedups is not None:
-            return _speedups.apply_window(up, raw, config.lr, config.hidden_dim, config.rank)  # SFW1 in one call, the same bits
+        if _speedups is not None:  # one call, the same checks and bits as below
+            if not self.routing:
+                return _speedups.apply_window(up, raw, config.lr, config.hidden_dim, config.rank)
+            if all(a.flags.c_contiguous and a.flags.writeable for a in (up, down, vectors, bias)):
+                return _speedups.apply_deltas_window(up, down, vectors, bias, raw, config.hidden_dim, config.rank, self._routes_used)
         try:
             sealed = read_window(raw, hidden_dim=config.hidden_dim, rank=config.rank, routing=self.routing, max_routes=self._routes_used)
         except BadWindow:

@@ -538,7 +538,7 @@ def _delta(work: np.ndarray, published: np.ndarray) -> np.ndarray:
 
 def apply_deltas(up: np.ndarray, down: np.ndarray, vectors: np.ndarray, bias: np.ndarray, window: DeltaWindow) -> None:
     """A routing window's arithmetic, in place: every published value ``x = f32(clip(f64(x) + f64(delta)))``, the one
-    every replica of a fleet applies too (``apply_routing_window`` in ``_speedups.c`` gives the same bits)."""
+    every replica of a fleet applies too (``apply_deltas_window`` in ``_speedups.c`` gives the same bits)."""
     if window.up is not None and window.down is not None:
         up[...] = _saturated(up.astype(F64) + window.up.astype(F64))
         down[...] = _saturated(down.astype(F64) + window.down.astype(F64))
