@@ -67,6 +67,9 @@
 /* The routing rule's constants (learn/routing.py writes them down; tests/test_routing_c.py compares these module
  * constants of the same names with it), and route()'s (learn/routes.py). */
 #define BETA 1.0
+/* The version of this module's interface: bumped with every change of a function's arguments, results or set,
+ * so that native.py runs the Python twins, not an out-of-date build (an editable install does not rebuild). */
+#define INTERFACE 2
 #define OFFSET 3.0
 #define BIAS_LR 0.1
 #define CENTRE 1000
@@ -2294,6 +2297,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     CONSTANT(FL_IDLE);
     CONSTANT(WINDOW_HEAD_BYTES);
     if (PyModule_AddIntConstant(m, "MAX_ROUTES", MAX_ROUTES_C) < 0) goto fail;
+    CONSTANT(INTERFACE);
     CONSTANT(CENTRE);
     CONSTANT(GROWTH);
     CONSTANT(ACTIVE);

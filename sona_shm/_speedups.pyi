@@ -32,6 +32,7 @@ COMMIT_LINE: Final[int]
 FL_IDLE: Final[int]
 WINDOW_HEAD_BYTES: Final[int]
 MAX_ROUTES: Final[int]
+INTERFACE: Final[int]
 # The routing rule's constants (learn/routing.py) and route()'s (learn/routes.py: TIE, ACTIVE), as compiled in
 # (tests/test_routing_c.py compares them).
 BETA: Final[float]

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING
 
 from .trajectory import RouteChoice, Step, Trajectory
 
+#: The interface of ``_speedups`` these sources call (``INTERFACE`` in ``_speedups.c``).
+INTERFACE = 2
+
 
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("SONA_SHM_PURE_PYTHON"):
@@ -29,6 +32,10 @@ def _load() -> tuple[ModuleType | None, str]:
         from . import _speedups
     except ImportError:  # pragma: no cover - depends on the build
         return None, "Python (the C extension was not built: no C compiler at install time)"
+    built = getattr(_speedups, "INTERFACE", 0)
+    if built != INTERFACE:  # an editable install keeps the module it built from older sources
+        stale = f"interface {built}, these sources call {INTERFACE}"
+        return None, f"Python (the C extension is out of date: {stale}; pip install -e . rebuilds it)"
     _speedups.set_types(Trajectory, Step, RouteChoice)  # the classes the C paths build and recognise
     return _speedups, "C"
 

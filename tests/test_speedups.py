@@ -618,3 +618,17 @@ def test_the_c_module_compiles_in_the_layout_that_layout_py_writes_down():
         L.WINDOW_HEAD_BYTES,
         MAX_ROUTES,
     )
+
+
+def test_a_build_of_another_interface_is_not_used(monkeypatch):
+    """An editable install keeps the C module it built; built from older sources it would be called with arguments
+    it does not take. native.py runs the Python twins then, and says why."""
+    from sona_shm import native
+
+    S = lane_module._speedups
+    if S is None:
+        pytest.skip("the C extension is not built (SONA_SHM_PURE_PYTHON or no compiler)")
+    assert S.INTERFACE == native.INTERFACE
+    monkeypatch.setattr(S, "INTERFACE", native.INTERFACE - 1)
+    module, why = native._load()
+    assert module is None and "out of date" in why and "pip install -e ." in why
