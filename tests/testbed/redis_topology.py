@@ -416,8 +416,13 @@ class RedisTopology:
 
         return wait_until(done, timeout, f"the Sentinels to complete a failover away from {old!r} (now: {self.sentinel_views()})")
 
-    def wait_replica_of(self, node: RedisNode, primary: RedisNode, timeout: float = 60.0) -> None:
-        """Wait until server ``node`` replicates ``primary`` with its link up (``ROLE``: slave, connected)."""
+    def wait_replica_of(self, node: RedisNode, primary: RedisNode, timeout: float = 150.0) -> None:
+        """Wait until server ``node`` replicates ``primary`` with its link up (``ROLE``: slave, connected).
+
+        An old primary started again is converted by the Sentinels once they read its role (every 10 s) and it has
+        said "master" for a while; a Sentinel whose timer ran late (a loaded machine) enters TILT mode and does
+        nothing for 30 s, so this may take a minute and more (it once took over 60 s here).
+        """
 
         def synced() -> bool:
             role = node.role()
