@@ -272,9 +272,12 @@ def test_the_broken_judge_the_guard_freezes_learning_within_its_window_and_rolls
     assert before_fault >= 0.9 > before_learning and good.moving_reward is not None and good.moving_reward > 0.8
     go(control, 1)  # the judge breaks: every reward inverted
     finished(control, 1)
+    # Everything recorded is taken in (the producer's sync); the guard's rollback and its log line follow it.
+    trip = r"reward guard: .* learning paused after (\d+) trajectories"
+    wait_for(lambda: positions(tmp_path, trip) and read(name).learning.rollbacks, 60, what="the reward guard to trip and roll back")
     stats = read(name)
     learning = stats.learning
-    (tripped,) = positions(tmp_path, r"reward guard: .* learning paused after (\d+) trajectories")
+    (tripped,) = positions(tmp_path, trip)
     assert learning.paused and learning.paused_by == "guard" and learning.guard_trips == 1 and learning.rollbacks == 1
     bad_learned = tripped - 3000
     assert 0 < bad_learned <= window  # frozen within the window
